@@ -1,0 +1,395 @@
+"""Persistence: transition history and current host/relay state, on SQLite or PostgreSQL.
+
+Rules: the store decides nothing, it only moves rows. Every datetime going in must be aware and
+every datetime coming out is aware UTC. `write` is one transaction. The schema is owned by the
+Alembic migrations in `migrations/` and applied through the store's own connection (`upgrade`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import ColumnElement, Connection, delete, event, func, insert, make_url, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
+
+import migrations
+from monitor.states import Event, Kind, State, Transition
+from monitor.tables import Base, HostModel, RelayModel, TransitionModel
+
+__all__ = [
+    "HostRow",
+    "NewTransition",
+    "RelayRow",
+    "Store",
+    "TransitionRecord",
+    "alembic_config",
+    "async_url",
+    "downgrade_sync",
+    "pending_model_changes",
+    "upgrade_sync",
+]
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+# Key of the PostgreSQL advisory lock held while migrating ("relaybea" as a signed bigint).
+MIGRATION_LOCK_KEY = 0x72656C6179626561
+
+# Execution option read by the SQLite "begin" hook: which BEGIN to emit. Writers use IMMEDIATE so
+# they take the write lock up front (and wait busy_timeout for it) instead of failing mid-way.
+_BEGIN_OPTION = "relaybeat_sqlite_begin"
+
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+psycopg_async",
+    "postgresql": "postgresql+psycopg_async",
+    "postgresql+psycopg": "postgresql+psycopg_async",
+    "postgresql+psycopg2": "postgresql+psycopg_async",
+    "postgresql+psycopg_async": "postgresql+psycopg_async",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+def _require_aware(name: str, value: datetime | None) -> None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(f"{name} is a naive datetime ({value.isoformat()}); pass an aware one")
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    id: str
+    state: State
+    since: datetime
+    last_seen: datetime | None
+    relay: str | None
+    interval_s: float
+    seq: int | None
+    flapping: bool
+
+    def __post_init__(self) -> None:
+        _require_aware("since", self.since)
+        _require_aware("last_seen", self.last_seen)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRow:
+    id: str
+    state: State
+    since: datetime
+    last_seen: datetime | None
+    parent: str | None
+    boot: str | None
+    seq: int | None
+    flush_s: float
+    flapping: bool
+
+    def __post_init__(self) -> None:
+        _require_aware("since", self.since)
+        _require_aware("last_seen", self.last_seen)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransition:
+    """A history row to append; the database assigns its id."""
+
+    kind: Kind
+    subject: str
+    from_state: State
+    to_state: State
+    at: datetime
+    reason: str
+    relay: str | None = None
+    event: Event = Event.TRANSITION
+
+    def __post_init__(self) -> None:
+        _require_aware("at", self.at)
+
+    @classmethod
+    def from_transition(cls, transition: Transition, at: datetime) -> NewTransition:
+        """The detector's `Transition` (monotonic `at`) stamped with wall-clock time `at`."""
+        return cls(
+            kind=transition.kind,
+            subject=transition.subject,
+            from_state=transition.from_state,
+            to_state=transition.to_state,
+            at=at,
+            reason=transition.reason,
+            relay=transition.relay,
+            event=transition.event,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    """A stored history row. Ids increase in the order rows were written and are never reused."""
+
+    id: int
+    kind: Kind
+    subject: str
+    from_state: State
+    to_state: State
+    at: datetime
+    reason: str
+    relay: str | None
+    event: Event
+
+
+def async_url(url: str) -> str:
+    """The async-driver form of a database URL: aiosqlite for SQLite, psycopg for PostgreSQL.
+
+    'sqlite:///x.db' -> 'sqlite+aiosqlite:///x.db'; 'postgresql://u@h/db' and
+    'postgresql+psycopg://u@h/db' -> 'postgresql+psycopg_async://u@h/db'. Async URLs pass through.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("not a database URL: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB") from None
+    driver = _ASYNC_DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ValueError(
+            f"unsupported database URL scheme {parsed.drivername!r}: "
+            "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        )
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """Alembic configuration built in code (there is no alembic.ini), for `alembic.command.*`.
+
+    Pass `connection` to migrate inside the caller's transaction, or `url` for everything else,
+    e.g. `command.revision(alembic_config(url), autogenerate=True, rev_id="0002", message="...")`.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("file_template", "%%(rev)s_%%(slug)s")
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy emit BEGIN itself (see _sqlite_begin) so DDL and reads are transactional too.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql(connection.get_execution_options().get(_BEGIN_OPTION, "BEGIN"))
+
+
+def _create_engine(url: str) -> AsyncEngine:
+    parsed = make_url(async_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_async_engine(parsed)
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    return create_async_engine(parsed, pool_pre_ping=True)
+
+
+def _values(row: Any) -> dict[str, Any]:
+    return {field.name: getattr(row, field.name) for field in fields(row)}
+
+
+_R = TypeVar("_R", HostRow, RelayRow)
+
+
+def _last_by_id(rows: Iterable[_R]) -> list[_R]:
+    """One row per id (the last one wins), sorted by id so concurrent writers lock in one order."""
+    return sorted({row.id: row for row in rows}.values(), key=lambda row: row.id)
+
+
+def _compare(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+_HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
+_RELAY_COLUMNS = [getattr(RelayModel, field.name) for field in fields(RelayRow)]
+_TRANSITION_COLUMNS = [getattr(TransitionModel, field.name) for field in fields(TransitionRecord)]
+
+
+class Store:
+    """An open database. Create with `await Store.open(url)`, finish with `await store.close()`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        """Connect (once, so a wrong URL or a server that is down fails here) and return the store."""
+        engine = _create_engine(url)
+        try:
+            async with engine.connect():
+                pass
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self._engine.dialect.name
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def _migrate(self, action: Callable[[Config], None]) -> None:
+        async with self._writer.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Concurrent starts queue here; the later ones then find the schema at head.
+                await connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            await connection.run_sync(lambda sync: action(alembic_config(connection=sync)))
+
+    async def upgrade(self) -> None:
+        """Apply all migrations (`alembic upgrade head`) in one transaction on this connection."""
+        await self._migrate(lambda config: command.upgrade(config, "head"))
+
+    async def downgrade(self, revision: str = "base") -> None:
+        """Revert migrations down to `revision` ("base" drops every table)."""
+        await self._migrate(lambda config: command.downgrade(config, revision))
+
+    async def model_changes(self) -> list[Any]:
+        """Differences between the models and the database schema; empty when they match."""
+        async with self._engine.connect() as connection:
+            return await connection.run_sync(_compare)
+
+    def _upsert(self, model: type[HostModel] | type[RelayModel]) -> Insert:
+        table = model.__table__
+        statement = postgresql.insert(model) if self.dialect == "postgresql" else sqlite.insert(model)
+        update = {column.name: statement.excluded[column.name] for column in table.c if column.name != "id"}
+        return statement.on_conflict_do_update(index_elements=[table.c.id], set_=update)
+
+    async def write(
+        self,
+        transitions: Sequence[NewTransition],
+        hosts: Sequence[HostRow],
+        relays: Sequence[RelayRow],
+    ) -> None:
+        """In one transaction: append `transitions` and insert-or-replace the current-state rows.
+
+        If an id appears more than once in `hosts` or `relays`, the last row wins.
+        """
+        if not (transitions or hosts or relays):
+            return
+        now = datetime.now(UTC)
+        async with self._writer.begin() as connection:
+            if transitions:
+                await connection.execute(insert(TransitionModel), [_values(t) for t in transitions])
+            if hosts:
+                rows = [_values(host) | {"updated_at": now} for host in _last_by_id(hosts)]
+                await connection.execute(self._upsert(HostModel), rows)
+            if relays:
+                rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
+                await connection.execute(self._upsert(RelayModel), rows)
+
+    async def forget_host(self, host_id: str) -> bool:
+        """Delete a host's current-state row (its history stays). False if there was none."""
+        async with self._writer.begin() as connection:
+            result = await connection.execute(delete(HostModel).where(HostModel.id == host_id))
+            return result.rowcount > 0
+
+    async def load(self) -> tuple[list[HostRow], list[RelayRow]]:
+        """Every current-state row, each list sorted by id."""
+        async with self._engine.connect() as connection:
+            hosts = await connection.execute(select(*_HOST_COLUMNS).order_by(HostModel.id))
+            relays = await connection.execute(select(*_RELAY_COLUMNS).order_by(RelayModel.id))
+            return [HostRow(*row) for row in hosts], [RelayRow(*row) for row in relays]
+
+    async def last_transition_id(self) -> int:
+        """The id of the newest history row, or 0 when there is none."""
+        async with self._engine.connect() as connection:
+            newest = await connection.scalar(select(func.coalesce(func.max(TransitionModel.id), 0)))
+            return int(newest or 0)
+
+    async def history(
+        self,
+        *,
+        kind: Kind | None = None,
+        subject: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[TransitionRecord]:
+        """History rows matching every filter given, at most `limit`, ordered by id.
+
+        `since` is inclusive (at >= since), `until` exclusive (at < until), `after_id` exclusive
+        (id > after_id: pass the last id seen, with `newest_first=False`, to resume). Ids follow
+        write order, so "newest first" means highest id first.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        _require_aware("since", since)
+        _require_aware("until", until)
+        conditions: list[ColumnElement[bool]] = []
+        if kind is not None:
+            conditions.append(TransitionModel.kind == kind)
+        if subject is not None:
+            conditions.append(TransitionModel.subject == subject)
+        if since is not None:
+            conditions.append(TransitionModel.at >= since)
+        if until is not None:
+            conditions.append(TransitionModel.at < until)
+        if after_id is not None:
+            conditions.append(TransitionModel.id > after_id)
+        order = TransitionModel.id.desc() if newest_first else TransitionModel.id.asc()
+        query = select(*_TRANSITION_COLUMNS).where(*conditions).order_by(order).limit(limit)
+        async with self._engine.connect() as connection:
+            result = await connection.execute(query)
+            return [TransitionRecord(*row) for row in result]
+
+
+_T = TypeVar("_T")
+
+
+async def _with_store(url: str, use: Callable[[Store], Awaitable[_T]]) -> _T:
+    store = await Store.open(url)
+    try:
+        return await use(store)
+    finally:
+        await store.close()
+
+
+def upgrade_sync(url: str) -> None:
+    """`relaybeat db upgrade`: bring the database at `url` to the newest schema."""
+    asyncio.run(_with_store(url, lambda store: store.upgrade()))
+
+
+def downgrade_sync(url: str, revision: str = "base") -> None:
+    """`relaybeat db downgrade`: revert the database at `url` to `revision`."""
+    asyncio.run(_with_store(url, lambda store: store.downgrade(revision)))
+
+
+def pending_model_changes(url: str) -> list[Any]:
+    """Alembic's diff between the models and the (migrated) database at `url`; [] when they match.
+
+    CI runs it after `upgrade_sync` to prove that the migrations create exactly the models.
+    """
+    return asyncio.run(_with_store(url, lambda store: store.model_changes()))

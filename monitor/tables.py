@@ -1,0 +1,142 @@
+"""The database schema as SQLAlchemy models. Table and column names are a public contract.
+
+Rules: every timestamp goes through `UTCDateTime` (aware UTC in, aware UTC out, on every
+dialect); every enum is stored as its text value through `EnumText`. The migrations in
+`migrations/versions` create exactly this schema; `monitor.store.pending_model_changes` checks it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from sqlalchemy import BigInteger, Boolean, Dialect, Float, Index, Integer, MetaData, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime
+
+from monitor.states import Event, Kind, State
+
+# Constraint names are deterministic, so batch-mode migrations on SQLite can find and drop them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`TIMESTAMP WITH TIME ZONE` that takes only aware datetimes and always returns aware UTC.
+
+    SQLite has no time zone type and hands back naive datetimes, so values are stored there as
+    naive UTC in SQLAlchemy's fixed-width text format (which sorts and compares correctly).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware datetime (e.g. tzinfo=UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A `StrEnum` stored as plain text (its value), so SQL reads well and new members need no DDL."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, enum: type[E]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        return self.enum(value).value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> E | None:
+        if value is None:
+            return None
+        return self.enum(value)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TransitionModel(Base):
+    """Append-only history: one row per state change or notable event."""
+
+    __tablename__ = "transitions"
+    __table_args__ = (
+        Index(None, "subject", "at"),
+        Index(None, "at"),
+        # Ids are never reused on SQLite either, so `after_id` is a safe resume point.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[Kind] = mapped_column(EnumText(Kind))
+    subject: Mapped[str] = mapped_column(Text)
+    from_state: Mapped[State] = mapped_column(EnumText(State))
+    to_state: Mapped[State] = mapped_column(EnumText(State))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(Text)
+    # The relay the subject was heard through, or the relay blamed for it.
+    relay: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event: Mapped[Event] = mapped_column(
+        EnumText(Event), default=Event.TRANSITION, server_default=Event.TRANSITION.value
+    )
+
+
+class HostModel(Base):
+    """Current state of each host (a leaf), upserted after every change."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[State] = mapped_column(EnumText(State))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    relay: Mapped[str | None] = mapped_column(Text, nullable=True)
+    interval_s: Mapped[float] = mapped_column(Float)
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    flapping: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RelayModel(Base):
+    """Current state of each relay, upserted after every change."""
+
+    __tablename__ = "relays"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[State] = mapped_column(EnumText(State))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The relay above this one in a tree, if any.
+    parent: Mapped[str | None] = mapped_column(Text, nullable=True)
+    boot: Mapped[str | None] = mapped_column(Text, nullable=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    flush_s: Mapped[float] = mapped_column(Float)
+    flapping: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
