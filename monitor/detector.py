@@ -1,0 +1,651 @@
+"""The detector: every liveness decision the monitor makes, and nothing else.
+
+Rules of this module:
+- Pure and synchronous. It reads no clock and does no I/O: callers pass `now` (monotonic seconds)
+  and get back the transitions it decided, in order. Same inputs, same outputs.
+- Evidence is a time on our clock when a subject was last heard: for a host in a bundle it is
+  `receive time - ages along its path`. Evidence only moves forward: a duplicate, late or
+  reordered bundle never moves anyone back in time.
+- A subject's deadline is `max(last_seen, grace_from) + timeout`. `grace_from` is when the monitor
+  (re)gained sight: at start and after any blindness everyone gets one full timeout of grace.
+- While the monitor is blind (its broker is gone, or every relay went quiet at once) nothing turns
+  `down`; deadlines simply wait.
+- A dead relay makes its whole subtree `unreachable` in one batch, blaming the nearest dead relay.
+  Hosts come back from fresh evidence only; the time of a death is taken from the evidence.
+- Deadlines live in a heap with at most one live entry per subject; an entry may be early (the
+  subject was heard since) and is then pushed back, so nothing rescans all hosts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from monitor.states import Event, Kind, State, Transition
+from relay.wire import Beat, Bundle, HostEntry, LeafStatus
+
+_UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Timing rules. See README "States and timing" for what each one means to an operator."""
+
+    misses: int = 3
+    default_interval_s: float = 5.0
+    misses_by_glob: tuple[tuple[str, int], ...] = ()  # first matching host-id glob wins
+    adaptive: bool = False  # phi accrual over each host's observed inter-arrival times
+    phi_threshold: float = 8.0
+    adaptive_min_samples: int = 8
+    flap_window_s: float = 600.0
+    flap_start: int = 6  # this many state changes within the window: flapping
+    flap_stop: int = 3  # at most this many within the window: no longer flapping
+    blind_min_relays: int = 2  # with fewer relays up, total silence means the relays died
+    relay_memory: int = 8  # retired boot ids kept per relay, to reject late bundles of old boots
+
+    def __post_init__(self) -> None:
+        if self.misses < 1:
+            raise ValueError("misses must be >= 1")
+        if not 0 < self.flap_stop < self.flap_start:
+            raise ValueError("flap_stop must be > 0 and < flap_start")
+        if self.phi_threshold <= 0:
+            raise ValueError("phi_threshold must be > 0")
+
+    def misses_for(self, host: str) -> int:
+        for pattern, misses in self.misses_by_glob:
+            if fnmatch.fnmatchcase(host, pattern):
+                return misses
+        return self.misses
+
+    @property
+    def phi_z(self) -> float:
+        """Standard deviations past the mean inter-arrival at which phi reaches the threshold."""
+        return NormalDist().inv_cdf(1.0 - 10.0 ** (-self.phi_threshold)) if self.phi_threshold < 15 else 8.0
+
+
+class _Track:
+    """What the detector holds for one subject (a host or a relay)."""
+
+    __slots__ = ("flapping", "flaps", "id", "last_seen", "scheduled", "since", "state")
+
+    def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
+        self.id = subject
+        self.state = state
+        self.since = since
+        self.last_seen = last_seen
+        self.scheduled: float | None = None
+        self.flapping = False
+        self.flaps: deque[float] | None = None
+
+
+class HostTrack(_Track):
+    __slots__ = ("interval_s", "misses", "others", "seq", "stats", "via", "via_seen")
+
+    def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
+        super().__init__(subject, state, since, last_seen)
+        self.interval_s = 0.0
+        self.misses = 0
+        self.seq: int | None = None
+        self.via: str | None = None  # the relay the freshest evidence came through; None = direct
+        self.via_seen = -math.inf
+        self.others: dict[str | None, float] | None = None  # other paths: relay -> last seen there
+        self.stats: _Arrivals | None = None
+
+
+class RelayTrack(_Track):
+    __slots__ = ("boot", "children", "flush_s", "hosts", "parent", "pending", "retired", "seq")
+
+    def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
+        super().__init__(subject, state, since, last_seen)
+        self.parent: str | None = None
+        self.boot: str | None = None
+        self.seq = -1
+        self.flush_s = 1.0
+        self.retired: deque[str] = deque()
+        self.hosts: set[str] = set()  # hosts whose freshest evidence came through this relay
+        self.children: set[str] = set()
+        # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
+        self.pending: list[_Track] = []
+
+
+class _Arrivals:
+    """Running mean and variance of a host's inter-arrival times (Welford, exponentially weighted)."""
+
+    __slots__ = ("mean", "n", "var")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.var = 0.0
+
+    def add(self, gap: float, weight: float = 0.1) -> None:
+        self.n += 1
+        if self.n == 1:
+            self.mean = gap
+            return
+        diff = gap - self.mean
+        self.mean += weight * diff
+        self.var = (1 - weight) * (self.var + weight * diff * diff)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    """A host as stored, on the detector's clock: what `restore` takes."""
+
+    id: str
+    state: State
+    since: float
+    last_seen: float | None
+    relay: str | None
+    interval_s: float
+    seq: int | None
+    flapping: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySnapshot:
+    id: str
+    state: State
+    since: float
+    last_seen: float | None
+    parent: str | None
+    boot: str | None
+    seq: int | None
+    flush_s: float
+    flapping: bool = False
+
+
+def _parent(track: _Track) -> str | None:
+    return track.parent if isinstance(track, RelayTrack) else None
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:g}"
+
+
+class Detector:
+    def __init__(self, policy: Policy, now: float) -> None:
+        self.policy = policy
+        self.hosts: dict[str, HostTrack] = {}
+        self.relays: dict[str, RelayTrack] = {}
+        self.grace_from = now
+        self.disconnected = False  # told by the shell: the monitor's broker connection is down
+        self.silent = False  # decided here: every relay went quiet at once
+        self.last_bundle_at: float | None = None
+        self.ignored: dict[str, int] = {}  # evidence dropped on purpose, by reason (counters)
+        self._heap: list[tuple[float, int, _Track]] = []
+        self._tie = itertools.count()
+        self._z = policy.phi_z
+
+    # ------------------------------------------------------------------------------ public inputs
+
+    @property
+    def blind(self) -> bool:
+        return self.disconnected or self.silent
+
+    def observe(self, bundle: Bundle, now: float) -> list[Transition]:
+        """A bundle arrived from a relay connected to the monitor's broker."""
+        out: list[Transition] = []
+        self.last_bundle_at = now
+        if self.silent:
+            self.silent = False
+            self.grace_from = now
+        self._observe_relay(bundle, None, now, now, out)
+        return out
+
+    def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
+        """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
+        out: list[Transition] = []
+        interval_ms = round((beat.interval_s or self.policy.default_interval_s) * 1000)
+        self._observe_host(HostEntry(host, beat.seq, 0, interval_ms, beat.status), None, now, now, out)
+        return out
+
+    def relay_offline(self, relay_id: str, now: float) -> list[Transition]:
+        """The relay's Last Will arrived: a fast hint that it is gone."""
+        out: list[Transition] = []
+        relay = self.relays.get(relay_id)
+        if relay is not None and relay.state == State.UP and not self.blind:
+            self._relay_down(relay, now, f"relay {relay_id} offline (last will)", out)
+        return out
+
+    def set_connected(self, connected: bool, now: float) -> None:
+        """The shell reports the monitor's own broker connection. Regaining it starts a grace period."""
+        if connected and self.disconnected:
+            self.grace_from = now
+        self.disconnected = not connected
+
+    def forget_host(self, host_id: str) -> bool:
+        host = self.hosts.pop(host_id, None)
+        if host is None:
+            return False
+        host.scheduled = None
+        if host.via is not None and host.via in self.relays:
+            self.relays[host.via].hosts.discard(host_id)
+        return True
+
+    def next_deadline(self) -> float | None:
+        """When `expire` may next have something to do; None while blind or with nothing scheduled."""
+        if self.blind:
+            return None
+        candidates = [self._heap[0][0]] if self._heap else []
+        silence = self._silence_deadline()
+        if silence is not None:
+            candidates.append(silence)
+        return min(candidates) if candidates else None
+
+    def expire(self, now: float) -> list[Transition]:
+        """Everything whose deadline has passed by `now`, in deadline order."""
+        out: list[Transition] = []
+        silence = self._silence_deadline()
+        if silence is not None and silence <= now:
+            self.silent = True
+        if self.blind:
+            return out
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            scheduled, _, track = heapq.heappop(heap)
+            if track.scheduled != scheduled:
+                continue  # superseded entry
+            track.scheduled = None
+            if track.state not in _UP_OR_UNKNOWN:
+                continue
+            deadline = self._deadline(track)
+            if deadline > now:
+                self._schedule(track, deadline)
+            else:
+                self._silent(track, deadline, out)
+        return out
+
+    def restore(self, hosts: Iterable[HostSnapshot], relays: Iterable[RelaySnapshot]) -> None:
+        """Load stored state at start-up; the start-up grace (grace_from) protects everyone."""
+        for r in relays:
+            relay = RelayTrack(r.id, r.state, r.since, r.last_seen)
+            relay.parent, relay.boot, relay.flush_s, relay.flapping = r.parent, r.boot, r.flush_s, r.flapping
+            relay.seq = -1 if r.seq is None else r.seq
+            self.relays[r.id] = relay
+        for relay in self.relays.values():
+            if relay.parent in self.relays:
+                self.relays[relay.parent].children.add(relay.id)
+            if relay.state == State.UP:
+                self._schedule(relay, self._deadline(relay))
+        for h in hosts:
+            host = HostTrack(h.id, h.state, h.since, h.last_seen)
+            host.interval_s, host.seq, host.flapping = h.interval_s, h.seq, h.flapping
+            host.misses = self.policy.misses_for(h.id)
+            host.via = h.relay
+            host.via_seen = -math.inf if h.last_seen is None else h.last_seen
+            self.hosts[h.id] = host
+            if h.relay is not None:
+                self._relay(h.relay, h.since).hosts.add(h.id)
+            if host.state == State.UP:
+                self._schedule(host, self._deadline(host))
+
+    # ------------------------------------------------------------------------------------ views
+
+    def timeout_s(self, track: _Track) -> float:
+        if isinstance(track, RelayTrack):
+            return track.flush_s * self.policy.misses
+        assert isinstance(track, HostTrack)
+        stats = track.stats
+        if self.policy.adaptive and stats is not None and stats.n >= self.policy.adaptive_min_samples:
+            spread = max(math.sqrt(stats.var), 0.1 * stats.mean, 0.05)
+            return stats.mean + self._z * spread
+        return track.interval_s * track.misses
+
+    def deadline_of(self, track: _Track) -> float | None:
+        return self._deadline(track) if track.state in _UP_OR_UNKNOWN else None
+
+    def nearest_dead_relay(self, relay_id: str | None) -> str | None:
+        """Walk up from a relay to the first one that is down."""
+        seen: set[str] = set()
+        while relay_id is not None and relay_id not in seen:
+            seen.add(relay_id)
+            relay = self.relays.get(relay_id)
+            if relay is None:
+                return None
+            if relay.state == State.DOWN:
+                return relay_id
+            relay_id = relay.parent
+        return None
+
+    def subtree(self, relay_id: str) -> Iterator[RelayTrack]:
+        """The relays below `relay_id`, depth first, excluding itself."""
+        stack = list(self.relays[relay_id].children)
+        seen = {relay_id}
+        while stack:
+            child_id = stack.pop()
+            if child_id in seen or child_id not in self.relays:
+                continue
+            seen.add(child_id)
+            child = self.relays[child_id]
+            yield child
+            stack.extend(child.children)
+
+    # ---------------------------------------------------------------------------------- internals
+
+    def _deadline(self, track: _Track) -> float:
+        seen = track.last_seen if track.last_seen is not None else track.since
+        return max(seen, self.grace_from) + self.timeout_s(track)
+
+    def _schedule(self, track: _Track, deadline: float) -> None:
+        if track.scheduled is not None and track.scheduled <= deadline:
+            return  # an earlier entry is already in the heap; it will be pushed back when popped
+        track.scheduled = deadline
+        heapq.heappush(self._heap, (deadline, next(self._tie), track))
+
+    def _silence_deadline(self) -> float | None:
+        """When total silence from every relay would mean we, not they, lost the network."""
+        if self.blind or self.last_bundle_at is None:
+            return None
+        up = [r for r in self.relays.values() if r.parent is None and r.state == State.UP]
+        if len(up) < self.policy.blind_min_relays:
+            return None
+        flush = max(r.flush_s for r in up)
+        return self.last_bundle_at + flush * max(1.0, self.policy.misses - 1)
+
+    def _silence_reason(self, track: _Track, deadline: float) -> str:
+        seen = track.last_seen if track.last_seen is not None else track.since
+        if isinstance(track, RelayTrack):
+            return f"no bundle for {deadline - seen:.1f} s (flush {_fmt(track.flush_s)} s × {self.policy.misses})"
+        assert isinstance(track, HostTrack)
+        if self.policy.adaptive and track.stats is not None and track.stats.n >= self.policy.adaptive_min_samples:
+            return f"no beat for {deadline - seen:.1f} s (phi ≥ {_fmt(self.policy.phi_threshold)})"
+        return f"no beat for {deadline - seen:.1f} s (interval {_fmt(track.interval_s)} s × {track.misses})"
+
+    def _move(
+        self,
+        track: _Track,
+        kind: Kind,
+        state: State,
+        at: float,
+        reason: str,
+        relay: str | None,
+        out: list[Transition],
+    ) -> None:
+        if track.state == state:
+            return
+        at = max(at, track.since)  # history never goes back in time
+        out.append(Transition(kind, track.id, track.state, state, at, reason, relay))
+        track.state = state
+        track.since = at
+        self._count_flap(track, kind, at, relay, out)
+
+    def _count_flap(self, track: _Track, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
+        policy = self.policy
+        if track.flaps is None:
+            track.flaps = deque(maxlen=policy.flap_start)
+        track.flaps.append(at)
+        flaps = track.flaps
+        while flaps and flaps[0] <= at - policy.flap_window_s:
+            flaps.popleft()
+        if not track.flapping and len(flaps) >= policy.flap_start:
+            track.flapping = True
+            reason = f"{len(flaps)} state changes within {_fmt(policy.flap_window_s)} s"
+            out.append(Transition(kind, track.id, track.state, track.state, at, reason, relay, Event.FLAPPING_START))
+
+    def _check_flap_end(self, track: _Track, kind: Kind, now: float, relay: str | None, out: list[Transition]) -> None:
+        flaps = track.flaps
+        assert flaps is not None
+        while flaps and flaps[0] <= now - self.policy.flap_window_s:
+            flaps.popleft()
+        if len(flaps) <= self.policy.flap_stop:
+            track.flapping = False
+            reason = f"{len(flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
+            out.append(Transition(kind, track.id, track.state, track.state, now, reason, relay, Event.FLAPPING_END))
+
+    def _relay(self, relay_id: str, now: float) -> RelayTrack:
+        relay = self.relays.get(relay_id)
+        if relay is None:
+            relay = self.relays[relay_id] = RelayTrack(relay_id, State.UNKNOWN, now, None)
+        return relay
+
+    def _observe_relay(
+        self, bundle: Bundle, parent: str | None, above_sent: float, now: float, out: list[Transition]
+    ) -> None:
+        sent = above_sent - bundle.age_ms / 1000
+        relay = self._relay(bundle.relay, now)
+        if relay.boot == bundle.boot:
+            if bundle.seq <= relay.seq:
+                self._ignore("stale_bundle")
+                return
+        elif bundle.boot in relay.retired:
+            self._ignore("retired_boot")
+            return
+        else:
+            if relay.boot is not None:
+                relay.retired.append(relay.boot)
+                while len(relay.retired) > self.policy.relay_memory:
+                    relay.retired.popleft()
+                out.append(
+                    Transition(
+                        Kind.RELAY, relay.id, relay.state, relay.state, now,
+                        f"relay restarted (boot {relay.boot} → {bundle.boot})", parent, Event.RESTART,
+                    )
+                )  # fmt: skip
+            relay.boot = bundle.boot
+        relay.seq = bundle.seq
+        relay.flush_s = bundle.flush_ms / 1000
+        if relay.parent != parent:
+            if relay.parent in self.relays:
+                self.relays[relay.parent].children.discard(relay.id)
+            if parent is not None:
+                self.relays[parent].children.add(relay.id)
+            relay.parent = parent
+        if relay.last_seen is None or sent > relay.last_seen:
+            relay.last_seen = sent
+        if relay.flapping:
+            self._check_flap_end(relay, Kind.RELAY, now, parent, out)
+
+        deadline = self._deadline(relay)
+        was = relay.state
+        if deadline > now:
+            if was != State.UP:
+                self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
+            self._schedule(relay, deadline)
+        elif was in _UP_OR_UNKNOWN:
+            # Heard, but through a parent whose copy is already too old: it died a while ago.
+            self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
+
+        for entry in bundle.hosts:
+            self._observe_host(entry, relay.id, sent, now, out)
+        for child in bundle.children:
+            self._observe_relay(child, relay.id, sent, now, out)
+        if relay.pending:
+            self._confirm_pending(relay, now, out)
+        if was != State.UP and relay.state == State.UP:
+            self._resume_subtree(relay, now, out)
+
+    def _observe_host(
+        self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
+    ) -> None:
+        seen = sent - entry.age_ms / 1000
+        host = self.hosts.get(entry.id)
+        if host is None:
+            host = self.hosts[entry.id] = HostTrack(entry.id, State.UNKNOWN, now, None)
+            host.misses = self.policy.misses_for(entry.id)
+            host.interval_s = entry.interval_ms / 1000
+        previous = host.last_seen
+        fresher = previous is None or seen > previous
+        if relay_id != host.via:
+            self._consider_path(host, relay_id, seen)
+        elif seen > host.via_seen:
+            host.via_seen = seen
+        if not fresher:
+            if host.state == State.UNREACHABLE and host.via == relay_id:
+                self._resume_host(host, now, out)
+            return
+
+        assert seen is not None
+        host.last_seen = seen
+        if entry.seq is not None and entry.seq != host.seq:
+            if host.seq is not None and entry.seq < host.seq:
+                out.append(
+                    Transition(
+                        Kind.HOST, host.id, host.state, host.state, now,
+                        f"leaf restarted (seq {host.seq} → {entry.seq})", relay_id, Event.RESTART,
+                    )
+                )  # fmt: skip
+            if previous is not None and self.policy.adaptive:
+                self._add_arrival(host, seen - previous)
+            host.seq = entry.seq
+        elif entry.seq is None and previous is not None and self.policy.adaptive and seen - previous > 0.01:
+            self._add_arrival(host, seen - previous)
+        host.interval_s = entry.interval_ms / 1000
+        if host.flapping:
+            self._check_flap_end(host, Kind.HOST, now, host.via, out)
+
+        if entry.status == LeafStatus.STOPPING:
+            self._move(host, Kind.HOST, State.STOPPED, seen, "leaf said it is stopping", host.via, out)
+            return
+        self._resume_host(host, now, out)
+
+    def _add_arrival(self, host: HostTrack, gap: float) -> None:
+        if host.stats is None:
+            host.stats = _Arrivals()
+        host.stats.add(gap)
+
+    def _consider_path(self, host: HostTrack, relay_id: str | None, seen: float) -> None:
+        """Evidence through a path other than the current one: switch only to clearly fresher news."""
+        current = host.via
+        current_ok = current is None or self.relays[current].state in _UP_OR_UNKNOWN
+        if host.via_seen == -math.inf or not current_ok or seen > host.via_seen + host.interval_s:
+            if host.via_seen != -math.inf:
+                others = host.others if host.others is not None else {}
+                others[current] = host.via_seen
+                others.pop(relay_id, None)
+                host.others = others
+            self._set_via(host, relay_id)
+            host.via_seen = seen
+            return
+        others = host.others if host.others is not None else {}
+        if seen > others.get(relay_id, -math.inf):
+            others[relay_id] = seen
+        host.others = others
+
+    def _set_via(self, host: HostTrack, relay_id: str | None) -> None:
+        if host.via is not None and host.via in self.relays:
+            self.relays[host.via].hosts.discard(host.id)
+        host.via = relay_id
+        if relay_id is not None:
+            self.relays[relay_id].hosts.add(host.id)
+
+    def _resume_host(self, host: HostTrack, now: float, out: list[Transition]) -> None:
+        """Decide a host from its evidence alone (its path is alive)."""
+        if host.state == State.STOPPED and host.last_seen is not None and host.last_seen <= host.since:
+            return  # nothing newer than the stopping beat
+        assert host.last_seen is not None
+        fresh_until = host.last_seen + self.timeout_s(host)
+        if fresh_until > now:
+            if host.state != State.UP:
+                was = host.state
+                reason = (
+                    "beat received"
+                    if was in (State.UNKNOWN, State.STOPPED)
+                    else (f"beat received again after {now - host.since:.1f} s {was.value}")
+                )
+                self._move(host, Kind.HOST, State.UP, now, reason, host.via, out)
+            self._schedule(host, self._deadline(host))
+        elif self._deadline(host) <= now:
+            if host.state != State.DOWN:
+                self._host_silent(host, fresh_until, out)
+        else:
+            # Stale news within grace: no guess either way until the deadline.
+            if host.state == State.UNREACHABLE:
+                self._move(host, Kind.HOST, State.UNKNOWN, now, "path is back; no news yet", host.via, out)
+            if host.state == State.UNKNOWN:
+                self._schedule(host, self._deadline(host))
+
+    def _silent(self, track: _Track, deadline: float, out: list[Transition]) -> None:
+        """A deadline passed. Behind a relay, wait until that relay speaks after the deadline:
+        only then is the silence the subject's and not the relay's."""
+        upstream = track.via if isinstance(track, HostTrack) else _parent(track)
+        relay = None if upstream is None else self.relays.get(upstream)
+        unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline)
+        if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
+            relay.pending.append(track)
+            return
+        if isinstance(track, HostTrack):
+            self._host_silent(track, deadline, out)
+        else:
+            assert isinstance(track, RelayTrack)
+            self._relay_down(track, deadline, self._silence_reason(track, deadline), out)
+
+    def _confirm_pending(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
+        pending, relay.pending = relay.pending, []
+        for track in pending:
+            if track.state not in _UP_OR_UNKNOWN or track.scheduled is not None:
+                continue
+            deadline = self._deadline(track)
+            if deadline > now:
+                self._schedule(track, deadline)
+            else:
+                self._silent(track, deadline, out)
+
+    def _host_silent(self, host: HostTrack, deadline: float, out: list[Transition]) -> None:
+        """A host's deadline passed: down, or unreachable if every path to it is dead."""
+        dead = self.nearest_dead_relay(host.via)
+        if dead is not None:
+            self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+        else:
+            self._move(host, Kind.HOST, State.DOWN, deadline, self._silence_reason(host, deadline), host.via, out)
+
+    def _relay_down(self, relay: RelayTrack, at: float, reason: str, out: list[Transition]) -> None:
+        self._move(relay, Kind.RELAY, State.DOWN, at, reason, relay.parent, out)
+        relay.scheduled = None
+        relay.pending.clear()
+        blame = f"relay {relay.id} down"
+        for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and track.state in _UP_OR_UNKNOWN:
+                self._move(track, Kind.RELAY, State.UNREACHABLE, at, blame, relay.id, out)
+                track.scheduled = None
+                track.pending.clear()
+            for host_id in sorted(track.hosts):
+                host = self.hosts[host_id]
+                if host.state not in _UP_OR_UNKNOWN or self._fail_over(host, at):
+                    continue
+                self._move(host, Kind.HOST, State.UNREACHABLE, at, blame, relay.id, out)
+                host.scheduled = None
+
+    def _fail_over(self, host: HostTrack, now: float) -> bool:
+        """The host's relay died: move it to another live path that heard it recently, if any."""
+        if not host.others:
+            return False
+        timeout = self.timeout_s(host)
+        live = [
+            (seen, relay_id)
+            for relay_id, seen in host.others.items()
+            if seen + timeout > now and (relay_id is None or self.relays[relay_id].state == State.UP)
+        ]
+        if not live:
+            return False
+        seen, relay_id = max(live, key=lambda item: item[0])
+        host.others[host.via] = host.via_seen
+        del host.others[relay_id]
+        self._set_via(host, relay_id)
+        host.via_seen = seen
+        return True
+
+    def _resume_subtree(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
+        """A relay is up again: whoever behind it is still unreachable resumes from their own evidence."""
+        for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and track.state == State.UNREACHABLE:
+                if self._deadline(track) > now:
+                    self._move(track, Kind.RELAY, State.UP, now, f"relay {relay.id} up again", track.parent, out)
+                    self._schedule(track, self._deadline(track))
+                else:
+                    self._relay_down(track, now, self._silence_reason(track, now), out)
+            if track.state != State.UP:
+                continue
+            for host_id in sorted(track.hosts):
+                host = self.hosts[host_id]
+                if host.state == State.UNREACHABLE:
+                    self._resume_host(host, now, out)
+
+    def _ignore(self, reason: str) -> None:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1

@@ -1,0 +1,331 @@
+"""The wire contract: topics, beats and bundles. The README's table is generated from these rules.
+
+Rules of this module:
+- It does no I/O and reads no clock. Encoders return bytes; decoders take bytes.
+- A decoder returns a value or raises `WireError(reason)`; never anything else. `reason` is a short
+  fixed label that callers use as a counter key.
+- Host and relay ids match `[A-Za-z0-9._-]{1,128}`.
+- Times on the wire are durations (ages, intervals) in integer milliseconds, never wall-clock
+  instants, so that no clock on a leaf or relay can make a host look alive.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+FORMAT_VERSION = 1
+DEFAULT_PREFIX = "relaybeat/"
+DEFAULT_INTERVAL_S = 5.0
+MIN_INTERVAL_MS = 10
+MAX_INTERVAL_MS = 86_400_000  # one day
+MAX_AGE_MS = 366 * 86_400_000  # a year: relays forget leaves long before that
+MAX_SEQ = 2**63 - 1
+MAX_BEAT_BYTES = 4096
+MAX_META_BYTES = 1024
+DEFAULT_MAX_BUNDLE_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BUNDLE_ENTRIES = 200_000
+MAX_TREE_DEPTH = 16
+
+_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_PREFIX = re.compile(r"([A-Za-z0-9._-]+/)+\Z")
+
+
+class WireError(ValueError):
+    """Input that does not follow the wire contract. `reason` is a fixed label for counting."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class LeafStatus(StrEnum):
+    OK = "ok"
+    STOPPING = "stopping"
+
+
+def is_valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID.match(value) is not None
+
+
+def check_id(value: object, reason: str = "bad_id") -> str:
+    if not is_valid_id(value):
+        raise WireError(reason, f"{str(value)[:40]!r} is not [A-Za-z0-9._-]{{1,128}}")
+    assert isinstance(value, str)
+    return value
+
+
+# --------------------------------------------------------------------------------------------- topics
+
+
+class TopicKind(StrEnum):
+    BEAT = "beat"
+    BUNDLE = "bundle"
+    RELAY_STATUS = "relay_status"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names under one prefix (default `relaybeat/`)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(f"topic prefix {self.prefix!r} must be path segments ending in '/'")
+
+    def beat(self, host: str) -> str:
+        return f"{self.prefix}beat/{host}"
+
+    def bundle(self, relay: str) -> str:
+        return f"{self.prefix}bundle/{relay}"
+
+    def relay_status(self, relay: str) -> str:
+        return f"{self.prefix}relay/{relay}/status"
+
+    @property
+    def all_beats(self) -> str:
+        return f"{self.prefix}beat/+"
+
+    @property
+    def all_bundles(self) -> str:
+        return f"{self.prefix}bundle/+"
+
+    @property
+    def all_relay_statuses(self) -> str:
+        return f"{self.prefix}relay/+/status"
+
+    def parse(self, topic: str) -> tuple[TopicKind, str]:
+        """Which kind of topic this is and whose id it names; WireError('bad_topic') otherwise."""
+        if not topic.startswith(self.prefix):
+            raise WireError("bad_topic", topic[:80])
+        parts = topic[len(self.prefix) :].split("/")
+        if len(parts) == 2 and parts[0] == "beat":
+            return TopicKind.BEAT, check_id(parts[1], "bad_topic")
+        if len(parts) == 2 and parts[0] == "bundle":
+            return TopicKind.BUNDLE, check_id(parts[1], "bad_topic")
+        if len(parts) == 3 and parts[0] == "relay" and parts[2] == "status":
+            return TopicKind.RELAY_STATUS, check_id(parts[1], "bad_topic")
+        raise WireError("bad_topic", topic[:80])
+
+
+# ---------------------------------------------------------------------------------------------- beats
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One heartbeat from a leaf. Every field is optional on the wire; an empty payload is a beat."""
+
+    seq: int | None = None
+    interval_s: float | None = None
+    status: LeafStatus = LeafStatus.OK
+    meta: dict[str, Any] | None = None
+
+
+def encode_beat(beat: Beat) -> bytes:
+    body: dict[str, Any] = {}
+    if beat.seq is not None:
+        body["seq"] = beat.seq
+    if beat.interval_s is not None:
+        body["interval"] = beat.interval_s
+    if beat.status is not LeafStatus.OK:
+        body["status"] = beat.status.value
+    if beat.meta is not None:
+        body["meta"] = beat.meta
+    return orjson.dumps(body) if body else b""
+
+
+def _loads(payload: bytes, max_bytes: int) -> Any:
+    if len(payload) > max_bytes:
+        raise WireError("too_large", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise WireError("bad_json", str(exc)[:80]) from None
+
+
+def _seq(value: object, reason: str = "bad_seq") -> int:
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise WireError(reason, f"{str(value)[:40]!r} is not an integer in [0, 2^63)")
+    return value
+
+
+def _interval_s(value: object) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise WireError("bad_interval", f"{str(value)[:40]!r} is not a number")
+    seconds = float(value)  # type: ignore[arg-type]
+    if not MIN_INTERVAL_MS <= seconds * 1000 <= MAX_INTERVAL_MS:
+        raise WireError("bad_interval", f"{seconds} s is outside [0.01, 86400]")
+    return seconds
+
+
+def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
+    """An empty payload or a JSON object with optional seq, interval, status, meta."""
+    if not payload.strip():
+        return Beat()
+    body = _loads(payload, max_bytes)
+    if not isinstance(body, dict):
+        raise WireError("bad_beat", "payload is neither empty nor a JSON object")
+    seq = body.get("seq")
+    interval = body.get("interval")
+    status = body.get("status", "ok")
+    meta = body.get("meta")
+    if status not in ("ok", "stopping"):
+        raise WireError("bad_status", f"{str(status)[:40]!r} is not 'ok' or 'stopping'")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise WireError("bad_meta", "meta is not an object")
+        if len(orjson.dumps(meta)) > MAX_META_BYTES:
+            raise WireError("bad_meta", f"meta is larger than {MAX_META_BYTES} bytes")
+    return Beat(
+        seq=None if seq is None else _seq(seq),
+        interval_s=None if interval is None else _interval_s(interval),
+        status=LeafStatus(status),
+        meta=meta,
+    )
+
+
+# -------------------------------------------------------------------------------------------- bundles
+
+
+class HostEntry(NamedTuple):
+    """What a relay knows of one leaf at send time. On the wire: `[id, seq, age_ms, interval_ms, status]`."""
+
+    id: str
+    seq: int | None
+    age_ms: int
+    interval_ms: int
+    status: LeafStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """Everything one relay heard, assembled into one message.
+
+    `children` are bundles of relays below this one, folded in as received; `age_ms` is how old a
+    child bundle was when its parent sent it (0 for the outermost bundle). Ages of hosts inside a
+    child count from the child's own send time, so a host's age at the top is the sum along its path.
+    """
+
+    relay: str
+    boot: str
+    seq: int
+    flush_ms: int
+    hosts: tuple[HostEntry, ...] = ()
+    children: tuple[Bundle, ...] = ()
+    age_ms: int = 0
+    version: int = field(default=FORMAT_VERSION)
+
+    def entry_count(self) -> int:
+        return len(self.hosts) + sum(child.entry_count() for child in self.children)
+
+
+def _bundle_body(bundle: Bundle) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "relay": bundle.relay,
+        "boot": bundle.boot,
+        "seq": bundle.seq,
+        "flush_ms": bundle.flush_ms,
+        "hosts": [list(entry) for entry in bundle.hosts],
+    }
+    if bundle.children:
+        body["children"] = [_bundle_body(child) | {"age_ms": child.age_ms} for child in bundle.children]
+    return body
+
+
+def encode_bundle(bundle: Bundle) -> bytes:
+    return orjson.dumps({"v": bundle.version} | _bundle_body(bundle))
+
+
+def _age_ms(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_AGE_MS:
+        raise WireError("bad_age", f"{str(value)[:40]!r} is not an integer in [0, {MAX_AGE_MS}] ms")
+    return value
+
+
+def _interval_ms(value: object) -> int:
+    if type(value) is not int or not MIN_INTERVAL_MS <= value <= MAX_INTERVAL_MS:
+        raise WireError("bad_interval", f"{str(value)[:40]!r} is not an integer in [10, 86400000] ms")
+    return value
+
+
+_STATUSES = {"ok": LeafStatus.OK, "stopping": LeafStatus.STOPPING}
+
+
+def _host_entry(raw: object) -> HostEntry:
+    if type(raw) is not list or len(raw) != 5:
+        raise WireError("bad_entry", "a host entry is [id, seq, age_ms, interval_ms, status]")
+    host, seq, age, interval, status = raw
+    if type(host) is not str or _ID.match(host) is None:
+        raise WireError("bad_id", f"{str(host)[:40]!r}")
+    try:
+        status_value = _STATUSES[status]
+    except (KeyError, TypeError):
+        raise WireError("bad_status", f"{str(status)[:40]!r}") from None
+    return HostEntry(host, None if seq is None else _seq(seq), _age_ms(age), _interval_ms(interval), status_value)
+
+
+def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
+    if not isinstance(body, dict):
+        raise WireError("bad_bundle", "a bundle is a JSON object")
+    if depth > MAX_TREE_DEPTH:
+        raise WireError("too_deep", f"relay tree deeper than {MAX_TREE_DEPTH}")
+    try:
+        relay, boot, seq, flush_ms, hosts = (body[k] for k in ("relay", "boot", "seq", "flush_ms", "hosts"))
+    except KeyError as missing:
+        raise WireError("bad_bundle", f"missing field {missing}") from None
+    children = body.get("children", [])
+    if type(hosts) is not list or type(children) is not list:
+        raise WireError("bad_bundle", "hosts and children are lists")
+    budget[0] -= len(hosts) + len(children)
+    if budget[0] < 0:
+        raise WireError("too_many_entries", "bundle has more entries than the configured limit")
+    return Bundle(
+        relay=check_id(relay),
+        boot=check_id(boot, "bad_boot"),
+        seq=_seq(seq),
+        flush_ms=_interval_ms(flush_ms),
+        hosts=tuple(_host_entry(raw) for raw in hosts),
+        children=tuple(_bundle(child, depth + 1, budget) for child in children),
+        age_ms=_age_ms(body["age_ms"]) if depth > 0 else 0,
+    )
+
+
+def decode_bundle(
+    payload: bytes,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    max_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+) -> Bundle:
+    body = _loads(payload, max_bytes)
+    if not isinstance(body, dict):
+        raise WireError("bad_bundle", "a bundle is a JSON object")
+    version = body.get("v")
+    if version != FORMAT_VERSION:
+        raise WireError("unknown_version", f"format version {str(version)[:20]!r}, this side speaks 1")
+    if "age_ms" in body:
+        raise WireError("bad_bundle", "age_ms belongs to child bundles only")
+    try:
+        return _bundle(body, 0, [max_entries])
+    except KeyError:
+        raise WireError("bad_bundle", "child bundle without age_ms") from None
+
+
+# ---------------------------------------------------------------------------------- relay presence
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+def decode_relay_status(payload: bytes) -> bool:
+    """True for `online`, False for `offline` (the relay's Last Will)."""
+    if payload == ONLINE:
+        return True
+    if payload == OFFLINE:
+        return False
+    raise WireError("bad_status", payload[:40].decode("utf-8", "replace"))

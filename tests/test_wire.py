@@ -1,0 +1,257 @@
+"""The wire contract, checked both ways: golden cases, round trips, and a decoder fuzz."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.wire import (
+    Beat,
+    Bundle,
+    HostEntry,
+    LeafStatus,
+    TopicKind,
+    Topics,
+    WireError,
+    decode_beat,
+    decode_bundle,
+    decode_relay_status,
+    encode_beat,
+    encode_bundle,
+)
+
+# (value, bytes): each must encode to exactly these bytes and decode back to exactly this value.
+BEAT_CASES = [
+    (Beat(), b""),
+    (Beat(seq=7), b'{"seq":7}'),
+    (Beat(seq=1, interval_s=2.5), b'{"seq":1,"interval":2.5}'),
+    (Beat(status=LeafStatus.STOPPING), b'{"status":"stopping"}'),
+    (Beat(seq=3, meta={"role": "db"}), b'{"seq":3,"meta":{"role":"db"}}'),
+]
+
+BUNDLE_CASES = [
+    (
+        Bundle("r1", "b00t", 12, 1000, (HostEntry("web-1", 41, 230, 5000, LeafStatus.OK),)),
+        b'{"v":1,"relay":"r1","boot":"b00t","seq":12,"flush_ms":1000,"hosts":[["web-1",41,230,5000,"ok"]]}',
+    ),
+    (
+        Bundle(
+            "r2",
+            "x",
+            1,
+            500,
+            (HostEntry("db.2", None, 0, 1000, LeafStatus.STOPPING),),
+            (Bundle("r3", "y", 9, 1000, (), (), age_ms=340),),
+        ),
+        b'{"v":1,"relay":"r2","boot":"x","seq":1,"flush_ms":500,"hosts":[["db.2",null,0,1000,"stopping"]],'
+        b'"children":[{"relay":"r3","boot":"y","seq":9,"flush_ms":1000,"hosts":[],"age_ms":340}]}',
+    ),
+]
+
+
+@pytest.mark.parametrize(("beat", "payload"), BEAT_CASES)
+def test_beat_golden_cases_both_ways(beat: Beat, payload: bytes) -> None:
+    assert encode_beat(beat) == payload
+    assert decode_beat(payload) == beat
+
+
+@pytest.mark.parametrize(("bundle", "payload"), BUNDLE_CASES)
+def test_bundle_golden_cases_both_ways(bundle: Bundle, payload: bytes) -> None:
+    assert encode_bundle(bundle) == payload
+    assert decode_bundle(payload) == bundle
+
+
+def test_empty_and_whitespace_payloads_are_default_beats() -> None:
+    assert decode_beat(b"") == Beat()
+    assert decode_beat(b"  \n") == Beat()
+
+
+def test_beat_ignores_fields_that_claim_another_identity() -> None:
+    assert decode_beat(b'{"seq":2,"host":"other","id":"x"}') == Beat(seq=2)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{", "bad_json"),
+        (b"[1,2]", "bad_beat"),
+        (b'"ok"', "bad_beat"),
+        (b'{"seq":-1}', "bad_seq"),
+        (b'{"seq":true}', "bad_seq"),
+        (b'{"seq":1.5}', "bad_seq"),
+        (b'{"interval":0}', "bad_interval"),
+        (b'{"interval":-5}', "bad_interval"),
+        (b'{"interval":1e308}', "bad_interval"),
+        (b'{"interval":"5"}', "bad_interval"),
+        (b'{"status":"dead"}', "bad_status"),
+        (b'{"meta":[1]}', "bad_meta"),
+        (b'{"meta":{"x":"' + b"a" * 2000 + b'"}}', "bad_meta"),
+        (b"x" * 5000, "too_large"),
+        (b"NaN", "bad_json"),
+    ],
+)
+def test_bad_beats_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(WireError) as err:
+        decode_beat(payload)
+    assert err.value.reason == reason
+
+
+def _bundle_json(**override: object) -> bytes:
+    body: dict[str, object] = {"v": 1, "relay": "r1", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}
+    body.update(override)
+    return orjson.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_bundle_json(v=2), "unknown_version"),
+        (_bundle_json(v=None), "unknown_version"),
+        (b"[]", "bad_bundle"),
+        (b"{]", "bad_json"),
+        (_bundle_json(relay="no spaces"), "bad_id"),
+        (_bundle_json(relay="x" * 129), "bad_id"),
+        (_bundle_json(boot=""), "bad_boot"),
+        (_bundle_json(seq=-1), "bad_seq"),
+        (_bundle_json(flush_ms=0), "bad_interval"),
+        (_bundle_json(hosts={}), "bad_bundle"),
+        (_bundle_json(hosts=[["h", 1, -5, 1000, "ok"]]), "bad_age"),
+        (_bundle_json(hosts=[["h", 1, 10**15, 1000, "ok"]]), "bad_age"),
+        (_bundle_json(hosts=[["h", 1, 1.5, 1000, "ok"]]), "bad_age"),
+        (_bundle_json(hosts=[["h", 1, 5, 1000]]), "bad_entry"),
+        (_bundle_json(hosts=[["h/x", 1, 5, 1000, "ok"]]), "bad_id"),
+        (_bundle_json(hosts=[["h", 1, 5, 1000, "up"]]), "bad_status"),
+        (_bundle_json(hosts=[["h", 1, 5, 1000, ["ok"]]]), "bad_status"),
+        (_bundle_json(hosts=[["h", 1, 5, 10**12, "ok"]]), "bad_interval"),
+        (_bundle_json(age_ms=3), "bad_bundle"),
+        (_bundle_json(children=[{"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}]), "bad_bundle"),
+        (_bundle_json(seq=None), "bad_seq"),
+        (b'{"v":1}', "bad_bundle"),
+    ],
+)
+def test_bad_bundles_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(WireError) as err:
+        decode_bundle(payload)
+    assert err.value.reason == reason
+
+
+def test_bundle_limits_on_size_entries_and_depth() -> None:
+    many = _bundle_json(hosts=[[f"h{i}", i, 0, 1000, "ok"] for i in range(100_001)])
+    with pytest.raises(WireError) as err:
+        decode_bundle(many, max_entries=100_000)
+    assert err.value.reason == "too_many_entries"
+    assert decode_bundle(many, max_entries=100_001).entry_count() == 100_001
+    with pytest.raises(WireError) as err:
+        decode_bundle(many, max_bytes=1000)
+    assert err.value.reason == "too_large"
+    child: dict[str, object] = {"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": [], "age_ms": 0}
+    for _ in range(20):
+        child = child | {"children": [dict(child)]}
+    with pytest.raises(WireError) as err:
+        decode_bundle(_bundle_json(children=[child]))
+    assert err.value.reason == "too_deep"
+
+
+def test_topics_parse_and_build() -> None:
+    topics = Topics()
+    assert topics.beat("web-1") == "relaybeat/beat/web-1"
+    assert topics.bundle("r1") == "relaybeat/bundle/r1"
+    assert topics.relay_status("r1") == "relaybeat/relay/r1/status"
+    assert topics.parse("relaybeat/beat/web-1") == (TopicKind.BEAT, "web-1")
+    assert topics.parse("relaybeat/bundle/r1") == (TopicKind.BUNDLE, "r1")
+    assert topics.parse("relaybeat/relay/r1/status") == (TopicKind.RELAY_STATUS, "r1")
+    for bad in ["relaybeat/beat/a b", "relaybeat/beat/", "relaybeat/beat/a/b", "other/beat/a", "relaybeat/x/a"]:
+        with pytest.raises(WireError) as err:
+            topics.parse(bad)
+        assert err.value.reason == "bad_topic"
+    assert Topics("site-a/rb/").beat("h") == "site-a/rb/beat/h"
+    with pytest.raises(ValueError):
+        Topics("no-trailing-slash")
+
+
+def test_relay_status_payloads() -> None:
+    assert decode_relay_status(b"online") is True
+    assert decode_relay_status(b"offline") is False
+    with pytest.raises(WireError):
+        decode_relay_status(b"maybe")
+
+
+ids = st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True)
+entries = st.builds(
+    HostEntry,
+    ids,
+    st.none() | st.integers(0, 2**63 - 1),
+    st.integers(0, 366 * 86_400_000),
+    st.integers(10, 86_400_000),
+    st.sampled_from(LeafStatus),
+)
+leaf_bundles = st.builds(
+    Bundle,
+    ids,
+    ids,
+    st.integers(0, 2**63 - 1),
+    st.integers(10, 86_400_000),
+    st.lists(entries, max_size=5).map(tuple),
+)
+child_bundles = st.builds(
+    lambda b, age: Bundle(b.relay, b.boot, b.seq, b.flush_ms, b.hosts, b.children, age_ms=age),
+    leaf_bundles,
+    st.integers(0, 366 * 86_400_000),
+)
+bundles = st.builds(
+    lambda b, children: Bundle(b.relay, b.boot, b.seq, b.flush_ms, b.hosts, tuple(children)),
+    leaf_bundles,
+    st.lists(child_bundles, max_size=3),
+)
+
+
+@given(bundles)
+def test_any_bundle_round_trips(bundle: Bundle) -> None:
+    assert decode_bundle(encode_bundle(bundle)) == bundle
+
+
+@given(
+    st.builds(
+        Beat,
+        st.none() | st.integers(0, 2**63 - 1),
+        st.none() | st.floats(0.01, 86_400, allow_nan=False),
+        st.sampled_from(LeafStatus),
+        st.none() | st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), max_size=3),
+    )
+)
+def test_any_beat_round_trips(beat: Beat) -> None:
+    decoded = decode_beat(encode_beat(beat))
+    assert decoded == beat
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _mutated_bundle(value: object, key: str) -> bytes:
+    body = orjson.loads(_bundle_json(hosts=[["h", 1, 5, 1000, "ok"]]))
+    body[key] = value
+    return json.dumps(body).encode()  # stdlib: writes NaN and huge integers, which the decoder must refuse
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_decoders_return_or_raise_wire_error_never_anything_else(payload: bytes) -> None:
+    for decode in (decode_beat, decode_bundle, decode_relay_status):
+        with contextlib.suppress(WireError):
+            decode(payload)
+
+
+@settings(max_examples=300)
+@given(json_values, st.sampled_from(["relay", "boot", "seq", "flush_ms", "hosts", "children", "v"]))
+def test_bundle_decoder_survives_any_field_value(value: object, key: str) -> None:
+    with contextlib.suppress(WireError):
+        decode_bundle(_mutated_bundle(value, key))
