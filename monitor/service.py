@@ -1,0 +1,266 @@
+"""The monitor service: bundles in, decisions from the detector, transitions out to SQL.
+
+It only moves bytes, time and rows:
+- one MQTT session (persistent, QoS 1) feeds `take()`, which decodes and hands to the detector;
+- one loop sleeps until the detector's next deadline and calls `expire()`;
+- one writer batches transitions and current-state rows into SQL, off the hot path, retrying until
+  the database takes them (nothing accepted is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiomqtt
+
+from monitor.detector import Detector, HostSnapshot, HostTrack, Policy, RelaySnapshot, RelayTrack
+from monitor.states import Kind, Transition
+from monitor.store import HostRow, NewTransition, RelayRow, Store
+from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.rejections import Rejections
+from relay.wire import (
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_MAX_BUNDLE_ENTRIES,
+    DEFAULT_PREFIX,
+    TopicKind,
+    Topics,
+    WireError,
+    decode_beat,
+    decode_bundle,
+    decode_relay_status,
+)
+
+log = logging.getLogger("relaybeat.monitor")
+
+
+class Clock:
+    """Monotonic seconds for decisions; wall-clock UTC only for what is stored and shown."""
+
+    def __init__(self) -> None:
+        self.offset = time.time() - time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self, t: float) -> datetime:
+        return datetime.fromtimestamp(t + self.offset, UTC)
+
+    def mono(self, moment: datetime) -> float:
+        return moment.timestamp() - self.offset
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    broker: BrokerURL
+    policy: Policy = field(default_factory=Policy)
+    prefix: str = DEFAULT_PREFIX
+    client_id: str = "relaybeat-monitor"
+    accept_direct_beats: bool = True  # beats published straight to the monitor's broker (no relay)
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES
+    checkpoint_s: float = 10.0  # how often last-seen times of live hosts are saved for restarts
+
+
+class Monitor:
+    def __init__(self, settings: MonitorSettings, store: Store, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock or Clock()
+        self.topics = Topics(settings.prefix)
+        self.detector = Detector(settings.policy, self.clock.now())
+        self.rejections = Rejections(log)
+        self.received: Counter[str] = Counter()
+        self.started_at = self.clock.now()
+        self.db_ok = True
+        self.written = asyncio.Condition()  # notified after each batch reaches SQL
+        self.last_written_id = 0
+        self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
+        self._unwritten: list[Transition] = []
+        self._wake = asyncio.Event()
+        self._write_wanted = asyncio.Event()
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    async def restore(self) -> None:
+        """Load current state from SQL; the detector's start-up grace protects everyone restored."""
+        hosts, relays = await self.store.load()
+        mono = self.clock.mono
+        self.detector.restore(
+            (
+                HostSnapshot(
+                    h.id, h.state, mono(h.since), None if h.last_seen is None else mono(h.last_seen),
+                    h.relay, h.interval_s, h.seq, h.flapping,
+                )
+                for h in hosts
+            ),
+            (
+                RelaySnapshot(
+                    r.id, r.state, mono(r.since), None if r.last_seen is None else mono(r.last_seen),
+                    r.parent, r.boot, r.seq, r.flush_s, r.flapping,
+                )
+                for r in relays
+            ),
+        )  # fmt: skip
+        self.last_written_id = await self.store.last_transition_id()
+        log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
+
+    async def run(self) -> None:
+        """Until cancelled; on cancellation, whatever was decided is still written."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._consume())
+                tasks.create_task(self._expire_loop())
+                tasks.create_task(self._write_loop())
+                tasks.create_task(self._checkpoint_loop())
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
+
+    # ---------------------------------------------------------------------------------- input
+
+    async def _consume(self) -> None:
+        s = self.settings
+        await stay_connected(
+            s.broker,
+            lambda: s.broker.client(s.client_id, clean_session=False, keepalive=5),
+            self._session,
+            name="monitor",
+            on_state=self._connection_changed,
+        )
+
+    def _connection_changed(self, connected: bool) -> None:
+        if connected != (not self.detector.disconnected):
+            log.warning("monitor %s its broker", "regained" if connected else "lost")
+        self.detector.set_connected(connected, self.clock.now())
+        self._wake.set()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.all_bundles, qos=1)
+        await client.subscribe(self.topics.all_relay_statuses, qos=1)
+        if self.settings.accept_direct_beats:
+            await client.subscribe(self.topics.all_beats, qos=1)
+        async for message in client.messages:
+            self.take(str(message.topic), payload_bytes(message.payload))
+        raise aiomqtt.MqttError("broker closed the message stream")
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """One message from the broker. Bad input is counted and logged, never raised."""
+        now = self.clock.now()
+        try:
+            kind, subject = self.topics.parse(topic)
+            if kind is TopicKind.BUNDLE:
+                bundle = decode_bundle(payload, self.settings.max_bundle_bytes, self.settings.max_bundle_entries)
+                if bundle.relay != subject:
+                    raise WireError("relay_mismatch", f"bundle for {bundle.relay!r} on {topic!r}")
+                self.received["bundles"] += 1
+                self.received["bundle_entries"] += bundle.entry_count()
+                self._emit(self.detector.observe(bundle, now))
+            elif kind is TopicKind.BEAT:
+                if self.settings.accept_direct_beats:
+                    self.received["beats"] += 1
+                    self._emit(self.detector.observe_beat(subject, decode_beat(payload), now))
+            elif not decode_relay_status(payload):
+                self.received["relay_offline"] += 1
+                self._emit(self.detector.relay_offline(subject, now))
+        except WireError as err:
+            self.rejections.add(err.reason, topic, err.detail)
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------- deadlines
+
+    async def _expire_loop(self) -> None:
+        while True:
+            deadline = self.detector.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            self._wake.clear()
+            self._emit(self.detector.expire(self.clock.now()))
+
+    # ---------------------------------------------------------------------------------- output
+
+    def _emit(self, transitions: list[Transition]) -> None:
+        if transitions:
+            self.recent.extend(transitions)
+            self._unwritten.extend(transitions)
+            self._write_wanted.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._write_wanted.wait()
+            await asyncio.sleep(0.02)  # let a burst (a relay's whole subtree) gather into one transaction
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything decided so far; on a database error keep it and retry with backoff."""
+        attempt = 0
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            self._write_wanted.clear()
+            try:
+                await self._write(batch)
+                self.db_ok = True
+                attempt = 0
+            except Exception as exc:  # the database is down or refusing: keep the batch, retry
+                self._unwritten[:0] = batch
+                self.db_ok = False
+                attempt += 1
+                log.warning("database write failed (%s); %d transitions kept for retry", exc, len(self._unwritten))
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+
+    async def _write(self, batch: Sequence[Transition]) -> None:
+        wall = self.clock.wall
+        rows = [NewTransition.from_transition(t, wall(t.at)) for t in batch]
+        host_ids = {t.subject for t in batch if t.kind is Kind.HOST}
+        relay_ids = {t.subject for t in batch if t.kind is Kind.RELAY}
+        hosts = [self.host_row(self.detector.hosts[h]) for h in sorted(host_ids) if h in self.detector.hosts]
+        relays = [self.relay_row(self.detector.relays[r]) for r in sorted(relay_ids) if r in self.detector.relays]
+        await self.store.write(rows, hosts, relays)
+        self.last_written_id = await self.store.last_transition_id()
+        async with self.written:
+            self.written.notify_all()
+
+    async def _checkpoint_loop(self) -> None:
+        """Save last-seen times of hosts heard since the previous checkpoint, for a restart."""
+        previous = self.clock.now()
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_s)
+            now = self.clock.now()
+            hosts = [self.host_row(h) for h in self.detector.hosts.values() if (h.last_seen or 0) >= previous - 1]
+            relays = [self.relay_row(r) for r in self.detector.relays.values()]
+            previous = now
+            try:
+                await self.store.write((), hosts, relays)
+            except Exception as exc:
+                log.warning("checkpoint failed (%s); will retry next time", exc)
+
+    # ----------------------------------------------------------------------------------- views
+
+    def host_row(self, host: HostTrack) -> HostRow:
+        wall = self.clock.wall
+        return HostRow(
+            host.id, host.state, wall(host.since), None if host.last_seen is None else wall(host.last_seen),
+            host.via, host.interval_s, host.seq, host.flapping,
+        )  # fmt: skip
+
+    def relay_row(self, relay: RelayTrack) -> RelayRow:
+        wall = self.clock.wall
+        return RelayRow(
+            relay.id, relay.state, wall(relay.since), None if relay.last_seen is None else wall(relay.last_seen),
+            relay.parent, relay.boot, None if relay.seq < 0 else relay.seq, relay.flush_s, relay.flapping,
+        )  # fmt: skip
+
+    @property
+    def in_grace(self) -> bool:
+        """True during the first timeout after start or after regaining sight."""
+        grace = self.detector.grace_from
+        longest = max((self.detector.timeout_s(h) for h in self.detector.hosts.values()), default=0.0)
+        return self.clock.now() < grace + longest

@@ -1,0 +1,64 @@
+"""Listening addresses: parse `HOST:PORT`, and say clearly when a port is taken."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+class PortInUse(OSError):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"{host}:{port} is already in use (another broker or server?)")
+        self.host = host
+        self.port = port
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (loopback). ValueError with the offending text otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        host, port_text = text, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is not in [0, 65535]")
+    return host, port
+
+
+def ensure_free(host: str, port: int) -> None:
+    """Raise PortInUse if something already listens on host:port (port 0 is always fine)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # let the server report name-resolution problems itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio and uvicorn do
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(host, port) from None
+                raise
+
+
+def is_free(host: str, port: int) -> bool:
+    try:
+        ensure_free(host, port)
+    except PortInUse:
+        return False
+    return True
+
+
+def pick_free(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

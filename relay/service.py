@@ -1,0 +1,161 @@
+"""The relay service: beats in from the local broker, one bundle per flush out to the upstream broker.
+
+It only moves bytes and time; every decision about what goes into a bundle is the assembler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiomqtt
+
+from relay.assembler import Assembler
+from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.rejections import Rejections
+from relay.wire import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_PREFIX,
+    OFFLINE,
+    ONLINE,
+    TopicKind,
+    Topics,
+    WireError,
+    check_id,
+    decode_beat,
+    decode_bundle,
+    encode_bundle,
+)
+
+log = logging.getLogger("relaybeat.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    relay_id: str
+    local: BrokerURL
+    upstream: BrokerURL
+    flush_s: float = 1.0
+    default_interval_s: float = DEFAULT_INTERVAL_S
+    prefix: str = DEFAULT_PREFIX
+    forget_after_s: float = 86_400.0
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    # Fold bundles of child relays heard on the local broker into ours (a relay tree). None: only when
+    # the local and upstream brokers differ, so sibling relays sharing one broker never nest.
+    accept_children: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.relay_id)
+        if not 0.01 <= self.flush_s <= 3600:
+            raise ValueError(f"flush must be within [0.01, 3600] s, not {self.flush_s}")
+
+    @property
+    def folds_children(self) -> bool:
+        if self.accept_children is not None:
+            return self.accept_children
+        return (self.local.host, self.local.port) != (self.upstream.host, self.upstream.port)
+
+
+class RelayService:
+    def __init__(self, settings: RelaySettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.prefix)
+        self.clock = clock
+        self.boot = secrets.token_hex(6)
+        self.assembler = Assembler(
+            settings.relay_id, self.boot, settings.flush_s, settings.default_interval_s, settings.forget_after_s
+        )
+        self.rejections = Rejections(log)
+        self.beats = 0
+        self.bundles_sent = 0
+        self.upstream_connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._local())
+            tasks.create_task(self._upstream())
+
+    # -------------------------------------------------------------------------------- local side
+
+    async def _local(self) -> None:
+        s = self.settings
+        await stay_connected(
+            s.local,
+            lambda: s.local.client(f"{s.relay_id}-local-{self.boot}", keepalive=10),
+            self._consume_local,
+            name=f"relay {s.relay_id} (local)",
+        )
+
+    async def _consume_local(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.all_beats, qos=0)
+        if self.settings.folds_children:
+            await client.subscribe(self.topics.all_bundles, qos=1)
+        async for message in client.messages:
+            self.take(str(message.topic), payload_bytes(message.payload))
+        raise aiomqtt.MqttError("local broker closed the message stream")
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """One message from the local broker. Bad input is counted and logged, never raised."""
+        now = self.clock()
+        try:
+            kind, subject = self.topics.parse(topic)
+            if kind is TopicKind.BEAT:
+                self.assembler.add_beat(subject, decode_beat(payload), now)
+                self.beats += 1
+            elif kind is TopicKind.BUNDLE and subject != self.settings.relay_id:
+                bundle = decode_bundle(payload, self.settings.max_bundle_bytes)
+                if bundle.relay != subject:
+                    raise WireError("relay_mismatch", f"bundle says {bundle.relay!r}")
+                if not self.assembler.add_child(bundle, now):
+                    self.rejections.counts["stale_bundle"] += 1
+        except WireError as err:
+            self.rejections.add(err.reason, topic, err.detail)
+
+    # ----------------------------------------------------------------------------- upstream side
+
+    async def _upstream(self) -> None:
+        s = self.settings
+        will = aiomqtt.Will(self.topics.relay_status(s.relay_id), OFFLINE, qos=1, retain=True)
+        try:
+            await stay_connected(
+                s.upstream,
+                lambda: s.upstream.client(s.relay_id, will=will, keepalive=max(2, round(s.flush_s * 3))),
+                self._publish_bundles,
+                name=f"relay {s.relay_id} (upstream)",
+                on_state=lambda up: self.upstream_connected.set() if up else self.upstream_connected.clear(),
+            )
+        finally:
+            self.upstream_connected.clear()
+
+    async def _publish_bundles(self, client: aiomqtt.Client) -> None:
+        status_topic = self.topics.relay_status(self.settings.relay_id)
+        await client.publish(status_topic, ONLINE, qos=1, retain=True)
+        try:
+            await self._flush_forever(client)
+        except asyncio.CancelledError:
+            # A planned stop: say so, instead of leaving the will to a broker timeout.
+            await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
+            raise
+
+    async def _flush_forever(self, client: aiomqtt.Client) -> None:
+        s = self.settings
+        topic = self.topics.bundle(s.relay_id)
+        next_at = self.clock()
+        while True:
+            payload = encode_bundle(self.assembler.flush(self.clock()))
+            if len(payload) > s.max_bundle_bytes:
+                self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
+            else:
+                await client.publish(topic, payload, qos=1)
+                self.bundles_sent += 1
+            next_at += s.flush_s
+            delay = next_at - self.clock()
+            if delay < 0:  # we fell behind (a slow broker): skip ahead rather than burst
+                next_at, delay = self.clock(), 0.0
+            await asyncio.sleep(delay)

@@ -1,0 +1,3 @@
+from relaybeat.cli import app
+
+app(prog_name="relaybeat")

@@ -1,0 +1,111 @@
+"""The whole path with real processes: leaves → relay (own embedded broker) → central broker → monitor →
+SQLite → HTTP API. Beats come from `mosquitto_pub`, a client we did not write, and from our leaf agent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.publish
+import pytest
+
+from relay.ports import pick_free
+from tests.conftest import CentralBroker, port_open
+from tests.processes import Service, api_get, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def publish_beat(port: int, topic: str) -> None:
+    """An empty beat, as `mosquitto_pub -n -t <topic>` sends it (paho when mosquitto_pub is missing)."""
+    if shutil.which("mosquitto_pub"):
+        command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-n", "-t", topic]
+        subprocess.run(command, check=True, timeout=10)
+    else:
+        paho.mqtt.publish.single(topic, b"", hostname="127.0.0.1", port=port)
+
+
+def transitions(db: Path, subject: str) -> list[tuple[str, str, str]]:
+    query = "SELECT from_state, to_state, reason FROM transitions WHERE subject = ? AND event = 'transition'"
+    with sqlite3.connect(db) as connection:
+        return list(connection.execute(query + " ORDER BY id", (subject,)))
+
+
+def state_of(api: str, kind: str, subject: str) -> Any:
+    body = api_get(api, f"/api/v1/{kind}/{subject}")
+    return None if body is None else body["state"]
+
+
+def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_makes_hosts_unreachable(
+    central_broker: CentralBroker, tmp_path: Path
+) -> None:
+    prefix = central_broker.prefix
+    relay_port, api_port = pick_free("127.0.0.1"), pick_free("127.0.0.1")
+    api = f"http://127.0.0.1:{api_port}"
+    db = tmp_path / "relaybeat.db"
+    monitor = Service(
+        "monitor",
+        ["monitor", "--broker", central_broker.url, "--db", f"sqlite:///{db}", "--listen", f"127.0.0.1:{api_port}",
+         "--misses", "3", "--prefix", prefix, "--client-id", f"monitor-{uuid.uuid4().hex[:8]}"],
+        tmp_path,
+    )  # fmt: skip
+    relay = Service(
+        "relay",
+        ["relay", "--id", "r1", "--local", "embedded", "--serve", f"127.0.0.1:{relay_port}",
+         "--upstream", central_broker.url, "--flush", "0.5", "--default-interval", "1", "--prefix", prefix],
+        tmp_path,
+    )  # fmt: skip
+    leaf: Service | None = None
+    try:
+        wait_until(lambda: api_get(api, "/healthz") or monitor.assert_running(), 30, "the monitor's API")
+        wait_until(lambda: port_open(relay_port) or relay.assert_running(), 30, "the relay's embedded broker")
+        wait_until(lambda: state_of(api, "relays", "r1") == "up", 15, "relay r1 up")
+
+        # 1. Empty beats from mosquitto_pub (the relay's default interval: 1 s) make web-1 up.
+        topic = f"{prefix}beat/web-1"
+        for _ in range(3):
+            publish_beat(relay_port, topic)
+            time.sleep(0.3)
+        wait_until(lambda: state_of(api, "hosts", "web-1") == "up", 10, "web-1 up")
+        seen = api_get(api, "/api/v1/hosts/web-1")
+        assert (seen["relay"], seen["interval_s"], seen["path"]) == ("r1", 1.0, ["r1"])
+
+        # 2. Its beats stop: down within interval × misses + 1 s, and the transition is a row in SQL.
+        publish_beat(relay_port, topic)
+        last_beat = time.monotonic()
+        wait_until(lambda: state_of(api, "hosts", "web-1") == "down", 10, "web-1 down")
+        assert time.monotonic() - last_beat <= 1.0 * 3 + 1.0
+        rows = wait_until(lambda: len(transitions(db, "web-1")) == 2 and transitions(db, "web-1"), 5, "rows in SQL")
+        assert [(f, t) for f, t, _ in rows] == [("unknown", "up"), ("up", "down")]
+        assert rows[-1][2].startswith("no beat for 3.") and rows[-1][2].endswith("(interval 1 s × 3)")
+
+        # 3. Our leaf agent beats through the relay; kill -9 the relay: its hosts turn unreachable, not down.
+        leaf = Service(
+            "leaf",
+            ["leaf", "--id", "web-2", "--broker", f"mqtt://127.0.0.1:{relay_port}", "--interval", "0.5",
+             "--prefix", prefix],
+            tmp_path,
+        )  # fmt: skip
+        wait_until(lambda: state_of(api, "hosts", "web-2") == "up", 15, "web-2 up")
+        relay.kill()
+        wait_until(lambda: state_of(api, "hosts", "web-2") == "unreachable", 10, "web-2 unreachable")
+        assert state_of(api, "relays", "r1") == "down"
+        assert state_of(api, "hosts", "web-1") == "down"  # it was dead before its relay: it stays down
+        web2 = wait_until(lambda: len(transitions(db, "web-2")) == 2 and transitions(db, "web-2"), 5, "web-2 rows")
+        assert web2[-1] == ("up", "unreachable", "relay r1 down")
+        assert transitions(db, "r1")[-1][:2] == ("up", "down")
+
+        # 4. Unknown ids are a 404; SIGTERM stops the leaf and the monitor cleanly.
+        assert api_get(api, "/api/v1/hosts/nope") is None
+        assert leaf.stop() == 0
+        assert monitor.stop() == 0
+    finally:
+        for service in (leaf, relay, monitor):
+            if service is not None and service.process.poll() is None:
+                service.process.kill()
