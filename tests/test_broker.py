@@ -1,0 +1,590 @@
+"""The embedded broker against real clients: aiomqtt, and raw sockets where a client must misbehave.
+
+Every broker listens on port 0 (a free port it picks) and every test gets its own topic prefix.
+Negative checks ("X is not delivered") are ordered against a later message that must arrive, so no
+test sleeps and then asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import ssl
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import argon2
+import pytest
+
+from relay.broker import (
+    BrokerConfigError,
+    BrokerPortInUse,
+    BrokerSettings,
+    EmbeddedBroker,
+    TopicPolicy,
+    add_user,
+    hash_password,
+    load_broker_settings,
+    read_password_file,
+    topic_policy,
+)
+from relay.wire import Topics
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+PASSWORDS = {"h1": "pw-h1", "h1-b": "pw-h1-b", "h2": "pw-h2", "relay-a": "pw-relay-a", "monitor": "pw-monitor"}
+WAIT_S = 3.0
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def password_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("broker") / "passwd"
+    for user, password in PASSWORDS.items():
+        add_user(path, user, password)
+    return path
+
+
+@pytest.fixture
+def topics() -> Topics:
+    return Topics(f"t{uuid.uuid4().hex[:8]}/relaybeat/")
+
+
+@pytest.fixture
+async def anonymous_broker(topics: Topics) -> AsyncIterator[EmbeddedBroker]:
+    async with EmbeddedBroker(BrokerSettings(port=0, prefix=topics.prefix)) as broker:
+        yield broker
+
+
+@pytest.fixture
+async def auth_broker(password_file: Path, topics: Topics) -> AsyncIterator[EmbeddedBroker]:
+    settings = BrokerSettings(
+        port=0, password_file=password_file, relays=("relay-a",), monitors=("monitor",), prefix=topics.prefix
+    )
+    async with EmbeddedBroker(settings) as broker:
+        yield broker
+
+
+def client(
+    broker: EmbeddedBroker,
+    user: str | None = None,
+    *,
+    identifier: str | None = None,
+    password: str | None = None,
+    will: aiomqtt.Will | None = None,
+    keepalive: int = 60,
+) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=user,
+        password=PASSWORDS.get(user or "") if password is None else password,
+        identifier=identifier or user,
+        will=will,
+        keepalive=keepalive,
+        timeout=WAIT_S,
+    )
+
+
+async def next_message(subscriber: aiomqtt.Client) -> aiomqtt.Message:
+    async with asyncio.timeout(WAIT_S):
+        return await anext(subscriber.messages)
+
+
+def _string(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(
+    client_id: str,
+    keepalive_s: int,
+    will: tuple[str, bytes] | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> bytes:
+    """An MQTT 3.1.1 CONNECT, clean session; the will (if any) at QoS 0, not retained."""
+    flags, payload = 0x02, _string(client_id)
+    if will is not None:
+        flags |= 0x04
+        payload += _string(will[0]) + _string(will[1])
+    if username is not None:
+        flags |= 0x80
+        payload += _string(username)
+    if password is not None:
+        flags |= 0x40
+        payload += _string(password)
+    body = _string("MQTT") + bytes([4, flags]) + keepalive_s.to_bytes(2, "big") + payload
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+class RawClient:
+    """A client that does only what the test tells it: CONNECT, PINGREQ, DISCONNECT, or nothing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, return_code: int) -> None:
+        self.reader, self.writer, self.return_code = reader, writer, return_code
+
+    @classmethod
+    async def connect(
+        cls,
+        broker: EmbeddedBroker,
+        client_id: str,
+        keepalive_s: int = 60,
+        will: tuple[str, bytes] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> RawClient:
+        reader, writer = await asyncio.open_connection(broker.host, broker.port)
+        writer.write(connect_packet(client_id, keepalive_s, will, username, password))
+        async with asyncio.timeout(WAIT_S):
+            connack = await reader.readexactly(4)
+        assert connack[:2] == b"\x20\x02", connack
+        return cls(reader, writer, connack[3])
+
+    async def ping(self) -> None:
+        self.writer.write(b"\xc0\x00")
+        async with asyncio.timeout(WAIT_S):
+            assert await self.reader.readexactly(2) == b"\xd0\x00"
+
+    async def disconnect(self) -> None:
+        self.writer.write(b"\xe0\x00")
+        await self.writer.drain()
+        self.drop()
+
+    async def closed_by_broker(self) -> bool:
+        async with asyncio.timeout(WAIT_S):
+            closed = await self.reader.read(1) == b""
+        self.writer.close()
+        return closed
+
+    def drop(self) -> None:
+        """Vanish without DISCONNECT, as a crashed process would."""
+        self.writer.transport.abort()
+        self.writer.close()
+
+
+# -------------------------------------------------------------------------------------- anonymous
+
+
+async def test_anonymous_clients_can_publish_and_subscribe_without_a_password_file(
+    anonymous_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    assert anonymous_broker.url == f"mqtt://127.0.0.1:{anonymous_broker.port}"
+    async with client(anonymous_broker) as subscriber, client(anonymous_broker) as publisher:
+        await subscriber.subscribe(topics.all_beats, qos=1)
+        await publisher.publish(topics.beat("h1"), b'{"seq":1}', qos=1)
+        message = await next_message(subscriber)
+    assert (message.topic.value, message.payload) == (topics.beat("h1"), b'{"seq":1}')
+
+
+async def test_silent_client_is_closed_after_one_and_a_half_keepalives_and_its_will_fires(
+    anonymous_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    async with client(anonymous_broker) as observer:
+        await observer.subscribe(topics.all_beats)
+        started = time.monotonic()
+        silent = await RawClient.connect(anonymous_broker, "silent", 1, will=(topics.beat("silent"), b"gone"))
+        pinger = await RawClient.connect(anonymous_broker, "pinger", 1, will=(topics.beat("pinger"), b"gone"))
+        assert (silent.return_code, pinger.return_code) == (0, 0)
+
+        async def keep_pinging() -> None:
+            while time.monotonic() - started < 3.0:  # twice pinger's deadline of 1.5 s
+                await pinger.ping()  # raises if the broker closed the pinger
+                await asyncio.sleep(0.3)
+
+        pinging = asyncio.create_task(keep_pinging())
+        will = await next_message(observer)
+        elapsed_s = time.monotonic() - started
+        assert (will.topic.value, will.payload) == (topics.beat("silent"), b"gone")
+        assert 1.0 <= elapsed_s <= 3.0, elapsed_s
+        await pinging  # the pinger stayed connected for 3 s
+        await pinger.disconnect()
+        await observer.publish(topics.beat("barrier"), b"")
+        assert (await next_message(observer)).topic.value == topics.beat("barrier")  # no will from pinger
+        silent.drop()
+
+
+async def test_retained_message_is_not_sent_to_a_client_that_never_subscribed_to_it(
+    anonymous_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    status = topics.relay_status("relay-a")
+    async with client(anonymous_broker) as watcher, client(anonymous_broker) as publisher:
+        await watcher.subscribe(topics.all_relay_statuses)  # amqtt replays every held filter on connect
+        await publisher.publish(status, b"online", qos=1, retain=True)
+        assert (await next_message(watcher)).topic.value == status
+
+        async with client(anonymous_broker) as newcomer:
+            await newcomer.subscribe(topics.beat("newcomer"))
+            await publisher.publish(topics.beat("newcomer"), b"", qos=1)
+            first = await next_message(newcomer)
+            assert first.topic.value == topics.beat("newcomer"), "a retained message leaked before it"
+
+            await newcomer.subscribe(topics.all_relay_statuses)  # now it asked: it gets the retained one
+            retained = await next_message(newcomer)
+            assert (retained.topic.value, retained.payload, retained.retain) == (status, b"online", True)
+
+
+async def test_shutdown_leaves_no_tasks_behind(topics: Topics) -> None:
+    async with EmbeddedBroker(BrokerSettings(port=0, prefix=topics.prefix)) as broker:
+        idle = await RawClient.connect(broker, "idle", 60, will=(topics.beat("idle"), b"gone"))
+        busy = await RawClient.connect(broker, "busy", 60)
+        await busy.ping()
+        lurker_reader, lurker_writer = await asyncio.open_connection(broker.host, broker.port)  # no CONNECT
+        await busy.ping()  # by now the broker has accepted the lurker's socket too
+    assert await idle.closed_by_broker()
+    assert await busy.closed_by_broker()
+    async with asyncio.timeout(WAIT_S):
+        assert await lurker_reader.read(1) == b""
+    lurker_writer.close()
+    assert {task for task in asyncio.all_tasks() if task is not asyncio.current_task()} == set()
+
+
+async def test_port_in_use_raises_broker_port_in_use_naming_host_and_port() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerPortInUse, match=re.escape(f"127.0.0.1:{port}")) as caught:
+            async with EmbeddedBroker(BrokerSettings(port=port)):
+                pass
+    assert isinstance(caught.value, OSError)
+
+
+# ------------------------------------------------------------------------------------------ auth
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [("h1", "wrong"), ("stranger", "pw-h1"), (None, None)],
+    ids=["wrong-password", "unknown-user", "no-credentials"],
+)
+async def test_bad_credentials_are_refused(auth_broker: EmbeddedBroker, user: str | None, password: str | None) -> None:
+    with pytest.raises(aiomqtt.MqttCodeError, match="Not authorized"):
+        async with client(auth_broker, user, identifier=user or "anyone", password=password or ""):
+            pass
+    async with client(auth_broker, "h1"):  # and the right password works
+        pass
+
+
+@pytest.mark.parametrize(
+    ("identifier", "accepted"),
+    [("h1", True), ("h1-agent", True), ("h2", False), ("h1x", False), ("relay-a", False), ("x-h1", False)],
+)
+async def test_client_id_must_be_the_username_or_start_with_username_dash(
+    auth_broker: EmbeddedBroker, identifier: str, accepted: bool
+) -> None:
+    if accepted:
+        async with client(auth_broker, "h1", identifier=identifier):
+            pass
+    else:
+        with pytest.raises(aiomqtt.MqttCodeError, match="Not authorized"):
+            async with client(auth_broker, "h1", identifier=identifier):
+                pass
+
+
+async def test_leaf_publishing_another_hosts_beat_is_not_delivered(auth_broker: EmbeddedBroker, topics: Topics) -> None:
+    async with client(auth_broker, "monitor") as monitor, client(auth_broker, "h1") as leaf:
+        await monitor.subscribe(f"{topics.prefix}#", qos=1)
+        await leaf.publish(topics.beat("h2"), b"spoofed", qos=1)
+        await leaf.publish(topics.bundle("h1"), b"not a relay", qos=1)
+        await leaf.publish(topics.beat("h1"), b"own", qos=1)
+        message = await next_message(monitor)
+    assert (message.topic.value, message.payload) == (topics.beat("h1"), b"own")
+
+
+async def test_relay_and_monitor_rights_over_the_wire(auth_broker: EmbeddedBroker, topics: Topics) -> None:
+    async with client(auth_broker, "monitor") as monitor, client(auth_broker, "relay-a") as relay:
+        granted = await relay.subscribe([(topics.all_beats, 1), (f"{topics.prefix}#", 1)])
+        assert [code.value for code in granted] == [1, 0x80]
+        assert [code.value for code in await monitor.subscribe(f"{topics.prefix}#", qos=1)] == [1]
+        async with client(auth_broker, "h1") as leaf:
+            assert [code.value for code in await leaf.subscribe(topics.all_beats)] == [0x80]
+            await leaf.publish(topics.beat("h1"), b"beat", qos=1)
+        assert (await next_message(relay)).topic.value == topics.beat("h1")
+        assert (await next_message(monitor)).topic.value == topics.beat("h1")
+
+        await relay.publish(topics.bundle("relay-b"), b"spoofed", qos=1)
+        await monitor.publish(topics.bundle("relay-a"), b"monitor may not write", qos=1)
+        await relay.publish(topics.bundle("relay-a"), b"bundle", qos=1)
+        message = await next_message(monitor)
+        assert (message.topic.value, message.payload) == (topics.bundle("relay-a"), b"bundle")
+
+
+async def test_will_on_a_forbidden_topic_is_refused_and_never_delivered(
+    auth_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    async with client(auth_broker, "monitor") as monitor:
+        await monitor.subscribe(f"{topics.prefix}#")
+        forbidden = await RawClient.connect(
+            auth_broker, "h1", will=(topics.beat("h2"), b"offline"), username="h1", password="pw-h1"
+        )
+        assert forbidden.return_code == 5  # not authorized
+        forbidden.drop()
+        allowed = await RawClient.connect(
+            auth_broker, "h1-agent", will=(topics.beat("h1"), b"offline"), username="h1", password="pw-h1"
+        )
+        assert allowed.return_code == 0
+        allowed.drop()
+        will = await next_message(monitor)
+    assert (will.topic.value, will.payload) == (topics.beat("h1"), b"offline")
+
+
+async def test_wrong_password_with_a_live_client_id_does_not_disturb_that_client(
+    auth_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    async with client(auth_broker, "monitor") as monitor:
+        await monitor.subscribe(f"{topics.prefix}#")
+        intruder = await RawClient.connect(auth_broker, "monitor", username="monitor", password="guess")
+        assert intruder.return_code == 5
+        assert await intruder.closed_by_broker()
+        async with client(auth_broker, "h1") as leaf:
+            await leaf.publish(topics.beat("h1"), b"still subscribed?", qos=1)
+        assert (await next_message(monitor)).payload == b"still subscribed?"
+
+
+async def test_reconnect_with_the_same_client_id_takes_over_without_firing_the_old_will(
+    auth_broker: EmbeddedBroker, topics: Topics
+) -> None:
+    will = (topics.beat("h1"), b"offline")
+    async with client(auth_broker, "monitor") as monitor:
+        await monitor.subscribe(f"{topics.prefix}#")
+        old = await RawClient.connect(auth_broker, "h1", will=will, username="h1", password="pw-h1")
+        new = await RawClient.connect(auth_broker, "h1", will=will, username="h1", password="pw-h1")
+        assert (old.return_code, new.return_code) == (0, 0)
+        assert await old.closed_by_broker()
+        await new.ping()
+        async with client(auth_broker, "h2") as other:
+            await other.publish(topics.beat("h2"), b"barrier", qos=1)
+        assert (await next_message(monitor)).topic.value == topics.beat("h2")  # no "offline" for h1 first
+        new.drop()
+        assert (await next_message(monitor)).payload == b"offline"  # the live connection's will still works
+
+
+async def test_client_id_held_by_another_user_cannot_be_taken(auth_broker: EmbeddedBroker, topics: Topics) -> None:
+    async with client(auth_broker, "h1-b") as owner:
+        await owner.publish(topics.beat("h1-b"), b"", qos=1)
+        with pytest.raises(aiomqtt.MqttCodeError, match="identifier"):
+            async with client(auth_broker, "h1", identifier="h1-b"):  # fits "h1-*", but h1-b holds it
+                pass
+        await owner.publish(topics.beat("h1-b"), b"", qos=1)  # the owner is still connected
+
+
+async def test_password_checks_do_not_stall_the_event_loop(auth_broker: EmbeddedBroker) -> None:
+    worst_lag_s = 0.0
+    probing = True
+
+    async def probe() -> None:
+        nonlocal worst_lag_s
+        while probing:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            worst_lag_s = max(worst_lag_s, time.monotonic() - before - 0.01)
+
+    async def connect(index: int) -> None:
+        async with client(auth_broker, "h1", identifier=f"h1-{index}"):
+            pass
+
+    prober = asyncio.create_task(probe())
+    await asyncio.sleep(0.05)
+    await asyncio.gather(*(connect(index) for index in range(20)))
+    probing = False
+    await prober
+    assert worst_lag_s < 0.2, f"event loop stalled for {worst_lag_s * 1000:.0f} ms"
+
+
+# ------------------------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_listener_serves_mqtts_only(tls_files: tuple[Path, Path], topics: Topics) -> None:
+    cert, key = tls_files
+    settings = BrokerSettings(port=0, tls_cert=cert, tls_key=key, prefix=topics.prefix)
+    async with EmbeddedBroker(settings) as broker:
+        assert broker.url.startswith("mqtts://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        secure = aiomqtt.Client(broker.host, broker.port, tls_context=context, timeout=WAIT_S)
+        async with secure:
+            await secure.subscribe(topics.all_beats)
+            await secure.publish(topics.beat("h1"), b"over tls")
+            assert (await next_message(secure)).payload == b"over tls"
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(broker.host, broker.port, timeout=1):  # plain MQTT on the TLS port
+                pass
+
+
+# ------------------------------------------------------------------------------- pure parts, files
+
+
+POLICY_CASES = [
+    # user, action, topic or filter, allowed
+    ("h1", "publish", "beat/h1", True),
+    ("h1", "publish", "beat/h2", False),
+    ("h1", "publish", "beat/h1/x", False),
+    ("h1", "publish", "bundle/h1", False),
+    ("h1", "subscribe", "beat/+", False),
+    ("relay-a", "publish", "beat/relay-a", True),
+    ("relay-a", "publish", "bundle/relay-a", True),
+    ("relay-a", "publish", "relay/relay-a/status", True),
+    ("relay-a", "publish", "bundle/relay-b", False),
+    ("relay-a", "publish", "relay/relay-b/status", False),
+    ("relay-a", "subscribe", "beat/+", True),
+    ("relay-a", "subscribe", "beat/h7", True),
+    ("relay-a", "subscribe", "bundle/+", True),
+    ("relay-a", "subscribe", "relay/+/status", True),
+    ("relay-a", "subscribe", "relay/#", False),
+    ("relay-a", "subscribe", "#", False),
+    ("relay-a", "receive", "beat/h7", True),
+    ("relay-a", "receive", "other/x", False),
+    ("monitor", "subscribe", "#", True),  # `#` here means <prefix>#
+    ("monitor", "subscribe", "beat/+", True),
+    ("monitor", "receive", "relay/relay-a/status", True),
+    ("monitor", "publish", "bundle/monitor", False),
+    ("h+", "publish", "beat/h+", False),  # a username is never a wildcard
+    ("h#", "publish", "beat/h#", False),
+    (None, "publish", "beat/None", False),
+]
+
+
+@pytest.mark.parametrize(("user", "action", "topic", "allowed"), POLICY_CASES)
+def test_topic_policy_table(user: str | None, action: str, topic: str, allowed: bool) -> None:
+    prefix = "relaybeat/"
+    policy = topic_policy(prefix, relays=("relay-a",), monitors=("monitor",))
+    check = {"publish": policy.may_publish, "subscribe": policy.may_subscribe, "receive": policy.may_receive}
+    assert check[action](user, prefix + topic) is allowed
+    assert not policy.may_subscribe(user, "$SYS/#") and not policy.may_receive(user, "$SYS/broker/uptime")
+
+
+def test_policy_patterns_cover_sub_filters_but_not_wider_ones() -> None:
+    policy = TopicPolicy(publish={}, subscribe={"*": ("a/+/c", "d/#")})
+    assert policy.may_subscribe("u", "a/b/c") and policy.may_subscribe("u", "a/+/c")
+    assert policy.may_subscribe("u", "d") and policy.may_subscribe("u", "d/e/#")
+    assert not policy.may_subscribe("u", "a/#") and not policy.may_subscribe("u", "a/+/+")
+    assert not policy.may_subscribe("u", "+/b/c") and not policy.may_subscribe("u", "a/b/c/d")
+
+
+def _mosquitto_rights(acl_text: str, username: str, topic: str) -> tuple[bool, bool]:
+    """(read, write) for `username` on `topic` by Mosquitto 2.0's ACL file rules (no `deny` used)."""
+
+    def matches(pattern: str, name: str) -> bool:
+        p, t = pattern.split("/"), name.split("/")
+        for index, level in enumerate(p):
+            if level == "#":
+                return True
+            if index >= len(t) or level not in ("+", t[index]):
+                return False
+        return len(p) == len(t)
+
+    read = write = False
+    current_user: str | None = None
+    for line in acl_text.splitlines():
+        words = [] if line.lstrip().startswith("#") else line.split()  # only whole-line comments
+        if not words:
+            continue
+        if words[0] == "user":
+            current_user = words[1]
+            continue
+        assert words[0] in ("topic", "pattern"), line
+        access, acl_topic = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+        assert access in ("read", "write", "readwrite"), line
+        if words[0] == "topic" and current_user != username:
+            continue
+        if words[0] == "pattern":
+            acl_topic = acl_topic.replace("%u", username)
+        if matches(acl_topic, topic):
+            read |= access in ("read", "readwrite")
+            write |= access in ("write", "readwrite")
+    return read, write
+
+
+def test_shipped_mosquitto_acl_grants_exactly_what_the_embedded_broker_grants() -> None:
+    settings = load_broker_settings(CONFIG_DIR / "amqtt.toml")
+    assert settings.relays and settings.monitors, "amqtt.toml should name example relays and monitors"
+    policy = topic_policy(settings.prefix, settings.relays, settings.monitors)
+    acl = (CONFIG_DIR / "acl").read_text()
+    t = Topics(settings.prefix)
+    some_relay = settings.relays[0]
+    users = ["h1", *settings.relays, *settings.monitors]
+    samples = [
+        t.beat("h1"), t.beat("h2"), t.beat(some_relay), t.bundle(some_relay), t.bundle("other-relay"),
+        t.relay_status(some_relay), t.relay_status("other-relay"), t.beat("h1") + "/x",
+        f"{settings.prefix}elsewhere", "elsewhere/beat/h1",
+    ]  # fmt: skip
+    for user in users:
+        for topic in samples:
+            expected = (policy.may_receive(user, topic), policy.may_publish(user, topic))
+            assert _mosquitto_rights(acl, user, topic) == expected, (user, topic)
+
+
+def test_shipped_amqtt_toml_loads_and_bad_keys_are_named(tmp_path: Path) -> None:
+    settings = load_broker_settings(CONFIG_DIR / "amqtt.toml")
+    assert settings.prefix == "relaybeat/" and settings.port == 1883
+    assert settings.password_file is None  # the shipped file is the anonymous loopback demo
+
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nport = 1884\npassword_file = "passwd"\nrelays = ["r1"]\n')
+    loaded = load_broker_settings(path)
+    assert (loaded.port, loaded.password_file, loaded.relays) == (1884, tmp_path / "passwd", ("r1",))
+
+    for body, key in [
+        ("[broker]\nprot = 1\n", "broker.prot"),
+        ('[broker]\nport = "1883"\n', "broker.port"),
+        ("[broker]\nport = 70000\n", "broker.port"),
+        ('[broker]\nrelays = ["a/b"]\n', "broker.relays"),
+        ('[broker]\nprefix = "no-slash"\n', "broker.prefix"),
+        ('[broker]\ntls_cert = "c.pem"\n', "broker.tls_cert"),
+        ("[other]\n", "other"),
+    ]:
+        path.write_text(body)
+        with pytest.raises(BrokerConfigError, match=re.escape(key)):
+            load_broker_settings(path)
+
+
+async def test_missing_password_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BrokerConfigError, match="cannot read password file"):
+        async with EmbeddedBroker(BrokerSettings(port=0, password_file=tmp_path / "nope")):
+            pass
+
+
+def test_add_user_writes_cheap_argon2_hashes_and_replaces_existing_users(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    add_user(path, "h1", "first")
+    add_user(path, "h2", "other")
+    add_user(path, "h1", "second")
+    users = read_password_file(path)
+    assert sorted(users) == ["h1", "h2"]
+    assert users["h1"].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert argon2.PasswordHasher().verify(users["h1"], "second")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert hash_password("x") != hash_password("x")  # salted
+    with pytest.raises(BrokerConfigError):
+        add_user(path, "bad/name", "pw")
+    path.write_text("h1:$6$sha512crypt$x\n")
+    with pytest.raises(BrokerConfigError, match=r"passwd:1"):
+        read_password_file(path)
