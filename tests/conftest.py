@@ -1,23 +1,59 @@
-"""Shared fixtures: free ports, and the real MQTT broker the end-to-end tests talk to.
+"""Shared fixtures: free ports, the real MQTT broker and the real databases tests talk to.
 
 RELAYBEAT_TEST_MQTT_URL=mqtt://127.0.0.1:1883 points the end-to-end tests at an existing broker
 (Mosquitto in CI); unset, each test starts `relaybeat broker` (embedded amqtt) on a free port.
+RELAYBEAT_TEST_DB_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test adds PostgreSQL to every
+database-parametrised test (each in a fresh schema); unset, those cases skip and say how to enable
+them; set but unreachable, they fail.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from monitor.store import async_url
 from relay.ports import pick_free
 from tests.processes import Service, wait_until
 
 MQTT_ENV = "RELAYBEAT_TEST_MQTT_URL"
+PG_ENV = "RELAYBEAT_TEST_DB_URL"
+PG_HOW = f"PostgreSQL tests are off: set {PG_ENV}=postgresql+psycopg://postgres@127.0.0.1:5432/test to run them"
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A URL whose connections use a fresh, empty schema. Fails (not skips) if the server is down."""
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(PG_HOW)
+    schema = f"relaybeat_test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(async_url(base), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        await admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQLite file always; PostgreSQL too when RELAYBEAT_TEST_DB_URL is set."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'relaybeat.db'}"
+    return cast(str, request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Developer entry point that needs nothing but Python 3.11+.
+
+    python3 dev.py demo     # creates .venv if needed, then runs `relaybeat up`
+    python3 dev.py test     # creates .venv if needed, then runs pytest (pass pytest options after it)
+    python3 dev.py lint     # ruff, ruff format --check, mypy --strict
+    python3 dev.py bench    # the benchmark smoke size
+
+The virtualenv is rebuilt when pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".relaybeat-installed"
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file may run under an older python3
+        sys.exit(f"relaybeat needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print(f"creating virtualenv in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing relaybeat and its test tools into .venv (first run only)", flush=True)
+    run([str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[test]"])
+    STAMP.write_text(wanted)
+
+
+def run(command: list[str]) -> None:
+    code = subprocess.call(command, cwd=ROOT)
+    if code != 0:
+        sys.exit(code)
+
+
+def main(argv: list[str]) -> None:
+    task, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    if task not in {"demo", "test", "lint", "bench"}:
+        sys.exit(__doc__)
+    ensure_venv()
+    if task == "demo":
+        run([str(BIN / "relaybeat"), "up", *rest])
+    elif task == "test":
+        run([str(BIN / "python"), "-m", "pytest", *rest])
+    elif task == "lint":
+        run([str(BIN / "ruff"), "check", "."])
+        run([str(BIN / "ruff"), "format", "--check", "."])
+        run([str(BIN / "mypy")])
+    elif task == "bench":
+        run([str(BIN / "python"), "-m", "bench", "--smoke", *rest])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
