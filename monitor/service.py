@@ -132,6 +132,7 @@ class Monitor:
             lambda: s.broker.client(s.client_id, clean_session=False, keepalive=5),
             self._session,
             name="monitor",
+            max_delay_s=1.0,
             on_state=self._connection_changed,
         )
 

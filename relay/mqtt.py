@@ -95,8 +95,10 @@ async def stay_connected(
     *,
     name: str,
     on_state: Callable[[bool], None] | None = None,
+    max_delay_s: float = 10.0,
 ) -> None:
-    """Run `session(client)` on a connected client, reconnecting with backoff until cancelled."""
+    """Run `session(client)` on a connected client, reconnecting with jittered exponential backoff
+    (0.1 s doubling by 1.5 up to `max_delay_s`) until cancelled."""
     attempt = 0
     while True:
         try:
@@ -110,7 +112,7 @@ async def stay_connected(
         except aiomqtt.MqttError as exc:
             if on_state is not None:
                 on_state(False)
-            delay = random.uniform(0.05, min(10.0, 0.5 * 1.5**attempt))
+            delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))
             attempt += 1
             log.warning("%s: broker %s unavailable (%s); retrying in %.1f s", name, url, exc, delay)
             await asyncio.sleep(delay)

@@ -90,6 +90,7 @@ class RelayService:
             lambda: s.local.client(f"{s.relay_id}-local-{self.boot}", keepalive=10),
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
+            max_delay_s=1.0,
         )
 
     async def _consume_local(self, client: aiomqtt.Client) -> None:
@@ -128,6 +129,7 @@ class RelayService:
                 lambda: s.upstream.client(s.relay_id, will=will, keepalive=max(2, round(s.flush_s * 3))),
                 self._publish_bundles,
                 name=f"relay {s.relay_id} (upstream)",
+                max_delay_s=1.0,  # the monitor's grace after an outage is one relay timeout: be back by then
                 on_state=lambda up: self.upstream_connected.set() if up else self.upstream_connected.clear(),
             )
         finally:

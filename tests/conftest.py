@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from monitor.store import async_url
 from relay.ports import pick_free
-from tests.processes import Service, wait_until
+from tests.processes import Service, port_open, wait_until
 
 MQTT_ENV = "RELAYBEAT_TEST_MQTT_URL"
 PG_ENV = "RELAYBEAT_TEST_DB_URL"
@@ -66,14 +66,6 @@ class CentralBroker:
     url: str
     prefix: str  # unique per test, so tests sharing one Mosquitto never see each other's messages
     kind: str
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        probe.settimeout(0.2)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture

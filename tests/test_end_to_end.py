@@ -16,8 +16,8 @@ import paho.mqtt.publish
 import pytest
 
 from relay.ports import pick_free
-from tests.conftest import CentralBroker, port_open
-from tests.processes import Service, api_get, wait_until
+from tests.conftest import CentralBroker
+from tests.processes import Service, api_get, port_open, wait_until
 
 pytestmark = pytest.mark.e2e
 
