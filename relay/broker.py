@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -688,7 +689,20 @@ def _check_port_free(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise BrokerPortInUse(host, port) from None
-                raise
+                raise OSError(exc.errno, f"cannot listen on {_hostport(host, port)}: {exc.strerror}") from None
+
+
+def _check_tls_files(settings: BrokerSettings) -> None:
+    """Load the certificate and key once here, so a mistake is named before amqtt logs a traceback."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return
+    for key, tls_file in (("tls_cert", settings.tls_cert), ("tls_key", settings.tls_key)):
+        if not tls_file.is_file():
+            raise BrokerConfigError(key, f"{tls_file} is not a file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as exc:
+        raise BrokerConfigError("tls_cert", f"cannot use the TLS certificate and key: {exc}") from None
 
 
 def _address_in_use(exc: BaseException) -> bool:
@@ -720,9 +734,7 @@ class EmbeddedBroker:
         settings = self.settings
         if settings.anonymous and settings.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("broker on %s allows anonymous clients: set a password file", settings.host)
-        for key, tls_file in (("tls_cert", settings.tls_cert), ("tls_key", settings.tls_key)):
-            if tls_file is not None and not tls_file.is_file():
-                raise BrokerConfigError(key, f"{tls_file} is not a file")
+        _check_tls_files(settings)
         _check_port_free(settings.host, settings.port)
         try:
             broker = _RelaybeatBroker(amqtt_config(settings))  # loads plugins: reads the password file
@@ -732,11 +744,17 @@ class EmbeddedBroker:
             raise
         try:
             await broker.start()
-        except BrokerError as exc:
+        except BrokerError as exc:  # amqtt's, which callers cannot catch without importing amqtt
             await broker.plugins_manager.close()
+            cause = exc.__cause__
             if _address_in_use(exc):
                 raise BrokerPortInUse(settings.host, settings.port) from None
-            raise
+            if isinstance(cause, ssl.SSLError):
+                raise BrokerConfigError("tls_cert", f"cannot use the TLS certificate and key: {cause}") from None
+            where = _hostport(settings.host, settings.port)
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, f"cannot listen on {where}: {cause.strerror}") from None
+            raise RuntimeError(f"the broker on {where} did not start: {exc}") from exc
         sockets = broker._servers["default"].instance.sockets
         self._port = int(sockets[0].getsockname()[1]) if sockets else settings.port
         self._broker = broker

@@ -524,6 +524,10 @@ async def test_tls_listener_serves_mqtts_only(tls_files: tuple[Path, Path], topi
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client(broker.host, broker.port, timeout=1):  # plain MQTT on the TLS port
                 pass
+    swapped = BrokerSettings(port=0, tls_cert=key, tls_key=cert)
+    with pytest.raises(BrokerConfigError, match="tls_cert"):
+        async with EmbeddedBroker(swapped):
+            pass
 
 
 # ------------------------------------------------------------------------------- pure parts, files
