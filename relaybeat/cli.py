@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 
-from monitor.detector import Policy
 from monitor.service import MonitorSettings
 from monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
 from relay.mqtt import BrokerURL
@@ -70,8 +69,8 @@ def _run(main: object) -> None:
 @app.command()
 def broker(
     bind: Annotated[
-        str, typer.Option(help="HOST:PORT to listen on.", envvar="RELAYBEAT_BROKER_BIND")
-    ] = "127.0.0.1:1883",
+        str | None, typer.Option(help="HOST:PORT to listen on [127.0.0.1:1883].", envvar="RELAYBEAT_BROKER_BIND")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Broker config (TOML), see broker_config/amqtt.toml.")] = None,
     log_level: LogLevel = "info",
 ) -> None:
@@ -79,10 +78,11 @@ def broker(
     from relay.broker import BrokerConfigError, BrokerSettings, load_broker_settings, serve_broker
 
     _logging(log_level)
-    host, port = _hostport(bind, "--bind")
     try:
-        base = load_broker_settings(config) if config else BrokerSettings()
-        settings = dataclasses.replace(base, host=host, port=port)
+        settings = load_broker_settings(config) if config else BrokerSettings()
+        if bind is not None:
+            host, port = _hostport(bind, "--bind")
+            settings = dataclasses.replace(settings, host=host, port=port)
     except (BrokerConfigError, OSError) as exc:
         raise _fail(str(exc)) from None
     _run(lambda stop: serve_broker(settings, stop))
@@ -168,34 +168,53 @@ def relay(
 
 @app.command()
 def monitor(
-    broker: Annotated[str, typer.Option(help="Broker the relays publish bundles to.", envvar="RELAYBEAT_BROKER")] = (
-        "mqtt://127.0.0.1:1883"
-    ),
+    broker: Annotated[
+        str | None, typer.Option(help="Broker the relays publish bundles to.", envvar="RELAYBEAT_BROKER")
+    ] = (None),
     db: Annotated[
-        str, typer.Option(help="SQLAlchemy URL (sqlite:///x.db, postgresql+psycopg://...).", envvar="RELAYBEAT_DB")
-    ] = DEFAULT_DB,
-    listen: Annotated[str, typer.Option(help="HOST:PORT of the HTTP API.", envvar="RELAYBEAT_LISTEN")] = (
-        "127.0.0.1:8000"
-    ),
-    misses: Annotated[int, typer.Option(help="Missed intervals before a host is down.", min=1)] = 3,
-    default_interval: Annotated[float, typer.Option(help="Interval assumed for beats that declare none.")] = (
-        DEFAULT_INTERVAL_S
-    ),
-    adaptive: Annotated[bool, typer.Option(help="Phi-accrual timeouts from observed inter-arrival times.")] = False,
-    phi: Annotated[float, typer.Option(help="Phi threshold for --adaptive.", min=0.5)] = 8.0,
-    client_id: Annotated[str, typer.Option(help="MQTT client id (persistent session).")] = "relaybeat-monitor",
-    prefix: Prefix = DEFAULT_PREFIX,
+        str | None,
+        typer.Option(help="SQLAlchemy URL (sqlite:///x.db, postgresql+psycopg://...).", envvar="RELAYBEAT_DB"),
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT of the HTTP API.", envvar="RELAYBEAT_LISTEN")] = None,
+    misses: Annotated[
+        int | None, typer.Option(help="Missed intervals before a host is down [3].", min=1, envvar="RELAYBEAT_MISSES")
+    ] = None,
+    default_interval: Annotated[
+        float | None, typer.Option(help="Interval assumed for beats that declare none [5].", min=0.01)
+    ] = None,
+    adaptive: Annotated[
+        bool | None, typer.Option("--adaptive/--fixed", help="Phi-accrual timeouts from observed inter-arrivals.")
+    ] = None,
+    phi: Annotated[float | None, typer.Option(help="Phi threshold for --adaptive [8].", min=0.5)] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (persistent session).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Deployment file (TOML), see relaybeat.example.toml.", envvar="RELAYBEAT_CONFIG")
+    ] = None,
+    prefix: Annotated[str | None, typer.Option(envvar="RELAYBEAT_PREFIX", help="Topic prefix, ending in '/'.")] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
+    from relaybeat.config import ConfigError, load_config
     from relaybeat.serve import serve_monitor
 
     _logging(log_level)
-    url = _broker_url(broker, "--broker")
-    host, port = _hostport(listen, "--listen")
-    policy = Policy(misses=misses, default_interval_s=default_interval, adaptive=adaptive, phi_threshold=phi)
-    settings = MonitorSettings(url, policy, prefix, client_id)
-    _run(lambda stop: serve_monitor(settings, db, host, port, stop))
+    try:
+        file = load_config(config)
+        given = {"broker": broker, "db": db, "listen": listen, "prefix": prefix, "client_id": client_id}
+        settings_file = file.monitor.model_copy(update={k: v for k, v in given.items() if v is not None})
+        tuning = {"misses": misses, "default_interval_s": default_interval, "adaptive": adaptive, "phi_threshold": phi}
+        detector = file.detector.model_validate(
+            file.detector.model_dump() | {k: v for k, v in tuning.items() if v is not None}
+        )
+        policy = detector.policy()
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    url = _broker_url(settings_file.broker, "--broker")
+    host, port = _hostport(settings_file.listen, "--listen")
+    settings = MonitorSettings(
+        url, policy, settings_file.prefix, settings_file.client_id, settings_file.accept_direct_beats
+    )
+    _run(lambda stop: serve_monitor(settings, settings_file.db, host, port, stop))
 
 
 @app.command()

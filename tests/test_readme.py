@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 from sqlalchemy import text
 
-from monitor.states import Event, Kind, State
+from monitor.states import Event, Kind, State, state_diagram
 from monitor.store import NewTransition, Store
 from relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
 
@@ -73,3 +73,9 @@ async def test_readme_sql_queries_run_and_answer(db_url: str) -> None:
         assert ended == [("old", False), ("web-1", True), ("db-1", False), ("web-1", False)]
     finally:
         await store.close()
+
+
+def test_readme_state_diagrams_are_generated_from_the_transition_table() -> None:
+    states = _section("States and timing")
+    for kind in Kind:
+        assert f"```mermaid\n{state_diagram(kind)}\n```" in states, f"regenerate the {kind} diagram"
