@@ -84,6 +84,8 @@ class Monitor:
         self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
         self._unwritten: list[Transition] = []
         self._wake = asyncio.Event()
+        self._sorted_ids: list[str] = []
+        self._sorted_ids_for = -1
         self._write_wanted = asyncio.Event()
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -184,7 +186,11 @@ class Monitor:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
             self._wake.clear()
-            self._emit(self.detector.expire(self.clock.now()))
+            self.expire()
+
+    def expire(self) -> None:
+        """Hand the detector the current time: whatever deadline has passed is decided now."""
+        self._emit(self.detector.expire(self.clock.now()))
 
     # ---------------------------------------------------------------------------------- output
 
@@ -258,6 +264,18 @@ class Monitor:
             relay.id, relay.state, wall(relay.since), None if relay.last_seen is None else wall(relay.last_seen),
             relay.parent, relay.boot, None if relay.seq < 0 else relay.seq, relay.flush_s, relay.flapping,
         )  # fmt: skip
+
+    def sorted_host_ids(self) -> list[str]:
+        """Host ids in order, for stable pages; re-sorted only when hosts come or go."""
+        hosts = self.detector.hosts
+        if self._sorted_ids_for != len(hosts):
+            self._sorted_ids = sorted(hosts)
+            self._sorted_ids_for = len(hosts)
+        return self._sorted_ids
+
+    def forget_host(self, host_id: str) -> bool:
+        self._sorted_ids_for = -1
+        return self.detector.forget_host(host_id)
 
     @property
     def in_grace(self) -> bool:

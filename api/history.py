@@ -1,0 +1,69 @@
+"""History: the `transitions` table, filtered by subject, kind and time range."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+
+from api.bodies import (
+    NOT_FOUND,
+    Page,
+    TransitionOut,
+    error_response,
+    json_response,
+    monitor_of,
+    not_found,
+    transition_body,
+)
+from monitor.service import Monitor
+from monitor.states import Kind
+
+router = APIRouter(prefix="/api/v1")
+MonitorDep = Annotated[Monitor, Depends(monitor_of)]
+Since = Annotated[datetime | None, Query(description="inclusive, ISO 8601 with a time zone")]
+Until = Annotated[datetime | None, Query(description="exclusive, ISO 8601 with a time zone")]
+Limit = Annotated[int, Query(ge=1, le=10_000)]
+
+
+async def history(monitor: Monitor, **filters: Any) -> Response:
+    for key in ("since", "until"):
+        moment = filters.get(key)
+        if moment is not None and moment.tzinfo is None:
+            return error_response(422, "bad_request", f"{key} needs a time zone (e.g. Z)")
+    rows = await monitor.store.history(newest_first=filters.get("after_id") is None, **filters)
+    items = [transition_body(t) for t in rows]
+    return json_response({"items": items, "total": len(items)})
+
+
+@router.get("/hosts/{host_id}/transitions", response_model=Page[TransitionOut], responses=NOT_FOUND, tags=["hosts"])
+async def host_transitions(
+    monitor: MonitorDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
+) -> Response:
+    if host_id not in monitor.detector.hosts:
+        return not_found("host", host_id)
+    return await history(monitor, kind=Kind.HOST, subject=host_id, since=since, until=until, limit=limit)
+
+
+@router.get("/relays/{relay_id}/transitions", response_model=Page[TransitionOut], responses=NOT_FOUND, tags=["relays"])
+async def relay_transitions(
+    monitor: MonitorDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
+) -> Response:
+    if relay_id not in monitor.detector.relays:
+        return not_found("relay", relay_id)
+    return await history(monitor, kind=Kind.RELAY, subject=relay_id, since=since, until=until, limit=limit)
+
+
+@router.get("/transitions", response_model=Page[TransitionOut], tags=["history"])
+async def all_transitions(
+    monitor: MonitorDep,
+    since: Since = None,
+    until: Until = None,
+    kind: Kind | None = None,
+    after_id: int | None = Query(None, ge=0, description="only rows with a larger id, oldest first (resume)"),
+    limit: Limit = 100,
+) -> Response:
+    """Newest first; with `after_id`, oldest first from just after that row."""
+    return await history(monitor, kind=kind, since=since, until=until, after_id=after_id, limit=limit)
