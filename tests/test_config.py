@@ -70,3 +70,20 @@ def test_taken_port_is_a_clear_error(free_port: int) -> None:
         )
     assert result.returncode == 2
     assert f"127.0.0.1:{free_port} is already in use" in result.stderr
+
+
+def test_db_upgrade_command_creates_the_schema(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    for command in (["db", "upgrade"], ["db", "check"], ["db", "downgrade"], ["db", "upgrade"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "relaybeat", *command, "--db", f"sqlite:///{db}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    import sqlite3
+
+    with sqlite3.connect(db) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"transitions", "hosts", "relays"} <= tables

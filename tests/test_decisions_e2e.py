@@ -150,3 +150,20 @@ def test_three_level_tree_middle_relay_death_marks_its_subtree_unreachable(
     assert topo.transitions("r3")[-1] == ("up", "unreachable", "relay r2 down")
     assert topo.moves("r2") == [("unknown", "up"), ("up", "down")]
     assert topo.moves("h1") == [("unknown", "up")]
+
+
+def test_leaf_sigterm_sends_stopping_so_a_planned_stop_is_not_an_outage(
+    topo: Topology, central_broker: CentralBroker
+) -> None:
+    site, api = ports(2)
+    topo.relay("r1", central_broker.url, serve=site)
+    topo.monitor(central_broker.url, api)
+    leaf = topo.leaf("web-1", f"mqtt://127.0.0.1:{site}")
+    topo.wait_state("hosts", "web-1", "up")
+    assert leaf.stop() == 0  # SIGTERM
+    topo.wait_state("hosts", "web-1", "stopped", timeout=10)
+    time.sleep(2.0)  # well past its timeout (0.5 s × 3): stopped stays stopped, never down
+    assert topo.transitions("web-1") == [
+        ("unknown", "up", "beat received"),
+        ("up", "stopped", "leaf said it is stopping"),
+    ]
