@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Boolean, Dialect, Float, Index, Integer, MetaData, Text, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, Dialect, Float, Index, Integer, MetaData, Text, TypeDecorator, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime
 
+from monitor.maintenance import TargetKind
 from monitor.states import Event, Kind, State
 
 # Constraint names are deterministic, so batch-mode migrations on SQLite can find and drop them.
@@ -106,6 +107,8 @@ class TransitionModel(Base):
     event: Mapped[Event] = mapped_column(
         EnumText(Event), default=Event.TRANSITION, server_default=Event.TRANSITION.value
     )
+    # Written while a maintenance window covered the subject: recorded, but not an alert.
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class HostModel(Base):
@@ -140,3 +143,36 @@ class RelayModel(Base):
     flush_s: Mapped[float] = mapped_column(Float)
     flapping: Mapped[bool] = mapped_column(Boolean)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class MaintenanceModel(Base):
+    """Maintenance windows. Removing one sets `removed_at`; rows are kept for availability reports."""
+
+    __tablename__ = "maintenance"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_kind: Mapped[TargetKind] = mapped_column(EnumText(TargetKind))
+    # A host id, a host-id glob, or a relay id (the relay with its whole subtree and their hosts).
+    target: Mapped[str] = mapped_column(Text)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # None: until removed
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AcknowledgementModel(Base):
+    """An operator's acknowledgement of an outage, with a comment."""
+
+    __tablename__ = "acknowledgements"
+    __table_args__ = (Index(None, "kind", "subject"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[Kind] = mapped_column(EnumText(Kind))
+    subject: Mapped[str] = mapped_column(Text)
+    # The transition that started the acknowledged outage (None if it was not yet written).
+    transition_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str] = mapped_column(Text)
+    acknowledged_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    by: Mapped[str] = mapped_column(Text)
