@@ -18,17 +18,19 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import ColumnElement, Connection, delete, event, func, insert, make_url, select
+from sqlalchemy import ColumnElement, Connection, delete, event, func, insert, make_url, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 import migrations
+from monitor.maintenance import TargetKind, Window
 from monitor.states import Event, Kind, State, Transition
-from monitor.tables import Base, HostModel, RelayModel, TransitionModel
+from monitor.tables import AcknowledgementModel, Base, HostModel, MaintenanceModel, RelayModel, TransitionModel
 
 __all__ = [
+    "Acknowledgement",
     "HostRow",
     "NewTransition",
     "RelayRow",
@@ -113,12 +115,13 @@ class NewTransition:
     reason: str
     relay: str | None = None
     event: Event = Event.TRANSITION
+    maintenance: bool = False  # a maintenance window covered the subject at `at`
 
     def __post_init__(self) -> None:
         _require_aware("at", self.at)
 
     @classmethod
-    def from_transition(cls, transition: Transition, at: datetime) -> NewTransition:
+    def from_transition(cls, transition: Transition, at: datetime, maintenance: bool = False) -> NewTransition:
         """The detector's `Transition` (monotonic `at`) stamped with wall-clock time `at`."""
         return cls(
             kind=transition.kind,
@@ -129,6 +132,7 @@ class NewTransition:
             reason=transition.reason,
             relay=transition.relay,
             event=transition.event,
+            maintenance=maintenance,
         )
 
 
@@ -145,6 +149,20 @@ class TransitionRecord:
     reason: str
     relay: str | None
     event: Event
+    maintenance: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    """An operator's note on an outage. `transition_id` is the row that started it (None: not yet written)."""
+
+    id: int
+    kind: Kind
+    subject: str
+    transition_id: int | None
+    comment: str
+    acknowledged_at: datetime
+    by: str
 
 
 def async_url(url: str) -> str:
@@ -203,6 +221,11 @@ def _sqlite_begin(connection: Connection) -> None:
 def _create_engine(url: str) -> AsyncEngine:
     parsed = make_url(async_url(url))
     if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not parsed.query.get("uri"):
+            directory = Path(path).absolute().parent
+            if not directory.is_dir():
+                raise ValueError(f"cannot create the SQLite database {path}: no directory {directory}")
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -230,6 +253,8 @@ def _compare(connection: Connection) -> list[Any]:
 _HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
 _RELAY_COLUMNS = [getattr(RelayModel, field.name) for field in fields(RelayRow)]
 _TRANSITION_COLUMNS = [getattr(TransitionModel, field.name) for field in fields(TransitionRecord)]
+_WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Window)]
+_ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
 
 
 class Store:
@@ -262,7 +287,9 @@ class Store:
     async def _migrate(self, action: Callable[[Config], None]) -> None:
         async with self._writer.begin() as connection:
             if connection.dialect.name == "postgresql":
-                # Concurrent starts queue here; the later ones then find the schema at head.
+                # Concurrent starts queue here; the later ones then find the schema at head. (On
+                # SQLite, BEGIN IMMEDIATE does the same.) Taking the lock before Alembic runs also
+                # matters in-process: Alembic's `context`/`op` proxies are process-global.
                 await connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
             await connection.run_sync(lambda sync: action(alembic_config(connection=sync)))
 
@@ -364,6 +391,116 @@ class Store:
         async with self._engine.connect() as connection:
             result = await connection.execute(query)
             return [TransitionRecord(*row) for row in result]
+
+    # --- state changes over time (availability) ---
+
+    async def state_changes(
+        self, kind: Kind, since: datetime, until: datetime, subject: str | None = None
+    ) -> tuple[dict[str, State], list[tuple[str, datetime, State]]]:
+        """What availability reports are computed from: each subject's state at `since` (from its
+        last state change at or before it) and its state changes in `(since, until)`, as
+        `(subject, at, new state)` in (at, id) order. Only `event = 'transition'` rows change states.
+        """
+        _require_aware("since", since)
+        _require_aware("until", until)
+        t = TransitionModel
+        mine: list[ColumnElement[bool]] = [t.kind == kind, t.event == Event.TRANSITION]
+        if subject is not None:
+            mine.append(t.subject == subject)
+        newest_first = func.row_number().over(partition_by=t.subject, order_by=(t.at.desc(), t.id.desc()))
+        ranked = select(t.subject, t.to_state, newest_first.label("n")).where(*mine, t.at <= since).subquery()
+        changes = select(t.subject, t.at, t.to_state).where(*mine, t.at > since, t.at < until).order_by(t.at, t.id)
+        async with self._engine.connect() as connection:
+            initial = await connection.execute(select(ranked.c.subject, ranked.c.to_state).where(ranked.c.n == 1))
+            later = await connection.execute(changes)
+            return {row[0]: row[1] for row in initial}, [(row[0], row[1], row[2]) for row in later]
+
+    async def latest_changes(self, kind: Kind, subjects: Sequence[str] | None = None) -> dict[str, TransitionRecord]:
+        """Each subject's newest state change (`event = 'transition'`): the row that began its state."""
+        t = TransitionModel
+        mine: list[ColumnElement[bool]] = [t.kind == kind, t.event == Event.TRANSITION]
+        if subjects is not None:
+            mine.append(t.subject.in_(subjects))
+        newest = select(func.max(t.id)).where(*mine).group_by(t.subject).scalar_subquery()
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(*_TRANSITION_COLUMNS).where(t.id.in_(newest)))
+            return {record.subject: record for record in (TransitionRecord(*row) for row in result)}
+
+    # --- maintenance windows ---
+
+    async def add_maintenance(
+        self,
+        target_kind: TargetKind,
+        target: str,
+        starts_at: datetime,
+        ends_at: datetime | None,
+        reason: str,
+        created_at: datetime,
+    ) -> Window:
+        for name, moment in (("starts_at", starts_at), ("ends_at", ends_at), ("created_at", created_at)):
+            _require_aware(name, moment)
+        values = {
+            "target_kind": target_kind,
+            "target": target,
+            "starts_at": starts_at,
+            "ends_at": ends_at,
+            "reason": reason,
+            "created_at": created_at,
+        }
+        async with self._writer.begin() as connection:
+            result = await connection.execute(insert(MaintenanceModel).values(values).returning(*_WINDOW_COLUMNS))
+            return Window(*result.one())
+
+    async def remove_maintenance(self, window_id: int, at: datetime) -> Window | None:
+        """Mark a window removed from `at` on (the row stays); None if absent or already removed."""
+        _require_aware("at", at)
+        m = MaintenanceModel
+        statement = (
+            update(m).where(m.id == window_id, m.removed_at.is_(None)).values(removed_at=at).returning(*_WINDOW_COLUMNS)
+        )
+        async with self._writer.begin() as connection:
+            row = (await connection.execute(statement)).one_or_none()
+            return None if row is None else Window(*row)
+
+    async def maintenance_windows(self) -> list[Window]:
+        """Every maintenance window, removed ones included, by id."""
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(*_WINDOW_COLUMNS).order_by(MaintenanceModel.id))
+            return [Window(*row) for row in result]
+
+    # --- acknowledgements ---
+
+    async def acknowledge(
+        self, kind: Kind, subject: str, transition_id: int | None, comment: str, at: datetime, by: str
+    ) -> Acknowledgement:
+        _require_aware("at", at)
+        values = {
+            "kind": kind,
+            "subject": subject,
+            "transition_id": transition_id,
+            "comment": comment,
+            "acknowledged_at": at,
+            "by": by,
+        }
+        async with self._writer.begin() as connection:
+            result = await connection.execute(insert(AcknowledgementModel).values(values).returning(*_ACK_COLUMNS))
+            return Acknowledgement(*result.one())
+
+    async def acknowledgements(
+        self, kind: Kind | None = None, subject: str | None = None, limit: int = 100
+    ) -> list[Acknowledgement]:
+        """Acknowledgements matching the filters, newest first."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        a = AcknowledgementModel
+        conditions: list[ColumnElement[bool]] = []
+        if kind is not None:
+            conditions.append(a.kind == kind)
+        if subject is not None:
+            conditions.append(a.subject == subject)
+        query = select(*_ACK_COLUMNS).where(*conditions).order_by(a.id.desc()).limit(limit)
+        async with self._engine.connect() as connection:
+            return [Acknowledgement(*row) for row in await connection.execute(query)]
 
 
 _T = TypeVar("_T")

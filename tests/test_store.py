@@ -1,0 +1,392 @@
+"""The store against real databases: a SQLite file always, PostgreSQL when RELAYBEAT_TEST_DB_URL is set.
+
+`db_url` (tests/conftest.py) gives each PostgreSQL test its own schema, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from monitor.states import Event, Kind, State
+from monitor.store import (
+    HostRow,
+    NewTransition,
+    RelayRow,
+    Store,
+    async_url,
+    downgrade_sync,
+    pending_model_changes,
+    upgrade_sync,
+)
+
+TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements"}
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+PLUS_2 = timezone(timedelta(hours=2))
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url)
+    await opened.upgrade()
+    yield opened
+    await opened.close()
+
+
+async def table_names(url: str) -> set[str]:
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            return set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+def host(id: str = "h1", state: State = State.UP, since: datetime = T0, **changes: object) -> HostRow:
+    values: dict[str, object] = {
+        "id": id,
+        "state": state,
+        "since": since,
+        "last_seen": since,
+        "relay": "r1",
+        "interval_s": 5.0,
+        "seq": 1,
+        "flapping": False,
+    }
+    return HostRow(**(values | changes))  # type: ignore[arg-type]
+
+
+def relay(id: str = "r1", state: State = State.UP, since: datetime = T0, **changes: object) -> RelayRow:
+    values: dict[str, object] = {
+        "id": id,
+        "state": state,
+        "since": since,
+        "last_seen": since,
+        "parent": None,
+        "boot": "boot-1",
+        "seq": 1,
+        "flush_s": 1.0,
+        "flapping": False,
+    }
+    return RelayRow(**(values | changes))  # type: ignore[arg-type]
+
+
+def transition(
+    subject: str,
+    at: datetime,
+    kind: Kind = Kind.HOST,
+    event: Event = Event.TRANSITION,
+    to_state: State = State.UP,
+) -> NewTransition:
+    return NewTransition(kind, subject, State.UNKNOWN, to_state, at, "test", "r1", event)
+
+
+# --- URLs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+        ("sqlite:////abs/x.db", "sqlite+aiosqlite:////abs/x.db"),
+        ("sqlite+aiosqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+        ("postgresql://u:p%40ss@h:5432/db", "postgresql+psycopg_async://u:p%40ss@h:5432/db"),
+        ("postgresql+psycopg://u@h/db?sslmode=require", "postgresql+psycopg_async://u@h/db?sslmode=require"),
+        ("postgresql+psycopg_async://u@h/db", "postgresql+psycopg_async://u@h/db"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+    ],
+)
+def test_async_url_picks_the_async_driver(url: str, expected: str) -> None:
+    assert async_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "not a url", ""])
+def test_async_url_rejects_unsupported_urls_with_a_value_error(url: str) -> None:
+    with pytest.raises(ValueError, match="sqlite:///PATH or postgresql://"):
+        async_url(url)
+
+
+async def test_open_fails_at_once_when_the_server_is_down(free_port: int) -> None:
+    with pytest.raises(OperationalError):
+        await Store.open(f"postgresql://postgres@127.0.0.1:{free_port}/relaybeat")
+
+
+async def test_open_names_a_missing_sqlite_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no directory"):
+        await Store.open(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+async def test_upgrade_downgrade_upgrade(db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        await store.upgrade()
+        assert await table_names(db_url) >= TABLES
+        await store.upgrade()  # at head already: a no-op
+        await asyncio.to_thread(downgrade_sync, db_url)
+        assert not TABLES & await table_names(db_url)
+        await asyncio.to_thread(upgrade_sync, db_url)
+        assert await table_names(db_url) >= TABLES
+        await store.write([transition("h1", T0)], [host()], [relay()])
+        assert len(await store.history()) == 1
+    finally:
+        await store.close()
+
+
+async def test_models_match_migrations(store: Store, db_url: str) -> None:
+    assert await store.model_changes() == []
+    assert await asyncio.to_thread(pending_model_changes, db_url) == []
+
+
+async def test_model_changes_reports_a_database_that_is_not_migrated(db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        changes = await store.model_changes()
+    finally:
+        await store.close()
+    assert {change[1].name for change in changes if change[0] == "add_table"} == TABLES
+
+
+async def test_concurrent_upgrades_do_not_fail(db_url: str) -> None:
+    # Alembic keeps process-global state, so without the lock taken before it (an advisory lock on
+    # PostgreSQL, BEGIN IMMEDIATE on SQLite) concurrent upgrades hang or fail: bound the wait.
+    stores = [await Store.open(db_url) for _ in range(3)]
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(store.upgrade() for store in stores))
+        assert await stores[0].model_changes() == []
+    finally:
+        for store in stores:
+            await store.close()
+
+
+# --- write and load -----------------------------------------------------------------------------
+
+
+async def test_write_and_load_round_trip_returns_aware_utc(store: Store) -> None:
+    since = datetime(2024, 3, 1, 14, 30, 15, 123456, tzinfo=PLUS_2)
+    hosts = [host("h1", since=since), host("h2", State.DOWN, since, last_seen=None, relay=None, seq=None)]
+    relays = [relay("r1", since=since), relay("r2", since=since, parent="r1", boot=None, seq=2**40)]
+    await store.write([transition("h1", since)], hosts, relays)
+
+    loaded_hosts, loaded_relays = await store.load()
+
+    assert loaded_hosts == hosts
+    assert loaded_relays == relays
+    [record] = await store.history()
+    assert record.at == since
+    rows: list[HostRow | RelayRow] = [*loaded_hosts, *loaded_relays]
+    for moment in [record.at, *(row.since for row in rows)]:
+        assert moment.tzinfo is not None
+        assert moment.utcoffset() == timedelta(0)
+    assert loaded_hosts[0].since.hour == 12  # 14:30 at +02:00, seen as UTC
+
+
+async def test_write_upserts_existing_rows(store: Store) -> None:
+    await store.write([], [host("h1"), host("h2")], [relay("r1")])
+    later = T0 + timedelta(minutes=5)
+    changed_host = host("h1", State.DOWN, later, relay="r2", interval_s=10.0, seq=7, flapping=True)
+    changed_relay = relay("r1", State.DOWN, later, parent="r0", boot="boot-2", seq=9, flush_s=2.5)
+    await store.write([], [changed_host], [changed_relay])
+
+    hosts, relays = await store.load()
+
+    assert hosts == [changed_host, host("h2")]
+    assert relays == [changed_relay]
+
+
+async def test_write_keeps_the_last_row_when_an_id_repeats(store: Store) -> None:
+    await store.write([], [host("h1", State.UP), host("h1", State.DOWN)], [relay(seq=1), relay(seq=2)])
+
+    hosts, relays = await store.load()
+
+    assert [row.state for row in hosts] == [State.DOWN]
+    assert [row.seq for row in relays] == [2]
+
+
+async def test_write_is_one_transaction(store: Store) -> None:
+    broken = host("h2", state=cast(State, None))  # violates NOT NULL after the transition is inserted
+    with pytest.raises(IntegrityError):
+        await store.write([transition("h1", T0)], [host("h1"), broken], [])
+
+    assert await store.history() == []
+    assert await store.load() == ([], [])
+
+
+async def test_forget_host_deletes_its_row_and_keeps_history(store: Store) -> None:
+    await store.write([transition("h1", T0)], [host("h1"), host("h2")], [])
+
+    assert await store.forget_host("h1") is True
+    assert await store.forget_host("h1") is False
+    hosts, _ = await store.load()
+    assert [row.id for row in hosts] == ["h2"]
+    assert [record.subject for record in await store.history()] == ["h1"]
+
+
+async def test_last_transition_id_is_zero_when_empty_then_the_newest_id(store: Store) -> None:
+    assert await store.last_transition_id() == 0
+    await store.write([transition("h1", T0), transition("h2", T0)], [], [])
+    newest = await store.history(limit=1)
+    assert await store.last_transition_id() == newest[0].id
+
+
+def test_naive_datetimes_are_refused() -> None:
+    naive = datetime(2024, 1, 1)
+    with pytest.raises(ValueError, match="naive"):
+        host(since=naive)
+    with pytest.raises(ValueError, match="naive"):
+        relay(last_seen=naive)
+    with pytest.raises(ValueError, match="naive"):
+        transition("h1", naive)
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def written(store: Store) -> list[int]:
+    """Five rows a minute apart; returns their ids in write order."""
+    await store.write(
+        [
+            transition("h1", T0),
+            transition("h2", T0 + timedelta(minutes=1)),
+            transition("r1", T0 + timedelta(minutes=2), kind=Kind.RELAY, to_state=State.DOWN),
+            transition("h1", T0 + timedelta(minutes=3), event=Event.RESTART),
+            transition("h1", T0 + timedelta(minutes=4), to_state=State.DOWN),
+        ],
+        [],
+        [],
+    )
+    return [record.id for record in await store.history(newest_first=False)]
+
+
+async def ids(store: Store, **filters: object) -> list[int]:
+    return [record.id for record in await store.history(**filters)]  # type: ignore[arg-type]
+
+
+async def test_history_is_newest_first_by_default(store: Store, written: list[int]) -> None:
+    assert len(written) == 5
+    assert written == sorted(written)
+    assert await ids(store) == written[::-1]
+    assert await ids(store, newest_first=False) == written
+
+
+async def test_history_filters_by_kind_and_subject(store: Store, written: list[int]) -> None:
+    assert await ids(store, kind=Kind.RELAY) == [written[2]]
+    assert await ids(store, subject="h1") == [written[4], written[3], written[0]]
+    assert await ids(store, kind=Kind.HOST, subject="h2") == [written[1]]
+    assert await ids(store, kind=Kind.RELAY, subject="h1") == []
+
+
+async def test_history_since_is_inclusive_and_until_exclusive(store: Store, written: list[int]) -> None:
+    since, until = T0 + timedelta(minutes=1), T0 + timedelta(minutes=3)
+    assert await ids(store, since=since, until=until) == [written[2], written[1]]
+    # The same instants written in another zone select the same rows.
+    assert await ids(store, since=since.astimezone(PLUS_2), until=until.astimezone(PLUS_2)) == [
+        written[2],
+        written[1],
+    ]
+    assert await ids(store, since=T0 + timedelta(minutes=4)) == [written[4]]
+    assert await ids(store, until=T0) == []
+
+
+async def test_history_resumes_after_an_id(store: Store, written: list[int]) -> None:
+    first = await ids(store, after_id=written[1], newest_first=False, limit=2)
+    rest = await ids(store, after_id=first[-1], newest_first=False, limit=2)
+    assert first == written[2:4]
+    assert rest == [written[4]]
+    assert await ids(store, after_id=written[4], newest_first=False) == []
+
+
+async def test_history_limit_takes_from_the_requested_end(store: Store, written: list[int]) -> None:
+    assert await ids(store, limit=2) == [written[4], written[3]]
+    assert await ids(store, limit=2, newest_first=False) == written[:2]
+    with pytest.raises(ValueError, match="limit"):
+        await store.history(limit=0)
+
+
+async def test_history_records_carry_every_field(store: Store, written: list[int]) -> None:
+    [restart] = await store.history(subject="h1", since=T0 + timedelta(minutes=3), until=T0 + timedelta(minutes=4))
+    assert restart.id == written[3]
+    assert restart.kind is Kind.HOST
+    assert (restart.from_state, restart.to_state) == (State.UNKNOWN, State.UP)
+    assert restart.at == T0 + timedelta(minutes=3)
+    assert (restart.reason, restart.relay, restart.event) == ("test", "r1", Event.RESTART)
+
+
+async def test_history_refuses_naive_bounds(store: Store) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        await store.history(since=datetime(2024, 1, 1))
+
+
+# --- property: any rows survive a round trip (SQLite) ------------------------------------------
+
+zones = st.sampled_from([UTC, PLUS_2, timezone(timedelta(hours=-9, minutes=-30))])
+moments = st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1), timezones=zones)
+names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+seqs = st.none() | st.integers(-(2**63), 2**63 - 1)
+seconds = st.floats(allow_nan=False, allow_infinity=False)
+host_rows = st.builds(
+    HostRow,
+    id=names,
+    state=st.sampled_from(State),
+    since=moments,
+    last_seen=st.none() | moments,
+    relay=st.none() | names,
+    interval_s=seconds,
+    seq=seqs,
+    flapping=st.booleans(),
+)
+relay_rows = st.builds(
+    RelayRow,
+    id=names,
+    state=st.sampled_from(State),
+    since=moments,
+    last_seen=st.none() | moments,
+    parent=st.none() | names,
+    boot=st.none() | names,
+    seq=seqs,
+    flush_s=seconds,
+    flapping=st.booleans(),
+)
+
+
+def test_any_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
+    with asyncio.Runner() as runner:
+        store = runner.run(Store.open(f"sqlite:///{tmp_path / 'relaybeat.db'}"))
+        runner.run(store.upgrade())
+
+        @settings(max_examples=25, deadline=None)
+        @given(hosts=st.lists(host_rows, max_size=4), relays=st.lists(relay_rows, max_size=4))
+        def round_trip(hosts: list[HostRow], relays: list[RelayRow]) -> None:
+            runner.run(store.write([], hosts, relays))
+            loaded_hosts, loaded_relays = runner.run(store.load())
+            # Rows from earlier examples stay; each id written now holds its last row.
+            assert {row.id: row for row in loaded_hosts if row.id in {h.id for h in hosts}} == {
+                row.id: row for row in hosts
+            }
+            assert {row.id: row for row in loaded_relays if row.id in {r.id for r in relays}} == {
+                row.id: row for row in relays
+            }
+            rows: list[HostRow | RelayRow] = [*loaded_hosts, *loaded_relays]
+            for row in rows:
+                for moment in (row.since, row.last_seen):
+                    assert moment is None or moment.utcoffset() == timedelta(0)
+
+        try:
+            round_trip()
+        finally:
+            runner.run(store.close())
