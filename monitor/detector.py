@@ -72,13 +72,14 @@ class Policy:
 class _Track:
     """What the detector holds for one subject (a host or a relay)."""
 
-    __slots__ = ("flapping", "flaps", "id", "last_seen", "scheduled", "since", "state")
+    __slots__ = ("flapping", "flaps", "grace_from", "id", "last_seen", "scheduled", "since", "state")
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         self.id = subject
         self.state = state
         self.since = since
         self.last_seen = last_seen
+        self.grace_from = -math.inf  # its own grace: when its path came back with no news of it
         self.scheduled: float | None = None
         self.flapping = False
         self.flaps: deque[float] | None = None
@@ -211,7 +212,7 @@ class Detector:
         out: list[Transition] = []
         relay = self.relays.get(relay_id)
         if relay is not None and relay.state == State.UP and not self.blind:
-            self._relay_down(relay, now, f"relay {relay_id} offline (last will)", out)
+            self._relay_down(relay, now, f"relay {relay_id} said offline (status topic / last will)", out)
         return out
 
     def set_connected(self, connected: bool, now: float) -> None:
@@ -295,7 +296,7 @@ class Detector:
         stats = track.stats
         if self.policy.adaptive and stats is not None and stats.n >= self.policy.adaptive_min_samples:
             spread = max(math.sqrt(stats.var), 0.1 * stats.mean, 0.05)
-            return stats.mean + self._z * spread
+            return max(stats.mean + self._z * spread, 2 * stats.mean)  # one lost beat never pages
         return track.interval_s * track.misses
 
     def deadline_of(self, track: _Track) -> float | None:
@@ -331,7 +332,7 @@ class Detector:
 
     def _deadline(self, track: _Track) -> float:
         seen = track.last_seen if track.last_seen is not None else track.since
-        return max(seen, self.grace_from) + self.timeout_s(track)
+        return max(seen, self.grace_from, track.grace_from) + self.timeout_s(track)
 
     def _schedule(self, track: _Track, deadline: float) -> None:
         if track.scheduled is not None and track.scheduled <= deadline:
@@ -547,7 +548,7 @@ class Detector:
                 reason = (
                     "beat received"
                     if was in (State.UNKNOWN, State.STOPPED)
-                    else (f"beat received again after {now - host.since:.1f} s {was.value}")
+                    else (f"beat received (was {was.value} for {now - host.since:.1f} s)")
                 )
                 self._move(host, Kind.HOST, State.UP, now, reason, host.via, out)
             self._schedule(host, self._deadline(host))
@@ -558,7 +559,7 @@ class Detector:
             # Stale news within grace: no guess either way until the deadline.
             if host.state == State.UNREACHABLE:
                 self._move(host, Kind.HOST, State.UNKNOWN, now, "path is back; no news yet", host.via, out)
-            if host.state == State.UNKNOWN:
+            if host.state in _UP_OR_UNKNOWN:
                 self._schedule(host, self._deadline(host))
 
     def _silent(self, track: _Track, deadline: float, out: list[Transition]) -> None:
@@ -632,19 +633,24 @@ class Detector:
         return True
 
     def _resume_subtree(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
-        """A relay is up again: whoever behind it is still unreachable resumes from their own evidence."""
+        """A relay is up again: whoever behind it is still unreachable resumes from their own evidence.
+        Whoever this bundle said nothing of, and whose evidence is too old to vouch for them, is not
+        silent but unheard (a relay's new boot knows no one yet): one timeout of grace from now."""
         for track in [relay, *self.subtree(relay.id)]:
             if track is not relay and track.state == State.UNREACHABLE:
-                if self._deadline(track) > now:
-                    self._move(track, Kind.RELAY, State.UP, now, f"relay {relay.id} up again", track.parent, out)
-                    self._schedule(track, self._deadline(track))
+                if self._deadline(track) <= now:
+                    track.grace_from = now
+                    self._move(track, Kind.RELAY, State.UNKNOWN, now, "path is back; no news yet", track.parent, out)
                 else:
-                    self._relay_down(track, now, self._silence_reason(track, now), out)
-            if track.state != State.UP:
+                    self._move(track, Kind.RELAY, State.UP, now, f"relay {relay.id} up again", track.parent, out)
+                self._schedule(track, self._deadline(track))
+            if track.state not in _UP_OR_UNKNOWN:
                 continue
             for host_id in sorted(track.hosts):
                 host = self.hosts[host_id]
                 if host.state == State.UNREACHABLE:
+                    if self._deadline(host) <= now:
+                        host.grace_from = now
                     self._resume_host(host, now, out)
 
     def _ignore(self, reason: str) -> None:
