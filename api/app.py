@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import history, state
+from api import events, history, metrics, state
 from api.bodies import json_response, monitor_of
 from monitor.service import Monitor
 
@@ -47,6 +47,8 @@ def create_app(monitor: Monitor) -> FastAPI:
 
     app.include_router(state.router)
     app.include_router(history.router)
+    events.install(app, monitor)
+    metrics.install(app, monitor)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz(monitor: Annotated[Monitor, Depends(monitor_of)]) -> Response:

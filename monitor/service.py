@@ -17,6 +17,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import aiomqtt
 
@@ -56,6 +57,16 @@ class Clock:
         return moment.timestamp() - self.offset
 
 
+class MonitorObserver(Protocol):
+    """Watches the monitor without steering it (the metrics do): decisions as made, writes as done."""
+
+    def decided(self, transitions: Sequence[Transition], now: float) -> None:
+        """`transitions` were just decided at `now` (the monitor's clock, like `Transition.at`)."""
+
+    def wrote(self, rows: int, seconds: float) -> None:
+        """A batch of `rows` transitions reached SQL; the transaction took `seconds`."""
+
+
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
     broker: BrokerURL
@@ -82,6 +93,9 @@ class Monitor:
         self.written = asyncio.Condition()  # notified after each batch reaches SQL
         self.last_written_id = 0
         self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
+        self.observers: list[MonitorObserver] = []
+        self.write_failures = 0
+        self.loop_lags_s: deque[float] = deque(maxlen=20)  # the last 5 s of event-loop lag probes
         self._unwritten: list[Transition] = []
         self._wake = asyncio.Event()
         self._sorted_ids: list[str] = []
@@ -121,6 +135,7 @@ class Monitor:
                 tasks.create_task(self._expire_loop())
                 tasks.create_task(self._write_loop())
                 tasks.create_task(self._checkpoint_loop())
+                tasks.create_task(self.watch_loop_lag())
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
@@ -199,6 +214,9 @@ class Monitor:
             self.recent.extend(transitions)
             self._unwritten.extend(transitions)
             self._write_wanted.set()
+            now = self.clock.now()
+            for observer in self.observers:
+                observer.decided(transitions, now)
 
     async def _write_loop(self) -> None:
         while True:
@@ -219,6 +237,7 @@ class Monitor:
             except Exception as exc:  # the database is down or refusing: keep the batch, retry
                 self._unwritten[:0] = batch
                 self.db_ok = False
+                self.write_failures += 1
                 attempt += 1
                 log.warning("database write failed (%s); %d transitions kept for retry", exc, len(self._unwritten))
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
@@ -230,7 +249,11 @@ class Monitor:
         relay_ids = {t.subject for t in batch if t.kind is Kind.RELAY}
         hosts = [self.host_row(self.detector.hosts[h]) for h in sorted(host_ids) if h in self.detector.hosts]
         relays = [self.relay_row(self.detector.relays[r]) for r in sorted(relay_ids) if r in self.detector.relays]
+        started = time.perf_counter()
         await self.store.write(rows, hosts, relays)
+        elapsed = time.perf_counter() - started
+        for observer in self.observers:
+            observer.wrote(len(rows), elapsed)
         self.last_written_id = await self.store.last_transition_id()
         async with self.written:
             self.written.notify_all()
@@ -248,6 +271,18 @@ class Monitor:
                 await self.store.write((), hosts, relays)
             except Exception as exc:
                 log.warning("checkpoint failed (%s); will retry next time", exc)
+
+    async def watch_loop_lag(self, every_s: float = 0.25) -> None:
+        """Probe how late the event loop wakes a sleeper: a blocked loop delays every decision."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(every_s)
+            self.loop_lags_s.append(max(0.0, time.monotonic() - started - every_s))
+
+    @property
+    def loop_lag_s(self) -> float:
+        """The worst event-loop lag of the last few seconds."""
+        return max(self.loop_lags_s, default=0.0)
 
     # ----------------------------------------------------------------------------------- views
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from api.app import create_app
+from api.events import close_streams
 from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.ports import ensure_free
@@ -60,9 +61,10 @@ async def monitor_running(
         await store.upgrade()
         monitor = Monitor(settings, store)
         await monitor.restore()
+        app = create_app(monitor)
         server = _OwnSignalsServer(
             uvicorn.Config(
-                create_app(monitor),
+                app,
                 host=host,
                 port=port,
                 lifespan="off",
@@ -82,6 +84,7 @@ async def monitor_running(
         try:
             yield RunningMonitor(monitor, f"http://{host}:{bound}")
         finally:
+            close_streams(app)  # open event streams end now; uvicorn would wait for them
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await server_task

@@ -1,0 +1,161 @@
+"""Prometheus metrics at `GET /metrics`, from a registry of the app's own (never the global one).
+
+Two sources: gauges and counters the monitor already keeps are read at scrape time (`LiveCollector`);
+what only exists at the moment it happens (detection lag, write latency) is observed through the
+monitor's `MonitorObserver` hook into histograms. `docs/grafana-dashboard.json` uses these names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from monitor.service import Monitor
+from monitor.states import Event, Kind, State, Transition
+
+router = APIRouter()
+
+STATES: dict[Kind, tuple[State, ...]] = {
+    Kind.HOST: tuple(State),
+    Kind.RELAY: tuple(s for s in State if s is not State.STOPPED),
+}
+# Decision lag is small when all is well (≤ one relay flush); the tail shows a loaded monitor.
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class DecisionMetrics:
+    """The monitor's observer: decisions and SQL writes, as they happen."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.transitions = Counter(
+            "relaybeat_transitions",
+            "State changes decided, by kind and new state.",
+            ["kind", "to"],
+            registry=registry,
+        )
+        self.detection_lag = Histogram(
+            "relaybeat_detection_lag_seconds",
+            "Decision time minus deadline, for up→down and up→unreachable transitions.",
+            ["kind", "to"],
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.write_latency = Histogram(
+            "relaybeat_database_write_seconds",
+            "Duration of one SQL transaction writing a batch of transitions.",
+            buckets=WRITE_BUCKETS,
+            registry=registry,
+        )
+        self.written_rows = Counter(
+            "relaybeat_database_written_transitions", "Transition rows written to SQL.", registry=registry
+        )
+
+    def decided(self, transitions: Sequence[Transition], now: float) -> None:
+        for t in transitions:
+            if t.event is not Event.TRANSITION:
+                continue
+            self.transitions.labels(t.kind.value, t.to_state.value).inc()
+            # Only from `up`: other ways into down (first news already old, path back with an old
+            # age) date the death from evidence that arrived late, which is not detection lag.
+            if t.from_state is State.UP and t.to_state in (State.DOWN, State.UNREACHABLE):
+                self.detection_lag.labels(t.kind.value, t.to_state.value).observe(max(0.0, now - t.at))
+
+    def wrote(self, rows: int, seconds: float) -> None:
+        self.write_latency.observe(seconds)
+        self.written_rows.inc(rows)
+
+
+class LiveCollector:
+    """What the monitor knows right now, read at each scrape."""
+
+    def __init__(self, app: FastAPI, monitor: Monitor) -> None:
+        self.app = app
+        self.monitor = monitor
+
+    def collect(self) -> Iterable[Metric]:
+        monitor, detector = self.monitor, self.monitor.detector
+
+        subjects = GaugeMetricFamily(
+            "relaybeat_subjects", "Hosts and relays by current state.", labels=["kind", "state"]
+        )
+        flapping = GaugeMetricFamily("relaybeat_flapping", "Subjects flagged flapping.", labels=["kind"])
+        for kind, tracks in ((Kind.HOST, detector.hosts), (Kind.RELAY, detector.relays)):
+            counts = Tally(track.state for track in tracks.values())
+            for state in STATES[kind]:
+                subjects.add_metric([kind.value, state.value], counts[state])
+            flapping.add_metric([kind.value], sum(1 for track in tracks.values() if track.flapping))
+        yield subjects
+        yield flapping
+
+        received = monitor.received
+        yield CounterMetricFamily("relaybeat_bundles_received", "Bundles accepted from relays.", received["bundles"])
+        beats = CounterMetricFamily(
+            "relaybeat_beats_received", "Host entries received: inside bundles, or beats sent straight.", labels=["via"]
+        )
+        beats.add_metric(["bundle"], received["bundle_entries"])
+        beats.add_metric(["direct"], received["beats"])
+        yield beats
+        yield CounterMetricFamily(
+            "relaybeat_relay_wills_received",
+            "Relay `offline` statuses (last wills) received.",
+            received["relay_offline"],
+        )
+        rejected = CounterMetricFamily(
+            "relaybeat_rejected_inputs", "Inputs rejected or ignored, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(monitor.rejections.counts.items()):
+            rejected.add_metric([reason], count)
+        for reason, count in sorted(detector.ignored.items()):
+            rejected.add_metric([f"detector_{reason}"], count)
+        yield rejected
+        yield CounterMetricFamily(
+            "relaybeat_database_write_failures", "Failed SQL writes (each retried).", monitor.write_failures
+        )
+
+        blind = detector.blind
+        degraded = blind or not monitor.db_ok
+        flags = {
+            "relaybeat_monitor_blind": ("1 while the monitor cannot see (no broker, or relays all silent).", blind),
+            "relaybeat_monitor_degraded": ("1 while /healthz says degraded (blind or database down).", degraded),
+            "relaybeat_broker_connected": ("1 while the monitor's broker session is up.", not detector.disconnected),
+            "relaybeat_database_ok": ("1 while the last SQL write succeeded.", monitor.db_ok),
+            "relaybeat_monitor_in_grace": ("1 during the grace after start or regaining sight.", monitor.in_grace),
+        }
+        for name, (doc, value) in flags.items():
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        yield GaugeMetricFamily(
+            "relaybeat_event_loop_lag_seconds", "Worst event-loop lag of the last 5 s.", value=monitor.loop_lag_s
+        )
+        hub = getattr(self.app.state, "events", None)
+        clients = 0 if hub is None else len(hub.subscribers)
+        yield GaugeMetricFamily("relaybeat_event_stream_clients", "Open /api/v1/events streams.", value=clients)
+        yield CounterMetricFamily(
+            "relaybeat_event_stream_overflows",
+            "Times a stream fell a whole buffer behind and re-read from SQL.",
+            0 if hub is None else hub.overflows,
+        )
+
+
+def install(app: FastAPI, monitor: Monitor, **include: Any) -> CollectorRegistry:
+    """Give `app` its own registry, fed by `monitor`, served at `/metrics` (`include`: router options)."""
+    registry = CollectorRegistry()
+    monitor.observers.append(DecisionMetrics(registry))
+    registry.register(LiveCollector(app, monitor))
+    app.state.metrics = registry
+    app.include_router(router, **include)
+    return registry
+
+
+@router.get("/metrics", tags=["service"], response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: subjects per state, inputs, rejections, detection lag, SQL and loop latency."""
+    registry: CollectorRegistry = request.app.state.metrics
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
