@@ -135,9 +135,9 @@ class EventReader:
     def __init__(self, response: httpx.Response) -> None:
         self.lines = response.aiter_lines()
 
-    async def next(self, timeout: float = 10.0) -> dict[str, str]:
+    async def next(self, within_s: float = 10.0) -> dict[str, str]:
         event: dict[str, str] = {}
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             async for line in self.lines:
                 if not line:
                     if event:
@@ -147,10 +147,10 @@ class EventReader:
                 event[name] = event.get(name, "") + value.removeprefix(" ")
         raise EOFError(f"stream ended; partial event {event}")
 
-    async def transitions(self, count: int, timeout: float = 10.0) -> list[dict[str, str]]:
+    async def transitions(self, count: int, within_s: float = 10.0) -> list[dict[str, str]]:
         found: list[dict[str, str]] = []
         while len(found) < count:
-            event = await self.next(timeout)
+            event = await self.next(within_s)
             if "data" in event:
                 found.append(event)
         return found
@@ -165,8 +165,8 @@ async def stream(url: str, **headers: str) -> AsyncIterator[tuple[httpx.Response
         yield response, EventReader(response)
 
 
-async def until(check: Any, timeout: float = 10.0, what: str = "a condition") -> None:
-    deadline = time.monotonic() + timeout
+async def until(check: Any, within_s: float = 10.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + within_s
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -243,7 +243,7 @@ async def test_an_idle_stream_gets_heartbeats(served: Served) -> None:
     served.hub.ping_s = 0.2
     async with stream(f"{served.url}/api/v1/events") as (_, reader):
         await reader.next()  # hello
-        ping = await reader.next(timeout=5)
+        ping = await reader.next(within_s=5)
     assert ping[""].startswith("ping")
 
 
@@ -286,7 +286,7 @@ async def test_closing_the_hub_ends_open_streams_cleanly(served: Served) -> None
         started = time.monotonic()
         served.hub.close()
         with pytest.raises(EOFError):
-            await reader.next(timeout=5)
+            await reader.next(within_s=5)
     assert time.monotonic() - started < 2
     assert not served.hub.subscribers
 
