@@ -22,6 +22,7 @@ from typing import Protocol
 import aiomqtt
 
 from monitor.detector import Detector, HostSnapshot, HostTrack, Policy, RelaySnapshot, RelayTrack
+from monitor.maintenance import MaintenanceBook
 from monitor.states import Kind, Transition
 from monitor.store import HostRow, NewTransition, RelayRow, Store
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
@@ -93,6 +94,7 @@ class Monitor:
         self.written = asyncio.Condition()  # notified after each batch reaches SQL
         self.last_written_id = 0
         self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
+        self.maintenance = MaintenanceBook()  # loaded by restore(); transitions it covers are marked
         self.observers: list[MonitorObserver] = []
         self.write_failures = 0
         self.loop_lags_s: deque[float] = deque(maxlen=20)  # the last 5 s of event-loop lag probes
@@ -125,6 +127,7 @@ class Monitor:
             ),
         )  # fmt: skip
         self.last_written_id = await self.store.last_transition_id()
+        self.maintenance.load(await self.store.maintenance_windows())
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
 
     async def run(self) -> None:
@@ -244,7 +247,10 @@ class Monitor:
 
     async def _write(self, batch: Sequence[Transition]) -> None:
         wall = self.clock.wall
-        rows = [NewTransition.from_transition(t, wall(t.at)) for t in batch]
+        rows = [
+            NewTransition.from_transition(t, at, self.in_maintenance(t.kind, t.subject, at, t.relay))
+            for t, at in ((t, wall(t.at)) for t in batch)
+        ]
         host_ids = {t.subject for t in batch if t.kind is Kind.HOST}
         relay_ids = {t.subject for t in batch if t.kind is Kind.RELAY}
         hosts = [self.host_row(self.detector.hosts[h]) for h in sorted(host_ids) if h in self.detector.hosts]
@@ -307,6 +313,27 @@ class Monitor:
             self._sorted_ids = sorted(hosts)
             self._sorted_ids_for = len(hosts)
         return self._sorted_ids
+
+    def relay_path(self, kind: Kind, subject: str, fallback: str | None = None) -> list[str]:
+        """The relays between a subject and the monitor, nearest first: for a host its relay and
+        that relay's ancestors, for a relay its ancestors. `fallback` starts the walk for a subject
+        the detector no longer holds (e.g. a transition's `relay`)."""
+        relays = self.detector.relays
+        if kind is Kind.HOST:
+            host = self.detector.hosts.get(subject)
+            relay_id = fallback if host is None else host.via
+        else:
+            relay = relays.get(subject)
+            relay_id = fallback if relay is None else relay.parent
+        path: list[str] = []
+        while relay_id is not None and relay_id not in path and relay_id in relays:
+            path.append(relay_id)
+            relay_id = relays[relay_id].parent
+        return path
+
+    def in_maintenance(self, kind: Kind, subject: str, at: datetime, fallback: str | None = None) -> bool:
+        """Whether a maintenance window covers the subject at `at` (for marking and notifications)."""
+        return self.maintenance.covers(kind, subject, self.relay_path(kind, subject, fallback), at)
 
     def forget_host(self, host_id: str) -> bool:
         self._sorted_ids_for = -1
