@@ -1,0 +1,127 @@
+"""`python -m bench <scenario> [--smoke] [--broker mosquitto|embedded] ...`: see BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.report import RESULTS
+
+# Sizes per scenario: the default run, --large, and --smoke (seconds, for the test that keeps them working).
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "fanin": {
+        "default": {"leaves": 2000, "relays": 20, "reps": 3, "window": 20.0, "settle": 3.0},
+        "large": {"leaves": 20000, "relays": 20, "reps": 3, "window": 20.0, "settle": 5.0},
+        "smoke": {"leaves": 40, "relays": 2, "reps": 1, "window": 1.5, "settle": 0.5},
+    },
+    "ingest": {
+        "default": {"sizes": [100, 1000, 5000], "relays": 10, "reps": 3, "window": 8.0, "profile_s": 10.0},
+        "large": {"sizes": [100, 1000, 5000], "relays": 20, "reps": 5, "window": 15.0, "profile_s": 15.0},
+        "smoke": {"sizes": [100], "relays": 2, "reps": 1, "window": 1.0, "profile_s": 1.0},
+    },
+    "detector": {
+        "default": {"hosts": [10_000, 100_000, 1_000_000], "bundle": 5000, "reps": 3},
+        "large": {"hosts": [10_000, 100_000, 1_000_000], "bundle": 5000, "reps": 5},
+        "smoke": {"hosts": [2000], "bundle": 500, "reps": 1},
+    },
+    "lag": {
+        "default": {"leaves": 2000, "relays": 4, "kills": 100, "window": 20.0, "interval": 1.0, "reps": 3},
+        "large": {"leaves": 10000, "relays": 10, "kills": 300, "window": 30.0, "interval": 1.0, "reps": 3},
+        "smoke": {"leaves": 40, "relays": 3, "kills": 6, "window": 1.0, "interval": 0.5, "reps": 1},
+    },
+    "api": {
+        "default": {"hosts": 10_000, "relays": 10, "duration": 10.0, "reps": 3, "connections": 32},
+        "large": {"hosts": 100_000, "relays": 20, "duration": 15.0, "reps": 3, "connections": 32},
+        "smoke": {"hosts": 1000, "relays": 2, "duration": 1.0, "reps": 1, "connections": 4},
+    },
+    "persist": {
+        "default": {"hosts": 10_000, "reps": 3},
+        "large": {"hosts": 50_000, "reps": 3},
+        "smoke": {"hosts": 300, "reps": 1},
+    },
+}
+MODULES = {"fanin": "fanin", "ingest": "ingest", "detector": "detector", "lag": "lag", "api": "api_load",
+           "persist": "persist"}  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m bench", description="relaybeat benchmarks (see BENCHMARKS.md)")
+    sub = top.add_subparsers(dest="scenario", required=True)
+    for name in SIZES:
+        p = sub.add_parser(name)
+        p.add_argument("--smoke", action="store_true", help="tiny size, results to a temporary directory")
+        p.add_argument("--large", action="store_true", help="the issue's large size")
+        broker_help = "the monitor's broker: private mosquitto (default) or `relaybeat broker` (amqtt)"
+        p.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto", help=broker_help)
+        p.add_argument("--out", type=Path, help=f"where JSON and PNG go [{RESULTS}, a temp dir with --smoke]")
+        p.add_argument("--reps", type=int, help="repetitions (medians are reported)")
+        p.add_argument("--timeout", type=float, default=3600.0, help="give up (and clean up) after this many s")
+        if name in ("fanin", "lag"):
+            p.add_argument("--leaves", type=int, help="simulated leaves (real MQTT connections)")
+            p.add_argument("--relays", type=int, help="relays (each with its own site mosquitto)")
+            p.add_argument("--window", type=float, help="measuring window, s")
+            p.add_argument("--flush", type=float, default=None, help="relay flush interval, s [1]")
+        if name == "fanin":
+            p.add_argument("--interval", type=float, default=1.0, help="seconds between a leaf's beats")
+            p.add_argument("--settle", type=float, help="seconds to wait after every host is up")
+            p.add_argument("--profile", action="store_true", help="one more run per mode under pyinstrument")
+        if name == "lag":
+            p.add_argument("--kills", type=int, help="leaves stopped at random moments")
+            p.add_argument("--interval", type=float, help="seconds between a leaf's beats")
+            p.add_argument("--long", action="store_true", help="false-alarm run: 100k hosts, ±20%% jitter, 10 min")
+            p.add_argument("--long-hosts", type=int, default=100_000)
+            p.add_argument("--long-duration", type=float, default=600.0)
+        if name == "ingest":
+            p.add_argument("--sizes", type=int, nargs="+", help="leaf entries per bundle")
+            p.add_argument("--relays", type=int, help="synthetic relays (bundle topics)")
+            p.add_argument("--window", type=float, help="measuring window per size, s")
+            p.add_argument("--profile-s", type=float, help="seconds of pyinstrument profile (0: none)")
+        if name == "detector":
+            p.add_argument("--hosts", type=int, nargs="+", help="tracked hosts for the memory figure")
+            p.add_argument("--bundle", type=int, help="entries per bundle")
+        if name == "api":
+            p.add_argument("--hosts", type=int, help="hosts tracked by the monitor")
+            p.add_argument("--relays", type=int, help="synthetic relays feeding them")
+            p.add_argument("--duration", type=float, help="wrk duration per endpoint, s")
+            p.add_argument("--connections", type=int, help="wrk connections")
+            p.add_argument("--ingest-rate", type=float, default=None,
+                           help="leaf entries/s of background ingest [half the last ingest ceiling]")  # fmt: skip
+        if name == "persist":
+            p.add_argument("--hosts", type=int, help="hosts behind the relay that dies")
+            p.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+            p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    return top
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("benchmark timed out (--timeout)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    size = "smoke" if args.smoke else "large" if args.large else "default"
+    for key, value in SIZES[args.scenario][size].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.scenario in ("fanin", "lag") and args.flush is None:
+        args.flush = 1.0
+    out: Path = args.out or (Path(tempfile.mkdtemp(prefix="relaybeat-bench-")) if args.smoke else RESULTS)
+    args.out = out
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(args.timeout))
+    module = importlib.import_module(f"bench.{MODULES[args.scenario]}")
+    try:
+        module.run(args, out)
+    finally:
+        signal.alarm(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

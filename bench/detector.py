@@ -1,0 +1,210 @@
+"""The detector alone, in-process (no MQTT, no SQL): observe throughput, expire cost, bytes per host.
+
+- observe: entries/s of `Detector.observe` with decoded bundles of `--bundle` entries, hosts known
+  and up (steady state), on one core (process CPU time).
+- expire: the cost of `expire(now)` when nothing is due (the common call), when every host's heap
+  entry is early (all were heard since: each is pushed back), and a mass event: a relay with all
+  its hosts falls silent -> relay down + every host unreachable; and direct hosts all going down.
+- memory: bytes per tracked host at each `--hosts`, as the RSS growth of a fresh process that
+  builds the detector through `observe` (what the monitor holds), and tracemalloc up to 100k.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import time
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+
+from bench.report import Report, figure, med, num, spread, table
+from monitor.detector import Detector, Policy
+from relay.wire import Beat, Bundle, HostEntry, LeafStatus
+
+
+def iter_bundles(hosts: int, size: int, seq: int = 1) -> Iterator[Bundle]:
+    """Bundles of `size` entries covering `hosts` hosts, made one at a time."""
+    for r in range(max(1, -(-hosts // size))):
+        relay = f"r{r:05d}"
+        entries = tuple(
+            HostEntry(f"{relay}-h{i:06d}", 7, 100 + (i * 37) % 400, 1000, LeafStatus.OK)
+            for i in range(min(size, hosts - r * size))
+        )
+        yield Bundle(relay, "boot", seq, 1000, entries)
+
+
+def bundles_for(hosts: int, size: int, seq: int = 1) -> list[Bundle]:
+    return list(iter_bundles(hosts, size, seq))
+
+
+def _with_seq(bundles: list[Bundle], seq: int) -> list[Bundle]:
+    return [Bundle(b.relay, b.boot, seq, b.flush_ms, b.hosts) for b in bundles]
+
+
+def observe_rate(hosts: int, size: int, rounds: int) -> float:
+    first = bundles_for(hosts, size)
+    detector = Detector(Policy(), 0.0)
+    for b in first:
+        detector.observe(b, 1.0)
+    later = [_with_seq(first, seq) for seq in range(2, rounds + 2)]
+    gc.collect()
+    started = time.process_time()
+    n = 0
+    for k, batch in enumerate(later):
+        now = 1.0 + 0.5 * (k + 1) / rounds
+        for b in batch:
+            detector.observe(b, now)
+            n += len(b.hosts)
+    return n / max(1e-9, time.process_time() - started)
+
+
+def expire_costs(hosts: int, size: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    first = bundles_for(hosts, size)
+    detector = Detector(Policy(), 0.0)
+    for b in first:
+        detector.observe(b, 1.0)
+    calls = 100_000
+    started = time.perf_counter()
+    for _ in range(calls):
+        detector.expire(1.5)
+    out["expire_nothing_due_us"] = (time.perf_counter() - started) / calls * 1e6
+
+    # Everyone heard again at t=3: at t=4.2 the first-round heap entries (due ~3.6-4.0) are early.
+    for b in _with_seq(first, 2):
+        detector.observe(b, 3.0)
+    started = time.perf_counter()
+    moved = detector.expire(4.2)
+    spent = time.perf_counter() - started
+    out["expire_push_back_us_per_host"] = spent / hosts * 1e6
+    out["expire_push_back_transitions"] = len(moved)
+
+    # A mass event: every relay silent; the first relay's deadline passes and the will arrives.
+    started = time.perf_counter()
+    dead = detector.relay_offline(first[0].relay, 5.0)
+    spent = time.perf_counter() - started
+    out["relay_death_hosts"] = len(first[0].hosts)
+    out["relay_death_transitions"] = len(dead)
+    out["relay_death_ms"] = spent * 1e3
+    out["relay_death_transitions_per_s"] = len(dead) / max(1e-9, spent)
+
+    direct = Detector(Policy(), 0.0)
+    for i in range(hosts):
+        direct.observe_beat(f"d{i:07d}", Beat(1, 1.0), 1.0)
+    started = time.perf_counter()
+    down = direct.expire(10.0)
+    spent = time.perf_counter() - started
+    out["mass_down_transitions"] = len(down)
+    out["mass_down_ms"] = spent * 1e3
+    out["mass_down_transitions_per_s"] = len(down) / max(1e-9, spent)
+    return out
+
+
+def _rss_child(hosts: int, size: int, pipe: Any) -> None:
+    gc.collect()
+    me = psutil.Process()
+    before = me.memory_info().rss
+    detector = Detector(Policy(), 0.0)
+    for b in iter_bundles(hosts, size):
+        detector.observe(b, 1.0)
+    gc.collect()
+    after = me.memory_info().rss
+    pipe.send({"hosts": len(detector.hosts), "rss_delta": after - before})
+
+
+def rss_per_host(hosts: int, size: int) -> float:
+    """RSS growth of a fresh process building a detector of `hosts` hosts (bundles freed as it goes)."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    child = context.Process(target=_rss_child, args=(hosts, size, theirs), daemon=True)
+    child.start()
+    try:
+        if not mine.poll(600):
+            raise TimeoutError("memory child did not answer within 600 s")
+        got = mine.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    return float(got["rss_delta"]) / float(got["hosts"])
+
+
+def traced_per_host(hosts: int, size: int) -> float:
+    bundles = bundles_for(hosts, size)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        detector = Detector(Policy(), 0.0)
+        for b in bundles:
+            detector.observe(b, 1.0)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / len(detector.hosts)
+
+
+def run(args: Any, out: Any) -> Report:
+    report = Report("detector", vars(args))
+    size = args.bundle
+    observe_hosts = min(max(args.hosts), 100_000)
+    rounds = max(2, 1_000_000 // observe_hosts) if not args.smoke else 2
+    rates = spread(observe_rate(observe_hosts, size, rounds) for _ in range(args.reps))
+    costs = [expire_costs(observe_hosts, min(size, observe_hosts)) for _ in range(args.reps)]
+    expire = {k: spread(c[k] for c in costs) for k in costs[0]}
+    memory: dict[int, dict[str, float]] = {}
+    for hosts in args.hosts:
+        memory[hosts] = {"rss_bytes_per_host": rss_per_host(hosts, size)}
+        if hosts <= 100_000:
+            memory[hosts]["traced_bytes_per_host"] = traced_per_host(hosts, size)
+        print(f"  {hosts:,} hosts: {memory[hosts]}", flush=True)
+    report.data = {"observe_entries_per_s": rates, "observe_hosts": observe_hosts, "expire": expire, "memory": memory}
+    report.say(f"\ndetector, in-process, one core: median [min–max] of {args.reps} rep(s)\n")
+    report.say(
+        table(
+            ["measure", "value"],
+            [
+                (f"observe, {size:,}-entry bundles, {observe_hosts:,} hosts up (entries/s)", med(rates)),
+                ("expire(now) with nothing due (µs per call)", med(expire["expire_nothing_due_us"], 2)),
+                (
+                    f"expire pushing back {observe_hosts:,} early heap entries (µs per host)",
+                    med(expire["expire_push_back_us_per_host"], 3),
+                ),
+                (
+                    f"relay death: relay down + {num(expire['relay_death_hosts']['median'])} hosts unreachable (ms)",
+                    med(expire["relay_death_ms"], 1),
+                ),
+                ("  … transitions/s", med(expire["relay_death_transitions_per_s"])),
+                (f"{observe_hosts:,} direct hosts all down in one expire (ms)", med(expire["mass_down_ms"], 1)),
+                ("  … transitions/s", med(expire["mass_down_transitions_per_s"])),
+            ],
+        )
+    )
+    report.say("\nmemory per tracked host (bytes): RSS growth of a fresh process; tracemalloc where run\n")
+    report.say(
+        table(
+            ["hosts", "RSS bytes/host", "tracemalloc bytes/host"],
+            [(f"{h:,}", num(m["rss_bytes_per_host"]), num(m.get("traced_bytes_per_host"))) for h, m in memory.items()],
+        )
+    )
+    fig, axes = figure(1, 1, width=6, height=3.6)
+    ax = axes[0][0]
+    hs = list(memory)
+    ax.plot(hs, [memory[h]["rss_bytes_per_host"] for h in hs], "o-", label="RSS growth / host")
+    traced = [h for h in hs if "traced_bytes_per_host" in memory[h]]
+    if traced:
+        ax.plot(traced, [memory[h]["traced_bytes_per_host"] for h in traced], "s--", label="tracemalloc / host")
+    ax.axhline(512, color="red", linestyle=":", label="target 512 B")
+    ax.axhline(260, color="grey", linestyle=":", label="bare slotted object in a dict (LIMITS)")
+    ax.set_xscale("log")
+    ax.set_xlabel("tracked hosts")
+    ax.set_ylabel("bytes per host")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.set_title("detector memory per tracked host", fontsize=10)
+    report.save(out, {"detector_memory": fig})
+    return report

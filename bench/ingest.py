@@ -1,0 +1,273 @@
+"""Ingest ceiling: relayed bundles through a real broker as fast as the monitor process takes them,
+beside a micro-benchmark of the raw ceiling on the same machine in the same run.
+
+End to end: a fresh broker and `relaybeat monitor` (SQLite); R synthetic relays (one MQTT
+connection each, QoS 1) publish bundles of `size` entries round-robin, keeping a bounded backlog
+(checked through `GET /api/v1/relays/{id}`: the seq the monitor last took). Leaf entries per
+second on one core = entries / monitor CPU seconds (psutil); the wall rate is reported too.
+
+Raw ceiling, in this process on the same bundle bytes: `orjson.loads` + for each entry a dict
+lookup of a slotted object, a sequence check, three attribute writes and a state check (the
+"decode + update" of ../shared/LIMITS.md). Alongside, the project's own pieces in-process:
+`decode_bundle`, `Detector.observe` on decoded bundles, and `Monitor.take` (both, with counters).
+
+Profile: one more run with the monitor under pyinstrument (`--profile-s`), saved as HTML and text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import orjson
+
+from bench import synth
+from bench.procs import Lab
+from bench.report import Report, figure, med, num, render_profile, spread, table
+from monitor.detector import Detector, Policy
+from monitor.service import Monitor, MonitorSettings
+from monitor.store import Store
+from relay.mqtt import BrokerURL
+from relay.wire import decode_bundle
+
+
+def _payloads(relays: int, size: int, count: int) -> tuple[list[bytes], list[str]]:
+    """`count` distinct bundles (seq rising), round-robin over `relays` relays of `size` hosts each."""
+    ids = [f"m{i:03d}" for i in range(relays)]
+    blobs = {r: synth.hosts_blob(synth.host_ids(r, size)) for r in ids}
+    seqs = dict.fromkeys(ids, 0)
+    out = []
+    for k in range(count):
+        r = ids[k % relays]
+        seqs[r] += 1
+        out.append(synth.bundle_bytes(r, "b00t", seqs[r], blobs[r]))
+    return out, ids
+
+
+class _Host:
+    __slots__ = ("interval_ms", "last_seen", "seq", "state")
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.last_seen = 0.0
+        self.interval_ms = 0
+        self.state = 0
+
+
+def _raw_ceiling(payloads: list[bytes]) -> Callable[[], int]:
+    table: dict[str, _Host] = {}
+
+    def work() -> int:
+        n = 0
+        get = table.get
+        now = time.monotonic()
+        for payload in payloads:
+            body = orjson.loads(payload)
+            for host, seq, age_ms, interval_ms, _status in body["hosts"]:
+                h = get(host)
+                if h is None:
+                    h = table[host] = _Host()
+                if seq != h.seq:
+                    h.seq = seq
+                h.last_seen = now - age_ms / 1000
+                h.interval_ms = interval_ms
+                if h.state != 1:
+                    h.state = 1
+            n += len(body["hosts"])
+        return n
+
+    return work
+
+
+def _timed(work: Callable[[], int], reps: int) -> list[float]:
+    rates = []
+    for _ in range(reps):
+        gc.collect()
+        started = time.process_time()
+        n = work()
+        rates.append(n / max(1e-9, time.process_time() - started))
+    return rates
+
+
+def micro(size: int, reps: int, entries: int = 1_000_000) -> dict[str, dict[str, float]]:
+    """Entries/s on one core (process CPU time) of the raw ceiling and of the project's pieces."""
+    relays = 10
+    count = max(relays, entries // size)
+    payloads, _ = _payloads(relays, size, count)
+    results: dict[str, dict[str, float]] = {}
+
+    raw = _raw_ceiling(payloads)
+    raw()  # warm: the table holds every host, as the monitor's does after the first round
+    results["raw: orjson + dict update"] = spread(_timed(raw, reps))
+
+    def decode() -> int:
+        return sum(len(decode_bundle(p).hosts) for p in payloads)
+
+    results["decode_bundle"] = spread(_timed(decode, reps))
+
+    decoded = [decode_bundle(p) for p in payloads]
+
+    def observe_rate() -> float:
+        # A fresh detector per rep (bundle seqs must rise), warmed by one round so all hosts are known.
+        detector = Detector(Policy(), 0.0)
+        for b in decoded[:relays]:
+            detector.observe(b, 1.0)
+        gc.collect()
+        started = time.process_time()
+        n = 0
+        for i, b in enumerate(decoded[relays:]):
+            detector.observe(b, 1.0 + i * 1e-4)
+            n += len(b.hosts)
+        return n / max(1e-9, time.process_time() - started)
+
+    results["Detector.observe (decoded)"] = spread(observe_rate() for _ in range(reps))
+
+    settings = MonitorSettings(BrokerURL("127.0.0.1", 1883))
+
+    def take_rates() -> float:
+        monitor = Monitor(settings, cast(Store, None))
+        topic = settings.prefix + "bundle/"
+        for p in payloads[:relays]:
+            monitor.take(topic + orjson.loads(p)["relay"], p)
+        topics = [topic + f"m{(k % relays):03d}" for k in range(len(payloads))]
+        gc.collect()
+        started = time.process_time()
+        n = 0
+        take = monitor.take
+        for t, p in zip(topics[relays:], payloads[relays:], strict=True):
+            take(t, p)
+            n += size
+        rate = n / max(1e-9, time.process_time() - started)
+        assert monitor.received["bundles"] == len(payloads), monitor.rejections.counts
+        return rate
+
+    results["Monitor.take (decode + observe)"] = spread(take_rates() for _ in range(reps))
+    return results
+
+
+async def _end_to_end(lab: Lab, broker_kind: str, size: int, relays_n: int, seconds: float,
+                      wrap: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    prefix = f"bench{secrets.token_hex(3)}/"
+    broker = lab.broker(broker_kind, f"broker-{size}")
+    monitor = lab.monitor(broker, prefix, wrap=wrap, name=f"monitor-{size}" + ("-prof" if wrap else ""))
+    relays = synth.Relays(broker.port, prefix, relays_n, size)
+    await relays.connect()
+    try:
+        async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
+            await synth.round_all(relays, http)
+            await asyncio.sleep(1.0)  # let the first round's `up` transitions reach SQL
+            await synth.round_all(relays, http)
+            cpu0, t0 = monitor.proc.cpu_s(), time.monotonic()
+            broker0 = broker.proc.cpu_s()
+            bundles, wall = await synth.flood(relays, http, seconds)
+            cpu = monitor.proc.cpu_s() - cpu0
+            broker_cpu = broker.proc.cpu_s() - broker0
+            rss = monitor.proc.rss()
+            wall = time.monotonic() - t0
+            health = monitor.health()
+    finally:
+        relays.close()
+    entries = bundles * size
+    if wrap:
+        monitor.proc.stop(60)
+    return {
+        "size": size,
+        "relays": relays_n,
+        "hosts": relays_n * size,
+        "bundles": bundles,
+        "entries": entries,
+        "wall_s": wall,
+        "monitor_cpu_s": cpu,
+        "entries_per_s_wall": entries / wall,
+        "entries_per_cpu_s": entries / max(1e-9, cpu),
+        "monitor_cores": cpu / wall,
+        "broker_cores": broker_cpu / wall,
+        "monitor_rss_mb": rss / 2**20,
+        "rejected": health["rejected"],
+    }
+
+
+def profile(args: Any, out: Path, size: int) -> dict[str, str]:
+    session = out / f"ingest_profile_{size}.pyisession"
+    with Lab("ingest-profile") as lab:
+        wrap = ["-m", "pyinstrument", "-r", "pyisession", "-o", str(session), "-i", "0.0005"]
+        asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.profile_s, wrap))
+    files = render_profile(session)
+    session.unlink(missing_ok=True)
+    return files
+
+
+def run(args: Any, out: Path) -> Report:
+    report = Report("ingest", vars(args))
+    e2e: dict[int, list[dict[str, Any]]] = {}
+    micros: dict[int, dict[str, dict[str, float]]] = {}
+    for size in args.sizes:
+        e2e[size] = []
+        for rep in range(args.reps):
+            with Lab("ingest") as lab:
+                result = asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.window))
+            e2e[size].append(result)
+            print(
+                f"  {size} entries/bundle rep {rep + 1}: {result['entries_per_cpu_s']:,.0f} entries/CPU-s,"
+                f" {result['entries_per_s_wall']:,.0f} entries/s wall, monitor {result['monitor_cores']:.2f} cores",
+                flush=True,
+            )
+        micros[size] = micro(size, max(3, args.reps), 50_000 if args.smoke else 1_000_000)
+    summary = {
+        size: {
+            k: spread(r[k] for r in runs)
+            for k in ("entries_per_cpu_s", "entries_per_s_wall", "monitor_cores", "broker_cores", "monitor_rss_mb")
+        }
+        for size, runs in e2e.items()
+    }
+    ratios = {
+        size: summary[size]["entries_per_cpu_s"]["median"] / micros[size]["raw: orjson + dict update"]["median"]
+        for size in e2e
+    }
+    report.data = {"end_to_end": e2e, "summary": summary, "micro": micros, "ratio_to_raw": ratios}
+    report.say(
+        f"\ningest: {args.relays} synthetic relays through {args.broker}, QoS 1, into `relaybeat monitor` (SQLite);"
+        f" {args.window:g} s per run, {args.reps} rep(s): median [min–max]\n"
+    )
+    rows = []
+    for size in e2e:
+        s, m = summary[size], micros[size]
+        rows.append((
+            f"{size:,}", f"{args.relays * size:,}", med(s["entries_per_cpu_s"]), med(s["entries_per_s_wall"]),
+            med(s["monitor_cores"], 2), med(m["raw: orjson + dict update"]), num(ratios[size] * 100, 1) + " %",
+        ))  # fmt: skip
+    report.say(table(["entries/bundle", "hosts", "monitor entries/CPU-s", "entries/s wall", "monitor cores",
+                      "raw ceiling entries/s (same run)", "monitor ÷ raw"], rows))  # fmt: skip
+    report.say("\nin-process, one core (process CPU time), entries/s: median [min–max]\n")
+    names = list(next(iter(micros.values())))
+    report.say(
+        table(["entries/bundle", *names], [(f"{size:,}", *(med(micros[size][n]) for n in names)) for size in micros])
+    )
+
+    fig, axes = figure(1, 1, width=9, height=4)
+    ax = axes[0][0]
+    sizes = list(e2e)
+    xs = range(len(sizes))
+    width = 0.8 / (len(names) + 1)
+    bars = [("monitor process (end to end)", [summary[s]["entries_per_cpu_s"]["median"] for s in sizes])]
+    bars += [(n, [micros[s][n]["median"] for s in sizes]) for n in names]
+    for k, (label, values) in enumerate(bars):
+        ax.bar([x + k * width for x in xs], values, width, label=label)
+    ax.set_xticks([x + width * len(names) / 2 for x in xs], [f"{s:,} entries/bundle" for s in sizes])
+    ax.set_ylabel("leaf entries per CPU-second")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(f"ingest on one core vs the raw ceiling ({args.broker})", fontsize=10)
+    figures = {f"ingest_{args.broker}": fig}
+    if args.profile_s > 0:
+        size = 1000 if 1000 in args.sizes else args.sizes[0]
+        report.data["profile"] = profile(args, out, size)
+        report.say(f"\nprofile of the monitor under pyinstrument at {size} entries/bundle: {report.data['profile']}")
+    report.save(out, figures)
+    return report

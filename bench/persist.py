@@ -1,0 +1,179 @@
+"""Persistence during a mass event: a relay with `--hosts` hosts dies; how fast do the transitions
+reach SQL, on SQLite and on PostgreSQL?
+
+Setup per database and run: a fresh broker and `relaybeat monitor` on that database (SQLite in a
+temporary directory; PostgreSQL in a fresh schema, as tests/conftest.py's postgres_url does), one
+synthetic relay carrying every host, bundles every second until all hosts are `up` and written.
+Then the relay stops and its Last Will (`offline` on its status topic) is published: the monitor
+turns the relay `down` and every host `unreachable` in one batch. The benchmark polls the
+database itself every 5 ms for rows newer than before the event and reports the time until the
+first and until all of them are queryable, and transitions/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+from sqlalchemy import make_url
+
+from bench import synth
+from bench.procs import Lab
+from bench.report import Report, figure, med, spread, table
+
+
+def plain_url(url: str) -> str:
+    """A libpq URL (what psycopg.connect takes) from a SQLAlchemy one."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _counter(
+    db: str, url: str, schema: str | None, admin_url: str
+) -> tuple[Callable[[int], tuple[int, int]], Callable[[], None]]:
+    """A function returning (rows with id > after, max id), and a closer."""
+    if db == "sqlite":
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=5)
+
+        def count(after: int) -> tuple[int, int]:
+            n, top = connection.execute("SELECT count(*), max(id) FROM transitions WHERE id > ?", (after,)).fetchone()
+            return int(n), int(top or after)
+
+        return count, connection.close
+    pg = psycopg.connect(admin_url, autocommit=True)
+
+    def count_pg(after: int) -> tuple[int, int]:
+        row = pg.execute(f'SELECT count(*), max(id) FROM "{schema}".transitions WHERE id > %s', (after,)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1] or after)
+
+    return count_pg, pg.close
+
+
+async def _one(args: Any, db: str) -> dict[str, Any]:
+    prefix = f"bench{secrets.token_hex(3)}/"
+    schema = None
+    admin_url = plain_url(args.pg_url)
+    with Lab("persist") as lab:
+        if db == "postgresql":
+            schema = f"relaybeat_bench_{uuid.uuid4().hex[:12]}"
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'CREATE SCHEMA "{schema}"')
+            url = f"{args.pg_url}?options={quote(f'-csearch_path={schema}')}"
+        else:
+            url = f"sqlite:///{lab.dir / 'persist.db'}"
+        try:
+            broker = lab.broker(args.broker)
+            monitor = lab.monitor(broker, prefix, db_url=url)
+            relays = synth.Relays(broker.port, prefix, 1, args.hosts, interval_ms=5000, tag="dying")
+            # Two small relays that keep beating, as the rest of a fleet would.
+            others = synth.Relays(broker.port, prefix, 2, 10, interval_ms=5000, tag="alive")
+            await relays.connect()
+            await others.connect()
+            count, close = _counter(db, url, schema, admin_url)
+            try:
+                async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
+                    await synth.round_all(relays, http)
+                    await synth.round_all(others, http)
+                    wanted = args.hosts + 20 + 3
+                    deadline = time.monotonic() + 60
+                    while count(0)[0] < wanted:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"initial transitions not written: {count(0)} of {wanted}")
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)
+                    _, baseline = count(0)
+                    cpu0 = monitor.proc.cpu_s()
+                    event = time.time()
+                    relays.say_offline(relays.ids[0])
+                    first = None
+                    expected = args.hosts + 1
+                    got = 0
+                    deadline = time.monotonic() + 60
+                    while got < expected and time.monotonic() < deadline:
+                        got, _ = count(baseline)
+                        now = time.time()
+                        if got and first is None:
+                            first = now
+                        if got < expected:
+                            await asyncio.sleep(0.005)
+                    done = time.time()
+                    cpu = monitor.proc.cpu_s() - cpu0
+                    state = monitor.count(state="unreachable")
+            finally:
+                close()
+                relays.close()
+                others.close()
+        finally:
+            if schema is not None:
+                with (
+                    contextlib.suppress(Exception),
+                    psycopg.connect(admin_url, autocommit=True) as admin,
+                ):
+                    admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    first_s = (first - event) if first else float("nan")
+    all_s = done - event
+    return {
+        "db": db,
+        "hosts": args.hosts,
+        "transitions_expected": expected,
+        "transitions_written": got,
+        "unreachable_in_api": state,
+        "first_queryable_s": first_s,
+        "all_queryable_s": all_s,
+        "transitions_per_s_from_event": got / all_s,
+        "monitor_cpu_s": cpu,
+    }
+
+
+def run(args: Any, out: Any) -> Report:
+    report = Report("persist", vars(args))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(args.reps):
+        for db in args.databases:
+            result = asyncio.run(_one(args, db))
+            runs.setdefault(db, []).append(result)
+            print(f"  rep {rep + 1} {db}: {result}", flush=True)
+    keys = (
+        "first_queryable_s",
+        "all_queryable_s",
+        "transitions_per_s_from_event",
+        "monitor_cpu_s",
+        "transitions_written",
+    )
+    summary = {db: {k: spread(r[k] for r in rs) for k in keys} for db, rs in runs.items()}
+    report.data = {"runs": runs, "summary": summary}
+    report.say(
+        f"\npersistence: a relay with {args.hosts:,} hosts dies (its Last Will); {args.reps} run(s), median [min–max]\n"
+    )
+    rows = [
+        (db, med(s["transitions_written"]), med({k: v * 1000 for k, v in s["first_queryable_s"].items() if k != "n"}
+                                                | {"n": s["first_queryable_s"]["n"]}),
+         med({k: v * 1000 for k, v in s["all_queryable_s"].items() if k != "n"} | {"n": s["all_queryable_s"]["n"]}),
+         med(s["transitions_per_s_from_event"]), med(s["monitor_cpu_s"], 2))
+        for db, s in summary.items()
+    ]  # fmt: skip
+    report.say(table(["database", "transitions", "first queryable (ms)", "all queryable (ms)",
+                      "transitions/s (event → all queryable)", "monitor CPU s"],
+                      rows))  # fmt: skip
+    fig, axes = figure(1, 1, width=6, height=3.6)
+    ax = axes[0][0]
+    dbs = list(summary)
+    ax.bar(dbs, [summary[d]["all_queryable_s"]["median"] * 1000 for d in dbs], color="#4f81bd", label="all queryable")
+    ax.bar(
+        dbs, [summary[d]["first_queryable_s"]["median"] * 1000 for d in dbs], color="#9bbb59", label="first queryable"
+    )
+    ax.axhline(1000, color="red", linestyle=":", label="1 s target")
+    ax.set_ylabel("ms after the relay's death")
+    ax.legend(fontsize=7)
+    ax.set_title(f"mass event: relay with {args.hosts:,} hosts dies", fontsize=10)
+    report.save(out, {"persist": fig})
+    return report

@@ -1,0 +1,142 @@
+"""Synthetic relays: bundles in the wire format, published through a real broker as relays do.
+
+Each synthetic relay holds its own MQTT connection (QoS 1 publishes, like `relaybeat relay`) and a
+pre-encoded host list; only the bundle's `seq` changes between its bundles, so building one costs a
+copy, not an encode. Entries are `[id, seq, age_ms, interval_ms, "ok"]` with small ages, so every
+host stays fresh whenever its relay's bundles keep coming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Sequence
+
+import httpx
+import orjson
+
+from bench import mqtt
+
+
+def host_ids(relay: str, count: int) -> list[str]:
+    return [f"{relay}-h{i:06d}" for i in range(count)]
+
+
+def hosts_blob(ids: Sequence[str], interval_ms: int = 1000, seq: int = 7) -> bytes:
+    return orjson.dumps([[host, seq, 100 + (i * 37) % 400, interval_ms, "ok"] for i, host in enumerate(ids)])
+
+
+def bundle_bytes(relay: str, boot: str, seq: int, blob: bytes, flush_ms: int = 1000) -> bytes:
+    return b'{"v":1,"relay":"%s","boot":"%s","seq":%d,"flush_ms":%d,"hosts":%s}' % (
+        relay.encode(),
+        boot.encode(),
+        seq,
+        flush_ms,
+        blob,
+    )
+
+
+class Relays:
+    """R synthetic relays, `size` hosts each, one MQTT connection each."""
+
+    def __init__(self, port: int, prefix: str, count: int, size: int, interval_ms: int = 1000, tag: str = "r") -> None:
+        self.port = port
+        self.prefix = prefix
+        self.size = size
+        self.ids = [f"{tag}{i:03d}" for i in range(count)]
+        self.boot = secrets.token_hex(4)
+        self.blobs = {r: hosts_blob(host_ids(r, size), interval_ms) for r in self.ids}
+        self.topics = {r: f"{prefix}bundle/{r}".encode() for r in self.ids}
+        self.seq = dict.fromkeys(self.ids, 0)
+        self.clients: dict[str, mqtt.Client] = {}
+        self.published = 0
+
+    async def connect(self) -> None:
+        for r in self.ids:
+            will = (f"{self.prefix}relay/{r}/status", b"offline", 1, True)
+            self.clients[r] = await mqtt.connect("127.0.0.1", self.port, f"bench-{r}-{self.boot}", will=will)
+
+    def publish(self, relay: str) -> int:
+        self.seq[relay] += 1
+        seq = self.seq[relay]
+        self.clients[relay].publish(self.topics[relay], bundle_bytes(relay, self.boot, seq, self.blobs[relay]), qos=1)
+        self.published += 1
+        return seq
+
+    def say_offline(self, relay: str) -> None:
+        """What a relay's Last Will says; the monitor takes it as the relay's death."""
+        self.clients[relay].publish(f"{self.prefix}relay/{relay}/status".encode(), b"offline", qos=1, retain=True)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+async def processed(http: httpx.AsyncClient, relay: str) -> int:
+    """The last bundle seq the monitor took from this relay (-1 if none)."""
+    response = await http.get(f"/api/v1/relays/{relay}")
+    if response.status_code == 404:
+        return -1
+    response.raise_for_status()
+    seq = response.json()["seq"]
+    return -1 if seq is None else int(seq)
+
+
+async def wait_processed(http: httpx.AsyncClient, relay: str, seq: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pause = 0.002  # growing to 20 ms: each poll is an HTTP request the monitor serves
+    while await processed(http, relay) < seq:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the monitor did not take bundle {seq} of {relay} within {timeout_s} s")
+        await asyncio.sleep(pause)
+        pause = min(0.02, pause * 1.5)
+
+
+async def round_all(relays: Relays, http: httpx.AsyncClient, timeout_s: float = 120.0) -> None:
+    """One bundle from every relay, and wait until the monitor took them all."""
+    last = {r: relays.publish(r) for r in relays.ids}
+    for r, seq in last.items():
+        await wait_processed(http, r, seq, timeout_s)
+
+
+async def flood(relays: Relays, http: httpx.AsyncClient, seconds: float) -> tuple[int, float]:
+    """Publish round-robin as fast as the monitor takes bundles, keeping a bounded backlog in the
+    broker (checked through the API every half window). Returns (bundles, seconds until the
+    monitor took the last one)."""
+    window = max(8, min(400, 400_000 // relays.size))
+    half = window // 2
+    ids = relays.ids
+    sent: list[tuple[str, int]] = []
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        for _ in range(half):
+            r = ids[len(sent) % len(ids)]
+            sent.append((r, relays.publish(r)))
+        await asyncio.sleep(0)
+        if len(sent) > half:
+            await wait_processed(http, *sent[-half - 1])
+    for r in ids:
+        last = max((s for rr, s in sent[-len(ids) :] if rr == r), default=0)
+        if last:
+            await wait_processed(http, r, last)
+    return len(sent), time.monotonic() - started
+
+
+async def paced(relays: Relays, entries_per_s: float, stop: asyncio.Event) -> int:
+    """Background ingest at a fixed rate of leaf entries, in round-robin bundles, until `stop`."""
+    per_bundle = relays.size
+    period = per_bundle / entries_per_s
+    started = time.monotonic()
+    count = 0
+    while not stop.is_set():
+        relays.publish(relays.ids[count % len(relays.ids)])
+        count += 1
+        delay = started + count * period - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        else:
+            await asyncio.sleep(0)
+    return count

@@ -1,0 +1,110 @@
+"""The benchmarks still run: every scenario at its `--smoke` size, reports with sane values.
+
+These check that the load generators, the real processes and the reports work; they assert no
+performance target (that is BENCHMARKS.md's job, measured on purpose, not in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def bench(tmp_path: Path, scenario: str, *extra: str, timeout_s: float = 120) -> dict[str, Any]:
+    out = tmp_path / scenario
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", scenario, "--smoke", "--out", str(out), "--timeout", str(int(timeout_s)),
+         *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s + 30,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, f"bench {scenario} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "|" in done.stdout  # the printed table
+    report: dict[str, Any] = json.loads((out / f"{scenario}.json").read_text())
+    assert report["scenario"] == scenario
+    assert report["machine"]["cpus"]
+    assert list(out.glob("*.png")), "every scenario saves a plot"
+    results: dict[str, Any] = report["results"]
+    return results
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_fanin_compares_direct_and_relayed_side_by_side(tmp_path: Path) -> None:
+    r = bench(tmp_path, "fanin")
+    direct, relayed = r["summary"]["direct"], r["summary"]["relayed"]
+    assert direct["connections"]["median"] > relayed["connections"]["median"]
+    assert r["relayed_upstream_connections"] == [2]  # exactly R relays on the monitor's broker (smoke: R=2)
+    for side in (direct, relayed):
+        assert positive(side["monitor_msgs_per_s"]["median"])
+        assert positive(side["monitor_rss_mb"]["median"])
+        assert side["monitor_cpu_s_per_1000_beats"]["median"] >= 0
+    assert direct["monitor_msgs_per_s"]["median"] > relayed["monitor_msgs_per_s"]["median"]
+    assert math.isfinite(r["ratio_cpu_per_beat"]["median"])
+
+
+def test_ingest_measures_the_monitor_and_the_raw_ceiling(tmp_path: Path) -> None:
+    r = bench(tmp_path, "ingest")
+    (size,) = r["summary"]
+    assert positive(r["summary"][size]["entries_per_cpu_s"]["median"])
+    assert positive(r["micro"][size]["raw: orjson + dict update"]["median"])
+    assert positive(r["micro"][size]["Monitor.take (decode + observe)"]["median"])
+    assert positive(r["ratio_to_raw"][size])
+    assert Path(r["profile"]["html"]).stat().st_size > 1000
+    assert "take" in Path(r["profile"]["text"]).read_text()
+
+
+def test_detector_reports_throughput_expiry_and_memory(tmp_path: Path) -> None:
+    r = bench(tmp_path, "detector")
+    assert positive(r["observe_entries_per_s"]["median"])
+    assert r["expire"]["mass_down_transitions"]["median"] == 2000
+    assert r["expire"]["relay_death_transitions"]["median"] == 500 + 1
+    for figures in r["memory"].values():
+        assert 50 < figures["rss_bytes_per_host"] < 100_000
+        assert 50 < figures["traced_bytes_per_host"] < 100_000
+
+
+def test_lag_sees_every_killed_leaf_and_both_relay_deaths(tmp_path: Path) -> None:
+    r = bench(tmp_path, "lag")
+    assert r["missed"] == []
+    for group in ("direct", "relayed"):
+        lag = r["summary"][group]["lag_ms"]
+        assert lag["n"] == 3
+        assert -100 < lag["p50"] < 5000
+    for how in ("SIGSTOP", "SIGKILL"):
+        (death,) = r["relays"][how]
+        assert death["relay_state"] == "down"
+        assert death["hosts_unreachable_seen"] == death["hosts_up_before"] > 0
+
+
+def test_api_load_reports_latency_and_rate(tmp_path: Path) -> None:
+    r = bench(tmp_path, "api")
+    for endpoint in ("host", "page"):
+        s = r["summary"][endpoint]
+        assert positive(s["req_per_s"]["median"])
+        assert s["p50_ms"]["median"] <= s["p99_ms"]["median"]
+        assert s["non_2xx"]["median"] == 0
+    assert r["page_bytes"] > 1000
+    assert positive(r["ingest_taken_entries_per_s"])
+
+
+def test_persist_writes_the_mass_event_on_sqlite(tmp_path: Path) -> None:
+    pg = os.environ.get("RELAYBEAT_TEST_DB_URL")
+    databases = ["sqlite", "postgresql"] if pg else ["sqlite"]
+    r = bench(tmp_path, "persist", "--databases", *databases, *(["--pg-url", pg] if pg else []))
+    for db in databases:
+        s = r["summary"][db]
+        assert s["transitions_written"]["median"] == 300 + 1
+        assert 0 < s["first_queryable_s"]["median"] <= s["all_queryable_s"]["median"] < 60
