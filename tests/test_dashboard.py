@@ -1,0 +1,260 @@
+"""The dashboard at `/`, driven in headless Chromium over the DevTools protocol.
+
+Needs Debian's Chromium (`apt-get install -y chromium`; CI installs it in `.ci/run`). Without it the
+tests skip and say so, except under CI (CI=true), where a missing browser is a failure.
+Set RELAYBEAT_SCREENSHOT=docs/dashboard.png to refresh the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from relay.ports import pick_free
+from tests.conftest import CentralBroker
+from tests.processes import Topology, wait_until
+from tests.test_events import Served, served_monitor
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+    "--remote-debugging-port=0", "--window-size=1600,1000",
+]  # fmt: skip
+
+
+def need_chromium() -> None:
+    if Path(CHROMIUM).exists():
+        return
+    message = "Chromium is not installed: run `apt-get install -y chromium` (Debian) to run the dashboard tests"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class PageError(Exception):
+    """JavaScript threw, or the DevTools protocol said no."""
+
+
+class Browser:
+    """Headless Chromium with one page, driven by DevTools protocol commands over a websocket."""
+
+    def __init__(self, work: Path) -> None:
+        profile = work / "chromium-profile"
+        self._log = (work / "chromium.log").open("ab")
+        self.process = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        try:
+            port_file = profile / "DevToolsActivePort"
+
+            def devtools_port() -> str | None:
+                self._alive()
+                return port_file.read_text().split("\n")[0].strip() if port_file.exists() else None
+
+            port = wait_until(devtools_port, 30, "Chromium's DevTools port")
+            base = f"http://127.0.0.1:{port}"
+
+            def page_socket() -> str | None:
+                pages = [t for t in httpx.get(f"{base}/json/list", timeout=5).json() if t["type"] == "page"]
+                return pages[0]["webSocketDebuggerUrl"] if pages else None
+
+            self.ws: ClientConnection = connect(wait_until(page_socket, 15, "a page target"), max_size=None)
+        except BaseException:
+            self.close()
+            raise
+        self._id = 0
+
+    def _alive(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"Chromium exited with {self.process.returncode}")
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise PageError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message["result"]
+                return result
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise PageError(result["exceptionDetails"].get("exception", {}).get("description", str(result)))
+        return result["result"].get("value")
+
+    def wait(self, expression: str, within_s: float, what: str) -> Any:
+        """Evaluate `expression` until it is truthy (a page still loading counts as not yet)."""
+        deadline = time.monotonic() + within_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.evaluate(expression)
+            except PageError as exc:
+                last = exc
+            else:
+                if last:
+                    return last
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {within_s} s waiting for {what}; last saw {last!r}")
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def screenshot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    need_chromium()
+    chromium = Browser(tmp_path)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+def row_state(host: str) -> str:
+    return f"document.querySelector('tr[data-host=\"{host}\"]')?.dataset.state"
+
+
+def host_rows() -> str:
+    return "[...document.querySelectorAll('#hosts tr[data-host]')].map(r => r.dataset.host)"
+
+
+READY = "window.relaybeat && relaybeat.ready && relaybeat.live"
+
+
+@pytest.mark.e2e
+def test_a_host_going_down_shows_up_live_without_a_reload(
+    central_broker: CentralBroker, tmp_path: Path, browser: Browser
+) -> None:
+    topology = Topology(tmp_path, central_broker.prefix)
+    try:
+        relay_port = pick_free("127.0.0.1")
+        topology.relay("relay-a", central_broker.url, serve=relay_port, flush=0.5)
+        topology.monitor(central_broker.url, pick_free("127.0.0.1"))
+        site = f"mqtt://127.0.0.1:{relay_port}"
+        for host in ("web-1", "web-2", "db-1"):
+            topology.leaf(host, site, interval=0.5)
+        for host in ("web-1", "web-2", "db-1"):
+            topology.wait_state("hosts", host, "up", timeout=30)
+
+        browser.open(topology.api + "/")
+        browser.wait(READY, 30, "the dashboard to load and go live")
+        browser.wait(f"{row_state('web-1')} === 'up'", 15, "web-1 shown up")
+        assert browser.evaluate("document.querySelector('[data-relay=\"relay-a\"]').dataset.state") == "up"
+        browser.evaluate("window.notReloaded = true")
+        events_before = browser.evaluate("relaybeat.events")
+
+        topology.services["web-1"].kill()  # no goodbye: it just stops beating
+        browser.wait(f"{row_state('web-1')} === 'down'", 30, "web-1 shown down")
+        assert browser.evaluate("window.notReloaded") is True  # the same page, not a reload
+        assert browser.evaluate("relaybeat.events") > events_before  # it came over the event stream
+        assert topology.state("hosts", "web-1") == "down"
+        latest = browser.evaluate("document.querySelector('#transitions tr[data-id]').textContent")
+        assert "web-1" in latest and "up → down" in latest
+        # grouped by state: down first, with its own group header
+        assert browser.evaluate(host_rows())[0] == "web-1"
+        assert "down · 1" in browser.evaluate("document.querySelector('#hosts tr.group').textContent")
+
+        # per-host history on click
+        browser.evaluate("document.querySelector('tr[data-host=\"web-1\"]').click()")
+        history = browser.wait(
+            "document.querySelector('#detail.shown') && document.querySelector('#detail-history').textContent",
+            15, "web-1's history",
+        )  # fmt: skip
+        assert "up → down" in history and "no beat for" in history
+
+        # filters and search
+        browser.evaluate("document.querySelector('#chips [data-state=\"up\"]').click()")
+        assert sorted(browser.evaluate(host_rows())) == ["db-1", "web-2"]
+        browser.evaluate("""(() => { const s = document.getElementById('search');
+            s.value = 'db'; s.dispatchEvent(new Event('input')); })()""")
+        assert browser.evaluate(host_rows()) == ["db-1"]
+        browser.evaluate("""(() => { const s = document.getElementById('search');
+            s.value = ''; s.dispatchEvent(new Event('input'));
+            document.querySelector('#chips [data-state=""]').click(); })()""")
+        assert len(browser.evaluate(host_rows())) == 3
+
+        browser.screenshot(tmp_path / "dashboard.png")
+        if target := os.environ.get("RELAYBEAT_SCREENSHOT"):
+            browser.screenshot(Path(target))
+    finally:
+        topology.close()
+
+
+async def in_thread(call: Callable[..., Any], *args: Any) -> Any:
+    """The browser is driven synchronously; the server under test runs in this event loop."""
+    return await asyncio.to_thread(call, *args)
+
+
+async def test_ten_thousand_hosts_render_one_page_and_stay_live(tmp_path: Path, browser: Browser) -> None:
+    async with served_monitor(tmp_path) as served:
+        await feed_many(served, 10_000)
+        started = time.monotonic()
+        await in_thread(browser.open, served.url + "/")
+        await in_thread(browser.wait, READY, 60, "the dashboard to load 10,000 hosts")
+        loaded_s = time.monotonic() - started
+        assert await in_thread(browser.evaluate, "relaybeat.hosts.size") == 10_000
+        rows = await in_thread(browser.evaluate, host_rows())
+        assert len(rows) == 100 and rows[0] == "h00000"  # one page in the DOM, not 10,000 rows
+        info = await in_thread(browser.evaluate, "document.getElementById('page-info').textContent")
+        assert info == "1–100 of 10,000"
+        assert loaded_s < 30, f"took {loaded_s:.1f} s to load"
+
+        await in_thread(browser.evaluate, "document.getElementById('next').click()")
+        assert (await in_thread(browser.evaluate, host_rows()))[0] == "h00100"
+        await in_thread(
+            browser.evaluate,
+            """(() => { const s = document.getElementById('search');
+            s.value = 'h0999'; s.dispatchEvent(new Event('input')); })()""",
+        )
+        assert len(await in_thread(browser.evaluate, host_rows())) == 10  # h09990..h09999
+
+        # the relay dies: 10,000 hosts turn unreachable in one burst, and the page keeps up
+        served.monitor.take("relaybeat/relay/r1/status", b"offline")
+        await served.monitor.flush()
+        chip = "document.querySelector('#chips [data-state=\"unreachable\"] b').textContent"
+        await in_thread(browser.wait, f"{chip} === '10,000'", 60, "10,000 unreachable hosts")
+        relay = "document.querySelector('[data-relay=\"r1\"]').dataset.state"
+        assert await in_thread(browser.evaluate, relay) == "down"
+
+
+async def feed_many(served: Served, count: int) -> None:
+    served.feed.known.update({f"h{n:05}": 0 for n in range(count)})
+    await served.feed.send()
+    async with httpx.AsyncClient() as client:
+        total = (await client.get(f"{served.url}/api/v1/hosts?limit=1")).json()["total"]
+    assert total == count
