@@ -449,9 +449,10 @@ class Detector:
             if was != State.UP:
                 self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
             self._schedule(relay, deadline)
-        elif was in _UP_OR_UNKNOWN:
-            # Heard, but through a parent whose copy is already too old: it died a while ago.
-            self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
+        elif was != State.DOWN:
+            # Heard, but through a parent whose copy is already too old: it died a while ago (or, if
+            # it was unreachable, while it was out of sight), before its hosts are judged below.
+            self._relay_silent(relay, deadline, out)
 
         for entry in bundle.hosts:
             self._observe_host(entry, relay.id, sent, now, out)
@@ -575,7 +576,7 @@ class Detector:
             self._host_silent(track, deadline, out)
         else:
             assert isinstance(track, RelayTrack)
-            self._relay_down(track, deadline, self._silence_reason(track, deadline), out)
+            self._relay_silent(track, deadline, out)
 
     def _confirm_pending(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
         pending, relay.pending = relay.pending, []
@@ -595,6 +596,15 @@ class Detector:
             self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
         else:
             self._move(host, Kind.HOST, State.DOWN, deadline, self._silence_reason(host, deadline), host.via, out)
+
+    def _relay_silent(self, relay: RelayTrack, deadline: float, out: list[Transition]) -> None:
+        """A relay's deadline passed: down, or unreachable if a relay above it is dead."""
+        dead = self.nearest_dead_relay(relay.parent)
+        if dead is not None:
+            self._move(relay, Kind.RELAY, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+            relay.scheduled = None
+        else:
+            self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
 
     def _relay_down(self, relay: RelayTrack, at: float, reason: str, out: list[Transition]) -> None:
         self._move(relay, Kind.RELAY, State.DOWN, at, reason, relay.parent, out)
@@ -637,6 +647,9 @@ class Detector:
         Whoever this bundle said nothing of, and whose evidence is too old to vouch for them, is not
         silent but unheard (a relay's new boot knows no one yet): one timeout of grace from now."""
         for track in [relay, *self.subtree(relay.id)]:
+            parent = None if track is relay or track.parent is None else self.relays.get(track.parent)
+            if parent is not None and parent.state not in _UP_OR_UNKNOWN:
+                continue  # still behind a dead relay (parents come before their children here)
             if track is not relay and track.state == State.UNREACHABLE:
                 if self._deadline(track) <= now:
                     track.grace_from = now

@@ -601,6 +601,63 @@ def test_three_level_tree_leaf_relay_death_blames_only_itself() -> None:
     ]
 
 
+def test_revived_relay_leaves_what_is_behind_a_still_dead_child_unreachable() -> None:
+    site = Site()
+    site.relay("r1")
+    site.relay("r2", parent="r1")
+    site.relay("r3", parent="r2")
+    site.leaf("h3", "r3")
+    site.run_until(20.25)
+    site.relays["r2"].alive = False
+    site.run_until(30.25)
+    site.relays["r1"].alive = False
+    site.run_until(40.0)
+    site.restart_relay("r1", "b2")  # r1 is back; r2 is still dead, so r3 and h3 are still cut off
+    site.run_until(80.0)
+
+    assert site.changes("r2")[1:] == [(UP, DOWN, 23.0, RELAY_SILENT_3)]
+    assert site.changes("r3")[1:] == [(UP, UNREACHABLE, 23.0, "relay r2 down")]
+    assert site.changes("h3")[1:] == [(UP, UNREACHABLE, 23.0, "relay r2 down")]
+    assert site.detector.nearest_dead_relay("r3") == "r2"
+
+
+def test_relay_first_heard_through_a_dead_parent_is_unreachable_not_down() -> None:
+    site = Site()
+    site.relay("r1", flush_s=4.0)
+    site.relay("r3", parent="r1")
+    site.relay("r4", parent="r3")
+    site.leaf("e", "r4")
+    site.run_until(1.5)
+    site.relays["r3"].alive = False  # its only bundle, from t=1, reaches the monitor inside r1's at t=4
+    site.run_until(30.0)
+
+    assert site.changes("r3") == [(UNKNOWN, DOWN, 4.0, RELAY_SILENT_3)]
+    assert site.changes("r4") == [(UNKNOWN, UNREACHABLE, 4.0, "relay r3 down")]
+    assert site.changes("e") == [(UNKNOWN, UP, 4.0, "beat received"), (UP, UNREACHABLE, 15.0, "relay r3 down")]
+    assert site.detector.nearest_dead_relay("r4") == "r3"
+
+
+def test_child_relay_back_behind_revived_parent_is_down_if_its_age_says_it_died_and_its_hosts_stay_unreachable() -> (
+    None
+):
+    site = tree_site()
+    site.run_until(20.5)
+    site.relays["r0"].uplink = False  # the whole tree keeps running; the monitor hears none of it
+    site.run_until(30.5)
+    site.relays["r2"].alive = False  # last bundle at 30, kept by r1 from then on
+    site.run_until(60.5)
+    site.relays["r0"].uplink = True
+    site.run_until(80.0)
+
+    assert site.changes("r2")[1:] == [
+        (UP, UNREACHABLE, 23.0, "relay r0 down"),
+        (UNREACHABLE, DOWN, 33.0, RELAY_SILENT_3),  # died at 30 + 3, as r1's copy of its bundle says
+    ]
+    assert site.changes("h2")[1:] == [(UP, UNREACHABLE, 23.0, "relay r0 down")]  # its silence is r2's
+    assert site.detector.nearest_dead_relay("r2") == "r2"
+    assert {s: site.state(s) for s in ("r0", "r1", "h0", "h1")} == dict.fromkeys(("r0", "r1", "h0", "h1"), UP)
+
+
 # ------------------------------------------------------------------------------------- 8. flapping
 
 
@@ -809,24 +866,37 @@ def test_policy_rejects_nonsense(bad: dict[str, float]) -> None:
 # -------------------------------------------------------------------------------- state machine
 
 SM_POLICY = Policy()
-SM_RELAYS: dict[str, tuple[str | None, float]] = {"r1": (None, 1.0), "r2": (None, 0.5), "r3": ("r1", 1.0)}
+# r1 ← r3 ← r4 and r2 at the top; leaf "b" beats to two relays, "d" straight to the monitor.
+SM_RELAYS: dict[str, tuple[str | None, float]] = {
+    "r1": (None, 1.0),
+    "r2": (None, 0.5),
+    "r3": ("r1", 1.0),
+    "r4": ("r3", 1.0),
+}
 SM_LEAVES: dict[str, tuple[tuple[str | None, ...], float]] = {
     "a": (("r1",), 2.0),
     "b": (("r1", "r2"), 1.0),
     "c": (("r3",), 2.0),
     "d": ((None,), 1.5),
+    "e": (("r4",), 2.0),
 }
 
 
-def sm_path(subject: str) -> set[str]:
-    """Every relay that stands between a subject and the monitor, by the site's wiring."""
-    start = list(SM_LEAVES[subject][0]) if subject in SM_LEAVES else [SM_RELAYS[subject][0]]
-    path: set[str] = set()
-    for relay_id in start:
+def sm_routes(subject: str) -> list[set[str]]:
+    """The relays between a subject and the monitor, one set per route, by the site's wiring."""
+    starts = list(SM_LEAVES[subject][0]) if subject in SM_LEAVES else [SM_RELAYS[subject][0]]
+    routes = []
+    for relay_id in starts:
+        route: set[str] = set()
         while relay_id is not None:
-            path.add(relay_id)
+            route.add(relay_id)
             relay_id = SM_RELAYS[relay_id][0]
-    return path
+        routes.append(route)
+    return routes
+
+
+def sm_path(subject: str) -> set[str]:
+    return set().union(*sm_routes(subject))
 
 
 def sm_timeout(subject: str) -> float:
@@ -876,6 +946,10 @@ class DetectorMachine(RuleBasedStateMachine):
             assert t.at >= self.last_at.get(t.subject, -math.inf), (t, self.last_at[t.subject])
             if t.to_state == DOWN:
                 assert self.connected, f"{t} while disconnected"
+                assert any(
+                    all(self.state.get(r, State.UNKNOWN) in (UP, UNKNOWN) for r in route)
+                    for route in sm_routes(t.subject)
+                ), f"{t} while every route to it is cut"
                 if name != "relay_offline":  # a last will is evidence, not silence: grace does not apply
                     assert self.now >= self.grace_from + sm_timeout(t.subject), f"{t} within grace"
             self.state[t.subject] = t.to_state
@@ -994,7 +1068,7 @@ class DetectorMachine(RuleBasedStateMachine):
             for leaf in sorted(SM_LEAVES):
                 if self.leaf_alive[leaf] and self.next_beat[leaf] <= self.now:
                     self.beat(leaf)
-            for relay_id in ("r3", "r1", "r2"):  # the child first, so its parent folds it fresh
+            for relay_id in ("r4", "r3", "r1", "r2"):  # children first, so their parents fold them fresh
                 if self.relay_alive[relay_id] and self.next_flush[relay_id] <= self.now:
                     self.next_flush[relay_id] = self.now + SM_RELAYS[relay_id][1]
                     self.flush(relay_id, late=False)
