@@ -17,6 +17,7 @@ from monitor.service import MonitorSettings
 from monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
 from relay.mqtt import BrokerURL
 from relay.ports import PortInUse, parse_hostport
+from relaybeat import people
 from relay.wire import DEFAULT_INTERVAL_S, DEFAULT_PREFIX
 
 app = typer.Typer(
@@ -269,3 +270,6 @@ def passwd(
     from relay.broker import main as broker_main
 
     raise typer.Exit(broker_main(["add-user", str(password_file), username]))
+
+
+people.register(app)  # status, history, watch: for people at a terminal

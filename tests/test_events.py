@@ -79,9 +79,9 @@ class QuietServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in this event loop; yields its base URL."""
-    port = pick_free("127.0.0.1")
+async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on a loopback port (default: a free one) in this loop; yields its base URL."""
+    port = port or pick_free("127.0.0.1")
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
                             timeout_graceful_shutdown=2, access_log=False)  # fmt: skip
     server = QuietServer(config)

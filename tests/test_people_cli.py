@@ -1,0 +1,183 @@
+"""`relaybeat status`, `history` and `watch`, run as real processes against a real monitor's API.
+
+The monitor (fed through its own `take`, writing to SQLite) and its API run in the test's event
+loop under uvicorn; each command is `python -m relaybeat ...` in a subprocess, as a person runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from api.app import create_app
+from monitor.detector import Policy
+from monitor.service import Monitor, MonitorSettings
+from monitor.store import Store
+from relay.mqtt import BrokerURL
+from relay.ports import pick_free
+from tests.test_events import FakeClock, Feed, Served, served_monitor, serving
+
+BASE_ENV = {k: v for k, v in os.environ.items() if k not in {"RELAYBEAT_API", "RELAYBEAT_API_TOKEN", "NO_COLOR"}}
+BASE_ENV |= {"COLUMNS": "200", "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color", "FORCE_COLOR": ""}
+BASE_ENV.pop("FORCE_COLOR")
+RED_DOWN = re.compile(r"\x1b\[[0-9;]*31m\s*down")
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with served_monitor(tmp_path) as running:
+        await running.feed.up("web-1", "web-2", "db-1")
+        await running.feed.down("web-1")
+        yield running
+
+
+async def relaybeat(*args: str, color: bool = False, **env: str) -> tuple[int, str, str]:
+    environment = BASE_ENV | ({"FORCE_COLOR": "1"} if color else {}) | env
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaybeat", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def rows(out: str) -> list[str]:
+    """Table rows' first cells: the subjects listed."""
+    return re.findall(r"^│ ([A-Za-z0-9._-]+) ", out, re.MULTILINE)
+
+
+async def test_status_lists_relays_and_hosts_worst_first_in_color(served: Served) -> None:
+    code, out, err = await relaybeat("status", "--api", served.url, color=True)
+    assert code == 0, err
+    assert RED_DOWN.search(out), out  # down is red
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert "relaybeat at " + served.url in plain and "ok" in plain
+    assert rows(plain) == ["r1", "web-1", "db-1", "web-2"]  # the relay, then hosts: down first, then by id
+    assert re.search(r"web-1 +│ down", plain) and re.search(r"db-1 +│ up", plain)
+
+
+async def test_status_filters_by_state_relay_and_search(served: Served) -> None:
+    _, out, _ = await relaybeat("status", "--api", served.url, "--state", "up")
+    assert rows(out) == ["db-1", "web-2"]  # no relay table when filtering hosts
+    _, out, _ = await relaybeat("status", "--api", served.url, "--search", "WEB")
+    assert rows(out) == ["web-1", "web-2"]
+    _, out, _ = await relaybeat("status", "--api", served.url, "--relay", "r1", "--limit", "1")
+    assert rows(out) == ["r1", "web-1"] and "… and 2 more" in out
+    code, out, _ = await relaybeat("status", "--api", served.url, "--relay", "r9")
+    assert code == 0 and "no host matches" in out
+    code, _, err = await relaybeat("status", "--api", served.url, "--state", "sleeping")
+    assert code == 2 and "use one of down, unreachable" in err
+
+
+async def test_status_reads_the_api_from_the_environment_and_says_what_to_do_when_it_is_down(served: Served) -> None:
+    code, out, _ = await relaybeat("status", RELAYBEAT_API=served.url)
+    assert code == 0 and "web-1" in out
+    closed = f"http://127.0.0.1:{pick_free('127.0.0.1')}"
+    for command in (["status"], ["history", "web-1"], ["watch"]):
+        code, _, err = await relaybeat(*command, RELAYBEAT_API=closed)
+        assert code == 2, command
+        assert f"cannot reach {closed}" in err and "is `relaybeat monitor` running? use --api URL" in err, err
+    code, _, err = await relaybeat("status", "--api", "localhost:8000")
+    assert code == 2 and "is not a URL" in err
+
+
+async def test_history_shows_transitions_oldest_first_and_names_unknown_subjects(served: Served) -> None:
+    code, out, err = await relaybeat("history", "web-1", "--api", served.url)
+    assert code == 0, err
+    assert out.index("unknown → up") < out.index("up → down")
+    assert "no beat for 3.0 s" in out
+    code, out, _ = await relaybeat("history", "r1", "--api", served.url)  # a relay id works too
+    assert code == 0 and "relay r1" in out and "unknown → up" in out
+    code, _, err = await relaybeat("history", "nope", "--api", served.url)
+    assert code == 2 and "no host or relay 'nope'" in err and "relaybeat status --search nope" in err
+
+
+async def test_status_pages_through_more_hosts_than_one_request_returns(tmp_path: Path) -> None:
+    async with served_monitor(tmp_path) as running:
+        running.feed.known.update({f"h{n:05}": 0 for n in range(10_050)})
+        await running.feed.send()
+        code, out, err = await relaybeat("status", "--api", running.url)
+    assert code == 0, err
+    assert "10,050 hosts shown" in out and "… and 10,000 more" in out
+
+
+async def read_line(stream: asyncio.StreamReader, contains: str, within_s: float = 20.0) -> str:
+    """The next line containing `contains` (earlier lines are skipped, and kept in the error)."""
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(within_s):
+            while line := (await stream.readline()).decode():
+                if contains in line:
+                    return line
+                seen.append(line)
+    except TimeoutError:
+        pass
+    raise AssertionError(f"no line with {contains!r} within {within_s} s; saw {seen}")
+
+
+async def test_watch_prints_live_transitions_and_resumes_after_the_api_restarts(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite:///{tmp_path / 'watch.db'}")
+    await store.upgrade()
+    clock = FakeClock()
+    monitor = Monitor(MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3)), store, clock)
+    feed = Feed(monitor, clock)
+    port = pick_free("127.0.0.1")
+    watcher = None
+    try:
+        await feed.up("a", "b", "c")
+        async with serving(create_app(monitor), port) as url:
+            watcher = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relaybeat", "watch", "--api", url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=BASE_ENV,
+            )  # fmt: skip
+            assert watcher.stdout and watcher.stderr
+            await read_line(watcher.stderr, "watching")
+            await feed.down("a")
+            line = await read_line(watcher.stdout, " a ")
+            assert "host" in line and "up → down" in line and "no beat for" in line and "via r1" in line
+
+        # the API goes away (a monitor restart); meanwhile b goes down; the watcher must not miss it
+        await read_line(watcher.stderr, "the stream ended")
+        await feed.down("b")
+        async with serving(create_app(monitor), port):
+            await read_line(watcher.stderr, "reconnected", within_s=30)
+            line = await read_line(watcher.stdout, " b ")
+            assert "up → down" in line
+            await feed.down("c")
+            assert "up → down" in await read_line(watcher.stdout, " c ")
+            watcher.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(watcher.wait(), 15) == 0
+            rest = (await watcher.stdout.read()).decode()
+            assert " a " not in rest  # nothing twice
+    finally:
+        if watcher is not None and watcher.returncode is None:
+            watcher.kill()
+            await watcher.wait()
+        await store.close()
+
+
+async def test_watch_filters_by_state_and_replays_from_an_id(served: Served) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaybeat", "watch", "--api", served.url, "--after-id", "0", "--state", "down",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=BASE_ENV,
+    )  # fmt: skip
+    assert process.stdout
+    try:
+        first = await read_line(process.stdout, "up → down")  # web-1's down: the newest row, so the replay is done
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err
+    assert first.split()[2] == "web-1" and out.strip() == b""  # the four `up` rows were filtered out
+    assert "stopped" in err.decode()
