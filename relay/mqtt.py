@@ -1,22 +1,37 @@
 """MQTT connection plumbing shared by the leaf agent, the relay and the monitor.
 
-Broker URLs are `mqtt://[user:pass@]host:port` or `mqtts://...` (TLS). Passwords never reach a log:
-`BrokerURL.__str__` redacts them.
+Broker URLs are `mqtt://[user:pass@]host[:port]` (plain, port 1883) or `mqtts://...` (TLS, port
+8883). TLS options travel in the URL's query, so every command that takes a broker URL takes them:
+
+    mqtts://web-01:secret@broker.example:8883?ca=/etc/relaybeat/ca.pem
+    mqtts://web-01:secret@broker.example:8883?ca=ca.pem&cert=web-01.pem&key=web-01.key
+
+- `ca`: trust only this CA (PEM file) for the broker's certificate; without it, the system's CAs.
+- `cert`, `key`: a client certificate (PEM) and its unencrypted private key, for brokers that ask
+  for one (`key` may be left out when the key is inside the `cert` file).
+The broker's certificate is always verified, host name included; there is no switch to turn that off.
+Files are checked (and the TLS settings built once) when the URL is parsed, so a wrong path stops
+start-up with a message naming the option. Percent-encode `@ : / ? & %` in user names and passwords.
+
+Passwords never reach a log: `BrokerURL.__str__` and every parse error redact them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiomqtt
 
 log = logging.getLogger("relaybeat.mqtt")
+
+TLS_OPTIONS = ("ca", "cert", "key")  # the query options a broker URL may carry (mqtts:// only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,34 +41,77 @@ class BrokerURL:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
-    ca_file: str | None = None  # trust this CA for mqtts:// (the system store otherwise)
+    ca_file: str | None = None  # ?ca=: trust this CA for mqtts:// (the system store otherwise)
+    cert_file: str | None = None  # ?cert=: client certificate (PEM)
+    key_file: str | None = None  # ?key=: its private key, if not inside cert_file
 
     @classmethod
-    def parse(cls, url: str, ca_file: str | None = None) -> BrokerURL:
+    def parse(cls, url: str) -> BrokerURL:
+        """Parse and check a broker URL; ValueError (password redacted) names what is wrong."""
+        shown = _redact(url)
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker URL {_redact(url)!r} must start with mqtt:// or mqtts://")
+            raise ValueError(f"broker URL {shown!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
-            raise ValueError(f"broker URL {_redact(url)!r} has no host")
+            raise ValueError(f"broker URL {shown!r} has no host")
+        if parts.path not in ("", "/") or parts.fragment:
+            raise ValueError(f"broker URL {shown!r} has a path; expected mqtt[s]://[user:pass@]host:port[?options]")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
-            raise ValueError(f"broker URL {_redact(url)!r} has a bad port") from None
-        return cls(
+            raise ValueError(f"broker URL {shown!r} has a bad port") from None
+        options: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in TLS_OPTIONS:
+                raise ValueError(f"broker URL {shown!r}: unknown option {key!r}; known options are ca, cert, key")
+            if key in options:
+                raise ValueError(f"broker URL {shown!r}: option {key!r} is given twice")
+            if not value:
+                raise ValueError(f"broker URL {shown!r}: option {key!r} needs a file path")
+            options[key] = os.path.abspath(os.path.expanduser(value))
+        if options and not tls:
+            raise ValueError(f"broker URL {shown!r}: the options ca, cert and key need mqtts:// (TLS)")
+        if "key" in options and "cert" not in options:
+            raise ValueError(f"broker URL {shown!r}: option 'key' needs 'cert' (the client certificate)")
+        for key, path in options.items():
+            if not os.path.isfile(path):
+                raise ValueError(f"broker URL {shown!r}: option {key!r}: {path} is not a readable file")
+        broker = cls(
             host=parts.hostname,
             port=port,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             tls=tls,
-            ca_file=ca_file,
+            ca_file=options.get("ca"),
+            cert_file=options.get("cert"),
+            key_file=options.get("key"),
         )
+        try:
+            broker.tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"broker URL {shown!r}: cannot use its TLS files: {exc}") from None
+        return broker
 
     def __str__(self) -> str:
         user = ""
         if self.username:
-            user = f"{self.username}:***@" if self.password else f"{self.username}@"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+            name = quote(self.username, safe="")
+            user = f"{name}:***@" if self.password else f"{name}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        options = {"ca": self.ca_file, "cert": self.cert_file, "key": self.key_file}
+        query = "&".join(f"{key}={quote(path)}" for key, path in options.items() if path)
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{'?' if query else ''}{query}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """For mqtts://: verify the broker (certificate and host name) against `ca_file` or the
+        system CAs; present the client certificate if there is one. None for plain mqtt://."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
     def client(
         self,
@@ -63,9 +121,6 @@ class BrokerURL:
         clean_session: bool = True,
         keepalive: int = 10,
     ) -> aiomqtt.Client:
-        tls_context = None
-        if self.tls:
-            tls_context = ssl.create_default_context(cafile=self.ca_file)
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -75,16 +130,20 @@ class BrokerURL:
             will=will,
             clean_session=clean_session,
             keepalive=keepalive,
-            tls_context=tls_context,
+            tls_context=self.tls_context(),  # built per connection: renewed certificate files are picked up
             timeout=10,
             max_queued_outgoing_messages=10_000,
         )
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password:
+        return url.replace(f":{password}@", ":***@", 1)
     return url
 
 
@@ -109,7 +168,7 @@ async def stay_connected(
                     on_state(True)
                 await session(client)
                 return
-        except aiomqtt.MqttError as exc:
+        except (aiomqtt.MqttError, OSError) as exc:  # OSError: e.g. a TLS file that went away
             if on_state is not None:
                 on_state(False)
             delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))

@@ -1,7 +1,9 @@
 """Shared fixtures: free ports, the real MQTT broker and the real databases tests talk to.
 
 RELAYBEAT_TEST_MQTT_URL=mqtt://127.0.0.1:1883 points the end-to-end tests at an existing broker
-(Mosquitto in CI); unset, each test starts `relaybeat broker` (embedded amqtt) on a free port.
+(Mosquitto in CI; set but not answering, they fail); unset, each test starts `relaybeat broker`
+(embedded amqtt) on a free port. Tests that need authentication, ACLs or TLS start their own brokers
+from the shipped configs (tests/processes.py), whatever these variables say.
 RELAYBEAT_TEST_DB_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test adds PostgreSQL to every
 database-parametrised test (each in a fresh schema); unset, those cases skip and say how to enable
 them; set but unreachable, they fail.
@@ -10,6 +12,7 @@ them; set but unreachable, they fail.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from monitor.store import async_url
+from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from tests.processes import Service, port_open, wait_until
 
@@ -73,6 +77,9 @@ def central_broker(tmp_path: Path) -> Iterator[CentralBroker]:
     prefix = f"rbt{uuid.uuid4().hex[:8]}/"
     external = os.environ.get(MQTT_ENV)
     if external:
+        url = BrokerURL.parse(external)
+        if not _reachable(url.host, url.port):
+            pytest.fail(f"{MQTT_ENV}={url} is set, but nothing answers on {url.host}:{url.port}")
         yield CentralBroker(external, prefix, "external")
         return
     port = pick_free("127.0.0.1")
@@ -82,3 +89,11 @@ def central_broker(tmp_path: Path) -> Iterator[CentralBroker]:
         yield CentralBroker(f"mqtt://127.0.0.1:{port}", prefix, "embedded")
     finally:
         broker.stop()
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False

@@ -1,32 +1,47 @@
-"""Real processes for end-to-end tests: start `relaybeat ...` subcommands, wait on conditions, read the API."""
+"""Real processes for end-to-end tests: start `relaybeat ...` subcommands (and Mosquitto), wait on
+conditions, read the API and the database (SQLite or PostgreSQL, through SQLAlchemy)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
+from sqlalchemy import Engine, create_engine, select
+
+from monitor.tables import TransitionModel
+from relay.broker import load_broker_settings
 
 T = TypeVar("T")
 
 
 class Service:
-    """A `relaybeat` subcommand running as its own process, its output kept in a log file."""
+    """A `relaybeat` subcommand (or another `command`) as its own process, its output kept in a log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        command: Sequence[str] = (sys.executable, "-m", "relaybeat"),
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relaybeat", *args],
+            [*command, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -53,6 +68,9 @@ class Service:
             ) from None
         finally:
             self._log.close()
+
+    def close_log(self) -> None:
+        self._log.close()
 
     def assert_running(self) -> None:
         if self.process.poll() is not None:
@@ -87,35 +105,55 @@ class Topology:
     """Brokers, relays, a monitor and leaves as separate processes, all on free loopback ports.
 
     Every topic lives under `prefix`, so tests sharing one external broker never see each other.
+    The monitor stores into `db_url` (a SQLite file in `log_dir` unless given, e.g. the `postgres_url`
+    fixture's fresh schema); `transitions()` reads it back on either database.
     """
 
-    def __init__(self, log_dir: Path, prefix: str) -> None:
+    def __init__(self, log_dir: Path, prefix: str, db_url: str | None = None) -> None:
         self.log_dir = log_dir
         self.prefix = prefix
         self.services: dict[str, Service] = {}
-        self.db = log_dir / "relaybeat.db"
+        self.db_url = db_url or f"sqlite:///{log_dir / 'relaybeat.db'}"
         self.api = ""
         self.monitor_id = f"monitor-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        self._history: History | None = None
 
-    def start(self, name: str, args: list[str]) -> Service:
+    def start(self, name: str, args: list[str], *, command: Sequence[str] | None = None) -> Service:
         if name in self.services and self.services[name].process.poll() is None:
             raise AssertionError(f"{name} is already running")
-        self.services[name] = Service(name, args, self.log_dir)
+        if name in self.services:
+            self.services[name].close_log()
+        if command is None:
+            self.services[name] = Service(name, args, self.log_dir)
+        else:
+            self.services[name] = Service(name, args, self.log_dir, command=command)
         return self.services[name]
 
-    def broker(self, name: str, port: int) -> str:
-        service = self.start(name, ["broker", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"])
-        wait_until(lambda: port_open(port) or service.assert_running(), 20, f"{name} to listen")
-        return f"mqtt://127.0.0.1:{port}"
+    def broker(self, name: str, port: int, config: Path | None = None, *, wait: bool = True) -> str:
+        """`relaybeat broker` on `port`, optionally from a broker TOML; returns its mqtt:// or mqtts:// URL.
+        With `wait=False`, call `wait_listening` before using it (to start several at once)."""
+        tls = config is not None and load_broker_settings(config).tls
+        args = ["broker", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+        self.start(name, [*args, "--config", str(config)] if config else args)
+        if wait:
+            self.wait_listening(name, port)
+        return f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{port}"
 
-    def mosquitto(self, name: str, port: int) -> str:
+    def wait_listening(self, name: str, port: int, timeout: float = 20) -> None:
+        service = self.services[name]
+        wait_until(lambda: port_open(port) or service.assert_running(), timeout, f"{name} to listen on {port}")
+
+    def mosquitto(self, name: str, port: int, config: str | None = None) -> str:
+        """Mosquitto on `port`: anonymous and plain unless `config` (a whole mosquitto.conf) says otherwise."""
         conf = self.log_dir / f"{name}.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        service = Service.__new__(Service)
-        service.name, service.log_path, service._log, service.process = name, self.log_dir / f"{name}.log", log, process
-        self.services[name] = service
+        text = config or f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        if os.geteuid() == 0 and not re.search(r"^user ", text, re.M):
+            text += "user root\n"  # else it drops to user mosquitto, who cannot read the test's files
+        conf.write_text(text)
+        binary = mosquitto_binary()
+        if binary is None:
+            raise AssertionError("mosquitto is not installed (apt install mosquitto)")
+        service = self.start(name, ["-c", str(conf)], command=[binary])
         wait_until(lambda: port_open(port) or service.assert_running(), 20, f"{name} to listen")
         return f"mqtt://127.0.0.1:{port}"
 
@@ -131,12 +169,14 @@ class Topology:
             wait_until(lambda: port_open(serve) or service.assert_running(), 20, f"{relay_id}'s broker")
         return service
 
-    def monitor(self, broker: str, port: int, misses: int = 3) -> Service:
+    def monitor(self, broker: str, port: int, misses: int = 3, client_id: str | None = None) -> Service:
+        """The monitor on `broker`, its API on `port`; `client_id` defaults to a unique one (on an
+        authenticating broker it must be the monitor's username, or start with `username-`)."""
         self.api = f"http://127.0.0.1:{port}"
         service = self.start(
             "monitor",
-            ["monitor", "--broker", broker, "--db", f"sqlite:///{self.db}", "--listen", f"127.0.0.1:{port}",
-             "--misses", str(misses), "--prefix", self.prefix, "--client-id", self.monitor_id,
+            ["monitor", "--broker", broker, "--db", self.db_url, "--listen", f"127.0.0.1:{port}",
+             "--misses", str(misses), "--prefix", self.prefix, "--client-id", client_id or self.monitor_id,
              "--log-level", "warning"],
         )  # fmt: skip
         wait_until(lambda: api_get(self.api, "/healthz") or service.assert_running(), 30, "the monitor's API")
@@ -156,10 +196,15 @@ class Topology:
     def wait_state(self, kind: str, subject: str, state: str, timeout: float = 15) -> None:
         wait_until(lambda: self.state(kind, subject) == state, timeout, f"{kind} {subject} {state}")
 
+    def healthz(self) -> dict[str, Any]:
+        body: dict[str, Any] = api_get(self.api, "/healthz")
+        return body
+
     def transitions(self, subject: str, event: str = "transition") -> list[tuple[str, str, str]]:
-        query = "SELECT from_state, to_state, reason FROM transitions WHERE subject = ? AND event = ? ORDER BY id"
-        with sqlite3.connect(self.db) as connection:
-            return list(connection.execute(query, (subject, event)))
+        """(from, to, reason) rows of `subject` in the monitor's database, oldest first."""
+        if self._history is None:
+            self._history = History(self.db_url)
+        return self._history.rows(subject, event)
 
     def moves(self, subject: str) -> list[tuple[str, str]]:
         return [(f, t) for f, t, _ in self.transitions(subject)]
@@ -169,7 +214,127 @@ class Topology:
             if service.process.poll() is None:
                 service.process.kill()
                 service.process.wait(10)
-            service._log.close()
+            service.close_log()
+        if self._history is not None:
+            self._history.close()
+
+
+class History:
+    """Reads the `transitions` table of a monitor's database (SQLite or PostgreSQL) with a small
+    synchronous engine; timestamps come back as aware UTC on both (through the model's types)."""
+
+    def __init__(self, db_url: str) -> None:
+        self.engine: Engine = create_engine(db_url)
+
+    def records(self, subject: str, event: str = "transition") -> list[Any]:
+        t = TransitionModel
+        query = (
+            select(t.from_state, t.to_state, t.reason, t.at, t.relay)
+            .where(t.subject == subject, t.event == event)
+            .order_by(t.id)
+        )
+        with self.engine.connect() as connection:
+            return list(connection.execute(query))
+
+    def rows(self, subject: str, event: str = "transition") -> list[tuple[str, str, str]]:
+        return [(str(r.from_state), str(r.to_state), r.reason) for r in self.records(subject, event)]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# ------------------------------------------------------------------------------------- Mosquitto
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+
+
+def mosquitto_binary() -> str | None:
+    """Where `mosquitto` is (it lives in /usr/sbin on Debian, often not on a user's PATH), or None."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+def require_mosquitto() -> str:
+    """The `mosquitto` binary; skips the test without one, but fails it when RELAYBEAT_TEST_MQTT_URL
+    is set (CI, where Mosquitto must be there)."""
+    binary = mosquitto_binary()
+    if binary is None:
+        if os.environ.get("RELAYBEAT_TEST_MQTT_URL"):
+            pytest.fail("RELAYBEAT_TEST_MQTT_URL is set but the mosquitto binary is not installed")
+        pytest.skip("mosquitto is not installed (apt install mosquitto mosquitto-clients)")
+    return binary
+
+
+def shipped_mosquitto_config(workdir: Path, port: int, password_file: Path, acl_file: Path, *, extra: str = "") -> str:
+    """broker_config/mosquitto.conf with its listener, files and paths moved into `workdir` (one
+    directory per Mosquitto: its persistence file and its log, `mosquitto.log`, live there)."""
+    overrides = {
+        "password_file": str(password_file),
+        "acl_file": str(acl_file),
+        "listener": f"{port} 127.0.0.1",
+        "persistence_location": f"{workdir}/",
+        "log_dest": f"file {workdir / 'mosquitto.log'}",
+    }
+    lines, replaced = [], set()
+    for line in (CONFIG_DIR / "mosquitto.conf").read_text().splitlines():
+        key = line.split(" ", 1)[0]
+        if key in overrides:
+            line = f"{key} {overrides[key]}"
+            replaced.add(key)
+        lines.append(line)
+    if replaced != set(overrides):
+        raise AssertionError(f"broker_config/mosquitto.conf no longer sets {sorted(set(overrides) - replaced)}")
+    if os.geteuid() == 0:
+        lines.append("user root")  # else it drops to user mosquitto, who cannot read the test's files
+    return "\n".join([*lines, extra]) + "\n"
+
+
+def shipped_acl(relays: Sequence[str], monitors: Sequence[str]) -> str:
+    """broker_config/acl with its example `user relay-a` / `user monitor` blocks repeated for each
+    relay and monitor username given (the shipped lines, names swapped)."""
+    text = (CONFIG_DIR / "acl").read_text()
+    blocks = re.findall(r"^user (\S+)\n((?:topic .*\n?)+)", text, re.M)
+    found = {user: body for user, body in blocks}
+    if "relay-a" not in found or "monitor" not in found:
+        raise AssertionError("broker_config/acl no longer has the example `user relay-a` and `user monitor` blocks")
+    head = text[: text.index("user relay-a")]
+    out = [head]
+    for name in relays:
+        out.append(f"user {name}\n" + found["relay-a"].replace("relay-a", name))
+    for name in monitors:
+        out.append(f"user {name}\n" + found["monitor"])
+    return "\n".join(out)
+
+
+def shipped_amqtt_config(folder: Path, password_file: Path, relays: Sequence[str], monitors: Sequence[str]) -> Path:
+    """broker_config/amqtt.toml with a password file and these relay and monitor users, written to
+    `folder` (the port comes from `relaybeat broker --bind`)."""
+    overrides = {
+        "password_file": f'"{password_file}"',
+        "relays": "[" + ", ".join(f'"{name}"' for name in relays) + "]",
+        "monitors": "[" + ", ".join(f'"{name}"' for name in monitors) + "]",
+    }
+    lines, replaced = [], set()
+    for line in (CONFIG_DIR / "amqtt.toml").read_text().splitlines():
+        found = re.match(r"#?\s*(\w+)\s*=", line)
+        if found and found.group(1) in overrides:
+            line = f"{found.group(1)} = {overrides[found.group(1)]}"
+            replaced.add(found.group(1))
+        lines.append(line)
+    if replaced != set(overrides):
+        raise AssertionError(f"broker_config/amqtt.toml no longer sets {sorted(set(overrides) - replaced)}")
+    config = folder / "amqtt.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def mosquitto_passwords(path: Path, passwords: dict[str, str]) -> None:
+    """A Mosquitto password file (PBKDF2-SHA512), with `mosquitto_passwd`."""
+    tool = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path="/usr/bin:/usr/sbin")
+    if tool is None:
+        raise AssertionError("mosquitto_passwd is not installed (apt install mosquitto)")
+    for index, (user, password) in enumerate(passwords.items()):
+        create = ["-c"] if index == 0 else []
+        subprocess.run([tool, *create, "-b", str(path), user, password], check=True, capture_output=True)
 
 
 def port_open(port: int) -> bool:

@@ -1,14 +1,17 @@
 """The whole path with real processes: leaves → relay (own embedded broker) → central broker → monitor →
-SQLite → HTTP API. Beats come from `mosquitto_pub`, a client we did not write, and from our leaf agent.
+SQL → HTTP API. Beats come from `mosquitto_pub`, a client we did not write, and from our leaf agent.
+
+Runs on SQLite always, and on PostgreSQL too when RELAYBEAT_TEST_DB_URL is set (in a fresh schema);
+the central broker is Mosquitto when RELAYBEAT_TEST_MQTT_URL is set (CI sets both), else an embedded one.
 """
 
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import pytest
 
 from relay.ports import pick_free
 from tests.conftest import CentralBroker
-from tests.processes import Service, api_get, port_open, wait_until
+from tests.processes import History, Service, api_get, port_open, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -31,27 +34,23 @@ def publish_beat(port: int, topic: str) -> None:
         paho.mqtt.publish.single(topic, b"", hostname="127.0.0.1", port=port)
 
 
-def transitions(db: Path, subject: str) -> list[tuple[str, str, str]]:
-    query = "SELECT from_state, to_state, reason FROM transitions WHERE subject = ? AND event = 'transition'"
-    with sqlite3.connect(db) as connection:
-        return list(connection.execute(query + " ORDER BY id", (subject,)))
-
-
 def state_of(api: str, kind: str, subject: str) -> Any:
     body = api_get(api, f"/api/v1/{kind}/{subject}")
     return None if body is None else body["state"]
 
 
 def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_makes_hosts_unreachable(
-    central_broker: CentralBroker, tmp_path: Path
+    central_broker: CentralBroker, db_url: str, tmp_path: Path
 ) -> None:
     prefix = central_broker.prefix
     relay_port, api_port = pick_free("127.0.0.1"), pick_free("127.0.0.1")
     api = f"http://127.0.0.1:{api_port}"
-    db = tmp_path / "relaybeat.db"
+    history = History(db_url)
+    transitions = history.rows
+    started = datetime.now(UTC)
     monitor = Service(
         "monitor",
-        ["monitor", "--broker", central_broker.url, "--db", f"sqlite:///{db}", "--listen", f"127.0.0.1:{api_port}",
+        ["monitor", "--broker", central_broker.url, "--db", db_url, "--listen", f"127.0.0.1:{api_port}",
          "--misses", "3", "--prefix", prefix, "--client-id", f"monitor-{uuid.uuid4().hex[:8]}"],
         tmp_path,
     )  # fmt: skip
@@ -81,9 +80,17 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
         last_beat = time.monotonic()
         wait_until(lambda: state_of(api, "hosts", "web-1") == "down", 10, "web-1 down")
         assert time.monotonic() - last_beat <= 1.0 * 3 + 1.0
-        rows = wait_until(lambda: len(transitions(db, "web-1")) == 2 and transitions(db, "web-1"), 5, "rows in SQL")
+        rows = wait_until(lambda: len(transitions("web-1")) == 2 and transitions("web-1"), 5, "rows in SQL")
         assert [(f, t) for f, t, _ in rows] == [("unknown", "up"), ("up", "down")]
         assert rows[-1][2].startswith("no beat for 3.") and rows[-1][2].endswith("(interval 1 s × 3)")
+        # Timestamps are UTC on either database: aware in SQL, ISO with an offset in the API, and now.
+        stored = [row.at for row in history.records("web-1")]
+        assert all(at.utcoffset() == timedelta(0) for at in stored)
+        assert started - timedelta(seconds=1) <= stored[0] <= stored[1] <= datetime.now(UTC) + timedelta(seconds=1)
+        shown = [item["at"] for item in reversed(api_get(api, "/api/v1/hosts/web-1/transitions")["items"])]
+        assert all(at.endswith("Z") for at in shown), shown
+        assert [datetime.fromisoformat(at) for at in shown] == [at.replace(microsecond=at.microsecond // 1000 * 1000)
+                                                                for at in stored]  # fmt: skip
 
         # 3. Our leaf agent beats through the relay; kill -9 the relay: its hosts turn unreachable, not down.
         leaf = Service(
@@ -97,9 +104,9 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
         wait_until(lambda: state_of(api, "hosts", "web-2") == "unreachable", 10, "web-2 unreachable")
         assert state_of(api, "relays", "r1") == "down"
         assert state_of(api, "hosts", "web-1") == "down"  # it was dead before its relay: it stays down
-        web2 = wait_until(lambda: len(transitions(db, "web-2")) == 2 and transitions(db, "web-2"), 5, "web-2 rows")
+        web2 = wait_until(lambda: len(transitions("web-2")) == 2 and transitions("web-2"), 5, "web-2 rows")
         assert web2[-1] == ("up", "unreachable", "relay r1 down")
-        assert transitions(db, "r1")[-1][:2] == ("up", "down")
+        assert transitions("r1")[-1][:2] == ("up", "down")
 
         # 4. Unknown ids are a 404; SIGTERM stops the leaf and the monitor cleanly.
         assert api_get(api, "/api/v1/hosts/nope") is None
@@ -109,3 +116,5 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
         for service in (leaf, relay, monitor):
             if service is not None and service.process.poll() is None:
                 service.process.kill()
+                service.process.wait(10)
+        history.close()
