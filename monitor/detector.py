@@ -181,6 +181,7 @@ class Detector:
         self.last_bundle_at: float | None = None
         self.ignored: dict[str, int] = {}  # evidence dropped on purpose, by reason (counters)
         self._heap: list[tuple[float, int, _Track]] = []
+        self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
         self._z = policy.phi_z
 
@@ -193,11 +194,22 @@ class Detector:
     def observe(self, bundle: Bundle, now: float) -> list[Transition]:
         """A bundle arrived from a relay connected to the monitor's broker."""
         out: list[Transition] = []
-        self.last_bundle_at = now
-        if self.silent:
-            self.silent = False
-            self.grace_from = now
+        news = self._is_news(bundle)
+        if news:  # a duplicate proves nothing new about anyone, the network included
+            self.last_bundle_at = now
+            if self.silent:
+                self.silent = False
+                self.grace_from = now
         self._observe_relay(bundle, None, now, now, out)
+        if news and self._root_pending:
+            pending, self._root_pending = self._root_pending, []
+            for relay in pending:
+                if relay.state in _UP_OR_UNKNOWN and relay.scheduled is None:
+                    deadline = self._deadline(relay)
+                    if deadline > now:
+                        self._schedule(relay, deadline)
+                    else:
+                        self._silent(relay, deadline, out)
         return out
 
     def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
@@ -219,6 +231,8 @@ class Detector:
         """The shell reports the monitor's own broker connection. Regaining it starts a grace period."""
         if connected and self.disconnected:
             self.grace_from = now
+            if self.last_bundle_at is not None:
+                self.last_bundle_at = now  # total silence counts from when we could hear again
         self.disconnected = not connected
 
     def forget_host(self, host_id: str) -> bool:
@@ -344,11 +358,18 @@ class Detector:
         """When total silence from every relay would mean we, not they, lost the network."""
         if self.blind or self.last_bundle_at is None:
             return None
-        up = [r for r in self.relays.values() if r.parent is None and r.state == State.UP]
+        up = self._top_relays_up()
         if len(up) < self.policy.blind_min_relays:
             return None
         flush = max(r.flush_s for r in up)
         return self.last_bundle_at + flush * max(1.0, self.policy.misses - 1)
+
+    def _top_relays_up(self) -> list[RelayTrack]:
+        return [r for r in self.relays.values() if r.parent is None and r.state == State.UP]
+
+    def _silence_watched(self) -> bool:
+        """Whether total silence would be taken as our own blindness (enough relays up to tell)."""
+        return len(self._top_relays_up()) >= self.policy.blind_min_relays
 
     def _silence_reason(self, track: _Track, deadline: float) -> str:
         seen = track.last_seen if track.last_seen is not None else track.since
@@ -405,6 +426,12 @@ class Detector:
         if relay is None:
             relay = self.relays[relay_id] = RelayTrack(relay_id, State.UNKNOWN, now, None)
         return relay
+
+    def _is_news(self, bundle: Bundle) -> bool:
+        relay = self.relays.get(bundle.relay)
+        if relay is None or bundle.boot not in (relay.boot, *relay.retired):
+            return True
+        return relay.boot == bundle.boot and bundle.seq > relay.seq
 
     def _observe_relay(
         self, bundle: Bundle, parent: str | None, above_sent: float, now: float, out: list[Transition]
@@ -571,6 +598,12 @@ class Detector:
         unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline)
         if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
             relay.pending.append(track)
+            return
+        # A top-level relay: its silence is its own only once the monitor heard some other bundle
+        # after its deadline; otherwise it may be our own network that is cut.
+        heard_since = self.last_bundle_at is not None and self.last_bundle_at >= deadline
+        if isinstance(track, RelayTrack) and track.parent is None and not heard_since and self._silence_watched():
+            self._root_pending.append(track)
             return
         if isinstance(track, HostTrack):
             self._host_silent(track, deadline, out)

@@ -380,10 +380,6 @@ def test_total_silence_from_all_relays_means_blind_not_down() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="silence is judged by the slowest root relay's flush, so a fast relay's own deadline passes first",
-)
 def test_total_silence_with_mixed_flush_rates_means_blind_not_down() -> None:
     site = Site()
     site.relay("fast", flush_s=1.0)
