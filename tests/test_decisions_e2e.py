@@ -89,14 +89,15 @@ def test_leaf_restart_records_a_restart_event_without_an_outage(topo: Topology, 
     site, api = ports(2)
     topo.relay("r1", central_broker.url, serve=site)
     topo.monitor(central_broker.url, api)
-    leaf = topo.leaf("web-1", f"mqtt://127.0.0.1:{site}", interval=1.0)
-    wait_until(lambda: (api_get(topo.api, "/api/v1/hosts/web-1") or {}).get("seq", 0) >= 3, 15, "a few beats")
+    # A 2 s interval gives a 6 s timeout: room for a Python process to restart on a loaded machine.
+    leaf = topo.leaf("web-1", f"mqtt://127.0.0.1:{site}", interval=2.0)
+    wait_until(lambda: (api_get(topo.api, "/api/v1/hosts/web-1") or {}).get("seq", 0) >= 2, 15, "a few beats")
 
     leaf.kill()
-    topo.leaf("web-1", f"mqtt://127.0.0.1:{site}", interval=1.0)  # back with seq 1, within its timeout
+    topo.leaf("web-1", f"mqtt://127.0.0.1:{site}", interval=2.0)  # back with seq 1, within its timeout
     restarts = wait_until(lambda: topo.transitions("web-1", "restart"), 10, "a restart event")
     assert len(restarts) == 1 and restarts[0][2].startswith("leaf restarted (seq ") and restarts[0][2].endswith("→ 1)")
-    time.sleep(3.5)
+    wait_until(lambda: api_get(topo.api, "/api/v1/hosts/web-1")["seq"] >= 3, 15, "beats after the restart")
     assert topo.moves("web-1") == [("unknown", "up")]
 
 
