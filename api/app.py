@@ -7,7 +7,7 @@ module; this file only assembles them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import events, history, metrics, state
-from api.bodies import json_response, monitor_of
+from api.auth import READ_REFUSED, WRITE_REFUSED, ApiSettings, install, require_read_token, require_write_token
+from api.bodies import NOT_FOUND, json_response, monitor_of, not_found
 from monitor.service import Monitor
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -33,7 +34,9 @@ class Health(BaseModel):
     rejected: dict[str, int]
 
 
-def create_app(monitor: Monitor) -> FastAPI:
+def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> FastAPI:
+    """The app; `api_settings` default to the demo's: reads open, writes refused, no CORS."""
+    api_settings = api_settings or ApiSettings()
     app = FastAPI(
         title="relaybeat",
         summary="Which servers are alive, decided from relayed MQTT heartbeats.",
@@ -45,10 +48,27 @@ def create_app(monitor: Monitor) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
 
-    app.include_router(state.router)
-    app.include_router(history.router)
+    install(app, api_settings)
+    reads: dict[str, Any] = {} if api_settings.read_open else {
+        "dependencies": [Depends(require_read_token)], "responses": READ_REFUSED
+    }  # fmt: skip
+    app.include_router(state.router, **reads)
+    app.include_router(history.router, **reads)
     events.install(app, monitor)
     metrics.install(app, monitor)
+
+    @app.delete(
+        "/api/v1/hosts/{host_id}",
+        status_code=204,
+        responses={204: {"description": "forgotten; its history stays"}} | NOT_FOUND | WRITE_REFUSED,
+        dependencies=[Depends(require_write_token)],
+        tags=["hosts"],
+    )
+    async def forget_host(monitor: Annotated[Monitor, Depends(monitor_of)], host_id: str) -> Response:
+        """Forget a decommissioned host (it reappears if it beats again). Needs a write token."""
+        in_memory = monitor.forget_host(host_id)
+        in_sql = await monitor.store.forget_host(host_id)
+        return Response(status_code=204) if in_memory or in_sql else not_found("host", host_id)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz(monitor: Annotated[Monitor, Depends(monitor_of)]) -> Response:

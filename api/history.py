@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -26,19 +26,48 @@ MonitorDep = Annotated[Monitor, Depends(monitor_of)]
 Since = Annotated[datetime | None, Query(description="inclusive, ISO 8601 with a time zone")]
 Until = Annotated[datetime | None, Query(description="exclusive, ISO 8601 with a time zone")]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
+# A 422 is FastAPI's validation error, or ours for a time without a zone.
+BAD_QUERY: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "a query parameter is not valid",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/HTTPValidationError"},
+                        {"$ref": "#/components/schemas/ErrorOut"},
+                    ]
+                }
+            }
+        },
+    }
+}
 
 
 async def history(monitor: Monitor, **filters: Any) -> Response:
     for key in ("since", "until"):
         moment = filters.get(key)
-        if moment is not None and moment.tzinfo is None:
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
             return error_response(422, "bad_request", f"{key} needs a time zone (e.g. Z)")
+        try:
+            filters[key] = moment.astimezone(UTC)
+        except OverflowError:  # before year 1 or after 9999 once in UTC, e.g. 0001-01-01T00:00:00+01:00
+            if (key == "since") != (moment.year == 1):  # since after 9999 or until before year 1: nothing
+                return json_response({"items": [], "total": 0})
+            filters[key] = None  # since before year 1 or until after 9999: no bound on that side
     rows = await monitor.store.history(newest_first=filters.get("after_id") is None, **filters)
     items = [transition_body(t) for t in rows]
     return json_response({"items": items, "total": len(items)})
 
 
-@router.get("/hosts/{host_id}/transitions", response_model=Page[TransitionOut], responses=NOT_FOUND, tags=["hosts"])
+@router.get(
+    "/hosts/{host_id}/transitions",
+    response_model=Page[TransitionOut],
+    responses=NOT_FOUND | BAD_QUERY,
+    tags=["hosts"],
+)
 async def host_transitions(
     monitor: MonitorDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
@@ -47,7 +76,12 @@ async def host_transitions(
     return await history(monitor, kind=Kind.HOST, subject=host_id, since=since, until=until, limit=limit)
 
 
-@router.get("/relays/{relay_id}/transitions", response_model=Page[TransitionOut], responses=NOT_FOUND, tags=["relays"])
+@router.get(
+    "/relays/{relay_id}/transitions",
+    response_model=Page[TransitionOut],
+    responses=NOT_FOUND | BAD_QUERY,
+    tags=["relays"],
+)
 async def relay_transitions(
     monitor: MonitorDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
@@ -56,13 +90,15 @@ async def relay_transitions(
     return await history(monitor, kind=Kind.RELAY, subject=relay_id, since=since, until=until, limit=limit)
 
 
-@router.get("/transitions", response_model=Page[TransitionOut], tags=["history"])
+@router.get("/transitions", response_model=Page[TransitionOut], responses=BAD_QUERY, tags=["history"])
 async def all_transitions(
     monitor: MonitorDep,
     since: Since = None,
     until: Until = None,
     kind: Kind | None = None,
-    after_id: int | None = Query(None, ge=0, description="only rows with a larger id, oldest first (resume)"),
+    after_id: int | None = Query(
+        None, ge=0, le=2**63 - 1, description="only rows with a larger id, oldest first (resume)"
+    ),
     limit: Limit = 100,
 ) -> Response:
     """Newest first; with `after_id`, oldest first from just after that row."""

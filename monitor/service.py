@@ -88,6 +88,7 @@ class Monitor:
         self.topics = Topics(settings.prefix)
         self.detector = Detector(settings.policy, self.clock.now())
         self.rejections = Rejections(log)
+        self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
         self.started_at = self.clock.now()
         self.db_ok = True
@@ -182,7 +183,12 @@ class Monitor:
                     raise WireError("relay_mismatch", f"bundle for {bundle.relay!r} on {topic!r}")
                 self.received["bundles"] += 1
                 self.received["bundle_entries"] += bundle.entry_count()
+                ignored = self.detector.ignored
+                before = dict(ignored)
                 self._emit(self.detector.observe(bundle, now))
+                if ignored != before:  # a duplicate or older bundle (seq, boot): counted by the detector
+                    for reason in [r for r, n in ignored.items() if n != before.get(r)]:
+                        self.ignored_log.add(f"detector_{reason}", topic, "ignored: not newer than what was seen")
             elif kind is TopicKind.BEAT:
                 if self.settings.accept_direct_beats:
                     self.received["beats"] += 1

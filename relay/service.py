@@ -114,7 +114,7 @@ class RelayService:
                 if bundle.relay != subject:
                     raise WireError("relay_mismatch", f"bundle says {bundle.relay!r}")
                 if not self.assembler.add_child(bundle, now):
-                    self.rejections.counts["stale_bundle"] += 1
+                    self.rejections.add("stale_bundle", topic, f"seq {bundle.seq} is not newer than the one held")
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
 

@@ -7,18 +7,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from monitor.service import MonitorSettings
 from monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
 from relay.mqtt import BrokerURL
 from relay.ports import PortInUse, parse_hostport
 from relaybeat import people
-from relay.wire import DEFAULT_INTERVAL_S, DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from relaybeat.config import DeploymentConfig, Flag
 
 app = typer.Typer(
     help="Server liveness over MQTT, relayed: leaves beat to a relay, relays bundle, one monitor decides.",
@@ -29,14 +31,33 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 app.add_typer(db_app, name="db")
 
 DEFAULT_DB = "sqlite:///relaybeat.db"
-Prefix = Annotated[str, typer.Option(envvar="RELAYBEAT_PREFIX", help="Topic prefix, ending in '/'.")]
+Prefix = Annotated[
+    str | None, typer.Option(envvar="RELAYBEAT_PREFIX", help="Topic prefix, ending in '/' [relaybeat/].")
+]
 LogLevel = Annotated[str, typer.Option(envvar="RELAYBEAT_LOG_LEVEL", help="debug, info, warning or error.")]
+Config = Annotated[
+    Path | None,
+    typer.Option(help="Deployment file (TOML), see relaybeat.example.toml.", envvar="RELAYBEAT_CONFIG"),
+]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _logging(level: str) -> None:
+    if level.lower() not in LOG_LEVELS:
+        raise _fail(f"--log-level (RELAYBEAT_LOG_LEVEL): {level[:20]!r} is not one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def _deployment(config: Path | None, flags: dict[str, Flag]) -> DeploymentConfig:
+    """The deployment file under RELAYBEAT_* variables and flags; a bad value stops start-up here."""
+    from relaybeat.config import ConfigError, load_config
+
+    try:
+        return load_config(config, os.environ, flags)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -56,6 +77,16 @@ def _hostport(text: str, option: str) -> tuple[str, int]:
         return parse_hostport(text)
     except ValueError as exc:
         raise _fail(f"{option}: {exc}") from None
+
+
+def _shown(db_url: str) -> str:
+    """A database URL fit for a terminal or a log: the password masked."""
+    from sqlalchemy import make_url
+
+    try:
+        return make_url(db_url).render_as_string(hide_password=True)
+    except Exception:
+        return "the database"
 
 
 def _run(main: object) -> None:
@@ -91,73 +122,106 @@ def broker(
 
 @app.command()
 def leaf(
-    id: Annotated[str, typer.Option("--id", help="This host's id ([A-Za-z0-9._-]{1,128}).", envvar="RELAYBEAT_ID")],
-    broker: Annotated[str, typer.Option(help="mqtt://[user:pass@]host:port", envvar="RELAYBEAT_BROKER")],
-    interval: Annotated[float, typer.Option(help="Seconds between beats.", min=0.05)] = DEFAULT_INTERVAL_S,
-    prefix: Prefix = DEFAULT_PREFIX,
+    id: Annotated[
+        str | None, typer.Option("--id", help="This host's id ([A-Za-z0-9._-]{1,128}).", envvar="RELAYBEAT_ID")
+    ] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://[user:pass@]host:port", envvar="RELAYBEAT_BROKER")] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between beats [5].", min=0.05)] = None,
+    config: Config = None,
+    prefix: Prefix = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Beat every INTERVAL seconds; on SIGTERM/SIGINT send a final `stopping` beat."""
     from relay.leaf import run_leaf
-    from relay.wire import Topics, is_valid_id
+    from relay.wire import Topics
 
     _logging(log_level)
-    if not is_valid_id(id):
-        raise _fail(f"--id {id!r} must match [A-Za-z0-9._-]{{1,128}}")
-    url = _broker_url(broker, "--broker")
+    deployment = _deployment(
+        config,
+        {
+            "leaf.id": ("--id (RELAYBEAT_ID)", id),
+            "leaf.broker": ("--broker (RELAYBEAT_BROKER)", broker),
+            "leaf.interval_s": ("--interval", interval),
+            "leaf.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
+        },
+    )
+    settings = deployment.leaf
+    if settings.id is None:
+        raise _fail("leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file")
+    if settings.broker is None:
+        raise _fail("leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file")
+    host_id, url = settings.id, BrokerURL.parse(settings.broker)
 
     async def main(stop: asyncio.Event) -> None:
-        await run_leaf(id, url, interval, stop, Topics(prefix))
+        await run_leaf(host_id, url, settings.interval_s, stop, Topics(settings.prefix))
 
     _run(main)
 
 
 @app.command()
 def relay(
-    id: Annotated[str, typer.Option("--id", help="This relay's id.", envvar="RELAYBEAT_ID")],
+    id: Annotated[str | None, typer.Option("--id", help="This relay's id.", envvar="RELAYBEAT_ID")] = None,
     local: Annotated[
-        str, typer.Option(help="Broker the leaves beat to (mqtt://...), or 'embedded' to run one here.")
-    ] = "embedded",
-    upstream: Annotated[str, typer.Option(help="Broker the monitor listens on.", envvar="RELAYBEAT_UPSTREAM")] = (
-        "mqtt://127.0.0.1:1883"
-    ),
-    flush: Annotated[float, typer.Option(help="Seconds between bundles.", min=0.01)] = 1.0,
-    serve: Annotated[str, typer.Option(help="With --local embedded: HOST:PORT of the embedded broker.")] = (
-        "127.0.0.1:1884"
-    ),
-    default_interval: Annotated[float, typer.Option(help="Interval assumed for beats that declare none.")] = (
-        DEFAULT_INTERVAL_S
-    ),
+        str | None, typer.Option(help="Broker the leaves beat to (mqtt://...), or 'embedded' to run one here.")
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="Broker the monitor listens on [mqtt://127.0.0.1:1883].", envvar="RELAYBEAT_UPSTREAM"),
+    ] = None,
+    flush: Annotated[float | None, typer.Option(help="Seconds between bundles [1].", min=0.01)] = None,
+    serve: Annotated[
+        str | None, typer.Option(help="With --local embedded: HOST:PORT of the embedded broker [127.0.0.1:1884].")
+    ] = None,
+    default_interval: Annotated[
+        float | None, typer.Option(help="Interval assumed for beats that declare none [5].")
+    ] = None,
     children: Annotated[
         bool | None, typer.Option("--children/--no-children", help="Fold child relays' bundles (default: auto).")
     ] = None,
-    prefix: Prefix = DEFAULT_PREFIX,
+    max_bundle_bytes: Annotated[
+        int | None, typer.Option(help="Largest bundle sent or accepted from a child relay [8 MiB].")
+    ] = None,
+    config: Config = None,
+    prefix: Prefix = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Subscribe to beats on the local broker and publish one bundle per flush upstream."""
-    from relay.service import RelayService, RelaySettings
+    from relay.service import RelayService
 
     _logging(log_level)
-    upstream_url = _broker_url(upstream, "--upstream")
+    deployment = _deployment(
+        config,
+        {
+            "relay.id": ("--id (RELAYBEAT_ID)", id),
+            "relay.local": ("--local", local),
+            "relay.upstream": ("--upstream (RELAYBEAT_UPSTREAM)", upstream),
+            "relay.flush_s": ("--flush", flush),
+            "relay.serve": ("--serve", serve),
+            "relay.default_interval_s": ("--default-interval", default_interval),
+            "relay.children": ("--children/--no-children", children),
+            "relay.max_bundle_bytes": ("--max-bundle-bytes", max_bundle_bytes),
+            "relay.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
+        },
+    )
+    cfg = deployment.relay
+    if cfg.id is None:
+        raise _fail("relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file")
+    relay_id = cfg.id
 
     async def main(stop: asyncio.Event) -> None:
         from contextlib import AsyncExitStack
 
         async with AsyncExitStack() as stack:
-            if local == "embedded":
+            if cfg.local == "embedded":
                 from relay.broker import BrokerSettings, EmbeddedBroker
 
-                host, port = _hostport(serve, "--serve")
+                host, port = parse_hostport(cfg.serve)
                 embedded = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=host, port=port)))
                 local_url = BrokerURL.parse(embedded.url)
-                logging.getLogger("relaybeat").info("relay %s: leaves beat to %s", id, embedded.url)
+                logging.getLogger("relaybeat").info("relay %s: leaves beat to %s", relay_id, embedded.url)
             else:
-                local_url = _broker_url(local, "--local")
-            try:
-                settings = RelaySettings(id, local_url, upstream_url, flush, default_interval, prefix,
-                                         accept_children=children)  # fmt: skip
-            except ValueError as exc:
-                raise _fail(str(exc)) from None
+                local_url = BrokerURL.parse(cfg.local)
+            settings = cfg.settings(relay_id, local_url)
             service = RelayService(settings)
             task = asyncio.create_task(service.run())
             await stop.wait()
@@ -188,34 +252,39 @@ def monitor(
     ] = None,
     phi: Annotated[float | None, typer.Option(help="Phi threshold for --adaptive [8].", min=0.5)] = None,
     client_id: Annotated[str | None, typer.Option(help="MQTT client id (persistent session).")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Deployment file (TOML), see relaybeat.example.toml.", envvar="RELAYBEAT_CONFIG")
+    max_bundle_bytes: Annotated[int | None, typer.Option(help="Largest bundle accepted [8 MiB].")] = None,
+    max_bundle_entries: Annotated[
+        int | None, typer.Option(help="Most host entries and child bundles in one bundle [200000].")
     ] = None,
-    prefix: Annotated[str | None, typer.Option(envvar="RELAYBEAT_PREFIX", help="Topic prefix, ending in '/'.")] = None,
+    config: Config = None,
+    prefix: Prefix = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
-    from relaybeat.config import ConfigError, load_config
     from relaybeat.serve import serve_monitor
 
     _logging(log_level)
-    try:
-        file = load_config(config)
-        given = {"broker": broker, "db": db, "listen": listen, "prefix": prefix, "client_id": client_id}
-        settings_file = file.monitor.model_copy(update={k: v for k, v in given.items() if v is not None})
-        tuning = {"misses": misses, "default_interval_s": default_interval, "adaptive": adaptive, "phi_threshold": phi}
-        detector = file.detector.model_validate(
-            file.detector.model_dump() | {k: v for k, v in tuning.items() if v is not None}
-        )
-        policy = detector.policy()
-    except (ConfigError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    url = _broker_url(settings_file.broker, "--broker")
-    host, port = _hostport(settings_file.listen, "--listen")
-    settings = MonitorSettings(
-        url, policy, settings_file.prefix, settings_file.client_id, settings_file.accept_direct_beats
+    deployment = _deployment(
+        config,
+        {
+            "monitor.broker": ("--broker (RELAYBEAT_BROKER)", broker),
+            "monitor.db": ("--db (RELAYBEAT_DB)", db),
+            "monitor.listen": ("--listen (RELAYBEAT_LISTEN)", listen),
+            "monitor.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
+            "monitor.client_id": ("--client-id", client_id),
+            "monitor.max_bundle_bytes": ("--max-bundle-bytes", max_bundle_bytes),
+            "monitor.max_bundle_entries": ("--max-bundle-entries", max_bundle_entries),
+            "detector.misses": ("--misses (RELAYBEAT_MISSES)", misses),
+            "detector.default_interval_s": ("--default-interval", default_interval),
+            "detector.adaptive": ("--adaptive/--fixed", adaptive),
+            "detector.phi_threshold": ("--phi", phi),
+        },
     )
-    _run(lambda stop: serve_monitor(settings, settings_file.db, host, port, stop))
+    cfg = deployment.monitor
+    settings = cfg.settings(deployment.detector.policy())
+    host, port = parse_hostport(cfg.listen)
+    api = deployment.api.settings()
+    _run(lambda stop: serve_monitor(settings, cfg.db, host, port, stop, api))
 
 
 @app.command()
@@ -237,7 +306,7 @@ def up(
 def db_upgrade(db: Annotated[str, typer.Option(help="SQLAlchemy URL.", envvar="RELAYBEAT_DB")] = DEFAULT_DB) -> None:
     """Apply all migrations."""
     upgrade_sync(db)
-    typer.echo(f"{db}: schema up to date")
+    typer.echo(f"{_shown(db)}: schema up to date")
 
 
 @db_app.command("downgrade")
@@ -247,7 +316,7 @@ def db_downgrade(
 ) -> None:
     """Revert migrations down to REVISION (default: everything)."""
     downgrade_sync(db, revision)
-    typer.echo(f"{db}: downgraded to {revision}")
+    typer.echo(f"{_shown(db)}: downgraded to {revision}")
 
 
 @db_app.command("check")

@@ -1,19 +1,57 @@
 """The deployment file (`--config relaybeat.toml`): validated once at start, errors name the key.
 
-Precedence for every setting: command-line flag > RELAYBEAT_* environment variable > this file >
-built-in default. Unknown keys are errors, so a typo never silently does nothing.
+One file configures a whole deployment: `[monitor]`, `[detector]`, `[api]`, `[relay]` and `[leaf]`
+(each command reads the sections it needs; every section is validated). `[broker]` belongs to
+`relaybeat broker --config` and is skipped here.
+
+Precedence for every setting: command-line flag (or the flag's own RELAYBEAT_* variable, e.g.
+RELAYBEAT_BROKER) > RELAYBEAT_<SECTION>__<KEY> variable (e.g. RELAYBEAT_DETECTOR__MISSES=5; the
+value is read as a TOML value, so lists and booleans work) > this file > built-in default. API tokens
+also come from RELAYBEAT_API_TOKENS and RELAYBEAT_API_WRITE_TOKENS (comma-separated).
+
+Unknown keys are errors, so a typo never silently does nothing. An error names the key, where the
+value came from (file, variable or flag) and what is allowed; it never repeats a token.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
+from api.auth import TOKEN_MIN_CHARS, ApiSettings
 from monitor.detector import Policy
-from relay.wire import DEFAULT_INTERVAL_S, DEFAULT_PREFIX, Topics, is_valid_id
+from monitor.service import MonitorSettings
+from relay.mqtt import BrokerURL
+from relay.ports import parse_hostport
+from relay.service import RelaySettings
+from relay.wire import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_MAX_BUNDLE_ENTRIES,
+    DEFAULT_PREFIX,
+    Topics,
+    is_valid_id,
+)
+
+ENV_PREFIX = "RELAYBEAT_"
+TOKEN_VARIABLES = {"RELAYBEAT_API_TOKENS": "read_tokens", "RELAYBEAT_API_WRITE_TOKENS": "write_tokens"}
 
 
 class ConfigError(ValueError):
@@ -25,6 +63,32 @@ class _Strict(BaseModel):
 
 
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
+MaxBundleBytes = Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)]
+_ORIGIN = re.compile(r"https?://[^/\s?#]+\Z")
+
+
+def _check_broker(value: str) -> str:
+    BrokerURL.parse(value)  # its errors never repeat a password
+    return value
+
+
+def _check_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    Topics(value)
+    return value
+
+
+def _check_id(value: str | None) -> str | None:
+    if value is not None and not is_valid_id(value):
+        raise ValueError("must match [A-Za-z0-9._-]{1,128}")
+    return value
+
+
+# ------------------------------------------------------------------------------------- sections
 
 
 class MissesOverride(_Strict):
@@ -68,43 +132,316 @@ class MonitorConfig(_Strict):
     prefix: str = DEFAULT_PREFIX
     client_id: str = "relaybeat-monitor"
     accept_direct_beats: bool = True
+    max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
+    max_bundle_entries: int = Field(default=DEFAULT_MAX_BUNDLE_ENTRIES, ge=1, le=10_000_000)
 
-    @field_validator("prefix")
+    _broker = field_validator("broker")(_check_broker)
+    _listen = field_validator("listen")(_check_hostport)
+    _prefix = field_validator("prefix")(_check_prefix)
+    _client_id = field_validator("client_id")(_check_id)
+
+    @field_validator("db")
     @classmethod
-    def _prefix(cls, value: str) -> str:
-        Topics(value)
+    def _db(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except ArgumentError:
+            # SQLAlchemy's message repeats the URL, password and all.
+            raise ValueError("must be a SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") from None
         return value
 
-    @field_validator("client_id")
+    def settings(self, policy: Policy) -> MonitorSettings:
+        return MonitorSettings(
+            BrokerURL.parse(self.broker),
+            policy,
+            self.prefix,
+            self.client_id,
+            self.accept_direct_beats,
+            max_bundle_bytes=self.max_bundle_bytes,
+            max_bundle_entries=self.max_bundle_entries,
+        )
+
+
+class ApiConfig(_Strict):
+    read: Literal["open", "token"] | None = None  # unset: "token" once read tokens are given, else "open"
+    read_tokens: list[SecretStr] = Field(default_factory=list)
+    write_tokens: list[SecretStr] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("read_tokens", "write_tokens")
     @classmethod
-    def _client_id(cls, value: str) -> str:
-        if not is_valid_id(value):
-            raise ValueError("must match [A-Za-z0-9._-]{1,128}")
+    def _tokens(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        for token in tokens:
+            text = token.get_secret_value()
+            if len(text) < TOKEN_MIN_CHARS or not text.isascii() or not text.isprintable() or " " in text:
+                raise ValueError(
+                    f"each token must be at least {TOKEN_MIN_CHARS} printable ASCII characters without spaces "
+                    "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return tokens
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin[:80]!r} is not '*' or an origin like https://ops.example.com[:port]")
+        return origins
+
+    @model_validator(mode="after")
+    def _protected_reads_need_a_token(self) -> ApiConfig:
+        if self.read == "token" and not (self.read_tokens or self.write_tokens):
+            raise ValueError(
+                "read = 'token' needs at least one token in read_tokens, write_tokens or RELAYBEAT_API_TOKENS"
+            )
+        return self
+
+    def settings(self) -> ApiSettings:
+        mode = self.read or ("token" if self.read_tokens else "open")
+        return ApiSettings(
+            read_open=mode == "open",
+            read_tokens=tuple(t.get_secret_value() for t in self.read_tokens),
+            write_tokens=tuple(t.get_secret_value() for t in self.write_tokens),
+            cors_origins=tuple(self.cors_origins),
+        )
+
+
+class RelayConfig(_Strict):
+    id: str | None = None  # usually per process: --id or RELAYBEAT_ID
+    local: str = "embedded"  # the broker leaves beat to, or "embedded" to run one in the relay
+    serve: str = "127.0.0.1:1884"  # with local = "embedded": where that broker listens
+    upstream: str = "mqtt://127.0.0.1:1883"
+    flush_s: float = Field(default=1.0, ge=0.01, le=3600)
+    default_interval_s: Seconds = DEFAULT_INTERVAL_S
+    children: bool | Literal["auto"] = "auto"
+    prefix: str = DEFAULT_PREFIX
+    forget_after_s: Seconds = 86_400.0
+    max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
+
+    _id = field_validator("id")(_check_id)
+    _upstream = field_validator("upstream")(_check_broker)
+    _serve = field_validator("serve")(_check_hostport)
+    _prefix = field_validator("prefix")(_check_prefix)
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        return value if value == "embedded" else _check_broker(value)
+
+    def settings(self, relay_id: str, local: BrokerURL) -> RelaySettings:
+        """`local`: the broker leaves beat to (the embedded one's URL once it runs)."""
+        return RelaySettings(
+            relay_id,
+            local,
+            BrokerURL.parse(self.upstream),
+            self.flush_s,
+            self.default_interval_s,
+            self.prefix,
+            forget_after_s=self.forget_after_s,
+            max_bundle_bytes=self.max_bundle_bytes,
+            accept_children=None if self.children == "auto" else self.children,
+        )
+
+    @field_validator("children", mode="before")
+    @classmethod
+    def _children(cls, value: object) -> object:
+        if type(value) not in (bool, str) or value not in (True, False, "auto"):
+            raise ValueError("must be true, false or 'auto'")
         return value
+
+
+class LeafConfig(_Strict):
+    id: str | None = None  # usually per process: --id or RELAYBEAT_ID
+    broker: str | None = None  # the site broker (a relay's), e.g. mqtt://relay-a:1884
+    interval_s: float = Field(default=DEFAULT_INTERVAL_S, ge=0.05, le=86_400)
+    prefix: str = DEFAULT_PREFIX
+
+    _id = field_validator("id")(_check_id)
+    _prefix = field_validator("prefix")(_check_prefix)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        return None if value is None else _check_broker(value)
 
 
 class DeploymentConfig(_Strict):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    leaf: LeafConfig = Field(default_factory=LeafConfig)
 
 
-def load_config(path: Path | None) -> DeploymentConfig:
-    """The file's settings over the defaults; ConfigError naming the key when something is wrong."""
-    if path is None:
-        return DeploymentConfig()
+# ---------------------------------------------------------------------------------------- loading
+
+Flag = tuple[str, object]  # (the flag as the user spells it, its value; None when not given)
+
+
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Flag] | None = None,
+) -> DeploymentConfig:
+    """Defaults < the file < RELAYBEAT_* variables < flags (keys like "monitor.broker").
+
+    ConfigError naming the key, where its value came from and what is allowed, when anything is wrong.
+    """
+    document: dict[str, Any] = {}
+    where: dict[tuple[str, str], str] = {}  # (section, key) -> where its value came from
+    if path is not None:
+        document = _read(path)
+        document.pop("broker", None)  # the [broker] table belongs to `relaybeat broker --config`
+    for name, raw in sorted((environ or {}).items()):
+        target = _variable_target(name)
+        if target is not None:
+            section, key = target
+            _put(document, section, key, _variable_value(section, key, name, raw))
+            where[section, key] = name
+    for dotted, (flag, value) in (flags or {}).items():
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            _put(document, section, key, value)
+            where[section, key] = flag
+    try:
+        return DeploymentConfig.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(error, path, where) for error in exc.errors())) from None
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
-            document: dict[str, Any] = tomllib.load(file)
+            return tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    document.pop("broker", None)  # the [broker] table belongs to `relaybeat broker --config`
+
+
+def _put(document: dict[str, Any], section: str, key: str, value: object) -> None:
+    table = document.setdefault(section, {})
+    if not isinstance(table, dict):  # e.g. `monitor = 3` in the file: let validation name it
+        return
+    table[key] = value
+
+
+def _variable_target(name: str) -> tuple[str, str] | None:
+    if name in TOKEN_VARIABLES:
+        return "api", TOKEN_VARIABLES[name]
+    if not name.startswith(ENV_PREFIX) or "__" not in name:
+        return None
+    section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+    return section, key
+
+
+def _variable_value(section: str, key: str, name: str, raw: str) -> object:
+    if name in TOKEN_VARIABLES:
+        return [token for token in re.split(r"[,\s]+", raw) if token]
+    annotation = _field_annotation(section, key)
+    if annotation in (str, str | None):
+        return raw
     try:
-        return DeploymentConfig.model_validate(document)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"])
-            problems.append(f"{path}: {key}: {error['msg']}")
-        raise ConfigError("\n".join(problems)) from None
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # e.g. a URL: validation says what was expected
+
+
+def _field_annotation(section: str, key: str) -> Any:
+    model = _section_model(section)
+    field = None if model is None else model.model_fields.get(key)
+    return None if field is None else field.annotation
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    field = DeploymentConfig.model_fields.get(section)
+    return None if field is None else typing.cast(type[BaseModel], field.annotation)
+
+
+def _explain(error: Any, path: Path | None, where: Mapping[tuple[str, str], str]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc)
+    if len(loc) >= 2:
+        source = where.get((str(loc[0]), str(loc[1])))
+    elif error["type"] == "extra_forbidden":  # an unknown section: name the variable that made it, if any
+        source = next((name for (section, _), name in where.items() if section == loc[0]), None)
+    else:
+        source = None
+    head = f"{source} ({key})" if source is not None else (f"{path}: {key}" if path is not None else key)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "model_type":
+        message = "must be a table"
+    elif error["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        if known:
+            message += f"; known keys: {', '.join(known)}"
+    elif error["type"] not in ("value_error", "literal_error"):
+        allowed = _allowed(loc)
+        if allowed:
+            message += f" (allowed: {allowed})"
+    return f"{head}: {message}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    """The pydantic FieldInfo a location points at, stepping through lists of tables."""
+    model: type[BaseModel] | None = DeploymentConfig
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        inner = field.annotation
+        if typing.get_origin(inner) is list:
+            inner = typing.get_args(inner)[0]
+        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return field
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = DeploymentConfig
+    if loc:
+        field = _field_at(loc)
+        inner = None if field is None else field.annotation
+        if typing.get_origin(inner) is list:
+            inner = typing.get_args(inner)[0]
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        model = inner
+    names = sorted(model.model_fields)
+    return [*names, "broker"] if model is DeploymentConfig else names
+
+
+def _allowed(loc: tuple[Any, ...]) -> str:
+    field = _field_at(loc)
+    if field is None:
+        return ""
+    kind = field.annotation
+    choices = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) else []
+    literals = [v for c in choices for v in (typing.get_args(c) if typing.get_origin(c) is Literal else ())]
+    if typing.get_origin(kind) is Literal:
+        literals = list(typing.get_args(kind))
+    if literals:
+        words = ["true", "false"] if bool in choices else []
+        return "one of " + ", ".join([*words, *(repr(v) for v in literals)])
+    if kind is bool:
+        return "true or false"
+    if kind in (int, float):
+        bounds = []
+        for rule in field.metadata:
+            if isinstance(rule, Ge):
+                bounds.append(f">= {rule.ge}")
+            elif isinstance(rule, Gt):
+                bounds.append(f"> {rule.gt}")
+            elif isinstance(rule, Le):
+                bounds.append(f"<= {rule.le}")
+            elif isinstance(rule, Lt):
+                bounds.append(f"< {rule.lt}")
+        noun = "an integer" if kind is int else "a number"
+        return f"{noun} {' and '.join(bounds)}" if bounds else noun
+    if kind in (str, str | None):
+        return "a string"
+    if typing.get_origin(kind) is list:
+        return "a list"
+    return ""

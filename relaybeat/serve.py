@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from api.app import create_app
+from api.auth import ApiSettings
 from api.events import close_streams
 from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
@@ -52,7 +53,7 @@ class RunningMonitor:
 
 @contextlib.asynccontextmanager
 async def monitor_running(
-    settings: MonitorSettings, db_url: str, host: str, port: int
+    settings: MonitorSettings, db_url: str, host: str, port: int, api: ApiSettings | None = None
 ) -> AsyncIterator[RunningMonitor]:
     """Migrate, restore, then run the monitor and its HTTP API until the block exits."""
     ensure_free(host, port)
@@ -61,7 +62,7 @@ async def monitor_running(
         await store.upgrade()
         monitor = Monitor(settings, store)
         await monitor.restore()
-        app = create_app(monitor)
+        app = create_app(monitor, api)
         server = _OwnSignalsServer(
             uvicorn.Config(
                 app,
@@ -95,8 +96,10 @@ async def monitor_running(
         await store.close()
 
 
-async def serve_monitor(settings: MonitorSettings, db_url: str, host: str, port: int, stop: asyncio.Event) -> None:
-    async with monitor_running(settings, db_url, host, port) as running:
+async def serve_monitor(
+    settings: MonitorSettings, db_url: str, host: str, port: int, stop: asyncio.Event, api: ApiSettings | None = None
+) -> None:
+    async with monitor_running(settings, db_url, host, port, api) as running:
         log.info("monitor: API on %s (docs at %s/docs), broker %s", running.url, running.url, settings.broker)
         await stop.wait()
     log.info("monitor stopped")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from relay.mqtt import BrokerURL
+from relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
+from relaybeat import cli
 from relaybeat.config import ConfigError, load_config
 
 EXAMPLE = Path(__file__).parent.parent / "relaybeat.example.toml"
@@ -21,6 +28,30 @@ def test_example_file_loads_and_builds_the_policy() -> None:
     assert config.monitor.db == "sqlite:///relaybeat.db"
 
 
+def test_example_file_shows_every_key_with_its_default() -> None:
+    """The example documents the whole deployment file: each section, each key, each default value."""
+    example, defaults = load_config(EXAMPLE), load_config(None)
+    text = EXAMPLE.read_text()
+    for section in ("monitor", "detector", "api", "relay", "leaf"):
+        assert f"[{section}]" in text
+        for key, value in getattr(defaults, section).model_dump().items():
+            if key == "misses_override" or value is None:  # overrides are examples; ids/brokers per process
+                continue
+            assert f"{key} = " in text, f"{section}.{key} missing from the example"
+            assert getattr(getattr(example, section), key) == getattr(getattr(defaults, section), key) or (
+                section == "api" and key == "read"
+            ), f"{section}.{key}"
+    settings = example.monitor.settings(policy=example.detector.policy())
+    assert (settings.max_bundle_bytes, settings.max_bundle_entries) == (
+        DEFAULT_MAX_BUNDLE_BYTES,
+        DEFAULT_MAX_BUNDLE_ENTRIES,
+    )
+    api = example.api.settings()
+    assert api.read_open and not api.write_tokens and not api.cors_origins
+    relay = example.relay.settings("relay-a", BrokerURL.parse("mqtt://127.0.0.1:1884"))
+    assert relay.max_bundle_bytes == DEFAULT_MAX_BUNDLE_BYTES and relay.accept_children is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -30,8 +61,36 @@ def test_example_file_loads_and_builds_the_policy() -> None:
         ("[detector]\nflap_start = 3\nflap_stop = 3\n", "flap_stop (3) must be below flap_start (3)"),
         ("[monitor]\nprefix = 'no-slash'\n", "monitor.prefix"),
         ("[[detector.misses_override]]\nhosts = 'db-*'\n", "detector.misses_override.0.misses: Field required"),
-        ("[monitr]\n", "monitr: Extra inputs are not permitted"),
+        ("[monitr]\n", "monitr: Extra inputs are not permitted; known keys: api, detector, leaf, monitor, relay"),
         ("not toml = = 1", "not valid TOML"),
+        (
+            "[detector]\nmisses = 1001\n",
+            "detector.misses: Input should be less than or equal to 1000 (allowed: an integer",
+        ),
+        (
+            "[detector]\nadaptive = 'yes'\n",
+            "detector.adaptive: Input should be a valid boolean (allowed: true or false)",
+        ),
+        ("[api]\nread = 'closed'\n", "api.read: Input should be 'open' or 'token'"),
+        ("[api]\nread = 'token'\n", "read = 'token' needs at least one token"),
+        ("[api]\nwrite_tokens = ['short']\n", "api.write_tokens: each token must be at least 16"),
+        ("[api]\ncors_origins = ['ops.example.com']\n", "api.cors_origins: 'ops.example.com' is not '*' or an origin"),
+        (
+            "[monitor]\nmax_bundle_bytes = 10\n",
+            "monitor.max_bundle_bytes: Input should be greater than or equal to 1024",
+        ),
+        ("[monitor]\nmax_bundle_entries = 0\n", "monitor.max_bundle_entries: Input should be greater than or equal"),
+        ("[monitor]\nbroker = 'http://x'\n", "monitor.broker: broker URL 'http://x' must start with mqtt://"),
+        ("[monitor]\nlisten = 'nowhere'\n", "monitor.listen: 'nowhere' is not HOST:PORT"),
+        ("[monitor]\ndb = 'not a url'\n", "monitor.db: must be a SQLAlchemy URL"),
+        ("[relay]\nchildren = 'sometimes'\n", "relay.children: must be true, false or 'auto'"),
+        ("[relay]\nflush_s = 0\n", "relay.flush_s: Input should be greater than or equal to 0.01"),
+        ("[relay]\nid = 'relay a'\n", "relay.id: must match [A-Za-z0-9._-]{1,128}"),
+        ("[relay]\nlocal = 'site-broker'\n", "relay.local: broker URL 'site-broker' must start with mqtt://"),
+        ("[relay]\nmax_bundle_bytes = 'big'\n", "relay.max_bundle_bytes: Input should be a valid integer"),
+        ("[leaf]\ninterval_s = 0.001\n", "leaf.interval_s: Input should be greater than or equal to 0.05"),
+        ("[leaf]\nhost = 'web-1'\n", "leaf.host: Extra inputs are not permitted; known keys: broker, id, interval_s"),
+        ("monitor = 3\n", "monitor: must be a table"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -87,3 +146,170 @@ def test_db_upgrade_command_creates_the_schema(tmp_path: Path) -> None:
     with sqlite3.connect(db) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"transitions", "hosts", "relays"} <= tables
+
+
+def test_precedence_is_flag_then_environment_then_file_then_default(tmp_path: Path) -> None:
+    path = tmp_path / "relaybeat.toml"
+    path.write_text("[detector]\nmisses = 4\nflap_start = 8\n[monitor]\ndb = 'sqlite:///file.db'\n")
+    env = {"RELAYBEAT_DETECTOR__MISSES": "5", "RELAYBEAT_MONITOR__DB": "sqlite:///env.db", "RELAYBEAT_TEST_X": "1"}
+    assert load_config(None).detector.misses == 3
+    assert load_config(path).detector.misses == 4
+    from_env = load_config(path, env)
+    assert (from_env.detector.misses, from_env.monitor.db, from_env.detector.flap_start) == (5, "sqlite:///env.db", 8)
+    flags = {"detector.misses": ("--misses", 6), "monitor.db": ("--db", None)}  # None: flag not given
+    from_flags = load_config(path, env, flags)
+    assert (from_flags.detector.misses, from_flags.monitor.db) == (6, "sqlite:///env.db")
+
+
+def test_environment_values_are_toml_values_and_errors_name_the_variable(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        {
+            "RELAYBEAT_API__CORS_ORIGINS": '["https://ops.example.com"]',
+            "RELAYBEAT_DETECTOR__ADAPTIVE": "true",
+            "RELAYBEAT_MONITOR__CLIENT_ID": "inf",  # a string field stays a string
+            "RELAYBEAT_API_TOKENS": "aaaaaaaaaaaaaaaa1, bbbbbbbbbbbbbbbb2",
+            "RELAYBEAT_API_WRITE_TOKENS": "cccccccccccccccc3",
+        },
+    )
+    assert config.api.cors_origins == ["https://ops.example.com"] and config.detector.adaptive is True
+    assert config.monitor.client_id == "inf"
+    api = config.api.settings()
+    assert not api.read_open  # read tokens given, `read` unset: reads are protected
+    assert api.read_tokens == ("aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2") and api.write_tokens == ("cccccccccccccccc3",)
+    explicit = load_config(None, {"RELAYBEAT_API__READ": "open", "RELAYBEAT_API_TOKENS": "a" * 16})
+    assert explicit.api.settings().read_open  # `read = "open"` said outright wins over the inference
+    for name, value, message in (
+        ("RELAYBEAT_DETECTOR__MISSES", "zero", "RELAYBEAT_DETECTOR__MISSES (detector.misses): Input should be a valid"),
+        (
+            "RELAYBEAT_DETECTOR__MISES",
+            "3",
+            "RELAYBEAT_DETECTOR__MISES (detector.mises): Extra inputs are not permitted",
+        ),
+        ("RELAYBEAT_DETECTR__MISSES", "3", "RELAYBEAT_DETECTR__MISSES (detectr): Extra inputs are not permitted"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, {name: value})
+        assert message in str(err.value)
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run `relaybeat monitor|relay|leaf` in-process, recording the settings each would start with."""
+    seen: dict[str, Any] = {}
+
+    async def serve_monitor(settings: Any, db: str, host: str, port: int, stop: Any, api: Any = None) -> None:
+        seen.update(monitor=settings, db=db, listen=(host, port), api=api)
+
+    async def run_leaf(host_id: str, url: BrokerURL, interval_s: float, stop: Any, topics: Any = None) -> int:
+        seen.update(leaf=host_id, broker=url, interval_s=interval_s, prefix=topics.prefix)
+        return 0
+
+    class Relay:
+        def __init__(self, settings: Any) -> None:
+            seen["relay"] = settings
+
+        async def run(self) -> None:
+            return None
+
+    def run_now(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        async def go() -> None:
+            stop = asyncio.Event()
+            stop.set()
+            await main(stop)
+
+        asyncio.run(go())
+
+    monkeypatch.setattr("relaybeat.serve.serve_monitor", serve_monitor)
+    monkeypatch.setattr("relay.leaf.run_leaf", run_leaf)
+    monkeypatch.setattr("relay.service.RelayService", Relay)
+    monkeypatch.setattr(cli, "_run", run_now)
+    return seen
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
+    result = CliRunner().invoke(cli.app, args, env=env)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Path, started: dict[str, Any]) -> None:
+    path = tmp_path / "relaybeat.toml"
+    path.write_text(
+        "[monitor]\nbroker = 'mqtt://file:1883'\ndb = 'sqlite:///file.db'\nmax_bundle_bytes = 65536\n"
+        "[detector]\nmisses = 4\n[api]\nwrite_tokens = ['write-token-0123456789']\n"
+    )
+    invoke(["monitor", "--config", str(path)])
+    settings = started["monitor"]
+    assert (settings.broker.host, settings.policy.misses, settings.max_bundle_bytes) == ("file", 4, 65536)
+    assert started["db"] == "sqlite:///file.db" and started["listen"] == ("127.0.0.1", 8000)
+    assert started["api"].write_tokens == ("write-token-0123456789",) and started["api"].read_open
+
+    env = {
+        "RELAYBEAT_CONFIG": str(path),
+        "RELAYBEAT_BROKER": "mqtt://env:1883",
+        "RELAYBEAT_DB": "sqlite:///env.db",
+        "RELAYBEAT_LISTEN": "127.0.0.1:9001",
+        "RELAYBEAT_PREFIX": "site/",
+        "RELAYBEAT_MISSES": "5",
+        "RELAYBEAT_MONITOR__MAX_BUNDLE_ENTRIES": "1000",
+    }
+    invoke(["monitor", "--max-bundle-bytes", "2048", "--phi", "9", "--adaptive"], env)
+    settings = started["monitor"]
+    assert (settings.broker.host, settings.prefix, settings.policy.misses) == ("env", "site/", 5)
+    assert (settings.max_bundle_bytes, settings.max_bundle_entries) == (2048, 1000)
+    assert settings.policy.adaptive and settings.policy.phi_threshold == 9
+    assert started["db"] == "sqlite:///env.db" and started["listen"] == ("127.0.0.1", 9001)
+
+    invoke(["monitor", "--broker", "mqtt://flag:1", "--misses", "6", "--client-id", "m2"], env)
+    assert (started["monitor"].broker.host, started["monitor"].policy.misses) == ("flag", 6)
+    assert started["monitor"].client_id == "m2"
+
+
+def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path, started: dict[str, Any]) -> None:
+    path = tmp_path / "relaybeat.toml"
+    path.write_text(
+        "[relay]\nlocal = 'mqtt://site:1884'\nupstream = 'mqtt://central:1883'\nflush_s = 2.0\n"
+        "max_bundle_bytes = 100000\nchildren = false\n"
+        "[leaf]\nbroker = 'mqtt://site:1884'\ninterval_s = 2.5\nprefix = 'site/'\n"
+    )
+    invoke(["relay", "--config", str(path), "--id", "relay-a"])
+    relay = started["relay"]
+    assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-a", "site", "central", 2.0)
+    assert relay.max_bundle_bytes == 100_000 and relay.accept_children is False
+    invoke(
+        ["relay", "--local", "mqtt://other:1", "--flush", "0.5", "--max-bundle-bytes", "4096", "--children"],
+        {"RELAYBEAT_CONFIG": str(path), "RELAYBEAT_ID": "relay-b", "RELAYBEAT_UPSTREAM": "mqtt://up:1"},
+    )
+    relay = started["relay"]
+    assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-b", "other", "up", 0.5)
+    assert relay.max_bundle_bytes == 4096 and relay.accept_children is True
+
+    invoke(["leaf", "--config", str(path), "--id", "web-1"])
+    assert (started["leaf"], started["broker"].host, started["interval_s"], started["prefix"]) == (
+        "web-1",
+        "site",
+        2.5,
+        "site/",
+    )
+    invoke(["leaf", "--interval", "1"], {"RELAYBEAT_ID": "web-2", "RELAYBEAT_BROKER": "mqtt://b:1"})
+    assert (started["leaf"], started["broker"].host, started["interval_s"]) == ("web-2", "b", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["leaf", "--broker", "mqtt://b:1"], "leaf id: give --id, RELAYBEAT_ID"),
+        (["leaf", "--id", "web-1"], "leaf broker: give --broker"),
+        (["leaf", "--id", "web 1", "--broker", "mqtt://b:1"], "--id (RELAYBEAT_ID) (leaf.id): must match"),
+        (["relay"], "relay id: give --id, RELAYBEAT_ID"),
+        (["relay", "--id", "r", "--upstream", "http://x"], "--upstream (RELAYBEAT_UPSTREAM) (relay.upstream)"),
+        (["monitor", "--max-bundle-bytes", "10"], "--max-bundle-bytes (monitor.max_bundle_bytes)"),
+        (["monitor", "--log-level", "loud"], "'loud' is not one of debug, info, warning, error"),
+    ],
+)
+def test_commands_refuse_bad_values_naming_the_flag(args: list[str], message: str, started: dict[str, Any]) -> None:
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not started
