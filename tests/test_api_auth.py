@@ -249,3 +249,11 @@ def test_running_monitor_serves_tokens_from_file_and_environment(tmp_path: Path,
     assert "monitor" in output  # it did log (at debug) ...
     for secret in (READ, WRITE, BROKER_PASSWORD):
         assert secret not in output  # ... and nothing secret
+
+
+def test_database_urls_are_shown_without_their_password() -> None:
+    from relaybeat.cli import _shown
+
+    shown = _shown(f"postgresql+psycopg://relaybeat:{BROKER_PASSWORD}@db.example/relaybeat")
+    assert BROKER_PASSWORD not in shown and shown.startswith("postgresql+psycopg://relaybeat:***@")
+    assert BROKER_PASSWORD not in _shown(f"not a url {BROKER_PASSWORD}")

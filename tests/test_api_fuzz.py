@@ -46,7 +46,8 @@ class FakeClock(Clock):
 
 
 def bundle(relay: str, seq: int, *hosts: tuple[str, int, LeafStatus], children: tuple[Bundle, ...] = ()) -> Bundle:
-    entries = tuple(HostEntry(h, 1, age_ms, 1000, status) for h, age_ms, status in hosts)
+    """Each host's beat seq follows the bundle's: every bundle brings a new beat of each host."""
+    entries = tuple(HostEntry(h, seq, age_ms, 1000, status) for h, age_ms, status in hosts)
     return Bundle(relay, "boot1", seq, 1000, entries, children)
 
 
