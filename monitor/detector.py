@@ -481,8 +481,19 @@ class Detector:
             # it was unreachable, while it was out of sight), before its hosts are judged below.
             self._relay_silent(relay, deadline, out)
 
+        hosts, rid, unreachable = self.hosts, relay.id, State.UNREACHABLE
         for entry in bundle.hosts:
-            self._observe_host(entry, relay.id, sent, now, out)
+            host = hosts.get(entry[0])
+            if (
+                host is not None
+                and host.via == rid
+                and entry[1] is not None
+                and entry[1] == host.seq
+                and host.via_seen >= host.last_seen  # type: ignore[operator]
+                and host.state is not unreachable
+            ):
+                continue  # the beat this relay already brought us: no news
+            self._observe_host(entry, rid, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
         if relay.pending:

@@ -33,6 +33,7 @@ DEFAULT_MAX_BUNDLE_ENTRIES = 200_000
 MAX_TREE_DEPTH = 16
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_IDS = re.compile(r"(?:[A-Za-z0-9._-]{1,128}\x00)*\Z")  # many ids, each followed by NUL
 _PREFIX = re.compile(r"([A-Za-z0-9._-]+/)+\Z")
 
 
@@ -271,6 +272,37 @@ def _host_entry(raw: object) -> HostEntry:
     return HostEntry(host, None if seq is None else _seq(seq), _age_ms(age), _interval_ms(interval), status_value)
 
 
+def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
+    """The monitor's hot loop: inline type and range checks, every id checked by one regex pass over
+    them all, and each entry made from the decoded list without copying. Any doubt goes to
+    `_host_entry`, which raises the precise WireError. (Decoded entries carry the status as the
+    plain string, equal to the LeafStatus member.)"""
+    entries: list[HostEntry] = []
+    append = entries.append
+    statuses = _STATUSES
+    make = tuple.__new__
+    for raw in raw_hosts:
+        if type(raw) is list and len(raw) == 5:
+            host, seq, age, interval, status = raw
+            if (
+                type(host) is str
+                and type(age) is int
+                and type(interval) is int
+                and type(status) is str
+                and (seq is None or (type(seq) is int and 0 <= seq <= MAX_SEQ))
+                and 0 <= age <= MAX_AGE_MS
+                and MIN_INTERVAL_MS <= interval <= MAX_INTERVAL_MS
+                and status in statuses
+            ):
+                append(make(HostEntry, raw))
+                continue
+        append(_host_entry(raw))
+    if entries and _IDS.match("\0".join([entry[0] for entry in entries]) + "\0") is None:
+        for entry in entries:
+            _host_entry(list(entry))  # raises for the first bad id
+    return tuple(entries)
+
+
 def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
     if not isinstance(body, dict):
         raise WireError("bad_bundle", "a bundle is a JSON object")
@@ -291,7 +323,7 @@ def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
         boot=check_id(boot, "bad_boot"),
         seq=_seq(seq),
         flush_ms=_interval_ms(flush_ms),
-        hosts=tuple(_host_entry(raw) for raw in hosts),
+        hosts=_host_entries(hosts),
         children=tuple(_bundle(child, depth + 1, budget) for child in children),
         age_ms=_age_ms(body["age_ms"]) if depth > 0 else 0,
     )
