@@ -204,12 +204,7 @@ class Detector:
         if news and self._root_pending:
             pending, self._root_pending = self._root_pending, []
             for relay in pending:
-                if relay.state in _UP_OR_UNKNOWN and relay.scheduled is None:
-                    deadline = self._deadline(relay)
-                    if deadline > now:
-                        self._schedule(relay, deadline)
-                    else:
-                        self._silent(relay, deadline, out)
+                self._recheck(relay, now, out)
         return out
 
     def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
@@ -268,13 +263,7 @@ class Detector:
             if track.scheduled != scheduled:
                 continue  # superseded entry
             track.scheduled = None
-            if track.state not in _UP_OR_UNKNOWN:
-                continue
-            deadline = self._deadline(track)
-            if deadline > now:
-                self._schedule(track, deadline)
-            else:
-                self._silent(track, deadline, out)
+            self._recheck(track, now, out)
         return out
 
     def restore(self, hosts: Iterable[HostSnapshot], relays: Iterable[RelaySnapshot]) -> None:
@@ -625,13 +614,17 @@ class Detector:
     def _confirm_pending(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
         pending, relay.pending = relay.pending, []
         for track in pending:
-            if track.state not in _UP_OR_UNKNOWN or track.scheduled is not None:
-                continue
-            deadline = self._deadline(track)
-            if deadline > now:
-                self._schedule(track, deadline)
-            else:
-                self._silent(track, deadline, out)
+            self._recheck(track, now, out)
+
+    def _recheck(self, track: _Track, now: float, out: list[Transition]) -> None:
+        """An unscheduled live subject: schedule its deadline, or handle its silence if it passed."""
+        if track.state not in _UP_OR_UNKNOWN or track.scheduled is not None:
+            return
+        deadline = self._deadline(track)
+        if deadline > now:
+            self._schedule(track, deadline)
+        else:
+            self._silent(track, deadline, out)
 
     def _host_silent(self, host: HostTrack, deadline: float, out: list[Transition]) -> None:
         """A host's deadline passed: down, or unreachable if every path to it is dead."""
