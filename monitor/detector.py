@@ -31,6 +31,9 @@ from monitor.states import Event, Kind, State, Transition
 from relay.wire import Beat, Bundle, HostEntry, LeafStatus
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
+# Two reports of a leaf through one relay within this much of each other, with the same seq, are
+# the same beat (bundle transit jitter); anything else is news, even with a constant seq.
+SAME_BEAT_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,12 +479,12 @@ class Detector:
             if (
                 host is not None
                 and host.via == rid
-                and entry[1] is not None
                 and entry[1] == host.seq
+                and sent - entry[2] / 1000 - host.via_seen < SAME_BEAT_S
                 and host.via_seen >= host.last_seen  # type: ignore[operator]
                 and host.state is not unreachable
             ):
-                continue  # the beat this relay already brought us: no news
+                continue  # the beat this relay already brought us (same seq, same time): no news
             self._observe_host(entry, rid, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)

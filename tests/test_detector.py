@@ -1097,3 +1097,17 @@ class DetectorMachine(RuleBasedStateMachine):
 
 TestDetectorMachine = DetectorMachine.TestCase
 TestDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
+    """Any MQTT client may be a leaf: one that always sends `{"seq": 1}` still beats."""
+    detector = Detector(Policy(misses=3), 0.0)
+    assembler = Assembler("r1", "boot", 1.0, 1.0)
+    out: list[Transition] = []
+    for tick in range(1, 41):  # a beat every second, a flush every second, for 40 s
+        now = float(tick)
+        assembler.add_beat("cron-job", Beat(seq=1, interval_s=1.0), now - 0.5)
+        out += detector.expire(now)
+        out += detector.observe(assembler.flush(now), now)
+    assert [(t.from_state, t.to_state) for t in out if t.subject == "cron-job"] == [(UNKNOWN, UP)]
+    assert detector.hosts["cron-job"].last_seen == 39.5
