@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import events, history, metrics, state
+from api import availability, events, history, metrics, operations, state
 from api.auth import READ_REFUSED, WRITE_REFUSED, ApiSettings, install, require_read_token, require_write_token
 from api.bodies import NOT_FOUND, json_response, monitor_of, not_found
 from monitor.service import Monitor
@@ -54,6 +54,8 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     }  # fmt: skip
     app.include_router(state.router, **reads)
     app.include_router(history.router, **reads)
+    app.include_router(operations.router, **reads)  # its writes need a write token on top
+    app.include_router(availability.router, **reads)
     events.install(app, monitor)
     metrics.install(app, monitor)
 
