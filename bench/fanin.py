@@ -13,12 +13,17 @@ leaf heartbeats sent (psutil on the monitor pid), monitor RSS.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
+
+from matplotlib.figure import Figure
 
 from bench import mqtt
 from bench.leaves import Fleet, Leaf
@@ -128,6 +133,9 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         "monitor_cores": (cpu1 - cpu0) / wall,
         "monitor_idle_cores": idle,
         "monitor_cpu_s_per_1000_beats": (cpu1 - cpu0) / (beats / 1000) if beats else float("nan"),
+        # The same per leaf beat that reached the monitor (differs when the broker drops or lags).
+        "monitor_cpu_s_per_1000_received": (cpu1 - cpu0) / (entries / 1000) if entries else float("nan"),
+        "loadavg": os.getloadavg(),
         "monitor_rss_mb": rss_max / 2**20,
         "broker_cores": (broker1 - broker0) / wall,
         "relays_cores": (relay1 - relay0) / wall,
@@ -156,7 +164,8 @@ def run(args: Any, out: Any) -> Report:
             ratios.append(
                 pair["direct"]["monitor_cpu_s_per_1000_beats"] / pair["relayed"]["monitor_cpu_s_per_1000_beats"]
             )
-    keys = ["connections", "monitor_msgs_per_s", "monitor_cpu_s_per_1000_beats", "monitor_cores", "monitor_rss_mb",
+    keys = ["connections", "monitor_msgs_per_s", "monitor_cpu_s_per_1000_beats", "monitor_cpu_s_per_1000_received",
+            "monitor_entries_per_s", "monitor_cores", "monitor_rss_mb",
             "monitor_idle_cores", "broker_cores", "relays_cores", "leaf_beats_per_s", "not_up_at_end"]  # fmt: skip
     summary = {mode: {k: spread(x[k] for x in runs[mode]) for k in keys} for mode in MODES}
     d, rl = summary["direct"], summary["relayed"]
@@ -182,6 +191,9 @@ def run(args: Any, out: Any) -> Report:
          num(report.data["ratio_msgs"], 1) + "×"),
         ("monitor CPU s per 1,000 leaf beats", med(d["monitor_cpu_s_per_1000_beats"], 4),
          med(rl["monitor_cpu_s_per_1000_beats"], 4), med(ratio, 1) + "×"),
+        ("  … per 1,000 leaf beats received", med(d["monitor_cpu_s_per_1000_received"], 4),
+         med(rl["monitor_cpu_s_per_1000_received"], 4), ""),
+        ("leaf beats received/s (entries)", med(d["monitor_entries_per_s"]), med(rl["monitor_entries_per_s"]), ""),
         ("monitor CPU (cores)", med(d["monitor_cores"], 3), med(rl["monitor_cores"], 3), ""),
         ("monitor CPU idle before load (cores)", med(d["monitor_idle_cores"], 3), med(rl["monitor_idle_cores"], 3), ""),
         ("monitor RSS (MB)", med(d["monitor_rss_mb"]), med(rl["monitor_rss_mb"]),
@@ -200,11 +212,30 @@ def run(args: Any, out: Any) -> Report:
            if args.broker == "mosquitto" else "")
     )  # fmt: skip
 
+    fig = plot(summary, ratio, args)
+    if args.profile:
+        report.data["profiles"] = {mode: profile(mode, args, out) for mode in MODES}
+        report.say(f"\nmonitor profiles (pyinstrument, separate runs, not in the figures): {report.data['profiles']}")
+    report.save(out, {f"fanin_{args.broker}": fig})
+    return report
+
+
+def profile(mode: str, args: Any, out: Path) -> dict[str, str]:
+    """One more run of `mode` with the monitor under pyinstrument; HTML and text saved in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    session = out / f"fanin_profile_{mode}.pyisession"
+    one_run(mode, args, wrap=["-m", "pyinstrument", "-r", "pyisession", "-o", str(session), "-i", "0.0005"])
+    files = render_profile(session)
+    session.unlink(missing_ok=True)
+    return files
+
+
+def plot(summary: dict[str, Any], ratio: dict[str, float], args: Any) -> Figure:
     fig, axes = figure(1, 4, width=14, height=3.6)
     panels = [
         ("connections", "connections on monitor's broker", True),
         ("monitor_msgs_per_s", "messages/s into monitor", True),
-        ("monitor_cpu_s_per_1000_beats", "monitor CPU s / 1,000 beats", True),
+        ("monitor_cpu_s_per_1000_beats", "monitor CPU s / 1,000 beats", False),
         ("monitor_rss_mb", "monitor RSS (MB)", False),
     ]
     for ax, (key, title, log) in zip(axes[0], panels, strict=True):
@@ -222,18 +253,12 @@ def run(args: Any, out: Any) -> Report:
         f" CPU ratio {ratio['median']:.1f}×",
         fontsize=10,
     )
-    if args.profile:
-        report.data["profiles"] = {mode: profile(mode, args, out) for mode in MODES}
-        report.say(f"\nmonitor profiles (pyinstrument, separate runs, not in the figures): {report.data['profiles']}")
-    report.save(out, {f"fanin_{args.broker}": fig})
-    return report
+    return fig
 
 
-def profile(mode: str, args: Any, out: Path) -> dict[str, str]:
-    """One more run of `mode` with the monitor under pyinstrument; HTML and text saved in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    session = out / f"fanin_profile_{mode}.pyisession"
-    one_run(mode, args, wrap=["-m", "pyinstrument", "-r", "pyisession", "-o", str(session), "-i", "0.0005"])
-    files = render_profile(session)
-    session.unlink(missing_ok=True)
-    return files
+def replot(path: Path) -> None:
+    """Redraw the PNG of a saved fanin JSON (e.g. after a change to the plot)."""
+    body = json.loads(path.read_text())
+    args = argparse.Namespace(**body["args"])
+    fig = plot(body["results"]["summary"], body["results"]["ratio_cpu_per_beat"], args)
+    fig.savefig(path.with_name(f"fanin_{args.broker}.png"), dpi=110, bbox_inches="tight")

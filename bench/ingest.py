@@ -28,7 +28,7 @@ import httpx
 import orjson
 
 from bench import synth
-from bench.procs import Lab
+from bench.procs import Lab, Proc
 from bench.report import Report, figure, med, num, render_profile, spread, table
 from monitor.detector import Detector, Policy
 from monitor.service import Monitor, MonitorSettings
@@ -161,7 +161,8 @@ async def _end_to_end(lab: Lab, broker_kind: str, size: int, relays_n: int, seco
     try:
         async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
             await synth.round_all(relays, http)
-            await asyncio.sleep(1.0)  # let the first round's `up` transitions reach SQL
+            # Let the first round's `up` transitions (one per host) reach SQL: wait for a quiet monitor.
+            await quiet(monitor.proc)
             await synth.round_all(relays, http)
             cpu0, t0 = monitor.proc.cpu_s(), time.monotonic()
             broker0 = broker.proc.cpu_s()
@@ -191,6 +192,16 @@ async def _end_to_end(lab: Lab, broker_kind: str, size: int, relays_n: int, seco
         "monitor_rss_mb": rss / 2**20,
         "rejected": health["rejected"],
     }
+
+
+async def quiet(proc: Proc, below_cores: float = 0.1, timeout_s: float = 120.0) -> None:
+    """Until the process used less than `below_cores` over half a second."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = proc.cpu_s()
+        await asyncio.sleep(0.5)
+        if proc.cpu_s() - before < below_cores * 0.5:
+            return
 
 
 def profile(args: Any, out: Path, size: int) -> dict[str, str]:

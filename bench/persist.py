@@ -83,6 +83,11 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                 async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
                     await synth.round_all(relays, http)
                     await synth.round_all(others, http)
+                    # Every relay keeps sending (a silent fleet would make the monitor blind, and a
+                    # blind monitor decides nothing); the dying one stops just before its will.
+                    stop_dying, stop_others = asyncio.Event(), asyncio.Event()
+                    dying = asyncio.create_task(synth.paced(relays, args.hosts * 2.0, stop_dying))
+                    alive = asyncio.create_task(synth.paced(others, 2 * 10 * 2.0, stop_others))
                     wanted = args.hosts + 20 + 3
                     deadline = time.monotonic() + 60
                     while count(0)[0] < wanted:
@@ -91,6 +96,8 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                         await asyncio.sleep(0.05)
                     await asyncio.sleep(0.5)
                     _, baseline = count(0)
+                    stop_dying.set()
+                    await dying
                     cpu0 = monitor.proc.cpu_s()
                     event = time.time()
                     relays.say_offline(relays.ids[0])
@@ -108,6 +115,8 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                     done = time.time()
                     cpu = monitor.proc.cpu_s() - cpu0
                     state = monitor.count(state="unreachable")
+                    stop_others.set()
+                    await alive
             finally:
                 close()
                 relays.close()
