@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ import aiomqtt
 
 from monitor.detector import Detector, HostSnapshot, HostTrack, Policy, RelaySnapshot, RelayTrack
 from monitor.maintenance import MaintenanceBook
-from monitor.states import Kind, Transition
-from monitor.store import HostRow, NewTransition, RelayRow, Store
+from monitor.notify import AlertBook, Change, Plan, plan, remind, render
+from monitor.outbox import NotifySettings, OutboxWorker
+from monitor.states import Kind, State, Transition
+from monitor.store import HostRow, NewMessage, NewTransition, RelayRow, Store
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
 from relay.rejections import Rejections
 from relay.wire import (
@@ -78,6 +81,7 @@ class MonitorSettings:
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES
     checkpoint_s: float = 10.0  # how often last-seen times of live hosts are saved for restarts
+    notify: NotifySettings = field(default_factory=NotifySettings)  # webhooks; none by default
 
 
 class Monitor:
@@ -104,6 +108,11 @@ class Monitor:
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
         self._write_wanted = asyncio.Event()
+        self.alerts = AlertBook()  # what each webhook target has been told is down (loaded by restore)
+        self.outbox = OutboxWorker(store, settings.notify)
+        self._notify_lock = asyncio.Lock()  # one plan at a time against `alerts`
+        everies = [t.remind_every_s for t in settings.notify.targets if t.remind_every_s is not None]
+        self.remind_tick_s = max(0.01, min([30.0, *(every / 4 for every in everies)]))  # also drops stale alerts
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -129,6 +138,7 @@ class Monitor:
         )  # fmt: skip
         self.last_written_id = await self.store.last_transition_id()
         self.maintenance.load(await self.store.maintenance_windows())
+        self.alerts.load(await self.store.alerts())
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
 
     async def run(self) -> None:
@@ -140,6 +150,7 @@ class Monitor:
                 tasks.create_task(self._write_loop())
                 tasks.create_task(self._checkpoint_loop())
                 tasks.create_task(self.watch_loop_lag())
+                tasks.create_task(self.notify())
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
@@ -261,14 +272,78 @@ class Monitor:
         relay_ids = {t.subject for t in batch if t.kind is Kind.RELAY}
         hosts = [self.host_row(self.detector.hosts[h]) for h in sorted(host_ids) if h in self.detector.hosts]
         relays = [self.relay_row(self.detector.relays[r]) for r in sorted(relay_ids) if r in self.detector.relays]
-        started = time.perf_counter()
-        await self.store.write(rows, hosts, relays)
-        elapsed = time.perf_counter() - started
+        async with self._notify_lock:  # webhook messages and alerts go in the same transaction
+            notices = self._plan(batch, rows)
+            messages = self._messages(notices)
+            started = time.perf_counter()
+            await self.store.write(rows, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed)
+            elapsed = time.perf_counter() - started
+            self.alerts.apply(notices)
+        if messages:
+            self.outbox.poke()
         for observer in self.observers:
             observer.wrote(len(rows), elapsed)
         self.last_written_id = await self.store.last_transition_id()
         async with self.written:
             self.written.notify_all()
+
+    # --------------------------------------------------------------------------- notifications
+
+    def _plan(self, batch: Sequence[Transition], rows: Sequence[NewTransition]) -> Plan:
+        targets = self.settings.notify.targets
+        if not targets:
+            return Plan()
+        changes = [
+            Change(
+                t.kind, t.subject, t.from_state, t.to_state, row.at, t.reason, t.relay,
+                tuple(self.relay_path(t.kind, t.subject, t.relay)), row.maintenance, t.event,
+            )
+            for t, row in zip(batch, rows, strict=True)
+        ]  # fmt: skip
+        return plan(changes, targets, self.alerts)
+
+    def _messages(self, notices: Plan) -> list[NewMessage]:
+        now = self.outbox.wall()
+        messages = []
+        for notice in notices.notices:
+            key = uuid.uuid4().hex
+            body = render(notice, key).decode()
+            messages.append(NewMessage(notice.target, key, notice.type, notice.incident, body, now))
+        return messages
+
+    def _state_of(self, kind: Kind, subject: str) -> State | None:
+        track = (self.detector.hosts if kind is Kind.HOST else self.detector.relays).get(subject)
+        return None if track is None else track.state
+
+    async def notify(self) -> None:
+        """Deliver webhook messages and send reminders until cancelled; returns at once without webhooks."""
+        if not self.settings.notify.webhooks:
+            return
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.outbox.run())
+            tasks.create_task(self._remind_loop())
+
+    async def _remind_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.remind_tick_s)
+            try:
+                await self.remind()
+            except Exception as exc:  # the database is down: the reminders wait for the next tick
+                log.warning("reminders failed (%s); will retry", exc)
+
+    async def remind(self) -> int:
+        """Queue the reminders due now (and close alerts of forgotten subjects); how many were queued."""
+        async with self._notify_lock:
+            now = self.clock.wall(self.clock.now())
+            due = remind(self.alerts, self.settings.notify.targets, now, self._state_of)
+            if not due:
+                return 0
+            messages = self._messages(due)
+            await self.store.write((), (), (), messages=messages, opened=due.opened, closed=due.closed)
+            self.alerts.apply(due)
+        if messages:
+            self.outbox.poke()
+        return len(messages)
 
     async def _checkpoint_loop(self) -> None:
         """Save last-seen times of hosts heard since the previous checkpoint, for a restart."""

@@ -18,21 +18,33 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import ColumnElement, Connection, delete, event, func, insert, make_url, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, delete, event, func, insert, make_url, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 import migrations
 from monitor.maintenance import TargetKind, Window
+from monitor.notify import Alert, AlertKey, NoticeType
 from monitor.states import Event, Kind, State, Transition
-from monitor.tables import AcknowledgementModel, Base, HostModel, MaintenanceModel, RelayModel, TransitionModel
+from monitor.tables import (
+    AcknowledgementModel,
+    AlertModel,
+    Base,
+    HostModel,
+    MaintenanceModel,
+    OutboxModel,
+    RelayModel,
+    TransitionModel,
+)
 
 __all__ = [
     "Acknowledgement",
     "HostRow",
+    "NewMessage",
     "NewTransition",
+    "OutboxRow",
     "RelayRow",
     "Store",
     "TransitionRecord",
@@ -165,6 +177,39 @@ class Acknowledgement:
     by: str
 
 
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A webhook message to queue in the outbox; `body` is the exact JSON to send."""
+
+    target: str
+    key: str
+    type: NoticeType
+    incident: str
+    body: str
+    created_at: datetime  # also its first attempt's time
+
+    def __post_init__(self) -> None:
+        _require_aware("created_at", self.created_at)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A queued webhook message. Pending while both `delivered_at` and `abandoned_at` are None."""
+
+    id: int
+    target: str
+    key: str
+    type: NoticeType
+    incident: str
+    body: str
+    created_at: datetime
+    next_attempt_at: datetime
+    attempts: int
+    delivered_at: datetime | None
+    abandoned_at: datetime | None
+    last_error: str | None
+
+
 def async_url(url: str) -> str:
     """The async-driver form of a database URL: aiosqlite for SQLite, psycopg for PostgreSQL.
 
@@ -255,6 +300,8 @@ _RELAY_COLUMNS = [getattr(RelayModel, field.name) for field in fields(RelayRow)]
 _TRANSITION_COLUMNS = [getattr(TransitionModel, field.name) for field in fields(TransitionRecord)]
 _WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Window)]
 _ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
+_OUTBOX_COLUMNS = [getattr(OutboxModel, field.name) for field in fields(OutboxRow)]
+_ALERT_COLUMNS = [getattr(AlertModel, field.name) for field in fields(Alert)]
 
 
 class Store:
@@ -317,12 +364,17 @@ class Store:
         transitions: Sequence[NewTransition],
         hosts: Sequence[HostRow],
         relays: Sequence[RelayRow],
+        *,
+        messages: Sequence[NewMessage] = (),
+        opened: Sequence[Alert] = (),
+        closed: Sequence[AlertKey] = (),
     ) -> None:
-        """In one transaction: append `transitions` and insert-or-replace the current-state rows.
+        """In one transaction: append `transitions` and insert-or-replace the current-state rows;
+        queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts.
 
         If an id appears more than once in `hosts` or `relays`, the last row wins.
         """
-        if not (transitions or hosts or relays):
+        if not (transitions or hosts or relays or messages or opened or closed):
             return
         now = datetime.now(UTC)
         async with self._writer.begin() as connection:
@@ -334,6 +386,7 @@ class Store:
             if relays:
                 rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
                 await connection.execute(self._upsert(RelayModel), rows)
+            await _write_notifications(connection, messages, opened, closed)
 
     async def forget_host(self, host_id: str) -> bool:
         """Delete a host's current-state row (its history stays). False if there was none."""
@@ -501,6 +554,94 @@ class Store:
         query = select(*_ACK_COLUMNS).where(*conditions).order_by(a.id.desc()).limit(limit)
         async with self._engine.connect() as connection:
             return [Acknowledgement(*row) for row in await connection.execute(query)]
+
+    # --- notifications: the outbox and what each target has been told ---
+
+    async def alerts(self) -> list[Alert]:
+        """Every open alert, by (target, kind, subject)."""
+        a = AlertModel
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(*_ALERT_COLUMNS).order_by(a.target, a.kind, a.subject))
+            return [Alert(*row) for row in result]
+
+    async def outbox(self, target: str | None = None, pending: bool = False, limit: int = 1000) -> list[OutboxRow]:
+        """Queued messages (of one target; only the pending ones), oldest first."""
+        o = OutboxModel
+        conditions: list[ColumnElement[bool]] = []
+        if target is not None:
+            conditions.append(o.target == target)
+        if pending:
+            conditions += [o.delivered_at.is_(None), o.abandoned_at.is_(None)]
+        query = select(*_OUTBOX_COLUMNS).where(*conditions).order_by(o.id).limit(limit)
+        async with self._engine.connect() as connection:
+            return [OutboxRow(*row) for row in await connection.execute(query)]
+
+    async def outbox_targets(self) -> dict[str, int]:
+        """Pending messages per target."""
+        o = OutboxModel
+        query = (
+            select(o.target, func.count()).where(o.delivered_at.is_(None), o.abandoned_at.is_(None)).group_by(o.target)
+        )
+        async with self._engine.connect() as connection:
+            return {row[0]: int(row[1]) for row in await connection.execute(query)}
+
+    async def outbox_delivered(self, message_id: int, at: datetime, attempts: int) -> None:
+        _require_aware("at", at)
+        o = OutboxModel
+        statement = (
+            update(o)
+            .where(o.id == message_id, o.delivered_at.is_(None))
+            .values(delivered_at=at, attempts=attempts, last_error=None)
+        )
+        async with self._writer.begin() as connection:
+            await connection.execute(statement)
+
+    async def outbox_failed(self, message_id: int, attempts: int, next_attempt_at: datetime, error: str) -> None:
+        _require_aware("next_attempt_at", next_attempt_at)
+        o = OutboxModel
+        statement = (
+            update(o)
+            .where(o.id == message_id, o.delivered_at.is_(None))
+            .values(attempts=attempts, next_attempt_at=next_attempt_at, last_error=error)
+        )
+        async with self._writer.begin() as connection:
+            await connection.execute(statement)
+
+    async def outbox_abandoned(self, message_id: int, at: datetime, attempts: int, error: str) -> None:
+        _require_aware("at", at)
+        o = OutboxModel
+        statement = (
+            update(o)
+            .where(o.id == message_id, o.delivered_at.is_(None))
+            .values(abandoned_at=at, attempts=attempts, last_error=error)
+        )
+        async with self._writer.begin() as connection:
+            await connection.execute(statement)
+
+    async def outbox_purge(self, before: datetime) -> int:
+        """Delete messages delivered or abandoned before `before`; how many went."""
+        _require_aware("before", before)
+        o = OutboxModel
+        statement = delete(o).where((o.delivered_at < before) | (o.abandoned_at < before))
+        async with self._writer.begin() as connection:
+            return (await connection.execute(statement)).rowcount
+
+
+async def _write_notifications(
+    connection: AsyncConnection, messages: Sequence[NewMessage], opened: Sequence[Alert], closed: Sequence[AlertKey]
+) -> None:
+    if messages:
+        rows = [_values(m) | {"next_attempt_at": m.created_at, "attempts": 0} for m in messages]
+        await connection.execute(insert(OutboxModel), rows)
+    gone = [*closed, *(alert.key for alert in opened)]
+    if gone:
+        a = AlertModel
+        statement = delete(a).where(
+            a.target == bindparam("t"), a.kind == bindparam("k", type_=a.kind.type), a.subject == bindparam("s")
+        )
+        await connection.execute(statement, [{"t": t, "k": k, "s": s} for t, k, s in gone])
+    if opened:
+        await connection.execute(insert(AlertModel), [_values(alert) for alert in opened])
 
 
 _T = TypeVar("_T")

@@ -11,11 +11,24 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Boolean, Dialect, Float, Index, Integer, MetaData, Text, TypeDecorator, false
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Text,
+    TypeDecorator,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime
 
 from monitor.maintenance import TargetKind
+from monitor.notify import NoticeType
 from monitor.states import Event, Kind, State
 
 # Constraint names are deterministic, so batch-mode migrations on SQLite can find and drop them.
@@ -176,3 +189,41 @@ class AcknowledgementModel(Base):
     comment: Mapped[str] = mapped_column(Text)
     acknowledged_at: Mapped[datetime] = mapped_column(UTCDateTime())
     by: Mapped[str] = mapped_column(Text)
+
+
+class OutboxModel(Base):
+    """Webhook messages to deliver, written in the transaction of the transitions they are about.
+
+    A row is pending until `delivered_at` (a 2xx answer) or `abandoned_at` (retried for too long).
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index(None, "target", "delivered_at", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target: Mapped[str] = mapped_column(Text)  # a [[notify.webhooks]] name
+    key: Mapped[str] = mapped_column(Text, unique=True)  # the Idempotency-Key header and the body's "id"
+    type: Mapped[NoticeType] = mapped_column(EnumText(NoticeType))
+    incident: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON sent (and signed)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    abandoned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AlertModel(Base):
+    """What each webhook target has been told is down or unreachable, until it is told it is over."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (PrimaryKeyConstraint("target", "kind", "subject"),)
+
+    target: Mapped[str] = mapped_column(Text)
+    kind: Mapped[Kind] = mapped_column(EnumText(Kind))
+    subject: Mapped[str] = mapped_column(Text)
+    incident: Mapped[str] = mapped_column(Text)
+    state: Mapped[State] = mapped_column(EnumText(State))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    reminded_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -281,7 +281,7 @@ def monitor(
         },
     )
     cfg = deployment.monitor
-    settings = cfg.settings(deployment.detector.policy())
+    settings = cfg.settings(deployment.detector.policy(), deployment.notify.settings())
     host, port = parse_hostport(cfg.listen)
     api = deployment.api.settings()
     _run(lambda stop: serve_monitor(settings, cfg.db, host, port, stop, api))

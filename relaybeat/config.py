@@ -21,6 +21,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
@@ -37,7 +38,10 @@ from sqlalchemy.exc import ArgumentError
 
 from api.auth import TOKEN_MIN_CHARS, ApiSettings
 from monitor.detector import Policy
+from monitor.notify import Target
+from monitor.outbox import NotifySettings, Webhook
 from monitor.service import MonitorSettings
+from monitor.states import Kind, State
 from relay.mqtt import BrokerURL
 from relay.ports import parse_hostport
 from relay.service import RelaySettings
@@ -150,7 +154,7 @@ class MonitorConfig(_Strict):
             raise ValueError("must be a SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") from None
         return value
 
-    def settings(self, policy: Policy) -> MonitorSettings:
+    def settings(self, policy: Policy, notify: NotifySettings | None = None) -> MonitorSettings:
         return MonitorSettings(
             BrokerURL.parse(self.broker),
             policy,
@@ -159,6 +163,7 @@ class MonitorConfig(_Strict):
             self.accept_direct_beats,
             max_bundle_bytes=self.max_bundle_bytes,
             max_bundle_entries=self.max_bundle_entries,
+            notify=notify or NotifySettings(),
         )
 
 
@@ -265,12 +270,103 @@ class LeafConfig(_Strict):
         return None if value is None else _check_broker(value)
 
 
+NotifyState = Literal["down", "unreachable"]
+NotifyKind = Literal["host", "relay"]
+
+
+def _bad_states() -> list[NotifyState]:
+    return ["down", "unreachable"]
+
+
+def _both_kinds() -> list[NotifyKind]:
+    return ["host", "relay"]
+
+
+class WebhookConfig(_Strict):
+    """One `[[notify.webhooks]]` target. Errors never repeat its URL or secret (either may hold a token)."""
+
+    name: str  # names the target in the outbox and in logs: keep it stable
+    url: str
+    secret: SecretStr | None = None  # signs each message: X-Relaybeat-Signature
+    states: list[NotifyState] = Field(default_factory=_bad_states, min_length=1)
+    hosts: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # host-id globs
+    relays: list[str] = Field(default_factory=list)  # only subjects at or behind these relays; empty: all
+    kinds: list[NotifyKind] = Field(default_factory=_both_kinds, min_length=1)
+    remind_every_s: float | None = Field(default=None, gt=0, le=30 * 86_400)  # unset: no reminders
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        _check_id(value)
+        return value
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        for relay in value:
+            _check_id(relay)
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    def webhook(self) -> Webhook:
+        target = Target(
+            self.name,
+            frozenset(State(s) for s in self.states),
+            tuple(self.hosts),
+            tuple(self.relays),
+            frozenset(Kind(k) for k in self.kinds),
+            self.remind_every_s,
+        )
+        secret = None if self.secret is None else self.secret.get_secret_value()
+        return Webhook(target, self.url, secret, self.timeout_s)
+
+
+class NotifyConfig(_Strict):
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    retry_min_s: float = Field(default=1.0, gt=0, le=3600)
+    retry_max_s: float = Field(default=300.0, gt=0, le=86_400)
+    give_up_after_s: float = Field(default=7 * 86_400.0, gt=0, le=90 * 86_400)
+    keep_delivered_s: float = Field(default=7 * 86_400.0, gt=0, le=365 * 86_400)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NotifyConfig:
+        names = [w.name for w in self.webhooks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"webhook names must be unique; repeated: {', '.join(repeated)}")
+        if self.retry_min_s > self.retry_max_s:
+            raise ValueError(f"retry_min_s ({self.retry_min_s:g}) must not exceed retry_max_s ({self.retry_max_s:g})")
+        return self
+
+    def settings(self) -> NotifySettings:
+        return NotifySettings(
+            tuple(w.webhook() for w in self.webhooks),
+            self.retry_min_s,
+            self.retry_max_s,
+            self.give_up_after_s,
+            self.keep_delivered_s,
+        )
+
+
 class DeploymentConfig(_Strict):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     leaf: LeafConfig = Field(default_factory=LeafConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -61,7 +61,10 @@ def test_example_file_shows_every_key_with_its_default() -> None:
         ("[detector]\nflap_start = 3\nflap_stop = 3\n", "flap_stop (3) must be below flap_start (3)"),
         ("[monitor]\nprefix = 'no-slash'\n", "monitor.prefix"),
         ("[[detector.misses_override]]\nhosts = 'db-*'\n", "detector.misses_override.0.misses: Field required"),
-        ("[monitr]\n", "monitr: Extra inputs are not permitted; known keys: api, detector, leaf, monitor, relay"),
+        (
+            "[monitr]\n",
+            "monitr: Extra inputs are not permitted; known keys: api, detector, leaf, monitor, notify, relay",
+        ),
         ("not toml = = 1", "not valid TOML"),
         (
             "[detector]\nmisses = 1001\n",
@@ -313,3 +316,50 @@ def test_commands_refuse_bad_values_naming_the_flag(args: list[str], message: st
     assert result.exit_code == 2
     assert message in result.output
     assert not started
+
+
+def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret(tmp_path: Path) -> None:
+    from monitor.detector import Policy
+    from monitor.notify import Target
+    from monitor.states import Kind, State
+
+    path = tmp_path / "relaybeat.toml"
+    path.write_text(
+        "[notify]\nretry_max_s = 60.0\n"
+        '[[notify.webhooks]]\nname = "ops"\nurl = "https://hooks.example.com/T0/token-in-path"\n'
+        'secret = "s3cret-s3cret"\n'
+        'states = ["down"]\nhosts = ["db-*"]\nrelays = ["r2"]\nkinds = ["host"]\nremind_every_s = 3600.0\n'
+    )
+    notify = load_config(path).notify.settings()
+    [webhook] = notify.webhooks
+    assert (webhook.url, webhook.secret, webhook.timeout_s) == (
+        "https://hooks.example.com/T0/token-in-path",
+        "s3cret-s3cret",
+        10.0,
+    )
+    assert webhook.target == Target("ops", frozenset({State.DOWN}), ("db-*",), ("r2",), frozenset({Kind.HOST}), 3600.0)
+    assert notify.retry_max_s == 60.0 and "token-in-path" not in repr(notify) and "s3cret" not in repr(notify)
+    assert load_config(None).notify.settings().webhooks == ()
+    settings = load_config(path).monitor.settings(Policy(), notify)
+    assert settings.notify is notify
+
+    bad = [
+        ('url = "ftp://hooks.example.com/token-in-path"', "notify.webhooks.0.url: must be an http:// or https:// URL"),
+        ('url = "https://h/x"\nstates = ["up"]', "notify.webhooks.0.states.0"),
+        ('url = "https://h/x"\nhosts = []', "notify.webhooks.0.hosts"),
+        ('url = "https://h/x"\nsecret = 5', "notify.webhooks.0.secret"),
+        ('url = "https://h/x"\nurls = 1', "notify.webhooks.0.urls: Extra inputs are not permitted"),
+    ]
+    for line, message in bad:
+        path.write_text(f'[[notify.webhooks]]\nname = "ops"\n{line}\n')
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert message in str(error.value) and "token-in-path" not in str(error.value)
+    path.write_text(
+        '[[notify.webhooks]]\nname = "a"\nurl = "https://h/1"\n[[notify.webhooks]]\nname = "a"\nurl = "https://h/2"\n'
+    )
+    with pytest.raises(ConfigError, match="webhook names must be unique; repeated: a"):
+        load_config(path)
+    environ = {"RELAYBEAT_NOTIFY__WEBHOOKS": '[{name = "ops", url = "http://127.0.0.1:9/x", secret = "s3cret-s3cret"}]'}
+    [from_env] = load_config(None, environ).notify.settings().webhooks
+    assert from_env.secret == "s3cret-s3cret"

@@ -30,7 +30,7 @@ from monitor.store import (
     upgrade_sync,
 )
 
-TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements"}
+TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements", "outbox", "alerts"}
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PLUS_2 = timezone(timedelta(hours=2))
