@@ -205,6 +205,7 @@ async def quiet(proc: Proc, below_cores: float = 0.1, timeout_s: float = 120.0) 
 
 
 def profile(args: Any, out: Path, size: int) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
     session = out / f"ingest_profile_{size}.pyisession"
     with Lab("ingest-profile") as lab:
         wrap = ["-m", "pyinstrument", "-r", "pyisession", "-o", str(session), "-i", "0.0005"]
