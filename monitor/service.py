@@ -104,6 +104,7 @@ class Monitor:
         self.write_failures = 0
         self.loop_lags_s: deque[float] = deque(maxlen=20)  # the last 5 s of event-loop lag probes
         self._unwritten: list[Transition] = []
+        self._in_flight: list[Transition] = []  # the batch being written right now
         self._wake = asyncio.Event()
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
@@ -249,6 +250,7 @@ class Monitor:
         attempt = 0
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
+            self._in_flight = batch
             self._write_wanted.clear()
             try:
                 await self._write(batch)
@@ -261,6 +263,8 @@ class Monitor:
                 attempt += 1
                 log.warning("database write failed (%s); %d transitions kept for retry", exc, len(self._unwritten))
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+            finally:
+                self._in_flight = []
 
     async def _write(self, batch: Sequence[Transition]) -> None:
         wall = self.clock.wall
@@ -351,8 +355,15 @@ class Monitor:
         while True:
             await asyncio.sleep(self.settings.checkpoint_s)
             now = self.clock.now()
-            hosts = [self.host_row(h) for h in self.detector.hosts.values() if (h.last_seen or 0) >= previous - 1]
-            relays = [self.relay_row(r) for r in self.detector.relays.values()]
+            # A subject whose transition is not in SQL yet keeps its stored row until that transition
+            # is written with it (same transaction): a crash in between must not lose the history.
+            pending = {t.subject for t in (*self._unwritten, *self._in_flight)}
+            hosts = [
+                self.host_row(h)
+                for h in self.detector.hosts.values()
+                if (h.last_seen or 0) >= previous - 1 and h.id not in pending
+            ]
+            relays = [self.relay_row(r) for r in self.detector.relays.values() if r.id not in pending]
             previous = now
             try:
                 await self.store.write((), hosts, relays)
