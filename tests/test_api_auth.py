@@ -218,13 +218,14 @@ def test_running_monitor_serves_tokens_from_file_and_environment(tmp_path: Path,
     config = tmp_path / "relaybeat.toml"
     config.write_text(f"[api]\nread_tokens = ['{READ}']\n")
     env = os.environ | {"RELAYBEAT_API_WRITE_TOKENS": WRITE}
+    log = (tmp_path / "monitor.log").open("w")  # a file, not a pipe: a debug log would fill a pipe and block
     process = subprocess.Popen(
         [
             sys.executable, "-m", "relaybeat", "monitor", "--config", str(config),
             "--broker", f"mqtt://monitor:{BROKER_PASSWORD}@127.0.0.1:1", "--db", f"sqlite:///{tmp_path / 'm.db'}",
             "--listen", f"127.0.0.1:{free_port}", "--log-level", "debug",
         ],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{free_port}"
     try:
@@ -244,8 +245,10 @@ def test_running_monitor_serves_tokens_from_file_and_environment(tmp_path: Path,
         assert httpx.delete(f"{base}/api/v1/hosts/x", headers=bearer(WRITE)).status_code == 404
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
+        process.wait(timeout=30)
+        log.close()
+    output = (tmp_path / "monitor.log").read_text()
+    assert process.returncode == 0, output[-3000:]
     assert "monitor" in output  # it did log (at debug) ...
     for secret in (READ, WRITE, BROKER_PASSWORD):
         assert secret not in output  # ... and nothing secret
