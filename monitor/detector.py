@@ -34,6 +34,7 @@ _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
 # the same beat (bundle transit jitter); anything else is news, even with a constant seq.
 SAME_BEAT_S = 0.05
+_NEVER = -math.inf  # one shared float: a host costs no extra object for "never"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +83,10 @@ class _Track:
         self.state = state
         self.since = since
         self.last_seen = last_seen
-        self.grace_from = -math.inf  # its own grace: when its path came back with no news of it
+        self.grace_from = _NEVER  # its own grace: when its path came back with no news of it
         self.scheduled: float | None = None
         self.flapping = False
-        self.flaps: deque[float] | None = None
+        self.flaps: tuple[float, ...] = ()  # times of recent state changes, within the flap window
 
 
 class HostTrack(_Track):
@@ -97,7 +98,7 @@ class HostTrack(_Track):
         self.misses = 0
         self.seq: int | None = None
         self.via: str | None = None  # the relay the freshest evidence came through; None = direct
-        self.via_seen = -math.inf
+        self.via_seen = _NEVER
         self.others: dict[str | None, float] | None = None  # other paths: relay -> last seen there
         self.stats: _Arrivals | None = None
 
@@ -286,7 +287,7 @@ class Detector:
             host.interval_s, host.seq, host.flapping = h.interval_s, h.seq, h.flapping
             host.misses = self.policy.misses_for(h.id)
             host.via = h.relay
-            host.via_seen = -math.inf if h.last_seen is None else h.last_seen
+            host.via_seen = _NEVER if h.last_seen is None else h.last_seen
             self.hosts[h.id] = host
             if h.relay is not None:
                 self._relay(h.relay, h.since).hosts.add(h.id)
@@ -392,25 +393,19 @@ class Detector:
 
     def _count_flap(self, track: _Track, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
         policy = self.policy
-        if track.flaps is None:
-            track.flaps = deque(maxlen=policy.flap_start)
-        track.flaps.append(at)
-        flaps = track.flaps
-        while flaps and flaps[0] <= at - policy.flap_window_s:
-            flaps.popleft()
-        if not track.flapping and len(flaps) >= policy.flap_start:
+        horizon = at - policy.flap_window_s
+        track.flaps = tuple(t for t in (*track.flaps, at) if t > horizon)[-policy.flap_start :]
+        if not track.flapping and len(track.flaps) >= policy.flap_start:
             track.flapping = True
-            reason = f"{len(flaps)} state changes within {_fmt(policy.flap_window_s)} s"
+            reason = f"{len(track.flaps)} state changes within {_fmt(policy.flap_window_s)} s"
             out.append(Transition(kind, track.id, track.state, track.state, at, reason, relay, Event.FLAPPING_START))
 
     def _check_flap_end(self, track: _Track, kind: Kind, now: float, relay: str | None, out: list[Transition]) -> None:
-        flaps = track.flaps
-        assert flaps is not None
-        while flaps and flaps[0] <= now - self.policy.flap_window_s:
-            flaps.popleft()
-        if len(flaps) <= self.policy.flap_stop:
+        horizon = now - self.policy.flap_window_s
+        track.flaps = tuple(t for t in track.flaps if t > horizon)
+        if len(track.flaps) <= self.policy.flap_stop:
             track.flapping = False
-            reason = f"{len(flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
+            reason = f"{len(track.flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
             out.append(Transition(kind, track.id, track.state, track.state, now, reason, relay, Event.FLAPPING_END))
 
     def _relay(self, relay_id: str, now: float) -> RelayTrack:
@@ -473,18 +468,30 @@ class Detector:
             # it was unreachable, while it was out of sight), before its hosts are judged below.
             self._relay_silent(relay, deadline, out)
 
-        hosts, rid, unreachable = self.hosts, relay.id, State.UNREACHABLE
+        hosts, rid, up = self.hosts, relay.id, State.UP
+        plain = not self.policy.adaptive
         for entry in bundle.hosts:
             host = hosts.get(entry[0])
-            if (
-                host is not None
-                and host.via == rid
-                and entry[1] == host.seq
-                and sent - entry[2] / 1000 - host.via_seen < SAME_BEAT_S
-                and host.via_seen >= host.last_seen  # type: ignore[operator]
-                and host.state is not unreachable
-            ):
-                continue  # the beat this relay already brought us (same seq, same time): no news
+            # Fast paths for the common case: an up host, heard through the relay that brought its
+            # freshest news so far. Anything unusual takes the full path in _observe_host.
+            if host is not None and host.via == rid and host.state is up and host.via_seen >= host.last_seen:  # type: ignore[operator]
+                seq = entry[1]
+                seen = sent - entry[2] / 1000
+                if seq == host.seq and seen - host.via_seen < SAME_BEAT_S:
+                    continue  # the beat this relay already brought us: no news
+                if (
+                    plain
+                    and seen > host.via_seen
+                    and (seq is None or host.seq is None or seq > host.seq)
+                    and entry[4] == "ok"
+                    and entry[3] / 1000 == host.interval_s
+                    and host.scheduled is not None
+                    and not host.flapping
+                ):
+                    # A new beat: its heap entry is already early enough, so only the news moves.
+                    host.last_seen = host.via_seen = seen
+                    host.seq = seq
+                    continue
             self._observe_host(entry, rid, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
