@@ -106,6 +106,7 @@ class Monitor:
         self._unwritten: list[Transition] = []
         self._in_flight: list[Transition] = []  # the batch being written right now
         self._wake = asyncio.Event()
+        self._armed: float | None = None  # the deadline the expiry loop sleeps until (None: no deadline)
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
         self._write_wanted = asyncio.Event()
@@ -210,13 +211,15 @@ class Monitor:
                 self._emit(self.detector.relay_offline(subject, now))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
-        self._wake.set()
+        deadline = self.detector.next_deadline()
+        if deadline is not None and (self._armed is None or deadline < self._armed):
+            self._wake.set()  # only when the expiry loop must wake earlier than it planned
 
     # ------------------------------------------------------------------------------- deadlines
 
     async def _expire_loop(self) -> None:
         while True:
-            deadline = self.detector.next_deadline()
+            deadline = self._armed = self.detector.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -350,25 +353,32 @@ class Monitor:
         return len(messages)
 
     async def _checkpoint_loop(self) -> None:
-        """Save last-seen times of hosts heard since the previous checkpoint, for a restart."""
         previous = self.clock.now()
         while True:
             await asyncio.sleep(self.settings.checkpoint_s)
             now = self.clock.now()
-            # A subject whose transition is not in SQL yet keeps its stored row until that transition
-            # is written with it (same transaction): a crash in between must not lose the history.
-            pending = {t.subject for t in (*self._unwritten, *self._in_flight)}
-            hosts = [
-                self.host_row(h)
-                for h in self.detector.hosts.values()
-                if (h.last_seen or 0) >= previous - 1 and h.id not in pending
-            ]
-            relays = [self.relay_row(r) for r in self.detector.relays.values() if r.id not in pending]
-            previous = now
             try:
-                await self.store.write((), hosts, relays)
+                await self.checkpoint(since=previous - 1)
+                previous = now
             except Exception as exc:
                 log.warning("checkpoint failed (%s); will retry next time", exc)
+
+    async def checkpoint(self, since: float) -> None:
+        """Save last-seen times of hosts heard since `since`, and the relays' rows, for a restart.
+
+        A subject whose transition is not in SQL yet keeps its stored row until that transition is
+        written with it (same transaction): a crash in between must not lose the history.
+        """
+        pending = {t.subject for t in (*self._unwritten, *self._in_flight)}
+        wall = self.clock.wall
+        hosts = [
+            (h.id, wall(h.last_seen), h.seq)
+            for h in self.detector.hosts.values()
+            if h.last_seen is not None and h.last_seen >= since and h.id not in pending
+        ]
+        relays = [self.relay_row(r) for r in self.detector.relays.values() if r.id not in pending]
+        await self.store.save_last_seen(hosts)
+        await self.store.write((), (), relays)
 
     async def watch_loop_lag(self, every_s: float = 0.25) -> None:
         """Probe how late the event loop wakes a sleeper: a blocked loop delays every decision."""

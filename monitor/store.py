@@ -278,8 +278,14 @@ def _create_engine(url: str) -> AsyncEngine:
     return create_async_engine(parsed, pool_pre_ping=True)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _values(row: Any) -> dict[str, Any]:
-    return {field.name: getattr(row, field.name) for field in fields(row)}
+    names = _FIELD_NAMES.get(type(row))
+    if names is None:
+        names = _FIELD_NAMES[type(row)] = tuple(field.name for field in fields(row))
+    return {name: getattr(row, name) for name in names}
 
 
 _R = TypeVar("_R", HostRow, RelayRow)
@@ -387,6 +393,22 @@ class Store:
                 rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
                 await connection.execute(self._upsert(RelayModel), rows)
             await _write_notifications(connection, messages, opened, closed)
+
+    async def save_last_seen(self, hosts: Sequence[tuple[str, datetime, int | None]]) -> None:
+        """The restart checkpoint: `(id, last_seen, seq)` of hosts that already have a row, in one
+        executemany; states are only ever written with their transitions."""
+        if not hosts:
+            return
+        for _, last_seen, _ in hosts:
+            _require_aware("last_seen", last_seen)
+        statement = (
+            update(HostModel)
+            .where(HostModel.id == bindparam("host_id"))
+            .values(last_seen=bindparam("seen"), seq=bindparam("beat_seq"))
+        )
+        rows = [{"host_id": host_id, "seen": seen, "beat_seq": seq} for host_id, seen, seq in hosts]
+        async with self._writer.begin() as connection:
+            await connection.execute(statement, rows)
 
     async def forget_host(self, host_id: str) -> bool:
         """Delete a host's current-state row (its history stays). False if there was none."""

@@ -122,3 +122,19 @@ async def test_openapi_and_dashboard_are_served(client: httpx.AsyncClient) -> No
     assert "/api/v1/hosts/{host_id}/transitions" in schema["paths"]
     page = await client.get("/")
     assert page.status_code == 200 and "relaybeat" in page.text
+
+
+async def test_checkpoint_saves_last_seen_but_never_a_state_ahead_of_its_transition(monitor: Monitor) -> None:
+    clock = monitor.clock
+    assert isinstance(clock, FakeClock)
+    clock.t += 1.0
+    monitor.take("relaybeat/bundle/r1", bundle(3, ("b", 0, LeafStatus.OK), ("d", 0, LeafStatus.OK)))
+    assert [t.subject for t in monitor._unwritten] == ["d"]  # decided, not yet written
+    await monitor.checkpoint(since=0.0)
+    hosts, _ = await monitor.store.load()
+    stored = {h.id: h for h in hosts}
+    assert "d" not in stored  # its state goes to SQL only together with its transition
+    assert stored["b"].last_seen == clock.wall(clock.t)  # b's news is saved for a restart
+    await monitor.flush()
+    hosts, _ = await monitor.store.load()
+    assert {h.id: h.state.value for h in hosts}["d"] == "up"
