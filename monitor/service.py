@@ -44,6 +44,8 @@ from relay.wire import (
 
 log = logging.getLogger("relaybeat.monitor")
 
+EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
+
 
 class Clock:
     """Monotonic seconds for decisions; wall-clock UTC only for what is stored and shown."""
@@ -80,7 +82,9 @@ class MonitorSettings:
     accept_direct_beats: bool = True  # beats published straight to the monitor's broker (no relay)
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES
-    checkpoint_s: float = 10.0  # how often last-seen times of live hosts are saved for restarts
+    # How often last-seen times are saved for a restart. After a restart everyone gets a full timeout
+    # of grace anyway, so these only feed reasons and the API until fresh news arrives: rarely is enough.
+    checkpoint_s: float = 60.0
     notify: NotifySettings = field(default_factory=NotifySettings)  # webhooks; none by default
 
 
@@ -220,7 +224,9 @@ class Monitor:
     async def _expire_loop(self) -> None:
         while True:
             deadline = self._armed = self.detector.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self.clock.now())
+            # At most one pass per EXPIRY_QUANTUM_S: thousands of hosts' deadlines (most of them merely
+            # pushed back) are handled in a few passes a second, not one wake-up each.
+            timeout = None if deadline is None else max(EXPIRY_QUANTUM_S, deadline - self.clock.now())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
