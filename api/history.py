@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from api.bodies import (
     NOT_FOUND,
@@ -23,8 +25,18 @@ from monitor.states import Kind
 
 router = APIRouter(prefix="/api/v1")
 MonitorDep = Annotated[Monitor, Depends(monitor_of)]
-Since = Annotated[datetime | None, Query(description="inclusive, ISO 8601 with a time zone")]
-Until = Annotated[datetime | None, Query(description="exclusive, ISO 8601 with a time zone")]
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def iso_only(value: object) -> object:
+    """Pydantic would also read 1e9, "0" or true as Unix times; the schema promises ISO 8601 only."""
+    if isinstance(value, int | float) or (isinstance(value, str) and not ISO_DATE.match(value)):
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z")
+    return value
+
+
+Since = Annotated[datetime | None, BeforeValidator(iso_only), Query(description="inclusive, ISO 8601 with a time zone")]
+Until = Annotated[datetime | None, BeforeValidator(iso_only), Query(description="exclusive, ISO 8601 with a time zone")]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 # A 422 is FastAPI's validation error, or ours for a time without a zone.
 BAD_QUERY: dict[int | str, dict[str, Any]] = {

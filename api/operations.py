@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from api.auth import WRITE_REFUSED, require_write_token
 from api.bodies import NOT_FOUND, ErrorOut, Page, error_response, iso, json_response, monitor_of, not_found
+from api.history import iso_only
 from monitor.maintenance import TargetKind, Window
 from monitor.service import Monitor
 from monitor.states import Kind, State
@@ -49,9 +50,14 @@ class _WindowIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"not": {"required": ["ends_at", "duration_s"]}})
 
-    starts_at: AwareDatetime | None = Field(None, description="default: now")
-    ends_at: AwareDatetime | None = Field(None, description="exclusive, after starts_at; not with duration_s")
-    duration_s: float | None = Field(None, ge=0.001, le=366 * 86400, description="instead of ends_at")
+    # ISO 8601 strings and JSON numbers only, as the schema says: no Unix times, no true for 1 second
+    starts_at: Annotated[AwareDatetime, BeforeValidator(iso_only)] | None = Field(None, description="default: now")
+    ends_at: Annotated[AwareDatetime, BeforeValidator(iso_only)] | None = Field(
+        None, description="exclusive, after starts_at; not with duration_s"
+    )
+    duration_s: Annotated[float, Strict()] | None = Field(
+        None, ge=0.001, le=366 * 86400, description="instead of ends_at"
+    )
     reason: str = Field("", max_length=1000)
 
 
