@@ -71,6 +71,7 @@ RELAY_TRANSITIONS: dict[tuple[State, State], str] = {
     (State.DOWN, State.UP): "fresh bundle",
     (State.UNREACHABLE, State.UP): "relay above it back, its own news fresh",
     (State.UNREACHABLE, State.DOWN): "relay above it back, its own news too old",
+    (State.UNREACHABLE, State.UNKNOWN): "relay above it back, no news of it yet",
 }
 
 TRANSITIONS: dict[Kind, dict[tuple[State, State], str]] = {Kind.HOST: HOST_TRANSITIONS, Kind.RELAY: RELAY_TRANSITIONS}

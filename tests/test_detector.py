@@ -1085,6 +1085,11 @@ class DetectorMachine(RuleBasedStateMachine):
                 assert any(self.state.get(r) in (DOWN, UNREACHABLE) for r in path), (subject, path, self.state)
 
     @invariant()
+    def every_state_change_is_in_the_documented_table(self) -> None:
+        unlisted = {k: n for k, n in self.detector.ignored.items() if k.startswith("unlisted_transition")}
+        assert unlisted == {}, "add the transition to monitor/states.py (and the README diagram) or fix it"
+
+    @invariant()
     def blind_while_disconnected(self) -> None:
         if not self.connected:
             assert self.detector.next_deadline() is None
