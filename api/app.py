@@ -56,8 +56,8 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     app.include_router(history.router, **reads)
     app.include_router(operations.router, **reads)  # its writes need a write token on top
     app.include_router(availability.router, **reads)
-    events.install(app, monitor)
-    metrics.install(app, monitor)
+    events.install(app, monitor, **reads)
+    metrics.install(app, monitor, **reads)
 
     @app.delete(
         "/api/v1/hosts/{host_id}",
