@@ -198,7 +198,7 @@ class Detector:
     def observe(self, bundle: Bundle, now: float) -> list[Transition]:
         """A bundle arrived from a relay connected to the monitor's broker."""
         out: list[Transition] = []
-        news = self._is_news(bundle)
+        news = self._is_news(bundle, now)
         if news:  # a duplicate proves nothing new about anyone, the network included
             self.last_bundle_at = now
             if self.silent:
@@ -416,11 +416,18 @@ class Detector:
             relay = self.relays[relay_id] = RelayTrack(relay_id, State.UNKNOWN, now, None)
         return relay
 
-    def _is_news(self, bundle: Bundle) -> bool:
+    def _seq_allowance(self, relay: RelayTrack, now: float) -> float:
+        """How far a relay's bundle seq may plausibly have moved since we last heard it."""
+        assert relay.last_seen is not None
+        return 10 + 2 * max(0.0, now - relay.last_seen) / relay.flush_s
+
+    def _is_news(self, bundle: Bundle, now: float) -> bool:
         relay = self.relays.get(bundle.relay)
         if relay is None or bundle.boot not in (relay.boot, *relay.retired):
             return True
-        return relay.boot == bundle.boot and bundle.seq > relay.seq
+        if relay.boot != bundle.boot or bundle.seq <= relay.seq:
+            return False  # a retired boot, or a duplicate
+        return relay.last_seen is None or bundle.seq <= relay.seq + self._seq_allowance(relay, now)
 
     def _observe_relay(
         self, bundle: Bundle, parent: str | None, above_sent: float, now: float, out: list[Transition]
@@ -430,6 +437,11 @@ class Detector:
         if relay.boot == bundle.boot:
             if bundle.seq <= relay.seq:
                 self._ignore("stale_bundle")
+                return
+            if relay.last_seen is not None and bundle.seq > relay.seq + self._seq_allowance(relay, now):
+                # Far ahead of what this relay could have sent since: forged or corrupt. Taking it
+                # would make every genuine bundle after it look stale, and the relay look dead.
+                self._ignore("future_seq")
                 return
         elif bundle.boot in relay.retired:
             self._ignore("retired_boot")

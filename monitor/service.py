@@ -34,6 +34,7 @@ from relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_MAX_BUNDLE_ENTRIES,
     DEFAULT_PREFIX,
+    Bundle,
     TopicKind,
     Topics,
     WireError,
@@ -80,6 +81,8 @@ class MonitorSettings:
     prefix: str = DEFAULT_PREFIX
     client_id: str = "relaybeat-monitor"
     accept_direct_beats: bool = True  # beats published straight to the monitor's broker (no relay)
+    # The relays this monitor accepts bundles from, children in trees included; None: any relay.
+    relays: frozenset[str] | None = None
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES
     # How often last-seen times are saved for a restart. After a restart everyone gets a full timeout
@@ -198,6 +201,10 @@ class Monitor:
                 bundle = decode_bundle(payload, self.settings.max_bundle_bytes, self.settings.max_bundle_entries)
                 if bundle.relay != subject:
                     raise WireError("relay_mismatch", f"bundle for {bundle.relay!r} on {topic!r}")
+                if self.settings.relays is not None:
+                    unknown = _relay_ids(bundle) - self.settings.relays
+                    if unknown:
+                        raise WireError("unknown_relay", f"{sorted(unknown)[0]!r} is not in [monitor] relays")
                 self.received["bundles"] += 1
                 self.received["bundle_entries"] += bundle.entry_count()
                 ignored = self.detector.ignored
@@ -453,3 +460,11 @@ class Monitor:
         grace = self.detector.grace_from
         longest = max((self.detector.timeout_s(h) for h in self.detector.hosts.values()), default=0.0)
         return self.clock.now() < grace + longest
+
+
+def _relay_ids(bundle: Bundle) -> set[str]:
+    """Every relay a bundle speaks for: its own and its children's, at any depth."""
+    ids = {bundle.relay}
+    for child in bundle.children:
+        ids |= _relay_ids(child)
+    return ids

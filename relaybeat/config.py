@@ -138,11 +138,19 @@ class MonitorConfig(_Strict):
     accept_direct_beats: bool = True
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = Field(default=DEFAULT_MAX_BUNDLE_ENTRIES, ge=1, le=10_000_000)
+    relays: list[str] | None = None  # accept bundles only from these relays (children included); unset: any
 
     _broker = field_validator("broker")(_check_broker)
     _listen = field_validator("listen")(_check_hostport)
     _prefix = field_validator("prefix")(_check_prefix)
     _client_id = field_validator("client_id")(_check_id)
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: list[str] | None) -> list[str] | None:
+        for relay_id in value or ():
+            _check_id(relay_id)
+        return value
 
     @field_validator("db")
     @classmethod
@@ -163,6 +171,7 @@ class MonitorConfig(_Strict):
             self.accept_direct_beats,
             max_bundle_bytes=self.max_bundle_bytes,
             max_bundle_entries=self.max_bundle_entries,
+            relays=None if self.relays is None else frozenset(self.relays),
             notify=notify or NotifySettings(),
         )
 

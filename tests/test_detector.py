@@ -1116,3 +1116,16 @@ def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
         out += detector.observe(assembler.flush(now), now)
     assert [(t.from_state, t.to_state) for t in out if t.subject == "cron-job"] == [(UNKNOWN, UP)]
     assert detector.hosts["cron-job"].last_seen == 39.5
+
+
+def test_a_bundle_seq_far_in_the_future_is_ignored_and_does_not_poison_the_relay() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    assert detector.observe(Bundle("r1", "b", 1, 1000, ()), 1.0)[0].to_state == UP
+    assert detector.observe(Bundle("r1", "b", 10**12, 1000, ()), 2.0) == []  # forged or corrupt
+    assert detector.ignored["future_seq"] == 1 and detector.relays["r1"].seq == 1
+    for tick in range(2, 30):  # the genuine bundles keep being news: r1 never looks silent
+        assert detector.observe(Bundle("r1", "b", tick, 1000, ()), 1.0 + tick) == []
+        assert detector.expire(1.0 + tick) == []
+    # A relay heard again after a long gap may have moved on by many flushes: that is not "future".
+    detector.observe(Bundle("r1", "b", 29 + 500, 1000, ()), 30.0 + 400)
+    assert detector.relays["r1"].seq == 529 and detector.ignored["future_seq"] == 1

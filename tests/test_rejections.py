@@ -330,3 +330,26 @@ def test_relay_counts_and_warns_once_per_reason_and_keeps_what_it_held(
         (c.relay, c.seq, c.hosts, c.age_ms + 1000) for c in first.children
     ]
     assert service.beats == 2
+
+
+async def test_bundles_from_relays_outside_the_allowlist_are_rejected(tmp_path: Path) -> None:
+    from monitor.detector import Policy
+    from monitor.service import Monitor, MonitorSettings
+    from monitor.store import Store
+    from relay.mqtt import BrokerURL
+    from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+
+    store = await Store.open(f"sqlite:///{tmp_path / 'allow.db'}")
+    try:
+        await store.upgrade()
+        settings = MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(), relays=frozenset({"r1", "r2"}))
+        monitor = Monitor(settings, store)
+        entry = (HostEntry("h1", 1, 0, 1000, LeafStatus.OK),)
+        child = Bundle("rogue", "b", 1, 1000, entry, age_ms=0)
+        monitor.take("relaybeat/bundle/r9", encode_bundle(Bundle("r9", "b", 1, 1000, entry)))
+        monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "b", 1, 1000, (), (child,))))
+        monitor.take("relaybeat/bundle/r2", encode_bundle(Bundle("r2", "b", 1, 1000, entry)))
+        assert monitor.rejections.counts["unknown_relay"] == 2
+        assert set(monitor.detector.relays) == {"r2"} and set(monitor.detector.hosts) == {"h1"}
+    finally:
+        await store.close()
