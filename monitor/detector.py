@@ -435,6 +435,8 @@ class Detector:
         sent = above_sent - bundle.age_ms / 1000
         relay = self._relay(bundle.relay, now)
         if relay.boot == bundle.boot:
+            if bundle.seq == relay.seq and parent is not None:
+                return  # a parent folds a child's latest bundle into every flush: nothing new, nothing wrong
             if bundle.seq <= relay.seq:
                 self._ignore("stale_bundle")
                 return

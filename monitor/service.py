@@ -189,14 +189,19 @@ class Monitor:
         if self.settings.accept_direct_beats:
             await client.subscribe(self.topics.all_beats, qos=1)
         async for message in client.messages:
-            self.take(str(message.topic), payload_bytes(message.payload))
+            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
         raise aiomqtt.MqttError("broker closed the message stream")
 
-    def take(self, topic: str, payload: bytes) -> None:
-        """One message from the broker. Bad input is counted and logged, never raised."""
+    def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message from the broker. Bad input is counted and logged, never raised.
+
+        `retained`: replayed by the broker on (re)subscribe, of unknown age. A retained relay status
+        is what it is meant for; a retained beat or bundle is no evidence of life."""
         now = self.clock.now()
         try:
             kind, subject = self.topics.parse(topic)
+            if retained and kind is not TopicKind.RELAY_STATUS:
+                raise WireError("retained", "an old retained message: publish beats and bundles without retain")
             if kind is TopicKind.BUNDLE:
                 bundle = decode_bundle(payload, self.settings.max_bundle_bytes, self.settings.max_bundle_entries)
                 if bundle.relay != subject:
@@ -262,27 +267,39 @@ class Monitor:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write everything decided so far; on a database error keep it and retry with backoff."""
+        """Write everything decided so far; on a database error keep it and retry with backoff.
+
+        A batch is retried only if it did not reach SQL; what follows a commit (ids, observers,
+        waking readers) never sends it again. Cancelled mid-write, the batch is kept for the final
+        flush in `run`."""
         attempt = 0
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
             self._in_flight = batch
             self._write_wanted.clear()
             try:
-                await self._write(batch)
-                self.db_ok = True
-                attempt = 0
-            except Exception as exc:  # the database is down or refusing: keep the batch, retry
+                rows, elapsed, queued = await self._write(batch)
+            except BaseException as exc:
                 self._unwritten[:0] = batch
+                if not isinstance(exc, Exception):
+                    raise
                 self.db_ok = False
                 self.write_failures += 1
                 attempt += 1
                 log.warning("database write failed (%s); %d transitions kept for retry", exc, len(self._unwritten))
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+                continue
             finally:
                 self._in_flight = []
+            self.db_ok = True
+            attempt = 0
+            try:
+                await self._after_write(rows, elapsed, queued)
+            except Exception as exc:  # the rows are in SQL: only the bookkeeping failed
+                log.warning("after writing %d transitions: %s", rows, exc)
 
-    async def _write(self, batch: Sequence[Transition]) -> None:
+    async def _write(self, batch: Sequence[Transition]) -> tuple[int, float, bool]:
+        """One transaction: transitions, current-state rows, webhook messages and alerts."""
         wall = self.clock.wall
         rows = [
             NewTransition.from_transition(t, at, self.in_maintenance(t.kind, t.subject, at, t.relay))
@@ -299,10 +316,13 @@ class Monitor:
             await self.store.write(rows, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed)
             elapsed = time.perf_counter() - started
             self.alerts.apply(notices)
-        if messages:
+        return len(rows), elapsed, bool(messages)
+
+    async def _after_write(self, rows: int, elapsed: float, queued: bool) -> None:
+        if queued:
             self.outbox.poke()
         for observer in self.observers:
-            observer.wrote(len(rows), elapsed)
+            observer.wrote(rows, elapsed)
         self.last_written_id = await self.store.last_transition_id()
         async with self.written:
             self.written.notify_all()
@@ -389,8 +409,11 @@ class Monitor:
             for h in self.detector.hosts.values()
             if h.last_seen is not None and h.last_seen >= since and h.id not in pending
         ]
-        relays = [self.relay_row(r) for r in self.detector.relays.values() if r.id not in pending]
         await self.store.save_last_seen(hosts)
+        # Built only now, with no await before the write: a relay transition written meanwhile is
+        # either pending (skipped) or already in SQL, and then these rows carry its state.
+        pending = {t.subject for t in (*self._unwritten, *self._in_flight)}
+        relays = [self.relay_row(r) for r in self.detector.relays.values() if r.id not in pending]
         await self.store.write((), (), relays)
 
     async def watch_loop_lag(self, every_s: float = 0.25) -> None:

@@ -43,10 +43,10 @@ async def run_leaf(
         await client.publish(topic, encode_beat(Beat(sent, interval_s, LeafStatus.STOPPING)), qos=1)
         log.info("leaf %s sent its stopping beat", host_id)
 
+    keepalive = min(65535, max(5, round(interval_s * 2)))  # MQTT caps keepalive at 65535 s
     connect = asyncio.create_task(
-        stay_connected(broker, lambda: broker.client(host_id, keepalive=max(5, round(interval_s * 2))), session,
-                       name=f"leaf {host_id}")
-    )  # fmt: skip
+        stay_connected(broker, lambda: broker.client(host_id, keepalive=keepalive), session, name=f"leaf {host_id}")
+    )
     stopped = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({connect, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -58,5 +58,8 @@ async def run_leaf(
         # Also on cancellation (a crash, as far as the monitor can tell): no beat after this.
         for task in (connect, stopped):
             task.cancel()
-        await asyncio.gather(connect, stopped, return_exceptions=True)
+        results = await asyncio.gather(connect, stopped, return_exceptions=True)
+    failure = results[0]
+    if isinstance(failure, Exception):
+        raise failure  # not a connection problem (those are retried): say what went wrong
     return sent

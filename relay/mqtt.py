@@ -171,6 +171,9 @@ async def stay_connected(
         except (aiomqtt.MqttError, OSError) as exc:  # OSError: e.g. a TLS file that went away
             if on_state is not None:
                 on_state(False)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc  # asked to stop: never reconnect instead
             delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))
             attempt += 1
             log.warning("%s: broker %s unavailable (%s); retrying in %.1f s", name, url, exc, delay)

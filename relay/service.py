@@ -6,6 +6,7 @@ It only moves bytes and time; every decision about what goes into a bundle is th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -21,8 +22,10 @@ from relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_PREFIX,
+    MAX_TREE_DEPTH,
     OFFLINE,
     ONLINE,
+    Bundle,
     TopicKind,
     Topics,
     WireError,
@@ -74,6 +77,8 @@ class RelayService:
         self.beats = 0
         self.bundles_sent = 0
         self.upstream_connected = asyncio.Event()
+        self.local_connected = asyncio.Event()
+        self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
 
     async def run(self) -> None:
         """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile."""
@@ -91,21 +96,34 @@ class RelayService:
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
             max_delay_s=1.0,
+            on_state=self._local_state,
         )
+
+    def _local_state(self, connected: bool) -> None:
+        if connected:
+            self.local_connected.set()
+        elif self.local_connected.is_set():
+            self.local_connected.clear()
+            self._local_lost_at = self.clock()
 
     async def _consume_local(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
         async for message in client.messages:
-            self.take(str(message.topic), payload_bytes(message.payload))
+            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
         raise aiomqtt.MqttError("local broker closed the message stream")
 
-    def take(self, topic: str, payload: bytes) -> None:
-        """One message from the local broker. Bad input is counted and logged, never raised."""
+    def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message from the local broker. Bad input is counted and logged, never raised.
+
+        `retained`: the broker replayed a stored message on (re)subscribe. Its age is unknown, so a
+        retained beat is no evidence of life (live deliveries never carry the flag)."""
         now = self.clock()
         try:
             kind, subject = self.topics.parse(topic)
+            if retained:
+                raise WireError("retained", "an old retained message, not a beat: publish beats without retain")
             if kind is TopicKind.BEAT:
                 self.assembler.add_beat(subject, decode_beat(payload), now)
                 self.beats += 1
@@ -113,6 +131,8 @@ class RelayService:
                 bundle = decode_bundle(payload, self.settings.max_bundle_bytes)
                 if bundle.relay != subject:
                     raise WireError("relay_mismatch", f"bundle says {bundle.relay!r}")
+                if _depth(bundle) >= MAX_TREE_DEPTH:  # folded into ours it would be one level too deep
+                    raise WireError("too_deep", f"relay tree under {bundle.relay!r} is too deep to fold in")
                 if not self.assembler.add_child(bundle, now):
                     self.rejections.add("stale_bundle", topic, f"seq {bundle.seq} is not newer than the one held")
         except WireError as err:
@@ -141,8 +161,10 @@ class RelayService:
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:
-            # A planned stop: say so, instead of leaving the will to a broker timeout.
-            await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
+            # A planned stop: say so, instead of leaving the will to a broker timeout; but a broker that
+            # does not answer within a second must never keep the relay from stopping.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
             raise
 
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
@@ -150,7 +172,14 @@ class RelayService:
         topic = self.topics.bundle(s.relay_id)
         next_at = self.clock()
         while True:
-            payload = encode_bundle(self.assembler.flush(self.clock()))
+            bundle = self.assembler.flush(self.clock())
+            if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
+                # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
+                # its hosts unreachable) instead of watching every host's age grow into its own page.
+                await asyncio.sleep(s.flush_s)
+                next_at = self.clock()
+                continue
+            payload = encode_bundle(bundle)
             if len(payload) > s.max_bundle_bytes:
                 self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
             else:
@@ -161,3 +190,8 @@ class RelayService:
             if delay < 0:  # we fell behind (a slow broker): skip ahead rather than burst
                 next_at, delay = self.clock(), 0.0
             await asyncio.sleep(delay)
+
+
+def _depth(bundle: Bundle) -> int:
+    """Levels of relays in a bundle: 1 for a relay without children."""
+    return 1 + max((_depth(child) for child in bundle.children), default=0)

@@ -168,3 +168,22 @@ def test_leaf_sigterm_sends_stopping_so_a_planned_stop_is_not_an_outage(
         ("unknown", "up", "beat received"),
         ("up", "stopped", "leaf said it is stopping"),
     ]
+
+
+def test_a_relay_that_loses_its_site_broker_is_one_outage_not_one_page_per_host(
+    topo: Topology, central_broker: CentralBroker
+) -> None:
+    site, api = ports(2)
+    site_url = topo.broker("site", site)
+    topo.relay("r1", central_broker.url, local=site_url)
+    topo.monitor(central_broker.url, api)
+    for host in ("web-1", "web-2"):
+        topo.leaf(host, site_url)
+    for host in ("web-1", "web-2"):
+        topo.wait_state("hosts", host, "up")
+
+    topo.services["site"].kill()  # the relay can no longer hear its leaves: it must stop vouching for them
+    topo.wait_state("relays", "r1", "down")
+    for host in ("web-1", "web-2"):
+        topo.wait_state("hosts", host, "unreachable")
+        assert topo.moves(host) == [("unknown", "up"), ("up", "unreachable")]

@@ -1,0 +1,149 @@
+"""The asyncio shells under trouble: retained replays, cancellation mid-write, a failing step after a
+commit, a stop that the broker never acknowledges, odd intervals, deep trees. Real SQLite, real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.detector import Detector, Policy
+from monitor.service import Monitor, MonitorSettings
+from monitor.states import State
+from monitor.store import Store
+from relay.broker import BrokerSettings, EmbeddedBroker
+from relay.leaf import run_leaf
+from relay.mqtt import BrokerURL, stay_connected
+from relay.service import RelayService, RelaySettings
+from relay.wire import Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
+
+NOWHERE = BrokerURL.parse("mqtt://127.0.0.1:1")
+
+
+def bundle(seq: int, *hosts: str) -> bytes:
+    return encode_bundle(Bundle("r1", "b", seq, 1000, tuple(HostEntry(h, seq, 0, 1000, LeafStatus.OK) for h in hosts)))
+
+
+class SlowStore(Store):
+    """The real store, but its writes can be held up or the read after them made to fail once."""
+
+    hold: asyncio.Event | None = None
+    fail_next_id_read = False
+
+    async def write(self, *args: Any, **kwargs: Any) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        await super().write(*args, **kwargs)
+
+    async def last_transition_id(self) -> int:
+        if self.fail_next_id_read:
+            self.fail_next_id_read = False
+            raise OSError("connection reset while reading the newest id")
+        return await super().last_transition_id()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SlowStore]:
+    opened = await SlowStore.open(f"sqlite:///{tmp_path / 'shell.db'}")
+    assert isinstance(opened, SlowStore)
+    await opened.upgrade()
+    yield opened
+    await opened.close()
+
+
+def test_retained_beats_and_bundles_are_not_evidence_of_life_but_a_retained_status_is() -> None:
+    relay = RelayService(RelaySettings("r1", NOWHERE, NOWHERE))
+    relay.take("relaybeat/beat/ghost", encode_beat(Beat(seq=9)), retained=True)
+    relay.take("relaybeat/beat/live", encode_beat(Beat(seq=1)))
+    assert [e.id for e in relay.assembler.flush(0.0).hosts] == ["live"]
+    assert relay.rejections.counts["retained"] == 1
+
+
+async def test_monitor_ignores_retained_beats_and_bundles(store: SlowStore) -> None:
+    monitor = Monitor(MonitorSettings(NOWHERE), store)
+    monitor.take("relaybeat/beat/ghost", b"", retained=True)
+    monitor.take("relaybeat/bundle/r1", bundle(1, "old"), retained=True)
+    monitor.take("relaybeat/relay/r9/status", b"offline", retained=True)  # what retained statuses are for
+    assert monitor.detector.hosts == {} and monitor.rejections.counts["retained"] == 2
+    assert monitor.received["relay_offline"] == 1
+
+
+async def test_a_batch_cancelled_mid_write_is_kept_and_written_by_the_final_flush(store: SlowStore) -> None:
+    monitor = Monitor(MonitorSettings(NOWHERE), store)
+    monitor.take("relaybeat/bundle/r1", bundle(1, "web-1"))
+    store.hold = asyncio.Event()
+    writing = asyncio.create_task(monitor.flush())
+    await asyncio.sleep(0.05)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert {t.subject for t in monitor._unwritten} == {"r1", "web-1"}
+    store.hold = None
+    await monitor.flush()
+    assert sorted(r.subject for r in await store.history()) == ["r1", "web-1"]
+
+
+async def test_a_failure_after_the_commit_never_writes_the_batch_twice(store: SlowStore) -> None:
+    monitor = Monitor(MonitorSettings(NOWHERE), store)
+    monitor.take("relaybeat/bundle/r1", bundle(1, "web-1"))
+    store.fail_next_id_read = True
+    await monitor.flush()
+    assert sorted(r.subject for r in await store.history()) == ["r1", "web-1"]
+    assert monitor._unwritten == [] and monitor.db_ok
+
+
+async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_the_way_out() -> None:
+    import aiomqtt
+
+    sessions = 0
+
+    class FakeClient:
+        async def __aenter__(self) -> FakeClient:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    async def session(_: Any) -> None:
+        nonlocal sessions
+        sessions += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise aiomqtt.MqttError("the goodbye publish failed") from None
+
+    task = asyncio.create_task(stay_connected(NOWHERE, FakeClient, session, name="t"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+    assert sessions == 1  # it did not reconnect instead of stopping
+
+
+async def test_a_leaf_with_a_very_long_interval_still_beats() -> None:
+    async with EmbeddedBroker(BrokerSettings(port=0)) as broker:
+        stop = asyncio.Event()
+        leaf = asyncio.create_task(run_leaf("slow-1", BrokerURL.parse(broker.url), 40_000.0, stop))
+        await asyncio.sleep(1.0)
+        stop.set()
+        assert await asyncio.wait_for(leaf, 10) >= 2  # one beat, then its stopping beat
+
+
+def test_the_relay_refuses_a_child_tree_too_deep_to_fold_in() -> None:
+    relay = RelayService(RelaySettings("top", NOWHERE, BrokerURL.parse("mqtt://127.0.0.1:2")))
+    deep = Bundle("c15", "b", 1, 1000, age_ms=0)
+    for level in range(14, -1, -1):
+        deep = Bundle(f"c{level}", "b", 1, 1000, (), (deep,), age_ms=0)
+    relay.take("relaybeat/bundle/c0", encode_bundle(Bundle("c0", "b", 1, 1000, (), deep.children)))
+    assert relay.rejections.counts["too_deep"] == 1 and relay.assembler.flush(0.0).children == ()
+
+
+def test_a_parent_repeating_its_childs_latest_bundle_is_not_counted_as_stale() -> None:
+    detector = Detector(Policy(), 0.0)
+    child = Bundle("r2", "c", 7, 1000, (HostEntry("h", 1, 0, 1000, LeafStatus.OK),), age_ms=0)
+    for seq in range(1, 6):
+        detector.observe(Bundle("r1", "p", seq, 1000, (), (child,)), float(seq))
+    assert detector.ignored == {} and detector.relays["r2"].state is State.UP
