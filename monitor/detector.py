@@ -234,6 +234,10 @@ class Detector:
                 self.last_bundle_at = now  # total silence counts from when we could hear again
         self.disconnected = not connected
 
+    def regain_sight(self, now: float) -> None:
+        """The shell could not look for a while (its event loop was blocked): start a grace period."""
+        self.grace_from = max(self.grace_from, now)
+
     def forget_host(self, host_id: str) -> bool:
         host = self.hosts.pop(host_id, None)
         if host is None:

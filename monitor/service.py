@@ -45,6 +45,7 @@ from relay.wire import (
 
 log = logging.getLogger("relaybeat.monitor")
 
+STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
 
 
@@ -113,6 +114,8 @@ class Monitor:
         self._unwritten: list[Transition] = []
         self._in_flight: list[Transition] = []  # the batch being written right now
         self._wake = asyncio.Event()
+        self._last_tick: float | None = None  # when the loop probe last ran (None: no probe running)
+        self.stalls = 0
         self._armed: float | None = None  # the deadline the expiry loop sleeps until (None: no deadline)
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
@@ -246,8 +249,23 @@ class Monitor:
             self.expire()
 
     def expire(self) -> None:
-        """Hand the detector the current time: whatever deadline has passed is decided now."""
+        """Hand the detector the current time: whatever deadline has passed is decided now.
+
+        If the event loop was blocked for longer than STALL_S (the loop probe did not run), input may
+        be waiting unread: a stalled monitor is as blind as a disconnected one, so everyone first
+        gets a timeout of grace instead of being judged on news we have not read yet."""
+        if self._last_tick is not None:
+            self._check_stall()
         self._emit(self.detector.expire(self.clock.now()))
+
+    def _check_stall(self) -> None:
+        """Called by the loop probe and before each expiry pass, whichever runs first after a stall."""
+        now = self.clock.now()
+        if self._last_tick is not None and now - self._last_tick > STALL_S:
+            log.warning("monitor stalled for %.1f s: a timeout of grace before new decisions", now - self._last_tick)
+            self.stalls += 1
+            self.detector.regain_sight(now)
+        self._last_tick = now
 
     # ---------------------------------------------------------------------------------- output
 
@@ -420,6 +438,7 @@ class Monitor:
         """Probe how late the event loop wakes a sleeper: a blocked loop delays every decision."""
         while True:
             started = time.monotonic()
+            self._check_stall()
             await asyncio.sleep(every_s)
             self.loop_lags_s.append(max(0.0, time.monotonic() - started - every_s))
 

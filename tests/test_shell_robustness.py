@@ -147,3 +147,24 @@ def test_a_parent_repeating_its_childs_latest_bundle_is_not_counted_as_stale() -
     for seq in range(1, 6):
         detector.observe(Bundle("r1", "p", seq, 1000, (), (child,)), float(seq))
     assert detector.ignored == {} and detector.relays["r2"].state is State.UP
+
+
+async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: SlowStore) -> None:
+    import time
+
+    monitor = Monitor(MonitorSettings(NOWHERE), store)
+    monitor.detector.grace_from = -10.0  # start-up grace long over
+    monitor.take("relaybeat/beat/web-1", encode_beat(Beat(seq=1, interval_s=0.2)))  # timeout 0.6 s
+    probe = asyncio.create_task(monitor.watch_loop_lag(every_s=0.05))
+    expiry = asyncio.create_task(monitor._expire_loop())
+    try:
+        await asyncio.sleep(0.1)
+        time.sleep(1.5)  # noqa: ASYNC251 - on purpose: the loop is blocked past web-1's deadline; its next beats may be unread
+        await asyncio.sleep(0.1)
+        assert monitor.stalls == 1 and monitor.detector.hosts["web-1"].state is State.UP
+        await asyncio.sleep(0.8)  # a full timeout after the stall with still no beat: now it is down
+        assert monitor.detector.hosts["web-1"].state is State.DOWN
+    finally:
+        for task in (probe, expiry):
+            task.cancel()
+        await asyncio.gather(probe, expiry, return_exceptions=True)
