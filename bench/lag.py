@@ -217,7 +217,7 @@ def _lags(kills: list[dict[str, Any]], group: str, key: str) -> dict[str, float]
 
 
 def run(args: Any, out: Any) -> Report:
-    report = Report("lag", vars(args))
+    report = Report("lag_long" if args.long else "lag", vars(args))  # the long run keeps its own file
     if args.long:
         result = asyncio.run(_long(args))
         report.data = {"long": result}
