@@ -609,34 +609,20 @@ class Store:
 
     async def outbox_delivered(self, message_id: int, at: datetime, attempts: int) -> None:
         _require_aware("at", at)
-        o = OutboxModel
-        statement = (
-            update(o)
-            .where(o.id == message_id, o.delivered_at.is_(None))
-            .values(delivered_at=at, attempts=attempts, last_error=None)
-        )
-        async with self._writer.begin() as connection:
-            await connection.execute(statement)
+        await self._outbox_settle(message_id, delivered_at=at, attempts=attempts, last_error=None)
 
     async def outbox_failed(self, message_id: int, attempts: int, next_attempt_at: datetime, error: str) -> None:
         _require_aware("next_attempt_at", next_attempt_at)
-        o = OutboxModel
-        statement = (
-            update(o)
-            .where(o.id == message_id, o.delivered_at.is_(None))
-            .values(attempts=attempts, next_attempt_at=next_attempt_at, last_error=error)
-        )
-        async with self._writer.begin() as connection:
-            await connection.execute(statement)
+        await self._outbox_settle(message_id, attempts=attempts, next_attempt_at=next_attempt_at, last_error=error)
 
     async def outbox_abandoned(self, message_id: int, at: datetime, attempts: int, error: str) -> None:
         _require_aware("at", at)
+        await self._outbox_settle(message_id, abandoned_at=at, attempts=attempts, last_error=error)
+
+    async def _outbox_settle(self, message_id: int, **values: Any) -> None:
+        """Record an attempt's outcome on a message not yet delivered (a delivered one never changes)."""
         o = OutboxModel
-        statement = (
-            update(o)
-            .where(o.id == message_id, o.delivered_at.is_(None))
-            .values(abandoned_at=at, attempts=attempts, last_error=error)
-        )
+        statement = update(o).where(o.id == message_id, o.delivered_at.is_(None)).values(**values)
         async with self._writer.begin() as connection:
             await connection.execute(statement)
 
