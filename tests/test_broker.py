@@ -42,6 +42,7 @@ from relay.broker import (
     topic_policy,
 )
 from relay.wire import Topics
+from tests.processes import shipped_mosquitto_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
 PASSWORDS = {"h1": "pw-h1", "h1-b": "pw-h1-b", "h2": "pw-h2", "relay-a": "pw-relay-a", "monitor": "pw-monitor"}
@@ -113,25 +114,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Endpoint]:
         create = ["-c"] if index == 0 else []
         subprocess.run([passwd_tool, *create, "-b", str(passwd), user, password], check=True, capture_output=True)
     port, log_file = _free_port(), tmp_path / "mosquitto.log"
-    overrides = {
-        "password_file": str(passwd),
-        "acl_file": str(CONFIG_DIR / "acl"),
-        "listener": f"{port} 127.0.0.1",
-        "persistence_location": f"{tmp_path}/",
-        "log_dest": f"file {log_file}",
-    }
-    lines, replaced = [], set()
-    for line in (CONFIG_DIR / "mosquitto.conf").read_text().splitlines():
-        key = line.split(" ", 1)[0]
-        if key in overrides:
-            line = f"{key} {overrides[key]}"
-            replaced.add(key)
-        lines.append(line)
-    assert replaced == set(overrides), f"mosquitto.conf no longer sets {set(overrides) - replaced}"
-    if os.geteuid() == 0:
-        lines.append("user root")  # else it drops to user mosquitto, who cannot read tmp_path
     config = tmp_path / "mosquitto.conf"
-    config.write_text("\n".join(lines) + "\n")
+    config.write_text(shipped_mosquitto_config(tmp_path, port, passwd, CONFIG_DIR / "acl"))
     process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 5
