@@ -32,7 +32,6 @@ import importlib.metadata
 import logging
 import os
 import secrets
-import socket
 import ssl
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacke
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
+from relay.ports import PortInUse, ensure_free
 from relay.wire import Topics, is_valid_id
 
 AMQTT_VERSION: Final = "0.12.1"
@@ -79,13 +79,8 @@ class BrokerConfigError(ValueError):
         self.detail = detail
 
 
-class BrokerPortInUse(OSError):
+class BrokerPortInUse(PortInUse):
     """Another process already listens on the broker's host:port."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(errno.EADDRINUSE, f"cannot listen on {_hostport(host, port)}: address already in use")
-        self.host = host
-        self.port = port
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -675,21 +670,10 @@ def _quiet_amqtt_logs() -> None:
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail with a clear error before amqtt logs a traceback for the same problem."""
-    if port == 0:
-        return
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return  # let asyncio report resolution problems
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio.start_server does
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise BrokerPortInUse(host, port) from None
-                raise OSError(exc.errno, f"cannot listen on {_hostport(host, port)}: {exc.strerror}") from None
+        ensure_free(host, port)
+    except PortInUse:
+        raise BrokerPortInUse(host, port) from None
 
 
 def _check_tls_files(settings: BrokerSettings) -> None:

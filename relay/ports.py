@@ -46,7 +46,7 @@ def ensure_free(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise PortInUse(host, port) from None
-                raise
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def is_free(host: str, port: int) -> bool:
