@@ -103,7 +103,7 @@ def test_bad_beats_are_rejected_with_a_reason(payload: bytes, reason: str) -> No
     assert err.value.reason == reason
 
 
-def _bundle_json(**override: object) -> bytes:
+def bundle_json(**override: object) -> bytes:
     body: dict[str, object] = {"v": 1, "relay": "r1", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}
     body.update(override)
     return orjson.dumps(body)
@@ -112,27 +112,27 @@ def _bundle_json(**override: object) -> bytes:
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (_bundle_json(v=2), "unknown_version"),
-        (_bundle_json(v=None), "unknown_version"),
+        (bundle_json(v=2), "unknown_version"),
+        (bundle_json(v=None), "unknown_version"),
         (b"[]", "bad_bundle"),
         (b"{]", "bad_json"),
-        (_bundle_json(relay="no spaces"), "bad_id"),
-        (_bundle_json(relay="x" * 129), "bad_id"),
-        (_bundle_json(boot=""), "bad_boot"),
-        (_bundle_json(seq=-1), "bad_seq"),
-        (_bundle_json(flush_ms=0), "bad_interval"),
-        (_bundle_json(hosts={}), "bad_bundle"),
-        (_bundle_json(hosts=[["h", 1, -5, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 10**15, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 1.5, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000]]), "bad_entry"),
-        (_bundle_json(hosts=[["h/x", 1, 5, 1000, "ok"]]), "bad_id"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000, "up"]]), "bad_status"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000, ["ok"]]]), "bad_status"),
-        (_bundle_json(hosts=[["h", 1, 5, 10**12, "ok"]]), "bad_interval"),
-        (_bundle_json(age_ms=3), "bad_bundle"),
-        (_bundle_json(children=[{"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}]), "bad_bundle"),
-        (_bundle_json(seq=None), "bad_seq"),
+        (bundle_json(relay="no spaces"), "bad_id"),
+        (bundle_json(relay="x" * 129), "bad_id"),
+        (bundle_json(boot=""), "bad_boot"),
+        (bundle_json(seq=-1), "bad_seq"),
+        (bundle_json(flush_ms=0), "bad_interval"),
+        (bundle_json(hosts={}), "bad_bundle"),
+        (bundle_json(hosts=[["h", 1, -5, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 10**15, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 1.5, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 5, 1000]]), "bad_entry"),
+        (bundle_json(hosts=[["h/x", 1, 5, 1000, "ok"]]), "bad_id"),
+        (bundle_json(hosts=[["h", 1, 5, 1000, "up"]]), "bad_status"),
+        (bundle_json(hosts=[["h", 1, 5, 1000, ["ok"]]]), "bad_status"),
+        (bundle_json(hosts=[["h", 1, 5, 10**12, "ok"]]), "bad_interval"),
+        (bundle_json(age_ms=3), "bad_bundle"),
+        (bundle_json(children=[{"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}]), "bad_bundle"),
+        (bundle_json(seq=None), "bad_seq"),
         (b'{"v":1}', "bad_bundle"),
     ],
 )
@@ -143,7 +143,7 @@ def test_bad_bundles_are_rejected_with_a_reason(payload: bytes, reason: str) -> 
 
 
 def test_bundle_limits_on_size_entries_and_depth() -> None:
-    many = _bundle_json(hosts=[[f"h{i}", i, 0, 1000, "ok"] for i in range(100_001)])
+    many = bundle_json(hosts=[[f"h{i}", i, 0, 1000, "ok"] for i in range(100_001)])
     with pytest.raises(WireError) as err:
         decode_bundle(many, max_entries=100_000)
     assert err.value.reason == "too_many_entries"
@@ -155,7 +155,7 @@ def test_bundle_limits_on_size_entries_and_depth() -> None:
     for _ in range(20):
         child = child | {"children": [dict(child)]}
     with pytest.raises(WireError) as err:
-        decode_bundle(_bundle_json(children=[child]))
+        decode_bundle(bundle_json(children=[child]))
     assert err.value.reason == "too_deep"
 
 
@@ -244,7 +244,7 @@ json_values = st.recursive(
 
 
 def _mutated_bundle(value: object, key: str) -> bytes:
-    body = orjson.loads(_bundle_json(hosts=[["h", 1, 5, 1000, "ok"]]))
+    body = orjson.loads(bundle_json(hosts=[["h", 1, 5, 1000, "ok"]]))
     body[key] = value
     return json.dumps(body).encode()  # stdlib: writes NaN and huge integers, which the decoder must refuse
 
@@ -419,7 +419,7 @@ def test_hostile_bundles_decode_to_a_sound_bundle_or_raise_wire_error(payload: b
 def test_a_bundle_is_accepted_only_if_every_host_id_is_an_id(hosts: list[str], in_child: bool) -> None:
     entries = [[host, 1, 5, 1000, "ok"] for host in hosts]
     child = {"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": entries, "age_ms": 0}
-    payload = _bundle_json(children=[child]) if in_child else _bundle_json(hosts=entries)
+    payload = bundle_json(children=[child]) if in_child else bundle_json(hosts=entries)
     if all(ID_GRAMMAR.fullmatch(host) for host in hosts):
         bundle = decode_bundle(payload)
         assert [entry.id for entry in (bundle.children[0] if in_child else bundle).hosts] == hosts
@@ -454,24 +454,24 @@ DEEP_LIST = b"[" * 1000 + b"]" * 1000
         (decode_beat, b'{"meta":{"k":"a\\u0000b"}}', "bad_meta"),
         (decode_beat, b'{"meta":{"a\\u0000b":1}}', "bad_meta"),
         (decode_beat, b'{"seq":18446744073709551616}', "bad_seq"),
-        (decode_bundle, _bundle_json(relay=None).replace(b"null", DEEP_LIST), "bad_id"),
-        (decode_bundle, _bundle_json(boot=None).replace(b"null", DEEP_LIST), "bad_boot"),
-        (decode_bundle, _bundle_json(seq=None).replace(b"null", DEEP_LIST), "bad_seq"),
-        (decode_bundle, _bundle_json(v=None).replace(b"null", DEEP_LIST), "unknown_version"),
-        (decode_bundle, _bundle_json(hosts=[["h", 1, 5, 1000, None]]).replace(b"null", DEEP_LIST), "bad_status"),
-        (decode_bundle, _bundle_json(hosts=[None]).replace(b"null", DEEP_LIST), "bad_entry"),
-        (decode_bundle, _bundle_json(children=[None]).replace(b"null", DEEP_LIST), "bad_bundle"),
-        (decode_bundle, _bundle_json(relay=None).replace(b"null", b"[" * 1100 + b"]" * 1100), "bad_json"),
-        (decode_bundle, _bundle_json(hosts=[["a\0b", 1, 5, 1000, "ok"]]), "bad_id"),
+        (decode_bundle, bundle_json(relay=None).replace(b"null", DEEP_LIST), "bad_id"),
+        (decode_bundle, bundle_json(boot=None).replace(b"null", DEEP_LIST), "bad_boot"),
+        (decode_bundle, bundle_json(seq=None).replace(b"null", DEEP_LIST), "bad_seq"),
+        (decode_bundle, bundle_json(v=None).replace(b"null", DEEP_LIST), "unknown_version"),
+        (decode_bundle, bundle_json(hosts=[["h", 1, 5, 1000, None]]).replace(b"null", DEEP_LIST), "bad_status"),
+        (decode_bundle, bundle_json(hosts=[None]).replace(b"null", DEEP_LIST), "bad_entry"),
+        (decode_bundle, bundle_json(children=[None]).replace(b"null", DEEP_LIST), "bad_bundle"),
+        (decode_bundle, bundle_json(relay=None).replace(b"null", b"[" * 1100 + b"]" * 1100), "bad_json"),
+        (decode_bundle, bundle_json(hosts=[["a\0b", 1, 5, 1000, "ok"]]), "bad_id"),
         (
             decode_bundle,
-            _bundle_json(hosts=[["ok", 1, 5, 1000, "ok"], ["x" * 128 + "\0y", 1, 5, 1000, "ok"]]),
+            bundle_json(hosts=[["ok", 1, 5, 1000, "ok"], ["x" * 128 + "\0y", 1, 5, 1000, "ok"]]),
             "bad_id",
         ),
-        (decode_bundle, _bundle_json(hosts=[["h\0", 1, 5, 1000, "ok"]]), "bad_id"),
-        (decode_bundle, _bundle_json(relay="r1\0"), "bad_id"),
-        (decode_bundle, _bundle_json(v=True), "unknown_version"),
-        (decode_bundle, _bundle_json(v=1.0), "unknown_version"),
+        (decode_bundle, bundle_json(hosts=[["h\0", 1, 5, 1000, "ok"]]), "bad_id"),
+        (decode_bundle, bundle_json(relay="r1\0"), "bad_id"),
+        (decode_bundle, bundle_json(v=True), "unknown_version"),
+        (decode_bundle, bundle_json(v=1.0), "unknown_version"),
     ],
 )
 def test_hostile_messages_from_the_fuzz_run_are_refused_with_a_reason(
