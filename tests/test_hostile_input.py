@@ -7,6 +7,7 @@ process stayed up, killed hosts stayed `up`), and a NUL in a host id made every 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +16,15 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from monitor.service import Monitor, MonitorSettings
+from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
-from relay.wire import INTERNAL_ERROR
+from relay.service import RelayService, RelaySettings
+from relay.wire import INTERNAL_ERROR, Beat, encode_beat
 from tests.conftest import CentralBroker
 from tests.processes import Topology, wait_until
 from tests.test_wire import DEEP_LIST, DEEP_META, bundle_json, hostile_beats, hostile_bundles
-
-pytestmark = pytest.mark.e2e
 
 INTERVAL_S = 1.0  # leaf interval and relay flush: timeouts of 3 s, room for a busy machine
 MISSES = 3
@@ -78,6 +80,7 @@ def topo(tmp_path: Path, central_broker: CentralBroker, db_url: str) -> Iterator
         topology.close()
 
 
+@pytest.mark.e2e
 def test_hostile_messages_are_counted_and_a_host_that_stops_is_still_declared_down(
     topo: Topology, central_broker: CentralBroker
 ) -> None:
@@ -114,3 +117,39 @@ def test_hostile_messages_are_counted_and_a_host_that_stops_is_still_declared_do
     relay.assert_running()
     monitor.assert_running()
     assert topo.healthz()["database_ok"] is True
+
+
+class Bug(Exception):
+    """What a bug behind a decoder raises: nothing a decoder rejects."""
+
+
+def _fail(*_: object) -> list[object]:
+    raise Bug("a bug behind the decoder")
+
+
+async def test_a_failure_behind_the_decoders_is_counted_logged_with_its_traceback_and_input_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING)
+    nowhere = BrokerURL.parse("mqtt://127.0.0.1:1")
+    store = await Store.open(f"sqlite:///{tmp_path / 'guard.db'}")
+    try:
+        await store.upgrade()
+        monitor = Monitor(MonitorSettings(nowhere), store)
+        relay = RelayService(RelaySettings("r1", nowhere, nowhere))
+        for service, core, method in (
+            (monitor, monitor.detector, "observe_beat"),
+            (relay, relay.assembler, "add_beat"),
+        ):
+            with monkeypatch.context() as patched:
+                patched.setattr(core, method, _fail)
+                for _ in range(3):
+                    service.take("relaybeat/beat/web-1", encode_beat(Beat(seq=1)))  # never raises
+            assert service.rejections.counts == {INTERNAL_ERROR: 3}
+            service.take("relaybeat/beat/web-2", b"")  # the next message is read as ever
+        assert "web-2" in monitor.detector.hosts and relay.assembler.leaf_count == 1
+        logged = [r for r in caplog.records if INTERNAL_ERROR in r.getMessage()]
+        assert len(logged) == 2  # once per service within the interval, with the traceback
+        assert all(r.exc_info is not None and r.exc_info[0] is Bug for r in logged)
+    finally:
+        await store.close()
