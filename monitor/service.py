@@ -34,6 +34,7 @@ from relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_MAX_BUNDLE_ENTRIES,
     DEFAULT_PREFIX,
+    INTERNAL_ERROR,
     Bundle,
     TopicKind,
     Topics,
@@ -230,6 +231,10 @@ class Monitor:
                 self._emit(self.detector.relay_offline(subject, now))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
+        except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
+            self.rejections.add(
+                INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
         deadline = self.detector.next_deadline()
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._wake.set()  # only when the expiry loop must wake earlier than it planned

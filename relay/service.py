@@ -22,6 +22,7 @@ from relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_PREFIX,
+    INTERNAL_ERROR,
     MAX_TREE_DEPTH,
     OFFLINE,
     ONLINE,
@@ -137,6 +138,10 @@ class RelayService:
                     self.rejections.add("stale_bundle", topic, f"seq {bundle.seq} is not newer than the one held")
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
+        except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
+            self.rejections.add(
+                INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
 
     # ----------------------------------------------------------------------------- upstream side
 
