@@ -1,4 +1,4 @@
-"""The HTTP API: current state from the live detector, history from SQL. OpenAPI at /docs.
+"""The HTTP API: everything it shows comes from the read view (`monitor.view`). OpenAPI at /docs.
 
 Routes only read and shape data; they never decide a state. Each feature is a router in its own
 module; this file only assembles them.
@@ -6,8 +6,9 @@ module; this file only assembles them.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -16,8 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import availability, events, history, metrics, operations, state
 from api.auth import READ_REFUSED, WRITE_REFUSED, ApiSettings, install, require_read_token, require_write_token
-from api.bodies import NOT_FOUND, json_response, monitor_of, not_found
+from api.bodies import NOT_FOUND, ViewDep, json_response, not_found
 from monitor.service import Monitor
+from monitor.view import FleetView
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
@@ -42,7 +44,7 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
         summary="Which servers are alive, decided from relayed MQTT heartbeats.",
         version="1",
     )
-    app.state.monitor = monitor
+    app.state.view = view = FleetView(monitor)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -56,8 +58,8 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     app.include_router(history.router, **reads)
     app.include_router(operations.router, **reads)  # its writes need a write token on top
     app.include_router(availability.router, **reads)
-    events.install(app, monitor, **reads)
-    metrics.install(app, monitor, **reads)
+    events.install(app, view, **reads)
+    metrics.install(app, view, **reads)
 
     @app.delete(
         "/api/v1/hosts/{host_id}",
@@ -66,29 +68,13 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
         dependencies=[Depends(require_write_token)],
         tags=["hosts"],
     )
-    async def forget_host(monitor: Annotated[Monitor, Depends(monitor_of)], host_id: str) -> Response:
+    async def forget_host(view: ViewDep, host_id: str) -> Response:
         """Forget a decommissioned host (it reappears if it beats again). Needs a write token."""
-        in_memory = monitor.forget_host(host_id)
-        in_sql = await monitor.store.forget_host(host_id)
-        return Response(status_code=204) if in_memory or in_sql else not_found("host", host_id)
+        return Response(status_code=204) if await view.forget_host(host_id) else not_found("host", host_id)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
-    async def healthz(monitor: Annotated[Monitor, Depends(monitor_of)]) -> Response:
-        detector = monitor.detector
-        blind = detector.blind
-        return json_response(
-            {
-                "status": "degraded" if blind or not monitor.db_ok else "ok",
-                "broker_connected": not detector.disconnected,
-                "blind": blind,
-                "in_grace": monitor.in_grace,
-                "database_ok": monitor.db_ok,
-                "hosts": len(detector.hosts),
-                "relays": len(detector.relays),
-                "received": dict(monitor.received),
-                "rejected": dict(monitor.rejections.counts) | {f"detector_{k}": v for k, v in detector.ignored.items()},
-            }
-        )
+    async def healthz(view: ViewDep) -> Response:
+        return json_response(asdict(view.health()))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> HTMLResponse:

@@ -457,16 +457,29 @@ class Monitor:
     def host_row(self, host: HostTrack) -> HostRow:
         wall = self.clock.wall
         return HostRow(
-            host.id, host.state, wall(host.since), None if host.last_seen is None else wall(host.last_seen),
-            host.via, host.interval_s, host.seq, host.flapping,
-        )  # fmt: skip
+            id=host.id,
+            state=host.state,
+            since=wall(host.since),
+            last_seen=None if host.last_seen is None else wall(host.last_seen),
+            relay=host.via,
+            interval_s=host.interval_s,
+            seq=host.seq,
+            flapping=host.flapping,
+        )
 
     def relay_row(self, relay: RelayTrack) -> RelayRow:
         wall = self.clock.wall
         return RelayRow(
-            relay.id, relay.state, wall(relay.since), None if relay.last_seen is None else wall(relay.last_seen),
-            relay.parent, relay.boot, None if relay.seq < 0 else relay.seq, relay.flush_s, relay.flapping,
-        )  # fmt: skip
+            id=relay.id,
+            state=relay.state,
+            since=wall(relay.since),
+            last_seen=None if relay.last_seen is None else wall(relay.last_seen),
+            parent=relay.parent,
+            boot=relay.boot,
+            seq=None if relay.seq < 0 else relay.seq,
+            flush_s=relay.flush_s,
+            flapping=relay.flapping,
+        )
 
     def sorted_host_ids(self) -> list[str]:
         """Host ids in order, for stable pages; re-sorted only when hosts come or go."""
@@ -507,6 +520,12 @@ class Monitor:
         grace = self.detector.grace_from
         longest = max((self.detector.timeout_s(h) for h in self.detector.hosts.values()), default=0.0)
         return self.clock.now() < grace + longest
+
+    def pending(self) -> list[Transition]:
+        """Transitions decided but not yet known to be in SQL, in the order they were decided (the
+        batch being written, then those waiting). The read view shows these subjects as they were
+        before the first of them."""
+        return [*self._in_flight, *self._unwritten]
 
 
 def _relay_ids(bundle: Bundle) -> set[str]:
