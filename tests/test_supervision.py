@@ -136,7 +136,7 @@ def test_database_outage_gives_degraded_health_and_503s_and_loses_nothing(
         host = f"db-outage-{uuid.uuid4().hex[:6]}"
         monitor = world.monitor(central_broker.url, pick_free("127.0.0.1"), misses=2)
         world.leaf(host, central_broker.url, interval=0.3)
-        world.wait_state("hosts", host, "up")
+        world.wait_state("hosts", host, "up", timeout=30)
         wait_until(lambda: world.healthz()["status"] == "ok", 20, "a healthy monitor")
         wait_until(lambda: moves_in_sql(world.api, host) == [("unknown", "up")], 15, "unknown -> up in SQL")
 
