@@ -21,11 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.app import create_app
 from monitor.service import Monitor, MonitorSettings
+from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.parts import PartFailed
 from relay.ports import pick_free
-from relaybeat.serve import EXIT_PART_FAILED, serve_monitor
+from relay.service import RelayService, RelaySettings
+from relaybeat.serve import EXIT_PART_FAILED, serve_monitor, serve_relay
 from tests.conftest import CentralBroker
 from tests.processes import PrivatePostgres, Topology, api_get, wait_until
 
@@ -54,6 +57,32 @@ async def test_a_monitor_part_that_raises_stops_serve_monitor_with_one_error_nam
     assert errors == ["monitor: part 'loop_lag' failed: RuntimeError: the lag probe broke; stopping, exit status 70"], (
         errors
     )
+
+
+class LocalSideBreaks(RelayService):
+    async def _local(self) -> None:
+        raise RuntimeError("the local side broke")
+
+
+async def test_a_relay_part_that_raises_stops_serve_relay_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    relay = LocalSideBreaks(RelaySettings("r1", NOWHERE, NOWHERE))
+    with caplog.at_level(logging.INFO, logger="relaybeat"), pytest.raises(PartFailed) as failed:
+        await asyncio.wait_for(serve_relay(relay, asyncio.Event()), 20)
+    assert (failed.value.service, failed.value.part) == ("relay r1", "local")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "relay r1: part 'local' failed: RuntimeError: the local side broke; stopping, exit status 70"
+    ]
+
+
+async def test_openapi_documents_the_503_on_routes_that_read_sql(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite:///{tmp_path / 'relaybeat.db'}")
+    try:
+        schema = create_app(Monitor(MonitorSettings(NOWHERE), store)).openapi()
+    finally:
+        await store.close()
+    assert "Retry-After" in schema["paths"]["/api/v1/transitions"]["get"]["responses"]["503"]["headers"]
+    assert "503" in schema["paths"]["/api/v1/hosts/{host_id}/transitions"]["get"]["responses"]
+    assert "503" not in schema["paths"]["/api/v1/hosts"]["get"]["responses"]  # read from memory
 
 
 def test_a_monitor_process_whose_part_dies_exits_70_with_the_part_named(tmp_path: Path) -> None:
