@@ -74,6 +74,14 @@ class ErrorOut(BaseModel):
 
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "unknown id"}}
+RETRY_AFTER_S = 2  # what a 503 asks clients to wait: the monitor probes the database every 0.5 s
+DATABASE_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorOut,
+        "description": 'the database is unavailable (`{"error": "database_unavailable"}`); retry later',
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    }
+}
 
 
 def view_of(request: Request) -> FleetView:

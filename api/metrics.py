@@ -127,11 +127,11 @@ class LiveCollector:
                 health.blind,
             ),
             "relaybeat_monitor_degraded": (
-                "1 while /healthz says degraded (blind or database down).",
+                "1 while /healthz says degraded (blind, database away or a part not running).",
                 health.status != "ok",
             ),
             "relaybeat_broker_connected": ("1 while the monitor's broker session is up.", health.broker_connected),
-            "relaybeat_database_ok": ("1 while the last SQL write succeeded.", health.database_ok),
+            "relaybeat_database_ok": ("1 while the database answers and took the last write.", health.database_ok),
             "relaybeat_monitor_in_grace": ("1 during the grace after start or regaining sight.", health.in_grace),
         }
         for name, (doc, value) in flags.items():

@@ -29,6 +29,7 @@ from monitor.outbox import NotifySettings, OutboxWorker
 from monitor.states import Kind, State, Transition
 from monitor.store import HostRow, NewMessage, NewTransition, RelayRow, Store
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.parts import Parts, PartState
 from relay.rejections import Rejections
 from relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -48,6 +49,8 @@ log = logging.getLogger("relaybeat.monitor")
 
 STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
+DB_PROBE_S = 0.5  # how often the database probe reads one row
+DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
 
 
 class Clock:
@@ -104,7 +107,9 @@ class Monitor:
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
         self.started_at = self.clock.now()
-        self.db_ok = True
+        self.db_ok = True  # the last SQL write went through (set by the writer)
+        self.db_reachable = True  # the database probe's last read went through
+        self.parts = Parts("monitor")  # the running tasks and their states, for /healthz
         self.written = asyncio.Condition()  # notified after each batch reaches SQL
         self.last_written_id = 0
         self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
@@ -155,18 +160,42 @@ class Monitor:
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
 
     async def run(self) -> None:
-        """Until cancelled; on cancellation, whatever was decided is still written."""
+        """Until cancelled, or until one part fails (`PartFailed`, naming it); either way, whatever
+        was decided is still written."""
+        parts = {
+            "consume": self._consume,
+            "expire": self._expire_loop,
+            "write": self._write_loop,
+            "checkpoint": self._checkpoint_loop,
+            "loop_lag": self.watch_loop_lag,
+            "db_probe": self.probe_database,
+        }
+        if self.settings.notify.webhooks:
+            parts["notify"] = self.notify
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume())
-                tasks.create_task(self._expire_loop())
-                tasks.create_task(self._write_loop())
-                tasks.create_task(self._checkpoint_loop())
-                tasks.create_task(self.watch_loop_lag())
-                tasks.create_task(self.notify())
+            await self.parts.run(parts)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
+
+    async def probe_database(self) -> None:
+        """Read one row every DB_PROBE_S, so an outage shows within a second even with nothing to write.
+
+        Errors never end the probe: it only sets `db_reachable` (and says so once per change)."""
+        while True:
+            try:
+                async with asyncio.timeout(DB_PROBE_TIMEOUT_S):
+                    await self.store.last_transition_id()
+            except Exception as exc:
+                if self.db_reachable:
+                    why = (str(exc).strip().splitlines() or [repr(exc)])[0]
+                    log.warning("database unreachable (%s); /healthz is degraded until it answers", why)
+                self.db_reachable = False
+            else:
+                if not self.db_reachable:
+                    log.info("database reachable again")
+                self.db_reachable = True
+            await asyncio.sleep(DB_PROBE_S)
 
     # ---------------------------------------------------------------------------------- input
 
@@ -513,6 +542,23 @@ class Monitor:
     def forget_host(self, host_id: str) -> bool:
         self._sorted_ids_for = -1
         return self.detector.forget_host(host_id)
+
+    @property
+    def database_ok(self) -> bool:
+        """The database answers the probe and took the last write."""
+        return self.db_ok and self.db_reachable
+
+    def part_states(self) -> dict[str, PartState]:
+        """Each part's state, a running one shown `stalled` when it is late: the event loop lagged
+        over STALL_S in the last few seconds, or the expiry loop has not woken for a deadline
+        STALL_S past due."""
+        states = dict(self.parts.states)
+        if states.get("loop_lag") is PartState.RUNNING and self.loop_lag_s > STALL_S:
+            states["loop_lag"] = PartState.STALLED
+        armed = self._armed
+        if states.get("expire") is PartState.RUNNING and armed is not None and self.clock.now() - armed > STALL_S:
+            states["expire"] = PartState.STALLED
+        return states
 
     @property
     def in_grace(self) -> bool:

@@ -11,6 +11,8 @@ Rules of this module:
   durable row that began that state, and its flapping flag before a pending flapping row. So once
   a state is shown, the transition that led to it is in the history and the event stream.
   (A subject first heard of, whose first row is pending, is shown `unknown` since it was heard.)
+  While the database refuses writes, decisions are shown as decided: the history answers 503 then
+  (nothing shown can be missing from it), and an outage of SQL must not freeze the live view.
 - Acknowledgements are the exception: they are about the outage the monitor decided. Acknowledging
   waits (briefly) for that outage's row so it can link it, and `current` follows the decision.
 - Snapshots are taken without an await in between: a decision made while the view reads SQL for
@@ -30,8 +32,9 @@ from monitor.availability import Availability, availability, report_window
 from monitor.detector import HostTrack, RelayTrack
 from monitor.maintenance import TargetKind, Window
 from monitor.service import Monitor, MonitorObserver
-from monitor.states import Event, Kind, State, Transition
+from monitor.states import Event, Kind, State
 from monitor.store import Acknowledgement, TransitionRecord
+from relay.parts import PartState
 
 __all__ = [
     "AckView",
@@ -101,7 +104,7 @@ class RelayView:
 class FleetHealth:
     """What /healthz says (and /metrics repeats as gauges)."""
 
-    status: str  # ok, or degraded while blind or while the database refuses writes
+    status: str  # ok, or degraded while blind, while the database is away, or while a part is not running
     broker_connected: bool
     blind: bool
     in_grace: bool
@@ -110,6 +113,7 @@ class FleetHealth:
     relays: int
     received: dict[str, int]
     rejected: dict[str, int]  # the shell's reasons, then the detector's (prefixed detector_), each sorted
+    parts: dict[str, str]  # each service part's state (running, stalled, stopped, failed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,9 +180,11 @@ class _Pending:
     by_subject: dict[tuple[Kind, str], _Before] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, transitions: Iterable[Transition]) -> _Pending:
+    def of(cls, monitor: Monitor) -> _Pending:
+        """While the database refuses writes, decisions are shown as decided: history answers 503
+        then, so nothing shown can be missing from it, and an outage must not freeze the fleet view."""
         pending = cls()
-        for t in transitions:
+        for t in monitor.pending() if monitor.database_ok else ():
             before = pending.by_subject.setdefault((t.kind, t.subject), _Before())
             if t.event is Event.TRANSITION and before.state is None:
                 before.state, before.left_at = t.from_state, t.at
@@ -237,7 +243,7 @@ class FleetView:
         tracks = monitor.detector.hosts
         ids = monitor.sorted_host_ids()
         if state is not None or relay is not None:
-            pending = _Pending.of(monitor.pending())
+            pending = _Pending.of(monitor)
             ids = [
                 i
                 for i in ids
@@ -262,7 +268,7 @@ class FleetView:
         monitor = self._monitor
         tracks: dict[str, HostTrack] | dict[str, RelayTrack]
         tracks = monitor.detector.hosts if kind is Kind.HOST else monitor.detector.relays
-        pending = _Pending.of(monitor.pending())
+        pending = _Pending.of(monitor)
         states = Counter(pending.state(kind, s, t.state) for s, t in tracks.items())
         now = self.now()
         return StateCounts(
@@ -275,7 +281,7 @@ class FleetView:
     async def _host_views(self, tracks: Sequence[HostTrack]) -> list[HostView]:
         monitor = self._monitor
         detector, wall = monitor.detector, monitor.clock.wall
-        pending = _Pending.of(monitor.pending())
+        pending = _Pending.of(monitor)
         shown = []
         for h in tracks:  # no await in this loop: one moment's snapshot
             deadline = detector.deadline_of(h)
@@ -300,7 +306,7 @@ class FleetView:
     async def _relay_views(self, tracks: Sequence[RelayTrack]) -> list[RelayView]:
         monitor = self._monitor
         detector, wall = monitor.detector, monitor.clock.wall
-        pending = _Pending.of(monitor.pending())
+        pending = _Pending.of(monitor)
         shown = [
             RelayView(
                 id=r.id,
@@ -348,16 +354,20 @@ class FleetView:
         blind = detector.blind
         rejected = dict(sorted(monitor.rejections.counts.items()))
         rejected |= {f"detector_{reason}": n for reason, n in sorted(detector.ignored.items())}
+        parts = monitor.part_states()
+        database_ok = monitor.database_ok
+        running = all(state is PartState.RUNNING for state in parts.values())
         return FleetHealth(
-            status="degraded" if blind or not monitor.db_ok else "ok",
+            status="ok" if running and not blind and database_ok else "degraded",
             broker_connected=not detector.disconnected,
             blind=blind,
             in_grace=monitor.in_grace,
-            database_ok=monitor.db_ok,
+            database_ok=database_ok,
             hosts=len(detector.hosts),
             relays=len(detector.relays),
             received=dict(monitor.received),
             rejected=rejected,
+            parts={name: state.value for name, state in parts.items()},
         )
 
     @property
@@ -447,7 +457,7 @@ class FleetView:
         candidates = {h for h, s in initial.items() if s == State.DOWN}
         candidates |= {h for h, hs in by_host.items() if any(s == State.DOWN for _, s in hs)}
         tracks = monitor.detector.hosts
-        pending = _Pending.of(monitor.pending())
+        pending = _Pending.of(monitor)
         worst = []
         for host_id in sorted(candidates & tracks.keys()):
             spans = monitor.maintenance.intervals(Kind.HOST, host_id, self.relay_path(Kind.HOST, host_id))

@@ -17,6 +17,7 @@ import aiomqtt
 
 from relay.assembler import Assembler
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.parts import Parts
 from relay.rejections import Rejections
 from relay.wire import (
     DEFAULT_INTERVAL_S,
@@ -82,10 +83,9 @@ class RelayService:
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
 
     async def run(self) -> None:
-        """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._local())
-            tasks.create_task(self._upstream())
+        """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile.
+        A part that fails stops the relay with `PartFailed`, naming it."""
+        await Parts(f"relay {self.settings.relay_id}").run({"local": self._local, "upstream": self._upstream})
 
     # -------------------------------------------------------------------------------- local side
 
