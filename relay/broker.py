@@ -7,6 +7,8 @@ Rules of this module:
   for everyone (`*`) and per user, with `%u` for the username. `broker_config/acl` says the same
   thing to Mosquitto, and a test checks that they agree.
 - Without a password file the broker is anonymous and applies no topic policy (the loopback demo).
+- With one, a client id belongs to one user: the username itself or `username/<anything>`
+  (`client_id_allowed`; Mosquitto's `use_username_as_clientid` is the stricter half of that rule).
 
 What is fixed, by the numbering of LIBRARIES.md §2.5:
 1. keepalive is never enforced        -> `KeepaliveEnforcer` closes connections silent for
@@ -18,13 +20,19 @@ What is fixed, by the numbering of LIBRARIES.md §2.5:
 4. no session takeover                -> a second connection with the same client id (same user)
                                          closes the first one, without its will: the client is alive.
 5. wills bypass the publish ACL       -> a CONNECT whose will the user may not publish is refused.
-6. argon2 blocks the event loop       -> `ThreadedFileAuth` verifies in its own small thread pool.
+6. argon2 blocks the event loop, and  -> `ThreadedFileAuth` verifies in its own small thread pool;
+   a storm of bad logins makes every     `LoginThrottle` refuses a source with too many failed logins
+   client queue behind it                before checking; `FairGate` serves sources in turn.
+Also fixed: anonymous persistent sessions were dropped on disconnect, with nothing queued for them
+(AnonymousAuthPlugin marks sessions `is_anonymous`, which amqtt takes as "keep nothing"); the
+anonymous broker uses `AnyoneAllowed` instead.
 Not fixed: QoS upgrade on delivery, no packet size limit, no MQTT 5 (use Mosquitto for those).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import getpass
@@ -37,7 +45,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,7 +56,7 @@ import argon2
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginInitError
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
@@ -59,6 +67,7 @@ AMQTT_VERSION: Final = "0.12.1"
 DEFAULT_PORT: Final = 1883
 CONNECT_TIMEOUT_S: Final = 10.0  # a socket that sends no CONNECT in time is closed
 TAKEOVER_TIMEOUT_S: Final = 2.0
+AUTH_THREADS_MAX: Final = 4  # argon2 checks run in min(this, CPU count) threads
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,9 @@ _ADMITTED: Final = "relaybeat.admitted"
 _LAST_PACKET: Final = "relaybeat.last_packet_monotonic"
 _CONNECTION_TASK: Final = "relaybeat.connection_task"
 
-_ANONYMOUS_AUTH: Final = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+_THROTTLED: Final = "throttled: too many failed logins from this address"  # LoginThrottle logs these itself
+_MAX_THROTTLED_CONNECT_BYTES: Final = 65_536  # a bigger "CONNECT" from a throttled source is just dropped
+_CONNACK_SERVER_UNAVAILABLE: Final = bytes([0x20, 0x02, 0x00, SERVER_UNAVAILABLE])
 
 
 class BrokerConfigError(ValueError):
@@ -393,7 +404,7 @@ class ThreadedFileAuth(BaseAuthPlugin):  # type: ignore[misc]
     @dataclass
     class Config:
         password_file: str = ""
-        max_threads: int = 4
+        max_threads: int = AUTH_THREADS_MAX
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -407,7 +418,7 @@ class ThreadedFileAuth(BaseAuthPlugin):  # type: ignore[misc]
             return False
         stored = self._hashes.get(username)
         if self._executor is None:
-            workers = max(1, min(self.config.max_threads, os.cpu_count() or 1))
+            workers = _auth_threads(self.config.max_threads)
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="relaybeat-auth")
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._executor, _verify, stored or self._decoy, str(session.password or ""))
@@ -426,18 +437,47 @@ def _verify(hashed: str, password: str) -> bool:
         return False
 
 
+CLIENT_ID_SEPARATOR: Final = "/"  # cannot appear in a username ([A-Za-z0-9._-]), so the rule is unambiguous
+
+
+def client_id_allowed(username: str | None, client_id: str) -> bool:
+    """Whether `username` may use `client_id`: the username itself, or `username/<anything>`.
+
+    A username cannot contain `/`, so every client id belongs to at most one user: `web` can never
+    take `web-01` (user `web-01`'s), nor `web-01/agent`. (`username-*` was ambiguous: ids contain `-`.)
+    """
+    if not is_valid_id(username):
+        return False
+    assert username is not None
+    if client_id == username:
+        return True
+    namespace = username + CLIENT_ID_SEPARATOR
+    return client_id.startswith(namespace) and len(client_id) > len(namespace)
+
+
 class ClientIdMatchesUsername(BaseAuthPlugin):  # type: ignore[misc]
-    """The client id must be the username or start with `username-`, so ids are unique per user."""
+    """The client id must be the username or `username/<anything>` (`client_id_allowed`)."""
 
     @dataclass
     class Config:
         pass
 
     async def authenticate(self, *, session: Any) -> bool:
-        username, client_id = session.username, session.client_id or ""
-        if not is_valid_id(username):
-            return False
-        return bool(client_id == username or client_id.startswith(f"{username}-"))
+        return client_id_allowed(session.username, session.client_id or "")
+
+
+class AnyoneAllowed(BaseAuthPlugin):  # type: ignore[misc]
+    """Lets every client in (the anonymous broker). Unlike amqtt's AnonymousAuthPlugin it does not
+    mark sessions `is_anonymous`, which amqtt 0.12.1 takes as "discard this session on disconnect
+    and queue nothing for it": persistent sessions (clean_session=false) keep their subscriptions
+    and their QoS 1/2 messages while the client is away, as on Mosquitto."""
+
+    @dataclass
+    class Config:
+        pass
+
+    async def authenticate(self, *, session: Any) -> bool:
+        return True
 
 
 class TopicACL(BaseTopicPlugin):  # type: ignore[misc]
@@ -468,24 +508,160 @@ class TopicACL(BaseTopicPlugin):  # type: ignore[misc]
         return False
 
 
+# --------------------------------------------------------------------------------- login throttle
+
+FAILED_LOGIN_BURST: Final = 10  # failed logins a source may have at once ...
+FAILED_LOGINS_PER_S: Final = 1.0  # ... and then this many per second
+REFUSAL_LOG_INTERVAL_S: Final = 10.0  # one log line per source per interval while it is refused
+_FORGET_INTERVAL_S: Final = 60.0
+
+
+@dataclass(slots=True)
+class _SourceRecord:
+    tokens: float
+    updated: float
+    refused: int = 0  # refusals since the last log line
+    logged: float | None = None
+
+
+class LoginThrottle:
+    """Failed logins per source address, as a token bucket: a source may fail `burst` times, then
+    `per_second` times a second. While its bucket is empty, its CONNECTs are refused (CONNACK 3,
+    "server unavailable": try later) before any password check, so a storm of bad logins costs no
+    argon2 time. A check takes a token when it starts and gives it back if the login succeeds, so
+    guesses waiting behind a check are refused too. (`FairGate` keeps the checks that do run from
+    making other sources wait.)
+
+    Refusals are counted (`refused`) and logged at most once per source per REFUSAL_LOG_INTERVAL_S.
+    Time comes in as `now` (monotonic seconds); nothing here reads a clock.
+    """
+
+    def __init__(self, burst: int = FAILED_LOGIN_BURST, per_second: float = FAILED_LOGINS_PER_S) -> None:
+        if burst < 1 or per_second <= 0:
+            raise ValueError("burst must be >= 1 and per_second > 0")
+        self.burst = burst
+        self.per_second = per_second
+        self.refused = 0
+        self._records: dict[str, _SourceRecord] = {}
+        self._forgot_at: float | None = None
+
+    def _tokens(self, record: _SourceRecord, now: float) -> float:
+        return min(float(self.burst), record.tokens + max(0.0, now - record.updated) * self.per_second)
+
+    def may_try(self, source: str, now: float) -> bool:
+        """Whether a login from `source` may be checked now; a refusal is counted and maybe logged."""
+        record = self._records.get(source)
+        if record is None or self._tokens(record, now) >= 1.0:
+            return True
+        self.refused += 1
+        record.refused += 1
+        if record.logged is None or now - record.logged >= REFUSAL_LOG_INTERVAL_S:
+            log.warning(
+                "refused %d login(s) from %s without checking them: more than %d failed logins "
+                "(then %g/s); %d refused in all",
+                record.refused, source, self.burst, self.per_second, self.refused,
+            )  # fmt: skip
+            record.refused, record.logged = 0, now
+        return False
+
+    def take(self, source: str, now: float) -> None:
+        """A password check for `source` starts: it costs one token (`give_back` if it succeeds)."""
+        record = self._records.get(source)
+        if record is None:
+            record = self._records[source] = _SourceRecord(float(self.burst), now)
+        record.tokens, record.updated = self._tokens(record, now) - 1.0, now
+        self._forget_recovered(now)
+
+    def give_back(self, source: str, now: float) -> None:
+        """The login from `source` succeeded: only failures cost."""
+        record = self._records.get(source)
+        if record is not None:
+            record.tokens, record.updated = min(float(self.burst), self._tokens(record, now) + 1.0), now
+
+    def _forget_recovered(self, now: float) -> None:
+        """Drop sources whose bucket is full again, so the table does not grow without end."""
+        if self._forgot_at is not None and now - self._forgot_at < _FORGET_INTERVAL_S:
+            return
+        self._forgot_at = now
+        for source, record in list(self._records.items()):
+            if self._tokens(record, now) >= self.burst:
+                del self._records[source]
+
+
+class FairGate:
+    """At most `slots` holders at once (one per password-check thread). Waiters are served one source
+    at a time, in turn: a source with 500 CONNECTs waiting delays a source with one by at most one
+    turn, and a source alone may use every slot (many leaves behind one NAT address)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self._free = slots
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}  # in turn order
+
+    @contextlib.asynccontextmanager
+    async def turn(self, source: str) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(source, collections.deque()).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # cancelled just after its turn came
+                    self._pass_on()
+                raise
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        """A slot came free: to the first waiter of the next source in turn, which then goes last."""
+        while self._waiting:
+            source = next(iter(self._waiting))
+            queue = self._waiting.pop(source)
+            granted = queue.popleft()
+            if queue:
+                self._waiting[source] = queue
+            if not granted.done():  # a cancelled waiter is skipped
+                granted.set_result(None)
+                return
+        self._free += 1
+
+
+def _auth_threads(max_threads: int = AUTH_THREADS_MAX) -> int:
+    return max(1, min(max_threads, os.cpu_count() or 1))
+
+
 # ----------------------------------------------------------------------------------------- broker
 
 
 class _RelaybeatBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with the connect path and retained delivery fixed (see the module docstring)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], login_throttle: LoginThrottle | None = None) -> None:
         super().__init__(config)
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self.login_throttle = login_throttle
+        self._check_turns = FairGate(_auth_threads())
 
     # --- connections: tracked, so that shutdown can end them all
 
-    async def stream_connected(self, reader: Any, writer: asyncio.StreamWriter, listener_name: str) -> None:
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = writer
         try:
-            await super().stream_connected(reader, writer, listener_name)
+            peer = writer.get_extra_info("peername")
+            source = str(peer[0]) if isinstance(peer, tuple) else ""
+            if self.login_throttle is not None and not self.login_throttle.may_try(source, time.monotonic()):
+                await _refuse_throttled(reader, writer)  # before amqtt builds a session: cheap
+            else:
+                await super().stream_connected(reader, writer, listener_name)
         finally:
             del self._connections[task]
 
@@ -522,9 +698,10 @@ class _RelaybeatBroker(Broker):  # type: ignore[misc]
             raise
 
         who = f"client {incoming.client_id!r} (user {incoming.username!r}) from {peer}"
-        refusal = await self._admission_refusal(incoming)
+        refusal = await self._admission_refusal(incoming, remote_address)
         if refusal is not None:
-            await self._refuse(writer, NOT_AUTHORIZED, f"{who}: {refusal}")
+            return_code, reason = refusal
+            await self._refuse(writer, return_code, f"{who}: {reason}")
 
         client_id = incoming.client_id
         existing = self._sessions.get(client_id) if client_id else None
@@ -566,13 +743,35 @@ class _RelaybeatBroker(Broker):  # type: ignore[misc]
         # Called by amqtt after `_initialize_client_session`, which already admitted the session.
         return bool(session.attributes.pop(_ADMITTED, False))
 
-    async def _admission_refusal(self, session: Any) -> str | None:
-        """Why this CONNECT may not proceed, or None. Every auth plugin must say True (None is
-        abstaining), and the will must be something the user may publish."""
+    async def _admission_refusal(self, session: Any, source: str) -> tuple[int, str] | None:
+        """Why this CONNECT may not proceed (CONNACK return code, reason), or None. A source with too
+        many failed logins is refused before its password is checked (`LoginThrottle`), also when
+        it ran out while this CONNECT waited for its turn."""
+        throttle = self.login_throttle
+        if throttle is None:
+            refusal = await self._credentials_refusal(session)
+        else:  # `stream_connected` checked the source at accept; check again once it is this one's turn
+            async with self._check_turns.turn(source):
+                if not throttle.may_try(source, time.monotonic()):  # it failed again while this one waited
+                    return SERVER_UNAVAILABLE, _THROTTLED
+                throttle.take(source, time.monotonic())
+                refusal = await self._credentials_refusal(session)
+            if refusal is None:
+                throttle.give_back(source, time.monotonic())
+        if refusal is None:
+            refusal = await self._will_refusal(session)
+        return None if refusal is None else (NOT_AUTHORIZED, refusal)
+
+    async def _credentials_refusal(self, session: Any) -> str | None:
+        """Every auth plugin must say True (None is abstaining)."""
         results = await self.plugins_manager.map_plugin_auth(session=session)
         votes = [result for result in results.values() if result is not None]
         if not votes or not all(votes):
             return "bad credentials or client id"
+        return None
+
+    async def _will_refusal(self, session: Any) -> str | None:
+        """The will must be something the user may publish."""
         if session.will_flag:
             topic = session.will_topic or ""
             if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
@@ -623,6 +822,25 @@ class _RelaybeatBroker(Broker):  # type: ignore[misc]
             await asyncio.gather(*sends, return_exceptions=True)
 
 
+async def _refuse_throttled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read the CONNECT (closing with it unread could reset the connection before the client reads
+    the answer), answer CONNACK 3 "server unavailable", close."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await reader.readexactly(1)  # the packet type: whatever it is, the answer is the same
+            length = 0
+            for shift in range(0, 28, 7):  # MQTT's remaining length: at most 4 bytes, 7 bits each
+                byte = (await reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+            if length <= _MAX_THROTTLED_CONNECT_BYTES:
+                await reader.readexactly(length)
+                writer.write(_CONNACK_SERVER_UNAVAILABLE)
+                await writer.drain()
+    writer.close()
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -638,7 +856,7 @@ def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
         listener |= {"ssl": True, "certfile": str(settings.tls_cert), "keyfile": str(settings.tls_key)}
     plugins: dict[str, Any] = {_plugin_path(KeepaliveEnforcer): {"grace": settings.keepalive_grace}}
     if settings.password_file is None:
-        plugins[_ANONYMOUS_AUTH] = {"allow_anonymous": True}
+        plugins[_plugin_path(AnyoneAllowed)] = {}
     else:
         policy = topic_policy(settings.prefix, settings.relays, settings.monitors)
         plugins[_plugin_path(ThreadedFileAuth)] = {"password_file": str(settings.password_file)}
@@ -660,12 +878,23 @@ def _check_amqtt_version() -> None:
         raise RuntimeError(f"relay.broker patches amqtt {AMQTT_VERSION} internals, but amqtt {found} is installed")
 
 
+class _HideThrottledRefusals(logging.Filter):
+    """amqtt logs every refused CONNECT at WARNING; `LoginThrottle` logs its refusals rate-limited."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _THROTTLED not in record.getMessage()
+
+
+_HIDE_THROTTLED_REFUSALS: Final = _HideThrottledRefusals()
+
+
 def _quiet_amqtt_logs() -> None:
     """amqtt logs every connection at INFO; keep it at WARNING unless someone configured it."""
     for name in ("amqtt", "transitions"):
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.WARNING)
+    logging.getLogger("amqtt.broker").addFilter(_HIDE_THROTTLED_REFUSALS)  # once: addFilter skips duplicates
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -721,7 +950,8 @@ class EmbeddedBroker:
         _check_tls_files(settings)
         _check_port_free(settings.host, settings.port)
         try:
-            broker = _RelaybeatBroker(amqtt_config(settings))  # loads plugins: reads the password file
+            throttle = None if settings.anonymous else LoginThrottle()
+            broker = _RelaybeatBroker(amqtt_config(settings), throttle)  # loads plugins: reads the password file
         except PluginInitError as exc:
             if isinstance(exc.__cause__, BrokerConfigError):
                 raise exc.__cause__ from None

@@ -93,7 +93,7 @@ class RelayService:
         s = self.settings
         await stay_connected(
             s.local,
-            lambda: s.local.client(f"{s.relay_id}-local-{self.boot}", keepalive=10),
+            lambda: s.local.client(f"{s.local.username or s.relay_id}/local-{self.boot}", keepalive=10),
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
             max_delay_s=1.0,

@@ -174,7 +174,7 @@ class Topology:
 
     def monitor(self, broker: str, port: int, misses: int = 3, client_id: str | None = None) -> Service:
         """The monitor on `broker`, its API on `port`; `client_id` defaults to a unique one (on an
-        authenticating broker it must be the monitor's username, or start with `username-`)."""
+        authenticating broker it must be the monitor's username: broker_config/README.md)."""
         self.api = f"http://127.0.0.1:{port}"
         service = self.start(
             "monitor",

@@ -9,7 +9,9 @@ Attacks, each shown rejected:
 (c) a leaf publishing another host's beat: dropped by the broker, the other host never appears;
 (d) forged bundles: a leaf user publishing on relay-a's bundle topic (dropped by the broker), a relay
     user publishing on relay-a's topic (dropped), and a relay user claiming relay-a's id on its own
-    topic (delivered, refused by the monitor as `relay_mismatch`, counted in /healthz).
+    topic (delivered, refused by the monitor as `relay_mismatch`, counted in /healthz);
+(e) a leaf claiming relay-a's client id on the central broker: refused (embedded) or renamed to its
+    user (Mosquitto, use_username_as_clientid), so relay-a is never kicked off and never reported down.
 "Never appears" is always checked after something published later by the same client has arrived.
 """
 
@@ -142,7 +144,8 @@ def test_authenticated_path_works_and_bad_credentials_spoofed_beats_and_forged_b
 
     # Started first, so that their attempts come before everything the test waits on below.
     wrong_password = topo.leaf("h2", brokers.site("h2", "not-the-password"))  # (b)
-    impostor = topo.leaf("victim", brokers.site("mallory"), name="impostor")  # (c) mallory's login, victim's id
+    impostor = topo.leaf("victim", brokers.site("eve"), name="impostor")  # (c) eve's login, victim's id
+    squatter = topo.leaf("relay-a", brokers.central("h2"), name="squatter")  # (e) h2's login, relay-a's id
 
     # (a) leaf -> site -> relay-a -> central -> monitor, every hop with its own credentials.
     topo.relay("relay-a", brokers.central("relay-a"), local=brokers.site("relay-a"))
@@ -163,8 +166,9 @@ def test_authenticated_path_works_and_bad_credentials_spoofed_beats_and_forged_b
     topo.wait_state("hosts", "mallory", "up", timeout=20)
     assert api_get(topo.api, "/api/v1/hosts/mallory")["relay"] == "relay-a"
     impostor.assert_running()
+    squatter.assert_running()
     if brokers.kind == "embedded":  # the client id must be the user: refused at CONNECT (Mosquitto drops the beats)
-        assert "Not authorized" in impostor.log()
+        assert "Not authorized" in impostor.log() and "Not authorized" in squatter.log()
 
     # (d) A leaf user publishes a bundle on relay-a's topic, then beats straight to the central broker.
     publish_as(brokers.central_port, "eve", [(TOPICS.bundle("relay-a"), bundle("relay-a", "ghost-1")),
@@ -198,4 +202,5 @@ def test_authenticated_path_works_and_bad_credentials_spoofed_beats_and_forged_b
     assert after["boot"] == relay_a["boot"] != "forged"  # no forged bundle was taken as relay-a's
     assert after["state"] == "up" and after["hosts"] == 2  # h1 and mallory
     assert topo.moves("h1") == [("unknown", "up")]
+    assert topo.moves("relay-a") == [("unknown", "up")]  # (e) never kicked off: no "offline", no reconnect
     assert topo.healthz()["broker_connected"] is True
