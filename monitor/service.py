@@ -28,7 +28,7 @@ from monitor.notify import AlertBook, Change, Plan, plan, remind, render
 from monitor.outbox import NotifySettings, OutboxWorker
 from monitor.states import Kind, State, Transition
 from monitor.store import HostRow, NewMessage, NewTransition, RelayRow, Store
-from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relay.parts import Parts, PartState
 from relay.rejections import Rejections
 from relay.wire import (
@@ -48,6 +48,7 @@ from relay.wire import (
 log = logging.getLogger("relaybeat.monitor")
 
 STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
+BEHIND_S = 1.0  # input still waiting after reading this long: the monitor is behind, news may be late
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
 DB_PROBE_S = 0.5  # how often the database probe reads one row
 DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
@@ -122,6 +123,9 @@ class Monitor:
         self._wake = asyncio.Event()
         self._last_tick: float | None = None  # when the loop probe last ran (None: no probe running)
         self.stalls = 0
+        self.behind = 0  # expiry passes that found input waiting and could not read it all first
+        self._behind_since: float | None = None  # since when we have been behind (None: caught up)
+        self._client: aiomqtt.Client | None = None  # the broker session's client, while there is one
         self._armed: float | None = None  # the deadline the expiry loop sleeps until (None: no deadline)
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
@@ -221,8 +225,12 @@ class Monitor:
         await client.subscribe(self.topics.all_relay_statuses, qos=1)
         if self.settings.accept_direct_beats:
             await client.subscribe(self.topics.all_beats, qos=1)
-        async for message in client.messages:
-            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+        self._client = client
+        try:
+            async for message in messages(client):
+                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+        finally:
+            self._client = None
         raise aiomqtt.MqttError("broker closed the message stream")
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -280,7 +288,28 @@ class Monitor:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
             self._wake.clear()
+            await self._catch_up()
             self.expire()
+
+    async def _catch_up(self) -> None:
+        """Read what already reached us (aiomqtt's queue, our socket) before judging anyone on it: news
+        that is late because we are behind is no silence. Input that outlasts BEHIND_S of reading (a
+        flood) starts one timeout of grace, as a stall does; still behind after that, we decide anyway,
+        so a flood that never ends cannot stop every decision."""
+        client = self._client
+        if client is None or not sum(backlog(client)):
+            self._behind_since = None
+            return
+        if await read_backlog(client, BEHIND_S, self.clock.now):
+            self._behind_since = None
+            return
+        self.behind += 1
+        if self._behind_since is None:
+            now = self._behind_since = self.clock.now()
+            queued, unread = backlog(client)
+            log.warning("monitor is behind its input (%d messages, %d bytes waiting): a timeout of grace "
+                        "before new decisions", queued, unread)  # fmt: skip
+            self.detector.regain_sight(now)
 
     def expire(self) -> None:
         """Hand the detector the current time: whatever deadline has passed is decided now.

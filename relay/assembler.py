@@ -73,6 +73,16 @@ class Assembler:
         children = tuple(replace(child.bundle, age_ms=_ms(now - child.heard_at)) for child in self._children.values())
         return Bundle(self.relay_id, self.boot, self.seq, self.flush_ms, hosts, children)
 
+    def awaited(self, paused_at: float, resumed_at: float) -> int:
+        """Leaves that were beating when the relay paused (heard within two of their intervals before
+        `paused_at`, not stopping) and not heard since `resumed_at`: their beats are probably still
+        on the way to us."""
+        return sum(
+            1
+            for leaf in self._leaves.values()
+            if paused_at - 2 * leaf.interval_ms / 1000 <= leaf.heard_at < resumed_at and leaf.status is LeafStatus.OK
+        )
+
     @property
     def leaf_count(self) -> int:
         return len(self._leaves)

@@ -18,12 +18,15 @@ Passwords never reach a log: `BrokerURL.__str__` and every parse error redact th
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
 import os
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+import termios
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -178,6 +181,43 @@ async def stay_connected(
             attempt += 1
             log.warning("%s: broker %s unavailable (%s); retrying in %.1f s", name, url, exc, delay)
             await asyncio.sleep(delay)
+
+
+def backlog(client: aiomqtt.Client) -> tuple[int, int]:
+    """What has reached a connected client but not its reader yet: (messages in aiomqtt's queue,
+    bytes waiting unread in its socket: paho reads about one packet per event-loop turn)."""
+    queued = len(client.messages)
+    sock = client._client.socket()  # aiomqtt hands out no other way to its socket
+    if sock is None:
+        return queued, 0
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
+    except OSError:  # closed under us: nothing more will be read from it
+        return queued, 0
+    pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted, not yet read by paho
+    return queued, unread[0] + pending
+
+
+async def messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
+    """`client.messages`, but what is already queued comes without a turn of the event loop each
+    (aiomqtt's iterator starts a task per message: under a flood, that was the cost of a message)."""
+    queue = client._queue  # aiomqtt's incoming queue: filled only by its reader, on this event loop
+    async for message in client.messages:
+        yield message
+        while not queue.empty():
+            yield queue.get_nowait()
+
+
+async def read_backlog(client: aiomqtt.Client, bound_s: float, clock: Callable[[], float]) -> bool:
+    """Yield to the event loop, so the client's reader and its consumer run, until nothing waits
+    (True) or `bound_s` passed (False: input comes faster than it is read, or in a burst)."""
+    started = clock()
+    while sum(backlog(client)):
+        if clock() - started >= bound_s:
+            return False
+        await asyncio.sleep(0)  # paho reads about one packet per turn of the loop
+    return True
 
 
 def payload_bytes(raw: object) -> bytes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from relay.assembler import Assembler
-from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relay.parts import Parts
 from relay.rejections import Rejections
 from relay.wire import (
@@ -38,6 +38,21 @@ from relay.wire import (
 )
 
 log = logging.getLogger("relaybeat.relay")
+
+CATCH_UP_QUIET_S = 0.05  # after a pause, the local backlog counts as read once nothing waited for this long
+CATCH_UP_MAX_S = 10.0  # and reading it never holds back a bundle longer than this
+
+
+def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
+    """How long a flush may first spend reading what waits on the local side: 0 when on time. More
+    than one flush interval late, the relay was paused or stalled (SIGSTOP, a blocked loop, a
+    suspended VM) and its leaves' beats since then are probably waiting unread: a bundle flushed now
+    would report them silent for the whole pause. Their backlog is as long as the pause, so reading
+    it may take up to that long (at least one flush interval, at most CATCH_UP_MAX_S)."""
+    late_s = woke_at - planned_at
+    if late_s <= flush_s:
+        return 0.0
+    return min(late_s, CATCH_UP_MAX_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +96,10 @@ class RelayService:
         self.upstream_connected = asyncio.Event()
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
+        self._local_client: aiomqtt.Client | None = None  # the local session's client, while there is one
+        self._local_heard = 0  # messages from the local broker so far
+        self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
+        self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
 
     async def run(self) -> None:
         """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile.
@@ -111,9 +130,42 @@ class RelayService:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
-        async for message in client.messages:
-            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+        self._local_client = client
+        try:
+            async for message in messages(client):
+                self._local_heard += 1
+                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+        finally:
+            self._local_client = None
         raise aiomqtt.MqttError("local broker closed the message stream")
+
+    async def _catch_up_local(self, paused_at: float, bound_s: float) -> None:
+        """After a pause, let the local side read what waits for it (the local broker's backlog, our
+        socket, aiomqtt's queue) before flushing: the beats that waited are the news, and the bundle
+        must carry them. Done once our input stayed empty for CATCH_UP_QUIET_S and every leaf that was
+        beating before the pause was heard again (an in-process broker may still be routing when our
+        socket is empty), or after `bound_s`."""
+        started = empty_since = self.clock()
+        heard = self._local_heard
+        while (now := self.clock()) - started < bound_s:
+            client = self._local_client
+            if client is None:  # the local broker dropped us meanwhile: what waited comes on reconnecting
+                empty_since = now
+                await asyncio.sleep(CATCH_UP_QUIET_S / 5)
+            elif sum(backlog(client)):
+                empty_since = now
+                await asyncio.sleep(0)  # the reader and the consumer run; paho reads a packet a turn
+            elif now - empty_since >= CATCH_UP_QUIET_S:
+                if not self.assembler.awaited(paused_at, started):
+                    break
+                empty_since = now
+            else:
+                await asyncio.sleep(CATCH_UP_QUIET_S / 5)
+        self.catch_ups += 1
+        log.warning(
+            "relay %s flushed %.1f s late (paused or stalled): read %d waiting messages in %.2f s first",
+            self.settings.relay_id, started - paused_at, self._local_heard - heard, self.clock() - started,
+        )  # fmt: skip
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """One message from the local broker. Bad input is counted and logged, never raised.
@@ -175,14 +227,20 @@ class RelayService:
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
         s = self.settings
         topic = self.topics.bundle(s.relay_id)
-        next_at = self.clock()
         while True:
+            catch_up = catch_up_s(self._flush_due, self.clock(), s.flush_s)
+            local = self._local_client
+            if catch_up:  # back from a pause: read what waits first
+                await self._catch_up_local(self._flush_due - s.flush_s, catch_up)  # the last flush before it
+                self._flush_due = self.clock()
+            elif local is not None and sum(backlog(local)) > 0:  # busy (a flood): beats may wait behind it
+                await read_backlog(local, s.flush_s / 2, self.clock)
             bundle = self.assembler.flush(self.clock())
             if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
                 # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
                 # its hosts unreachable) instead of watching every host's age grow into its own page.
                 await asyncio.sleep(s.flush_s)
-                next_at = self.clock()
+                self._flush_due = self.clock()
                 continue
             payload = encode_bundle(bundle)
             if len(payload) > s.max_bundle_bytes:
@@ -190,11 +248,11 @@ class RelayService:
             else:
                 await client.publish(topic, payload, qos=1)
                 self.bundles_sent += 1
-            next_at += s.flush_s
-            delay = next_at - self.clock()
-            if delay < 0:  # we fell behind (a slow broker): skip ahead rather than burst
-                next_at, delay = self.clock(), 0.0
-            await asyncio.sleep(delay)
+            self._flush_due += s.flush_s
+            now = self.clock()
+            if now > self._flush_due and not catch_up_s(self._flush_due, now, s.flush_s):
+                self._flush_due = now  # a little behind (a slow broker): skip ahead rather than burst
+            await asyncio.sleep(max(0.0, self._flush_due - now))
 
 
 def _depth(bundle: Bundle) -> int:
