@@ -55,7 +55,8 @@ class RunningMonitor:
 async def monitor_running(
     settings: MonitorSettings, db_url: str, host: str, port: int, api: ApiSettings | None = None
 ) -> AsyncIterator[RunningMonitor]:
-    """Migrate, restore, then run the monitor and its HTTP API until the block exits."""
+    """Migrate, restore (writing first what its journal holds and SQL lacks), then run the monitor
+    and its HTTP API until the block exits."""
     ensure_free(host, port)
     store = await Store.open(db_url)
     try:
@@ -92,6 +93,7 @@ async def monitor_running(
             monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor_task
+            monitor.close()  # its journal: what SQL still lacks stays in it for the next start
     finally:
         await store.close()
 
