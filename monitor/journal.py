@@ -1,10 +1,10 @@
 """The monitor's write-ahead journal of decisions: what was decided survives kill -9 until SQL has it.
 
-Rules: it decides nothing and knows no SQL; it only keeps lines. Each decided transition is one JSON
-line carrying all its row needs (its key, wall-clock `at`, the relay path for maintenance and
-notifications) and the subject's state row at that moment. A whole batch goes out in one
-`os.write`: once that returns, the bytes are the kernel's (its page cache), so killing the monitor
-loses none of them. There is no fsync: a power cut or a kernel crash may lose the last few seconds'
+Rules: it decides nothing and knows no SQL; it only keeps lines. Each batch of decisions is one JSON
+line; each decision in it carries all its row needs (its key, wall-clock `at`, the relay path for
+maintenance and notifications) and the subject's state row at that moment. The line goes out in
+one `os.write`: once that returns, the bytes are the kernel's (its page cache), so killing the
+monitor loses none of them. There is no fsync: a power cut or a kernel crash may lose the last few seconds'
 lines (what the kernel had not yet written back), as it would without a journal.
 
 One monitor per journal: the file is locked (flock) while open, and a second opener is refused.
@@ -57,35 +57,36 @@ def _wall(t: float | None, offset: float) -> float | None:
     return None if t is None else t + offset
 
 
-def _host_state(host: HostTrack, offset: float) -> list[Any]:
-    return [host.state, host.since + offset, _wall(host.last_seen, offset), host.via, host.interval_s, host.seq,
-            host.flapping]  # fmt: skip
-
-
-def _relay_state(relay: RelayTrack, offset: float) -> list[Any]:
-    seq = None if relay.seq < 0 else relay.seq
-    return [relay.state, relay.since + offset, _wall(relay.last_seen, offset), relay.parent, relay.boot, seq,
-            relay.flush_s, relay.flapping]  # fmt: skip
+def _state(track: HostTrack | RelayTrack | None, offset: float) -> list[Any] | None:
+    """A subject's state row as journaled: the fields of HostRow or RelayRow after `id`, epoch seconds."""
+    if track is None:
+        return None
+    if isinstance(track, HostTrack):
+        return [track.state, track.since + offset, _wall(track.last_seen, offset), track.via, track.interval_s,
+                track.seq, track.flapping]  # fmt: skip
+    seq = None if track.seq < 0 else track.seq
+    return [track.state, track.since + offset, _wall(track.last_seen, offset), track.parent, track.boot, seq,
+            track.flush_s, track.flapping]  # fmt: skip
 
 
 def encode(
-    key: str, transition: Transition, offset: float, track: HostTrack | RelayTrack | None, path: Sequence[str]
+    key_prefix: str,
+    first: int,
+    transitions: Sequence[Transition],
+    offset: float,
+    tracks: Sequence[HostTrack | RelayTrack | None],
+    paths: Sequence[Sequence[str]],
 ) -> bytes:
-    """One line for `transition` (decided on a clock `offset` seconds behind the epoch)."""
-    t = transition
-    if track is None:
-        state = None
-    elif isinstance(track, HostTrack):
-        state = _host_state(track, offset)
-    else:
-        state = _relay_state(track, offset)
-    return orjson.dumps(
-        {
-            "key": key, "kind": t.kind, "subject": t.subject, "from_state": t.from_state, "to_state": t.to_state,
-            "at": t.at + offset, "reason": t.reason, "relay": t.relay, "event": t.event, "path": path, "state": state,
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )  # fmt: skip
+    """One line for a batch of decisions: the i-th has key `key_prefix + str(first + i)`, the state
+    row of `tracks[i]` and the relay path `paths[i]`; `offset` turns the detector's clock into epoch
+    seconds. Each decision is `[kind, subject, from_state, to_state, at, reason, relay, event, path,
+    state]`, so a batch of a thousand costs one encoder call, not a thousand."""
+    decisions = [
+        [t.kind, t.subject, t.from_state, t.to_state, t.at + offset, t.reason, t.relay, t.event, path,
+         _state(track, offset)]
+        for t, track, path in zip(transitions, tracks, paths, strict=True)
+    ]  # fmt: skip
+    return orjson.dumps([key_prefix, first, decisions], option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _moment(epoch: float | None) -> datetime | None:
@@ -96,28 +97,29 @@ def _since(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def decode(line: bytes) -> Decision:
-    """The decision on one line; JournalError if it is not one."""
+def decode(line: bytes) -> list[Decision]:
+    """The decisions on one line, in the order they were made; JournalError if it is not a batch."""
     try:
-        record = orjson.loads(line)
-        kind = Kind(record["kind"])
-        subject = str(record["subject"])
-        transition = NewTransition(
-            kind, subject, State(record["from_state"]), State(record["to_state"]), _since(record["at"]),
-            str(record["reason"]), record["relay"], Event(record["event"]), key=str(record["key"]),
-        )  # fmt: skip
-        state: HostRow | RelayRow | None = None
-        row = record["state"]
-        if row is not None and kind is Kind.HOST:
-            st, since, seen, via, interval_s, seq, flapping = row
-            state = HostRow(subject, State(st), _since(since), _moment(seen), via, float(interval_s), seq, flapping)
-        elif row is not None:
-            st, since, seen, parent, boot, seq, flush_s, flapping = row
-            state = RelayRow(subject, State(st), _since(since), _moment(seen), parent, boot, seq, float(flush_s),
-                             flapping)  # fmt: skip
-        return Decision(transition, state, tuple(str(relay) for relay in record["path"]))
+        key_prefix, first, decisions = orjson.loads(line)
+        return [_decision(f"{key_prefix}{first + i}", d) for i, d in enumerate(decisions)]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise JournalError(f"not a journaled decision ({type(exc).__name__}: {exc})") from None
+        raise JournalError(f"not a journaled batch ({type(exc).__name__}: {exc})") from None
+
+
+def _decision(key: str, fields: list[Any]) -> Decision:
+    kind_, subject, from_state, to_state, at, reason, relay, event, path, row = fields
+    kind = Kind(kind_)
+    transition = NewTransition(
+        kind, str(subject), State(from_state), State(to_state), _since(at), str(reason), relay, Event(event), key=key
+    )
+    state: HostRow | RelayRow | None = None
+    if row is not None and kind is Kind.HOST:
+        st, since, seen, via, interval_s, seq, flapping = row
+        state = HostRow(subject, State(st), _since(since), _moment(seen), via, float(interval_s), seq, flapping)
+    elif row is not None:
+        st, since, seen, parent, boot, seq, flush_s, flapping = row
+        state = RelayRow(subject, State(st), _since(since), _moment(seen), parent, boot, seq, float(flush_s), flapping)
+    return Decision(transition, state, tuple(str(relay) for relay in path))
 
 
 class Journal:
@@ -131,7 +133,7 @@ class Journal:
     @classmethod
     def open(cls, path: Path) -> tuple[Journal, list[Decision], int]:
         """Lock the journal (creating it) and read it back: its decisions, in the order they were
-        made, and how many lines were not decisions (a line torn by a crash mid-write is skipped).
+        made, and how many lines were not batches of them (a line torn mid-write is skipped).
 
         JournalUnavailable if it cannot be opened or another process holds it."""
         try:
@@ -158,7 +160,7 @@ class Journal:
                 if not line.strip():
                     continue
                 try:
-                    decisions.append(decode(line))
+                    decisions.extend(decode(line))
                 except JournalError:
                     skipped += 1
         return journal, decisions, skipped

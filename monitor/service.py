@@ -352,15 +352,18 @@ class Monitor:
         return f"{self._key_prefix}{number}"
 
     def _journal_lines(self, transitions: Sequence[Transition], first: int) -> bytes:
-        """The journal lines of decisions numbered from `first`, with their subjects' rows as they are now."""
-        hosts, relays, offset, path = self.detector.hosts, self.detector.relays, self.clock.offset, self.relay_path
-        return b"".join(
-            encode(
-                self._key(number), t, offset, (hosts if t.kind is Kind.HOST else relays).get(t.subject),
-                path(t.kind, t.subject, t.relay),
-            )
-            for number, t in enumerate(transitions, first)
-        )  # fmt: skip
+        """The journal line of decisions numbered from `first`, with their subjects' rows as they are now."""
+        hosts, relays = self.detector.hosts, self.detector.relays
+        tracks = [(hosts if t.kind is Kind.HOST else relays).get(t.subject) for t in transitions]
+        walked: dict[str | None, list[str]] = {}  # by the relay a path starts at: a subtree shares a few
+        paths = []
+        for t, track in zip(transitions, tracks, strict=True):
+            start = t.relay if track is None else track.via if isinstance(track, HostTrack) else track.parent
+            path = walked.get(start)
+            if path is None:
+                path = walked[start] = self.relay_path(t.kind, t.subject, t.relay)
+            paths.append(path)
+        return encode(self._key_prefix, first, transitions, self.clock.offset, tracks, paths)
 
     def _compact_journal(self) -> None:
         """After a commit: empty the journal if SQL now holds every decision, or keep only the pending
