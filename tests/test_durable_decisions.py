@@ -5,6 +5,9 @@ on the test broker, and kill -9 right after the monitor decides an outage (then 
 its batch cannot have reached SQL: the test holds a lock on the history table, as a slow database
 would. After a restart on the same database and journal, every one of the 1,001 transitions is in
 SQL exactly once, dated within one flush of the event, and another restart adds nothing.
+
+In-process tests check the journal's parts: replay with rows and webhook messages, torn lines,
+the lock, the rewrite, where the journal lives by default and the start-up error when it is held.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import contextlib
 import re
 import secrets
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,10 +30,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
 
+from monitor.journal import Decision, Journal, JournalUnavailable, decode
+from monitor.notify import Target
+from monitor.outbox import NotifySettings, Webhook
+from monitor.service import Monitor, MonitorSettings
+from monitor.states import State
+from monitor.store import Store
 from monitor.tables import TransitionModel
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from relay.wire import OFFLINE, ONLINE, Bundle, HostEntry, Topics, encode_bundle
+from relaybeat.config import MonitorConfig, load_config
 from tests.conftest import CentralBroker
 from tests.processes import Topology, api_get, wait_until
 
@@ -226,3 +238,137 @@ def test_a_monitor_killed_before_its_batch_commits_loses_and_misdates_nothing(
     finally:
         relay.close()
         history.close()
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+def small_bundle(seq: int, *hosts: str) -> bytes:
+    entries = tuple(HostEntry(h, 1, 100, 1000, "ok") for h in hosts)  # type: ignore[arg-type]
+    return encode_bundle(Bundle(RELAY, "boot-1", seq, 1000, entries))
+
+
+def monitor_on(store: Store, journal: Path, *, webhook: bool = False) -> Monitor:
+    notify = NotifySettings((Webhook(Target("ops"), "http://127.0.0.1:9/hook"),)) if webhook else NotifySettings()
+    return Monitor(MonitorSettings(BrokerURL("127.0.0.1", 1), notify=notify, journal=journal), store)
+
+
+@pytest.fixture
+async def store(db_url: str) -> Any:
+    opened = await Store.open(db_url)
+    await opened.upgrade()
+    yield opened
+    await opened.close()
+
+
+async def test_decisions_a_monitor_never_wrote_are_written_at_the_next_start_as_decided(
+    store: Store, tmp_path: Path
+) -> None:
+    journal = tmp_path / "monitor.journal"
+    first = monitor_on(store, journal, webhook=True)
+    await first.restore()
+    topics = Topics()
+    first.take(topics.bundle(RELAY), small_bundle(1, "a", "b"))
+    await first.flush()  # up in SQL; the journal is empty again
+    assert journal.stat().st_size == 0
+    first.take(topics.relay_status(RELAY), OFFLINE)  # decided, journaled, never written: "killed"
+    decided = {t.subject: first.clock.wall(t.at) for t in first._unwritten}
+    first.close()
+    with journal.open("ab") as file:
+        file.write(b'["torn-", 0, [["host", "x"')  # a crash mid-write leaves half a line
+
+    second = monitor_on(store, journal, webhook=True)
+    await second.restore()
+    rows = await store.history(newest_first=False)
+    outage = [r for r in rows if r.to_state in (State.DOWN, State.UNREACHABLE)]
+    assert {r.subject: r.at for r in outage} == decided  # dated when decided, to the microsecond
+    assert {h.id: h.state for h in (await store.load())[0]} == {"a": State.UNREACHABLE, "b": State.UNREACHABLE}
+    assert second.detector.relays[RELAY].state is State.DOWN  # restored as decided: nothing re-decided
+    assert [m.incident for m in await store.outbox()] == [f"relay:{RELAY}"]  # its page was queued too
+    assert journal.stat().st_size == 0
+    second.close()
+
+    third = monitor_on(store, journal, webhook=True)
+    await third.restore()
+    assert len(await store.history()) == len(rows) and len(await store.outbox()) == 1
+    third.close()
+
+
+async def test_a_journal_is_one_monitors(tmp_path: Path) -> None:
+    path = tmp_path / "monitor.journal"
+    held, _, _ = Journal.open(path)
+    try:
+        with pytest.raises(JournalUnavailable, match="held by another monitor"):
+            Journal.open(path)
+    finally:
+        held.close()
+    again, decisions, torn = Journal.open(path)
+    again.close()
+    assert (decisions, torn) == ([], 0)
+    with pytest.raises(JournalUnavailable, match="cannot open the journal"):
+        Journal.open(tmp_path / "no-such-dir" / "monitor.journal")
+
+
+async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("monitor.service.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
+    journal = tmp_path / "monitor.journal"
+    seen: list[list[tuple[str, State]]] = []
+
+    class BusyStore(Store):
+        """The relay's death is decided while the first batch is being written."""
+
+        async def write(self, transitions: Any, *args: Any, **kwargs: Any) -> None:
+            if transitions and not seen:
+                monitor.take(Topics().relay_status(RELAY), OFFLINE)
+            if transitions:  # what the journal holds as this batch starts
+                seen.append([(d.transition.subject, d.transition.to_state) for d in journaled(journal)])
+            await super().write(transitions, *args, **kwargs)
+
+    store = await BusyStore.open(db_url)
+    try:
+        await store.upgrade()
+        monitor = monitor_on(store, journal)
+        await monitor.restore()
+        monitor.take(Topics().bundle(RELAY), small_bundle(1, "a", "b"))
+        await monitor.flush()
+        monitor.close()
+    finally:
+        await store.close()
+    ups = [(RELAY, State.UP), ("a", State.UP), ("b", State.UP)]
+    outage = [(RELAY, State.DOWN), ("a", State.UNREACHABLE), ("b", State.UNREACHABLE)]
+    assert [sorted(batch) for batch in seen] == [sorted(ups + outage), sorted(outage)]
+    assert journal.stat().st_size == 0
+
+
+def journaled(path: Path) -> list[Decision]:
+    return [d for line in path.read_bytes().splitlines() if line for d in decode(line)]
+
+
+def test_the_journal_lives_next_to_a_sqlite_database_and_is_named_for_a_postgresql_one() -> None:
+    assert MonitorConfig(db="sqlite:///var/relaybeat.db").journal_path() == Path("var/relaybeat.db.journal")
+    assert MonitorConfig(db="sqlite://").journal_path() is None  # in memory: a restart loses it all anyway
+    pg = MonitorConfig(db="postgresql+psycopg://rb@db/relaybeat", client_id="mon-a")
+    assert pg.journal_path() == Path("mon-a-relaybeat.journal")
+    assert MonitorConfig(journal="/srv/j").journal_path() == Path("/srv/j")
+    flags = {"monitor.journal": ("--journal", "/flag/j")}
+    config = load_config(None, {"RELAYBEAT_MONITOR__JOURNAL": "/env/j"}, flags)
+    assert config.monitor.settings(config.detector.policy()).journal == Path("/flag/j")
+
+
+def test_a_monitor_whose_journal_is_held_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "monitor.journal"
+    held, _, _ = Journal.open(path)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "relaybeat", "monitor", "--db", f"sqlite:///{tmp_path / 'm.db'}",
+             "--journal", str(path), "--listen", f"127.0.0.1:{pick_free('127.0.0.1')}", "--log-level", "error"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        held.close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: the journal {path} is held by another monitor: give each monitor its own --journal"
+    ]

@@ -28,6 +28,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("transitions", schema=None) as batch_op:
+    # SQLite drops the column by copying the table: keep its AUTOINCREMENT (ids never reused).
+    with op.batch_alter_table("transitions", schema=None, table_kwargs={"sqlite_autoincrement": True}) as batch_op:
         batch_op.drop_index(batch_op.f("ix_transitions_key"))
         batch_op.drop_column("key")
