@@ -128,6 +128,7 @@ class Monitor:
         self._unwritten_from = 0
         self.journal: Journal | None = None  # opened by restore() when settings.journal is set
         self.journal_failures = 0
+        self._journal_warned_at = -10.0
         self._wake = asyncio.Event()
         self._last_tick: float | None = None  # when the loop probe last ran (None: no probe running)
         self.stalls = 0
@@ -204,7 +205,8 @@ class Monitor:
             messages = self._messages(notices)
             await self.store.write(rows, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed)
             self.alerts.apply(notices)
-        log.warning(
+        log.log(
+            logging.WARNING if missing else logging.INFO,
             "journal %s: wrote %d decisions the last run had not written (%d it had)",
             self.settings.journal, len(missing), len(decisions) - len(missing),
         )  # fmt: skip
@@ -340,8 +342,7 @@ class Monitor:
                 try:
                     self.journal.append(self._journal_lines(transitions, first))
                 except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
-                    self.journal_failures += 1
-                    self.rejections.add("journal_failed", str(self.settings.journal), str(exc))
+                    self._journal_failed(exc)
             self._unwritten.extend(transitions)
             self._write_wanted.set()
             now = self.clock.now()
@@ -376,8 +377,17 @@ class Monitor:
             elif self.journal.size > REWRITE_BYTES:
                 self.journal.rewrite(self._journal_lines(self._unwritten, self._unwritten_from))
         except OSError as exc:
-            self.journal_failures += 1
-            self.rejections.add("journal_failed", str(self.settings.journal), str(exc))
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self.journal_failures += 1
+        now = time.monotonic()
+        if now - self._journal_warned_at >= 10.0:  # a full disk fails every batch: say so every 10 s
+            self._journal_warned_at = now
+            log.warning(
+                "journal %s: %s (%d failures so far); decisions still go to SQL, but a crash before that loses them",
+                self.settings.journal, exc, self.journal_failures,
+            )  # fmt: skip
 
     async def _write_loop(self) -> None:
         while True:

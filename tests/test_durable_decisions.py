@@ -13,6 +13,7 @@ the lock, the rewrite, where the journal lives by default and the start-up error
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import sqlite3
@@ -292,6 +293,22 @@ async def test_decisions_a_monitor_never_wrote_are_written_at_the_next_start_as_
     await third.restore()
     assert len(await store.history()) == len(rows) and len(await store.outbox()) == 1
     third.close()
+
+
+async def test_a_journal_that_cannot_be_written_costs_the_crash_safety_not_the_decisions(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = monitor_on(store, tmp_path / "monitor.journal")
+    await monitor.restore()
+    assert monitor.journal is not None
+    os.close(monitor.journal._fd)  # every write now fails, as on a full or broken disk
+    monitor.take(Topics().bundle(RELAY), small_bundle(1, "a"))
+    await monitor.flush()
+    assert monitor.journal_failures == 1  # the append (nothing written, so nothing to clear after)
+    assert "decisions still go to SQL" in caplog.text
+    assert sorted(r.subject for r in await store.history()) == ["a", RELAY]
+    monitor.journal._fd = -1
+    monitor.close()
 
 
 async def test_a_journal_is_one_monitors(tmp_path: Path) -> None:
