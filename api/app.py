@@ -1,4 +1,4 @@
-"""The HTTP API: current state from the live detector, history from SQL. OpenAPI at /docs.
+"""The HTTP API: everything it shows comes from the read view (`monitor.view`). OpenAPI at /docs.
 
 Routes only read and shape data; they never decide a state. Each feature is a router in its own
 module; this file only assembles them.
@@ -6,32 +6,56 @@ module; this file only assembles them.
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import availability, events, history, metrics, operations, state
 from api.auth import READ_REFUSED, WRITE_REFUSED, ApiSettings, install, require_read_token, require_write_token
-from api.bodies import NOT_FOUND, json_response, monitor_of, not_found
+from api.bodies import (
+    DATABASE_UNAVAILABLE,
+    NOT_FOUND,
+    RETRY_AFTER_S,
+    ViewDep,
+    error_response,
+    json_response,
+    not_found,
+)
 from monitor.service import Monitor
+from monitor.view import FleetView
+from relay.parts import PartState
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
+DATABASE_WARNING_EVERY_S = 10.0  # the 503s say why; the log says so at most this often
+log = logging.getLogger("relaybeat.api")
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok, or degraded while the monitor cannot see (then nothing turns down)")
+    status: str = Field(
+        description="ok, or degraded while the monitor cannot see (then nothing turns down), the database "
+        "is away or a part is not running"
+    )
     broker_connected: bool
     blind: bool
     in_grace: bool
-    database_ok: bool
+    database_ok: bool = Field(description="the database answers the monitor's probe and took the last write")
     hosts: int
     relays: int
     received: dict[str, int]
     rejected: dict[str, int]
+    parts: dict[str, PartState] = Field(
+        description="the monitor's tasks: consume, expire, write, checkpoint, loop_lag, db_probe (and notify "
+        "with webhooks); anything but running makes the status degraded"
+    )
 
 
 def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> FastAPI:
@@ -42,56 +66,66 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
         summary="Which servers are alive, decided from relayed MQTT heartbeats.",
         version="1",
     )
-    app.state.monitor = monitor
+    app.state.view = view = FleetView(monitor)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
 
+    last_warned = -DATABASE_WARNING_EVERY_S
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def database_unavailable(_: Request, exc: Exception) -> Response:
+        """Every route that needs SQL answers 503 while the database is away: no traceback per request."""
+        nonlocal last_warned
+        now = time.monotonic()
+        if now - last_warned >= DATABASE_WARNING_EVERY_S:
+            last_warned = now
+            log.warning("API: database unavailable, answering 503 (%s)", _first_line(exc))
+        response = error_response(503, "database_unavailable", _first_line(exc))
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
     install(app, api_settings)
     reads: dict[str, Any] = {} if api_settings.read_open else {
         "dependencies": [Depends(require_read_token)], "responses": READ_REFUSED
     }  # fmt: skip
+    with_sql = reads | {"responses": reads.get("responses", {}) | DATABASE_UNAVAILABLE}
     app.include_router(state.router, **reads)
-    app.include_router(history.router, **reads)
-    app.include_router(operations.router, **reads)  # its writes need a write token on top
-    app.include_router(availability.router, **reads)
-    events.install(app, monitor, **reads)
-    metrics.install(app, monitor, **reads)
+    app.include_router(history.router, **with_sql)
+    app.include_router(operations.router, **with_sql)  # its writes need a write token on top
+    app.include_router(availability.router, **with_sql)
+    events.install(app, view, **reads)
+    metrics.install(app, view, **reads)
 
     @app.delete(
         "/api/v1/hosts/{host_id}",
         status_code=204,
-        responses={204: {"description": "forgotten; its history stays"}} | NOT_FOUND | WRITE_REFUSED,
+        responses={204: {"description": "forgotten; its history stays"}}
+        | NOT_FOUND
+        | WRITE_REFUSED
+        | DATABASE_UNAVAILABLE,
         dependencies=[Depends(require_write_token)],
         tags=["hosts"],
     )
-    async def forget_host(monitor: Annotated[Monitor, Depends(monitor_of)], host_id: str) -> Response:
+    async def forget_host(view: ViewDep, host_id: str) -> Response:
         """Forget a decommissioned host (it reappears if it beats again). Needs a write token."""
-        in_memory = monitor.forget_host(host_id)
-        in_sql = await monitor.store.forget_host(host_id)
-        return Response(status_code=204) if in_memory or in_sql else not_found("host", host_id)
+        return Response(status_code=204) if await view.forget_host(host_id) else not_found("host", host_id)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
-    async def healthz(monitor: Annotated[Monitor, Depends(monitor_of)]) -> Response:
-        detector = monitor.detector
-        blind = detector.blind
-        return json_response(
-            {
-                "status": "degraded" if blind or not monitor.db_ok else "ok",
-                "broker_connected": not detector.disconnected,
-                "blind": blind,
-                "in_grace": monitor.in_grace,
-                "database_ok": monitor.db_ok,
-                "hosts": len(detector.hosts),
-                "relays": len(detector.relays),
-                "received": dict(monitor.received),
-                "rejected": dict(monitor.rejections.counts) | {f"detector_{k}": v for k, v in detector.ignored.items()},
-            }
-        )
+    async def healthz(view: ViewDep) -> Response:
+        return json_response(asdict(view.health()))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(DASHBOARD.read_text())
 
     return app
+
+
+def _first_line(exc: Exception) -> str:
+    """A database error in one short line (SQLAlchemy appends the SQL and a link on later lines)."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__

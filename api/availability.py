@@ -1,28 +1,28 @@
 """Availability reports and the fleet summary, computed from the `transitions` table.
 
-The computation is `monitor.availability` (pure); this module fetches state changes from SQL and
-the subject's maintenance from the live book, and shapes the answer. A window reaching into the
-future ends now: what has not happened yet is not reported.
+The computation is `monitor.availability` (pure), fed by the read view (state changes from SQL,
+maintenance from the live book); this module parses the query and shapes the answer. A window
+reaching into the future ends now: what has not happened yet is not reported.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
 
-from api.bodies import NOT_FOUND, error_response, iso, json_response, monitor_of, not_found
+from api.bodies import NOT_FOUND, ViewDep, error_response, json_response, not_found
 from api.history import BAD_QUERY
-from monitor.availability import Availability, availability
-from monitor.service import Monitor
+from monitor import view as shown
+from monitor.availability import Availability
 from monitor.states import Kind, State
+from monitor.view import FleetView, iso
 
 router = APIRouter(prefix="/api/v1")
-MonitorDep = Annotated[Monitor, Depends(monitor_of)]
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -43,8 +43,6 @@ Until = Annotated[
     BeforeValidator(iso_only),
     Query(description="exclusive, ISO 8601 with a time zone; default and at most: now"),
 ]
-DEFAULT_WINDOW = timedelta(hours=24)
-EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 class Seconds(BaseModel):
@@ -111,51 +109,39 @@ def report_body(kind: Kind, subject: str, report: Availability) -> dict[str, Any
     }
 
 
-def window(monitor: Monitor, since: datetime | None, until: datetime | None) -> tuple[datetime, datetime] | str:
-    """The report window `[since, until)` in UTC, cut at now (empty if it starts later), or why the
-    query is wrong. Times beyond the years 1–9999 in UTC are taken as unbounded on that side."""
-    for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
-            return f"{name} needs a time zone (e.g. Z)"
-    now = monitor.clock.wall(monitor.clock.now())
-    end = now
-    if until is not None:
-        try:
-            end = min(until.astimezone(UTC), now)
-        except OverflowError:  # e.g. 9999-12-31T23:00:00-02:00 is after 9999 in UTC; 0001-01-01T00:00+01:00 before 1
-            end = now if until.year > 1 else EARLIEST
-    if since is None:
-        start = end - DEFAULT_WINDOW if end - EARLIEST > DEFAULT_WINDOW else EARLIEST
-    else:
-        try:
-            start = since.astimezone(UTC)
-        except OverflowError:
-            start = EARLIEST if since.year == 1 else end
-    return min(start, end), end
+def worst_body(h: shown.WorstHost) -> dict[str, Any]:
+    return {
+        "id": h.id,
+        "state": h.state.value,
+        "downtime_s": h.downtime_s,
+        "outages": h.outages,
+        "uptime_ratio": h.uptime_ratio,
+    }
 
 
-async def report(
-    monitor: Monitor, kind: Kind, subject: str, since: datetime | None, until: datetime | None
-) -> Response:
-    bounds = window(monitor, since, until)
+def counts_body(counts: shown.StateCounts) -> dict[str, Any]:
+    return {
+        "total": counts.total,
+        "states": {state.value: n for state, n in counts.states.items()},
+        "flapping": counts.flapping,
+        "in_maintenance": counts.in_maintenance,
+    }
+
+
+async def report(view: FleetView, kind: Kind, subject: str, since: datetime | None, until: datetime | None) -> Response:
+    bounds = view.report_window(since, until)
     if isinstance(bounds, str):
         return error_response(422, "bad_request", bounds)
-    start, end = bounds
-    initial, changes = await monitor.store.state_changes(kind, start, end, subject)
-    spans = monitor.maintenance.intervals(kind, subject, monitor.relay_path(kind, subject))
-    result = availability(
-        initial.get(subject, State.UNKNOWN), [(at, state) for _, at, state in changes], spans, start, end
-    )
-    return json_response(report_body(kind, subject, result))
+    return json_response(report_body(kind, subject, await view.availability(kind, subject, *bounds)))
 
 
 @router.get("/hosts/{host_id}/availability", response_model=AvailabilityOut, responses=NOT_FOUND, tags=["availability"])
-async def host_availability(monitor: MonitorDep, host_id: str, since: Since = None, until: Until = None) -> Response:
+async def host_availability(view: ViewDep, host_id: str, since: Since = None, until: Until = None) -> Response:
     """Uptime, downtime, outages and recovery time of a host over `[since, until)`, with
     unreachable and maintenance time reported apart from down."""
-    if host_id not in monitor.detector.hosts:
+    if not view.has(Kind.HOST, host_id):
         return not_found("host", host_id)
-    return await report(monitor, Kind.HOST, host_id, since, until)
+    return await report(view, Kind.HOST, host_id, since, until)
 
 
 @router.get(
@@ -164,65 +150,31 @@ async def host_availability(monitor: MonitorDep, host_id: str, since: Since = No
     responses=NOT_FOUND | BAD_QUERY,
     tags=["availability"],
 )
-async def relay_availability(monitor: MonitorDep, relay_id: str, since: Since = None, until: Until = None) -> Response:
+async def relay_availability(view: ViewDep, relay_id: str, since: Since = None, until: Until = None) -> Response:
     """The same for a relay (its own state: `unreachable` means a relay above it was down)."""
-    if relay_id not in monitor.detector.relays:
+    if not view.has(Kind.RELAY, relay_id):
         return not_found("relay", relay_id)
-    return await report(monitor, Kind.RELAY, relay_id, since, until)
+    return await report(view, Kind.RELAY, relay_id, since, until)
 
 
 @router.get("/summary", response_model=SummaryOut, responses=BAD_QUERY, tags=["availability"])
 async def summary(
-    monitor: MonitorDep,
+    view: ViewDep,
     since: Since = None,
     until: Until = None,
     worst: int = Query(10, ge=0, le=1000, description="how many worst hosts to list"),
 ) -> Response:
     """The fleet at a glance: hosts and relays per state now, and the hosts with the most downtime."""
-    bounds = window(monitor, since, until)
+    bounds = view.report_window(since, until)
     if isinstance(bounds, str):
         return error_response(422, "bad_request", bounds)
-    start, end = bounds
-    detector = monitor.detector
-    now = monitor.clock.wall(monitor.clock.now())
-
-    def counts(kind: Kind, tracks: dict[str, Any]) -> dict[str, Any]:
-        states = dict.fromkeys((s.value for s in State), 0)
-        for track in tracks.values():
-            states[track.state.value] += 1
-        maintained = sum(1 for subject in tracks if monitor.in_maintenance(kind, subject, now))
-        flapping = sum(1 for track in tracks.values() if track.flapping)
-        return {"total": len(tracks), "states": states, "flapping": flapping, "in_maintenance": maintained}
-
-    worst_hosts: list[dict[str, Any]] = []
-    if worst:
-        initial, changes = await monitor.store.state_changes(Kind.HOST, start, end)
-        by_host: dict[str, list[tuple[datetime, State]]] = {}
-        for subject, at, state in changes:
-            by_host.setdefault(subject, []).append((at, state))
-        # Only a host that was down at `since` or went down in the window can have downtime.
-        candidates = {h for h, s in initial.items() if s == State.DOWN}
-        candidates |= {h for h, hs in by_host.items() if any(s == State.DOWN for _, s in hs)}
-        for host_id in sorted(candidates & detector.hosts.keys()):
-            spans = monitor.maintenance.intervals(Kind.HOST, host_id, monitor.relay_path(Kind.HOST, host_id))
-            result = availability(initial.get(host_id, State.UNKNOWN), by_host.get(host_id, []), spans, start, end)
-            if result.down > timedelta(0):
-                worst_hosts.append(
-                    {
-                        "id": host_id,
-                        "state": detector.hosts[host_id].state.value,
-                        "downtime_s": result.down.total_seconds(),
-                        "outages": result.outages,
-                        "uptime_ratio": result.uptime_ratio,
-                    }
-                )
-        worst_hosts.sort(key=lambda h: (-h["downtime_s"], -h["outages"], h["id"]))
+    fleet = await view.summary(*bounds, worst=worst)
     return json_response(
         {
-            "hosts": counts(Kind.HOST, detector.hosts),
-            "relays": counts(Kind.RELAY, detector.relays),
-            "since": iso(start),
-            "until": iso(end),
-            "worst_hosts": worst_hosts[:worst],
+            "hosts": counts_body(fleet.hosts),
+            "relays": counts_body(fleet.relays),
+            "since": iso(fleet.since),
+            "until": iso(fleet.until),
+            "worst_hosts": [worst_body(h) for h in fleet.worst_hosts],
         }
     )

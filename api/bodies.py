@@ -1,23 +1,23 @@
 """Response shapes: pydantic models for the OpenAPI schema, and the fast builders that fill them.
 
-Routes return `json_response(...)` of plain dicts built here (orjson), and declare the matching
-model as `response_model` so /docs stays exact. Keep each builder next to its model.
+Routes return `json_response(...)` of plain dicts built here (orjson) from the read view's
+snapshots (`monitor.view`), and declare the matching model as `response_model` so /docs stays
+exact. Keep each builder next to its model. Routes reach the monitor only through `ViewDep`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import orjson
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from monitor.detector import HostTrack, RelayTrack
-from monitor.service import Monitor
 from monitor.states import Kind, State
 from monitor.store import TransitionRecord
+from monitor.view import FleetView, HostView, Refused, RelayView, iso
 
 T = TypeVar("T")
 
@@ -74,18 +74,23 @@ class ErrorOut(BaseModel):
 
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "unknown id"}}
+RETRY_AFTER_S = 2  # what a 503 asks clients to wait: the monitor probes the database every 0.5 s
+DATABASE_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorOut,
+        "description": 'the database is unavailable (`{"error": "database_unavailable"}`); retry later',
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    }
+}
 
 
-def monitor_of(request: Request) -> Monitor:
-    """The running monitor, for routes (a FastAPI dependency)."""
-    monitor: Monitor = request.app.state.monitor
-    return monitor
+def view_of(request: Request) -> FleetView:
+    """The running monitor's read view, for routes (a FastAPI dependency)."""
+    view: FleetView = request.app.state.view
+    return view
 
 
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+ViewDep = Annotated[FleetView, Depends(view_of)]
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -100,47 +105,40 @@ def not_found(what: str, ident: str) -> Response:
     return error_response(404, "not_found", f"no {what} {ident!r}")
 
 
-def relay_path(monitor: Monitor, relay_id: str | None) -> list[str]:
-    relays = monitor.detector.relays
-    path: list[str] = []
-    while relay_id is not None and relay_id not in path and relay_id in relays:
-        path.append(relay_id)
-        relay_id = relays[relay_id].parent
-    return path
+def refused(refusal: Refused) -> Response:
+    """A write the view refused: 404 for an unknown subject or window, 409 for anything else."""
+    return error_response(404 if refusal.reason == "not_found" else 409, refusal.reason, refusal.detail)
 
 
-def host_body(monitor: Monitor, h: HostTrack) -> dict[str, Any]:
-    detector, wall = monitor.detector, monitor.clock.wall
-    deadline = detector.deadline_of(h)
+def host_body(h: HostView) -> dict[str, Any]:
     return {
         "id": h.id,
         "state": h.state.value,
-        "relay": h.via,
-        "path": relay_path(monitor, h.via),
-        "last_seen": None if h.last_seen is None else iso(wall(h.last_seen)),
-        "since": iso(wall(h.since)),
+        "relay": h.relay,
+        "path": list(h.path),
+        "last_seen": iso(h.last_seen),
+        "since": iso(h.since),
         "interval_s": h.interval_s,
-        "timeout_s": detector.timeout_s(h),
-        "deadline": None if deadline is None else iso(wall(deadline)),
+        "timeout_s": h.timeout_s,
+        "deadline": iso(h.deadline),
         "seq": h.seq,
         "flapping": h.flapping,
     }
 
 
-def relay_body(monitor: Monitor, r: RelayTrack) -> dict[str, Any]:
-    wall = monitor.clock.wall
+def relay_body(r: RelayView) -> dict[str, Any]:
     return {
         "id": r.id,
         "state": r.state.value,
         "parent": r.parent,
-        "last_seen": None if r.last_seen is None else iso(wall(r.last_seen)),
-        "since": iso(wall(r.since)),
+        "last_seen": iso(r.last_seen),
+        "since": iso(r.since),
         "flush_s": r.flush_s,
-        "timeout_s": monitor.detector.timeout_s(r),
+        "timeout_s": r.timeout_s,
         "boot": r.boot,
-        "seq": None if r.seq < 0 else r.seq,
-        "hosts": len(r.hosts),
-        "children": sorted(r.children),
+        "seq": r.seq,
+        "hosts": r.hosts,
+        "children": list(r.children),
         "flapping": r.flapping,
     }
 

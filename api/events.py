@@ -5,7 +5,8 @@ Rules:
   same JSON as a `/api/v1/transitions` item. A client that resumes (`Last-Event-ID`, or `?after_id=`
   on a first connection) is served every row after that id from SQL first, then live rows: it
   misses nothing and sees nothing twice.
-- One pump per app wakes on `Monitor.written` and reads new rows once for every client. Each client
+- One pump per app wakes when the read view says rows reached SQL and reads them once for every
+  client. Each client
   has a bounded buffer; a client that falls behind loses its buffer and re-reads what it missed from
   SQL. A slow client is slow, never lossy, and never holds up the others.
 - `EventHub.close()` ends every open stream at once, so a shutdown never waits on them.
@@ -14,7 +15,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -26,8 +26,8 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.bodies import error_response, transition_body
-from monitor.service import Monitor
 from monitor.store import TransitionRecord
+from monitor.view import FleetView
 
 log = logging.getLogger("relaybeat.api.events")
 
@@ -65,7 +65,7 @@ class EventHub:
 
     def __init__(
         self,
-        monitor: Monitor,
+        view: FleetView,
         *,
         ping_s: float = 15.0,
         buffer: int = 1000,
@@ -73,7 +73,7 @@ class EventHub:
         poll_s: float = 5.0,
         send_timeout_s: float = 30.0,
     ) -> None:
-        self.monitor = monitor
+        self.view = view
         self.ping_s = ping_s  # heartbeat comment on idle streams (keeps proxies from cutting them)
         self.buffer = buffer  # rows a client may be behind before it falls back to SQL
         self.page = page  # rows per SQL read
@@ -88,7 +88,7 @@ class EventHub:
     def subscribe(self) -> tuple[Subscriber, int]:
         """A new buffer, and the id after which the pump fills it (older rows come from SQL)."""
         if self._pump is None:
-            self.position = self.monitor.last_written_id
+            self.position = self.view.last_written_id
             self._pump = asyncio.create_task(self._run_pump(), name="event-pump")
         subscriber = Subscriber(self.buffer)
         self.subscribers.add(subscriber)
@@ -103,14 +103,11 @@ class EventHub:
             subscriber.ready.set()
 
     async def _run_pump(self) -> None:
-        monitor = self.monitor
+        view = self.view
         while not self.closed:
-            async with monitor.written:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_s):
-                        await monitor.written.wait_for(lambda: monitor.last_written_id > self.position)
+            await view.wait_written(self.poll_s, after_id=self.position)
             try:
-                rows = await monitor.store.history(after_id=self.position, newest_first=False, limit=self.page)
+                rows = await view.history(after_id=self.position, newest_first=False, limit=self.page)
             except Exception as exc:  # the database is away: the streams wait, nothing is skipped
                 log.warning("event stream cannot read transitions (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -132,7 +129,7 @@ class EventHub:
                     subscriber.overflowed = False  # re-armed before reading: rows from now on are buffered
                     from_sql = False
                     while not self.closed:
-                        page = await self.monitor.store.history(after_id=last, newest_first=False, limit=self.page)
+                        page = await self.view.history(after_id=last, newest_first=False, limit=self.page)
                         for row in page:
                             yield row
                             last = row.id
@@ -160,12 +157,12 @@ class EventHub:
             yield ServerSentEvent(data, id=str(row.id), event="transition")
 
 
-def install(app: FastAPI, monitor: Monitor, **include: Any) -> EventHub:
+def install(app: FastAPI, view: FleetView, **include: Any) -> EventHub:
     """Serve `/api/v1/events` from `app` (`include`: router options, e.g. auth dependencies).
 
     `close_streams(app)` ends the open streams at shutdown.
     """
-    hub = EventHub(monitor)
+    hub = EventHub(view)
     app.state.events = hub
     app.include_router(router, **include)
     return hub

@@ -1,4 +1,4 @@
-"""History: the `transitions` table, filtered by subject, kind and time range."""
+"""History: the `transitions` table (through the read view), filtered by subject, kind and time range."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BeforeValidator
 
@@ -14,17 +14,16 @@ from api.bodies import (
     NOT_FOUND,
     Page,
     TransitionOut,
+    ViewDep,
     error_response,
     json_response,
-    monitor_of,
     not_found,
     transition_body,
 )
-from monitor.service import Monitor
 from monitor.states import Kind
+from monitor.view import FleetView
 
 router = APIRouter(prefix="/api/v1")
-MonitorDep = Annotated[Monitor, Depends(monitor_of)]
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -56,7 +55,7 @@ BAD_QUERY: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def history(monitor: Monitor, **filters: Any) -> Response:
+async def history(view: FleetView, **filters: Any) -> Response:
     for key in ("since", "until"):
         moment = filters.get(key)
         if moment is None:
@@ -69,7 +68,7 @@ async def history(monitor: Monitor, **filters: Any) -> Response:
             if (key == "since") != (moment.year == 1):  # since after 9999 or until before year 1: nothing
                 return json_response({"items": [], "total": 0})
             filters[key] = None  # since before year 1 or until after 9999: no bound on that side
-    rows = await monitor.store.history(newest_first=filters.get("after_id") is None, **filters)
+    rows = await view.history(newest_first=filters.get("after_id") is None, **filters)
     items = [transition_body(t) for t in rows]
     return json_response({"items": items, "total": len(items)})
 
@@ -81,11 +80,11 @@ async def history(monitor: Monitor, **filters: Any) -> Response:
     tags=["hosts"],
 )
 async def host_transitions(
-    monitor: MonitorDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
+    view: ViewDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
-    if host_id not in monitor.detector.hosts:
+    if not view.has(Kind.HOST, host_id):
         return not_found("host", host_id)
-    return await history(monitor, kind=Kind.HOST, subject=host_id, since=since, until=until, limit=limit)
+    return await history(view, kind=Kind.HOST, subject=host_id, since=since, until=until, limit=limit)
 
 
 @router.get(
@@ -95,16 +94,16 @@ async def host_transitions(
     tags=["relays"],
 )
 async def relay_transitions(
-    monitor: MonitorDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
+    view: ViewDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
-    if relay_id not in monitor.detector.relays:
+    if not view.has(Kind.RELAY, relay_id):
         return not_found("relay", relay_id)
-    return await history(monitor, kind=Kind.RELAY, subject=relay_id, since=since, until=until, limit=limit)
+    return await history(view, kind=Kind.RELAY, subject=relay_id, since=since, until=until, limit=limit)
 
 
 @router.get("/transitions", response_model=Page[TransitionOut], responses=BAD_QUERY, tags=["history"])
 async def all_transitions(
-    monitor: MonitorDep,
+    view: ViewDep,
     since: Since = None,
     until: Until = None,
     kind: Kind | None = None,
@@ -114,4 +113,4 @@ async def all_transitions(
     limit: Limit = 100,
 ) -> Response:
     """Newest first; with `after_id`, oldest first from just after that row."""
-    return await history(monitor, kind=kind, since=since, until=until, after_id=after_id, limit=limit)
+    return await history(view, kind=kind, since=since, until=until, after_id=after_id, limit=limit)

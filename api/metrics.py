@@ -1,13 +1,13 @@
 """Prometheus metrics at `GET /metrics`, from a registry of the app's own (never the global one).
 
-Two sources: gauges and counters the monitor already keeps are read at scrape time (`LiveCollector`);
-what only exists at the moment it happens (detection lag, write latency) is observed through the
-monitor's `MonitorObserver` hook into histograms. `docs/grafana-dashboard.json` uses these names.
+Two sources: gauges and counters are read from the read view (`monitor.view`: states as shown,
+health) at scrape time (`LiveCollector`); what only exists at the moment it happens (detection lag,
+write latency) is observed through the monitor's `MonitorObserver` hook into histograms.
+`docs/grafana-dashboard.json` uses these names.
 """
 
 from __future__ import annotations
 
-from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from monitor.service import Monitor
 from monitor.states import Event, Kind, State, Transition
+from monitor.view import FleetView
 
 router = APIRouter()
 
@@ -74,65 +74,70 @@ class DecisionMetrics:
 
 
 class LiveCollector:
-    """What the monitor knows right now, read at each scrape."""
+    """What the view shows right now, read at each scrape."""
 
-    def __init__(self, app: FastAPI, monitor: Monitor) -> None:
+    def __init__(self, app: FastAPI, view: FleetView) -> None:
         self.app = app
-        self.monitor = monitor
+        self.view = view
 
     def collect(self) -> Iterable[Metric]:
-        monitor, detector = self.monitor, self.monitor.detector
+        view = self.view
+        health = view.health()
 
         subjects = GaugeMetricFamily(
             "relaybeat_subjects", "Hosts and relays by current state.", labels=["kind", "state"]
         )
         flapping = GaugeMetricFamily("relaybeat_flapping", "Subjects flagged flapping.", labels=["kind"])
-        for kind, tracks in ((Kind.HOST, detector.hosts), (Kind.RELAY, detector.relays)):
-            counts = Tally(track.state for track in tracks.values())
+        for kind in (Kind.HOST, Kind.RELAY):
+            counts = view.counts(kind)
             for state in STATES[kind]:
-                subjects.add_metric([kind.value, state.value], counts[state])
-            flapping.add_metric([kind.value], sum(1 for track in tracks.values() if track.flapping))
+                subjects.add_metric([kind.value, state.value], counts.states[state])
+            flapping.add_metric([kind.value], counts.flapping)
         yield subjects
         yield flapping
 
-        received = monitor.received
-        yield CounterMetricFamily("relaybeat_bundles_received", "Bundles accepted from relays.", received["bundles"])
+        received = health.received
+        yield CounterMetricFamily(
+            "relaybeat_bundles_received", "Bundles accepted from relays.", received.get("bundles", 0)
+        )
         beats = CounterMetricFamily(
             "relaybeat_beats_received", "Host entries received: inside bundles, or beats sent straight.", labels=["via"]
         )
-        beats.add_metric(["bundle"], received["bundle_entries"])
-        beats.add_metric(["direct"], received["beats"])
+        beats.add_metric(["bundle"], received.get("bundle_entries", 0))
+        beats.add_metric(["direct"], received.get("beats", 0))
         yield beats
         yield CounterMetricFamily(
             "relaybeat_relay_wills_received",
             "Relay `offline` statuses (last wills) received.",
-            received["relay_offline"],
+            received.get("relay_offline", 0),
         )
         rejected = CounterMetricFamily(
             "relaybeat_rejected_inputs", "Inputs rejected or ignored, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(monitor.rejections.counts.items()):
+        for reason, count in health.rejected.items():
             rejected.add_metric([reason], count)
-        for reason, count in sorted(detector.ignored.items()):
-            rejected.add_metric([f"detector_{reason}"], count)
         yield rejected
         yield CounterMetricFamily(
-            "relaybeat_database_write_failures", "Failed SQL writes (each retried).", monitor.write_failures
+            "relaybeat_database_write_failures", "Failed SQL writes (each retried).", view.write_failures
         )
 
-        blind = detector.blind
-        degraded = blind or not monitor.db_ok
         flags = {
-            "relaybeat_monitor_blind": ("1 while the monitor cannot see (no broker, or relays all silent).", blind),
-            "relaybeat_monitor_degraded": ("1 while /healthz says degraded (blind or database down).", degraded),
-            "relaybeat_broker_connected": ("1 while the monitor's broker session is up.", not detector.disconnected),
-            "relaybeat_database_ok": ("1 while the last SQL write succeeded.", monitor.db_ok),
-            "relaybeat_monitor_in_grace": ("1 during the grace after start or regaining sight.", monitor.in_grace),
+            "relaybeat_monitor_blind": (
+                "1 while the monitor cannot see (no broker, or relays all silent).",
+                health.blind,
+            ),
+            "relaybeat_monitor_degraded": (
+                "1 while /healthz says degraded (blind, database away or a part not running).",
+                health.status != "ok",
+            ),
+            "relaybeat_broker_connected": ("1 while the monitor's broker session is up.", health.broker_connected),
+            "relaybeat_database_ok": ("1 while the database answers and took the last write.", health.database_ok),
+            "relaybeat_monitor_in_grace": ("1 during the grace after start or regaining sight.", health.in_grace),
         }
         for name, (doc, value) in flags.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
         yield GaugeMetricFamily(
-            "relaybeat_event_loop_lag_seconds", "Worst event-loop lag of the last 5 s.", value=monitor.loop_lag_s
+            "relaybeat_event_loop_lag_seconds", "Worst event-loop lag of the last 5 s.", value=view.loop_lag_s
         )
         hub = getattr(self.app.state, "events", None)
         clients = 0 if hub is None else len(hub.subscribers)
@@ -144,11 +149,11 @@ class LiveCollector:
         )
 
 
-def install(app: FastAPI, monitor: Monitor, **include: Any) -> CollectorRegistry:
-    """Give `app` its own registry, fed by `monitor`, served at `/metrics` (`include`: router options)."""
+def install(app: FastAPI, view: FleetView, **include: Any) -> CollectorRegistry:
+    """Give `app` its own registry, fed by `view`, served at `/metrics` (`include`: router options)."""
     registry = CollectorRegistry()
-    monitor.observers.append(DecisionMetrics(registry))
-    registry.register(LiveCollector(app, monitor))
+    view.observe(DecisionMetrics(registry))
+    registry.register(LiveCollector(app, view))
     app.state.metrics = registry
     app.include_router(router, **include)
     return registry

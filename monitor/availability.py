@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from monitor.states import State
 
-__all__ = ["Availability", "availability", "merge_intervals"]
+__all__ = ["DEFAULT_WINDOW", "Availability", "availability", "merge_intervals", "report_window"]
 
 ZERO = timedelta(0)
+DEFAULT_WINDOW = timedelta(hours=24)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,3 +140,26 @@ def availability(
 
     maintenance_total = sum((b - a for a, b in covered), ZERO)
     return Availability(since, until, time_in, maintenance_total, outages, longest)
+
+
+def report_window(since: datetime | None, until: datetime | None, now: datetime) -> tuple[datetime, datetime] | str:
+    """A report's window `[since, until)` in UTC, cut at `now` (empty if it starts later), or why the
+    query is wrong. `since` defaults to 24 h before `until`, `until` to now. Times beyond the years
+    1–9999 in UTC are taken as unbounded on that side."""
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and moment.tzinfo is None:
+            return f"{name} needs a time zone (e.g. Z)"
+    end = now
+    if until is not None:
+        try:
+            end = min(until.astimezone(UTC), now)
+        except OverflowError:  # e.g. 9999-12-31T23:00:00-02:00 is after 9999 in UTC; 0001-01-01T00:00+01:00 before 1
+            end = now if until.year > 1 else EARLIEST
+    if since is None:
+        start = end - DEFAULT_WINDOW if end - EARLIEST > DEFAULT_WINDOW else EARLIEST
+    else:
+        try:
+            start = since.astimezone(UTC)
+        except OverflowError:
+            start = EARLIEST if since.year == 1 else end
+    return min(start, end), end

@@ -34,11 +34,13 @@ from monitor.outbox import NotifySettings, OutboxWorker
 from monitor.states import Kind, State, Transition
 from monitor.store import HostRow, NewMessage, NewTransition, RelayRow, Store
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.parts import Parts, PartState
 from relay.rejections import Rejections
 from relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_MAX_BUNDLE_ENTRIES,
     DEFAULT_PREFIX,
+    INTERNAL_ERROR,
     Bundle,
     TopicKind,
     Topics,
@@ -52,6 +54,8 @@ log = logging.getLogger("relaybeat.monitor")
 
 STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
+DB_PROBE_S = 0.5  # how often the database probe reads one row
+DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
 
 
 class Clock:
@@ -111,7 +115,9 @@ class Monitor:
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
         self.started_at = self.clock.now()
-        self.db_ok = True
+        self.db_ok = True  # the last SQL write went through (set by the writer)
+        self.db_reachable = True  # the database probe's last read went through
+        self.parts = Parts("monitor")  # the running tasks and their states, for /healthz
         self.written = asyncio.Condition()  # notified after each batch reaches SQL
         self.last_written_id = 0
         self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
@@ -218,18 +224,42 @@ class Monitor:
             self.journal = None
 
     async def run(self) -> None:
-        """Until cancelled; on cancellation, whatever was decided is still written."""
+        """Until cancelled, or until one part fails (`PartFailed`, naming it); either way, whatever
+        was decided is still written."""
+        parts = {
+            "consume": self._consume,
+            "expire": self._expire_loop,
+            "write": self._write_loop,
+            "checkpoint": self._checkpoint_loop,
+            "loop_lag": self.watch_loop_lag,
+            "db_probe": self.probe_database,
+        }
+        if self.settings.notify.webhooks:
+            parts["notify"] = self.notify
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume())
-                tasks.create_task(self._expire_loop())
-                tasks.create_task(self._write_loop())
-                tasks.create_task(self._checkpoint_loop())
-                tasks.create_task(self.watch_loop_lag())
-                tasks.create_task(self.notify())
+            await self.parts.run(parts)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
+
+    async def probe_database(self) -> None:
+        """Read one row every DB_PROBE_S, so an outage shows within a second even with nothing to write.
+
+        Errors never end the probe: it only sets `db_reachable` (and says so once per change)."""
+        while True:
+            try:
+                async with asyncio.timeout(DB_PROBE_TIMEOUT_S):
+                    await self.store.last_transition_id()
+            except Exception as exc:
+                if self.db_reachable:
+                    why = (str(exc).strip().splitlines() or [repr(exc)])[0]
+                    log.warning("database unreachable (%s); /healthz is degraded until it answers", why)
+                self.db_reachable = False
+            else:
+                if not self.db_reachable:
+                    log.info("database reachable again")
+                self.db_reachable = True
+            await asyncio.sleep(DB_PROBE_S)
 
     # ---------------------------------------------------------------------------------- input
 
@@ -294,6 +324,10 @@ class Monitor:
                 self._emit(self.detector.relay_offline(subject, now))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
+        except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
+            self.rejections.add(
+                INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
         deadline = self.detector.next_deadline()
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._wake.set()  # only when the expiry loop must wake earlier than it planned
@@ -567,16 +601,29 @@ class Monitor:
     def host_row(self, host: HostTrack) -> HostRow:
         wall = self.clock.wall
         return HostRow(
-            host.id, host.state, wall(host.since), None if host.last_seen is None else wall(host.last_seen),
-            host.via, host.interval_s, host.seq, host.flapping,
-        )  # fmt: skip
+            id=host.id,
+            state=host.state,
+            since=wall(host.since),
+            last_seen=None if host.last_seen is None else wall(host.last_seen),
+            relay=host.via,
+            interval_s=host.interval_s,
+            seq=host.seq,
+            flapping=host.flapping,
+        )
 
     def relay_row(self, relay: RelayTrack) -> RelayRow:
         wall = self.clock.wall
         return RelayRow(
-            relay.id, relay.state, wall(relay.since), None if relay.last_seen is None else wall(relay.last_seen),
-            relay.parent, relay.boot, None if relay.seq < 0 else relay.seq, relay.flush_s, relay.flapping,
-        )  # fmt: skip
+            id=relay.id,
+            state=relay.state,
+            since=wall(relay.since),
+            last_seen=None if relay.last_seen is None else wall(relay.last_seen),
+            parent=relay.parent,
+            boot=relay.boot,
+            seq=None if relay.seq < 0 else relay.seq,
+            flush_s=relay.flush_s,
+            flapping=relay.flapping,
+        )
 
     def sorted_host_ids(self) -> list[str]:
         """Host ids in order, for stable pages; re-sorted only when hosts come or go."""
@@ -612,11 +659,34 @@ class Monitor:
         return self.detector.forget_host(host_id)
 
     @property
+    def database_ok(self) -> bool:
+        """The database answers the probe and took the last write."""
+        return self.db_ok and self.db_reachable
+
+    def part_states(self) -> dict[str, PartState]:
+        """Each part's state, a running one shown `stalled` when it is late: the event loop lagged
+        over STALL_S in the last few seconds, or the expiry loop has not woken for a deadline
+        STALL_S past due."""
+        states = dict(self.parts.states)
+        if states.get("loop_lag") is PartState.RUNNING and self.loop_lag_s > STALL_S:
+            states["loop_lag"] = PartState.STALLED
+        armed = self._armed
+        if states.get("expire") is PartState.RUNNING and armed is not None and self.clock.now() - armed > STALL_S:
+            states["expire"] = PartState.STALLED
+        return states
+
+    @property
     def in_grace(self) -> bool:
         """True during the first timeout after start or after regaining sight."""
         grace = self.detector.grace_from
         longest = max((self.detector.timeout_s(h) for h in self.detector.hosts.values()), default=0.0)
         return self.clock.now() < grace + longest
+
+    def pending(self) -> list[Transition]:
+        """Transitions decided but not yet known to be in SQL, in the order they were decided (the
+        batch being written, then those waiting). The read view shows these subjects as they were
+        before the first of them."""
+        return [*self._in_flight, *self._unwritten]
 
 
 def _relay_ids(bundle: Bundle) -> set[str]:

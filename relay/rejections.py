@@ -16,11 +16,13 @@ class Rejections:
         self._every_s = every_s
         self._last_logged: dict[str, float] = {}
 
-    def add(self, reason: str, source: str, detail: str = "") -> None:
+    def add(self, reason: str, source: str, detail: str = "", *, with_traceback: bool = False) -> None:
+        """`with_traceback`: the warning carries the exception being handled (for bugs, not bad input)."""
         self.counts[reason] += 1
         now = time.monotonic()
         if now - self._last_logged.get(reason, -self._every_s) >= self._every_s:
             self._last_logged[reason] = now
             self._log.warning(
-                "rejected %s from %s: %s (%d so far)", reason, source[:120], detail[:200], self.counts[reason]
-            )
+                "rejected %s from %s: %s (%d so far)", reason, source[:120], detail[:200], self.counts[reason],
+                exc_info=with_traceback,
+            )  # fmt: skip

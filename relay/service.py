@@ -17,11 +17,13 @@ import aiomqtt
 
 from relay.assembler import Assembler
 from relay.mqtt import BrokerURL, payload_bytes, stay_connected
+from relay.parts import Parts
 from relay.rejections import Rejections
 from relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_PREFIX,
+    INTERNAL_ERROR,
     MAX_TREE_DEPTH,
     OFFLINE,
     ONLINE,
@@ -81,10 +83,9 @@ class RelayService:
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
 
     async def run(self) -> None:
-        """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._local())
-            tasks.create_task(self._upstream())
+        """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile.
+        A part that fails stops the relay with `PartFailed`, naming it."""
+        await Parts(f"relay {self.settings.relay_id}").run({"local": self._local, "upstream": self._upstream})
 
     # -------------------------------------------------------------------------------- local side
 
@@ -137,6 +138,10 @@ class RelayService:
                     self.rejections.add("stale_bundle", topic, f"seq {bundle.seq} is not newer than the one held")
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
+        except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
+            self.rejections.add(
+                INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
 
     # ----------------------------------------------------------------------------- upstream side
 

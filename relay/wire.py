@@ -4,7 +4,12 @@ Rules of this module:
 - It does no I/O and reads no clock. Encoders return bytes; decoders take bytes.
 - A decoder returns a value or raises `WireError(reason)`; never anything else. `reason` is a short
   fixed label that callers use as a counter key.
-- Host and relay ids match `[A-Za-z0-9._-]{1,128}`.
+- Host and relay ids match `[A-Za-z0-9._-]{1,128}`, each one checked on its own: no NUL or other
+  control character can reach a log line's id or a SQL row.
+- Nothing here recurses into a decoded value of unknown shape: a beat's nesting is bounded (checked
+  without recursion) before anything else looks at it, a bundle is read field by field with its relay
+  tree bounded before each level, and error details describe values with `_shown` (bounded, never
+  `str()` of a nested value).
 - Times on the wire are durations (ages, intervals) in integer milliseconds, never wall-clock
   instants, so that no clock on a leaf or relay can make a host look alive.
 """
@@ -31,10 +36,14 @@ MAX_META_BYTES = 1024
 DEFAULT_MAX_BUNDLE_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_BUNDLE_ENTRIES = 200_000
 MAX_TREE_DEPTH = 16
+MAX_BEAT_DEPTH = 16  # objects and lists inside objects and lists, counting the beat itself
 
-_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
-_IDS = re.compile(r"(?:[A-Za-z0-9._-]{1,128}\x00)*\Z")  # many ids, each followed by NUL
+_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_IDS = re.compile(r"[A-Za-z0-9._-]{1,128}(?:\x00[A-Za-z0-9._-]{1,128})*")  # ids joined by NUL
 _PREFIX = re.compile(r"([A-Za-z0-9._-]+/)+\Z")
+
+
+INTERNAL_ERROR = "internal_error"  # the reason a service counts a message under when handling it failed (a bug)
 
 
 class WireError(ValueError):
@@ -52,14 +61,70 @@ class LeafStatus(StrEnum):
 
 
 def is_valid_id(value: object) -> bool:
-    return isinstance(value, str) and _ID.match(value) is not None
+    return type(value) is str and _ID.fullmatch(value) is not None
+
+
+def _all_valid_ids(ids: list[str]) -> bool:
+    """Whether every one of these strings is an id, in one regex pass over them joined by NUL.
+
+    Counting the NULs first is what makes the join safe: ids never contain NUL, so as many NULs as
+    separators means no string brought its own, and the pattern then sees each string exactly."""
+    joined = "\0".join(ids)
+    return joined.count("\0") == len(ids) - 1 and _IDS.fullmatch(joined) is not None
 
 
 def check_id(value: object, reason: str = "bad_id") -> str:
-    if not is_valid_id(value):
-        raise WireError(reason, f"{str(value)[:40]!r} is not [A-Za-z0-9._-]{{1,128}}")
-    assert isinstance(value, str)
+    if type(value) is not str or _ID.fullmatch(value) is None:
+        raise WireError(reason, f"{_shown(value)} is not [A-Za-z0-9._-]{{1,128}}")
     return value
+
+
+def _shown(value: object) -> str:
+    """A short description of any decoded value for an error detail. Never `str()` or `repr()` of the
+    whole value: a deeply nested one would recurse, a huge one would be slow."""
+    if type(value) is str:
+        return repr(value[:40]) + ("…" if len(value) > 40 else "")
+    if type(value) is list:
+        return f"a list of length {len(value)}"
+    if type(value) is dict:
+        return f"an object of {len(value)} keys"
+    if type(value) is int and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit integer"
+    if value is None or type(value) in (bool, int, float):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _nesting_within(value: object, limit: int) -> bool:
+    """Whether objects and lists nest at most `limit` deep in `value`; level by level, no recursion."""
+    level: list[object] = [value]
+    for _ in range(limit):
+        inner: list[object] = []
+        for item in level:
+            if type(item) is dict:
+                inner.extend(item.values())
+            elif type(item) is list:
+                inner.extend(item)
+        if not inner:
+            return True
+        level = inner
+    return not any(type(item) in (dict, list) for item in level)
+
+
+def _strings(value: object) -> list[str]:
+    """Every string in `value`, object keys included; without recursion."""
+    found: list[str] = []
+    pending: list[object] = [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is str:
+            found.append(item)
+        elif type(item) is dict:
+            found.extend(item)
+            pending.extend(item.values())
+        elif type(item) is list:
+            pending.extend(item)
+    return found
 
 
 # --------------------------------------------------------------------------------------------- topics
@@ -153,13 +218,13 @@ def _loads(payload: bytes, max_bytes: int) -> Any:
 
 def _seq(value: object, reason: str = "bad_seq") -> int:
     if type(value) is not int or not 0 <= value <= MAX_SEQ:
-        raise WireError(reason, f"{str(value)[:40]!r} is not an integer in [0, 2^63)")
+        raise WireError(reason, f"{_shown(value)} is not an integer in [0, 2^63)")
     return value
 
 
 def _interval_s(value: object) -> float:
     if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise WireError("bad_interval", f"{str(value)[:40]!r} is not a number")
+        raise WireError("bad_interval", f"{_shown(value)} is not a number")
     seconds = float(value)  # type: ignore[arg-type]
     if not MIN_INTERVAL_MS <= seconds * 1000 <= MAX_INTERVAL_MS:
         raise WireError("bad_interval", f"{seconds} s is outside [0.01, 86400]")
@@ -173,17 +238,21 @@ def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
     body = _loads(payload, max_bytes)
     if not isinstance(body, dict):
         raise WireError("bad_beat", "payload is neither empty nor a JSON object")
+    if not _nesting_within(body, MAX_BEAT_DEPTH):
+        raise WireError("too_deep", f"objects and lists nested deeper than {MAX_BEAT_DEPTH}")
     seq = body.get("seq")
     interval = body.get("interval")
     status = body.get("status", "ok")
     meta = body.get("meta")
     if status not in ("ok", "stopping"):
-        raise WireError("bad_status", f"{str(status)[:40]!r} is not 'ok' or 'stopping'")
+        raise WireError("bad_status", f"{_shown(status)} is not 'ok' or 'stopping'")
     if meta is not None:
         if not isinstance(meta, dict):
             raise WireError("bad_meta", "meta is not an object")
         if len(orjson.dumps(meta)) > MAX_META_BYTES:
             raise WireError("bad_meta", f"meta is larger than {MAX_META_BYTES} bytes")
+        if any("\0" in text for text in _strings(meta)):
+            raise WireError("bad_meta", "meta contains a NUL character")
     return Beat(
         seq=None if seq is None else _seq(seq),
         interval_s=None if interval is None else _interval_s(interval),
@@ -246,13 +315,13 @@ def encode_bundle(bundle: Bundle) -> bytes:
 
 def _age_ms(value: object) -> int:
     if type(value) is not int or not 0 <= value <= MAX_AGE_MS:
-        raise WireError("bad_age", f"{str(value)[:40]!r} is not an integer in [0, {MAX_AGE_MS}] ms")
+        raise WireError("bad_age", f"{_shown(value)} is not an integer in [0, {MAX_AGE_MS}] ms")
     return value
 
 
 def _interval_ms(value: object) -> int:
     if type(value) is not int or not MIN_INTERVAL_MS <= value <= MAX_INTERVAL_MS:
-        raise WireError("bad_interval", f"{str(value)[:40]!r} is not an integer in [10, 86400000] ms")
+        raise WireError("bad_interval", f"{_shown(value)} is not an integer in [10, 86400000] ms")
     return value
 
 
@@ -263,18 +332,17 @@ def _host_entry(raw: object) -> HostEntry:
     if type(raw) is not list or len(raw) != 5:
         raise WireError("bad_entry", "a host entry is [id, seq, age_ms, interval_ms, status]")
     host, seq, age, interval, status = raw
-    if type(host) is not str or _ID.match(host) is None:
-        raise WireError("bad_id", f"{str(host)[:40]!r}")
+    check_id(host)
     try:
         status_value = _STATUSES[status]
     except (KeyError, TypeError):
-        raise WireError("bad_status", f"{str(status)[:40]!r}") from None
+        raise WireError("bad_status", f"{_shown(status)} is not 'ok' or 'stopping'") from None
     return HostEntry(host, None if seq is None else _seq(seq), _age_ms(age), _interval_ms(interval), status_value)
 
 
 def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
     """The monitor's hot loop: inline type and range checks, every id checked by one regex pass over
-    them all, and each entry made from the decoded list without copying. Any doubt goes to
+    them all (`_all_valid_ids`), and each entry made from the decoded list without copying. Any doubt goes to
     `_host_entry`, which raises the precise WireError. (Decoded entries carry the status as the
     plain string, equal to the LeafStatus member.)"""
     entries: list[HostEntry] = []
@@ -297,7 +365,7 @@ def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
                 append(make(HostEntry, raw))
                 continue
         append(_host_entry(raw))
-    if entries and _IDS.match("\0".join([entry[0] for entry in entries]) + "\0") is None:
+    if entries and not _all_valid_ids([entry[0] for entry in entries]):
         for entry in entries:
             _host_entry(list(entry))  # raises for the first bad id
     return tuple(entries)
@@ -338,8 +406,8 @@ def decode_bundle(
     if not isinstance(body, dict):
         raise WireError("bad_bundle", "a bundle is a JSON object")
     version = body.get("v")
-    if version != FORMAT_VERSION:
-        raise WireError("unknown_version", f"format version {str(version)[:20]!r}, this side speaks 1")
+    if type(version) is not int or version != FORMAT_VERSION:  # by type too: `true` and `1.0` are not 1
+        raise WireError("unknown_version", f"format version {_shown(version)}, this side speaks 1")
     if "age_ms" in body:
         raise WireError("bad_bundle", "age_ms belongs to child bundles only")
     try:

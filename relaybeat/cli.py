@@ -90,15 +90,18 @@ def _shown(db_url: str) -> str:
 
 
 def _run(main: object) -> None:
+    """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
     from monitor.journal import JournalUnavailable
     from relaybeat.serve import run_until_signal
 
     try:
-        run_until_signal(main)  # type: ignore[arg-type]
+        status = run_until_signal(main)  # type: ignore[arg-type]
     except PortInUse as exc:
         raise _fail(f"{exc.strerror}. Choose another port.") from None
     except JournalUnavailable as exc:
         raise _fail(str(exc.strerror)) from None
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()
@@ -190,6 +193,7 @@ def relay(
 ) -> None:
     """Subscribe to beats on the local broker and publish one bundle per flush upstream."""
     from relay.service import RelayService
+    from relaybeat.serve import serve_relay
 
     _logging(log_level)
     deployment = _deployment(
@@ -224,12 +228,7 @@ def relay(
                 logging.getLogger("relaybeat").info("relay %s: leaves beat to %s", relay_id, embedded.url)
             else:
                 local_url = BrokerURL.parse(cfg.local)
-            settings = cfg.settings(relay_id, local_url)
-            service = RelayService(settings)
-            task = asyncio.create_task(service.run())
-            await stop.wait()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await serve_relay(RelayService(cfg.settings(relay_id, local_url)), stop)
 
     _run(main)
 

@@ -110,7 +110,7 @@ async def run_demo(
             site = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=HOST, port=0)))
             site_url = BrokerURL.parse(site.url)
             relay = RelayService(RelaySettings(relay_id, site_url, central_url, flush_s=1.0))
-            spawn(relay.run(), relay_id)
+            running.supervisor.watch(relay_id, spawn(relay.run(), relay_id))  # a relay that dies ends the demo
             for leaf in leaves:
                 leaf_stops[leaf] = asyncio.Event()
                 leaf_tasks[leaf] = spawn(run_leaf(leaf, site_url, LEAF_INTERVAL_S, leaf_stops[leaf]), leaf)
@@ -129,7 +129,7 @@ async def run_demo(
                     if duration_s is not None and elapsed >= duration_s:
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 0.5)
+                        await asyncio.wait_for(running.until(stop), 0.5)  # PartFailed: a part died
                     live.update(state_table(running.monitor, started))
         finally:
             for event in leaf_stops.values():

@@ -1,5 +1,6 @@
 """Real processes for end-to-end tests: start `relaybeat ...` subcommands (and Mosquitto), wait on
-conditions, read the API and the database (SQLite or PostgreSQL, through SQLAlchemy)."""
+conditions, read the API and the database (SQLite or PostgreSQL, through SQLAlchemy), and run a
+private PostgreSQL server that a test may stop and start."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from sqlalchemy import Engine, create_engine, select
 
 from monitor.tables import TransitionModel
 from relay.broker import load_broker_settings
+from relay.ports import pick_free
 
 T = TypeVar("T")
 
@@ -341,3 +344,61 @@ def port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.2)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------------------- private PostgreSQL
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of our own on a free loopback port, for tests that cut the database and
+    bring it back (never the system server on 5432). `start()`, `stop()` (`pg_ctl stop -m fast`:
+    every connection is cut at once), `close()` (stop and delete everything). initdb refuses root, so
+    as root the server runs as the `postgres` user. Skips the test if PostgreSQL is not installed."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            pytest.skip("PostgreSQL server binaries not found (apt install postgresql)")
+        self._bin = found[-1].parent
+        self.port = pick_free("127.0.0.1")
+        self.dir = Path(tempfile.mkdtemp(prefix="relaybeat-pg-"))  # not under pytest's root-only tmp
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = "postgres"
+            shutil.chown(self.dir, self._user)
+        self.data = self.dir / "data"
+        self.log_path = self.dir / "postgres.log"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.running = False
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def _pg(self, tool: str, *args: str) -> None:
+        done = subprocess.run(
+            [str(self._bin / tool), *args],
+            user=self._user,
+            cwd=self.dir,
+            env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": str(self.dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            raise AssertionError(f"{tool} {' '.join(args)} failed:\n{done.stdout}{done.stderr}{log}")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log_path), "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.running = False
+
+    def close(self) -> None:
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

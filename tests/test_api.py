@@ -129,7 +129,7 @@ async def test_checkpoint_saves_last_seen_but_never_a_state_ahead_of_its_transit
     assert isinstance(clock, FakeClock)
     clock.t += 1.0
     monitor.take("relaybeat/bundle/r1", bundle(3, ("b", 0, LeafStatus.OK), ("d", 0, LeafStatus.OK)))
-    assert [t.subject for t in monitor._unwritten] == ["d"]  # decided, not yet written
+    assert [t.subject for t in monitor.pending()] == ["d"]  # decided, not yet written
     await monitor.checkpoint(since=0.0)
     hosts, _ = await monitor.store.load()
     stored = {h.id: h for h in hosts}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -101,7 +103,7 @@ def test_bad_beats_are_rejected_with_a_reason(payload: bytes, reason: str) -> No
     assert err.value.reason == reason
 
 
-def _bundle_json(**override: object) -> bytes:
+def bundle_json(**override: object) -> bytes:
     body: dict[str, object] = {"v": 1, "relay": "r1", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}
     body.update(override)
     return orjson.dumps(body)
@@ -110,27 +112,27 @@ def _bundle_json(**override: object) -> bytes:
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (_bundle_json(v=2), "unknown_version"),
-        (_bundle_json(v=None), "unknown_version"),
+        (bundle_json(v=2), "unknown_version"),
+        (bundle_json(v=None), "unknown_version"),
         (b"[]", "bad_bundle"),
         (b"{]", "bad_json"),
-        (_bundle_json(relay="no spaces"), "bad_id"),
-        (_bundle_json(relay="x" * 129), "bad_id"),
-        (_bundle_json(boot=""), "bad_boot"),
-        (_bundle_json(seq=-1), "bad_seq"),
-        (_bundle_json(flush_ms=0), "bad_interval"),
-        (_bundle_json(hosts={}), "bad_bundle"),
-        (_bundle_json(hosts=[["h", 1, -5, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 10**15, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 1.5, 1000, "ok"]]), "bad_age"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000]]), "bad_entry"),
-        (_bundle_json(hosts=[["h/x", 1, 5, 1000, "ok"]]), "bad_id"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000, "up"]]), "bad_status"),
-        (_bundle_json(hosts=[["h", 1, 5, 1000, ["ok"]]]), "bad_status"),
-        (_bundle_json(hosts=[["h", 1, 5, 10**12, "ok"]]), "bad_interval"),
-        (_bundle_json(age_ms=3), "bad_bundle"),
-        (_bundle_json(children=[{"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}]), "bad_bundle"),
-        (_bundle_json(seq=None), "bad_seq"),
+        (bundle_json(relay="no spaces"), "bad_id"),
+        (bundle_json(relay="x" * 129), "bad_id"),
+        (bundle_json(boot=""), "bad_boot"),
+        (bundle_json(seq=-1), "bad_seq"),
+        (bundle_json(flush_ms=0), "bad_interval"),
+        (bundle_json(hosts={}), "bad_bundle"),
+        (bundle_json(hosts=[["h", 1, -5, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 10**15, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 1.5, 1000, "ok"]]), "bad_age"),
+        (bundle_json(hosts=[["h", 1, 5, 1000]]), "bad_entry"),
+        (bundle_json(hosts=[["h/x", 1, 5, 1000, "ok"]]), "bad_id"),
+        (bundle_json(hosts=[["h", 1, 5, 1000, "up"]]), "bad_status"),
+        (bundle_json(hosts=[["h", 1, 5, 1000, ["ok"]]]), "bad_status"),
+        (bundle_json(hosts=[["h", 1, 5, 10**12, "ok"]]), "bad_interval"),
+        (bundle_json(age_ms=3), "bad_bundle"),
+        (bundle_json(children=[{"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}]), "bad_bundle"),
+        (bundle_json(seq=None), "bad_seq"),
         (b'{"v":1}', "bad_bundle"),
     ],
 )
@@ -141,7 +143,7 @@ def test_bad_bundles_are_rejected_with_a_reason(payload: bytes, reason: str) -> 
 
 
 def test_bundle_limits_on_size_entries_and_depth() -> None:
-    many = _bundle_json(hosts=[[f"h{i}", i, 0, 1000, "ok"] for i in range(100_001)])
+    many = bundle_json(hosts=[[f"h{i}", i, 0, 1000, "ok"] for i in range(100_001)])
     with pytest.raises(WireError) as err:
         decode_bundle(many, max_entries=100_000)
     assert err.value.reason == "too_many_entries"
@@ -153,7 +155,7 @@ def test_bundle_limits_on_size_entries_and_depth() -> None:
     for _ in range(20):
         child = child | {"children": [dict(child)]}
     with pytest.raises(WireError) as err:
-        decode_bundle(_bundle_json(children=[child]))
+        decode_bundle(bundle_json(children=[child]))
     assert err.value.reason == "too_deep"
 
 
@@ -221,7 +223,12 @@ def test_any_bundle_round_trips(bundle: Bundle) -> None:
         st.none() | st.integers(0, 2**63 - 1),
         st.none() | st.floats(0.01, 86_400, allow_nan=False),
         st.sampled_from(LeafStatus),
-        st.none() | st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), max_size=3),
+        st.none()
+        | st.dictionaries(
+            st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]), max_size=5),
+            st.integers(-(2**63), 2**63 - 1),
+            max_size=3,
+        ),
     )
 )
 def test_any_beat_round_trips(beat: Beat) -> None:
@@ -237,7 +244,7 @@ json_values = st.recursive(
 
 
 def _mutated_bundle(value: object, key: str) -> bytes:
-    body = orjson.loads(_bundle_json(hosts=[["h", 1, 5, 1000, "ok"]]))
+    body = orjson.loads(bundle_json(hosts=[["h", 1, 5, 1000, "ok"]]))
     body[key] = value
     return json.dumps(body).encode()  # stdlib: writes NaN and huge integers, which the decoder must refuse
 
@@ -255,3 +262,222 @@ def test_decoders_return_or_raise_wire_error_never_anything_else(payload: bytes)
 def test_bundle_decoder_survives_any_field_value(value: object, key: str) -> None:
     with contextlib.suppress(WireError):
         decode_bundle(_mutated_bundle(value, key))
+
+
+# ------------------------------------------------------------------------------------ hostile input
+# Structure-aware: payloads are built as JSON text, so values can nest deeper than any Python encoder
+# (or decoder) would go, carry NUL and other control characters, and hold numbers no double can.
+
+ID_GRAMMAR = re.compile(r"[A-Za-z0-9._-]{1,128}")  # the README's grammar, independent of relay/wire.py
+valid_ids = st.from_regex(ID_GRAMMAR, fullmatch=True)
+control_characters = st.characters(max_codepoint=0x1F) | st.sampled_from("\x7f\x85\u2028")
+hostile_ids = (
+    st.lists(valid_ids, min_size=2, max_size=3).map("\0".join)  # many ids joined the way the decoder once did
+    | st.builds(lambda a, c, b: a + c + b, valid_ids, control_characters | st.sampled_from("/ +#\u00e9"), valid_ids)
+    | st.integers(129, 300).map(lambda n: "h" * n)
+    | st.builds(lambda a, b: "x" * 128 + "\0" + a + b, valid_ids, st.just("") | control_characters)
+    | st.text(max_size=10)
+    | st.sampled_from(["", "\0", "h\0", "\0h"])
+)
+huge_numbers = st.sampled_from(["1e308", "-1e308", "1e309", "-1e400", "18446744073709551616", "1" + "0" * 400])
+scalar_json = (
+    st.sampled_from(["null", "true", "false", "0", "-0", "-1", "1.0", "0.5", '"ok"', '"stopping"', '"\\ud800"'])
+    | huge_numbers
+    | st.integers().map(str)
+    | st.floats().map(json.dumps)  # NaN, Infinity and -Infinity included
+    | (st.text(max_size=12) | hostile_ids).map(json.dumps)  # json.dumps escapes NUL as \u0000
+)
+
+
+def _nested(depth: int, kind: str, inner: str) -> str:
+    if kind == "list":
+        return "[" * depth + inner + "]" * depth
+    return '{"a":' * depth + inner + "}" * depth
+
+
+deep_json = st.builds(_nested, st.integers(2, 1100), st.sampled_from(["list", "object"]), scalar_json)
+hostile_json = st.recursive(
+    scalar_json | deep_json,
+    lambda inner: (
+        st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]")
+        | st.dictionaries(st.text(max_size=6).map(json.dumps), inner, max_size=4).map(
+            lambda fields: "{" + ",".join(f"{key}:{value}" for key, value in fields.items()) + "}"
+        )
+    ),
+    max_leaves=8,
+)
+
+
+class _Raw(str):
+    """JSON text to be written as is."""
+
+
+def _json_text(value: object) -> str:
+    if isinstance(value, _Raw):
+        return value
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(key)}:{_json_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_json_text(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def _put(body: dict[str, object], slot: tuple[str | int, ...], value: object) -> None:
+    target: object = body
+    for step in slot[:-1]:
+        target = target[step]  # type: ignore[index]
+    target[slot[-1]] = value  # type: ignore[index]
+
+
+BEAT_SLOTS: list[tuple[str | int, ...]] = [("seq",), ("interval",), ("status",), ("meta",), ("meta", "k"), ("x",)]
+_CHILD_FIELDS = ["relay", "boot", "seq", "flush_ms", "hosts", "age_ms", "children", "x"]
+BUNDLE_SLOTS: list[tuple[str | int, ...]] = [
+    *((key,) for key in ["v", "relay", "boot", "seq", "flush_ms", "hosts", "children", "age_ms", "x"]),
+    ("hosts", 0), *(("hosts", 0, i) for i in range(5)),
+    ("children", 0), *(("children", 0, key) for key in _CHILD_FIELDS),
+    ("children", 0, "hosts", 0), *(("children", 0, "hosts", 0, i) for i in range(5)),
+]  # fmt: skip
+ID_SLOTS = {("relay",), ("boot",), ("hosts", 0, 0), ("children", 0, "relay"), ("children", 0, "boot"),
+            ("children", 0, "hosts", 0, 0)}  # fmt: skip
+
+
+def _sound_beat() -> dict[str, object]:
+    return {"seq": 1, "interval": 1.5, "status": "ok", "meta": {"role": "db"}}
+
+
+def _sound_bundle() -> dict[str, object]:
+    child = {"relay": "c1", "boot": "b2", "seq": 3, "flush_ms": 1000, "hosts": [["ch", 1, 5, 1000, "ok"]], "age_ms": 9}
+    return {"v": 1, "relay": "evil", "boot": "b1", "seq": 1, "flush_ms": 1000, "hosts": [["h", 1, 5, 1000, "ok"]],
+            "children": [child]}  # fmt: skip
+
+
+def _hostile_value(slot: tuple[str | int, ...]) -> st.SearchStrategy[object]:
+    raw: st.SearchStrategy[object] = hostile_json.map(_Raw)
+    return (hostile_ids | raw) if slot in ID_SLOTS else raw
+
+
+@st.composite
+def _hostile_payload(
+    draw: st.DrawFn, sound: Callable[[], dict[str, object]], slots: list[tuple[str | int, ...]]
+) -> bytes:
+    """A sound message with one to three of its slots (anywhere in it) holding hostile values; or
+    just a hostile value."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(hostile_json).encode()
+    body = sound()
+    for slot in draw(st.lists(st.sampled_from(slots), min_size=1, max_size=3, unique=True)):
+        with contextlib.suppress(KeyError, IndexError, TypeError):  # an earlier pick replaced the path
+            _put(body, slot, draw(_hostile_value(slot)))
+    return _json_text(body).encode()
+
+
+hostile_beats = _hostile_payload(_sound_beat, BEAT_SLOTS)
+hostile_bundles = _hostile_payload(_sound_bundle, BUNDLE_SLOTS)
+
+
+def _assert_sound_beat(beat: Beat) -> None:
+    assert beat.seq is None or (type(beat.seq) is int and 0 <= beat.seq < 2**63)
+    assert beat.interval_s is None or (type(beat.interval_s) is float and 0.01 <= beat.interval_s <= 86_400)
+    assert beat.status in (LeafStatus.OK, LeafStatus.STOPPING)
+    if beat.meta is not None:
+        assert type(beat.meta) is dict and "\0" not in orjson.dumps(beat.meta).decode("unicode_escape")
+
+
+def _assert_sound_bundle(bundle: Bundle, depth: int = 0) -> None:
+    assert depth <= 16 and bundle.version == 1 and type(bundle.version) is int
+    for subject in (bundle.relay, bundle.boot, *(entry.id for entry in bundle.hosts)):
+        assert type(subject) is str and ID_GRAMMAR.fullmatch(subject) and "\0" not in subject
+    for entry in bundle.hosts:
+        assert entry.seq is None or (type(entry.seq) is int and 0 <= entry.seq < 2**63)
+        assert type(entry.age_ms) is int and type(entry.interval_ms) is int and entry.status in ("ok", "stopping")
+    for child in bundle.children:
+        _assert_sound_bundle(child, depth + 1)
+
+
+@settings(max_examples=400)
+@given(hostile_beats)
+def test_hostile_beats_decode_to_a_sound_beat_or_raise_wire_error(payload: bytes) -> None:
+    try:
+        beat = decode_beat(payload)
+    except WireError:
+        return
+    _assert_sound_beat(beat)
+
+
+@settings(max_examples=400)
+@given(hostile_bundles)
+def test_hostile_bundles_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
+    try:
+        bundle = decode_bundle(payload)
+    except WireError:
+        return
+    _assert_sound_bundle(bundle)
+
+
+@settings(max_examples=200)
+@given(st.lists(valid_ids | hostile_ids, min_size=1, max_size=30), st.booleans())
+def test_a_bundle_is_accepted_only_if_every_host_id_is_an_id(hosts: list[str], in_child: bool) -> None:
+    entries = [[host, 1, 5, 1000, "ok"] for host in hosts]
+    child = {"relay": "c", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": entries, "age_ms": 0}
+    payload = bundle_json(children=[child]) if in_child else bundle_json(hosts=entries)
+    if all(ID_GRAMMAR.fullmatch(host) for host in hosts):
+        bundle = decode_bundle(payload)
+        assert [entry.id for entry in (bundle.children[0] if in_child else bundle).hosts] == hosts
+    else:
+        with pytest.raises(WireError) as err:
+            decode_bundle(payload)
+        assert err.value.reason == "bad_id"
+
+
+@given(valid_ids | hostile_ids, st.sampled_from(["beat/{}", "bundle/{}", "relay/{}/status"]))
+def test_a_topic_names_an_id_or_is_refused(subject: str, shape: str) -> None:
+    try:
+        _, parsed = Topics().parse("relaybeat/" + shape.format(subject))
+    except WireError as err:
+        assert err.reason == "bad_topic"
+        return
+    assert parsed == subject and ID_GRAMMAR.fullmatch(parsed)
+
+
+DEEP_META = b'{"meta":' + b'{"a":' * 300 + b"1" + b"}" * 301
+DEEP_LIST = b"[" * 1000 + b"]" * 1000
+
+
+@pytest.mark.parametrize(
+    ("decode", "payload", "reason"),
+    [
+        (decode_beat, DEEP_META, "too_deep"),
+        (decode_beat, b'{"seq":' + DEEP_LIST + b"}", "too_deep"),
+        (decode_beat, b'{"status":' + DEEP_LIST + b"}", "too_deep"),
+        (decode_beat, b'{"interval":' + DEEP_LIST + b"}", "too_deep"),
+        (decode_beat, b'{"x":' + b"[" * 1100 + b"]" * 1100 + b"}", "bad_json"),  # orjson's own limit
+        (decode_beat, b'{"meta":{"k":"a\\u0000b"}}', "bad_meta"),
+        (decode_beat, b'{"meta":{"a\\u0000b":1}}', "bad_meta"),
+        (decode_beat, b'{"seq":18446744073709551616}', "bad_seq"),
+        (decode_bundle, bundle_json(relay=None).replace(b"null", DEEP_LIST), "bad_id"),
+        (decode_bundle, bundle_json(boot=None).replace(b"null", DEEP_LIST), "bad_boot"),
+        (decode_bundle, bundle_json(seq=None).replace(b"null", DEEP_LIST), "bad_seq"),
+        (decode_bundle, bundle_json(v=None).replace(b"null", DEEP_LIST), "unknown_version"),
+        (decode_bundle, bundle_json(hosts=[["h", 1, 5, 1000, None]]).replace(b"null", DEEP_LIST), "bad_status"),
+        (decode_bundle, bundle_json(hosts=[None]).replace(b"null", DEEP_LIST), "bad_entry"),
+        (decode_bundle, bundle_json(children=[None]).replace(b"null", DEEP_LIST), "bad_bundle"),
+        (decode_bundle, bundle_json(relay=None).replace(b"null", b"[" * 1100 + b"]" * 1100), "bad_json"),
+        (decode_bundle, bundle_json(hosts=[["a\0b", 1, 5, 1000, "ok"]]), "bad_id"),
+        (
+            decode_bundle,
+            bundle_json(hosts=[["ok", 1, 5, 1000, "ok"], ["x" * 128 + "\0y", 1, 5, 1000, "ok"]]),
+            "bad_id",
+        ),
+        (decode_bundle, bundle_json(hosts=[["h\0", 1, 5, 1000, "ok"]]), "bad_id"),
+        (decode_bundle, bundle_json(relay="r1\0"), "bad_id"),
+        (decode_bundle, bundle_json(v=True), "unknown_version"),
+        (decode_bundle, bundle_json(v=1.0), "unknown_version"),
+    ],
+)
+def test_hostile_messages_from_the_fuzz_run_are_refused_with_a_reason(
+    decode: Callable[[bytes], object], payload: bytes, reason: str
+) -> None:
+    with pytest.raises(WireError) as err:
+        decode(payload)
+    assert err.value.reason == reason
+    assert len(str(err.value)) < 300

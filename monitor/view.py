@@ -1,0 +1,605 @@
+"""The one read view of the fleet: what the API, the metrics and the dashboard show, and the few
+writes the API makes.
+
+Rules of this module:
+- Readers never touch the detector, the store or the clock: they get frozen snapshots
+  (`HostView`, `RelayView`) stamped into wall-clock time once, health, relay paths, history and
+  availability from here, and do the API's writes (forget a host, acknowledge, maintenance)
+  through the named methods here.
+- Show a state only once its row is durable. A subject with transitions decided but not yet in SQL
+  (`Monitor.pending()`) is shown as it was before the first of them: its `from_state`, since the
+  durable row that began that state, and its flapping flag before a pending flapping row. So once
+  a state is shown, the transition that led to it is in the history and the event stream.
+  (A subject first heard of, whose first row is pending, is shown `unknown` since it was heard.)
+  While the database refuses writes, decisions are shown as decided: the history answers 503 then
+  (nothing shown can be missing from it), and an outage of SQL must not freeze the live view.
+- Acknowledgements are the exception: they are about the outage the monitor decided. Acknowledging
+  waits (briefly) for that outage's row so it can link it, and `current` follows the decision.
+- Snapshots are taken without an await in between: a decision made while the view reads SQL for
+  the durable `since` of pending subjects never leaks into what it shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from monitor.availability import Availability, availability, report_window
+from monitor.detector import HostTrack, RelayTrack
+from monitor.maintenance import TargetKind, Window
+from monitor.service import Monitor, MonitorObserver
+from monitor.states import Event, Kind, State
+from monitor.store import Acknowledgement, TransitionRecord
+from relay.parts import PartState
+
+__all__ = [
+    "AckView",
+    "FleetHealth",
+    "FleetView",
+    "HostView",
+    "MaintenanceView",
+    "Refused",
+    "RelayView",
+    "StateCounts",
+    "Summary",
+    "WorstHost",
+    "iso",
+]
+
+OUTAGE_STATES = (State.DOWN, State.UNREACHABLE)
+ACK_WRITE_WAIT_S = 2.0  # how long an acknowledgement waits for its outage's row to reach SQL
+SQL_CHUNK = 500  # subjects per query when looking up durable rows (SQLite caps bound parameters)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A shown moment as text: ISO 8601, milliseconds, `Z` for UTC."""
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------ snapshots
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostView:
+    """A host as shown."""
+
+    id: str
+    state: State
+    relay: str | None  # the relay the freshest evidence came through; None: beating directly
+    path: tuple[str, ...]  # relays from the nearest up to the monitor
+    last_seen: datetime | None
+    since: datetime
+    interval_s: float
+    timeout_s: float
+    deadline: datetime | None
+    seq: int | None
+    flapping: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayView:
+    """A relay as shown."""
+
+    id: str
+    state: State
+    parent: str | None
+    last_seen: datetime | None
+    since: datetime
+    flush_s: float
+    timeout_s: float
+    boot: str | None
+    seq: int | None
+    hosts: int  # hosts heard through this relay
+    children: tuple[str, ...]
+    flapping: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetHealth:
+    """What /healthz says (and /metrics repeats as gauges)."""
+
+    status: str  # ok, or degraded while blind, while the database is away, or while a part is not running
+    broker_connected: bool
+    blind: bool
+    in_grace: bool
+    database_ok: bool
+    hosts: int
+    relays: int
+    received: dict[str, int]
+    rejected: dict[str, int]  # the shell's reasons, then the detector's (prefixed detector_), each sorted
+    parts: dict[str, str]  # each service part's state (running, stalled, stopped, failed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateCounts:
+    total: int
+    states: dict[State, int]  # every state, zeros included
+    flapping: int
+    in_maintenance: int  # covered by a maintenance window right now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorstHost:
+    id: str
+    state: State
+    downtime_s: float
+    outages: int
+    uptime_ratio: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Summary:
+    hosts: StateCounts
+    relays: StateCounts
+    since: datetime
+    until: datetime
+    worst_hosts: list[WorstHost]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaintenanceView:
+    window: Window
+    active: bool  # covering its targets right now
+    hosts: int  # hosts its target includes right now, active or not
+    relays: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AckView:
+    ack: Acknowledgement
+    current: bool  # the subject is still in the outage this acknowledges (as decided)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """A write the view will not do: `reason` is not_found, no_outage, bad_window or already_removed."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class _Before:
+    """How a subject with pending transitions is shown: as before the first of them."""
+
+    state: State | None = None  # None: no pending state change (only flapping or restart rows)
+    left_at: float = 0.0  # when the first pending state change happened (monitor clock)
+    flapping: bool | None = None  # None: no pending flapping row
+
+
+@dataclass(slots=True)
+class _Pending:
+    """`Monitor.pending()` indexed by subject, read once per snapshot."""
+
+    by_subject: dict[tuple[Kind, str], _Before] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, monitor: Monitor) -> _Pending:
+        """While the database refuses writes, decisions are shown as decided: history answers 503
+        then, so nothing shown can be missing from it, and an outage must not freeze the fleet view."""
+        pending = cls()
+        for t in monitor.pending() if monitor.database_ok else ():
+            before = pending.by_subject.setdefault((t.kind, t.subject), _Before())
+            if t.event is Event.TRANSITION and before.state is None:
+                before.state, before.left_at = t.from_state, t.at
+            elif t.event in (Event.FLAPPING_START, Event.FLAPPING_END) and before.flapping is None:
+                before.flapping = t.event is Event.FLAPPING_END
+        return pending
+
+    def state(self, kind: Kind, subject: str, live: State) -> State:
+        before = self.by_subject.get((kind, subject))
+        return live if before is None or before.state is None else before.state
+
+    def flapping(self, kind: Kind, subject: str, live: bool) -> bool:
+        before = self.by_subject.get((kind, subject))
+        return live if before is None or before.flapping is None else before.flapping
+
+    def changing(self, kind: Kind, subjects: Iterable[str]) -> dict[str, _Before]:
+        """Of `subjects`, those with a pending state change."""
+        found = ((s, self.by_subject.get((kind, s))) for s in subjects)
+        return {s: before for s, before in found if before is not None and before.state is not None}
+
+
+# ------------------------------------------------------------------------------------- the view
+
+
+class FleetView:
+    """What the API, the metrics and the dashboard read, over one running `Monitor`."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    # --- time and paths ---
+
+    def now(self) -> datetime:
+        """Now on the monitor's clock, in wall time (like every transition time)."""
+        clock = self._monitor.clock
+        return clock.wall(clock.now())
+
+    def relay_path(self, kind: Kind, subject: str) -> list[str]:
+        return self._monitor.relay_path(kind, subject)
+
+    def has(self, kind: Kind, subject: str) -> bool:
+        detector = self._monitor.detector
+        return subject in (detector.hosts if kind is Kind.HOST else detector.relays)
+
+    # --- hosts and relays as shown ---
+
+    async def host(self, host_id: str) -> HostView | None:
+        track = self._monitor.detector.hosts.get(host_id)
+        return None if track is None else (await self._host_views([track]))[0]
+
+    async def hosts(
+        self, state: State | None = None, relay: str | None = None, offset: int = 0, limit: int | None = None
+    ) -> tuple[list[HostView], int]:
+        """A page of hosts in id order (filtered by shown state and relay), and how many matched."""
+        monitor = self._monitor
+        tracks = monitor.detector.hosts
+        ids = monitor.sorted_host_ids()
+        if state is not None or relay is not None:
+            pending = _Pending.of(monitor)
+            ids = [
+                i
+                for i in ids
+                if (state is None or pending.state(Kind.HOST, i, tracks[i].state) == state)
+                and (relay is None or tracks[i].via == relay)
+            ]
+        end = None if limit is None else offset + limit
+        return await self._host_views([tracks[i] for i in ids[offset:end]]), len(ids)
+
+    async def relay(self, relay_id: str) -> RelayView | None:
+        track = self._monitor.detector.relays.get(relay_id)
+        return None if track is None else (await self._relay_views([track]))[0]
+
+    async def relays(self, state: State | None = None) -> list[RelayView]:
+        """Every relay in id order (of one shown state)."""
+        tracks = [track for _, track in sorted(self._monitor.detector.relays.items())]
+        shown = await self._relay_views(tracks)
+        return [r for r in shown if state is None or r.state == state]
+
+    def counts(self, kind: Kind) -> StateCounts:
+        """Subjects per shown state, flapping and in maintenance right now."""
+        monitor = self._monitor
+        tracks: dict[str, HostTrack] | dict[str, RelayTrack]
+        tracks = monitor.detector.hosts if kind is Kind.HOST else monitor.detector.relays
+        pending = _Pending.of(monitor)
+        states = Counter(pending.state(kind, s, t.state) for s, t in tracks.items())
+        now = self.now()
+        return StateCounts(
+            total=len(tracks),
+            states={state: states[state] for state in State},
+            flapping=sum(1 for s, t in tracks.items() if pending.flapping(kind, s, t.flapping)),
+            in_maintenance=sum(1 for s in tracks if monitor.in_maintenance(kind, s, now)),
+        )
+
+    async def _host_views(self, tracks: Sequence[HostTrack]) -> list[HostView]:
+        monitor = self._monitor
+        detector, wall = monitor.detector, monitor.clock.wall
+        pending = _Pending.of(monitor)
+        shown = []
+        for h in tracks:  # no await in this loop: one moment's snapshot
+            deadline = detector.deadline_of(h)
+            shown.append(
+                HostView(
+                    id=h.id,
+                    state=pending.state(Kind.HOST, h.id, h.state),
+                    relay=h.via,
+                    path=tuple(monitor.relay_path(Kind.HOST, h.id)),
+                    last_seen=None if h.last_seen is None else wall(h.last_seen),
+                    since=wall(h.since),
+                    interval_s=h.interval_s,
+                    timeout_s=detector.timeout_s(h),
+                    deadline=None if deadline is None else wall(deadline),
+                    seq=h.seq,
+                    flapping=pending.flapping(Kind.HOST, h.id, h.flapping),
+                )
+            )
+        sinces = await self._durable_sinces(Kind.HOST, pending.changing(Kind.HOST, (h.id for h in tracks)))
+        return [replace(h, since=sinces[h.id]) if h.id in sinces else h for h in shown]
+
+    async def _relay_views(self, tracks: Sequence[RelayTrack]) -> list[RelayView]:
+        monitor = self._monitor
+        detector, wall = monitor.detector, monitor.clock.wall
+        pending = _Pending.of(monitor)
+        shown = [
+            RelayView(
+                id=r.id,
+                state=pending.state(Kind.RELAY, r.id, r.state),
+                parent=r.parent,
+                last_seen=None if r.last_seen is None else wall(r.last_seen),
+                since=wall(r.since),
+                flush_s=r.flush_s,
+                timeout_s=detector.timeout_s(r),
+                boot=r.boot,
+                seq=None if r.seq < 0 else r.seq,
+                hosts=len(r.hosts),
+                children=tuple(sorted(r.children)),
+                flapping=pending.flapping(Kind.RELAY, r.id, r.flapping),
+            )
+            for r in tracks
+        ]
+        sinces = await self._durable_sinces(Kind.RELAY, pending.changing(Kind.RELAY, (r.id for r in tracks)))
+        return [replace(r, since=sinces[r.id]) if r.id in sinces else r for r in shown]
+
+    async def _durable_sinces(self, kind: Kind, changing: dict[str, _Before]) -> dict[str, datetime]:
+        """When each subject entered the state it is shown in: the `at` of the durable row that began
+        it. A subject without one (first heard of, or its row landed while we read) is shown since
+        its first pending change."""
+        if not changing:
+            return {}
+        wall = self._monitor.clock.wall
+        ids = sorted(changing)
+        durable: dict[str, TransitionRecord] = {}
+        for start in range(0, len(ids), SQL_CHUNK):
+            durable |= await self._monitor.store.latest_changes(kind, ids[start : start + SQL_CHUNK])
+        sinces = {}
+        for subject, before in changing.items():
+            left = wall(before.left_at)
+            row = durable.get(subject)
+            matches = row is not None and row.to_state == before.state and row.at <= left
+            sinces[subject] = row.at if row is not None and matches else left
+        return sinces
+
+    # --- health ---
+
+    def health(self) -> FleetHealth:
+        monitor = self._monitor
+        detector = monitor.detector
+        blind = detector.blind
+        rejected = dict(sorted(monitor.rejections.counts.items()))
+        rejected |= {f"detector_{reason}": n for reason, n in sorted(detector.ignored.items())}
+        parts = monitor.part_states()
+        database_ok = monitor.database_ok
+        running = all(state is PartState.RUNNING for state in parts.values())
+        return FleetHealth(
+            status="ok" if running and not blind and database_ok else "degraded",
+            broker_connected=not detector.disconnected,
+            blind=blind,
+            in_grace=monitor.in_grace,
+            database_ok=database_ok,
+            hosts=len(detector.hosts),
+            relays=len(detector.relays),
+            received=dict(monitor.received),
+            rejected=rejected,
+            parts={name: state.value for name, state in parts.items()},
+        )
+
+    @property
+    def write_failures(self) -> int:
+        return self._monitor.write_failures
+
+    @property
+    def loop_lag_s(self) -> float:
+        return self._monitor.loop_lag_s
+
+    def observe(self, observer: MonitorObserver) -> None:
+        """Have `observer` told of decisions and writes as they happen (the metrics' histograms)."""
+        self._monitor.observers.append(observer)
+
+    # --- history ---
+
+    @property
+    def last_written_id(self) -> int:
+        """The id of the newest history row the monitor wrote."""
+        return self._monitor.last_written_id
+
+    async def wait_written(self, timeout_s: float, after_id: int | None = None) -> None:
+        """Until the next batch reaches SQL (with `after_id`: until rows after it are in SQL), or
+        `timeout_s` passed."""
+        monitor = self._monitor
+        async with monitor.written:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    if after_id is None:
+                        await monitor.written.wait()
+                    else:
+                        await monitor.written.wait_for(lambda: monitor.last_written_id > after_id)
+
+    async def history(
+        self,
+        *,
+        kind: Kind | None = None,
+        subject: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[TransitionRecord]:
+        """Rows of the `transitions` table (see `Store.history`)."""
+        return await self._monitor.store.history(
+            kind=kind,
+            subject=subject,
+            since=since,
+            until=until,
+            after_id=after_id,
+            limit=limit,
+            newest_first=newest_first,
+        )
+
+    # --- availability ---
+
+    def report_window(self, since: datetime | None, until: datetime | None) -> tuple[datetime, datetime] | str:
+        """`[since, until)` of a report, cut at now (see `monitor.availability.report_window`)."""
+        return report_window(since, until, self.now())
+
+    async def availability(self, kind: Kind, subject: str, since: datetime, until: datetime) -> Availability:
+        initial, changes = await self._monitor.store.state_changes(kind, since, until, subject)
+        spans = self._monitor.maintenance.intervals(kind, subject, self.relay_path(kind, subject))
+        return availability(
+            initial.get(subject, State.UNKNOWN), [(at, state) for _, at, state in changes], spans, since, until
+        )
+
+    async def summary(self, since: datetime, until: datetime, worst: int) -> Summary:
+        """The fleet per shown state now, and the `worst` hosts by downtime in `[since, until)`."""
+        hosts, relays = self.counts(Kind.HOST), self.counts(Kind.RELAY)
+        return Summary(
+            hosts=hosts,
+            relays=relays,
+            since=since,
+            until=until,
+            worst_hosts=(await self._worst_hosts(since, until))[:worst] if worst else [],
+        )
+
+    async def _worst_hosts(self, since: datetime, until: datetime) -> list[WorstHost]:
+        monitor = self._monitor
+        initial, changes = await monitor.store.state_changes(Kind.HOST, since, until)
+        by_host: dict[str, list[tuple[datetime, State]]] = {}
+        for subject, at, state in changes:
+            by_host.setdefault(subject, []).append((at, state))
+        # Only a host that was down at `since` or went down in the window can have downtime.
+        candidates = {h for h, s in initial.items() if s == State.DOWN}
+        candidates |= {h for h, hs in by_host.items() if any(s == State.DOWN for _, s in hs)}
+        tracks = monitor.detector.hosts
+        pending = _Pending.of(monitor)
+        worst = []
+        for host_id in sorted(candidates & tracks.keys()):
+            spans = monitor.maintenance.intervals(Kind.HOST, host_id, self.relay_path(Kind.HOST, host_id))
+            result = availability(initial.get(host_id, State.UNKNOWN), by_host.get(host_id, []), spans, since, until)
+            if result.down > timedelta(0):
+                worst.append(
+                    WorstHost(
+                        id=host_id,
+                        state=pending.state(Kind.HOST, host_id, tracks[host_id].state),
+                        downtime_s=result.down.total_seconds(),
+                        outages=result.outages,
+                        uptime_ratio=result.uptime_ratio,
+                    )
+                )
+        worst.sort(key=lambda h: (-h.downtime_s, -h.outages, h.id))
+        return worst
+
+    # --- writes: hosts ---
+
+    async def forget_host(self, host_id: str) -> bool:
+        """Forget a decommissioned host, live and in SQL (its history stays); False if unknown to both."""
+        in_memory = self._monitor.forget_host(host_id)
+        in_sql = await self._monitor.store.forget_host(host_id)
+        return in_memory or in_sql
+
+    # --- maintenance ---
+
+    def maintenance_window(self, window_id: int) -> MaintenanceView | None:
+        window = self._monitor.maintenance.get(window_id)
+        return None if window is None else self._window_view(window, self.now())
+
+    def maintenance_windows(self, include_past: bool) -> list[MaintenanceView]:
+        """Windows in effect or still to come, newest first; with `include_past`, every window."""
+        now = self.now()
+        windows = self._monitor.maintenance.windows()
+        if not include_past:
+            windows = [w for w in windows if w.end is None or w.end > now]
+        return [self._window_view(w, now) for w in reversed(windows)]
+
+    async def add_maintenance(
+        self,
+        target_kind: TargetKind,
+        target: str,
+        *,
+        starts_at: datetime | None,
+        ends_at: datetime | None,
+        duration_s: float | None,
+        reason: str,
+    ) -> MaintenanceView | Refused:
+        """Record a window in SQL first, then in the live book, so a restart reloads what is marked."""
+        now = self.now()
+        span = maintenance_span(starts_at, ends_at, duration_s, now)
+        if isinstance(span, str):
+            return Refused(reason="bad_window", detail=span)
+        monitor = self._monitor
+        stored = await monitor.store.add_maintenance(target_kind, target, span[0], span[1], reason, now)
+        monitor.maintenance.add(stored)
+        return self._window_view(stored, now)
+
+    async def remove_maintenance(self, window_id: int) -> MaintenanceView | Refused:
+        """End a window now; it stays listed (with `include_past`) and in availability history."""
+        monitor = self._monitor
+        if monitor.maintenance.get(window_id) is None:
+            return Refused(reason="not_found", detail=f"no maintenance window {str(window_id)!r}")
+        now = self.now()
+        removed = await monitor.store.remove_maintenance(window_id, now)
+        if removed is None:
+            return Refused(reason="already_removed", detail=f"maintenance window {window_id} was removed already")
+        monitor.maintenance.add(removed)
+        return self._window_view(removed, now)
+
+    def _window_view(self, window: Window, now: datetime) -> MaintenanceView:
+        detector = self._monitor.detector
+        if window.target_kind is TargetKind.HOST:
+            hosts, relays = int(window.target in detector.hosts), 0
+        else:
+            path = self.relay_path
+            hosts = sum(1 for h in detector.hosts if window.matches(Kind.HOST, h, path(Kind.HOST, h)))
+            relays = sum(1 for r in detector.relays if window.matches(Kind.RELAY, r, path(Kind.RELAY, r)))
+        return MaintenanceView(window=window, active=window.active_at(now), hosts=hosts, relays=relays)
+
+    # --- acknowledgements ---
+
+    async def acknowledge(self, kind: Kind, subject: str, comment: str, by: str) -> AckView | Refused:
+        """Acknowledge the outage the monitor decided for the subject, linked to the history row that
+        began it. That row reaches SQL a few milliseconds after the decision, so this waits for one
+        more write if need be (transition_id None if it never comes)."""
+        monitor = self._monitor
+        detector = monitor.detector
+        track = (detector.hosts if kind is Kind.HOST else detector.relays).get(subject)
+        if track is None:
+            return Refused(reason="not_found", detail=f"no {kind.value} {subject!r}")
+        state = track.state
+        if state not in OUTAGE_STATES:
+            return Refused(
+                reason="no_outage", detail=f"{kind.value} {subject!r} is {state.value}: no outage to acknowledge"
+            )
+        transition_id = None
+        for attempt in range(2):
+            began = (await monitor.store.latest_changes(kind, [subject])).get(subject)
+            if began is not None and began.to_state == state:
+                transition_id = began.id
+                break
+            if attempt == 0:
+                await self.wait_written(ACK_WRITE_WAIT_S)
+        ack = await monitor.store.acknowledge(kind, subject, transition_id, comment, self.now(), by)
+        return AckView(ack=ack, current=self._ack_current(ack))
+
+    async def acknowledgements(
+        self, kind: Kind | None, subject: str | None, current: bool | None, limit: int
+    ) -> list[AckView]:
+        """Newest first (`limit` applies before the `current` filter)."""
+        acks = self._ack_views(await self._monitor.store.acknowledgements(kind, subject, limit))
+        return [a for a in acks if current is None or a.current is current]
+
+    def _ack_views(self, acks: Sequence[Acknowledgement]) -> list[AckView]:
+        return [AckView(ack=ack, current=self._ack_current(ack)) for ack in acks]
+
+    def _ack_current(self, ack: Acknowledgement) -> bool:
+        """An acknowledgement holds while the subject stays in the outage it was made in (as decided:
+        like `acknowledge`, it follows the monitor's decisions, not their rows)."""
+        detector = self._monitor.detector
+        track = (detector.hosts if ack.kind is Kind.HOST else detector.relays).get(ack.subject)
+        if track is None or track.state not in OUTAGE_STATES:
+            return False
+        return ack.acknowledged_at >= self._monitor.clock.wall(track.since)
+
+
+def maintenance_span(
+    starts_at: datetime | None, ends_at: datetime | None, duration_s: float | None, now: datetime
+) -> tuple[datetime, datetime | None] | str:
+    """A window's `[start, end)` in UTC (start default now, end from `ends_at` or `duration_s`, or
+    open), or why it is not a window."""
+    try:
+        start = now if starts_at is None else starts_at.astimezone(UTC)
+        end = None if ends_at is None else ends_at.astimezone(UTC)
+        if duration_s is not None:
+            end = start + timedelta(seconds=duration_s)
+    except OverflowError:
+        return "the window reaches outside the years 1 to 9999 (UTC)"
+    if ends_at is not None and duration_s is not None:
+        return "give ends_at or duration_s, not both"
+    if end is not None and end <= start:
+        return f"ends_at ({iso(end)}) is not after starts_at ({iso(start)})"
+    return start, end
