@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import create_engine, func, make_url, select, text
@@ -150,13 +151,22 @@ class History:
 
 
 def kill_when_decided(topo: Topology, relay_state: str) -> float:
-    """kill -9 the monitor the moment its API shows the relay in `relay_state`; returns when it showed
-    it (the decision was made, and dated, before that)."""
+    """kill -9 the monitor the moment its metrics count the relay's move to `relay_state` (the read
+    view shows a state only once it is in SQL, and the test keeps SQL from taking it); returns when
+    the count showed it: the decision was made, and dated, before that."""
     monitor = topo.services["monitor"]
-    wait_until(lambda: topo.state("relays", RELAY) == relay_state, 15, f"{RELAY} {relay_state}", every=0.002)
+    wait_until(lambda: decided(topo, "relay", relay_state) >= 1, 15, f"{RELAY} {relay_state} decided", every=0.002)
     seen = time.time()
     monitor.kill()
     return seen
+
+
+def decided(topo: Topology, kind: str, to: str) -> float:
+    """The monitor process's count of decided moves of `kind` subjects to `to` (from /metrics)."""
+    response = httpx.get(f"{topo.api}/metrics", timeout=5)
+    response.raise_for_status()
+    found = re.search(rf'^relaybeat_transitions_total{{kind="{kind}",to="{to}"}} (\S+)$', response.text, re.M)
+    return 0.0 if found is None else float(found.group(1))
 
 
 def assert_each_once_on_time(
