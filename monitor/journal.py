@@ -4,8 +4,8 @@ Rules: it decides nothing and knows no SQL; it only keeps lines. Each batch of d
 line; each decision in it carries all its row needs (its key, wall-clock `at`, the relay path for
 maintenance and notifications) and the subject's state row at that moment. The line goes out in
 one `os.write`: once that returns, the bytes are the kernel's (its page cache), so killing the
-monitor loses none of them. There is no fsync: a power cut or a kernel crash may lose the last few seconds'
-lines (what the kernel had not yet written back), as it would without a journal.
+monitor loses none of them. There is no fsync: a power cut or a kernel crash may lose the last
+few seconds' lines (what the kernel had not yet written back), as it would without a journal.
 
 One monitor per journal: the file is locked (flock) while open, and a second opener is refused.
 At start the monitor reads every line back (`open`), writes those SQL lacks, then `clear`s it; it
@@ -36,7 +36,7 @@ REWRITE_BYTES = 64 * 1024 * 1024  # past this with decisions still pending, keep
 
 
 class JournalError(ValueError):
-    """A line that is not a journaled decision (e.g. torn by a crash mid-write)."""
+    """A line that is not a journaled batch of decisions (e.g. torn by a crash mid-write)."""
 
 
 class JournalUnavailable(OSError):
@@ -166,8 +166,14 @@ class Journal:
         return journal, decisions, skipped
 
     def append(self, data: bytes) -> None:
-        """Add lines (already encoded, each ending in a newline), in as few writes as the kernel allows."""
-        _write_all(self._fd, data)
+        """Add lines (already encoded, each ending in a newline), in as few writes as the kernel allows.
+        On an error, what part of them got in is cut off again, so the next line starts clean."""
+        try:
+            _write_all(self._fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.size)
+            raise
         self.size += len(data)
 
     def clear(self) -> None:
