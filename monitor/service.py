@@ -4,13 +4,16 @@ It only moves bytes, time and rows:
 - one MQTT session (persistent, QoS 1) feeds `take()`, which decodes and hands to the detector;
 - one loop sleeps until the detector's next deadline and calls `expire()`;
 - one writer batches transitions and current-state rows into SQL, off the hot path, retrying until
-  the database takes them (nothing accepted is lost).
+  the database takes them (nothing accepted is lost);
+- with a journal (`MonitorSettings.journal`), every decision is appended to it as it is made, so a
+  monitor killed before its batch commits writes it at the next start, dated when it was decided.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -18,11 +21,13 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import aiomqtt
 
 from monitor.detector import Detector, HostSnapshot, HostTrack, Policy, RelaySnapshot, RelayTrack
+from monitor.journal import REWRITE_BYTES, Decision, Journal, encode
 from monitor.maintenance import MaintenanceBook
 from monitor.notify import AlertBook, Change, Plan, plan, remind, render
 from monitor.outbox import NotifySettings, OutboxWorker
@@ -95,6 +100,9 @@ class MonitorSettings:
     # of grace anyway, so these only feed reasons and the API until fresh news arrives: rarely is enough.
     checkpoint_s: float = 60.0
     notify: NotifySettings = field(default_factory=NotifySettings)  # webhooks; none by default
+    # Write-ahead journal of decisions (monitor/journal.py): what was decided but not yet in SQL
+    # survives kill -9 and is written at the next start. None: no journal (a crash loses that batch).
+    journal: Path | None = None
 
 
 class Monitor:
@@ -120,6 +128,14 @@ class Monitor:
         self.loop_lags_s: deque[float] = deque(maxlen=20)  # the last 5 s of event-loop lag probes
         self._unwritten: list[Transition] = []
         self._in_flight: list[Transition] = []  # the batch being written right now
+        # Each decision's key is this monitor's prefix and its number in decision order; `_unwritten`
+        # always holds numbers `_unwritten_from` up to `_decided` (a failed batch goes back in front).
+        self._key_prefix = uuid.uuid4().hex[:16] + "-"
+        self._decided = 0
+        self._unwritten_from = 0
+        self.journal: Journal | None = None  # opened by restore() when settings.journal is set
+        self.journal_failures = 0
+        self._journal_warned_at = -10.0
         self._wake = asyncio.Event()
         self._last_tick: float | None = None  # when the loop probe last ran (None: no probe running)
         self.stalls = 0
@@ -139,7 +155,21 @@ class Monitor:
     # ------------------------------------------------------------------------------- lifecycle
 
     async def restore(self) -> None:
-        """Load current state from SQL; the detector's start-up grace protects everyone restored."""
+        """Write what the journal holds and SQL lacks, then load current state from SQL; the
+        detector's start-up grace protects everyone restored."""
+        self.maintenance.load(await self.store.maintenance_windows())
+        self.alerts.load(await self.store.alerts())
+        if self.settings.journal is not None and self.journal is None:
+            journal, decisions, torn = Journal.open(self.settings.journal)
+            try:
+                if torn:
+                    log.warning("journal %s: skipped %d lines that are not decisions (torn?)", journal.path, torn)
+                await self._replay(decisions)
+                journal.clear()
+            except BaseException:
+                journal.close()
+                raise
+            self.journal = journal
         hosts, relays = await self.store.load()
         mono = self.clock.mono
         self.detector.restore(
@@ -159,9 +189,43 @@ class Monitor:
             ),
         )  # fmt: skip
         self.last_written_id = await self.store.last_transition_id()
-        self.maintenance.load(await self.store.maintenance_windows())
-        self.alerts.load(await self.store.alerts())
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
+
+    async def _replay(self, decisions: Sequence[Decision]) -> None:
+        """Write the journaled decisions SQL does not hold yet (a batch the last run never committed),
+        with their state rows and their webhook messages, in one transaction."""
+        if not decisions:
+            return
+        stored = await self.store.stored_keys(d.transition.key for d in decisions if d.transition.key is not None)
+        missing = [d for d in decisions if d.transition.key not in stored]
+        if missing:
+            rows = [
+                dataclasses.replace(t, maintenance=self.maintenance.covers(t.kind, t.subject, d.path, t.at))
+                for d, t in ((d, d.transition) for d in missing)
+            ]
+            hosts = [d.state for d in missing if isinstance(d.state, HostRow)]
+            relays = [d.state for d in missing if isinstance(d.state, RelayRow)]
+            changes = [
+                Change(t.kind, t.subject, t.from_state, t.to_state, t.at, t.reason, t.relay, d.path, t.maintenance,
+                       t.event)
+                for d, t in zip(missing, rows, strict=True)
+            ]  # fmt: skip
+            targets = self.settings.notify.targets
+            notices = plan(changes, targets, self.alerts) if targets else Plan()
+            messages = self._messages(notices)
+            await self.store.write(rows, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed)
+            self.alerts.apply(notices)
+        log.log(
+            logging.WARNING if missing else logging.INFO,
+            "journal %s: wrote %d decisions the last run had not written (%d it had)",
+            self.settings.journal, len(missing), len(decisions) - len(missing),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Release the journal (its lines stay for the next start if SQL does not hold them yet)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     async def run(self) -> None:
         """Until cancelled, or until one part fails (`PartFailed`, naming it); either way, whatever
@@ -335,11 +399,58 @@ class Monitor:
     def _emit(self, transitions: list[Transition]) -> None:
         if transitions:
             self.recent.extend(transitions)
+            first = self._decided
+            self._decided += len(transitions)
+            if self.journal is not None:
+                try:
+                    self.journal.append(self._journal_lines(transitions, first))
+                except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
+                    self._journal_failed(exc)
             self._unwritten.extend(transitions)
             self._write_wanted.set()
             now = self.clock.now()
             for observer in self.observers:
                 observer.decided(transitions, now)
+
+    def _key(self, number: int) -> str:
+        return f"{self._key_prefix}{number}"
+
+    def _journal_lines(self, transitions: Sequence[Transition], first: int) -> bytes:
+        """The journal line of decisions numbered from `first`, with their subjects' rows as they are now."""
+        hosts, relays = self.detector.hosts, self.detector.relays
+        tracks = [(hosts if t.kind is Kind.HOST else relays).get(t.subject) for t in transitions]
+        walked: dict[str | None, list[str]] = {}  # by the relay a path starts at: a subtree shares a few
+        paths = []
+        for t, track in zip(transitions, tracks, strict=True):
+            start = t.relay if track is None else track.via if isinstance(track, HostTrack) else track.parent
+            path = walked.get(start)
+            if path is None:
+                path = walked[start] = self.relay_path(t.kind, t.subject, t.relay)
+            paths.append(path)
+        return encode(self._key_prefix, first, transitions, self.clock.offset, tracks, paths)
+
+    def _compact_journal(self) -> None:
+        """After a commit: empty the journal if SQL now holds every decision, or keep only the pending
+        ones if it grew large under a load that never let it drain."""
+        if self.journal is None:
+            return
+        try:
+            if not self._unwritten:
+                self.journal.clear()
+            elif self.journal.size > REWRITE_BYTES:
+                self.journal.rewrite(self._journal_lines(self._unwritten, self._unwritten_from))
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self.journal_failures += 1
+        now = time.monotonic()
+        if now - self._journal_warned_at >= 10.0:  # a full disk fails every batch: say so every 10 s
+            self._journal_warned_at = now
+            log.warning(
+                "journal %s: %s (%d failures so far); decisions still go to SQL, but a crash before that loses them",
+                self.settings.journal, exc, self.journal_failures,
+            )  # fmt: skip
 
     async def _write_loop(self) -> None:
         while True:
@@ -356,12 +467,15 @@ class Monitor:
         attempt = 0
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
+            first = self._unwritten_from
+            self._unwritten_from += len(batch)
             self._in_flight = batch
             self._write_wanted.clear()
             try:
-                rows, elapsed, queued = await self._write(batch)
+                rows, elapsed, queued = await self._write(batch, first)
             except BaseException as exc:
                 self._unwritten[:0] = batch
+                self._unwritten_from = first
                 if not isinstance(exc, Exception):
                     raise
                 self.db_ok = False
@@ -374,17 +488,18 @@ class Monitor:
                 self._in_flight = []
             self.db_ok = True
             attempt = 0
+            self._compact_journal()
             try:
                 await self._after_write(rows, elapsed, queued)
             except Exception as exc:  # the rows are in SQL: only the bookkeeping failed
                 log.warning("after writing %d transitions: %s", rows, exc)
 
-    async def _write(self, batch: Sequence[Transition]) -> tuple[int, float, bool]:
-        """One transaction: transitions, current-state rows, webhook messages and alerts."""
+    async def _write(self, batch: Sequence[Transition], first: int) -> tuple[int, float, bool]:
+        """One transaction: transitions (numbered from `first`), current-state rows, webhook messages and alerts."""
         wall = self.clock.wall
         rows = [
-            NewTransition.from_transition(t, at, self.in_maintenance(t.kind, t.subject, at, t.relay))
-            for t, at in ((t, wall(t.at)) for t in batch)
+            NewTransition.from_transition(t, at, self.in_maintenance(t.kind, t.subject, at, t.relay), self._key(n))
+            for n, t, at in ((n, t, wall(t.at)) for n, t in enumerate(batch, first))
         ]
         host_ids = {t.subject for t in batch if t.kind is Kind.HOST}
         relay_ids = {t.subject for t in batch if t.kind is Kind.RELAY}

@@ -128,12 +128,15 @@ class NewTransition:
     relay: str | None = None
     event: Event = Event.TRANSITION
     maintenance: bool = False  # a maintenance window covered the subject at `at`
+    key: str | None = None  # unique per decision: a row whose key is already stored is not written again
 
     def __post_init__(self) -> None:
         _require_aware("at", self.at)
 
     @classmethod
-    def from_transition(cls, transition: Transition, at: datetime, maintenance: bool = False) -> NewTransition:
+    def from_transition(
+        cls, transition: Transition, at: datetime, maintenance: bool = False, key: str | None = None
+    ) -> NewTransition:
         """The detector's `Transition` (monotonic `at`) stamped with wall-clock time `at`."""
         return cls(
             kind=transition.kind,
@@ -145,6 +148,7 @@ class NewTransition:
             relay=transition.relay,
             event=transition.event,
             maintenance=maintenance,
+            key=key,
         )
 
 
@@ -301,6 +305,8 @@ def _compare(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
+_KEYS_PER_QUERY = 500  # bound parameters per `stored_keys` query (SQLite allows 32766, older builds 999)
+
 _HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
 _RELAY_COLUMNS = [getattr(RelayModel, field.name) for field in fields(RelayRow)]
 _TRANSITION_COLUMNS = [getattr(TransitionModel, field.name) for field in fields(TransitionRecord)]
@@ -359,11 +365,18 @@ class Store:
         async with self._engine.connect() as connection:
             return await connection.run_sync(_compare)
 
+    def _insert(self, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+        return postgresql.insert(model) if self.dialect == "postgresql" else sqlite.insert(model)
+
     def _upsert(self, model: type[HostModel] | type[RelayModel]) -> Insert:
         table = model.__table__
-        statement = postgresql.insert(model) if self.dialect == "postgresql" else sqlite.insert(model)
+        statement = self._insert(model)
         update = {column.name: statement.excluded[column.name] for column in table.c if column.name != "id"}
         return statement.on_conflict_do_update(index_elements=[table.c.id], set_=update)
+
+    def _append_transitions(self) -> Insert:
+        """Insert history rows; one whose key is already stored is skipped (a replayed decision)."""
+        return self._insert(TransitionModel).on_conflict_do_nothing(index_elements=[TransitionModel.key])
 
     async def write(
         self,
@@ -378,6 +391,7 @@ class Store:
         """In one transaction: append `transitions` and insert-or-replace the current-state rows;
         queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts.
 
+        A transition whose `key` is already stored is skipped, so writing a batch again is harmless.
         If an id appears more than once in `hosts` or `relays`, the last row wins.
         """
         if not (transitions or hosts or relays or messages or opened or closed):
@@ -385,7 +399,7 @@ class Store:
         now = datetime.now(UTC)
         async with self._writer.begin() as connection:
             if transitions:
-                await connection.execute(insert(TransitionModel), [_values(t) for t in transitions])
+                await connection.execute(self._append_transitions(), [_values(t) for t in transitions])
             if hosts:
                 rows = [_values(host) | {"updated_at": now} for host in _last_by_id(hosts)]
                 await connection.execute(self._upsert(HostModel), rows)
@@ -422,6 +436,17 @@ class Store:
             hosts = await connection.execute(select(*_HOST_COLUMNS).order_by(HostModel.id))
             relays = await connection.execute(select(*_RELAY_COLUMNS).order_by(RelayModel.id))
             return [HostRow(*row) for row in hosts], [RelayRow(*row) for row in relays]
+
+    async def stored_keys(self, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` the history already holds (asked in chunks the drivers accept)."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        async with self._engine.connect() as connection:
+            for start in range(0, len(wanted), _KEYS_PER_QUERY):
+                chunk = wanted[start : start + _KEYS_PER_QUERY]
+                result = await connection.execute(select(TransitionModel.key).where(TransitionModel.key.in_(chunk)))
+                found.update(key for key in result.scalars() if key is not None)
+        return found
 
     async def last_transition_id(self) -> int:
         """The id of the newest history row, or 0 when there is none."""

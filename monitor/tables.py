@@ -104,6 +104,7 @@ class TransitionModel(Base):
     __table_args__ = (
         Index(None, "subject", "at"),
         Index(None, "at"),
+        Index(None, "key", unique=True),
         # Ids are never reused on SQLite either, so `after_id` is a safe resume point.
         {"sqlite_autoincrement": True},
     )
@@ -122,6 +123,9 @@ class TransitionModel(Base):
     )
     # Written while a maintenance window covered the subject: recorded, but not an alert.
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Unique per decision, given when it is decided (None on rows older than the key): a decision
+    # written again (replayed from the monitor's journal) is recognised and not stored twice.
+    key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class HostModel(Base):

@@ -91,12 +91,15 @@ def _shown(db_url: str) -> str:
 
 def _run(main: object) -> None:
     """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
+    from monitor.journal import JournalUnavailable
     from relaybeat.serve import run_until_signal
 
     try:
         status = run_until_signal(main)  # type: ignore[arg-type]
     except PortInUse as exc:
         raise _fail(f"{exc.strerror}. Choose another port.") from None
+    except JournalUnavailable as exc:
+        raise _fail(str(exc.strerror)) from None
     if status:
         raise typer.Exit(status)
 
@@ -255,6 +258,9 @@ def monitor(
     max_bundle_entries: Annotated[
         int | None, typer.Option(help="Most host entries and child bundles in one bundle [200000].")
     ] = None,
+    journal: Annotated[
+        str | None, typer.Option(help="Journal of decisions not yet in SQL [<sqlite db>.journal].")
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -273,6 +279,7 @@ def monitor(
             "monitor.client_id": ("--client-id", client_id),
             "monitor.max_bundle_bytes": ("--max-bundle-bytes", max_bundle_bytes),
             "monitor.max_bundle_entries": ("--max-bundle-entries", max_bundle_entries),
+            "monitor.journal": ("--journal", journal),
             "detector.misses": ("--misses (RELAYBEAT_MISSES)", misses),
             "detector.default_interval_s": ("--default-interval", default_interval),
             "detector.adaptive": ("--adaptive/--fixed", adaptive),

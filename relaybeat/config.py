@@ -139,6 +139,7 @@ class MonitorConfig(_Strict):
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = Field(default=DEFAULT_MAX_BUNDLE_ENTRIES, ge=1, le=10_000_000)
     relays: list[str] | None = None  # accept bundles only from these relays (children included); unset: any
+    journal: str | None = Field(default=None, min_length=1)  # decisions not yet in SQL; unset: see journal_path
 
     _broker = field_validator("broker")(_check_broker)
     _listen = field_validator("listen")(_check_hostport)
@@ -162,6 +163,20 @@ class MonitorConfig(_Strict):
             raise ValueError("must be a SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") from None
         return value
 
+    def journal_path(self) -> Path | None:
+        """Where decisions wait for SQL: `journal` if set; else next to a SQLite file (`<db>.journal`),
+        or for PostgreSQL `<client_id>-<database>.journal` in the current directory (one per monitor
+        and database). None for an in-memory SQLite database, which a restart loses anyway."""
+        if self.journal is not None:
+            return Path(self.journal)
+        url = make_url(self.db)
+        if url.get_backend_name() == "sqlite":
+            database = url.database or ""
+            if database in ("", ":memory:") or url.query.get("mode") == "memory":
+                return None
+            return Path(database + ".journal")
+        return Path(f"{self.client_id}-{url.database or url.username or 'postgres'}.journal")
+
     def settings(self, policy: Policy, notify: NotifySettings | None = None) -> MonitorSettings:
         return MonitorSettings(
             BrokerURL.parse(self.broker),
@@ -173,6 +188,7 @@ class MonitorConfig(_Strict):
             max_bundle_entries=self.max_bundle_entries,
             relays=None if self.relays is None else frozenset(self.relays),
             notify=notify or NotifySettings(),
+            journal=self.journal_path(),
         )
 
 

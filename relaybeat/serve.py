@@ -119,8 +119,9 @@ async def monitor_running(
     api: ApiSettings | None = None,
     make_monitor: Callable[[MonitorSettings, Store], Monitor] = Monitor,
 ) -> AsyncIterator[RunningMonitor]:
-    """Migrate, restore, then run the monitor and its HTTP API until the block exits. Both are
-    supervised: await `RunningMonitor.until(stop)` in the block to stop when either dies."""
+    """Migrate, restore (writing first what its journal holds and SQL lacks), then run the monitor
+    and its HTTP API until the block exits. Both are supervised: await `RunningMonitor.until(stop)`
+    in the block to stop when either dies."""
     ensure_free(host, port)
     store = await Store.open(db_url)
     try:
@@ -161,6 +162,7 @@ async def monitor_running(
             monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, PartFailed):
                 await monitor_task
+            monitor.close()  # its journal: what SQL still lacks stays in it for the next start
     finally:
         await store.close()
 

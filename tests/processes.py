@@ -180,7 +180,7 @@ class Topology:
             "monitor",
             ["monitor", "--broker", broker, "--db", self.db_url, "--listen", f"127.0.0.1:{port}",
              "--misses", str(misses), "--prefix", self.prefix, "--client-id", client_id or self.monitor_id,
-             "--log-level", "warning"],
+             "--journal", str(self.log_dir / "monitor.journal"), "--log-level", "warning"],
         )  # fmt: skip
         wait_until(lambda: api_get(self.api, "/healthz") or service.assert_running(), 30, "the monitor's API")
         return service

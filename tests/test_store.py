@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import cast
@@ -14,7 +15,7 @@ from typing import cast
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -251,6 +252,65 @@ def test_naive_datetimes_are_refused() -> None:
         relay(last_seen=naive)
     with pytest.raises(ValueError, match="naive"):
         transition("h1", naive)
+
+
+# --- transition keys (the journal's replays) --------------------------------------------------
+
+
+async def test_a_transition_written_again_with_its_key_is_stored_once(store: Store) -> None:
+    keyed = [replace(transition("h1", T0), key="k-1"), replace(transition("h2", T0), key="k-2")]
+    await store.write(keyed, [host("h1")], [])
+    await store.write([keyed[1], replace(transition("h3", T0), key="k-3")], [host("h1", State.DOWN)], [])
+    await store.write([transition("h4", T0), transition("h4", T0)], [], [])  # rows without a key never clash
+
+    assert sorted(record.subject for record in await store.history()) == ["h1", "h2", "h3", "h4", "h4"]
+    assert await store.stored_keys(["k-2", "k-3", "k-9", "k-2"]) == {"k-2", "k-3"}
+    assert [row.state for row in (await store.load())[0]] == [State.DOWN]  # the state rows still apply
+
+
+async def test_stored_keys_answers_for_more_keys_than_one_query_binds(store: Store) -> None:
+    rows = [replace(transition(f"h{i}", T0), key=f"k-{i}") for i in range(1200)]
+    await store.write(rows, [], [])
+    assert len(await store.stored_keys([f"k-{i}" for i in range(0, 2400, 2)])) == 600
+
+
+async def test_the_key_migration_goes_down_and_up_on_a_history_with_rows(db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        await store.upgrade()
+        await store.write([replace(transition("h1", T0), key="k-1")], [], [])
+        await store.downgrade("0003")
+        assert "key" not in await column_names(db_url, "transitions")
+        if store.dialect == "sqlite":  # dropping a column copies the table there: ids stay never reused
+            assert "AUTOINCREMENT" in await table_sql(db_url, "transitions")
+        await store.upgrade()
+        assert await store.model_changes() == []
+        assert [record.subject for record in await store.history()] == ["h1"]
+        assert await store.stored_keys(["k-1"]) == set()  # keys went with the column
+        await store.write([replace(transition("h1", T0), key="k-1")] * 2, [], [])
+        assert len(await store.history()) == 2
+    finally:
+        await store.close()
+
+
+async def table_sql(url: str, table: str) -> str:
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            query = text("SELECT sql FROM sqlite_master WHERE name = :table")
+            return str(await connection.scalar(query, {"table": table}))
+    finally:
+        await engine.dispose()
+
+
+async def column_names(url: str, table: str) -> set[str]:
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda sync: inspect(sync).get_columns(table))
+            return {column["name"] for column in columns}
+    finally:
+        await engine.dispose()
 
 
 # --- history ------------------------------------------------------------------------------------
