@@ -210,7 +210,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     class Relay:
         def __init__(self, settings: Any) -> None:
-            seen["relay"] = settings
+            seen["relay"] = self.settings = settings
 
         async def run(self) -> None:
             return None
