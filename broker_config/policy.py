@@ -3,6 +3,9 @@
 Pure: no amqtt, no asyncio, no I/O. The policy is mosquitto-style: patterns for everyone (`*`) and
 per user, with `%u` for the username. `broker_config/acl` says the same thing to Mosquitto, and
 tests/test_topic_policy.py checks that the two agree, so both brokers enforce one policy.
+
+A client id belongs to one user: the username itself or `username/<anything>` (`client_id_allowed`;
+Mosquitto's `use_username_as_clientid` is the stricter half of that rule).
 """
 
 from __future__ import annotations

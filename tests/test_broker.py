@@ -700,7 +700,7 @@ async def test_tls_listener_serves_mqtts_only(tls_files: tuple[Path, Path], topi
             pass
 
 
-# ------------------------------------------------------------------------------- pure parts, files
+# ---------------------------------------------------------------------------- settings, passwords
 
 
 def test_shipped_amqtt_toml_loads_and_bad_keys_are_named(tmp_path: Path) -> None:

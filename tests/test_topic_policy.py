@@ -7,11 +7,14 @@ relaybeat's file may use; anything else in the file fails the test instead of be
 
 from __future__ import annotations
 
+import ast
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+import broker_config.policy
 from broker_config import CONFIG_DIR
 from broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
 from broker_config.settings import load_broker_settings
@@ -202,3 +205,11 @@ def test_client_id_must_be_the_username_or_username_slash_anything(
     username: str | None, client_id: str, allowed: bool
 ) -> None:
     assert client_id_allowed(username, client_id) is allowed
+
+
+def test_the_policy_module_is_pure() -> None:
+    """No amqtt, no asyncio, no I/O: it imports only values and the (pure) wire contract."""
+    tree = ast.parse(inspect.getsource(broker_config.policy))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "typing", "relay.wire"}, imported
