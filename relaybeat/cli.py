@@ -113,7 +113,8 @@ def broker(
     log_level: LogLevel = "info",
 ) -> None:
     """Run the embedded MQTT broker (amqtt, hardened: keepalive enforced, auth off the event loop)."""
-    from relay.broker import BrokerConfigError, BrokerSettings, load_broker_settings, serve_broker
+    from broker_config.embedded import serve_broker
+    from broker_config.settings import BrokerConfigError, BrokerSettings, load_broker_settings
 
     _logging(log_level)
     try:
@@ -220,7 +221,8 @@ def relay(
 
         async with AsyncExitStack() as stack:
             if cfg.local == "embedded":
-                from relay.broker import BrokerSettings, EmbeddedBroker
+                from broker_config.embedded import EmbeddedBroker
+                from broker_config.settings import BrokerSettings
 
                 host, port = parse_hostport(cfg.serve)
                 embedded = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=host, port=port)))
@@ -342,9 +344,9 @@ def passwd(
     username: Annotated[str, typer.Argument()],
 ) -> None:
     """Add or replace a user in an embedded-broker password file (password read from a prompt or stdin)."""
-    from relay.broker import main as broker_main
+    from broker_config.passwords import main as passwords_main
 
-    raise typer.Exit(broker_main(["add-user", str(password_file), username]))
+    raise typer.Exit(passwords_main(["add-user", str(password_file), username]))
 
 
 people.register(app)  # status, history, watch: for people at a terminal

@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from broker_config.embedded import EmbeddedBroker
+from broker_config.settings import BrokerSettings
 from monitor.detector import Policy
 from monitor.service import Monitor, MonitorSettings
 from monitor.states import State
-from relay.broker import BrokerSettings, EmbeddedBroker
 from relay.leaf import run_leaf
 from relay.mqtt import BrokerURL
 from relay.ports import ensure_free, is_free, pick_free

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, select
 
+from broker_config.settings import load_broker_settings
 from monitor.tables import TransitionModel
-from relay.broker import load_broker_settings
 from relay.ports import pick_free
 
 T = TypeVar("T")

@@ -32,25 +32,15 @@ import aiomqtt
 import argon2
 import pytest
 
-from relay.broker import (
-    BrokerConfigError,
-    BrokerPortInUse,
-    BrokerSettings,
-    EmbeddedBroker,
-    FairGate,
-    LoginThrottle,
-    TopicPolicy,
-    add_user,
-    hash_password,
-    load_broker_settings,
-    read_password_file,
-    topic_policy,
-)
+from broker_config import CONFIG_DIR
+from broker_config.embedded import EmbeddedBroker
+from broker_config.passwords import add_user, hash_password, read_password_file
+from broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, load_broker_settings
+from broker_config.throttle import FairGate, LoginThrottle
 from relay.ports import pick_free
 from relay.wire import Topics
 from tests.processes import Topology, shipped_amqtt_config, shipped_mosquitto_config, wait_until
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
 PASSWORDS = {"h1": "pw-h1", "h1-b": "pw-h1-b", "h2": "pw-h2", "relay-a": "pw-relay-a", "monitor": "pw-monitor"}
 WAIT_S = 3.0
 
@@ -710,107 +700,7 @@ async def test_tls_listener_serves_mqtts_only(tls_files: tuple[Path, Path], topi
             pass
 
 
-# ------------------------------------------------------------------------------- pure parts, files
-
-
-POLICY_CASES = [
-    # user, action, topic or filter, allowed
-    ("h1", "publish", "beat/h1", True),
-    ("h1", "publish", "beat/h2", False),
-    ("h1", "publish", "beat/h1/x", False),
-    ("h1", "publish", "bundle/h1", False),
-    ("h1", "subscribe", "beat/+", False),
-    ("relay-a", "publish", "beat/relay-a", True),
-    ("relay-a", "publish", "bundle/relay-a", True),
-    ("relay-a", "publish", "relay/relay-a/status", True),
-    ("relay-a", "publish", "bundle/relay-b", False),
-    ("relay-a", "publish", "relay/relay-b/status", False),
-    ("relay-a", "subscribe", "beat/+", True),
-    ("relay-a", "subscribe", "beat/h7", True),
-    ("relay-a", "subscribe", "bundle/+", True),
-    ("relay-a", "subscribe", "relay/+/status", True),
-    ("relay-a", "subscribe", "relay/#", False),
-    ("relay-a", "subscribe", "#", False),
-    ("relay-a", "receive", "beat/h7", True),
-    ("relay-a", "receive", "other/x", False),
-    ("monitor", "subscribe", "#", True),  # `#` here means <prefix>#
-    ("monitor", "subscribe", "beat/+", True),
-    ("monitor", "receive", "relay/relay-a/status", True),
-    ("monitor", "publish", "bundle/monitor", False),
-    ("h+", "publish", "beat/h+", False),  # a username is never a wildcard
-    ("h#", "publish", "beat/h#", False),
-    (None, "publish", "beat/None", False),
-]
-
-
-@pytest.mark.parametrize(("user", "action", "topic", "allowed"), POLICY_CASES)
-def test_topic_policy_table(user: str | None, action: str, topic: str, allowed: bool) -> None:
-    prefix = "relaybeat/"
-    policy = topic_policy(prefix, relays=("relay-a",), monitors=("monitor",))
-    check = {"publish": policy.may_publish, "subscribe": policy.may_subscribe, "receive": policy.may_receive}
-    assert check[action](user, prefix + topic) is allowed
-    assert not policy.may_subscribe(user, "$SYS/#") and not policy.may_receive(user, "$SYS/broker/uptime")
-
-
-def test_policy_patterns_cover_sub_filters_but_not_wider_ones() -> None:
-    policy = TopicPolicy(publish={}, subscribe={"*": ("a/+/c", "d/#")})
-    assert policy.may_subscribe("u", "a/b/c") and policy.may_subscribe("u", "a/+/c")
-    assert policy.may_subscribe("u", "d") and policy.may_subscribe("u", "d/e/#")
-    assert not policy.may_subscribe("u", "a/#") and not policy.may_subscribe("u", "a/+/+")
-    assert not policy.may_subscribe("u", "+/b/c") and not policy.may_subscribe("u", "a/b/c/d")
-
-
-def _mosquitto_rights(acl_text: str, username: str, topic: str) -> tuple[bool, bool]:
-    """(read, write) for `username` on `topic` by Mosquitto 2.0's ACL file rules (no `deny` used)."""
-
-    def matches(pattern: str, name: str) -> bool:
-        p, t = pattern.split("/"), name.split("/")
-        for index, level in enumerate(p):
-            if level == "#":
-                return True
-            if index >= len(t) or level not in ("+", t[index]):
-                return False
-        return len(p) == len(t)
-
-    read = write = False
-    current_user: str | None = None
-    for line in acl_text.splitlines():
-        words = [] if line.lstrip().startswith("#") else line.split()  # only whole-line comments
-        if not words:
-            continue
-        if words[0] == "user":
-            current_user = words[1]
-            continue
-        assert words[0] in ("topic", "pattern"), line
-        access, acl_topic = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
-        assert access in ("read", "write", "readwrite"), line
-        if words[0] == "topic" and current_user != username:
-            continue
-        if words[0] == "pattern":
-            acl_topic = acl_topic.replace("%u", username)
-        if matches(acl_topic, topic):
-            read |= access in ("read", "readwrite")
-            write |= access in ("write", "readwrite")
-    return read, write
-
-
-def test_shipped_mosquitto_acl_grants_exactly_what_the_embedded_broker_grants() -> None:
-    settings = load_broker_settings(CONFIG_DIR / "amqtt.toml")
-    assert settings.relays and settings.monitors, "amqtt.toml should name example relays and monitors"
-    policy = topic_policy(settings.prefix, settings.relays, settings.monitors)
-    acl = (CONFIG_DIR / "acl").read_text()
-    t = Topics(settings.prefix)
-    some_relay = settings.relays[0]
-    users = ["h1", *settings.relays, *settings.monitors]
-    samples = [
-        t.beat("h1"), t.beat("h2"), t.beat(some_relay), t.bundle(some_relay), t.bundle("other-relay"),
-        t.relay_status(some_relay), t.relay_status("other-relay"), t.beat("h1") + "/x",
-        f"{settings.prefix}elsewhere", "elsewhere/beat/h1",
-    ]  # fmt: skip
-    for user in users:
-        for topic in samples:
-            expected = (policy.may_receive(user, topic), policy.may_publish(user, topic))
-            assert _mosquitto_rights(acl, user, topic) == expected, (user, topic)
+# ---------------------------------------------------------------------------- settings, passwords
 
 
 def test_shipped_amqtt_toml_loads_and_bad_keys_are_named(tmp_path: Path) -> None:

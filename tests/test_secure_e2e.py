@@ -27,7 +27,7 @@ from urllib.parse import quote
 import paho.mqtt.client as mqtt
 import pytest
 
-from relay.broker import add_user
+from broker_config.passwords import add_user
 from relay.ports import pick_free
 from relay.wire import Bundle, HostEntry, LeafStatus, Topics, encode_bundle
 from tests.processes import (

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
+from broker_config.embedded import EmbeddedBroker
+from broker_config.settings import BrokerSettings
 from monitor.detector import Detector, Policy
 from monitor.service import Monitor, MonitorSettings
 from monitor.states import State
 from monitor.store import Store
-from relay.broker import BrokerSettings, EmbeddedBroker
 from relay.leaf import run_leaf
 from relay.mqtt import BrokerURL, stay_connected
 from relay.service import RelayService, RelaySettings

@@ -1,0 +1,134 @@
+"""Failed-login throttling for the embedded broker: `LoginThrottle` (pure: time comes in as `now`)
+and `FairGate` (asyncio, serves password checks to source addresses in turn). No amqtt, no I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+FAILED_LOGIN_BURST: Final = 10  # failed logins a source may have at once ...
+FAILED_LOGINS_PER_S: Final = 1.0  # ... and then this many per second
+REFUSAL_LOG_INTERVAL_S: Final = 10.0  # one log line per source per interval while it is refused
+_FORGET_INTERVAL_S: Final = 60.0
+
+
+@dataclass(slots=True)
+class _SourceRecord:
+    tokens: float
+    updated: float
+    refused: int = 0  # refusals since the last log line
+    logged: float | None = None
+
+
+class LoginThrottle:
+    """Failed logins per source address, as a token bucket: a source may fail `burst` times, then
+    `per_second` times a second. While its bucket is empty, its CONNECTs are refused (CONNACK 3,
+    "server unavailable": try later) before any password check, so a storm of bad logins costs no
+    argon2 time. A check takes a token when it starts and gives it back if the login succeeds, so
+    guesses waiting behind a check are refused too. (`FairGate` keeps the checks that do run from
+    making other sources wait.)
+
+    Refusals are counted (`refused`) and logged at most once per source per REFUSAL_LOG_INTERVAL_S.
+    Time comes in as `now` (monotonic seconds); nothing here reads a clock.
+    """
+
+    def __init__(self, burst: int = FAILED_LOGIN_BURST, per_second: float = FAILED_LOGINS_PER_S) -> None:
+        if burst < 1 or per_second <= 0:
+            raise ValueError("burst must be >= 1 and per_second > 0")
+        self.burst = burst
+        self.per_second = per_second
+        self.refused = 0
+        self._records: dict[str, _SourceRecord] = {}
+        self._forgot_at: float | None = None
+
+    def _tokens(self, record: _SourceRecord, now: float) -> float:
+        return min(float(self.burst), record.tokens + max(0.0, now - record.updated) * self.per_second)
+
+    def may_try(self, source: str, now: float) -> bool:
+        """Whether a login from `source` may be checked now; a refusal is counted and maybe logged."""
+        record = self._records.get(source)
+        if record is None or self._tokens(record, now) >= 1.0:
+            return True
+        self.refused += 1
+        record.refused += 1
+        if record.logged is None or now - record.logged >= REFUSAL_LOG_INTERVAL_S:
+            log.warning(
+                "refused %d login(s) from %s without checking them: more than %d failed logins "
+                "(then %g/s); %d refused in all",
+                record.refused, source, self.burst, self.per_second, self.refused,
+            )  # fmt: skip
+            record.refused, record.logged = 0, now
+        return False
+
+    def take(self, source: str, now: float) -> None:
+        """A password check for `source` starts: it costs one token (`give_back` if it succeeds)."""
+        record = self._records.get(source)
+        if record is None:
+            record = self._records[source] = _SourceRecord(float(self.burst), now)
+        record.tokens, record.updated = self._tokens(record, now) - 1.0, now
+        self._forget_recovered(now)
+
+    def give_back(self, source: str, now: float) -> None:
+        """The login from `source` succeeded: only failures cost."""
+        record = self._records.get(source)
+        if record is not None:
+            record.tokens, record.updated = min(float(self.burst), self._tokens(record, now) + 1.0), now
+
+    def _forget_recovered(self, now: float) -> None:
+        """Drop sources whose bucket is full again, so the table does not grow without end."""
+        if self._forgot_at is not None and now - self._forgot_at < _FORGET_INTERVAL_S:
+            return
+        self._forgot_at = now
+        for source, record in list(self._records.items()):
+            if self._tokens(record, now) >= self.burst:
+                del self._records[source]
+
+
+class FairGate:
+    """At most `slots` holders at once (one per password-check thread). Waiters are served one source
+    at a time, in turn: a source with 500 CONNECTs waiting delays a source with one by at most one
+    turn, and a source alone may use every slot (many leaves behind one NAT address)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self._free = slots
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}  # in turn order
+
+    @contextlib.asynccontextmanager
+    async def turn(self, source: str) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(source, collections.deque()).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # cancelled just after its turn came
+                    self._pass_on()
+                raise
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        """A slot came free: to the first waiter of the next source in turn, which then goes last."""
+        while self._waiting:
+            source = next(iter(self._waiting))
+            queue = self._waiting.pop(source)
+            granted = queue.popleft()
+            if queue:
+                self._waiting[source] = queue
+            if not granted.done():  # a cancelled waiter is skipped
+                granted.set_result(None)
+                return
+        self._free += 1
