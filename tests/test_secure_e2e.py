@@ -117,7 +117,9 @@ def publish_as(port: int, user: str, messages: list[tuple[str, bytes]], client_i
         connected.set()
 
     client.on_connect = on_connect
-    client.connect("127.0.0.1", port, keepalive=10)
+    # From another loopback address: the wrong-password leaf on 127.0.0.1 uses up that address's
+    # failed-login allowance on the embedded broker (by design), which would refuse us as well.
+    client.connect("127.0.0.1", port, keepalive=10, bind_address="127.0.0.2")
     client.loop_start()
     try:
         assert connected.wait(10), f"{user}: no CONNACK"
