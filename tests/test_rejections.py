@@ -252,7 +252,7 @@ def test_warnings_come_again_after_the_interval(
 
     fake = FakeTime()
     monkeypatch.setattr(relay.rejections, "time", fake)
-    monitor.rejections = relay.rejections.Rejections(logging.getLogger("relaybeat.monitor"), every_s=10.0)
+    monitor.ingest.rejections = relay.rejections.Rejections(logging.getLogger("relaybeat.monitor"), every_s=10.0)
     caplog.set_level(logging.WARNING, logger="relaybeat.monitor")
     for fake.t in (100.0, 101.0, 109.9, 110.0, 115.0, 120.5):
         monitor.take(BUNDLE, b"{not json")
