@@ -15,11 +15,15 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from monitor.records import TransitionRow
 from monitor.states import Kind, State
-from monitor.store import TransitionRecord
 from monitor.view import FleetView, HostView, Refused, RelayView, iso
 
 T = TypeVar("T")
+
+
+# The bodies have the fields of the read view's records (`HostView`, `RelayView`) and of `TransitionRow`
+# (tests/test_records.py checks): a field added to a record is added here too.
 
 
 class HostOut(BaseModel):
@@ -49,6 +53,11 @@ class RelayOut(BaseModel):
     hosts: int = Field(description="hosts heard through this relay")
     children: list[str]
     flapping: bool
+
+
+# How the API names `TransitionRow`'s fields; the ones in TRANSITION_UNSHOWN are not in its bodies.
+TRANSITION_RENAMED = {"from_state": "from", "to_state": "to"}
+TRANSITION_UNSHOWN = frozenset({"maintenance", "key"})
 
 
 class TransitionOut(BaseModel):
@@ -143,7 +152,7 @@ def relay_body(r: RelayView) -> dict[str, Any]:
     }
 
 
-def transition_body(t: TransitionRecord) -> dict[str, Any]:
+def transition_body(t: TransitionRow) -> dict[str, Any]:
     return {
         "id": t.id,
         "kind": t.kind.value,

@@ -26,7 +26,7 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.bodies import error_response, transition_body
-from monitor.store import TransitionRecord
+from monitor.records import TransitionRow
 from monitor.view import FleetView
 
 log = logging.getLogger("relaybeat.api.events")
@@ -43,11 +43,11 @@ class Subscriber:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.rows: deque[TransitionRecord] = deque()
+        self.rows: deque[TransitionRow] = deque()
         self.overflowed = False
         self.ready = asyncio.Event()
 
-    def offer(self, row: TransitionRecord) -> bool:
+    def offer(self, row: TransitionRow) -> bool:
         """Buffer `row`; False if that overflowed the buffer (the client then re-reads from SQL)."""
         if self.overflowed:
             return True
@@ -118,7 +118,7 @@ class EventHub:
                         self.overflows += 1
                 self.position = row.id
 
-    async def rows(self, after_id: int | None) -> AsyncIterator[TransitionRecord]:
+    async def rows(self, after_id: int | None) -> AsyncIterator[TransitionRow]:
         """Every row after `after_id` (None: from now on) in id order, until `close()`."""
         subscriber, live_from = self.subscribe()
         try:

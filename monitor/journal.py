@@ -19,16 +19,15 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from monitor.detector import HostTrack, RelayTrack
-from monitor.states import Event, Kind, State, Transition
-from monitor.store import HostRow, NewTransition, RelayRow
+from monitor.records import Change, HostRow, RelayRow
+from monitor.states import Event, Kind, State
 
 __all__ = ["REWRITE_BYTES", "Decision", "Journal", "JournalError", "JournalUnavailable", "decode", "encode"]
 
@@ -43,58 +42,51 @@ class JournalUnavailable(OSError):
     """The journal cannot be opened, or another monitor holds it; the message says what to do."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
-    """A journaled transition: its history row (with its key), the subject's state row when it was
-    decided (None if the detector no longer held the subject), and the relays on its path then."""
+    """A journaled transition: its change (row, key and relay path), and the subject's state row
+    when it was decided (None if the detector no longer held the subject)."""
 
-    transition: NewTransition
+    change: Change
     state: HostRow | RelayRow | None
-    path: tuple[str, ...]
 
 
-def _wall(t: float | None, offset: float) -> float | None:
-    return None if t is None else t + offset
+_STATE_ROWS: dict[Kind, type[HostRow] | type[RelayRow]] = {Kind.HOST: HostRow, Kind.RELAY: RelayRow}
+# A state row is journaled as its fields after `id`, in this order; its moments as epoch seconds.
+_STATE_FIELDS = {kind: tuple(f.name for f in fields(row))[1:] for kind, row in _STATE_ROWS.items()}
+_MOMENTS = frozenset({"since", "last_seen"})
 
 
-def _state(track: HostTrack | RelayTrack | None, offset: float) -> list[Any] | None:
-    """A subject's state row as journaled: the fields of HostRow or RelayRow after `id`, epoch seconds."""
-    if track is None:
-        return None
-    if isinstance(track, HostTrack):
-        return [track.state, track.since + offset, _wall(track.last_seen, offset), track.via, track.interval_s,
-                track.seq, track.flapping]  # fmt: skip
-    seq = None if track.seq < 0 else track.seq
-    return [track.state, track.since + offset, _wall(track.last_seen, offset), track.parent, track.boot, seq,
-            track.flush_s, track.flapping]  # fmt: skip
-
-
-def encode(
-    key_prefix: str,
-    first: int,
-    transitions: Sequence[Transition],
-    offset: float,
-    tracks: Sequence[HostTrack | RelayTrack | None],
-    paths: Sequence[Sequence[str]],
-) -> bytes:
-    """One line for a batch of decisions: the i-th has key `key_prefix + str(first + i)`, the state
-    row of `tracks[i]` and the relay path `paths[i]`; `offset` turns the detector's clock into epoch
-    seconds. Each decision is `[kind, subject, from_state, to_state, at, reason, relay, event, path,
-    state]`, so a batch of a thousand costs one encoder call, not a thousand."""
-    decisions = [
-        [t.kind, t.subject, t.from_state, t.to_state, t.at + offset, t.reason, t.relay, t.event, path,
-         _state(track, offset)]
-        for t, track, path in zip(transitions, tracks, paths, strict=True)
-    ]  # fmt: skip
-    return orjson.dumps([key_prefix, first, decisions], option=orjson.OPT_APPEND_NEWLINE)
+def _epoch(value: Any) -> Any:
+    return value.timestamp() if isinstance(value, datetime) else value
 
 
 def _moment(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
-def _since(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
+def encode(
+    key_prefix: str, first: int, changes: Sequence[Change], states: Sequence[HostRow | RelayRow | None]
+) -> bytes:
+    """One line for a batch of decisions: the i-th has key `key_prefix + str(first + i)` and the
+    state row `states[i]`. Each decision is `[kind, subject, from_state, to_state, at, reason,
+    relay, event, path, state]`, so a batch of a thousand costs one encoder call, not a thousand."""
+    decisions = [
+        [
+            c.kind,
+            c.subject,
+            c.from_state,
+            c.to_state,
+            c.at.timestamp(),
+            c.reason,
+            c.relay,
+            c.event,
+            c.path,
+            None if row is None else [_epoch(getattr(row, name)) for name in _STATE_FIELDS[c.kind]],
+        ]
+        for c, row in zip(changes, states, strict=True)
+    ]
+    return orjson.dumps([key_prefix, first, decisions], option=orjson.OPT_APPEND_NEWLINE)
 
 
 def decode(line: bytes) -> list[Decision]:
@@ -106,20 +98,31 @@ def decode(line: bytes) -> list[Decision]:
         raise JournalError(f"not a journaled batch ({type(exc).__name__}: {exc})") from None
 
 
-def _decision(key: str, fields: list[Any]) -> Decision:
-    kind_, subject, from_state, to_state, at, reason, relay, event, path, row = fields
+def _decision(key: str, values: list[Any]) -> Decision:
+    kind_, subject, from_state, to_state, at, reason, relay, event, path, row = values
     kind = Kind(kind_)
-    transition = NewTransition(
-        kind, str(subject), State(from_state), State(to_state), _since(at), str(reason), relay, Event(event), key=key
+    change = Change(
+        kind=kind,
+        subject=str(subject),
+        from_state=State(from_state),
+        to_state=State(to_state),
+        at=datetime.fromtimestamp(at, UTC),
+        reason=str(reason),
+        relay=relay,
+        event=Event(event),
+        key=key,
+        path=tuple(str(relay) for relay in path),
     )
     state: HostRow | RelayRow | None = None
-    if row is not None and kind is Kind.HOST:
-        st, since, seen, via, interval_s, seq, flapping = row
-        state = HostRow(subject, State(st), _since(since), _moment(seen), via, float(interval_s), seq, flapping)
-    elif row is not None:
-        st, since, seen, parent, boot, seq, flush_s, flapping = row
-        state = RelayRow(subject, State(st), _since(since), _moment(seen), parent, boot, seq, float(flush_s), flapping)
-    return Decision(transition, state, tuple(str(relay) for relay in path))
+    if row is not None:
+        names = _STATE_FIELDS[kind]
+        if len(row) != len(names):
+            raise ValueError(f"a {kind.value} row of {len(row)} fields, not {len(names)}")
+        given = dict(zip(names, row, strict=True))
+        given |= {name: _moment(given[name]) for name in _MOMENTS}
+        given["state"] = State(given["state"])
+        state = _STATE_ROWS[kind](id=subject, **given)
+    return Decision(change=change, state=state)
 
 
 class Journal:

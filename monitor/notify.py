@@ -34,6 +34,7 @@ from enum import StrEnum
 
 import orjson
 
+from monitor.records import Change
 from monitor.states import Event, Kind, State
 
 __all__ = [
@@ -62,22 +63,6 @@ class NoticeType(StrEnum):
     OUTAGE = "outage"
     RECOVERY = "recovery"
     REMINDER = "reminder"
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One written transition, as notifications see it."""
-
-    kind: Kind
-    subject: str
-    from_state: State
-    to_state: State
-    at: datetime
-    reason: str
-    relay: str | None = None  # the relay heard through, or (to `unreachable`) the relay blamed
-    path: tuple[str, ...] = ()  # relays between the subject and the monitor, nearest first
-    maintenance: bool = False
-    event: Event = Event.TRANSITION
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +285,16 @@ class _Draft:
 
 
 def _item(change: Change) -> Item:
-    return Item(change.kind, change.subject, change.from_state, change.to_state, change.at, change.reason, change.relay)
+    c = change
+    return Item(
+        kind=c.kind,
+        subject=c.subject,
+        from_state=c.from_state,
+        to_state=c.to_state,
+        at=c.at,
+        reason=c.reason,
+        relay=c.relay,
+    )
 
 
 def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) -> Plan:

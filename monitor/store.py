@@ -27,7 +27,9 @@ from sqlalchemy.sql.dml import Insert
 import migrations
 from monitor.maintenance import TargetKind, Window
 from monitor.notify import Alert, AlertKey, NoticeType
-from monitor.states import Event, Kind, State, Transition
+from monitor.records import HostRow, RelayRow, TransitionRow
+from monitor.records import require_aware as _require_aware
+from monitor.states import Event, Kind, State
 from monitor.tables import (
     AcknowledgementModel,
     AlertModel,
@@ -43,11 +45,10 @@ __all__ = [
     "Acknowledgement",
     "HostRow",
     "NewMessage",
-    "NewTransition",
     "OutboxRow",
     "RelayRow",
     "Store",
-    "TransitionRecord",
+    "TransitionRow",
     "alembic_config",
     "async_url",
     "downgrade_sync",
@@ -75,97 +76,6 @@ _ASYNC_DRIVERS = {
     "postgresql+psycopg_async": "postgresql+psycopg_async",
     "postgresql+asyncpg": "postgresql+asyncpg",
 }
-
-
-def _require_aware(name: str, value: datetime | None) -> None:
-    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
-        raise ValueError(f"{name} is a naive datetime ({value.isoformat()}); pass an aware one")
-
-
-@dataclass(frozen=True, slots=True)
-class HostRow:
-    id: str
-    state: State
-    since: datetime
-    last_seen: datetime | None
-    relay: str | None
-    interval_s: float
-    seq: int | None
-    flapping: bool
-
-    def __post_init__(self) -> None:
-        _require_aware("since", self.since)
-        _require_aware("last_seen", self.last_seen)
-
-
-@dataclass(frozen=True, slots=True)
-class RelayRow:
-    id: str
-    state: State
-    since: datetime
-    last_seen: datetime | None
-    parent: str | None
-    boot: str | None
-    seq: int | None
-    flush_s: float
-    flapping: bool
-
-    def __post_init__(self) -> None:
-        _require_aware("since", self.since)
-        _require_aware("last_seen", self.last_seen)
-
-
-@dataclass(frozen=True, slots=True)
-class NewTransition:
-    """A history row to append; the database assigns its id."""
-
-    kind: Kind
-    subject: str
-    from_state: State
-    to_state: State
-    at: datetime
-    reason: str
-    relay: str | None = None
-    event: Event = Event.TRANSITION
-    maintenance: bool = False  # a maintenance window covered the subject at `at`
-    key: str | None = None  # unique per decision: a row whose key is already stored is not written again
-
-    def __post_init__(self) -> None:
-        _require_aware("at", self.at)
-
-    @classmethod
-    def from_transition(
-        cls, transition: Transition, at: datetime, maintenance: bool = False, key: str | None = None
-    ) -> NewTransition:
-        """The detector's `Transition` (monotonic `at`) stamped with wall-clock time `at`."""
-        return cls(
-            kind=transition.kind,
-            subject=transition.subject,
-            from_state=transition.from_state,
-            to_state=transition.to_state,
-            at=at,
-            reason=transition.reason,
-            relay=transition.relay,
-            event=transition.event,
-            maintenance=maintenance,
-            key=key,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TransitionRecord:
-    """A stored history row. Ids increase in the order rows were written and are never reused."""
-
-    id: int
-    kind: Kind
-    subject: str
-    from_state: State
-    to_state: State
-    at: datetime
-    reason: str
-    relay: str | None
-    event: Event
-    maintenance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +219,9 @@ _KEYS_PER_QUERY = 500  # bound parameters per `stored_keys` query (SQLite allows
 
 _HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
 _RELAY_COLUMNS = [getattr(RelayModel, field.name) for field in fields(RelayRow)]
-_TRANSITION_COLUMNS = [getattr(TransitionModel, field.name) for field in fields(TransitionRecord)]
+_TRANSITION_FIELDS = tuple(field.name for field in fields(TransitionRow))
+_TRANSITION_COLUMNS = [getattr(TransitionModel, name) for name in _TRANSITION_FIELDS]
+_APPENDED_FIELDS = tuple(name for name in _TRANSITION_FIELDS if name != "id")  # the database assigns ids
 _WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Window)]
 _ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
 _OUTBOX_COLUMNS = [getattr(OutboxModel, field.name) for field in fields(OutboxRow)]
@@ -380,7 +292,7 @@ class Store:
 
     async def write(
         self,
-        transitions: Sequence[NewTransition],
+        transitions: Sequence[TransitionRow],
         hosts: Sequence[HostRow],
         relays: Sequence[RelayRow],
         *,
@@ -399,7 +311,8 @@ class Store:
         now = datetime.now(UTC)
         async with self._writer.begin() as connection:
             if transitions:
-                await connection.execute(self._append_transitions(), [_values(t) for t in transitions])
+                rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in transitions]
+                await connection.execute(self._append_transitions(), rows)
             if hosts:
                 rows = [_values(host) | {"updated_at": now} for host in _last_by_id(hosts)]
                 await connection.execute(self._upsert(HostModel), rows)
@@ -435,7 +348,7 @@ class Store:
         async with self._engine.connect() as connection:
             hosts = await connection.execute(select(*_HOST_COLUMNS).order_by(HostModel.id))
             relays = await connection.execute(select(*_RELAY_COLUMNS).order_by(RelayModel.id))
-            return [HostRow(*row) for row in hosts], [RelayRow(*row) for row in relays]
+            return [HostRow(**row._asdict()) for row in hosts], [RelayRow(**row._asdict()) for row in relays]
 
     async def stored_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of `keys` the history already holds (asked in chunks the drivers accept)."""
@@ -464,7 +377,7 @@ class Store:
         after_id: int | None = None,
         limit: int = 100,
         newest_first: bool = True,
-    ) -> list[TransitionRecord]:
+    ) -> list[TransitionRow]:
         """History rows matching every filter given, at most `limit`, ordered by id.
 
         `since` is inclusive (at >= since), `until` exclusive (at < until), `after_id` exclusive
@@ -490,7 +403,7 @@ class Store:
         query = select(*_TRANSITION_COLUMNS).where(*conditions).order_by(order).limit(limit)
         async with self._engine.connect() as connection:
             result = await connection.execute(query)
-            return [TransitionRecord(*row) for row in result]
+            return [TransitionRow(**row._asdict()) for row in result]
 
     # --- state changes over time (availability) ---
 
@@ -515,7 +428,7 @@ class Store:
             later = await connection.execute(changes)
             return {row[0]: row[1] for row in initial}, [(row[0], row[1], row[2]) for row in later]
 
-    async def latest_changes(self, kind: Kind, subjects: Sequence[str] | None = None) -> dict[str, TransitionRecord]:
+    async def latest_changes(self, kind: Kind, subjects: Sequence[str] | None = None) -> dict[str, TransitionRow]:
         """Each subject's newest state change (`event = 'transition'`): the row that began its state."""
         t = TransitionModel
         mine: list[ColumnElement[bool]] = [t.kind == kind, t.event == Event.TRANSITION]
@@ -524,7 +437,7 @@ class Store:
         newest = select(func.max(t.id)).where(*mine).group_by(t.subject).scalar_subquery()
         async with self._engine.connect() as connection:
             result = await connection.execute(select(*_TRANSITION_COLUMNS).where(t.id.in_(newest)))
-            return {record.subject: record for record in (TransitionRecord(*row) for row in result)}
+            return {record.subject: record for record in (TransitionRow(**row._asdict()) for row in result)}
 
     # --- maintenance windows ---
 

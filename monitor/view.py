@@ -31,9 +31,10 @@ from datetime import UTC, datetime, timedelta
 from monitor.availability import Availability, availability, report_window
 from monitor.detector import HostTrack, RelayTrack
 from monitor.maintenance import TargetKind, Window
+from monitor.records import HostRow, RelayRow, TransitionRow
 from monitor.service import Monitor, MonitorObserver
 from monitor.states import Event, Kind, State
-from monitor.store import Acknowledgement, TransitionRecord
+from monitor.store import Acknowledgement
 from relay.parts import PartState
 
 __all__ = [
@@ -66,38 +67,21 @@ def iso(moment: datetime | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HostView:
-    """A host as shown."""
+class HostView(HostRow):
+    """A host as shown: its row (state and flapping as shown), and what the view adds."""
 
-    id: str
-    state: State
-    relay: str | None  # the relay the freshest evidence came through; None: beating directly
     path: tuple[str, ...]  # relays from the nearest up to the monitor
-    last_seen: datetime | None
-    since: datetime
-    interval_s: float
     timeout_s: float
     deadline: datetime | None
-    seq: int | None
-    flapping: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RelayView:
-    """A relay as shown."""
+class RelayView(RelayRow):
+    """A relay as shown: its row (state and flapping as shown), and what the view adds."""
 
-    id: str
-    state: State
-    parent: str | None
-    last_seen: datetime | None
-    since: datetime
-    flush_s: float
     timeout_s: float
-    boot: str | None
-    seq: int | None
     hosts: int  # hosts heard through this relay
     children: tuple[str, ...]
-    flapping: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +153,7 @@ class _Before:
     """How a subject with pending transitions is shown: as before the first of them."""
 
     state: State | None = None  # None: no pending state change (only flapping or restart rows)
-    left_at: float = 0.0  # when the first pending state change happened (monitor clock)
+    left_at: datetime | None = None  # when the first pending state change happened
     flapping: bool | None = None  # None: no pending flapping row
 
 
@@ -333,14 +317,14 @@ class FleetView:
         its first pending change."""
         if not changing:
             return {}
-        wall = self._monitor.clock.wall
         ids = sorted(changing)
-        durable: dict[str, TransitionRecord] = {}
+        durable: dict[str, TransitionRow] = {}
         for start in range(0, len(ids), SQL_CHUNK):
             durable |= await self._monitor.store.latest_changes(kind, ids[start : start + SQL_CHUNK])
         sinces = {}
         for subject, before in changing.items():
-            left = wall(before.left_at)
+            left = before.left_at
+            assert left is not None  # set with `state`
             row = durable.get(subject)
             matches = row is not None and row.to_state == before.state and row.at <= left
             sinces[subject] = row.at if row is not None and matches else left
@@ -411,7 +395,7 @@ class FleetView:
         after_id: int | None = None,
         limit: int = 100,
         newest_first: bool = True,
-    ) -> list[TransitionRecord]:
+    ) -> list[TransitionRow]:
         """Rows of the `transitions` table (see `Store.history`)."""
         return await self._monitor.store.history(
             kind=kind,

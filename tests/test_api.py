@@ -10,14 +10,15 @@ import httpx
 import pytest
 
 from api.app import create_app
+from monitor.clock import SystemClock
 from monitor.detector import Policy
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.t = 1000.0

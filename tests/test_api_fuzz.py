@@ -27,8 +27,9 @@ from schemathesis.python import asgi
 
 from api.app import create_app
 from api.auth import ApiSettings
+from monitor.clock import SystemClock
 from monitor.detector import Policy
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
@@ -42,7 +43,7 @@ SCALE = float(os.environ.get("RELAYBEAT_FUZZ_SCALE", "1"))
 RANDOM = bool(os.environ.get("RELAYBEAT_FUZZ_RANDOM"))
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.t = 1000.0

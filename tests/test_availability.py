@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from api.bodies import iso
 from monitor.availability import Availability, availability, merge_intervals
 from monitor.states import Event, Kind, State
-from monitor.store import NewTransition, Store
+from monitor.store import Store, TransitionRow
 from tests.test_maintenance import AUTH, FakeClock, Fleet, api, call, new_monitor
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -162,8 +162,10 @@ async def store(db_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def row(subject: str, at: int, to: State, event: Event = Event.TRANSITION, kind: Kind = Kind.HOST) -> NewTransition:
-    return NewTransition(kind, subject, State.UNKNOWN, to, ms(at), "r", event=event)
+def row(subject: str, at: int, to: State, event: Event = Event.TRANSITION, kind: Kind = Kind.HOST) -> TransitionRow:
+    return TransitionRow(
+        kind=kind, subject=subject, from_state=State.UNKNOWN, to_state=to, at=ms(at), reason="r", event=event
+    )
 
 
 async def test_state_changes_give_the_state_at_since_and_the_changes_after_it(store: Store) -> None:

@@ -283,7 +283,7 @@ async def test_decisions_a_monitor_never_wrote_are_written_at_the_next_start_as_
     await first.flush()  # up in SQL; the journal is empty again
     assert journal.stat().st_size == 0
     first.take(topics.relay_status(RELAY), OFFLINE)  # decided, journaled, never written: "killed"
-    decided = {t.subject: first.clock.wall(t.at) for t in first._unwritten}
+    decided = {t.subject: t.at for t in first.pending()}
     first.close()
     with journal.open("ab") as file:
         file.write(b'["torn-", 0, [["host", "x"')  # a crash mid-write leaves half a line
@@ -339,7 +339,7 @@ async def test_a_journal_is_one_monitors(tmp_path: Path) -> None:
 async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("monitor.service.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
+    monkeypatch.setattr("monitor.writer.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
     journal = tmp_path / "monitor.journal"
     seen: list[list[tuple[str, State]]] = []
 
@@ -350,7 +350,7 @@ async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions
             if transitions and not seen:
                 monitor.take(Topics().relay_status(RELAY), OFFLINE)
             if transitions:  # what the journal holds as this batch starts
-                seen.append([(d.transition.subject, d.transition.to_state) for d in journaled(journal)])
+                seen.append([(d.change.subject, d.change.to_state) for d in journaled(journal)])
             await super().write(transitions, *args, **kwargs)
 
     store = await BusyStore.open(db_url)

@@ -22,8 +22,9 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from api.events import EventHub, close_streams
+from monitor.clock import SystemClock
 from monitor.detector import Policy
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
@@ -34,7 +35,7 @@ from tests.processes import Topology, wait_until
 # ------------------------------------------------------------------------------------ helpers
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.t = 1000.0

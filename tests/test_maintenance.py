@@ -24,11 +24,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from api import availability, operations
 from api.app import create_app
 from api.auth import ApiSettings
+from monitor.clock import SystemClock
 from monitor.detector import Policy
 from monitor.maintenance import MaintenanceBook, TargetKind, Window
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.states import Kind, State
-from monitor.store import Store, TransitionRecord, async_url
+from monitor.store import Store, TransitionRow, async_url
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 
@@ -148,7 +149,7 @@ def test_covers_agrees_with_the_subjects_intervals(
 # --- a real monitor behind the API --------------------------------------------------------------
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.offset = float(round(self.offset))  # whole seconds: wall times are exact, differences too
@@ -192,7 +193,7 @@ class Fleet:
     def wall(self) -> datetime:
         return self.clock.wall(self.clock.t)
 
-    async def history(self, subject: str) -> list[TransitionRecord]:
+    async def history(self, subject: str) -> list[TransitionRow]:
         await self.monitor.flush()
         return await self.monitor.store.history(subject=subject, newest_first=False)
 
@@ -242,7 +243,7 @@ async def add(client: httpx.AsyncClient, body: dict[str, Any], status: int = 201
     return await call(client, "POST", "/api/v1/maintenance", status, json=body, headers=AUTH)
 
 
-def marks(rows: list[TransitionRecord]) -> list[tuple[State, State, bool]]:
+def marks(rows: list[TransitionRow]) -> list[tuple[State, State, bool]]:
     return [(r.from_state, r.to_state, r.maintenance) for r in rows]
 
 
@@ -420,7 +421,7 @@ async def test_a_relay_outage_can_be_acknowledged(
     store, looked = fleet.monitor.store, asyncio.Event()
     latest_changes = store.latest_changes
 
-    async def spy(kind: Kind, subjects: list[str]) -> dict[str, TransitionRecord]:
+    async def spy(kind: Kind, subjects: list[str]) -> dict[str, TransitionRow]:
         found = await latest_changes(kind, subjects)
         looked.set()
         return found

@@ -52,12 +52,24 @@ def host(
     **kw: object,
 ) -> Change:
     path = (relay,) if path is None and relay is not None else (path or ())
-    return Change(HOST, subject, a, b, at(t), f"{a}->{b}", relay, path, **kw)  # type: ignore[arg-type]
+    return Change(
+        kind=HOST, subject=subject, from_state=a, to_state=b, at=at(t), reason=f"{a}->{b}", relay=relay, path=path, **kw
+    )  # type: ignore[arg-type]
 
 
 def relay(subject: str, a: State, b: State, t: float = 0, parent: str | None = None, **kw: object) -> Change:
     path = () if parent is None else (parent,)
-    return Change(RELAY, subject, a, b, at(t), f"{a}->{b}", parent, path, **kw)  # type: ignore[arg-type]
+    return Change(
+        kind=RELAY,
+        subject=subject,
+        from_state=a,
+        to_state=b,
+        at=at(t),
+        reason=f"{a}->{b}",
+        relay=parent,
+        path=path,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def relay_death(t: float = 0, hosts: tuple[str, ...] = ("a", "b", "c")) -> list[Change]:
@@ -330,7 +342,17 @@ def test_alerts_follow_a_reference_model_and_every_outage_pairs_with_one_recover
             options = (HOST_MOVES if kind is HOST else RELAY_MOVES)[state[kind, name]]
             to = options[choice % len(options)]
             blamed = blame if to is UNREACHABLE else (path[0] if path else None)
-            change = Change(kind, name, state[kind, name], to, at(t), "", blamed, path, maintenance)
+            change = Change(
+                kind=kind,
+                subject=name,
+                from_state=state[kind, name],
+                to_state=to,
+                at=at(t),
+                reason="",
+                relay=blamed,
+                path=path,
+                maintenance=maintenance,
+            )
             changes.append(change)
             state[kind, name] = to
             last[kind, name] = change

@@ -26,13 +26,14 @@ from typing import Any
 import orjson
 import pytest
 
+from monitor.clock import SystemClock
 from monitor.detector import Policy
 from monitor.maintenance import TargetKind
 from monitor.notify import NoticeType, Target
 from monitor.outbox import NotifySettings, Webhook, backoff_s
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.states import Event, Kind, State
-from monitor.store import NewMessage, NewTransition, OutboxRow, Store
+from monitor.store import NewMessage, OutboxRow, Store, TransitionRow
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
@@ -132,7 +133,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 # ------------------------------------------------------------------------------------- monitor
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.t = 1000.0
@@ -186,7 +187,7 @@ async def open_monitor(
     monitor = Monitor(settings, store, clock or FakeClock())
     await monitor.restore()
     monitor.outbox.jitter = lambda: 1.0  # backoff exactly min_s × 2^n, so the gaps can be checked
-    monitor.remind_tick_s = 0.05  # the fake clock jumps; look for due reminders often
+    monitor.notifier.remind_tick_s = 0.05  # the fake clock jumps; look for due reminders often
     return monitor
 
 
@@ -559,7 +560,9 @@ async def test_outbox_rows_are_written_in_the_transaction_of_their_transitions(t
     try:
         await store.upgrade()
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        row = NewTransition(Kind.HOST, "a", State.UP, State.DOWN, now, "no beat")
+        row = TransitionRow(
+            kind=Kind.HOST, subject="a", from_state=State.UP, to_state=State.DOWN, at=now, reason="no beat"
+        )
         message = NewMessage("ops", "same-key", NoticeType.OUTAGE, "host:a", "{}", now)
         with pytest.raises(Exception, match=r"(?i)unique"):
             await store.write([row], [], [], messages=[message, message])  # the second breaks the key

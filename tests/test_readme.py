@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import text
 
 from monitor.states import Event, Kind, State, state_diagram
-from monitor.store import NewTransition, Store
+from monitor.store import Store, TransitionRow
 from relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -57,12 +57,45 @@ async def test_readme_sql_queries_run_and_answer(db_url: str) -> None:
         await store.upgrade()
         t0 = datetime(2026, 11, 20, tzinfo=UTC)
         rows = [
-            NewTransition(Kind.HOST, "web-1", State.UP, State.DOWN, t0, "no beat"),
-            NewTransition(Kind.HOST, "web-1", State.DOWN, State.UP, t0 + timedelta(minutes=5), "beat received"),
-            NewTransition(Kind.HOST, "web-1", State.UP, State.DOWN, t0 + timedelta(hours=1), "no beat"),
-            NewTransition(Kind.HOST, "db-1", State.UP, State.DOWN, t0, "no beat"),
-            NewTransition(Kind.HOST, "db-1", State.DOWN, State.DOWN, t0, "leaf restarted", event=Event.RESTART),
-            NewTransition(Kind.HOST, "old", State.UP, State.DOWN, t0 - timedelta(days=30), "no beat"),
+            TransitionRow(
+                kind=Kind.HOST, subject="web-1", from_state=State.UP, to_state=State.DOWN, at=t0, reason="no beat"
+            ),
+            TransitionRow(
+                kind=Kind.HOST,
+                subject="web-1",
+                from_state=State.DOWN,
+                to_state=State.UP,
+                at=t0 + timedelta(minutes=5),
+                reason="beat received",
+            ),
+            TransitionRow(
+                kind=Kind.HOST,
+                subject="web-1",
+                from_state=State.UP,
+                to_state=State.DOWN,
+                at=t0 + timedelta(hours=1),
+                reason="no beat",
+            ),
+            TransitionRow(
+                kind=Kind.HOST, subject="db-1", from_state=State.UP, to_state=State.DOWN, at=t0, reason="no beat"
+            ),
+            TransitionRow(
+                kind=Kind.HOST,
+                subject="db-1",
+                from_state=State.DOWN,
+                to_state=State.DOWN,
+                at=t0,
+                reason="leaf restarted",
+                event=Event.RESTART,
+            ),
+            TransitionRow(
+                kind=Kind.HOST,
+                subject="old",
+                from_state=State.UP,
+                to_state=State.DOWN,
+                at=t0 - timedelta(days=30),
+                reason="no beat",
+            ),
         ]
         await store.write(rows, (), ())
         async with store._engine.connect() as connection:

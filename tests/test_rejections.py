@@ -20,7 +20,8 @@ import pytest
 
 import relay.rejections
 from api.app import create_app
-from monitor.service import Clock, Monitor
+from monitor.clock import SystemClock
+from monitor.service import Monitor
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.service import RelayService
@@ -33,7 +34,7 @@ MONITOR_MAX_ENTRIES = 100_000
 RELAY_MAX_BYTES = 64 * 1024
 
 
-class FakeClock(Clock):
+class FakeClock(SystemClock):
     def __init__(self) -> None:
         super().__init__()
         self.t = 1000.0
@@ -251,7 +252,7 @@ def test_warnings_come_again_after_the_interval(
 
     fake = FakeTime()
     monkeypatch.setattr(relay.rejections, "time", fake)
-    monitor.rejections = relay.rejections.Rejections(logging.getLogger("relaybeat.monitor"), every_s=10.0)
+    monitor.ingest.rejections = relay.rejections.Rejections(logging.getLogger("relaybeat.monitor"), every_s=10.0)
     caplog.set_level(logging.WARNING, logger="relaybeat.monitor")
     for fake.t in (100.0, 101.0, 109.9, 110.0, 115.0, 120.5):
         monitor.take(BUNDLE, b"{not json")

@@ -81,7 +81,7 @@ async def test_a_batch_cancelled_mid_write_is_kept_and_written_by_the_final_flus
     writing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await writing
-    assert {t.subject for t in monitor._unwritten} == {"r1", "web-1"}
+    assert {t.subject for t in monitor.pending()} == {"r1", "web-1"}
     store.hold = None
     await monitor.flush()
     assert sorted(r.subject for r in await store.history()) == ["r1", "web-1"]
@@ -93,7 +93,7 @@ async def test_a_failure_after_the_commit_never_writes_the_batch_twice(store: Sl
     store.fail_next_id_read = True
     await monitor.flush()
     assert sorted(r.subject for r in await store.history()) == ["r1", "web-1"]
-    assert monitor._unwritten == [] and monitor.db_ok
+    assert monitor.pending() == [] and monitor.db_ok
 
 
 async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_the_way_out() -> None:
@@ -157,7 +157,7 @@ async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: Slo
     monitor.detector.grace_from = -10.0  # start-up grace long over
     monitor.take("relaybeat/beat/web-1", encode_beat(Beat(seq=1, interval_s=0.2)))  # timeout 0.6 s
     probe = asyncio.create_task(monitor.watch_loop_lag(every_s=0.05))
-    expiry = asyncio.create_task(monitor._expire_loop())
+    expiry = asyncio.create_task(monitor.expiry.run())
     try:
         await asyncio.sleep(0.1)
         time.sleep(1.5)  # noqa: ASYNC251 - on purpose: the loop is blocked past web-1's deadline; its next beats may be unread

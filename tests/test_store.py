@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from monitor.states import Event, Kind, State
 from monitor.store import (
     HostRow,
-    NewTransition,
     RelayRow,
     Store,
+    TransitionRow,
     async_url,
     downgrade_sync,
     pending_model_changes,
@@ -89,8 +89,17 @@ def transition(
     kind: Kind = Kind.HOST,
     event: Event = Event.TRANSITION,
     to_state: State = State.UP,
-) -> NewTransition:
-    return NewTransition(kind, subject, State.UNKNOWN, to_state, at, "test", "r1", event)
+) -> TransitionRow:
+    return TransitionRow(
+        kind=kind,
+        subject=subject,
+        from_state=State.UNKNOWN,
+        to_state=to_state,
+        at=at,
+        reason="test",
+        relay="r1",
+        event=event,
+    )
 
 
 # --- URLs ---------------------------------------------------------------------------------------

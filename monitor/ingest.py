@@ -1,0 +1,171 @@
+"""The monitor's ingest part: one MQTT session (persistent, QoS 1) in, decoded and validated news to
+the detector out. Bad input is counted and logged (`rejections`), never raised.
+
+It also reads the backlog before each expiry pass (`catch_up`): input that outlasts BEHIND_S of
+reading starts a timeout of grace, as a stall does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import aiomqtt
+
+from monitor.clock import Clock
+from monitor.detector import Detector
+from monitor.expiry import Expiry
+from monitor.states import Transition
+from relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relay.rejections import Rejections
+from relay.wire import (
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_MAX_BUNDLE_ENTRIES,
+    INTERNAL_ERROR,
+    Bundle,
+    TopicKind,
+    Topics,
+    WireError,
+    decode_beat,
+    decode_bundle,
+    decode_relay_status,
+)
+
+__all__ = ["BEHIND_S", "Ingest"]
+
+log = logging.getLogger("relaybeat.monitor")
+
+BEHIND_S = 1.0  # input still waiting after reading this long: the monitor is behind, news may be late
+
+
+class Ingest:
+    def __init__(
+        self,
+        topics: Topics,
+        detector: Detector,
+        clock: Clock,
+        decide: Callable[[list[Transition]], None],
+        expiry: Expiry,
+        *,
+        accept_direct_beats: bool = True,
+        relays: frozenset[str] | None = None,
+        max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+        max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+    ) -> None:
+        self.topics = topics
+        self.detector = detector
+        self.clock = clock
+        self.decide = decide  # where decisions go (the writer)
+        self.expiry = expiry  # woken when news moves a deadline earlier
+        self.accept_direct_beats = accept_direct_beats
+        self.relays = relays
+        self.max_bundle_bytes = max_bundle_bytes
+        self.max_bundle_entries = max_bundle_entries
+        self.rejections = Rejections(log)
+        self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
+        self.received: Counter[str] = Counter()
+        self.behind = 0  # expiry passes that found input waiting and could not read it all first
+        self._behind_since: float | None = None  # since when we have been behind (None: caught up)
+        self._client: aiomqtt.Client | None = None  # the broker session's client, while there is one
+
+    async def run(self, broker: BrokerURL, client_id: str) -> None:
+        await stay_connected(
+            broker,
+            lambda: broker.client(client_id, clean_session=False, keepalive=5),
+            self._session,
+            name="monitor",
+            max_delay_s=1.0,
+            on_state=self._connection_changed,
+        )
+
+    def _connection_changed(self, connected: bool) -> None:
+        if connected != (not self.detector.disconnected):
+            log.warning("monitor %s its broker", "regained" if connected else "lost")
+        self.detector.set_connected(connected, self.clock.now())
+        self.expiry.wake()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.all_bundles, qos=1)
+        await client.subscribe(self.topics.all_relay_statuses, qos=1)
+        if self.accept_direct_beats:
+            await client.subscribe(self.topics.all_beats, qos=1)
+        self._client = client
+        try:
+            async for message in messages(client):
+                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+        finally:
+            self._client = None
+        raise aiomqtt.MqttError("broker closed the message stream")
+
+    def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message from the broker. Bad input is counted and logged, never raised.
+
+        `retained`: replayed by the broker on (re)subscribe, of unknown age. A retained relay status
+        is what it is meant for; a retained beat or bundle is no evidence of life."""
+        now = self.clock.now()
+        try:
+            kind, subject = self.topics.parse(topic)
+            if retained and kind is not TopicKind.RELAY_STATUS:
+                raise WireError("retained", "an old retained message: publish beats and bundles without retain")
+            if kind is TopicKind.BUNDLE:
+                bundle = decode_bundle(payload, self.max_bundle_bytes, self.max_bundle_entries)
+                if bundle.relay != subject:
+                    raise WireError("relay_mismatch", f"bundle for {bundle.relay!r} on {topic!r}")
+                if self.relays is not None:
+                    unknown = _relay_ids(bundle) - self.relays
+                    if unknown:
+                        raise WireError("unknown_relay", f"{sorted(unknown)[0]!r} is not in [monitor] relays")
+                self.received["bundles"] += 1
+                self.received["bundle_entries"] += bundle.entry_count()
+                ignored = self.detector.ignored
+                before = dict(ignored)
+                self.decide(self.detector.observe(bundle, now))
+                if ignored != before:  # a duplicate or older bundle (seq, boot): counted by the detector
+                    for reason in [r for r, n in ignored.items() if n != before.get(r)]:
+                        self.ignored_log.add(f"detector_{reason}", topic, "ignored: not newer than what was seen")
+            elif kind is TopicKind.BEAT:
+                if self.accept_direct_beats:
+                    self.received["beats"] += 1
+                    self.decide(self.detector.observe_beat(subject, decode_beat(payload), now))
+            elif not decode_relay_status(payload):
+                self.received["relay_offline"] += 1
+                self.decide(self.detector.relay_offline(subject, now))
+        except WireError as err:
+            self.rejections.add(err.reason, topic, err.detail)
+        except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
+            self.rejections.add(
+                INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
+        self.expiry.news()
+
+    async def catch_up(self) -> None:
+        """Read what already reached us (aiomqtt's queue, our socket) before judging anyone on it: news
+        that is late because we are behind is no silence. Input that outlasts BEHIND_S of reading (a
+        flood) starts one timeout of grace, as a stall does; still behind after that, we decide anyway,
+        so a flood that never ends cannot stop every decision."""
+        client = self._client
+        if client is None or not sum(backlog(client)):
+            self._behind_since = None
+            return
+        if await read_backlog(client, BEHIND_S, self.clock.now):
+            self._behind_since = None
+            return
+        self.behind += 1
+        if self._behind_since is None:
+            now = self._behind_since = self.clock.now()
+            queued, unread = backlog(client)
+            log.warning(
+                "monitor is behind its input (%d messages, %d bytes waiting): a timeout of grace before new decisions",
+                queued,
+                unread,
+            )
+            self.detector.regain_sight(now)
+
+
+def _relay_ids(bundle: Bundle) -> set[str]:
+    """Every relay a bundle speaks for: its own and its children's, at any depth."""
+    ids = {bundle.relay}
+    for child in bundle.children:
+        ids |= _relay_ids(child)
+    return ids

@@ -1,0 +1,103 @@
+"""The monitor's notifications part: webhook messages planned in the transaction that writes their
+transitions, reminders, and the outbox worker that delivers them.
+
+What to say is decided by `monitor.notify` (pure); this part only holds what each target has been
+told (`alerts`), writes the plan with the rows it is about, and runs the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+from monitor.clock import Clock
+from monitor.notify import AlertBook, Plan, plan, remind, render
+from monitor.outbox import NotifySettings, OutboxWorker
+from monitor.records import Change, HostRow, RelayRow
+from monitor.states import Kind, State
+from monitor.store import NewMessage, Store
+
+__all__ = ["Notifier"]
+
+log = logging.getLogger("relaybeat.monitor")
+
+
+class Notifier:
+    def __init__(
+        self, settings: NotifySettings, store: Store, clock: Clock, state_of: Callable[[Kind, str], State | None]
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.state_of = state_of  # a subject's state now, None if the detector no longer holds it
+        self.alerts = AlertBook()  # what each webhook target has been told is down (loaded by `load`)
+        self.outbox = OutboxWorker(store, settings)
+        self._lock = asyncio.Lock()  # one plan at a time against `alerts`
+        everies = [t.remind_every_s for t in settings.targets if t.remind_every_s is not None]
+        self.remind_tick_s = max(0.01, min([30.0, *(every / 4 for every in everies)]))  # also drops stale alerts
+
+    async def load(self) -> None:
+        self.alerts.load(await self.store.alerts())
+
+    async def write(self, changes: Sequence[Change], hosts: Sequence[HostRow], relays: Sequence[RelayRow]) -> float:
+        """One transaction: `changes`, the state rows, and the webhook messages and alert changes they
+        cause; how long the transaction took (seconds)."""
+        async with self._lock:
+            targets = self.settings.targets
+            notices = plan(changes, targets, self.alerts) if targets else Plan()
+            messages = self._messages(notices)
+            started = time.perf_counter()
+            await self.store.write(
+                changes, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed
+            )
+            elapsed = time.perf_counter() - started
+            self.alerts.apply(notices)
+        if messages:
+            self.outbox.poke()
+        return elapsed
+
+    def _messages(self, notices: Plan) -> list[NewMessage]:
+        now = self.outbox.wall()
+        messages = []
+        for notice in notices.notices:
+            key = uuid.uuid4().hex
+            body = render(notice, key).decode()
+            messages.append(
+                NewMessage(
+                    target=notice.target, key=key, type=notice.type, incident=notice.incident, body=body, created_at=now
+                )
+            )
+        return messages
+
+    async def run(self) -> None:
+        """Deliver webhook messages and send reminders until cancelled; returns at once without webhooks."""
+        if not self.settings.webhooks:
+            return
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.outbox.run(), name="outbox")
+            tasks.create_task(self._remind_loop(), name="remind")
+
+    async def _remind_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.remind_tick_s)
+            try:
+                await self.remind()
+            except Exception as exc:  # the database is down: the reminders wait for the next tick
+                log.warning("reminders failed (%s); will retry", exc)
+
+    async def remind(self) -> int:
+        """Queue the reminders due now (and close alerts of forgotten subjects); how many were queued."""
+        async with self._lock:
+            now = self.clock.wall(self.clock.now())
+            due = remind(self.alerts, self.settings.targets, now, self.state_of)
+            if not due:
+                return 0
+            messages = self._messages(due)
+            await self.store.write((), (), (), messages=messages, opened=due.opened, closed=due.closed)
+            self.alerts.apply(due)
+        if messages:
+            self.outbox.poke()
+        return len(messages)

@@ -1,0 +1,177 @@
+"""The records the monitor keeps of each concept, in wall-clock time: one per transition, host, relay.
+
+The detector decides on its own monotonic clock (`Transition`, `HostTrack`, `RelayTrack`); the shell
+stamps each into wall time once, as one of these, and everything after that reads the same record:
+the journal, the store (writes and reads), notifications, the read view (which adds what it shows
+besides: `HostView`, `RelayView`) and the API's bodies (tests check that their fields match).
+Records are built by keyword only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from monitor.detector import HostSnapshot, HostTrack, RelaySnapshot, RelayTrack
+from monitor.states import Event, Kind, State, Transition
+
+__all__ = ["Change", "HostRow", "RelayRow", "TransitionRow", "Wall", "require_aware"]
+
+Wall = Callable[[float], datetime]  # a clock's `wall`: monotonic seconds to an aware UTC moment
+Mono = Callable[[datetime], float]  # a clock's `mono`: the inverse
+
+
+def require_aware(name: str, value: datetime | None) -> None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(f"{name} is a naive datetime ({value.isoformat()}); pass an aware one")
+
+
+def _wall_or_none(wall: Wall, t: float | None) -> datetime | None:
+    return None if t is None else wall(t)
+
+
+def _mono_or_none(mono: Mono, moment: datetime | None) -> float | None:
+    return None if moment is None else mono(moment)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransitionRow:
+    """One row of history: a detector `Transition` at its wall-clock moment `at`.
+
+    `id` is 0 until the database assigns it; ids increase in the order rows were written and are
+    never reused. `key` is unique per decision: a row whose key is already stored is not written again."""
+
+    kind: Kind
+    subject: str
+    from_state: State
+    to_state: State
+    at: datetime
+    reason: str
+    relay: str | None = None  # the relay heard through, or (to `unreachable`) the relay blamed
+    event: Event = Event.TRANSITION
+    maintenance: bool = False  # a maintenance window covered the subject at `at`
+    key: str | None = None
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        require_aware("at", self.at)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change(TransitionRow):
+    """A transition as just decided: its row, and the relays between the subject and the monitor
+    then, nearest first (for maintenance and notifications; not a column)."""
+
+    path: tuple[str, ...] = ()
+
+    @classmethod
+    def decided(
+        cls, transition: Transition, at: datetime, path: tuple[str, ...], maintenance: bool, key: str
+    ) -> Change:
+        """The detector's `transition`, stamped with its wall-clock moment `at`."""
+        t = transition
+        return cls(
+            kind=t.kind,
+            subject=t.subject,
+            from_state=t.from_state,
+            to_state=t.to_state,
+            at=at,
+            reason=t.reason,
+            relay=t.relay,
+            event=t.event,
+            maintenance=maintenance,
+            key=key,
+            path=path,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostRow:
+    """A host's current state (what the store keeps for a restart)."""
+
+    id: str
+    state: State
+    since: datetime
+    last_seen: datetime | None
+    relay: str | None  # the relay the freshest evidence came through; None: beating directly
+    interval_s: float
+    seq: int | None
+    flapping: bool
+
+    def __post_init__(self) -> None:
+        require_aware("since", self.since)
+        require_aware("last_seen", self.last_seen)
+
+    @classmethod
+    def of(cls, host: HostTrack, wall: Wall) -> HostRow:
+        return cls(
+            id=host.id,
+            state=host.state,
+            since=wall(host.since),
+            last_seen=_wall_or_none(wall, host.last_seen),
+            relay=host.via,
+            interval_s=host.interval_s,
+            seq=host.seq,
+            flapping=host.flapping,
+        )
+
+    def snapshot(self, mono: Mono) -> HostSnapshot:
+        """Back on the detector's clock, for `Detector.restore`."""
+        return HostSnapshot(
+            id=self.id,
+            state=self.state,
+            since=mono(self.since),
+            last_seen=_mono_or_none(mono, self.last_seen),
+            relay=self.relay,
+            interval_s=self.interval_s,
+            seq=self.seq,
+            flapping=self.flapping,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayRow:
+    """A relay's current state (what the store keeps for a restart)."""
+
+    id: str
+    state: State
+    since: datetime
+    last_seen: datetime | None
+    parent: str | None
+    boot: str | None
+    seq: int | None
+    flush_s: float
+    flapping: bool
+
+    def __post_init__(self) -> None:
+        require_aware("since", self.since)
+        require_aware("last_seen", self.last_seen)
+
+    @classmethod
+    def of(cls, relay: RelayTrack, wall: Wall) -> RelayRow:
+        return cls(
+            id=relay.id,
+            state=relay.state,
+            since=wall(relay.since),
+            last_seen=_wall_or_none(wall, relay.last_seen),
+            parent=relay.parent,
+            boot=relay.boot,
+            seq=None if relay.seq < 0 else relay.seq,
+            flush_s=relay.flush_s,
+            flapping=relay.flapping,
+        )
+
+    def snapshot(self, mono: Mono) -> RelaySnapshot:
+        """Back on the detector's clock, for `Detector.restore`."""
+        return RelaySnapshot(
+            id=self.id,
+            state=self.state,
+            since=mono(self.since),
+            last_seen=_mono_or_none(mono, self.last_seen),
+            parent=self.parent,
+            boot=self.boot,
+            seq=self.seq,
+            flush_s=self.flush_s,
+            flapping=self.flapping,
+        )

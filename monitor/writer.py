@@ -1,0 +1,305 @@
+"""The monitor's writer part: decisions out, into the journal as they are made and into SQL in batches.
+
+Each decision is stamped into wall time once (`Change`: its row, key and relay path) when it is
+made; with a journal it is appended there at once, so a monitor killed before its batch commits
+writes it at the next start (`replay`), dated when it was decided. The write loop batches what is
+pending into one transaction with the subjects' state rows and their webhook messages, retrying
+with backoff until the database takes it: nothing accepted is lost. The checkpoint saves last-seen
+times for a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from monitor.clock import Clock
+from monitor.detector import Detector, HostTrack
+from monitor.journal import REWRITE_BYTES, Decision, Journal, encode
+from monitor.maintenance import MaintenanceBook
+from monitor.notifier import Notifier
+from monitor.records import Change, HostRow, RelayRow
+from monitor.states import Kind, Transition
+from monitor.store import Store
+
+__all__ = ["MonitorObserver", "Writer"]
+
+log = logging.getLogger("relaybeat.monitor")
+
+BATCH_GATHER_S = 0.02  # let a burst (a relay's whole subtree) gather into one transaction
+
+RelayPath = Callable[[Kind, str, str | None], list[str]]
+
+
+class MonitorObserver(Protocol):
+    """Watches the monitor without steering it (the metrics do): decisions as made, writes as done."""
+
+    def decided(self, transitions: Sequence[Transition], now: float) -> None:
+        """`transitions` were just decided at `now` (the monitor's clock, like `Transition.at`)."""
+
+    def wrote(self, rows: int, seconds: float) -> None:
+        """A batch of `rows` transitions reached SQL; the transaction took `seconds`."""
+
+
+class Writer:
+    def __init__(
+        self,
+        store: Store,
+        detector: Detector,
+        clock: Clock,
+        maintenance: MaintenanceBook,
+        notifier: Notifier,
+        relay_path: RelayPath,
+        journal_path: Path | None,
+    ) -> None:
+        self.store = store
+        self.detector = detector
+        self.clock = clock
+        self.maintenance = maintenance
+        self.notifier = notifier
+        self.relay_path = relay_path
+        self.journal_path = journal_path
+        self.db_ok = True  # the last SQL write went through
+        self.write_failures = 0
+        self.written = asyncio.Condition()  # notified after each batch reaches SQL
+        self.last_written_id = 0
+        self.recent: deque[Transition] = deque(maxlen=200)  # the latest decisions, for live views
+        self.observers: list[MonitorObserver] = []
+        self._unwritten: list[Change] = []
+        self._in_flight: list[Change] = []  # the batch being written right now
+        # Each decision's key is this monitor's prefix and its number in decision order; `_unwritten`
+        # always holds numbers `_unwritten_from` up to `_decided` (a failed batch goes back in front).
+        self._key_prefix = uuid.uuid4().hex[:16] + "-"
+        self._decided = 0
+        self._unwritten_from = 0
+        self.journal: Journal | None = None  # opened by `replay` when there is a journal path
+        self.journal_failures = 0
+        self._journal_warned_at = -10.0
+        self._wanted = asyncio.Event()
+
+    # ---------------------------------------------------------------------------- decisions in
+
+    def emit(self, transitions: list[Transition]) -> None:
+        """Take the detector's decisions: stamp, journal and queue them for the next batch."""
+        if not transitions:
+            return
+        self.recent.extend(transitions)
+        first = self._decided
+        self._decided += len(transitions)
+        changes = self._stamp(transitions, first)
+        if self.journal is not None:
+            try:
+                self.journal.append(self._journal_line(changes, first))
+            except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
+                self._journal_failed(exc)
+        self._unwritten.extend(changes)
+        self._wanted.set()
+        now = self.clock.now()
+        for observer in self.observers:
+            observer.decided(transitions, now)
+
+    def _stamp(self, transitions: Sequence[Transition], first: int) -> list[Change]:
+        """Each decision in wall time, with its key (numbered from `first`), its relay path as it is now
+        and whether a maintenance window covers it."""
+        hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
+        walked: dict[str | None, tuple[str, ...]] = {}  # by the relay a path starts at: a subtree shares a few
+        changes = []
+        for number, t in enumerate(transitions, first):
+            track = (hosts if t.kind is Kind.HOST else relays).get(t.subject)
+            start = t.relay if track is None else track.via if isinstance(track, HostTrack) else track.parent
+            path = walked.get(start)
+            if path is None:
+                path = walked[start] = tuple(self.relay_path(t.kind, t.subject, t.relay))
+            at = wall(t.at)
+            covered = self.maintenance.covers(t.kind, t.subject, path, at)
+            changes.append(Change.decided(t, at, path, covered, f"{self._key_prefix}{number}"))
+        return changes
+
+    def pending(self) -> list[Change]:
+        """Decisions not yet known to be in SQL, in the order they were made (the batch being written,
+        then those waiting)."""
+        return [*self._in_flight, *self._unwritten]
+
+    # ------------------------------------------------------------------------------- journal
+
+    def _journal_line(self, changes: Sequence[Change], first: int) -> bytes:
+        """The journal line of decisions numbered from `first`, with their subjects' rows as they are now."""
+        hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
+        states: list[HostRow | RelayRow | None] = []
+        for c in changes:
+            if c.kind is Kind.HOST:
+                host = hosts.get(c.subject)
+                states.append(None if host is None else HostRow.of(host, wall))
+            else:
+                relay = relays.get(c.subject)
+                states.append(None if relay is None else RelayRow.of(relay, wall))
+        return encode(self._key_prefix, first, changes, states)
+
+    async def replay(self) -> None:
+        """At start: open the journal and write the decisions in it that SQL does not hold yet (a
+        batch the last run never committed), with their state rows and webhook messages, in one
+        transaction; then empty it."""
+        if self.journal_path is None or self.journal is not None:
+            return
+        journal, decisions, torn = Journal.open(self.journal_path)
+        try:
+            if torn:
+                log.warning("journal %s: skipped %d lines that are not decisions (torn?)", journal.path, torn)
+            await self._replay(decisions)
+            journal.clear()
+        except BaseException:
+            journal.close()
+            raise
+        self.journal = journal
+
+    async def _replay(self, decisions: Sequence[Decision]) -> None:
+        if not decisions:
+            return
+        stored = await self.store.stored_keys(d.change.key for d in decisions if d.change.key is not None)
+        missing = [d for d in decisions if d.change.key not in stored]
+        if missing:
+            changes = [
+                dataclasses.replace(c, maintenance=self.maintenance.covers(c.kind, c.subject, c.path, c.at))
+                for c in (d.change for d in missing)
+            ]
+            hosts = [d.state for d in missing if isinstance(d.state, HostRow)]
+            relays = [d.state for d in missing if isinstance(d.state, RelayRow)]
+            await self.notifier.write(changes, hosts, relays)
+        log.log(
+            logging.WARNING if missing else logging.INFO,
+            "journal %s: wrote %d decisions the last run had not written (%d it had)",
+            self.journal_path,
+            len(missing),
+            len(decisions) - len(missing),
+        )
+
+    def close(self) -> None:
+        """Release the journal (its lines stay for the next start if SQL does not hold them yet)."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def _compact_journal(self) -> None:
+        """After a commit: empty the journal if SQL now holds every decision, or keep only the pending
+        ones if it grew large under a load that never let it drain."""
+        if self.journal is None:
+            return
+        try:
+            if not self._unwritten:
+                self.journal.clear()
+            elif self.journal.size > REWRITE_BYTES:
+                self.journal.rewrite(self._journal_line(self._unwritten, self._unwritten_from))
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self.journal_failures += 1
+        now = time.monotonic()
+        if now - self._journal_warned_at >= 10.0:  # a full disk fails every batch: say so every 10 s
+            self._journal_warned_at = now
+            log.warning(
+                "journal %s: %s (%d failures so far); decisions still go to SQL, but a crash before that loses them",
+                self.journal_path,
+                exc,
+                self.journal_failures,
+            )
+
+    # -------------------------------------------------------------------------------- SQL out
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            await asyncio.sleep(BATCH_GATHER_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything decided so far; on a database error keep it and retry with backoff.
+
+        A batch is retried only if it did not reach SQL; what follows a commit (ids, observers,
+        waking readers) never sends it again. Cancelled mid-write, the batch is kept for the final
+        flush in `Monitor.run`."""
+        attempt = 0
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            first = self._unwritten_from
+            self._unwritten_from += len(batch)
+            self._in_flight = batch
+            self._wanted.clear()
+            try:
+                elapsed = await self._write(batch)
+            except BaseException as exc:
+                self._unwritten[:0] = batch
+                self._unwritten_from = first
+                if not isinstance(exc, Exception):
+                    raise
+                self.db_ok = False
+                self.write_failures += 1
+                attempt += 1
+                log.warning("database write failed (%s); %d transitions kept for retry", exc, len(self._unwritten))
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+                continue
+            finally:
+                self._in_flight = []
+            self.db_ok = True
+            attempt = 0
+            self._compact_journal()
+            try:
+                await self._after_write(len(batch), elapsed)
+            except Exception as exc:  # the rows are in SQL: only the bookkeeping failed
+                log.warning("after writing %d transitions: %s", len(batch), exc)
+
+    async def _write(self, batch: Sequence[Change]) -> float:
+        """One transaction: the batch, its subjects' current-state rows, webhook messages and alerts."""
+        hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
+        host_ids = sorted({c.subject for c in batch if c.kind is Kind.HOST})
+        relay_ids = sorted({c.subject for c in batch if c.kind is Kind.RELAY})
+        host_rows = [HostRow.of(hosts[h], wall) for h in host_ids if h in hosts]
+        relay_rows = [RelayRow.of(relays[r], wall) for r in relay_ids if r in relays]
+        return await self.notifier.write(batch, host_rows, relay_rows)
+
+    async def _after_write(self, rows: int, elapsed: float) -> None:
+        for observer in self.observers:
+            observer.wrote(rows, elapsed)
+        self.last_written_id = await self.store.last_transition_id()
+        async with self.written:
+            self.written.notify_all()
+
+    # ---------------------------------------------------------------------------- checkpoint
+
+    async def run_checkpoints(self, every_s: float) -> None:
+        previous = self.clock.now()
+        while True:
+            await asyncio.sleep(every_s)
+            now = self.clock.now()
+            try:
+                await self.checkpoint(since=previous - 1)
+                previous = now
+            except Exception as exc:
+                log.warning("checkpoint failed (%s); will retry next time", exc)
+
+    async def checkpoint(self, since: float) -> None:
+        """Save last-seen times of hosts heard since `since`, and the relays' rows, for a restart.
+
+        A subject whose transition is not in SQL yet keeps its stored row until that transition is
+        written with it (same transaction): a crash in between must not lose the history.
+        """
+        pending = {c.subject for c in self.pending()}
+        wall = self.clock.wall
+        hosts = [
+            (h.id, wall(h.last_seen), h.seq)
+            for h in self.detector.hosts.values()
+            if h.last_seen is not None and h.last_seen >= since and h.id not in pending
+        ]
+        await self.store.save_last_seen(hosts)
+        # Built only now, with no await before the write: a relay transition written meanwhile is
+        # either pending (skipped) or already in SQL, and then these rows carry its state.
+        pending = {c.subject for c in self.pending()}
+        relays = [RelayRow.of(r, wall) for r in self.detector.relays.values() if r.id not in pending]
+        await self.store.write((), (), relays)

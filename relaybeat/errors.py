@@ -1,0 +1,38 @@
+"""The one root of every error relaybeat raises on purpose, and the tree beneath it.
+
+`except RelaybeatError` catches all of them; anything else that escapes is a bug. Each class lives
+next to the code that raises it; this module holds the root and the branches, and the tree below
+is checked against the code by tests/test_layering.py.
+
+    RelaybeatError
+    ├── WireError            relay.wire: input that breaks the wire contract (`reason` is its counter key)
+    ├── SettingsError        a setting, flag, URL or file that cannot be used; names the key and what is allowed
+    │   ├── ConfigError          relaybeat.config: the deployment file, RELAYBEAT_* variables and flags
+    │   ├── BrokerConfigError    broker_config.settings: the embedded broker's TOML
+    │   ├── BrokerURLError       relay.mqtt: a broker URL or list that cannot be used
+    │   └── JournalError         monitor.journal: a journal path that cannot be used
+    ├── Unavailable          something outside relaybeat is not there (a port, a file, a server)
+    │   ├── PortInUse            relay.ports: another process holds the port
+    │   │   └── BrokerPortInUse      broker_config.settings: ... the broker's port
+    │   └── JournalUnavailable   monitor.journal: the journal is held by another monitor or cannot be opened
+    ├── PartFailed           relay.parts: a part of a running service died; the process stops
+    ├── AccessRefused        api.auth: a request without the token it needs
+    └── ApiError             relaybeat.people: the HTTP API answered with an error
+
+`WireError`, `SettingsError` and its children are also `ValueError`s and `Unavailable` is an
+`OSError`, so code (and pydantic validators) that expect those keep working.
+"""
+
+from __future__ import annotations
+
+
+class RelaybeatError(Exception):
+    """Every error relaybeat raises on purpose."""
+
+
+class SettingsError(RelaybeatError, ValueError):
+    """A setting, flag, URL or file that cannot be used. The message names the key and what is allowed."""
+
+
+class Unavailable(RelaybeatError, OSError):
+    """Something relaybeat needs from outside is not there: a port, a file, a server."""

@@ -1,0 +1,114 @@
+"""One record per concept: the API's bodies carry the fields of the records the store and the view share,
+and the journal gives back the records it was given."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from api.bodies import (
+    TRANSITION_RENAMED,
+    TRANSITION_UNSHOWN,
+    HostOut,
+    RelayOut,
+    TransitionOut,
+    host_body,
+    relay_body,
+    transition_body,
+)
+from monitor.journal import decode, encode
+from monitor.records import Change, HostRow, RelayRow, TransitionRow
+from monitor.states import Event, Kind, State
+from monitor.view import HostView, RelayView
+
+AT = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
+def names(record: type) -> set[str]:
+    return {f.name for f in fields(record)}
+
+
+def shown(model: type[BaseModel]) -> set[str]:
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+def host_view() -> HostView:
+    return HostView(
+        id="web-1",
+        state=State.UP,
+        since=AT,
+        last_seen=AT,
+        relay="r1",
+        interval_s=1.0,
+        seq=3,
+        flapping=False,
+        path=("r1",),
+        timeout_s=3.0,
+        deadline=AT,
+    )
+
+
+def relay_view() -> RelayView:
+    return RelayView(
+        id="r1",
+        state=State.UP,
+        since=AT,
+        last_seen=None,
+        parent=None,
+        boot="b",
+        seq=None,
+        flush_s=1.0,
+        flapping=True,
+        timeout_s=3.0,
+        hosts=2,
+        children=("r2",),
+    )
+
+
+def test_the_host_and_relay_views_are_the_stored_rows_plus_what_the_view_adds() -> None:
+    assert names(HostRow) < names(HostView) and names(RelayRow) < names(RelayView)
+
+
+def test_the_host_and_relay_bodies_have_exactly_the_views_fields() -> None:
+    assert shown(HostOut) == names(HostView) == set(host_body(host_view()))
+    assert shown(RelayOut) == names(RelayView) == set(relay_body(relay_view()))
+    HostOut.model_validate(host_body(host_view()))
+    RelayOut.model_validate(relay_body(relay_view()))
+
+
+def test_the_transition_body_has_the_rows_fields_as_the_api_names_them() -> None:
+    row = TransitionRow(
+        id=7, kind=Kind.HOST, subject="web-1", from_state=State.UP, to_state=State.DOWN, at=AT, reason="no beat"
+    )
+    expected = {TRANSITION_RENAMED.get(name, name) for name in names(TransitionRow) - TRANSITION_UNSHOWN}
+    assert shown(TransitionOut) == expected == set(transition_body(row))
+    TransitionOut.model_validate(transition_body(row))
+
+
+def test_a_change_is_its_row_and_a_path() -> None:
+    assert names(Change) == names(TransitionRow) | {"path"}
+
+
+def test_the_journal_gives_back_the_changes_and_state_rows_it_was_given() -> None:
+    host = HostRow(
+        id="web-1", state=State.DOWN, since=AT, last_seen=None, relay="r1", interval_s=1.5, seq=None, flapping=True
+    )
+    relay = RelayRow(
+        id="r1", state=State.UP, since=AT, last_seen=AT, parent="r0", boot="b1", seq=9, flush_s=2.0, flapping=False
+    )
+    common: dict[str, Any] = {"from_state": State.UP, "at": AT, "reason": "why", "maintenance": False}
+    changes = [
+        Change(
+            kind=Kind.HOST, subject="web-1", to_state=State.DOWN, relay="r1", key="k-4", path=("r1", "r0"), **common
+        ),
+        Change(
+            kind=Kind.RELAY, subject="r1", to_state=State.UP, event=Event.RESTART, key="k-5", path=("r0",), **common
+        ),
+        Change(kind=Kind.HOST, subject="gone", to_state=State.DOWN, key="k-6", **common),
+    ]
+    decided = decode(encode("k-", 4, changes, [host, relay, None]))
+    assert [d.change for d in decided] == changes
+    assert [d.state for d in decided] == [host, relay, None]
