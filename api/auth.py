@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware.cors import CORSMiddleware
 
 from api.bodies import ErrorOut
+from relaybeat.errors import RelaybeatError, SettingsError
 
 TOKEN_MIN_CHARS = 16
 
@@ -38,10 +39,10 @@ class ApiSettings:
 
     def __post_init__(self) -> None:
         if not self.read_open and not (self.read_tokens or self.write_tokens):
-            raise ValueError("token-protected reads need at least one read or write token")
+            raise SettingsError("token-protected reads need at least one read or write token")
 
 
-class AccessRefused(Exception):
+class AccessRefused(RelaybeatError):
     """A request without the right token. Its body names what is missing, never a token."""
 
     def __init__(self, status: int, error: str, detail: str) -> None:

@@ -57,6 +57,7 @@ from broker_config.passwords import hash_password, read_password_file, verify_pa
 from broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
 from broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
 from broker_config.throttle import FairGate, LoginThrottle
+from relaybeat.errors import Unavailable
 
 AMQTT_VERSION: Final = "0.12.1"
 
@@ -554,7 +555,7 @@ def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
 def check_amqtt_version() -> None:
     found = importlib.metadata.version("amqtt")
     if found != AMQTT_VERSION:
-        raise RuntimeError(
+        raise Unavailable(
             f"broker_config.amqtt_adapter patches amqtt {AMQTT_VERSION} internals, but amqtt {found} is installed"
         )
 
@@ -589,7 +590,7 @@ def _address_in_use(exc: BaseException) -> bool:
 
 async def start_amqtt(settings: BrokerSettings) -> RelaybeatBroker:
     """amqtt configured for `settings`, started and listening. Its start-up errors come out as
-    relaybeat's (`BrokerConfigError`, `BrokerPortInUse`) or plain `OSError` / `RuntimeError`, so
+    relaybeat's (`BrokerConfigError`, `BrokerPortInUse`, `Unavailable`), so
     callers never import amqtt."""
     try:
         throttle = None if settings.anonymous else LoginThrottle()
@@ -609,8 +610,8 @@ async def start_amqtt(settings: BrokerSettings) -> RelaybeatBroker:
             raise BrokerConfigError("tls_cert", f"cannot use the TLS certificate and key: {cause}") from None
         where = host_port(settings.host, settings.port)
         if isinstance(cause, OSError):
-            raise OSError(cause.errno, f"cannot listen on {where}: {cause.strerror}") from None
-        raise RuntimeError(f"the broker on {where} did not start: {exc}") from exc
+            raise Unavailable(cause.errno, f"cannot listen on {where}: {cause.strerror}") from None
+        raise Unavailable(f"the broker on {where} did not start: {exc}") from exc
     return broker
 
 

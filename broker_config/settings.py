@@ -10,11 +10,12 @@ from typing import Any, Final
 
 from relay.ports import PortInUse
 from relay.wire import Topics, is_valid_id
+from relaybeat.errors import SettingsError
 
 DEFAULT_PORT: Final = 1883
 
 
-class BrokerConfigError(ValueError):
+class BrokerConfigError(SettingsError):
     """A bad broker setting or password file. The message names the key (or file line)."""
 
     def __init__(self, key: str, detail: str) -> None:

@@ -29,6 +29,7 @@ from statistics import NormalDist
 
 from monitor.states import TRANSITIONS, Event, Kind, State, Transition
 from relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.errors import SettingsError
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
@@ -55,11 +56,11 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.misses < 1:
-            raise ValueError("misses must be >= 1")
+            raise SettingsError("misses must be >= 1")
         if not 0 < self.flap_stop < self.flap_start:
-            raise ValueError("flap_stop must be > 0 and < flap_start")
+            raise SettingsError("flap_stop must be > 0 and < flap_start")
         if self.phi_threshold <= 0:
-            raise ValueError("phi_threshold must be > 0")
+            raise SettingsError("phi_threshold must be > 0")
 
     def misses_for(self, host: str) -> int:
         for pattern, misses in self.misses_by_glob:

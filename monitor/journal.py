@@ -28,17 +28,18 @@ import orjson
 
 from monitor.records import Change, HostRow, RelayRow
 from monitor.states import Event, Kind, State
+from relaybeat.errors import RelaybeatError, Unavailable
 
 __all__ = ["REWRITE_BYTES", "Decision", "Journal", "JournalError", "JournalUnavailable", "decode", "encode"]
 
 REWRITE_BYTES = 64 * 1024 * 1024  # past this with decisions still pending, keep only the pending lines
 
 
-class JournalError(ValueError):
+class JournalError(RelaybeatError, ValueError):
     """A line that is not a journaled batch of decisions (e.g. torn by a crash mid-write)."""
 
 
-class JournalUnavailable(OSError):
+class JournalUnavailable(Unavailable):
     """The journal cannot be opened, or another monitor holds it; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ import httpx
 
 from monitor.notify import Target, signature
 from monitor.store import OutboxRow, Store
+from relaybeat.errors import SettingsError
 
 __all__ = ["NotifySettings", "OutboxWorker", "Webhook", "backoff_s"]
 
@@ -64,9 +65,9 @@ class NotifySettings:
     def __post_init__(self) -> None:
         names = [w.name for w in self.webhooks]
         if len(set(names)) != len(names):
-            raise ValueError(f"webhook names must be unique, got {names}")
+            raise SettingsError(f"webhook names must be unique, got {names}")
         if not 0 < self.retry_min_s <= self.retry_max_s:
-            raise ValueError("need 0 < retry_min_s <= retry_max_s")
+            raise SettingsError("need 0 < retry_min_s <= retry_max_s")
         object.__setattr__(self, "targets", tuple(w.target for w in self.webhooks))
 
 

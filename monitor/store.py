@@ -40,6 +40,7 @@ from monitor.tables import (
     RelayModel,
     TransitionModel,
 )
+from relaybeat.errors import SettingsError
 
 __all__ = [
     "Acknowledgement",
@@ -133,10 +134,10 @@ def async_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ValueError("not a database URL: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB") from None
+        raise SettingsError("not a database URL: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB") from None
     driver = _ASYNC_DRIVERS.get(parsed.drivername)
     if driver is None:
-        raise ValueError(
+        raise SettingsError(
             f"unsupported database URL scheme {parsed.drivername!r}: "
             "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
         )
@@ -184,7 +185,7 @@ def _create_engine(url: str) -> AsyncEngine:
         if path and path != ":memory:" and not parsed.query.get("uri"):
             directory = Path(path).absolute().parent
             if not directory.is_dir():
-                raise ValueError(f"cannot create the SQLite database {path}: no directory {directory}")
+                raise SettingsError(f"cannot create the SQLite database {path}: no directory {directory}")
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)

@@ -32,9 +32,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiomqtt
 
+from relaybeat.errors import SettingsError
+
 log = logging.getLogger("relaybeat.mqtt")
 
 TLS_OPTIONS = ("ca", "cert", "key")  # the query options a broker URL may carry (mqtts:// only)
+
+
+class BrokerURLError(SettingsError):
+    """A broker URL (or list of them) that cannot be used; the message says what is wrong with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,32 +60,32 @@ class BrokerURL:
         shown = _redact(url)
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker URL {shown!r} must start with mqtt:// or mqtts://")
+            raise BrokerURLError(f"broker URL {shown!r} must start with mqtt:// or mqtts://")
         if not parts.hostname:
-            raise ValueError(f"broker URL {shown!r} has no host")
+            raise BrokerURLError(f"broker URL {shown!r} has no host")
         if parts.path not in ("", "/") or parts.fragment:
-            raise ValueError(f"broker URL {shown!r} has a path; expected mqtt[s]://[user:pass@]host:port[?options]")
+            raise BrokerURLError(f"broker URL {shown!r} has a path; expected mqtt[s]://[user:pass@]host:port[?options]")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
-            raise ValueError(f"broker URL {shown!r} has a bad port") from None
+            raise BrokerURLError(f"broker URL {shown!r} has a bad port") from None
         options: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in TLS_OPTIONS:
-                raise ValueError(f"broker URL {shown!r}: unknown option {key!r}; known options are ca, cert, key")
+                raise BrokerURLError(f"broker URL {shown!r}: unknown option {key!r}; known options are ca, cert, key")
             if key in options:
-                raise ValueError(f"broker URL {shown!r}: option {key!r} is given twice")
+                raise BrokerURLError(f"broker URL {shown!r}: option {key!r} is given twice")
             if not value:
-                raise ValueError(f"broker URL {shown!r}: option {key!r} needs a file path")
+                raise BrokerURLError(f"broker URL {shown!r}: option {key!r} needs a file path")
             options[key] = os.path.abspath(os.path.expanduser(value))
         if options and not tls:
-            raise ValueError(f"broker URL {shown!r}: the options ca, cert and key need mqtts:// (TLS)")
+            raise BrokerURLError(f"broker URL {shown!r}: the options ca, cert and key need mqtts:// (TLS)")
         if "key" in options and "cert" not in options:
-            raise ValueError(f"broker URL {shown!r}: option 'key' needs 'cert' (the client certificate)")
+            raise BrokerURLError(f"broker URL {shown!r}: option 'key' needs 'cert' (the client certificate)")
         for key, path in options.items():
             if not os.path.isfile(path):
-                raise ValueError(f"broker URL {shown!r}: option {key!r}: {path} is not a readable file")
+                raise BrokerURLError(f"broker URL {shown!r}: option {key!r}: {path} is not a readable file")
         broker = cls(
             host=parts.hostname,
             port=port,
@@ -93,7 +99,7 @@ class BrokerURL:
         try:
             broker.tls_context()
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"broker URL {shown!r}: cannot use its TLS files: {exc}") from None
+            raise BrokerURLError(f"broker URL {shown!r}: cannot use its TLS files: {exc}") from None
         return broker
 
     def __str__(self) -> str:

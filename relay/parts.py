@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from typing import Any
 
+from relaybeat.errors import RelaybeatError
+
 
 class PartState(StrEnum):
     STARTING = "starting"
@@ -21,7 +23,7 @@ class PartState(StrEnum):
     STOPPED = "stopped"  # cancelled: the service is shutting down
 
 
-class PartFailed(Exception):
+class PartFailed(RelaybeatError):
     """A part of a service ended unexpectedly; `cause` is its exception (None: it returned)."""
 
     def __init__(self, service: str, part: str, cause: BaseException | None) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import socket
 
+from relaybeat.errors import SettingsError, Unavailable
 
-class PortInUse(OSError):
+
+class PortInUse(Unavailable):
     def __init__(self, host: str, port: int) -> None:
         super().__init__(errno.EADDRINUSE, f"{host}:{port} is already in use (another broker or server?)")
         self.host = host
@@ -14,19 +16,19 @@ class PortInUse(OSError):
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (loopback). ValueError with the offending text otherwise."""
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (loopback); otherwise `SettingsError` (a ValueError) naming the text."""
     host, sep, port_text = text.rpartition(":")
     if not sep:
         if default_port is None:
-            raise ValueError(f"{text!r} is not HOST:PORT")
+            raise SettingsError(f"{text!r} is not HOST:PORT")
         host, port_text = text, str(default_port)
     host = host.strip("[]") or "127.0.0.1"
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+        raise SettingsError(f"{text!r}: port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"{text!r}: port {port} is not in [0, 65535]")
+        raise SettingsError(f"{text!r}: port {port} is not in [0, 65535]")
     return host, port
 
 
@@ -46,7 +48,7 @@ def ensure_free(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise PortInUse(host, port) from None
-                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+                raise Unavailable(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def is_free(host: str, port: int) -> bool:

@@ -36,6 +36,7 @@ from relay.wire import (
     decode_bundle,
     encode_bundle,
 )
+from relaybeat.errors import SettingsError
 
 log = logging.getLogger("relaybeat.relay")
 
@@ -72,7 +73,7 @@ class RelaySettings:
     def __post_init__(self) -> None:
         check_id(self.relay_id)
         if not 0.01 <= self.flush_s <= 3600:
-            raise ValueError(f"flush must be within [0.01, 3600] s, not {self.flush_s}")
+            raise SettingsError(f"flush must be within [0.01, 3600] s, not {self.flush_s}")
 
     @property
     def folds_children(self) -> bool:

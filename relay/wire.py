@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from relaybeat.errors import RelaybeatError, SettingsError
+
 FORMAT_VERSION = 1
 DEFAULT_PREFIX = "relaybeat/"
 DEFAULT_INTERVAL_S = 5.0
@@ -46,7 +48,7 @@ _PREFIX = re.compile(r"([A-Za-z0-9._-]+/)+\Z")
 INTERNAL_ERROR = "internal_error"  # the reason a service counts a message under when handling it failed (a bug)
 
 
-class WireError(ValueError):
+class WireError(RelaybeatError, ValueError):
     """Input that does not follow the wire contract. `reason` is a fixed label for counting."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -144,7 +146,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):
-            raise ValueError(f"topic prefix {self.prefix!r} must be path segments ending in '/'")
+            raise SettingsError(f"topic prefix {self.prefix!r} must be path segments ending in '/'")
 
     def beat(self, host: str) -> str:
         return f"{self.prefix}beat/{host}"

@@ -53,12 +53,13 @@ from relay.wire import (
     Topics,
     is_valid_id,
 )
+from relaybeat.errors import SettingsError
 
 ENV_PREFIX = "RELAYBEAT_"
 TOKEN_VARIABLES = {"RELAYBEAT_API_TOKENS": "read_tokens", "RELAYBEAT_API_WRITE_TOKENS": "write_tokens"}
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A bad configuration value; the message names the key and what is allowed."""
 
 

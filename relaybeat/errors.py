@@ -6,21 +6,23 @@ is checked against the code by tests/test_layering.py.
 
     RelaybeatError
     ├── WireError            relay.wire: input that breaks the wire contract (`reason` is its counter key)
+    ├── JournalError         monitor.journal: a journal line that cannot be read (torn by a crash)
     ├── SettingsError        a setting, flag, URL or file that cannot be used; names the key and what is allowed
     │   ├── ConfigError          relaybeat.config: the deployment file, RELAYBEAT_* variables and flags
-    │   ├── BrokerConfigError    broker_config.settings: the embedded broker's TOML
-    │   ├── BrokerURLError       relay.mqtt: a broker URL or list that cannot be used
-    │   └── JournalError         monitor.journal: a journal path that cannot be used
-    ├── Unavailable          something outside relaybeat is not there (a port, a file, a server)
+    │   ├── BrokerConfigError    broker_config.settings: the embedded broker's TOML and password file
+    │   └── BrokerURLError       relay.mqtt: a broker URL that cannot be used
+    ├── Unavailable          something outside relaybeat is not there (a port, a file, a server, a version)
     │   ├── PortInUse            relay.ports: another process holds the port
-    │   │   └── BrokerPortInUse      broker_config.settings: ... the broker's port
-    │   └── JournalUnavailable   monitor.journal: the journal is held by another monitor or cannot be opened
+    │   │   └── BrokerPortInUse      broker_config.settings: ... the embedded broker's port
+    │   └── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
     ├── PartFailed           relay.parts: a part of a running service died; the process stops
     ├── AccessRefused        api.auth: a request without the token it needs
     └── ApiError             relaybeat.people: the HTTP API answered with an error
 
-`WireError`, `SettingsError` and its children are also `ValueError`s and `Unavailable` is an
-`OSError`, so code (and pydantic validators) that expect those keep working.
+`WireError`, `JournalError`, `SettingsError` and its children are also `ValueError`s, and
+`Unavailable` is an `OSError`, so code (and pydantic validators) that expect those keep working.
+A bare `ValueError`, `TypeError` or `RuntimeError` from relaybeat means a caller broke a function's
+contract (a naive datetime, a limit below 1): a bug, never a condition to handle.
 """
 
 from __future__ import annotations

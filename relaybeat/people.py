@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from relaybeat.errors import RelaybeatError
+
 DEFAULT_API = "http://127.0.0.1:8000"
 STATES = ("down", "unreachable", "unknown", "stopped", "up")  # worst first
 STYLE = {"up": "green", "down": "bold red", "unreachable": "yellow", "stopped": "dim", "unknown": "dim"}
@@ -37,7 +39,7 @@ TokenOption = Annotated[
 ]
 
 
-class ApiError(Exception):
+class ApiError(RelaybeatError):
     """Something a person can act on; the message says what."""
 
 

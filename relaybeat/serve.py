@@ -23,6 +23,7 @@ from monitor.store import Store
 from relay.parts import PartFailed
 from relay.ports import ensure_free
 from relay.service import RelayService
+from relaybeat.errors import Unavailable
 
 log = logging.getLogger("relaybeat")
 
@@ -148,7 +149,7 @@ async def monitor_running(
             while not server.started:
                 if server_task.done():
                     server_task.result()
-                    raise RuntimeError(f"HTTP server on {host}:{port} did not start")
+                    raise Unavailable(f"HTTP server on {host}:{port} did not start")
                 await asyncio.sleep(0.02)
             supervisor.watch("http", server_task)
             bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
