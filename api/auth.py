@@ -39,7 +39,8 @@ class ApiSettings:
 
     def __post_init__(self) -> None:
         if not self.read_open and not (self.read_tokens or self.write_tokens):
-            raise SettingsError("token-protected reads need at least one read or write token")
+            msg = "token-protected reads need at least one read or write token"
+            raise SettingsError(msg)
 
 
 class AccessRefused(RelaybeatError):

@@ -29,7 +29,8 @@ ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 def iso_only(value: object) -> object:
     """Pydantic would also read "0" or "1e9" as Unix times; the schema promises ISO 8601 only."""
     if isinstance(value, str) and not ISO_DATE.match(value):
-        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z")
+        msg = "expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z"
+        raise ValueError(msg)
     return value
 
 

@@ -30,7 +30,8 @@ ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 def iso_only(value: object) -> object:
     """Pydantic would also read 1e9, "0" or true as Unix times; the schema promises ISO 8601 only."""
     if isinstance(value, int | float) or (isinstance(value, str) and not ISO_DATE.match(value)):
-        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z")
+        msg = "expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z"
+        raise ValueError(msg)
     return value
 
 

@@ -100,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("benchmark timed out (--timeout)")
+    msg = "benchmark timed out (--timeout)"
+    raise TimeoutError(msg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,8 @@ async def wrk(url: str, connections: int, duration: float) -> dict[str, float]:
     stdout, _ = await asyncio.wait_for(process.communicate(), duration + 30)
     result = parse_wrk(stdout.decode())
     if "req_per_s" not in result:
-        raise RuntimeError(f"could not read wrk's output:\n{stdout.decode()}")
+        msg = f"could not read wrk's output:\n{stdout.decode()}"
+        raise RuntimeError(msg)
     return result
 
 

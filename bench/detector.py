@@ -123,7 +123,8 @@ def rss_per_host(hosts: int, size: int) -> float:
     child.start()
     try:
         if not mine.poll(600):
-            raise TimeoutError("memory child did not answer within 600 s")
+            msg = "memory child did not answer within 600 s"
+            raise TimeoutError(msg)
         got = mine.recv()
     finally:
         child.join(10)

@@ -84,7 +84,8 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         try:
             connect = fleet.connect(timeout_s=120)
             if connect["failed"]:
-                raise RuntimeError(f"{connect['failed']} of {n} leaves could not connect")
+                msg = f"{connect['failed']} of {n} leaves could not connect"
+                raise RuntimeError(msg)
             idle = (monitor.proc.cpu_s() - idle_cpu) / (time.monotonic() - idle_t)
             fleet.start()
             wait_until(lambda: monitor.count(state="up") >= n, 60 + n / 500, f"{n} hosts up", 0.5)

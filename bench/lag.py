@@ -89,7 +89,8 @@ async def _one(args: Any, rng: random.Random) -> dict[str, Any]:
         try:
             connect = fleet.connect()
             if connect["failed"]:
-                raise RuntimeError(f"{connect['failed']} leaves could not connect")
+                msg = f"{connect['failed']} leaves could not connect"
+                raise RuntimeError(msg)
             fleet.start()
             await asyncio.to_thread(
                 wait_until, lambda: monitor.count(state="up") >= len(leaves), 60 + len(leaves) / 500, "all up", 0.3

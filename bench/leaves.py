@@ -162,7 +162,8 @@ class Fleet:
             replies = []
             for process, pipe in self._workers:
                 if not pipe.poll(timeout_s):
-                    raise TimeoutError(f"{process.name} did not answer {message!r} within {timeout_s} s")
+                    msg = f"{process.name} did not answer {message!r} within {timeout_s} s"
+                    raise TimeoutError(msg)
                 replies.append(pipe.recv())
             return replies
 

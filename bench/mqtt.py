@@ -146,7 +146,8 @@ class Client(asyncio.Protocol):
     def publish(self, topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> int:
         """Queue a publish; returns how many QoS 1 publishes this client has sent in all."""
         if self.transport is None:
-            raise ConnectionError(f"{self.client_id}: not connected")
+            msg = f"{self.client_id}: not connected"
+            raise ConnectionError(msg)
         packet_id = 0
         if qos:
             self._next_id += 1

@@ -92,7 +92,8 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                     deadline = time.monotonic() + 60
                     while count(0)[0] < wanted:
                         if time.monotonic() > deadline:
-                            raise TimeoutError(f"initial transitions not written: {count(0)} of {wanted}")
+                            msg = f"initial transitions not written: {count(0)} of {wanted}"
+                            raise TimeoutError(msg)
                         await asyncio.sleep(0.05)
                     await asyncio.sleep(0.5)
                     _, baseline = count(0)

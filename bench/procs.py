@@ -48,7 +48,8 @@ def wait_until(check: Callable[[], T | None], timeout_s: float, what: str, every
             if last:
                 return cast(T, last)
         time.sleep(every_s)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}; last saw {last!r}")
+    msg = f"timed out after {timeout_s} s waiting for {what}; last saw {last!r}"
+    raise TimeoutError(msg)
 
 
 def port_open(port: int) -> bool:
@@ -85,7 +86,8 @@ class Proc:
     def check(self) -> bool:
         """False while running (so `check() or ready()` reads well); raises if the process exited."""
         if not self.alive():
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-2000:]}")
+            msg = f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-2000:]}"
+            raise RuntimeError(msg)
         return False
 
     def log(self) -> str:
@@ -197,7 +199,8 @@ class Lab:
         elif kind == "embedded":
             proc = self.relaybeat(name, ["broker", "--bind", f"127.0.0.1:{port}"])
         else:
-            raise ValueError(f"unknown broker kind {kind!r}: mosquitto or embedded")
+            msg = f"unknown broker kind {kind!r}: mosquitto or embedded"
+            raise ValueError(msg)
         wait_until(lambda: proc.check() or port_open(port), 30, f"{name} to listen")
         return Broker(kind, proc, port)
 

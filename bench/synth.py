@@ -89,7 +89,8 @@ async def wait_processed(http: httpx.AsyncClient, relay: str, seq: int, timeout_
     pause = 0.002  # growing to 20 ms: each poll is an HTTP request the monitor serves
     while await processed(http, relay) < seq:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the monitor did not take bundle {seq} of {relay} within {timeout_s} s")
+            msg = f"the monitor did not take bundle {seq} of {relay} within {timeout_s} s"
+            raise TimeoutError(msg)
         await asyncio.sleep(pause)
         pause = min(0.02, pause * 1.5)
 

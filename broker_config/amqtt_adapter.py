@@ -375,7 +375,8 @@ class RelaybeatBroker(Broker):  # type: ignore[misc]
         except (AMQTTError, NoDataError, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             with contextlib.suppress(OSError):
                 await writer.close()
-            raise AMQTTError(f"{peer}: no valid CONNECT: {exc!r}") from exc
+            msg = f"{peer}: no valid CONNECT: {exc!r}"
+            raise AMQTTError(msg) from exc
         except MQTTError:
             with contextlib.suppress(OSError):  # the peer may be gone already (§2.5 point 9)
                 await writer.close()
@@ -468,7 +469,8 @@ class RelaybeatBroker(Broker):  # type: ignore[misc]
         with contextlib.suppress(OSError):
             await ConnackPacket.build(0, return_code).to_stream(writer)
             await writer.close()
-        raise MQTTError(f"refused {reason}")
+        msg = f"refused {reason}"
+        raise MQTTError(msg)
 
     async def _take_over(self, old_session: Any, old_handler: Any) -> None:
         """Close the older connection of a reconnecting client, as MQTT 3.1.4-2 asks. Its will is
@@ -555,9 +557,8 @@ def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
 def check_amqtt_version() -> None:
     found = importlib.metadata.version("amqtt")
     if found != AMQTT_VERSION:
-        raise Unavailable(
-            f"broker_config.amqtt_adapter patches amqtt {AMQTT_VERSION} internals, but amqtt {found} is installed"
-        )
+        msg = f"broker_config.amqtt_adapter patches amqtt {AMQTT_VERSION} internals, but amqtt {found} is installed"
+        raise Unavailable(msg)
 
 
 class _HideThrottledRefusals(logging.Filter):
@@ -607,11 +608,13 @@ async def start_amqtt(settings: BrokerSettings) -> RelaybeatBroker:
         if _address_in_use(exc):
             raise BrokerPortInUse(settings.host, settings.port) from None
         if isinstance(cause, ssl.SSLError):
-            raise BrokerConfigError("tls_cert", f"cannot use the TLS certificate and key: {cause}") from None
+            msg = "tls_cert"
+            raise BrokerConfigError(msg, f"cannot use the TLS certificate and key: {cause}") from None
         where = host_port(settings.host, settings.port)
         if isinstance(cause, OSError):
             raise Unavailable(cause.errno, f"cannot listen on {where}: {cause.strerror}") from None
-        raise Unavailable(f"the broker on {where} did not start: {exc}") from exc
+        msg = f"the broker on {where} did not start: {exc}"
+        raise Unavailable(msg) from exc
     return broker
 
 

@@ -47,7 +47,8 @@ def _check_tls_files(settings: BrokerSettings) -> None:
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
     except ssl.SSLError as exc:
-        raise BrokerConfigError("tls_cert", f"cannot use the TLS certificate and key: {exc}") from None
+        msg = "tls_cert"
+        raise BrokerConfigError(msg, f"cannot use the TLS certificate and key: {exc}") from None
 
 
 class EmbeddedBroker:
@@ -64,7 +65,8 @@ class EmbeddedBroker:
 
     async def __aenter__(self) -> EmbeddedBroker:
         if self._broker is not None:
-            raise RuntimeError("this EmbeddedBroker is already running")
+            msg = "this EmbeddedBroker is already running"
+            raise RuntimeError(msg)
         check_amqtt_version()
         quiet_amqtt_logs()
         settings = self.settings
@@ -94,7 +96,8 @@ class EmbeddedBroker:
     @property
     def port(self) -> int:
         if self._port is None:
-            raise RuntimeError("the broker has not started")
+            msg = "the broker has not started"
+            raise RuntimeError(msg)
         return self._port
 
     @property

@@ -55,9 +55,11 @@ def read_password_file(path: Path) -> dict[str, str]:
 def add_user(password_file: Path, username: str, password: str) -> None:
     """Add or replace `username` in `password_file` (created with mode 0600). Atomic."""
     if not is_valid_id(username):
-        raise BrokerConfigError("username", f"{username!r} is not [A-Za-z0-9._-]{{1,128}}")
+        msg = "username"
+        raise BrokerConfigError(msg, f"{username!r} is not [A-Za-z0-9._-]{{1,128}}")
     if not password:
-        raise BrokerConfigError("password", "must not be empty")
+        msg = "password"
+        raise BrokerConfigError(msg, "must not be empty")
     lines = password_file.read_text(encoding="utf-8").splitlines() if password_file.exists() else []
     kept = [line for line in lines if line.strip().partition(":")[0] != username]
     kept.append(f"{username}:{hash_password(password)}")

@@ -50,23 +50,29 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         if not self.host:
-            raise BrokerConfigError("host", "must not be empty")
+            msg = "host"
+            raise BrokerConfigError(msg, "must not be empty")
         if not 0 <= self.port <= 65535:
-            raise BrokerConfigError("port", f"{self.port} is not in [0, 65535]")
+            msg = "port"
+            raise BrokerConfigError(msg, f"{self.port} is not in [0, 65535]")
         try:
             Topics(self.prefix)
         except ValueError as exc:
-            raise BrokerConfigError("prefix", str(exc)) from None
+            msg = "prefix"
+            raise BrokerConfigError(msg, str(exc)) from None
         for key, names in (("relays", self.relays), ("monitors", self.monitors)):
             bad = [name for name in names if not is_valid_id(name)]
             if bad:
                 raise BrokerConfigError(key, f"{bad[0]!r} is not a valid username ([A-Za-z0-9._-]{{1,128}})")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise BrokerConfigError("tls_cert", "tls_cert and tls_key go together")
+            msg = "tls_cert"
+            raise BrokerConfigError(msg, "tls_cert and tls_key go together")
         if not self.keepalive_grace >= 1.0:
-            raise BrokerConfigError("keepalive_grace", f"{self.keepalive_grace} is below 1.0")
+            msg = "keepalive_grace"
+            raise BrokerConfigError(msg, f"{self.keepalive_grace} is below 1.0")
         if self.session_expiry_s < 1:
-            raise BrokerConfigError("session_expiry_s", f"{self.session_expiry_s} is below 1")
+            msg = "session_expiry_s"
+            raise BrokerConfigError(msg, f"{self.session_expiry_s} is below 1")
 
     @property
     def anonymous(self) -> bool:
@@ -94,10 +100,12 @@ def load_broker_settings(path: Path) -> BrokerSettings:
         raise BrokerConfigError(str(path), f"not valid TOML: {exc}") from None
     extra = sorted(set(document) - {"broker"})
     if extra:
-        raise BrokerConfigError(f"{path}: {extra[0]}", "unknown table or key; expected only [broker]")
+        msg = f"{path}: {extra[0]}"
+        raise BrokerConfigError(msg, "unknown table or key; expected only [broker]")
     table = document.get("broker", {})
     if not isinstance(table, dict):
-        raise BrokerConfigError(f"{path}: broker", "must be a table")
+        msg = f"{path}: broker"
+        raise BrokerConfigError(msg, "must be a table")
     known = {f.name for f in fields(BrokerSettings)}
     values: dict[str, Any] = {}
     for key, raw in table.items():
@@ -127,4 +135,5 @@ def load_broker_settings(path: Path) -> BrokerSettings:
     try:
         return BrokerSettings(**values)
     except BrokerConfigError as exc:
-        raise BrokerConfigError(f"{path}: broker.{exc.key}", exc.detail) from None
+        msg = f"{path}: broker.{exc.key}"
+        raise BrokerConfigError(msg, exc.detail) from None

@@ -41,7 +41,8 @@ class LoginThrottle:
 
     def __init__(self, burst: int = FAILED_LOGIN_BURST, per_second: float = FAILED_LOGINS_PER_S) -> None:
         if burst < 1 or per_second <= 0:
-            raise ValueError("burst must be >= 1 and per_second > 0")
+            msg = "burst must be >= 1 and per_second > 0"
+            raise ValueError(msg)
         self.burst = burst
         self.per_second = per_second
         self.refused = 0
@@ -98,7 +99,8 @@ class FairGate:
 
     def __init__(self, slots: int) -> None:
         if slots < 1:
-            raise ValueError("slots must be >= 1")
+            msg = "slots must be >= 1"
+            raise ValueError(msg)
         self._free = slots
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}  # in turn order
 

@@ -41,7 +41,8 @@ async def run_async_migrations(url: str) -> None:
 def url_from_config() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("no database: pass a connection or set sqlalchemy.url (see monitor.store.alembic_config)")
+        msg = "no database: pass a connection or set sqlalchemy.url (see monitor.store.alembic_config)"
+        raise RuntimeError(msg)
     return url
 
 

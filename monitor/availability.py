@@ -104,7 +104,8 @@ def availability(
     order they happened (equal times keep their order); `maintenance` are `[start, end)` intervals.
     """
     if until < since:
-        raise ValueError(f"until ({until.isoformat()}) is before since ({since.isoformat()})")
+        msg = f"until ({until.isoformat()}) is before since ({since.isoformat()})"
+        raise ValueError(msg)
     state = initial
     # The window's state timeline as non-empty segments [start, end) with a state.
     segments: list[tuple[datetime, datetime, State]] = []

@@ -56,11 +56,14 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.misses < 1:
-            raise SettingsError("misses must be >= 1")
+            msg = "misses must be >= 1"
+            raise SettingsError(msg)
         if not 0 < self.flap_stop < self.flap_start:
-            raise SettingsError("flap_stop must be > 0 and < flap_start")
+            msg = "flap_stop must be > 0 and < flap_start"
+            raise SettingsError(msg)
         if self.phi_threshold <= 0:
-            raise SettingsError("phi_threshold must be > 0")
+            msg = "phi_threshold must be > 0"
+            raise SettingsError(msg)
 
     def misses_for(self, host: str) -> int:
         for pattern, misses in self.misses_by_glob:
@@ -393,7 +396,11 @@ class Detector:
         if (track.state, state) not in TRANSITIONS[kind]:
             self._ignore(f"unlisted_transition_{track.state}_{state}")  # a bug; the property tests want none
         at = max(at, track.since)  # history never goes back in time
-        out.append(Transition(kind, track.id, track.state, state, at, reason, relay))
+        out.append(
+            Transition(
+                kind=kind, subject=track.id, from_state=track.state, to_state=state, at=at, reason=reason, relay=relay
+            )
+        )
         track.state = state
         track.since = at
         self._count_flap(track, kind, at, relay, out)
@@ -405,7 +412,7 @@ class Detector:
         if not track.flapping and len(track.flaps) >= policy.flap_start:
             track.flapping = True
             reason = f"{len(track.flaps)} state changes within {_fmt(policy.flap_window_s)} s"
-            out.append(Transition(kind, track.id, track.state, track.state, at, reason, relay, Event.FLAPPING_START))
+            out.append(self._event(kind, track, at, reason, relay, Event.FLAPPING_START))
 
     def _check_flap_end(self, track: _Track, kind: Kind, now: float, relay: str | None, out: list[Transition]) -> None:
         horizon = now - self.policy.flap_window_s
@@ -413,7 +420,7 @@ class Detector:
         if len(track.flaps) <= self.policy.flap_stop:
             track.flapping = False
             reason = f"{len(track.flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
-            out.append(Transition(kind, track.id, track.state, track.state, now, reason, relay, Event.FLAPPING_END))
+            out.append(self._event(kind, track, now, reason, relay, Event.FLAPPING_END))
 
     def _relay(self, relay_id: str, now: float) -> RelayTrack:
         relay = self.relays.get(relay_id)
@@ -439,32 +446,8 @@ class Detector:
     ) -> None:
         sent = above_sent - bundle.age_ms / 1000
         relay = self._relay(bundle.relay, now)
-        if relay.boot == bundle.boot:
-            if bundle.seq == relay.seq and parent is not None:
-                return  # a parent folds a child's latest bundle into every flush: nothing new, nothing wrong
-            if bundle.seq <= relay.seq:
-                self._ignore("stale_bundle")
-                return
-            if relay.last_seen is not None and bundle.seq > relay.seq + self._seq_allowance(relay, now):
-                # Far ahead of what this relay could have sent since: forged or corrupt. Taking it
-                # would make every genuine bundle after it look stale, and the relay look dead.
-                self._ignore("future_seq")
-                return
-        elif bundle.boot in relay.retired:
-            self._ignore("retired_boot")
+        if not self._admit(relay, bundle, parent, now, out):
             return
-        else:
-            if relay.boot is not None:
-                relay.retired.append(relay.boot)
-                while len(relay.retired) > self.policy.relay_memory:
-                    relay.retired.popleft()
-                out.append(
-                    Transition(
-                        Kind.RELAY, relay.id, relay.state, relay.state, now,
-                        f"relay restarted (boot {relay.boot} → {bundle.boot})", parent, Event.RESTART,
-                    )
-                )  # fmt: skip
-            relay.boot = bundle.boot
         relay.seq = bundle.seq
         relay.flush_s = bundle.flush_ms / 1000
         if relay.parent != parent:
@@ -489,7 +472,58 @@ class Detector:
             # it was unreachable, while it was out of sight), before its hosts are judged below.
             self._relay_silent(relay, deadline, out)
 
-        hosts, rid, up = self.hosts, relay.id, State.UP
+        self._observe_entries(relay.id, bundle, sent, now, out)
+        for child in bundle.children:
+            self._observe_relay(child, relay.id, sent, now, out)
+        if relay.pending:
+            self._confirm_pending(relay, now, out)
+        if was != State.UP and relay.state == State.UP:
+            self._resume_subtree(relay, now, out)
+
+    @staticmethod
+    def _event(kind: Kind, track: _Track, at: float, reason: str, relay: str | None, event: Event) -> Transition:
+        """A history row that records an event (restart, flapping) without changing the state."""
+        return Transition(
+            kind=kind,
+            subject=track.id,
+            from_state=track.state,
+            to_state=track.state,
+            at=at,
+            reason=reason,
+            relay=relay,
+            event=event,
+        )
+
+    def _admit(self, relay: RelayTrack, bundle: Bundle, parent: str | None, now: float, out: list[Transition]) -> bool:
+        """Whether a bundle is news from this relay (same boot, newer seq within reason, or a new
+        boot); a new boot retires the old one and is recorded as a restart."""
+        if relay.boot == bundle.boot:
+            if bundle.seq == relay.seq and parent is not None:
+                return False  # a parent folds a child's latest bundle into every flush: nothing new, nothing wrong
+            if bundle.seq <= relay.seq:
+                self._ignore("stale_bundle")
+                return False
+            if relay.last_seen is not None and bundle.seq > relay.seq + self._seq_allowance(relay, now):
+                # Far ahead of what this relay could have sent since: forged or corrupt. Taking it
+                # would make every genuine bundle after it look stale, and the relay look dead.
+                self._ignore("future_seq")
+                return False
+            return True
+        if bundle.boot in relay.retired:
+            self._ignore("retired_boot")
+            return False
+        if relay.boot is not None:
+            relay.retired.append(relay.boot)
+            while len(relay.retired) > self.policy.relay_memory:
+                relay.retired.popleft()
+            reason = f"relay restarted (boot {relay.boot} → {bundle.boot})"
+            out.append(self._event(Kind.RELAY, relay, now, reason, parent, Event.RESTART))
+        relay.boot = bundle.boot
+        return True
+
+    def _observe_entries(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
+        """The host entries of one relay's bundle, sent at `sent` (the monitor's clock)."""
+        hosts, up = self.hosts, State.UP
         plain = not self.policy.adaptive
         for entry in bundle.hosts:
             host = hosts.get(entry[0])
@@ -514,12 +548,6 @@ class Detector:
                     host.seq = seq
                     continue
             self._observe_host(entry, rid, sent, now, out)
-        for child in bundle.children:
-            self._observe_relay(child, relay.id, sent, now, out)
-        if relay.pending:
-            self._confirm_pending(relay, now, out)
-        if was != State.UP and relay.state == State.UP:
-            self._resume_subtree(relay, now, out)
 
     def _observe_host(
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
@@ -545,12 +573,8 @@ class Detector:
         host.last_seen = seen
         if entry.seq is not None and entry.seq != host.seq:
             if host.seq is not None and entry.seq < host.seq:
-                out.append(
-                    Transition(
-                        Kind.HOST, host.id, host.state, host.state, now,
-                        f"leaf restarted (seq {host.seq} → {entry.seq})", relay_id, Event.RESTART,
-                    )
-                )  # fmt: skip
+                reason = f"leaf restarted (seq {host.seq} → {entry.seq})"
+                out.append(self._event(Kind.HOST, host, now, reason, relay_id, Event.RESTART))
             if previous is not None and self.policy.adaptive:
                 self._add_arrival(host, seen - previous)
             host.seq = entry.seq

@@ -96,7 +96,8 @@ class Ingest:
                 self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
         finally:
             self._client = None
-        raise aiomqtt.MqttError("broker closed the message stream")
+        msg = "broker closed the message stream"
+        raise aiomqtt.MqttError(msg)
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """One message from the broker. Bad input is counted and logged, never raised.
@@ -107,15 +108,18 @@ class Ingest:
         try:
             kind, subject = self.topics.parse(topic)
             if retained and kind is not TopicKind.RELAY_STATUS:
-                raise WireError("retained", "an old retained message: publish beats and bundles without retain")
+                msg = "retained"
+                raise WireError(msg, "an old retained message: publish beats and bundles without retain")
             if kind is TopicKind.BUNDLE:
                 bundle = decode_bundle(payload, self.max_bundle_bytes, self.max_bundle_entries)
                 if bundle.relay != subject:
-                    raise WireError("relay_mismatch", f"bundle for {bundle.relay!r} on {topic!r}")
+                    msg = "relay_mismatch"
+                    raise WireError(msg, f"bundle for {bundle.relay!r} on {topic!r}")
                 if self.relays is not None:
                     unknown = _relay_ids(bundle) - self.relays
                     if unknown:
-                        raise WireError("unknown_relay", f"{sorted(unknown)[0]!r} is not in [monitor] relays")
+                        msg = "unknown_relay"
+                        raise WireError(msg, f"{sorted(unknown)[0]!r} is not in [monitor] relays")
                 self.received["bundles"] += 1
                 self.received["bundle_entries"] += bundle.entry_count()
                 ignored = self.detector.ignored

@@ -96,7 +96,8 @@ def decode(line: bytes) -> list[Decision]:
         key_prefix, first, decisions = orjson.loads(line)
         return [_decision(f"{key_prefix}{first + i}", d) for i, d in enumerate(decisions)]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise JournalError(f"not a journaled batch ({type(exc).__name__}: {exc})") from None
+        msg = f"not a journaled batch ({type(exc).__name__}: {exc})"
+        raise JournalError(msg) from None
 
 
 def _decision(key: str, values: list[Any]) -> Decision:
@@ -118,7 +119,8 @@ def _decision(key: str, values: list[Any]) -> Decision:
     if row is not None:
         names = _STATE_FIELDS[kind]
         if len(row) != len(names):
-            raise ValueError(f"a {kind.value} row of {len(row)} fields, not {len(names)}")
+            msg = f"a {kind.value} row of {len(row)} fields, not {len(names)}"
+            raise ValueError(msg)
         given = dict(zip(names, row, strict=True))
         given |= {name: _moment(given[name]) for name in _MOMENTS}
         given["state"] = State(given["state"])

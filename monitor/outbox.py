@@ -65,9 +65,11 @@ class NotifySettings:
     def __post_init__(self) -> None:
         names = [w.name for w in self.webhooks]
         if len(set(names)) != len(names):
-            raise SettingsError(f"webhook names must be unique, got {names}")
+            msg = f"webhook names must be unique, got {names}"
+            raise SettingsError(msg)
         if not 0 < self.retry_min_s <= self.retry_max_s:
-            raise SettingsError("need 0 < retry_min_s <= retry_max_s")
+            msg = "need 0 < retry_min_s <= retry_max_s"
+            raise SettingsError(msg)
         object.__setattr__(self, "targets", tuple(w.target for w in self.webhooks))
 
 

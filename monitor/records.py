@@ -24,7 +24,8 @@ Mono = Callable[[datetime], float]  # a clock's `mono`: the inverse
 
 def require_aware(name: str, value: datetime | None) -> None:
     if value is not None and (value.tzinfo is None or value.utcoffset() is None):
-        raise ValueError(f"{name} is a naive datetime ({value.isoformat()}); pass an aware one")
+        msg = f"{name} is a naive datetime ({value.isoformat()}); pass an aware one"
+        raise ValueError(msg)
 
 
 def _wall_or_none(wall: Wall, t: float | None) -> datetime | None:

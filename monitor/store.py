@@ -134,13 +134,15 @@ def async_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise SettingsError("not a database URL: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB") from None
+        msg = "not a database URL: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        raise SettingsError(msg) from None
     driver = _ASYNC_DRIVERS.get(parsed.drivername)
     if driver is None:
-        raise SettingsError(
+        msg = (
             f"unsupported database URL scheme {parsed.drivername!r}: "
             "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
         )
+        raise SettingsError(msg)
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
@@ -185,7 +187,8 @@ def _create_engine(url: str) -> AsyncEngine:
         if path and path != ":memory:" and not parsed.query.get("uri"):
             directory = Path(path).absolute().parent
             if not directory.is_dir():
-                raise SettingsError(f"cannot create the SQLite database {path}: no directory {directory}")
+                msg = f"cannot create the SQLite database {path}: no directory {directory}"
+                raise SettingsError(msg)
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -386,7 +389,8 @@ class Store:
         write order, so "newest first" means highest id first.
         """
         if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+            msg = f"limit must be at least 1, got {limit}"
+            raise ValueError(msg)
         _require_aware("since", since)
         _require_aware("until", until)
         conditions: list[ColumnElement[bool]] = []
@@ -505,7 +509,8 @@ class Store:
     ) -> list[Acknowledgement]:
         """Acknowledgements matching the filters, newest first."""
         if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+            msg = f"limit must be at least 1, got {limit}"
+            raise ValueError(msg)
         a = AcknowledgementModel
         conditions: list[ColumnElement[bool]] = []
         if kind is not None:

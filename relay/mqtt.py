@@ -60,32 +60,42 @@ class BrokerURL:
         shown = _redact(url)
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise BrokerURLError(f"broker URL {shown!r} must start with mqtt:// or mqtts://")
+            msg = f"broker URL {shown!r} must start with mqtt:// or mqtts://"
+            raise BrokerURLError(msg)
         if not parts.hostname:
-            raise BrokerURLError(f"broker URL {shown!r} has no host")
+            msg = f"broker URL {shown!r} has no host"
+            raise BrokerURLError(msg)
         if parts.path not in ("", "/") or parts.fragment:
-            raise BrokerURLError(f"broker URL {shown!r} has a path; expected mqtt[s]://[user:pass@]host:port[?options]")
+            msg = f"broker URL {shown!r} has a path; expected mqtt[s]://[user:pass@]host:port[?options]"
+            raise BrokerURLError(msg)
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
-            raise BrokerURLError(f"broker URL {shown!r} has a bad port") from None
+            msg = f"broker URL {shown!r} has a bad port"
+            raise BrokerURLError(msg) from None
         options: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in TLS_OPTIONS:
-                raise BrokerURLError(f"broker URL {shown!r}: unknown option {key!r}; known options are ca, cert, key")
+                msg = f"broker URL {shown!r}: unknown option {key!r}; known options are ca, cert, key"
+                raise BrokerURLError(msg)
             if key in options:
-                raise BrokerURLError(f"broker URL {shown!r}: option {key!r} is given twice")
+                msg = f"broker URL {shown!r}: option {key!r} is given twice"
+                raise BrokerURLError(msg)
             if not value:
-                raise BrokerURLError(f"broker URL {shown!r}: option {key!r} needs a file path")
+                msg = f"broker URL {shown!r}: option {key!r} needs a file path"
+                raise BrokerURLError(msg)
             options[key] = os.path.abspath(os.path.expanduser(value))
         if options and not tls:
-            raise BrokerURLError(f"broker URL {shown!r}: the options ca, cert and key need mqtts:// (TLS)")
+            msg = f"broker URL {shown!r}: the options ca, cert and key need mqtts:// (TLS)"
+            raise BrokerURLError(msg)
         if "key" in options and "cert" not in options:
-            raise BrokerURLError(f"broker URL {shown!r}: option 'key' needs 'cert' (the client certificate)")
+            msg = f"broker URL {shown!r}: option 'key' needs 'cert' (the client certificate)"
+            raise BrokerURLError(msg)
         for key, path in options.items():
             if not os.path.isfile(path):
-                raise BrokerURLError(f"broker URL {shown!r}: option {key!r}: {path} is not a readable file")
+                msg = f"broker URL {shown!r}: option {key!r}: {path} is not a readable file"
+                raise BrokerURLError(msg)
         broker = cls(
             host=parts.hostname,
             port=port,
@@ -99,7 +109,8 @@ class BrokerURL:
         try:
             broker.tls_context()
         except (ssl.SSLError, OSError) as exc:
-            raise BrokerURLError(f"broker URL {shown!r}: cannot use its TLS files: {exc}") from None
+            msg = f"broker URL {shown!r}: cannot use its TLS files: {exc}"
+            raise BrokerURLError(msg) from None
         return broker
 
     def __str__(self) -> str:

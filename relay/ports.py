@@ -20,15 +20,18 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     host, sep, port_text = text.rpartition(":")
     if not sep:
         if default_port is None:
-            raise SettingsError(f"{text!r} is not HOST:PORT")
+            msg = f"{text!r} is not HOST:PORT"
+            raise SettingsError(msg)
         host, port_text = text, str(default_port)
     host = host.strip("[]") or "127.0.0.1"
     try:
         port = int(port_text)
     except ValueError:
-        raise SettingsError(f"{text!r}: port {port_text!r} is not a number") from None
+        msg = f"{text!r}: port {port_text!r} is not a number"
+        raise SettingsError(msg) from None
     if not 0 <= port <= 65535:
-        raise SettingsError(f"{text!r}: port {port} is not in [0, 65535]")
+        msg = f"{text!r}: port {port} is not in [0, 65535]"
+        raise SettingsError(msg)
     return host, port
 
 

@@ -73,7 +73,8 @@ class RelaySettings:
     def __post_init__(self) -> None:
         check_id(self.relay_id)
         if not 0.01 <= self.flush_s <= 3600:
-            raise SettingsError(f"flush must be within [0.01, 3600] s, not {self.flush_s}")
+            msg = f"flush must be within [0.01, 3600] s, not {self.flush_s}"
+            raise SettingsError(msg)
 
     @property
     def folds_children(self) -> bool:
@@ -138,7 +139,8 @@ class RelayService:
                 self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
         finally:
             self._local_client = None
-        raise aiomqtt.MqttError("local broker closed the message stream")
+        msg = "local broker closed the message stream"
+        raise aiomqtt.MqttError(msg)
 
     async def _catch_up_local(self, paused_at: float, bound_s: float) -> None:
         """After a pause, let the local side read what waits for it (the local broker's backlog, our
@@ -177,16 +179,19 @@ class RelayService:
         try:
             kind, subject = self.topics.parse(topic)
             if retained:
-                raise WireError("retained", "an old retained message, not a beat: publish beats without retain")
+                msg = "retained"
+                raise WireError(msg, "an old retained message, not a beat: publish beats without retain")
             if kind is TopicKind.BEAT:
                 self.assembler.add_beat(subject, decode_beat(payload), now)
                 self.beats += 1
             elif kind is TopicKind.BUNDLE and subject != self.settings.relay_id:
                 bundle = decode_bundle(payload, self.settings.max_bundle_bytes)
                 if bundle.relay != subject:
-                    raise WireError("relay_mismatch", f"bundle says {bundle.relay!r}")
+                    msg = "relay_mismatch"
+                    raise WireError(msg, f"bundle says {bundle.relay!r}")
                 if _depth(bundle) >= MAX_TREE_DEPTH:  # folded into ours it would be one level too deep
-                    raise WireError("too_deep", f"relay tree under {bundle.relay!r} is too deep to fold in")
+                    msg = "too_deep"
+                    raise WireError(msg, f"relay tree under {bundle.relay!r} is too deep to fold in")
                 if not self.assembler.add_child(bundle, now):
                     self.rejections.add("stale_bundle", topic, f"seq {bundle.seq} is not newer than the one held")
         except WireError as err:

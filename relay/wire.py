@@ -146,7 +146,8 @@ class Topics:
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):
-            raise SettingsError(f"topic prefix {self.prefix!r} must be path segments ending in '/'")
+            msg = f"topic prefix {self.prefix!r} must be path segments ending in '/'"
+            raise SettingsError(msg)
 
     def beat(self, host: str) -> str:
         return f"{self.prefix}beat/{host}"
@@ -172,7 +173,8 @@ class Topics:
     def parse(self, topic: str) -> tuple[TopicKind, str]:
         """Which kind of topic this is and whose id it names; WireError('bad_topic') otherwise."""
         if not topic.startswith(self.prefix):
-            raise WireError("bad_topic", topic[:80])
+            msg = "bad_topic"
+            raise WireError(msg, topic[:80])
         parts = topic[len(self.prefix) :].split("/")
         if len(parts) == 2 and parts[0] == "beat":
             return TopicKind.BEAT, check_id(parts[1], "bad_topic")
@@ -180,7 +182,8 @@ class Topics:
             return TopicKind.BUNDLE, check_id(parts[1], "bad_topic")
         if len(parts) == 3 and parts[0] == "relay" and parts[2] == "status":
             return TopicKind.RELAY_STATUS, check_id(parts[1], "bad_topic")
-        raise WireError("bad_topic", topic[:80])
+        msg = "bad_topic"
+        raise WireError(msg, topic[:80])
 
 
 # ---------------------------------------------------------------------------------------------- beats
@@ -211,11 +214,13 @@ def encode_beat(beat: Beat) -> bytes:
 
 def _loads(payload: bytes, max_bytes: int) -> Any:
     if len(payload) > max_bytes:
-        raise WireError("too_large", f"{len(payload)} bytes > {max_bytes}")
+        msg = "too_large"
+        raise WireError(msg, f"{len(payload)} bytes > {max_bytes}")
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise WireError("bad_json", str(exc)[:80]) from None
+        msg = "bad_json"
+        raise WireError(msg, str(exc)[:80]) from None
 
 
 def _seq(value: object, reason: str = "bad_seq") -> int:
@@ -226,10 +231,12 @@ def _seq(value: object, reason: str = "bad_seq") -> int:
 
 def _interval_s(value: object) -> float:
     if type(value) not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise WireError("bad_interval", f"{_shown(value)} is not a number")
+        msg = "bad_interval"
+        raise WireError(msg, f"{_shown(value)} is not a number")
     seconds = float(value)  # type: ignore[arg-type]
     if not MIN_INTERVAL_MS <= seconds * 1000 <= MAX_INTERVAL_MS:
-        raise WireError("bad_interval", f"{seconds} s is outside [0.01, 86400]")
+        msg = "bad_interval"
+        raise WireError(msg, f"{seconds} s is outside [0.01, 86400]")
     return seconds
 
 
@@ -239,22 +246,28 @@ def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
         return Beat()
     body = _loads(payload, max_bytes)
     if not isinstance(body, dict):
-        raise WireError("bad_beat", "payload is neither empty nor a JSON object")
+        msg = "bad_beat"
+        raise WireError(msg, "payload is neither empty nor a JSON object")
     if not _nesting_within(body, MAX_BEAT_DEPTH):
-        raise WireError("too_deep", f"objects and lists nested deeper than {MAX_BEAT_DEPTH}")
+        msg = "too_deep"
+        raise WireError(msg, f"objects and lists nested deeper than {MAX_BEAT_DEPTH}")
     seq = body.get("seq")
     interval = body.get("interval")
     status = body.get("status", "ok")
     meta = body.get("meta")
     if status not in ("ok", "stopping"):
-        raise WireError("bad_status", f"{_shown(status)} is not 'ok' or 'stopping'")
+        msg = "bad_status"
+        raise WireError(msg, f"{_shown(status)} is not 'ok' or 'stopping'")
     if meta is not None:
         if not isinstance(meta, dict):
-            raise WireError("bad_meta", "meta is not an object")
+            msg = "bad_meta"
+            raise WireError(msg, "meta is not an object")
         if len(orjson.dumps(meta)) > MAX_META_BYTES:
-            raise WireError("bad_meta", f"meta is larger than {MAX_META_BYTES} bytes")
+            msg = "bad_meta"
+            raise WireError(msg, f"meta is larger than {MAX_META_BYTES} bytes")
         if any("\0" in text for text in _strings(meta)):
-            raise WireError("bad_meta", "meta contains a NUL character")
+            msg = "bad_meta"
+            raise WireError(msg, "meta contains a NUL character")
     return Beat(
         seq=None if seq is None else _seq(seq),
         interval_s=None if interval is None else _interval_s(interval),
@@ -317,13 +330,15 @@ def encode_bundle(bundle: Bundle) -> bytes:
 
 def _age_ms(value: object) -> int:
     if type(value) is not int or not 0 <= value <= MAX_AGE_MS:
-        raise WireError("bad_age", f"{_shown(value)} is not an integer in [0, {MAX_AGE_MS}] ms")
+        msg = "bad_age"
+        raise WireError(msg, f"{_shown(value)} is not an integer in [0, {MAX_AGE_MS}] ms")
     return value
 
 
 def _interval_ms(value: object) -> int:
     if type(value) is not int or not MIN_INTERVAL_MS <= value <= MAX_INTERVAL_MS:
-        raise WireError("bad_interval", f"{_shown(value)} is not an integer in [10, 86400000] ms")
+        msg = "bad_interval"
+        raise WireError(msg, f"{_shown(value)} is not an integer in [10, 86400000] ms")
     return value
 
 
@@ -332,13 +347,15 @@ _STATUSES = {"ok": LeafStatus.OK, "stopping": LeafStatus.STOPPING}
 
 def _host_entry(raw: object) -> HostEntry:
     if type(raw) is not list or len(raw) != 5:
-        raise WireError("bad_entry", "a host entry is [id, seq, age_ms, interval_ms, status]")
+        msg = "bad_entry"
+        raise WireError(msg, "a host entry is [id, seq, age_ms, interval_ms, status]")
     host, seq, age, interval, status = raw
     check_id(host)
     try:
         status_value = _STATUSES[status]
     except (KeyError, TypeError):
-        raise WireError("bad_status", f"{_shown(status)} is not 'ok' or 'stopping'") from None
+        msg = "bad_status"
+        raise WireError(msg, f"{_shown(status)} is not 'ok' or 'stopping'") from None
     return HostEntry(host, None if seq is None else _seq(seq), _age_ms(age), _interval_ms(interval), status_value)
 
 
@@ -375,19 +392,24 @@ def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
 
 def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
     if not isinstance(body, dict):
-        raise WireError("bad_bundle", "a bundle is a JSON object")
+        msg = "bad_bundle"
+        raise WireError(msg, "a bundle is a JSON object")
     if depth > MAX_TREE_DEPTH:
-        raise WireError("too_deep", f"relay tree deeper than {MAX_TREE_DEPTH}")
+        msg = "too_deep"
+        raise WireError(msg, f"relay tree deeper than {MAX_TREE_DEPTH}")
     try:
         relay, boot, seq, flush_ms, hosts = (body[k] for k in ("relay", "boot", "seq", "flush_ms", "hosts"))
     except KeyError as missing:
-        raise WireError("bad_bundle", f"missing field {missing}") from None
+        msg = "bad_bundle"
+        raise WireError(msg, f"missing field {missing}") from None
     children = body.get("children", [])
     if type(hosts) is not list or type(children) is not list:
-        raise WireError("bad_bundle", "hosts and children are lists")
+        msg = "bad_bundle"
+        raise WireError(msg, "hosts and children are lists")
     budget[0] -= len(hosts) + len(children)
     if budget[0] < 0:
-        raise WireError("too_many_entries", "bundle has more entries than the configured limit")
+        msg = "too_many_entries"
+        raise WireError(msg, "bundle has more entries than the configured limit")
     return Bundle(
         relay=check_id(relay),
         boot=check_id(boot, "bad_boot"),
@@ -406,16 +428,20 @@ def decode_bundle(
 ) -> Bundle:
     body = _loads(payload, max_bytes)
     if not isinstance(body, dict):
-        raise WireError("bad_bundle", "a bundle is a JSON object")
+        msg = "bad_bundle"
+        raise WireError(msg, "a bundle is a JSON object")
     version = body.get("v")
     if type(version) is not int or version != FORMAT_VERSION:  # by type too: `true` and `1.0` are not 1
-        raise WireError("unknown_version", f"format version {_shown(version)}, this side speaks 1")
+        msg = "unknown_version"
+        raise WireError(msg, f"format version {_shown(version)}, this side speaks 1")
     if "age_ms" in body:
-        raise WireError("bad_bundle", "age_ms belongs to child bundles only")
+        msg = "bad_bundle"
+        raise WireError(msg, "age_ms belongs to child bundles only")
     try:
         return _bundle(body, 0, [max_entries])
     except KeyError:
-        raise WireError("bad_bundle", "child bundle without age_ms") from None
+        msg = "bad_bundle"
+        raise WireError(msg, "child bundle without age_ms") from None
 
 
 # ---------------------------------------------------------------------------------- relay presence
@@ -430,4 +456,5 @@ def decode_relay_status(payload: bytes) -> bool:
         return True
     if payload == OFFLINE:
         return False
-    raise WireError("bad_status", payload[:40].decode("utf-8", "replace"))
+    msg = "bad_status"
+    raise WireError(msg, payload[:40].decode("utf-8", "replace"))

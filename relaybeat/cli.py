@@ -44,7 +44,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def _logging(level: str) -> None:
     if level.lower() not in LOG_LEVELS:
-        raise _fail(f"--log-level (RELAYBEAT_LOG_LEVEL): {level[:20]!r} is not one of {', '.join(LOG_LEVELS)}")
+        msg = f"--log-level (RELAYBEAT_LOG_LEVEL): {level[:20]!r} is not one of {', '.join(LOG_LEVELS)}"
+        raise _fail(msg)
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -69,14 +70,16 @@ def _broker_url(url: str, option: str) -> BrokerURL:
     try:
         return BrokerURL.parse(url)
     except ValueError as exc:
-        raise _fail(f"{option}: {exc}") from None
+        msg = f"{option}: {exc}"
+        raise _fail(msg) from None
 
 
 def _hostport(text: str, option: str) -> tuple[str, int]:
     try:
         return parse_hostport(text)
     except ValueError as exc:
-        raise _fail(f"{option}: {exc}") from None
+        msg = f"{option}: {exc}"
+        raise _fail(msg) from None
 
 
 def _shown(db_url: str) -> str:
@@ -97,7 +100,8 @@ def _run(main: object) -> None:
     try:
         status = run_until_signal(main)  # type: ignore[arg-type]
     except PortInUse as exc:
-        raise _fail(f"{exc.strerror}. Choose another port.") from None
+        msg = f"{exc.strerror}. Choose another port."
+        raise _fail(msg) from None
     except JournalUnavailable as exc:
         raise _fail(str(exc.strerror)) from None
     if status:
@@ -154,9 +158,11 @@ def leaf(
     )
     settings = deployment.leaf
     if settings.id is None:
-        raise _fail("leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file")
+        msg = "leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file"
+        raise _fail(msg)
     if settings.broker is None:
-        raise _fail("leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file")
+        msg = "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
+        raise _fail(msg)
     host_id, url = settings.id, BrokerURL.parse(settings.broker)
 
     async def main(stop: asyncio.Event) -> None:
@@ -213,7 +219,8 @@ def relay(
     )
     cfg = deployment.relay
     if cfg.id is None:
-        raise _fail("relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file")
+        msg = "relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file"
+        raise _fail(msg)
     relay_id = cfg.id
 
     async def main(stop: asyncio.Event) -> None:

@@ -89,7 +89,8 @@ def _check_prefix(value: str) -> str:
 
 def _check_id(value: str | None) -> str | None:
     if value is not None and not is_valid_id(value):
-        raise ValueError("must match [A-Za-z0-9._-]{1,128}")
+        msg = "must match [A-Za-z0-9._-]{1,128}"
+        raise ValueError(msg)
     return value
 
 
@@ -114,7 +115,8 @@ class DetectorConfig(_Strict):
     @model_validator(mode="after")
     def _flap_hysteresis(self) -> DetectorConfig:
         if self.flap_stop >= self.flap_start:
-            raise ValueError(f"flap_stop ({self.flap_stop}) must be below flap_start ({self.flap_start})")
+            msg = f"flap_stop ({self.flap_stop}) must be below flap_start ({self.flap_start})"
+            raise ValueError(msg)
         return self
 
     def policy(self) -> Policy:
@@ -161,7 +163,8 @@ class MonitorConfig(_Strict):
             make_url(value)
         except ArgumentError:
             # SQLAlchemy's message repeats the URL, password and all.
-            raise ValueError("must be a SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") from None
+            msg = "must be a SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
+            raise ValueError(msg) from None
         return value
 
     def journal_path(self) -> Path | None:
@@ -205,10 +208,11 @@ class ApiConfig(_Strict):
         for token in tokens:
             text = token.get_secret_value()
             if len(text) < TOKEN_MIN_CHARS or not text.isascii() or not text.isprintable() or " " in text:
-                raise ValueError(
+                msg = (
                     f"each token must be at least {TOKEN_MIN_CHARS} printable ASCII characters without spaces "
                     "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
                 )
+                raise ValueError(msg)
         return tokens
 
     @field_validator("cors_origins")
@@ -216,15 +220,15 @@ class ApiConfig(_Strict):
     def _origins(cls, origins: list[str]) -> list[str]:
         for origin in origins:
             if origin != "*" and not _ORIGIN.match(origin):
-                raise ValueError(f"{origin[:80]!r} is not '*' or an origin like https://ops.example.com[:port]")
+                msg = f"{origin[:80]!r} is not '*' or an origin like https://ops.example.com[:port]"
+                raise ValueError(msg)
         return origins
 
     @model_validator(mode="after")
     def _protected_reads_need_a_token(self) -> ApiConfig:
         if self.read == "token" and not (self.read_tokens or self.write_tokens):
-            raise ValueError(
-                "read = 'token' needs at least one token in read_tokens, write_tokens or RELAYBEAT_API_TOKENS"
-            )
+            msg = "read = 'token' needs at least one token in read_tokens, write_tokens or RELAYBEAT_API_TOKENS"
+            raise ValueError(msg)
         return self
 
     def settings(self) -> ApiSettings:
@@ -277,7 +281,8 @@ class RelayConfig(_Strict):
     @classmethod
     def _children(cls, value: object) -> object:
         if type(value) not in (bool, str) or value not in (True, False, "auto"):
-            raise ValueError("must be true, false or 'auto'")
+            msg = "must be true, false or 'auto'"
+            raise ValueError(msg)
         return value
 
 
@@ -343,7 +348,8 @@ class WebhookConfig(_Strict):
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError("must be an http:// or https:// URL with a host")
+            msg = "must be an http:// or https:// URL with a host"
+            raise ValueError(msg)
         return value
 
     def webhook(self) -> Webhook:
@@ -371,9 +377,11 @@ class NotifyConfig(_Strict):
         names = [w.name for w in self.webhooks]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"webhook names must be unique; repeated: {', '.join(repeated)}")
+            msg = f"webhook names must be unique; repeated: {', '.join(repeated)}"
+            raise ValueError(msg)
         if self.retry_min_s > self.retry_max_s:
-            raise ValueError(f"retry_min_s ({self.retry_min_s:g}) must not exceed retry_max_s ({self.retry_max_s:g})")
+            msg = f"retry_min_s ({self.retry_min_s:g}) must not exceed retry_max_s ({self.retry_max_s:g})"
+            raise ValueError(msg)
         return self
 
     def settings(self) -> NotifySettings:
@@ -436,9 +444,11 @@ def _read(path: Path) -> dict[str, Any]:
         with path.open("rb") as file:
             return tomllib.load(file)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        msg = f"{path}: cannot read ({exc.strerror})"
+        raise ConfigError(msg) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        msg = f"{path}: not valid TOML ({exc})"
+        raise ConfigError(msg) from None
 
 
 def _put(document: dict[str, Any], section: str, key: str, value: object) -> None:

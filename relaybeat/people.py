@@ -54,7 +54,8 @@ class Api:
     def __init__(self, base: str, token: str | None, timeout_s: float = 10.0) -> None:
         self.base = base.rstrip("/")
         if not self.base.startswith(("http://", "https://")):
-            raise ApiError(f"--api {base!r} is not a URL: use e.g. --api {DEFAULT_API}")
+            msg = f"--api {base!r} is not a URL: use e.g. --api {DEFAULT_API}"
+            raise ApiError(msg)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout_s)
 
@@ -66,13 +67,15 @@ class Api:
 
     def check(self, response: httpx.Response) -> None:
         if response.status_code == 401:
-            raise ApiError(f"{self.base} needs a token for reads: use --token or set RELAYBEAT_API_TOKEN")
+            msg = f"{self.base} needs a token for reads: use --token or set RELAYBEAT_API_TOKEN"
+            raise ApiError(msg)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text[:200]
-            raise ApiError(f"{response.request.url}: HTTP {response.status_code}: {detail}")
+            msg = f"{response.request.url}: HTTP {response.status_code}: {detail}"
+            raise ApiError(msg)
 
     def get(self, path: str, **params: Any) -> Any:
         """The JSON body, or None for 404."""
@@ -86,7 +89,8 @@ class Api:
         try:
             return response.json()
         except ValueError:
-            raise ApiError(f"{self.base} answered {path} with something that is not JSON: is it relaybeat?") from None
+            msg = f"{self.base} answered {path} with something that is not JSON: is it relaybeat?"
+            raise ApiError(msg) from None
 
     def hosts(self, state: str | None, relay: str | None, console: Console) -> list[dict[str, Any]]:
         first = self.get("/api/v1/hosts", state=state, relay=relay, limit=HOST_PAGE, offset=0)
@@ -146,7 +150,8 @@ def status(
 ) -> None:
     """Relays and hosts with their states, worst first (a colored table from the API)."""
     if state is not None and state not in STATES:
-        raise fail(f"--state {state!r}: use one of {', '.join(STATES)}")
+        msg = f"--state {state!r}: use one of {', '.join(STATES)}"
+        raise fail(msg)
     console = Console(highlight=False)
     try:
         client = Api(api, token)
@@ -223,7 +228,8 @@ def history(
     except ApiError as exc:
         raise fail(str(exc)) from None
     if body is None:
-        raise fail(f"no host or relay {subject!r} is known to {client.base}: try `relaybeat status --search {subject}`")
+        msg = f"no host or relay {subject!r} is known to {client.base}: try `relaybeat status --search {subject}`"
+        raise fail(msg)
     items = list(reversed(body["items"]))
     if not items:
         console.print(f"{kind} {escape(subject)}: no transitions" + (" since then" if since else ""))

@@ -149,7 +149,8 @@ async def monitor_running(
             while not server.started:
                 if server_task.done():
                     server_task.result()
-                    raise Unavailable(f"HTTP server on {host}:{port} did not start")
+                    msg = f"HTTP server on {host}:{port} did not start"
+                    raise Unavailable(msg)
                 await asyncio.sleep(0.02)
             supervisor.watch("http", server_task)
             bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
