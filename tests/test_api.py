@@ -11,19 +11,11 @@ import pytest
 
 from api.app import create_app
 from monitor.detector import Policy
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
-
-
-class FakeClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
+from tests.fakes import FakeClock
 
 
 def bundle(seq: int, *hosts: tuple[str, int, LeafStatus]) -> bytes:

@@ -23,24 +23,16 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.events import EventHub, close_streams
 from monitor.detector import Policy
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.conftest import CentralBroker
+from tests.fakes import FakeClock
 from tests.processes import Topology, wait_until
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-class FakeClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 @dataclass

@@ -26,11 +26,12 @@ from api.app import create_app
 from api.auth import ApiSettings
 from monitor.detector import Policy
 from monitor.maintenance import MaintenanceBook, TargetKind, Window
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.states import Kind, State
 from monitor.store import Store, TransitionRecord, async_url
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from tests.fakes import FakeClock
 
 WRITE_TOKEN = "write-token-0123456789"
 READ_TOKEN = "read-token-0123456789ab"
@@ -146,16 +147,6 @@ def test_covers_agrees_with_the_subjects_intervals(
 
 
 # --- a real monitor behind the API --------------------------------------------------------------
-
-
-class FakeClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = float(round(self.offset))  # whole seconds: wall times are exact, differences too
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 class Fleet:

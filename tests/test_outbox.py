@@ -30,13 +30,14 @@ from monitor.detector import Policy
 from monitor.maintenance import TargetKind
 from monitor.notify import NoticeType, Target
 from monitor.outbox import NotifySettings, Webhook, backoff_s
-from monitor.service import Clock, Monitor, MonitorSettings
+from monitor.service import Monitor, MonitorSettings
 from monitor.states import Event, Kind, State
 from monitor.store import NewMessage, NewTransition, OutboxRow, Store
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.conftest import CentralBroker
+from tests.fakes import FakeClock
 
 SECRET = "webhook-secret-0123456789"
 WAIT_S = 15.0
@@ -130,15 +131,6 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 # ------------------------------------------------------------------------------------- monitor
-
-
-class FakeClock(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 def hook(receiver: Receiver, name: str = "ops", path: str = "/hook", **target: Any) -> Webhook:
