@@ -264,14 +264,6 @@ def monitor_on(store: Store, journal: Path, *, webhook: bool = False) -> Monitor
     return Monitor(MonitorSettings(BrokerURL("127.0.0.1", 1), notify=notify, journal=journal), store)
 
 
-@pytest.fixture
-async def store(db_url: str) -> Any:
-    opened = await Store.open(db_url)
-    await opened.upgrade()
-    yield opened
-    await opened.close()
-
-
 async def test_decisions_a_monitor_never_wrote_are_written_at_the_next_start_as_decided(
     store: Store, tmp_path: Path
 ) -> None:
