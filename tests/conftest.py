@@ -105,7 +105,7 @@ def central_broker(tmp_path: Path) -> Iterator[CentralBroker]:
     port = pick_free("127.0.0.1")
     broker = Service("central-broker", ["broker", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"], tmp_path)
     try:
-        wait_until(lambda: port_open(port) or broker.assert_running(), 15, "the embedded broker to listen")
+        wait_until(lambda: port_open(port), 15, "the embedded broker to listen", service=broker)
         yield CentralBroker(f"mqtt://127.0.0.1:{port}", prefix, "embedded")
     finally:
         broker.stop()

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.bodies import iso
 from monitor.availability import Availability, availability, merge_intervals
 from monitor.states import Event, Kind, State
 from monitor.store import NewTransition, Store
+from monitor.view import iso
 from tests.fakes import FakeClock
 from tests.monitors import AUTH, Fleet, api, call, new_monitor
 

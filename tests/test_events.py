@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,7 @@ async def test_the_buffer_path_itself_is_lossless_under_overflow(served: Served)
     """The generator, without HTTP: rows pile up while nobody reads, then all come out in order."""
     served.hub.buffer = 2
     rows = served.hub.rows(None)
+    assert isinstance(rows, AsyncGenerator)
     first = asyncio.ensure_future(anext(rows))
     await until(lambda: served.hub.subscribers, what="the generator to subscribe")
     for n in range(5):

@@ -34,7 +34,7 @@ MONITOR_MAX_ENTRIES = 100_000
 RELAY_MAX_BYTES = 64 * 1024
 
 
-def body(relay: str = "r1", boot: str = "boot1", seq: int = 1, hosts: Any = None, **extra: Any) -> dict[str, Any]:
+def body(relay: str = "r1", boot: str = "boot1", seq: object = 1, hosts: Any = None, **extra: Any) -> dict[str, Any]:
     hosts = [["web-1", 1, 0, 1000, "ok"]] if hosts is None else hosts
     return {"v": 1, "relay": relay, "boot": boot, "seq": seq, "flush_ms": 1000, "hosts": hosts} | extra
 
