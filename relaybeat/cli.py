@@ -9,8 +9,9 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -19,8 +20,7 @@ from relay.mqtt import BrokerURL
 from relay.ports import PortInUse, parse_hostport
 from relaybeat import people
 
-if TYPE_CHECKING:
-    from relaybeat.config import DeploymentConfig, Flag
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Server liveness over MQTT, relayed: leaves beat to a relay, relays bundle, one monitor decides.",
@@ -51,12 +51,12 @@ def _logging(level: str) -> None:
     )
 
 
-def _deployment(config: Path | None, flags: dict[str, Flag]) -> DeploymentConfig:
-    """The deployment file under RELAYBEAT_* variables and flags; a bad value stops start-up here."""
-    from relaybeat.config import ConfigError, load_config
+def _settings(build: Callable[[], T]) -> T:
+    """What a command starts with (relaybeat/settings.py); a bad value stops start-up here."""
+    from relaybeat.config import ConfigError
 
     try:
-        return load_config(config, os.environ, flags)
+        return build()
     except ConfigError as exc:
         raise _fail(str(exc)) from None
 
@@ -144,29 +144,15 @@ def leaf(
 ) -> None:
     """Beat every INTERVAL seconds; on SIGTERM/SIGINT send a final `stopping` beat."""
     from relay.leaf import run_leaf
-    from relay.wire import Topics
+    from relaybeat.settings import LeafFlags, leaf_start
 
     _logging(log_level)
-    deployment = _deployment(
-        config,
-        {
-            "leaf.id": ("--id (RELAYBEAT_ID)", id),
-            "leaf.broker": ("--broker (RELAYBEAT_BROKER)", broker),
-            "leaf.interval_s": ("--interval", interval),
-            "leaf.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
-        },
+    start = _settings(
+        lambda: leaf_start(LeafFlags(id=id, broker=broker, interval=interval, prefix=prefix), os.environ, config)
     )
-    settings = deployment.leaf
-    if settings.id is None:
-        msg = "leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file"
-        raise _fail(msg)
-    if settings.broker is None:
-        msg = "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
-        raise _fail(msg)
-    host_id, url = settings.id, BrokerURL.parse(settings.broker)
 
     async def main(stop: asyncio.Event) -> None:
-        await run_leaf(host_id, url, settings.interval_s, stop, Topics(settings.prefix))
+        await run_leaf(start.host_id, start.broker, start.interval_s, stop, start.topics)
 
     _run(main)
 
@@ -201,43 +187,29 @@ def relay(
     """Subscribe to beats on the local broker and publish one bundle per flush upstream."""
     from relay.service import RelayService
     from relaybeat.serve import serve_relay
+    from relaybeat.settings import RelayFlags, relay_start
 
     _logging(log_level)
-    deployment = _deployment(
-        config,
-        {
-            "relay.id": ("--id (RELAYBEAT_ID)", id),
-            "relay.local": ("--local", local),
-            "relay.upstream": ("--upstream (RELAYBEAT_UPSTREAM)", upstream),
-            "relay.flush_s": ("--flush", flush),
-            "relay.serve": ("--serve", serve),
-            "relay.default_interval_s": ("--default-interval", default_interval),
-            "relay.children": ("--children/--no-children", children),
-            "relay.max_bundle_bytes": ("--max-bundle-bytes", max_bundle_bytes),
-            "relay.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
-        },
-    )
-    cfg = deployment.relay
-    if cfg.id is None:
-        msg = "relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file"
-        raise _fail(msg)
-    relay_id = cfg.id
+    flags = RelayFlags(
+        id=id, local=local, upstream=upstream, flush=flush, serve=serve, default_interval=default_interval,
+        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix,
+    )  # fmt: skip
+    start = _settings(lambda: relay_start(flags, os.environ, config))
 
     async def main(stop: asyncio.Event) -> None:
         from contextlib import AsyncExitStack
 
         async with AsyncExitStack() as stack:
-            if cfg.local == "embedded":
+            settings = start.settings
+            if start.embedded is not None:
                 from broker_config.embedded import EmbeddedBroker
                 from broker_config.settings import BrokerSettings
 
-                host, port = parse_hostport(cfg.serve)
+                host, port = start.embedded
                 embedded = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=host, port=port)))
-                local_url = BrokerURL.parse(embedded.url)
-                logging.getLogger("relaybeat").info("relay %s: leaves beat to %s", relay_id, embedded.url)
-            else:
-                local_url = BrokerURL.parse(cfg.local)
-            await serve_relay(RelayService(cfg.settings(relay_id, local_url)), stop)
+                settings = dataclasses.replace(settings, local=BrokerURL.parse(embedded.url))
+                logging.getLogger("relaybeat").info("relay %s: leaves beat to %s", settings.relay_id, embedded.url)
+            await serve_relay(RelayService(settings), stop)
 
     _run(main)
 
@@ -276,30 +248,17 @@ def monitor(
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
     from relaybeat.serve import serve_monitor
+    from relaybeat.settings import MonitorFlags, monitor_start
 
     _logging(log_level)
-    deployment = _deployment(
-        config,
-        {
-            "monitor.broker": ("--broker (RELAYBEAT_BROKER)", broker),
-            "monitor.db": ("--db (RELAYBEAT_DB)", db),
-            "monitor.listen": ("--listen (RELAYBEAT_LISTEN)", listen),
-            "monitor.prefix": ("--prefix (RELAYBEAT_PREFIX)", prefix),
-            "monitor.client_id": ("--client-id", client_id),
-            "monitor.max_bundle_bytes": ("--max-bundle-bytes", max_bundle_bytes),
-            "monitor.max_bundle_entries": ("--max-bundle-entries", max_bundle_entries),
-            "monitor.journal": ("--journal", journal),
-            "detector.misses": ("--misses (RELAYBEAT_MISSES)", misses),
-            "detector.default_interval_s": ("--default-interval", default_interval),
-            "detector.adaptive": ("--adaptive/--fixed", adaptive),
-            "detector.phi_threshold": ("--phi", phi),
-        },
-    )
-    cfg = deployment.monitor
-    settings = cfg.settings(deployment.detector.policy(), deployment.notify.settings())
-    host, port = parse_hostport(cfg.listen)
-    api = deployment.api.settings()
-    _run(lambda stop: serve_monitor(settings, cfg.db, host, port, stop, api))
+    flags = MonitorFlags(
+        broker=broker, db=db, listen=listen, misses=misses, default_interval=default_interval, adaptive=adaptive,
+        phi=phi, client_id=client_id, max_bundle_bytes=max_bundle_bytes, max_bundle_entries=max_bundle_entries,
+        journal=journal, prefix=prefix,
+    )  # fmt: skip
+    start = _settings(lambda: monitor_start(flags, os.environ, config))
+    host, port = start.listen
+    _run(lambda stop: serve_monitor(start.settings, start.db, host, port, stop, start.api))
 
 
 @app.command()

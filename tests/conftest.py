@@ -7,6 +7,9 @@ from the shipped configs (tests/processes.py), whatever these variables say.
 RELAYBEAT_TEST_DB_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test adds PostgreSQL to every
 database-parametrised test (each in a fresh schema); unset, those cases skip and say how to enable
 them; set but unreachable, they fail.
+
+Helpers that are not fixtures live in tests/fakes.py (the fake clock), tests/monitors.py (a real
+monitor driven in this process), tests/processes.py (real processes) and tests/wire_inputs.py.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from monitor.store import async_url
+from monitor.store import Store, async_url
 from relay.mqtt import BrokerURL
 from relay.ports import pick_free
+from tests.monitors import Served, served_monitor
 from tests.processes import Service, port_open, wait_until
 
 MQTT_ENV = "RELAYBEAT_TEST_MQTT_URL"
@@ -61,6 +65,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """A store on `db_url`, migrated to the newest schema."""
+    opened = await Store.open(db_url)
+    await opened.upgrade()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """A real monitor on a SQLite file and a FakeClock, its API served by uvicorn on a free port."""
+    async with served_monitor(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
 def free_port() -> int:
     return pick_free("127.0.0.1")
 
@@ -85,7 +105,7 @@ def central_broker(tmp_path: Path) -> Iterator[CentralBroker]:
     port = pick_free("127.0.0.1")
     broker = Service("central-broker", ["broker", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"], tmp_path)
     try:
-        wait_until(lambda: port_open(port) or broker.assert_running(), 15, "the embedded broker to listen")
+        wait_until(lambda: port_open(port), 15, "the embedded broker to listen", service=broker)
         yield CentralBroker(f"mqtt://127.0.0.1:{port}", prefix, "embedded")
     finally:
         broker.stop()

@@ -80,18 +80,24 @@ class Service:
             raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+def wait_until(
+    check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05, *, service: Service | None = None
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds, or at
+    once (with its log) if `service` exits meanwhile."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: object = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            result = check()
         except (httpx.HTTPError, OSError) as exc:
             last = exc
         else:
-            if last:
-                return last
+            if result:
+                return result
+            last = result
+        if service is not None:
+            service.assert_running()
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
 
@@ -144,7 +150,7 @@ class Topology:
 
     def wait_listening(self, name: str, port: int, timeout: float = 20) -> None:
         service = self.services[name]
-        wait_until(lambda: port_open(port) or service.assert_running(), timeout, f"{name} to listen on {port}")
+        wait_until(lambda: port_open(port), timeout, f"{name} to listen on {port}", service=service)
 
     def mosquitto(self, name: str, port: int, config: str | None = None) -> str:
         """Mosquitto on `port`: anonymous and plain unless `config` (a whole mosquitto.conf) says otherwise."""
@@ -157,7 +163,7 @@ class Topology:
         if binary is None:
             raise AssertionError("mosquitto is not installed (apt install mosquitto)")
         service = self.start(name, ["-c", str(conf)], command=[binary])
-        wait_until(lambda: port_open(port) or service.assert_running(), 20, f"{name} to listen")
+        wait_until(lambda: port_open(port), 20, f"{name} to listen", service=service)
         return f"mqtt://127.0.0.1:{port}"
 
     def relay(self, relay_id: str, upstream: str, *, serve: int | None = None, local: str | None = None,
@@ -169,7 +175,7 @@ class Topology:
              "--prefix", self.prefix, "--log-level", "warning"],
         )  # fmt: skip
         if serve:
-            wait_until(lambda: port_open(serve) or service.assert_running(), 20, f"{relay_id}'s broker")
+            wait_until(lambda: port_open(serve), 20, f"{relay_id}'s broker", service=service)
         return service
 
     def monitor(self, broker: str, port: int, misses: int = 3, client_id: str | None = None) -> Service:
@@ -182,7 +188,7 @@ class Topology:
              "--misses", str(misses), "--prefix", self.prefix, "--client-id", client_id or self.monitor_id,
              "--journal", str(self.log_dir / "monitor.journal"), "--log-level", "warning"],
         )  # fmt: skip
-        wait_until(lambda: api_get(self.api, "/healthz") or service.assert_running(), 30, "the monitor's API")
+        wait_until(lambda: api_get(self.api, "/healthz"), 30, "the monitor's API", service=service)
         return service
 
     def leaf(self, host_id: str, broker: str, interval: float = 0.5, name: str | None = None) -> Service:

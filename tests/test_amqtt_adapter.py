@@ -151,8 +151,11 @@ def _fired_keywords(enum_name: str, member: str) -> list[set[str]]:
             if node.func.attr != "fire_event" or not node.args:
                 continue
             event = node.args[0]
-            named = isinstance(event, ast.Attribute) and isinstance(event.value, ast.Name)
-            if named and (event.value.id, event.attr) == (enum_name, member):
+            if (
+                isinstance(event, ast.Attribute)
+                and isinstance(event.value, ast.Name)
+                and (event.value.id, event.attr) == (enum_name, member)
+            ):
                 sites.append({keyword.arg for keyword in node.keywords if keyword.arg not in (None, "wait")})
     return sites
 

@@ -10,21 +10,11 @@ import httpx
 import pytest
 
 from api.app import create_app
-from monitor.clock import SystemClock
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
+from monitor.service import Monitor
 from monitor.store import Store
-from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
-
-
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
+from tests.fakes import FakeClock
+from tests.monitors import new_monitor
 
 
 def bundle(seq: int, *hosts: tuple[str, int, LeafStatus]) -> bytes:
@@ -37,7 +27,7 @@ async def monitor(tmp_path: Path) -> AsyncIterator[Monitor]:
     store = await Store.open(f"sqlite:///{tmp_path / 'api.db'}")
     await store.upgrade()
     clock = FakeClock()
-    running = Monitor(MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3)), store, clock)
+    running = new_monitor(store, clock)
     ok, stopping = LeafStatus.OK, LeafStatus.STOPPING
     running.take("relaybeat/bundle/r1", bundle(1, ("a", 0, ok), ("b", 0, ok), ("c", 0, stopping)))
     clock.t += 10.0  # past grace and a's timeout (1 s × 3); r1 confirms a's silence

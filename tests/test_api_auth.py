@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-import api.auth
 from api.app import create_app
 from api.auth import ApiSettings, Tokens
 from monitor.detector import Policy
@@ -161,7 +160,7 @@ def test_tokens_are_compared_without_an_early_exit(monkeypatch: pytest.MonkeyPat
         calls.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(api.auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     tokens = Tokens([READ, WRITE, OTHER])
     for presented, expected in ((READ, True), (OTHER, True), ("x", False), (READ[:-1], False), (READ + "x", False)):
         calls.clear()
@@ -190,13 +189,13 @@ async def test_tokens_never_appear_in_logs_or_bodies(
         seen.append(repr(settings))
 
     # A bad deployment file: the error names the key, never the token or the broker password.
-    path = tmp_path / "relaybeat.toml"
-    path.write_text(
+    config_file = tmp_path / "relaybeat.toml"
+    config_file.write_text(
         f"[monitor]\nbroker = 'mqtt://relaybeat:{BROKER_PASSWORD}@:1'\n"
         f"[api]\nread = 'token'\nwrite_tokens = ['{WRITE}', 'short {READ}']\n"
     )
     with pytest.raises(ConfigError) as bad:
-        load_config(path, {"RELAYBEAT_API_TOKENS": f"{OTHER},tiny"})
+        load_config(config_file, {"RELAYBEAT_API_TOKENS": f"{OTHER},tiny"})
     assert "api.write_tokens" in str(bad.value) and "api.read_tokens" in str(bad.value)
     assert "monitor.broker" in str(bad.value)
     seen.append(str(bad.value))

@@ -27,12 +27,12 @@ from schemathesis.python import asgi
 
 from api.app import create_app
 from api.auth import ApiSettings
-from monitor.clock import SystemClock
 from monitor.detector import Policy
 from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from tests.fakes import FakeClock
 
 READ = "fuzz-read-token-0123456789"
 WRITE = "fuzz-write-token-0123456789"
@@ -41,15 +41,6 @@ STATES = {"up", "down", "stopped", "unreachable"}
 STREAMS = "/api/v1/events"  # endless Server-Sent Events: covered by its own tests, not fuzzable by request
 SCALE = float(os.environ.get("RELAYBEAT_FUZZ_SCALE", "1"))
 RANDOM = bool(os.environ.get("RELAYBEAT_FUZZ_RANDOM"))
-
-
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 def bundle(relay: str, seq: int, *hosts: tuple[str, int, LeafStatus], children: tuple[Bundle, ...] = ()) -> Bundle:

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.bodies import iso
 from monitor.availability import Availability, availability, merge_intervals
 from monitor.states import Event, Kind, State
 from monitor.store import Store, TransitionRow
-from tests.test_maintenance import AUTH, FakeClock, Fleet, api, call, new_monitor
+from monitor.view import iso
+from tests.fakes import FakeClock
+from tests.monitors import AUTH, Fleet, api, call, new_monitor
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
@@ -152,14 +153,6 @@ def test_maintenance_intervals_are_clipped_and_merged() -> None:
 
 
 # --- what the store hands the computation -------------------------------------------------------
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url)
-    await opened.upgrade()
-    yield opened
-    await opened.close()
 
 
 def row(subject: str, at: int, to: State, event: Event = Event.TRANSITION, kind: Kind = Kind.HOST) -> TransitionRow:

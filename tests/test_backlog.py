@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from monitor.tables import TransitionModel
@@ -47,7 +49,7 @@ class PahoLoop(threading.Thread):
 
     def __init__(self, port: int, name: str, step_s: float) -> None:
         super().__init__(name=name, daemon=True)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}")
         self.client.max_queued_messages_set(0)
         self.client.connect("127.0.0.1", port, keepalive=60)
         self.step_s = step_s
@@ -72,7 +74,7 @@ class PahoLoop(threading.Thread):
         finally:
             self.client.disconnect()
 
-    def __enter__(self) -> PahoLoop:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+import typer.core
+import typer.main
 from typer.testing import CliRunner
 
 from relay.mqtt import BrokerURL
 from relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
 from relaybeat import cli
 from relaybeat.config import ConfigError, load_config
+from relaybeat.settings import LeafFlags, MonitorFlags, RelayFlags, leaf_start, monitor_start, relay_start
 
 EXAMPLE = Path(__file__).parent.parent / "relaybeat.example.toml"
 
@@ -196,126 +198,133 @@ def test_environment_values_are_toml_values_and_errors_name_the_variable(tmp_pat
         assert message in str(err.value)
 
 
-@pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run `relaybeat monitor|relay|leaf` in-process, recording the settings each would start with."""
-    seen: dict[str, Any] = {}
-
-    async def serve_monitor(settings: Any, db: str, host: str, port: int, stop: Any, api: Any = None) -> None:
-        seen.update(monitor=settings, db=db, listen=(host, port), api=api)
-
-    async def run_leaf(host_id: str, url: BrokerURL, interval_s: float, stop: Any, topics: Any = None) -> int:
-        seen.update(leaf=host_id, broker=url, interval_s=interval_s, prefix=topics.prefix)
-        return 0
-
-    class Relay:
-        def __init__(self, settings: Any) -> None:
-            seen["relay"] = self.settings = settings
-
-        async def run(self) -> None:
-            return None
-
-    def run_now(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-        async def go() -> None:
-            stop = asyncio.Event()
-            stop.set()
-            await main(stop)
-
-        asyncio.run(go())
-
-    monkeypatch.setattr("relaybeat.serve.serve_monitor", serve_monitor)
-    monkeypatch.setattr("relay.leaf.run_leaf", run_leaf)
-    monkeypatch.setattr("relay.service.RelayService", Relay)
-    monkeypatch.setattr(cli, "_run", run_now)
-    return seen
-
-
-def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
-    result = CliRunner().invoke(cli.app, args, env=env)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Path, started: dict[str, Any]) -> None:
+def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Path) -> None:
     path = tmp_path / "relaybeat.toml"
     path.write_text(
         "[monitor]\nbroker = 'mqtt://file:1883'\ndb = 'sqlite:///file.db'\nmax_bundle_bytes = 65536\n"
         "[detector]\nmisses = 4\n[api]\nwrite_tokens = ['write-token-0123456789']\n"
     )
-    invoke(["monitor", "--config", str(path)])
-    settings = started["monitor"]
+    start = monitor_start(MonitorFlags(), {}, path)
+    settings = start.settings
     assert (settings.broker.host, settings.policy.misses, settings.max_bundle_bytes) == ("file", 4, 65536)
-    assert started["db"] == "sqlite:///file.db" and started["listen"] == ("127.0.0.1", 8000)
-    assert started["api"].write_tokens == ("write-token-0123456789",) and started["api"].read_open
+    assert start.db == "sqlite:///file.db" and start.listen == ("127.0.0.1", 8000)
+    assert start.api.write_tokens == ("write-token-0123456789",) and start.api.read_open
 
-    env = {
-        "RELAYBEAT_CONFIG": str(path),
-        "RELAYBEAT_BROKER": "mqtt://env:1883",
-        "RELAYBEAT_DB": "sqlite:///env.db",
-        "RELAYBEAT_LISTEN": "127.0.0.1:9001",
-        "RELAYBEAT_PREFIX": "site/",
-        "RELAYBEAT_MISSES": "5",
-        "RELAYBEAT_MONITOR__MAX_BUNDLE_ENTRIES": "1000",
-    }
-    invoke(["monitor", "--max-bundle-bytes", "2048", "--phi", "9", "--adaptive"], env)
-    settings = started["monitor"]
+    # RELAYBEAT_BROKER, _DB, _LISTEN, _PREFIX and _MISSES are the flags' own variables: typer reads them
+    # as the flags (test_each_flag_reads_its_own_variable); RELAYBEAT_MONITOR__* come through `environ`
+    env = {"RELAYBEAT_MONITOR__MAX_BUNDLE_ENTRIES": "1000"}
+    from_env = MonitorFlags(broker="mqtt://env:1883", db="sqlite:///env.db", listen="127.0.0.1:9001", prefix="site/")
+    flags = dataclasses.replace(from_env, misses=5, max_bundle_bytes=2048, phi=9, adaptive=True)
+    start = monitor_start(flags, env, path)
+    settings = start.settings
     assert (settings.broker.host, settings.prefix, settings.policy.misses) == ("env", "site/", 5)
     assert (settings.max_bundle_bytes, settings.max_bundle_entries) == (2048, 1000)
     assert settings.policy.adaptive and settings.policy.phi_threshold == 9
-    assert started["db"] == "sqlite:///env.db" and started["listen"] == ("127.0.0.1", 9001)
+    assert start.db == "sqlite:///env.db" and start.listen == ("127.0.0.1", 9001)
 
-    invoke(["monitor", "--broker", "mqtt://flag:1", "--misses", "6", "--client-id", "m2"], env)
-    assert (started["monitor"].broker.host, started["monitor"].policy.misses) == ("flag", 6)
-    assert started["monitor"].client_id == "m2"
+    flags = dataclasses.replace(from_env, broker="mqtt://flag:1", misses=6, client_id="m2")
+    settings = monitor_start(flags, env, path).settings
+    assert (settings.broker.host, settings.policy.misses) == ("flag", 6)
+    assert settings.client_id == "m2"
 
 
-def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path, started: dict[str, Any]) -> None:
+def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     path = tmp_path / "relaybeat.toml"
     path.write_text(
         "[relay]\nlocal = 'mqtt://site:1884'\nupstream = 'mqtt://central:1883'\nflush_s = 2.0\n"
         "max_bundle_bytes = 100000\nchildren = false\n"
         "[leaf]\nbroker = 'mqtt://site:1884'\ninterval_s = 2.5\nprefix = 'site/'\n"
     )
-    invoke(["relay", "--config", str(path), "--id", "relay-a"])
-    relay = started["relay"]
+    start = relay_start(RelayFlags(id="relay-a"), {}, path)
+    relay = start.settings
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-a", "site", "central", 2.0)
-    assert relay.max_bundle_bytes == 100_000 and relay.accept_children is False
-    invoke(
-        ["relay", "--local", "mqtt://other:1", "--flush", "0.5", "--max-bundle-bytes", "4096", "--children"],
-        {"RELAYBEAT_CONFIG": str(path), "RELAYBEAT_ID": "relay-b", "RELAYBEAT_UPSTREAM": "mqtt://up:1"},
+    assert relay.max_bundle_bytes == 100_000 and relay.accept_children is False and start.embedded is None
+    flags = RelayFlags(  # --id and --upstream as RELAYBEAT_ID and RELAYBEAT_UPSTREAM
+        id="relay-b", upstream="mqtt://up:1", local="mqtt://other:1", flush=0.5, max_bundle_bytes=4096, children=True
     )
-    relay = started["relay"]
+    relay = relay_start(flags, {}, path).settings
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-b", "other", "up", 0.5)
     assert relay.max_bundle_bytes == 4096 and relay.accept_children is True
+    embedded = relay_start(RelayFlags(id="relay-c"), {}, None)
+    assert embedded.embedded == ("127.0.0.1", 1884) and embedded.settings.local == BrokerURL("127.0.0.1", 1884)
 
-    invoke(["leaf", "--config", str(path), "--id", "web-1"])
-    assert (started["leaf"], started["broker"].host, started["interval_s"], started["prefix"]) == (
-        "web-1",
-        "site",
-        2.5,
-        "site/",
-    )
-    invoke(["leaf", "--interval", "1"], {"RELAYBEAT_ID": "web-2", "RELAYBEAT_BROKER": "mqtt://b:1"})
-    assert (started["leaf"], started["broker"].host, started["interval_s"]) == ("web-2", "b", 1.0)
+    leaf = leaf_start(LeafFlags(id="web-1"), {}, path)
+    assert (leaf.host_id, leaf.broker.host, leaf.interval_s, leaf.topics.prefix) == ("web-1", "site", 2.5, "site/")
+    leaf = leaf_start(LeafFlags(id="web-2", broker="mqtt://b:1", interval=1), {}, None)
+    assert (leaf.host_id, leaf.broker.host, leaf.interval_s) == ("web-2", "b", 1.0)
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("start", "message"),
     [
-        (["leaf", "--broker", "mqtt://b:1"], "leaf id: give --id, RELAYBEAT_ID"),
-        (["leaf", "--id", "web-1"], "leaf broker: give --broker"),
-        (["leaf", "--id", "web 1", "--broker", "mqtt://b:1"], "--id (RELAYBEAT_ID) (leaf.id): must match"),
-        (["relay"], "relay id: give --id, RELAYBEAT_ID"),
-        (["relay", "--id", "r", "--upstream", "http://x"], "--upstream (RELAYBEAT_UPSTREAM) (relay.upstream)"),
-        (["monitor", "--max-bundle-bytes", "10"], "--max-bundle-bytes (monitor.max_bundle_bytes)"),
-        (["monitor", "--log-level", "loud"], "'loud' is not one of debug, info, warning, error"),
+        (lambda: leaf_start(LeafFlags(broker="mqtt://b:1"), {}, None), "leaf id: give --id, RELAYBEAT_ID"),
+        (lambda: leaf_start(LeafFlags(id="web-1"), {}, None), "leaf broker: give --broker"),
+        (
+            lambda: leaf_start(LeafFlags(id="web 1", broker="mqtt://b:1"), {}, None),
+            "--id (RELAYBEAT_ID) (leaf.id): must match",
+        ),
+        (lambda: relay_start(RelayFlags(), {}, None), "relay id: give --id, RELAYBEAT_ID"),
+        (
+            lambda: relay_start(RelayFlags(id="r", upstream="http://x"), {}, None),
+            "--upstream (RELAYBEAT_UPSTREAM) (relay.upstream)",
+        ),
+        (
+            lambda: monitor_start(MonitorFlags(max_bundle_bytes=10), {}, None),
+            "--max-bundle-bytes (monitor.max_bundle_bytes)",
+        ),
     ],
 )
-def test_commands_refuse_bad_values_naming_the_flag(args: list[str], message: str, started: dict[str, Any]) -> None:
-    result = CliRunner().invoke(cli.app, args)
+def test_bad_values_name_the_flag(start: Callable[[], object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        start()
+    assert message in str(err.value)
+
+
+def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
+    """The typer side of the contract: each command's flags and their variables, as the README has them,
+    and every flag (but --config and --log-level) a field of the builder's flags."""
+    common = {"--config": "RELAYBEAT_CONFIG", "--prefix": "RELAYBEAT_PREFIX", "--log-level": "RELAYBEAT_LOG_LEVEL"}
+    expected = {
+        "monitor": common | {
+            "--broker": "RELAYBEAT_BROKER", "--db": "RELAYBEAT_DB", "--listen": "RELAYBEAT_LISTEN",
+            "--misses": "RELAYBEAT_MISSES", "--default-interval": None, "--adaptive/--fixed": None, "--phi": None,
+            "--client-id": None, "--max-bundle-bytes": None, "--max-bundle-entries": None, "--journal": None,
+        },
+        "relay": common | {
+            "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
+            "--serve": None, "--default-interval": None, "--children/--no-children": None, "--max-bundle-bytes": None,
+        },
+        "leaf": common | {"--id": "RELAYBEAT_ID", "--broker": "RELAYBEAT_BROKER", "--interval": None},
+    }  # fmt: skip
+    group = typer.main.get_command(cli.app)
+    assert isinstance(group, typer.core.TyperGroup)
+    for name, flags in (("monitor", MonitorFlags), ("relay", RelayFlags), ("leaf", LeafFlags)):
+        params = group.commands[name].params
+        assert {"/".join([*p.opts, *p.secondary_opts]): p.envvar for p in params} == expected[name], name
+        assert {p.name for p in params} - {"config", "log_level"} == {f.name for f in dataclasses.fields(flags)}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["leaf", "--broker", "mqtt://b:1"], {}, "leaf id: give --id, RELAYBEAT_ID"),
+        (["leaf", "--broker", "mqtt://b:1"], {"RELAYBEAT_ID": "web 1"}, "--id (RELAYBEAT_ID) (leaf.id): must match"),
+        (["relay"], {"RELAYBEAT_UPSTREAM": "mqtt://up:1"}, "relay id: give --id, RELAYBEAT_ID"),
+        (["monitor", "--max-bundle-bytes", "10"], {}, "--max-bundle-bytes (monitor.max_bundle_bytes)"),
+        (["monitor", "--log-level", "loud"], {}, "'loud' is not one of debug, info, warning, error"),
+        (["monitor"], {"RELAYBEAT_MISSES": "0"}, "Invalid value for '--misses'"),
+    ],
+)
+def test_commands_refuse_bad_values_naming_the_flag(args: list[str], env: dict[str, str], message: str) -> None:
+    result = CliRunner().invoke(cli.app, args, env=env)
     assert result.exit_code == 2
     assert message in result.output
-    assert not started
+
+
+def test_each_command_explains_itself() -> None:
+    for command in ("monitor", "relay", "leaf", "broker"):
+        result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--config" in result.output and "--log-level" in result.output, command
 
 
 def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret(tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from relay.ports import pick_free
 from tests.conftest import CentralBroker
+from tests.monitors import Served, served_monitor
 from tests.processes import Topology, wait_until
-from tests.test_events import Served, served_monitor
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, func, make_url, select, text
 
 from monitor.journal import Decision, Journal, JournalUnavailable, decode
@@ -59,7 +60,7 @@ class SyntheticRelay:
     def __init__(self, broker: str, prefix: str) -> None:
         url = BrokerURL.parse(broker)
         self.topics = Topics(prefix)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"synthetic-{secrets.token_hex(4)}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"synthetic-{secrets.token_hex(4)}")
         self.client.connect(url.host, url.port)
         self.client.loop_start()
         self.ids = [f"h{i:04d}" for i in range(HOSTS)]
@@ -124,10 +125,10 @@ def history_locked(db_url: str) -> Iterator[None]:
         return
     engine = create_engine(db_url)
     try:
-        with engine.connect() as connection:
-            connection.execute(text("LOCK TABLE transitions IN SHARE MODE"))  # blocks inserts, not reads
+        with engine.connect() as locker:
+            locker.execute(text("LOCK TABLE transitions IN SHARE MODE"))  # blocks inserts, not reads
             yield
-            connection.rollback()
+            locker.rollback()
     finally:
         engine.dispose()
 
@@ -262,14 +263,6 @@ def small_bundle(seq: int, *hosts: str) -> bytes:
 def monitor_on(store: Store, journal: Path, *, webhook: bool = False) -> Monitor:
     notify = NotifySettings((Webhook(Target("ops"), "http://127.0.0.1:9/hook"),)) if webhook else NotifySettings()
     return Monitor(MonitorSettings(BrokerURL("127.0.0.1", 1), notify=notify, journal=journal), store)
-
-
-@pytest.fixture
-async def store(db_url: str) -> Any:
-    opened = await Store.open(db_url)
-    await opened.upgrade()
-    yield opened
-    await opened.close()
 
 
 async def test_decisions_a_monitor_never_wrote_are_written_at_the_next_start_as_decided(

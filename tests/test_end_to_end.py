@@ -62,8 +62,8 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
     )  # fmt: skip
     leaf: Service | None = None
     try:
-        wait_until(lambda: api_get(api, "/healthz") or monitor.assert_running(), 30, "the monitor's API")
-        wait_until(lambda: port_open(relay_port) or relay.assert_running(), 30, "the relay's embedded broker")
+        wait_until(lambda: api_get(api, "/healthz"), 30, "the monitor's API", service=monitor)
+        wait_until(lambda: port_open(relay_port), 30, "the relay's embedded broker", service=relay)
         wait_until(lambda: state_of(api, "relays", "r1") == "up", 15, "relay r1 up")
 
         # 1. Empty beats from mosquitto_pub (the relay's default interval: 1 s) make web-1 up.
@@ -80,7 +80,7 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
         last_beat = time.monotonic()
         wait_until(lambda: state_of(api, "hosts", "web-1") == "down", 10, "web-1 down")
         assert time.monotonic() - last_beat <= 1.0 * 3 + 1.0
-        rows = wait_until(lambda: len(transitions("web-1")) == 2 and transitions("web-1"), 5, "rows in SQL")
+        rows = wait_until(lambda: rows if len(rows := transitions("web-1")) == 2 else None, 5, "rows in SQL")
         assert [(f, t) for f, t, _ in rows] == [("unknown", "up"), ("up", "down")]
         assert rows[-1][2].startswith("no beat for 3.") and rows[-1][2].endswith("(interval 1 s × 3)")
         # Timestamps are UTC on either database: aware in SQL, ISO with an offset in the API, and now.
@@ -104,7 +104,7 @@ def test_beat_through_relay_goes_up_then_down_in_api_and_sql_and_dead_relay_make
         wait_until(lambda: state_of(api, "hosts", "web-2") == "unreachable", 10, "web-2 unreachable")
         assert state_of(api, "relays", "r1") == "down"
         assert state_of(api, "hosts", "web-1") == "down"  # it was dead before its relay: it stays down
-        web2 = wait_until(lambda: len(transitions("web-2")) == 2 and transitions("web-2"), 5, "web-2 rows")
+        web2 = wait_until(lambda: rows if len(rows := transitions("web-2")) == 2 else None, 5, "web-2 rows")
         assert web2[-1] == ("up", "unreachable", "relay r1 down")
         assert transitions("r1")[-1][:2] == ("up", "down")
 

@@ -10,124 +10,19 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from api.app import create_app
-from api.events import EventHub, close_streams
-from monitor.clock import SystemClock
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
 from relay.ports import pick_free
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.conftest import CentralBroker
+from tests.monitors import Served, until
 from tests.processes import Topology, wait_until
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-
-@dataclass
-class Feed:
-    """Drives a real monitor through relay r1's bundles; every call ends with the batch in SQL."""
-
-    monitor: Monitor
-    clock: FakeClock
-    seq: int = 0
-    known: dict[str, int] = field(default_factory=dict)  # host -> age_ms in the next bundle
-
-    async def send(self) -> None:
-        self.seq += 1
-        entries = tuple(HostEntry(h, 1, age, 1000, LeafStatus.OK) for h, age in sorted(self.known.items()))
-        self.monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "boot1", self.seq, 1000, entries)))
-        self.monitor.expire()
-        await self.monitor.flush()
-
-    async def up(self, *hosts: str) -> None:
-        """New hosts: one `unknown → up` row each (and `r1 unknown → up` the first time)."""
-        self.known.update(dict.fromkeys(hosts, 0))
-        await self.send()
-
-    async def down(self, host: str) -> None:
-        """Ten seconds later r1 says `host` has been quiet for 10 s: `up → down`."""
-        self.clock.t += 10.0
-        self.known = dict.fromkeys(self.known, 0) | {host: 10_000}
-        await self.send()
-        del self.known[host]
-
-
-class QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # the test process keeps its own signal handlers
-        yield
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on a loopback port (default: a free one) in this loop; yields its base URL."""
-    port = port or pick_free("127.0.0.1")
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-                            timeout_graceful_shutdown=2, access_log=False)  # fmt: skip
-    server = QuietServer(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(15):
-        while not server.started:
-            if task.done():
-                task.result()
-                raise AssertionError("uvicorn did not start")
-            await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        close_streams(app)
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-
-
-@dataclass
-class Served:
-    monitor: Monitor
-    feed: Feed
-    app: FastAPI
-    hub: EventHub
-    url: str
-
-
-@contextlib.asynccontextmanager
-async def served_monitor(tmp_path: Path) -> AsyncIterator[Served]:
-    store = await Store.open(f"sqlite:///{tmp_path / 'events.db'}")
-    try:
-        await store.upgrade()
-        clock = FakeClock()
-        monitor = Monitor(MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3)), store, clock)
-        app = create_app(monitor)
-        async with serving(app) as url:
-            yield Served(monitor, Feed(monitor, clock), app, app.state.events, url)
-    finally:
-        await store.close()
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    async with served_monitor(tmp_path) as running:
-        yield running
 
 
 class EventReader:
@@ -164,14 +59,6 @@ async def stream(url: str, **headers: str) -> AsyncIterator[tuple[httpx.Response
         client.stream("GET", url, headers=headers) as response,
     ):
         yield response, EventReader(response)
-
-
-async def until(check: Any, within_s: float = 10.0, what: str = "a condition") -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def sql_items(url: str, after_id: int = 0) -> list[dict[str, Any]]:
@@ -263,6 +150,7 @@ async def test_the_buffer_path_itself_is_lossless_under_overflow(served: Served)
     """The generator, without HTTP: rows pile up while nobody reads, then all come out in order."""
     served.hub.buffer = 2
     rows = served.hub.rows(None)
+    assert isinstance(rows, AsyncGenerator)
     first = asyncio.ensure_future(anext(rows))
     await until(lambda: served.hub.subscribers, what="the generator to subscribe")
     for n in range(5):

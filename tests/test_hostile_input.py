@@ -24,7 +24,7 @@ from relay.service import RelayService, RelaySettings
 from relay.wire import INTERNAL_ERROR, Beat, encode_beat
 from tests.conftest import CentralBroker
 from tests.processes import Topology, wait_until
-from tests.test_wire import DEEP_LIST, DEEP_META, bundle_json, hostile_beats, hostile_bundles
+from tests.wire_inputs import DEEP_LIST, DEEP_META, bundle_json, hostile_beats, hostile_bundles
 
 INTERVAL_S = 1.0  # leaf interval and relay flush: timeouts of 3 s, room for a busy machine
 MISSES = 3

@@ -22,20 +22,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api import availability, operations
-from api.app import create_app
 from api.auth import ApiSettings
-from monitor.clock import SystemClock
-from monitor.detector import Policy
 from monitor.maintenance import MaintenanceBook, TargetKind, Window
-from monitor.service import Monitor, MonitorSettings
 from monitor.states import Kind, State
 from monitor.store import Store, TransitionRow, async_url
-from relay.mqtt import BrokerURL
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from tests.fakes import FakeClock
+from tests.monitors import AUTH, READ_TOKEN, WRITE_TOKEN, Fleet, api, call, new_monitor
 
-WRITE_TOKEN = "write-token-0123456789"
-READ_TOKEN = "read-token-0123456789ab"
-AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
 JSON = {"Content-Type": "application/json"}
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -149,68 +142,6 @@ def test_covers_agrees_with_the_subjects_intervals(
 # --- a real monitor behind the API --------------------------------------------------------------
 
 
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.offset = float(round(self.offset))  # whole seconds: wall times are exact, differences too
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-
-class Fleet:
-    """A real monitor fed bundles through its own `take()`, with a hand-driven monotonic clock.
-
-    Relay r1 talks to the monitor; relay r2 is its child. Hosts default to interval 1 s, so a host
-    is down 3 s after it was last heard (misses 3), and a relay 3 s after its last bundle.
-    """
-
-    def __init__(self, monitor: Monitor, clock: FakeClock) -> None:
-        self.monitor = monitor
-        self.clock = clock
-        self.seq: dict[str, int] = {}
-
-    def bundle(self, relay: str, hosts: dict[str, int], children: tuple[Bundle, ...] = ()) -> Bundle:
-        """`hosts` maps host id to its age in ms (how long ago the relay last heard it; 0: a new beat)."""
-        self.seq[relay] = self.seq.get(relay, 0) + 1
-        for host, age in hosts.items():  # a fresh entry carries the leaf's next beat; a stale one its last
-            self.seq[host] = self.seq.get(host, 0) + (age == 0)
-        entries = tuple(HostEntry(h, self.seq[h], age, 1000, LeafStatus.OK) for h, age in sorted(hosts.items()))
-        return Bundle(relay, f"boot-{relay}", self.seq[relay], 1000, entries, children)
-
-    def send(self, hosts: dict[str, int], child_hosts: dict[str, int] | None = None, after: float = 0.0) -> None:
-        """One bundle from r1 `after` seconds from now (with r2's folded in, unless `child_hosts` is None)."""
-        self.clock.t += after
-        children = () if child_hosts is None else (self.bundle("r2", child_hosts),)
-        self.monitor.take("relaybeat/bundle/r1", encode_bundle(self.bundle("r1", hosts, children)))
-        self.monitor.expire()
-
-    def advance(self, seconds: float) -> None:
-        self.clock.t += seconds
-        self.monitor.expire()
-
-    def wall(self) -> datetime:
-        return self.clock.wall(self.clock.t)
-
-    async def history(self, subject: str) -> list[TransitionRow]:
-        await self.monitor.flush()
-        return await self.monitor.store.history(subject=subject, newest_first=False)
-
-
-def new_monitor(store: Store, clock: FakeClock) -> Monitor:
-    settings = MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3))
-    return Monitor(settings, store, clock)
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url)
-    await opened.upgrade()
-    yield opened
-    await opened.close()
-
-
 @pytest.fixture
 async def fleet(store: Store) -> Fleet:
     clock = FakeClock()
@@ -221,22 +152,10 @@ async def fleet(store: Store) -> Fleet:
     return fleet
 
 
-def api(monitor: Monitor, settings: ApiSettings | None = None) -> httpx.AsyncClient:
-    settings = settings or ApiSettings(read_tokens=(READ_TOKEN,), write_tokens=(WRITE_TOKEN,))
-    transport = httpx.ASGITransport(app=create_app(monitor, settings))
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-
 @pytest.fixture
 async def client(fleet: Fleet) -> AsyncIterator[httpx.AsyncClient]:
     async with api(fleet.monitor) as http:
         yield http
-
-
-async def call(client: httpx.AsyncClient, method: str, path: str, status: int, **kwargs: Any) -> Any:
-    response = await client.request(method, path, **kwargs)
-    assert response.status_code == status, response.text
-    return response.json() if response.content else None
 
 
 async def add(client: httpx.AsyncClient, body: dict[str, Any], status: int = 201) -> Any:

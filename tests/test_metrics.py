@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,16 +14,10 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
-from tests.test_events import Served, served_monitor, until
+from tests.monitors import Served, until
 
 DASHBOARD_JSON = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    async with served_monitor(tmp_path) as running:
-        yield running
 
 
 async def scrape(url: str) -> Samples:

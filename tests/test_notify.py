@@ -53,8 +53,16 @@ def host(
 ) -> Change:
     path = (relay,) if path is None and relay is not None else (path or ())
     return Change(
-        kind=HOST, subject=subject, from_state=a, to_state=b, at=at(t), reason=f"{a}->{b}", relay=relay, path=path, **kw
-    )  # type: ignore[arg-type]
+        kind=HOST,
+        subject=subject,
+        from_state=a,
+        to_state=b,
+        at=at(t),
+        reason=f"{a}->{b}",
+        relay=relay,
+        path=path,
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def relay(subject: str, a: State, b: State, t: float = 0, parent: str | None = None, **kw: object) -> Change:
@@ -68,8 +76,8 @@ def relay(subject: str, a: State, b: State, t: float = 0, parent: str | None = N
         reason=f"{a}->{b}",
         relay=parent,
         path=path,
-        **kw,
-    )  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def relay_death(t: float = 0, hosts: tuple[str, ...] = ("a", "b", "c")) -> list[Change]:

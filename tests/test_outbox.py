@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 import pytest
 
-from monitor.clock import SystemClock
 from monitor.detector import Policy
 from monitor.maintenance import TargetKind
 from monitor.notify import NoticeType, Target
@@ -38,6 +37,7 @@ from relay.mqtt import BrokerURL
 from relay.ports import pick_free
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.conftest import CentralBroker
+from tests.fakes import FakeClock
 
 SECRET = "webhook-secret-0123456789"
 WAIT_S = 15.0
@@ -131,15 +131,6 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 # ------------------------------------------------------------------------------------- monitor
-
-
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
 
 
 def hook(receiver: Receiver, name: str = "ops", path: str = "/hook", **target: Any) -> Webhook:

@@ -11,18 +11,15 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from api.app import create_app
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
 from monitor.store import Store
-from relay.mqtt import BrokerURL
 from relay.ports import pick_free
-from tests.test_events import FakeClock, Feed, Served, served_monitor, serving
+from tests.fakes import FakeClock
+from tests.monitors import Feed, Served, new_monitor, served_monitor, serving
 
 BASE_ENV = {k: v for k, v in os.environ.items() if k not in {"RELAYBEAT_API", "RELAYBEAT_API_TOKEN", "NO_COLOR"}}
 BASE_ENV |= {"COLUMNS": "200", "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color", "FORCE_COLOR": ""}
@@ -31,11 +28,11 @@ RED_DOWN = re.compile(r"\x1b\[[0-9;]*31m\s*down")
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    async with served_monitor(tmp_path) as running:
-        await running.feed.up("web-1", "web-2", "db-1")
-        await running.feed.down("web-1")
-        yield running
+async def served(served: Served) -> Served:
+    """The served monitor of conftest.py, holding web-1 (down), web-2 and db-1 (up) behind r1."""
+    await served.feed.up("web-1", "web-2", "db-1")
+    await served.feed.down("web-1")
+    return served
 
 
 async def relaybeat(*args: str, color: bool = False, **env: str) -> tuple[int, str, str]:
@@ -127,7 +124,7 @@ async def test_watch_prints_live_transitions_and_resumes_after_the_api_restarts(
     store = await Store.open(f"sqlite:///{tmp_path / 'watch.db'}")
     await store.upgrade()
     clock = FakeClock()
-    monitor = Monitor(MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3)), store, clock)
+    monitor = new_monitor(store, clock)
     feed = Feed(monitor, clock)
     port = pick_free("127.0.0.1")
     watcher = None

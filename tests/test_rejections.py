@@ -20,13 +20,13 @@ import pytest
 
 import relay.rejections
 from api.app import create_app
-from monitor.clock import SystemClock
 from monitor.service import Monitor
 from monitor.store import Store
 from relay.mqtt import BrokerURL
 from relay.service import RelayService
 from relay.wire import MAX_AGE_MS, Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
 from relaybeat.config import load_config
+from tests.fakes import FakeClock
 
 OK = LeafStatus.OK
 MONITOR_MAX_BYTES = 4 * 1024 * 1024
@@ -34,16 +34,7 @@ MONITOR_MAX_ENTRIES = 100_000
 RELAY_MAX_BYTES = 64 * 1024
 
 
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-
-def body(relay: str = "r1", boot: str = "boot1", seq: int = 1, hosts: Any = None, **extra: Any) -> dict[str, Any]:
+def body(relay: str = "r1", boot: str = "boot1", seq: object = 1, hosts: Any = None, **extra: Any) -> dict[str, Any]:
     hosts = [["web-1", 1, 0, 1000, "ok"]] if hosts is None else hosts
     return {"v": 1, "relay": relay, "boot": boot, "seq": seq, "flush_ms": 1000, "hosts": hosts} | extra
 

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from broker_config.passwords import add_user
 from relay.ports import pick_free
@@ -107,7 +108,7 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[To
 def publish_as(port: int, user: str, messages: list[tuple[str, bytes]], client_id: str | None = None) -> None:
     """Connect as `user` (its right password), publish each message at QoS 1 in order, each
     acknowledged by the broker (which acknowledges what its policy drops, too), then disconnect."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or user, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or user, protocol=mqtt.MQTTv311)
     client.username_pw_set(user, PASSWORDS[user])
     connected = threading.Event()
     outcome: dict[str, Any] = {}

@@ -158,13 +158,17 @@ async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: Slo
     monitor.take("relaybeat/beat/web-1", encode_beat(Beat(seq=1, interval_s=0.2)))  # timeout 0.6 s
     probe = asyncio.create_task(monitor.watch_loop_lag(every_s=0.05))
     expiry = asyncio.create_task(monitor.expiry.run())
+
+    def web_1() -> State:
+        return monitor.detector.hosts["web-1"].state
+
     try:
         await asyncio.sleep(0.1)
         time.sleep(1.5)  # noqa: ASYNC251 - on purpose: the loop is blocked past web-1's deadline; its next beats may be unread
         await asyncio.sleep(0.1)
-        assert monitor.stalls == 1 and monitor.detector.hosts["web-1"].state is State.UP
+        assert monitor.stalls == 1 and web_1() is State.UP
         await asyncio.sleep(0.8)  # a full timeout after the stall with still no beat: now it is down
-        assert monitor.detector.hosts["web-1"].state is State.DOWN
+        assert web_1() is State.DOWN
     finally:
         for task in (probe, expiry):
             task.cancel()

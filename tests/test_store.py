@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -35,14 +34,6 @@ TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements", "
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PLUS_2 = timezone(timedelta(hours=2))
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url)
-    await opened.upgrade()
-    yield opened
-    await opened.close()
 
 
 async def table_names(url: str) -> set[str]:

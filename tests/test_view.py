@@ -18,22 +18,12 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from api.events import EventHub
-from monitor.clock import SystemClock
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
+from monitor.service import Monitor
 from monitor.states import Kind, State
 from monitor.store import Store
-from relay.mqtt import BrokerURL
 from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
-
-
-class FakeClock(SystemClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
+from tests.fakes import FakeClock
+from tests.monitors import new_monitor
 
 
 @dataclass
@@ -70,7 +60,7 @@ async def fleet(db_url: str) -> AsyncIterator[Fleet]:
     store = await Store.open(db_url)
     await store.upgrade()
     clock = FakeClock()
-    monitor = Monitor(MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"), Policy(misses=3)), store, clock)
+    monitor = new_monitor(store, clock)
     app = create_app(monitor)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Callable
 
 import orjson
@@ -25,6 +24,16 @@ from relay.wire import (
     decode_relay_status,
     encode_beat,
     encode_bundle,
+)
+from tests.wire_inputs import (
+    DEEP_LIST,
+    DEEP_META,
+    ID_GRAMMAR,
+    bundle_json,
+    hostile_beats,
+    hostile_bundles,
+    hostile_ids,
+    valid_ids,
 )
 
 # (value, bytes): each must encode to exactly these bytes and decode back to exactly this value.
@@ -101,12 +110,6 @@ def test_bad_beats_are_rejected_with_a_reason(payload: bytes, reason: str) -> No
     with pytest.raises(WireError) as err:
         decode_beat(payload)
     assert err.value.reason == reason
-
-
-def bundle_json(**override: object) -> bytes:
-    body: dict[str, object] = {"v": 1, "relay": "r1", "boot": "b", "seq": 1, "flush_ms": 1000, "hosts": []}
-    body.update(override)
-    return orjson.dumps(body)
 
 
 @pytest.mark.parametrize(
@@ -265,114 +268,7 @@ def test_bundle_decoder_survives_any_field_value(value: object, key: str) -> Non
 
 
 # ------------------------------------------------------------------------------------ hostile input
-# Structure-aware: payloads are built as JSON text, so values can nest deeper than any Python encoder
-# (or decoder) would go, carry NUL and other control characters, and hold numbers no double can.
-
-ID_GRAMMAR = re.compile(r"[A-Za-z0-9._-]{1,128}")  # the README's grammar, independent of relay/wire.py
-valid_ids = st.from_regex(ID_GRAMMAR, fullmatch=True)
-control_characters = st.characters(max_codepoint=0x1F) | st.sampled_from("\x7f\x85\u2028")
-hostile_ids = (
-    st.lists(valid_ids, min_size=2, max_size=3).map("\0".join)  # many ids joined the way the decoder once did
-    | st.builds(lambda a, c, b: a + c + b, valid_ids, control_characters | st.sampled_from("/ +#\u00e9"), valid_ids)
-    | st.integers(129, 300).map(lambda n: "h" * n)
-    | st.builds(lambda a, b: "x" * 128 + "\0" + a + b, valid_ids, st.just("") | control_characters)
-    | st.text(max_size=10)
-    | st.sampled_from(["", "\0", "h\0", "\0h"])
-)
-huge_numbers = st.sampled_from(["1e308", "-1e308", "1e309", "-1e400", "18446744073709551616", "1" + "0" * 400])
-scalar_json = (
-    st.sampled_from(["null", "true", "false", "0", "-0", "-1", "1.0", "0.5", '"ok"', '"stopping"', '"\\ud800"'])
-    | huge_numbers
-    | st.integers().map(str)
-    | st.floats().map(json.dumps)  # NaN, Infinity and -Infinity included
-    | (st.text(max_size=12) | hostile_ids).map(json.dumps)  # json.dumps escapes NUL as \u0000
-)
-
-
-def _nested(depth: int, kind: str, inner: str) -> str:
-    if kind == "list":
-        return "[" * depth + inner + "]" * depth
-    return '{"a":' * depth + inner + "}" * depth
-
-
-deep_json = st.builds(_nested, st.integers(2, 1100), st.sampled_from(["list", "object"]), scalar_json)
-hostile_json = st.recursive(
-    scalar_json | deep_json,
-    lambda inner: (
-        st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]")
-        | st.dictionaries(st.text(max_size=6).map(json.dumps), inner, max_size=4).map(
-            lambda fields: "{" + ",".join(f"{key}:{value}" for key, value in fields.items()) + "}"
-        )
-    ),
-    max_leaves=8,
-)
-
-
-class _Raw(str):
-    """JSON text to be written as is."""
-
-
-def _json_text(value: object) -> str:
-    if isinstance(value, _Raw):
-        return value
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(key)}:{_json_text(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_json_text(item) for item in value) + "]"
-    return json.dumps(value)
-
-
-def _put(body: dict[str, object], slot: tuple[str | int, ...], value: object) -> None:
-    target: object = body
-    for step in slot[:-1]:
-        target = target[step]  # type: ignore[index]
-    target[slot[-1]] = value  # type: ignore[index]
-
-
-BEAT_SLOTS: list[tuple[str | int, ...]] = [("seq",), ("interval",), ("status",), ("meta",), ("meta", "k"), ("x",)]
-_CHILD_FIELDS = ["relay", "boot", "seq", "flush_ms", "hosts", "age_ms", "children", "x"]
-BUNDLE_SLOTS: list[tuple[str | int, ...]] = [
-    *((key,) for key in ["v", "relay", "boot", "seq", "flush_ms", "hosts", "children", "age_ms", "x"]),
-    ("hosts", 0), *(("hosts", 0, i) for i in range(5)),
-    ("children", 0), *(("children", 0, key) for key in _CHILD_FIELDS),
-    ("children", 0, "hosts", 0), *(("children", 0, "hosts", 0, i) for i in range(5)),
-]  # fmt: skip
-ID_SLOTS = {("relay",), ("boot",), ("hosts", 0, 0), ("children", 0, "relay"), ("children", 0, "boot"),
-            ("children", 0, "hosts", 0, 0)}  # fmt: skip
-
-
-def _sound_beat() -> dict[str, object]:
-    return {"seq": 1, "interval": 1.5, "status": "ok", "meta": {"role": "db"}}
-
-
-def _sound_bundle() -> dict[str, object]:
-    child = {"relay": "c1", "boot": "b2", "seq": 3, "flush_ms": 1000, "hosts": [["ch", 1, 5, 1000, "ok"]], "age_ms": 9}
-    return {"v": 1, "relay": "evil", "boot": "b1", "seq": 1, "flush_ms": 1000, "hosts": [["h", 1, 5, 1000, "ok"]],
-            "children": [child]}  # fmt: skip
-
-
-def _hostile_value(slot: tuple[str | int, ...]) -> st.SearchStrategy[object]:
-    raw: st.SearchStrategy[object] = hostile_json.map(_Raw)
-    return (hostile_ids | raw) if slot in ID_SLOTS else raw
-
-
-@st.composite
-def _hostile_payload(
-    draw: st.DrawFn, sound: Callable[[], dict[str, object]], slots: list[tuple[str | int, ...]]
-) -> bytes:
-    """A sound message with one to three of its slots (anywhere in it) holding hostile values; or
-    just a hostile value."""
-    if draw(st.integers(0, 9)) == 0:
-        return draw(hostile_json).encode()
-    body = sound()
-    for slot in draw(st.lists(st.sampled_from(slots), min_size=1, max_size=3, unique=True)):
-        with contextlib.suppress(KeyError, IndexError, TypeError):  # an earlier pick replaced the path
-            _put(body, slot, draw(_hostile_value(slot)))
-    return _json_text(body).encode()
-
-
-hostile_beats = _hostile_payload(_sound_beat, BEAT_SLOTS)
-hostile_bundles = _hostile_payload(_sound_bundle, BUNDLE_SLOTS)
+# (the strategies are in tests/wire_inputs.py)
 
 
 def _assert_sound_beat(beat: Beat) -> None:
@@ -437,10 +333,6 @@ def test_a_topic_names_an_id_or_is_refused(subject: str, shape: str) -> None:
         assert err.reason == "bad_topic"
         return
     assert parsed == subject and ID_GRAMMAR.fullmatch(parsed)
-
-
-DEEP_META = b'{"meta":' + b'{"a":' * 300 + b"1" + b"}" * 301
-DEEP_LIST = b"[" * 1000 + b"]" * 1000
 
 
 @pytest.mark.parametrize(
