@@ -337,7 +337,9 @@ class RelaybeatBroker(Broker):  # type: ignore[misc]
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:  # amqtt always runs this in a connection's own task; without one, nothing to track
+            await super().stream_connected(reader, writer, listener_name)
+            return
         self._connections[task] = writer
         try:
             peer = writer.get_extra_info("peername")

@@ -43,7 +43,6 @@ class TopicPolicy:
     def _patterns(self, table: Mapping[str, tuple[str, ...]], username: str | None) -> list[list[str]]:
         if not is_valid_id(username):  # %u must stay one plain level: no '/', '+' or '#'
             return []
-        assert username is not None
         raw = (*table.get("*", ()), *table.get(username, ()))
         return [pattern.replace("%u", username).split("/") for pattern in raw]
 
@@ -95,7 +94,6 @@ def client_id_allowed(username: str | None, client_id: str) -> bool:
     """
     if not is_valid_id(username):
         return False
-    assert username is not None
     if client_id == username:
         return True
     namespace = username + CLIENT_ID_SEPARATOR

@@ -112,28 +112,32 @@ def load_broker_settings(path: Path) -> BrokerSettings:
         name = f"{path}: broker.{key}"
         if key not in known:
             raise BrokerConfigError(name, f"unknown key; known keys are {', '.join(sorted(known))}")
-        if key in _PATH_KEYS:
-            if not isinstance(raw, str) or not raw:
-                raise BrokerConfigError(name, "must be a non-empty string (a path)")
-            values[key] = path.parent / Path(raw).expanduser()
-        elif key in _NAME_LIST_KEYS:
-            if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
-                raise BrokerConfigError(name, "must be a list of usernames")
-            values[key] = tuple(raw)
-        elif key in ("port", "session_expiry_s"):
-            if type(raw) is not int:
-                raise BrokerConfigError(name, "must be an integer")
-            values[key] = raw
-        elif key == "keepalive_grace":
-            if type(raw) not in (int, float):
-                raise BrokerConfigError(name, "must be a number")
-            values[key] = float(raw)
-        else:
-            if not isinstance(raw, str):
-                raise BrokerConfigError(name, "must be a string")
-            values[key] = raw
+        values[key] = _broker_value(path, name, key, raw)
     try:
         return BrokerSettings(**values)
     except BrokerConfigError as exc:
         msg = f"{path}: broker.{exc.key}"
         raise BrokerConfigError(msg, exc.detail) from None
+
+
+def _broker_value(path: Path, name: str, key: str, raw: object) -> Any:
+    """One `[broker]` value, checked by the kind of its key; `name` says where it came from."""
+    if key in _PATH_KEYS:
+        if not isinstance(raw, str) or not raw:
+            raise BrokerConfigError(name, "must be a non-empty string (a path)")
+        return path.parent / Path(raw).expanduser()
+    if key in _NAME_LIST_KEYS:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise BrokerConfigError(name, "must be a list of usernames")
+        return tuple(raw)
+    if key in ("port", "session_expiry_s"):
+        if type(raw) is not int:
+            raise BrokerConfigError(name, "must be an integer")
+        return raw
+    if key == "keepalive_grace":
+        if type(raw) not in (int, float):
+            raise BrokerConfigError(name, "must be a number")
+        return float(raw)  # type: ignore[arg-type]
+    if not isinstance(raw, str):
+        raise BrokerConfigError(name, "must be a string")
+    return raw

@@ -120,7 +120,10 @@ class RelayTrack(_Track):
         self.hosts: set[str] = set()  # hosts whose freshest evidence came through this relay
         self.children: set[str] = set()
         # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
-        self.pending: list[_Track] = []
+        self.pending: list[AnyTrack] = []
+
+
+AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
 
 
 class _Arrivals:
@@ -170,7 +173,7 @@ class RelaySnapshot:
     flapping: bool = False
 
 
-def _parent(track: _Track) -> str | None:
+def _parent(track: AnyTrack) -> str | None:
     return track.parent if isinstance(track, RelayTrack) else None
 
 
@@ -188,7 +191,7 @@ class Detector:
         self.silent = False  # decided here: every relay went quiet at once
         self.last_bundle_at: float | None = None
         self.ignored: dict[str, int] = {}  # evidence dropped on purpose, by reason (counters)
-        self._heap: list[tuple[float, int, _Track]] = []
+        self._heap: list[tuple[float, int, AnyTrack]] = []
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
         self._z = policy.phi_z
@@ -304,17 +307,16 @@ class Detector:
 
     # ------------------------------------------------------------------------------------ views
 
-    def timeout_s(self, track: _Track) -> float:
+    def timeout_s(self, track: AnyTrack) -> float:
         if isinstance(track, RelayTrack):
             return track.flush_s * self.policy.misses
-        assert isinstance(track, HostTrack)
         stats = track.stats
         if self.policy.adaptive and stats is not None and stats.n >= self.policy.adaptive_min_samples:
             spread = max(math.sqrt(stats.var), 0.1 * stats.mean, 0.05)
             return max(stats.mean + self._z * spread, 2 * stats.mean)  # one lost beat never pages
         return track.interval_s * track.misses
 
-    def deadline_of(self, track: _Track) -> float | None:
+    def deadline_of(self, track: AnyTrack) -> float | None:
         return self._deadline(track) if track.state in _UP_OR_UNKNOWN else None
 
     def nearest_dead_relay(self, relay_id: str | None) -> str | None:
@@ -345,11 +347,11 @@ class Detector:
 
     # ---------------------------------------------------------------------------------- internals
 
-    def _deadline(self, track: _Track) -> float:
+    def _deadline(self, track: AnyTrack) -> float:
         seen = track.last_seen if track.last_seen is not None else track.since
         return max(seen, self.grace_from, track.grace_from) + self.timeout_s(track)
 
-    def _schedule(self, track: _Track, deadline: float) -> None:
+    def _schedule(self, track: AnyTrack, deadline: float) -> None:
         if track.scheduled is not None and track.scheduled <= deadline:
             return  # an earlier entry is already in the heap; it will be pushed back when popped
         track.scheduled = deadline
@@ -372,18 +374,17 @@ class Detector:
         """Whether total silence would be taken as our own blindness (enough relays up to tell)."""
         return len(self._top_relays_up()) >= self.policy.blind_min_relays
 
-    def _silence_reason(self, track: _Track, deadline: float) -> str:
+    def _silence_reason(self, track: AnyTrack, deadline: float) -> str:
         seen = track.last_seen if track.last_seen is not None else track.since
         if isinstance(track, RelayTrack):
             return f"no bundle for {deadline - seen:.1f} s (flush {_fmt(track.flush_s)} s × {self.policy.misses})"
-        assert isinstance(track, HostTrack)
         if self.policy.adaptive and track.stats is not None and track.stats.n >= self.policy.adaptive_min_samples:
             return f"no beat for {deadline - seen:.1f} s (phi ≥ {_fmt(self.policy.phi_threshold)})"
         return f"no beat for {deadline - seen:.1f} s (interval {_fmt(track.interval_s)} s × {track.misses})"
 
     def _move(
         self,
-        track: _Track,
+        track: AnyTrack,
         kind: Kind,
         state: State,
         at: float,
@@ -405,7 +406,7 @@ class Detector:
         track.since = at
         self._count_flap(track, kind, at, relay, out)
 
-    def _count_flap(self, track: _Track, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
+    def _count_flap(self, track: AnyTrack, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
         policy = self.policy
         horizon = at - policy.flap_window_s
         track.flaps = tuple(t for t in (*track.flaps, at) if t > horizon)[-policy.flap_start :]
@@ -414,7 +415,9 @@ class Detector:
             reason = f"{len(track.flaps)} state changes within {_fmt(policy.flap_window_s)} s"
             out.append(self._event(kind, track, at, reason, relay, Event.FLAPPING_START))
 
-    def _check_flap_end(self, track: _Track, kind: Kind, now: float, relay: str | None, out: list[Transition]) -> None:
+    def _check_flap_end(
+        self, track: AnyTrack, kind: Kind, now: float, relay: str | None, out: list[Transition]
+    ) -> None:
         horizon = now - self.policy.flap_window_s
         track.flaps = tuple(t for t in track.flaps if t > horizon)
         if len(track.flaps) <= self.policy.flap_stop:
@@ -428,10 +431,9 @@ class Detector:
             relay = self.relays[relay_id] = RelayTrack(relay_id, State.UNKNOWN, now, None)
         return relay
 
-    def _seq_allowance(self, relay: RelayTrack, now: float) -> float:
+    def _seq_allowance(self, last_seen: float, flush_s: float, now: float) -> float:
         """How far a relay's bundle seq may plausibly have moved since we last heard it."""
-        assert relay.last_seen is not None
-        return 10 + 2 * max(0.0, now - relay.last_seen) / relay.flush_s
+        return 10 + 2 * max(0.0, now - last_seen) / flush_s
 
     def _is_news(self, bundle: Bundle, now: float) -> bool:
         relay = self.relays.get(bundle.relay)
@@ -439,7 +441,9 @@ class Detector:
             return True
         if relay.boot != bundle.boot or bundle.seq <= relay.seq:
             return False  # a retired boot, or a duplicate
-        return relay.last_seen is None or bundle.seq <= relay.seq + self._seq_allowance(relay, now)
+        return relay.last_seen is None or bundle.seq <= relay.seq + self._seq_allowance(
+            relay.last_seen, relay.flush_s, now
+        )
 
     def _observe_relay(
         self, bundle: Bundle, parent: str | None, above_sent: float, now: float, out: list[Transition]
@@ -481,7 +485,7 @@ class Detector:
             self._resume_subtree(relay, now, out)
 
     @staticmethod
-    def _event(kind: Kind, track: _Track, at: float, reason: str, relay: str | None, event: Event) -> Transition:
+    def _event(kind: Kind, track: AnyTrack, at: float, reason: str, relay: str | None, event: Event) -> Transition:
         """A history row that records an event (restart, flapping) without changing the state."""
         return Transition(
             kind=kind,
@@ -503,7 +507,9 @@ class Detector:
             if bundle.seq <= relay.seq:
                 self._ignore("stale_bundle")
                 return False
-            if relay.last_seen is not None and bundle.seq > relay.seq + self._seq_allowance(relay, now):
+            if relay.last_seen is not None and bundle.seq > relay.seq + self._seq_allowance(
+                relay.last_seen, relay.flush_s, now
+            ):
                 # Far ahead of what this relay could have sent since: forged or corrupt. Taking it
                 # would make every genuine bundle after it look stale, and the relay look dead.
                 self._ignore("future_seq")
@@ -569,7 +575,6 @@ class Detector:
                 self._resume_host(host, now, out)
             return
 
-        assert seen is not None
         host.last_seen = seen
         if entry.seq is not None and entry.seq != host.seq:
             if host.seq is not None and entry.seq < host.seq:
@@ -621,9 +626,10 @@ class Detector:
 
     def _resume_host(self, host: HostTrack, now: float, out: list[Transition]) -> None:
         """Decide a host from its evidence alone (its path is alive)."""
-        if host.state == State.STOPPED and host.last_seen is not None and host.last_seen <= host.since:
+        if host.last_seen is None:
+            return  # never heard: there is no evidence to decide from
+        if host.state == State.STOPPED and host.last_seen <= host.since:
             return  # nothing newer than the stopping beat
-        assert host.last_seen is not None
         fresh_until = host.last_seen + self.timeout_s(host)
         if fresh_until > now:
             if host.state != State.UP:
@@ -645,7 +651,7 @@ class Detector:
             if host.state in _UP_OR_UNKNOWN:
                 self._schedule(host, self._deadline(host))
 
-    def _silent(self, track: _Track, deadline: float, out: list[Transition]) -> None:
+    def _silent(self, track: AnyTrack, deadline: float, out: list[Transition]) -> None:
         """A deadline passed. Behind a relay, wait until that relay speaks after the deadline:
         only then is the silence the subject's and not the relay's."""
         upstream = track.via if isinstance(track, HostTrack) else _parent(track)
@@ -663,7 +669,6 @@ class Detector:
         if isinstance(track, HostTrack):
             self._host_silent(track, deadline, out)
         else:
-            assert isinstance(track, RelayTrack)
             self._relay_silent(track, deadline, out)
 
     def _confirm_pending(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
@@ -671,7 +676,7 @@ class Detector:
         for track in pending:
             self._recheck(track, now, out)
 
-    def _recheck(self, track: _Track, now: float, out: list[Transition]) -> None:
+    def _recheck(self, track: AnyTrack, now: float, out: list[Transition]) -> None:
         """An unscheduled live subject: schedule its deadline, or handle its silence if it passed."""
         if track.state not in _UP_OR_UNKNOWN or track.scheduled is not None:
             return

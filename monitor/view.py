@@ -324,7 +324,8 @@ class FleetView:
         sinces = {}
         for subject, before in changing.items():
             left = before.left_at
-            assert left is not None  # set with `state`
+            if left is None:  # set together with `state`, which `changing` requires
+                continue
             row = durable.get(subject)
             matches = row is not None and row.to_state == before.state and row.at <= left
             sinces[subject] = row.at if row is not None and matches else left

@@ -194,7 +194,7 @@ async def stay_connected(
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from exc  # asked to stop: never reconnect instead
-            delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))
+            delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))  # noqa: S311 - jitter, not a secret
             attempt += 1
             log.warning("%s: broker %s unavailable (%s); retrying in %.1f s", name, url, exc, delay)
             await asyncio.sleep(delay)

@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
+from typing_extensions import TypeIs
 
 from relaybeat.errors import RelaybeatError, SettingsError
 
@@ -62,7 +63,7 @@ class LeafStatus(StrEnum):
     STOPPING = "stopping"
 
 
-def is_valid_id(value: object) -> bool:
+def is_valid_id(value: object) -> TypeIs[str]:
     return type(value) is str and _ID.fullmatch(value) is not None
 
 

@@ -113,7 +113,8 @@ def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | No
     )
     cfg = deployment.relay
     if cfg.id is None:
-        raise ConfigError("relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file")
+        msg = "relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file"
+        raise ConfigError(msg)
     if cfg.local == "embedded":
         host, port = parse_hostport(cfg.serve)
         return RelayStart(cfg.settings(cfg.id, BrokerURL(host, port)), (host, port))
@@ -151,9 +152,9 @@ def leaf_start(flags: LeafFlags, environ: Mapping[str, str], config: Path | None
     )
     cfg = deployment.leaf
     if cfg.id is None:
-        raise ConfigError("leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file")
+        msg = "leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file"
+        raise ConfigError(msg)
     if cfg.broker is None:
-        raise ConfigError(
-            "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
-        )
+        msg = "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
+        raise ConfigError(msg)
     return LeafStart(cfg.id, BrokerURL.parse(cfg.broker), cfg.interval_s, Topics(cfg.prefix))

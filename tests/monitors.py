@@ -140,7 +140,8 @@ async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
         while not server.started:
             if task.done():
                 task.result()
-                raise AssertionError("uvicorn did not start")
+                msg = "uvicorn did not start"
+                raise AssertionError(msg)
             await asyncio.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -177,5 +178,6 @@ async def until(check: Any, within_s: float = 10.0, what: str = "a condition") -
     deadline = time.monotonic() + within_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            msg = f"timed out waiting for {what}"
+            raise AssertionError(msg)
         await asyncio.sleep(0.01)

@@ -66,9 +66,8 @@ class Service:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(
-                f"{self.name} did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}"
-            ) from None
+            msg = f"{self.name} did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}"
+            raise AssertionError(msg) from None
         finally:
             self._log.close()
 
@@ -77,7 +76,8 @@ class Service:
 
     def assert_running(self) -> None:
         if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            msg = f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+            raise AssertionError(msg)
 
 
 def wait_until(
@@ -99,7 +99,8 @@ def wait_until(
         if service is not None:
             service.assert_running()
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
+    msg = f"timed out after {timeout} s waiting for {what}; last saw {last!r}"
+    raise AssertionError(msg)
 
 
 def api_get(base: str, path: str) -> Any:
@@ -129,7 +130,8 @@ class Topology:
 
     def start(self, name: str, args: list[str], *, command: Sequence[str] | None = None) -> Service:
         if name in self.services and self.services[name].process.poll() is None:
-            raise AssertionError(f"{name} is already running")
+            msg = f"{name} is already running"
+            raise AssertionError(msg)
         if name in self.services:
             self.services[name].close_log()
         if command is None:
@@ -161,7 +163,8 @@ class Topology:
         conf.write_text(text)
         binary = mosquitto_binary()
         if binary is None:
-            raise AssertionError("mosquitto is not installed (apt install mosquitto)")
+            msg = "mosquitto is not installed (apt install mosquitto)"
+            raise AssertionError(msg)
         service = self.start(name, ["-c", str(conf)], command=[binary])
         wait_until(lambda: port_open(port), 20, f"{name} to listen", service=service)
         return f"mqtt://127.0.0.1:{port}"
@@ -291,7 +294,8 @@ def shipped_mosquitto_config(workdir: Path, port: int, password_file: Path, acl_
             replaced.add(key)
         lines.append(line)
     if replaced != set(overrides):
-        raise AssertionError(f"broker_config/mosquitto.conf no longer sets {sorted(set(overrides) - replaced)}")
+        msg = f"broker_config/mosquitto.conf no longer sets {sorted(set(overrides) - replaced)}"
+        raise AssertionError(msg)
     if os.geteuid() == 0:
         lines.append("user root")  # else it drops to user mosquitto, who cannot read the test's files
     return "\n".join([*lines, extra]) + "\n"
@@ -304,7 +308,8 @@ def shipped_acl(relays: Sequence[str], monitors: Sequence[str]) -> str:
     blocks = re.findall(r"^user (\S+)\n((?:topic .*\n?)+)", text, re.M)
     found = {user: body for user, body in blocks}
     if "relay-a" not in found or "monitor" not in found:
-        raise AssertionError("broker_config/acl no longer has the example `user relay-a` and `user monitor` blocks")
+        msg = "broker_config/acl no longer has the example `user relay-a` and `user monitor` blocks"
+        raise AssertionError(msg)
     head = text[: text.index("user relay-a")]
     out = [head]
     for name in relays:
@@ -330,7 +335,8 @@ def shipped_amqtt_config(folder: Path, password_file: Path, relays: Sequence[str
             replaced.add(found.group(1))
         lines.append(line)
     if replaced != set(overrides):
-        raise AssertionError(f"broker_config/amqtt.toml no longer sets {sorted(set(overrides) - replaced)}")
+        msg = f"broker_config/amqtt.toml no longer sets {sorted(set(overrides) - replaced)}"
+        raise AssertionError(msg)
     config = folder / "amqtt.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
@@ -340,7 +346,8 @@ def mosquitto_passwords(path: Path, passwords: dict[str, str]) -> None:
     """A Mosquitto password file (PBKDF2-SHA512), with `mosquitto_passwd`."""
     tool = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path="/usr/bin:/usr/sbin")
     if tool is None:
-        raise AssertionError("mosquitto_passwd is not installed (apt install mosquitto)")
+        msg = "mosquitto_passwd is not installed (apt install mosquitto)"
+        raise AssertionError(msg)
     for index, (user, password) in enumerate(passwords.items()):
         create = ["-c"] if index == 0 else []
         subprocess.run([tool, *create, "-b", str(path), user, password], check=True, capture_output=True)
@@ -391,7 +398,8 @@ class PrivatePostgres:
         )
         if done.returncode != 0:
             log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-            raise AssertionError(f"{tool} {' '.join(args)} failed:\n{done.stdout}{done.stderr}{log}")
+            msg = f"{tool} {' '.join(args)} failed:\n{done.stdout}{done.stderr}{log}"
+            raise AssertionError(msg)
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"

@@ -61,7 +61,8 @@ async def test_hosts_list_filters_and_pages(client: httpx.AsyncClient) -> None:
     assert (await get(client, "/api/v1/hosts?relay=r1"))["total"] == 3
     assert (await get(client, "/api/v1/hosts?relay=r9"))["total"] == 0
     page = await get(client, "/api/v1/hosts?limit=1&offset=1")
-    assert [h["id"] for h in page["items"]] == ["b"] and page["total"] == 3
+    assert [h["id"] for h in page["items"]] == ["b"]
+    assert page["total"] == 3
     await get(client, "/api/v1/hosts?limit=0", 422)
     await get(client, "/api/v1/hosts?state=sleeping", 422)
 
@@ -70,7 +71,8 @@ async def test_one_host_has_the_documented_fields(client: httpx.AsyncClient) -> 
     b = await get(client, "/api/v1/hosts/b")
     assert {"id", "state", "relay", "last_seen", "since", "interval_s"} <= set(b)
     assert (b["relay"], b["path"], b["interval_s"], b["timeout_s"]) == ("r1", ["r1"], 1.0, 3.0)
-    assert b["last_seen"].endswith("Z") and b["deadline"].endswith("Z")
+    assert b["last_seen"].endswith("Z")
+    assert b["deadline"].endswith("Z")
     missing = await get(client, "/api/v1/hosts/nope", 404)
     assert missing == {"error": "not_found", "detail": "no host 'nope'"}
 
@@ -88,7 +90,8 @@ async def test_transitions_time_range_and_resume(client: httpx.AsyncClient) -> N
     assert len(everything) == 5  # r1 up; a, b up; c stopped; a down ... and nothing twice
     first_at = min(r["at"] for r in everything)
     after = (await get(client, f"/api/v1/transitions?since={first_at}&kind=host"))["items"]
-    assert all(r["kind"] == "host" for r in after) and len(after) == 4
+    assert all(r["kind"] == "host" for r in after)
+    assert len(after) == 4
     assert (await get(client, f"/api/v1/transitions?until={first_at}"))["items"] == []
     oldest = min(r["id"] for r in everything)
     resumed = (await get(client, f"/api/v1/transitions?after_id={oldest}"))["items"]
@@ -104,15 +107,18 @@ async def test_relays_and_health(client: httpx.AsyncClient) -> None:
     await get(client, "/api/v1/relays/r9", 404)
     health = await get(client, "/healthz")
     assert health["rejected"] == {"bad_json": 1, "relay_mismatch": 1}
-    assert health["received"]["bundles"] == 2 and health["hosts"] == 3
-    assert health["status"] == "ok" and health["broker_connected"] is True
+    assert health["received"]["bundles"] == 2
+    assert health["hosts"] == 3
+    assert health["status"] == "ok"
+    assert health["broker_connected"] is True
 
 
 async def test_openapi_and_dashboard_are_served(client: httpx.AsyncClient) -> None:
     schema = await get(client, "/openapi.json")
     assert "/api/v1/hosts/{host_id}/transitions" in schema["paths"]
     page = await client.get("/")
-    assert page.status_code == 200 and "relaybeat" in page.text
+    assert page.status_code == 200
+    assert "relaybeat" in page.text
 
 
 async def test_checkpoint_saves_last_seen_but_never_a_state_ahead_of_its_transition(monitor: Monitor) -> None:

@@ -82,12 +82,14 @@ async def test_reads_are_open_and_writes_refused_by_default(client_for: Any) -> 
 async def test_writes_need_a_write_token(client_for: Any, monitor: Monitor) -> None:
     client = client_for(ApiSettings(read_tokens=(READ,), write_tokens=(WRITE,)))
     missing = await client.delete("/api/v1/hosts/a")
-    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
     assert missing.json()["error"] == "unauthorized"
     assert (await client.delete("/api/v1/hosts/a", headers=bearer(OTHER))).status_code == 401
     assert (await client.delete("/api/v1/hosts/a", headers={"Authorization": f"Basic {WRITE}"})).status_code == 401
     read_only = await client.delete("/api/v1/hosts/a", headers=bearer(READ))
-    assert read_only.status_code == 403 and read_only.json()["error"] == "forbidden"
+    assert read_only.status_code == 403
+    assert read_only.json()["error"] == "forbidden"
     assert "a" in monitor.detector.hosts
 
     done = await client.delete("/api/v1/hosts/a", headers=bearer(WRITE))
@@ -106,7 +108,8 @@ async def test_protected_reads_need_a_read_or_write_token(client_for: Any) -> No
     for path in ("/api/v1/hosts", "/api/v1/hosts/a", "/api/v1/relays", "/api/v1/transitions"):
         refused = await client.get(path)
         assert refused.status_code == 401, path
-        assert refused.json()["error"] == "unauthorized" and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["error"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
         assert (await client.get(path, headers=bearer(OTHER))).status_code == 401
         assert (await client.get(path, headers=bearer(READ))).status_code == 200
         assert (await client.get(path, headers=bearer(WRITE))).status_code == 200
@@ -128,7 +131,8 @@ async def test_docs_show_the_bearer_scheme(client_for: Any) -> None:
 
     protected = (await client_for(ApiSettings(read_open=False, read_tokens=(READ,))).get("/openapi.json")).json()
     hosts = protected["paths"]["/api/v1/hosts"]["get"]
-    assert hosts["security"] == [{"HTTPBearer": []}] and "401" in hosts["responses"]
+    assert hosts["security"] == [{"HTTPBearer": []}]
+    assert "401" in hosts["responses"]
     assert "security" not in protected["paths"]["/healthz"]["get"]
 
 
@@ -166,7 +170,8 @@ def test_tokens_are_compared_without_an_early_exit(monkeypatch: pytest.MonkeyPat
         calls.clear()
         assert tokens.match(presented) is expected
         assert len(calls) == 3  # every configured token is compared, whichever matched
-    assert READ not in repr(tokens) and READ not in repr(ApiSettings(read_tokens=(READ,)))
+    assert READ not in repr(tokens)
+    assert READ not in repr(ApiSettings(read_tokens=(READ,)))
 
 
 async def test_tokens_never_appear_in_logs_or_bodies(
@@ -196,7 +201,8 @@ async def test_tokens_never_appear_in_logs_or_bodies(
     )
     with pytest.raises(ConfigError) as bad:
         load_config(config_file, {"RELAYBEAT_API_TOKENS": f"{OTHER},tiny"})
-    assert "api.write_tokens" in str(bad.value) and "api.read_tokens" in str(bad.value)
+    assert "api.write_tokens" in str(bad.value)
+    assert "api.read_tokens" in str(bad.value)
     assert "monitor.broker" in str(bad.value)
     seen.append(str(bad.value))
 
@@ -234,7 +240,8 @@ def test_running_monitor_serves_tokens_from_file_and_environment(tmp_path: Path,
                 health = httpx.get(f"{base}/healthz", timeout=1)
                 break
             except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "monitor did not start"
+                assert process.poll() is None, "monitor exited before it answered"
+                assert time.monotonic() < deadline, "monitor did not start"
                 time.sleep(0.1)
         assert health.status_code == 200
         assert httpx.get(f"{base}/api/v1/hosts").status_code == 401
@@ -257,5 +264,6 @@ def test_database_urls_are_shown_without_their_password() -> None:
     from relaybeat.cli import _shown
 
     shown = _shown(f"postgresql+psycopg://relaybeat:{BROKER_PASSWORD}@db.example/relaybeat")
-    assert BROKER_PASSWORD not in shown and shown.startswith("postgresql+psycopg://relaybeat:***@")
+    assert BROKER_PASSWORD not in shown
+    assert shown.startswith("postgresql+psycopg://relaybeat:***@")
     assert BROKER_PASSWORD not in _shown(f"not a url {BROKER_PASSWORD}")

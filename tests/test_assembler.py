@@ -171,7 +171,8 @@ def test_flushes_match_a_reference_model(forget_after_s: float, steps: list[tupl
     last_seq = 0
     for gap_ms, (op, name, number, extra) in steps:
         now += gap_ms / 1000
-        assert isinstance(name, str) and isinstance(number, int)
+        assert isinstance(name, str)
+        assert isinstance(number, int)
         if op == "beat":
             beat = Beat(seq=number, interval_s=extra if isinstance(extra, float) else None)
             asm.add_beat(name, beat, now)

@@ -229,13 +229,17 @@ async def test_host_availability_is_exact_over_the_transitions(fleet: Fleet, cli
     assert (report["since"], report["until"]) == (iso(since), iso(until))
     assert report["seconds"] == {"up": 4.0, "down": 7.0, "unreachable": 0, "stopped": 0, "unknown": 0, "maintenance": 0}
     assert (report["downtime_s"], report["outages"], report["longest_outage_s"]) == (7.0, 1, 7.0)
-    assert report["mean_time_to_recovery_s"] == 7.0 and report["uptime_ratio"] == pytest.approx(4 / 11)
+    assert report["mean_time_to_recovery_s"] == 7.0
+    assert report["uptime_ratio"] == pytest.approx(4 / 11)
 
     # Before it was first seen the host was unknown; a window reaching into the future ends now.
     early = await call(client, "GET", f"/api/v1/hosts/web-1/availability?since={q(up - timedelta(seconds=5))}", 200)
-    assert early["seconds"]["unknown"] == 5.0 and early["until"] == iso(fleet.wall())
+    assert early["seconds"]["unknown"] == 5.0
+    assert early["until"] == iso(fleet.wall())
     later = await call(client, "GET", f"/api/v1/hosts/web-2/availability?until={q(until + timedelta(days=1))}", 200)
-    assert later["until"] == early["until"] and later["uptime_ratio"] == 1.0 and later["outages"] == 0
+    assert later["until"] == early["until"]
+    assert later["uptime_ratio"] == 1.0
+    assert later["outages"] == 0
 
 
 async def test_maintenance_time_is_reported_apart_from_downtime(fleet: Fleet, client: httpx.AsyncClient) -> None:
@@ -250,7 +254,8 @@ async def test_maintenance_time_is_reported_apart_from_downtime(fleet: Fleet, cl
     await call(client, "POST", "/api/v1/maintenance", 201, json={"relay": "r1", "starts_at": q(down)}, headers=AUTH)
     report = await call(client, "GET", path, 200)
     assert (report["downtime_s"], report["outages"], report["uptime_ratio"]) == (0, 0, 1.0)
-    assert report["seconds"]["maintenance"] == 7.0 and report["mean_time_to_recovery_s"] is None
+    assert report["seconds"]["maintenance"] == 7.0
+    assert report["mean_time_to_recovery_s"] is None
 
 
 async def test_relay_availability_and_unknown_ids(fleet: Fleet, client: httpx.AsyncClient) -> None:
@@ -266,10 +271,13 @@ async def test_relay_availability_and_unknown_ids(fleet: Fleet, client: httpx.As
     # A window that is empty (backwards, or starting after now) reports nothing, as /transitions does.
     for empty in ["since=2025-01-02T00:00:00Z&until=2025-01-01T00:00:00Z", "since=2999-01-01T00:00:00Z"]:
         report = await call(client, "GET", f"/api/v1/hosts/web-1/availability?{empty}", 200)
-        assert report["since"] == report["until"] and report["uptime_ratio"] is None and report["outages"] == 0
+        assert report["since"] == report["until"]
+        assert report["uptime_ratio"] is None
+        assert report["outages"] == 0
     # Beyond the years 1–9999 once in UTC: unbounded on that side.
     edges = await call(client, "GET", "/api/v1/hosts/web-1/availability?since=0001-01-01T00:00:00%2B01:00", 200)
-    assert edges["since"] == "0001-01-01T00:00:00.000Z" and edges["downtime_s"] == 7.0
+    assert edges["since"] == "0001-01-01T00:00:00.000Z"
+    assert edges["downtime_s"] == 7.0
 
 
 async def test_summary_counts_states_and_ranks_the_worst_hosts(fleet: Fleet, client: httpx.AsyncClient) -> None:
@@ -279,7 +287,9 @@ async def test_summary_counts_states_and_ranks_the_worst_hosts(fleet: Fleet, cli
     await call(client, "POST", "/api/v1/maintenance", 201, json={"host": "web-2"}, headers=AUTH)
     summary = await call(client, "GET", "/api/v1/summary", 200)
     hosts = summary["hosts"]
-    assert hosts["total"] == 4 and hosts["in_maintenance"] == 1 and hosts["flapping"] == 0
+    assert hosts["total"] == 4
+    assert hosts["in_maintenance"] == 1
+    assert hosts["flapping"] == 0
     assert {s: n for s, n in hosts["states"].items() if n} == {"up": 2, "down": 1, "unreachable": 1}
     assert {s: n for s, n in summary["relays"]["states"].items() if n} == {"up": 1, "down": 1}
     worst = [(h["id"], h["state"], h["outages"]) for h in summary["worst_hosts"]]

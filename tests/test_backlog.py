@@ -82,7 +82,8 @@ class PahoLoop(threading.Thread):
         self.stopping.set()
         self.join(10)
         if self.error is not None and exc is None:
-            raise AssertionError(f"{self.name} failed: {self.error!r}") from self.error
+            msg = f"{self.name} failed: {self.error!r}"
+            raise AssertionError(msg) from self.error
 
 
 class Leaves(PahoLoop):

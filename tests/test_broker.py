@@ -502,8 +502,10 @@ async def test_a_leaf_claiming_a_relays_client_id_cannot_kick_the_relay_off(both
                 await squatter.publish(topics.beat("h1"), b"squatter", qos=1)
             squatted = True
         except aiomqtt.MqttCodeError as exc:
-            assert "Not authorized" in str(exc)
+            refusal = str(exc)
             squatted = False
+        if not squatted:
+            assert "Not authorized" in refusal
         assert squatted is (both.kind == "mosquitto")
         await relay.publish(status, b"online", qos=1)  # raises if the relay was disconnected
         expected = [(topics.beat("h1"), b"squatter")] if squatted else []
@@ -609,10 +611,12 @@ def test_a_storm_of_failed_logins_from_one_address_does_not_delay_clients_from_a
         assert worst < 1.0, f"a good login took {worst * 1000:.0f} ms during the storm (median {median * 1000:.0f} ms)"
 
         codes = collections.Counter(storm.codes)
-        assert sum(codes.values()) == storm.attempts and set(codes) <= {3, 5}, codes
+        assert sum(codes.values()) == storm.attempts, codes
+        assert set(codes) <= {3, 5}, codes
         assert codes[3] >= 400, f"most guesses must be refused unchecked (CONNACK 3): {codes}"
         log = topo.services["broker"].log()
-        assert "without checking them" in log and "from 127.0.0.2" in log, log[-2000:]
+        assert "without checking them" in log, log[-2000:]
+        assert "from 127.0.0.2" in log, log[-2000:]
         assert log.count("127.0.0.2") < 50, "refusals must be logged rate-limited"
     finally:
         topo.close()
@@ -667,7 +671,9 @@ async def test_fair_gate_serves_sources_in_turn_and_lets_a_lone_source_use_every
     for event in done.values():
         event.set()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
-    assert order == ["a1", "a2", "a3", "b1", "a4"] and gate._waiting == {} and gate._free == 2
+    assert order == ["a1", "a2", "a3", "b1", "a4"]
+    assert gate._waiting == {}
+    assert gate._free == 2
 
 
 # ------------------------------------------------------------------------------------------- TLS
@@ -712,7 +718,8 @@ async def test_tls_listener_serves_mqtts_only(tls_files: tuple[Path, Path], topi
 
 def test_shipped_amqtt_toml_loads_and_bad_keys_are_named(tmp_path: Path) -> None:
     settings = load_broker_settings(CONFIG_DIR / "amqtt.toml")
-    assert settings.prefix == "relaybeat/" and settings.port == 1883
+    assert settings.prefix == "relaybeat/"
+    assert settings.port == 1883
     assert settings.password_file is None  # the shipped file is the anonymous loopback demo
 
     path = tmp_path / "broker.toml"

@@ -49,9 +49,12 @@ def test_example_file_shows_every_key_with_its_default() -> None:
         DEFAULT_MAX_BUNDLE_ENTRIES,
     )
     api = example.api.settings()
-    assert api.read_open and not api.write_tokens and not api.cors_origins
+    assert api.read_open
+    assert not api.write_tokens
+    assert not api.cors_origins
     relay = example.relay.settings("relay-a", BrokerURL.parse("mqtt://127.0.0.1:1884"))
-    assert relay.max_bundle_bytes == DEFAULT_MAX_BUNDLE_BYTES and relay.accept_children is None
+    assert relay.max_bundle_bytes == DEFAULT_MAX_BUNDLE_BYTES
+    assert relay.accept_children is None
 
 
 @pytest.mark.parametrize(
@@ -117,7 +120,8 @@ def test_monitor_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "detector.misses" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert "detector.misses" in result.stderr
+    assert "greater than or equal to 1" in result.stderr
 
 
 def test_taken_port_is_a_clear_error(free_port: int) -> None:
@@ -177,11 +181,13 @@ def test_environment_values_are_toml_values_and_errors_name_the_variable(tmp_pat
             "RELAYBEAT_API_WRITE_TOKENS": "cccccccccccccccc3",
         },
     )
-    assert config.api.cors_origins == ["https://ops.example.com"] and config.detector.adaptive is True
+    assert config.api.cors_origins == ["https://ops.example.com"]
+    assert config.detector.adaptive is True
     assert config.monitor.client_id == "inf"
     api = config.api.settings()
     assert not api.read_open  # read tokens given, `read` unset: reads are protected
-    assert api.read_tokens == ("aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2") and api.write_tokens == ("cccccccccccccccc3",)
+    assert api.read_tokens == ("aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2")
+    assert api.write_tokens == ("cccccccccccccccc3",)
     explicit = load_config(None, {"RELAYBEAT_API__READ": "open", "RELAYBEAT_API_TOKENS": "a" * 16})
     assert explicit.api.settings().read_open  # `read = "open"` said outright wins over the inference
     for name, value, message in (
@@ -207,8 +213,10 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
     start = monitor_start(MonitorFlags(), {}, path)
     settings = start.settings
     assert (settings.broker.host, settings.policy.misses, settings.max_bundle_bytes) == ("file", 4, 65536)
-    assert start.db == "sqlite:///file.db" and start.listen == ("127.0.0.1", 8000)
-    assert start.api.write_tokens == ("write-token-0123456789",) and start.api.read_open
+    assert start.db == "sqlite:///file.db"
+    assert start.listen == ("127.0.0.1", 8000)
+    assert start.api.write_tokens == ("write-token-0123456789",)
+    assert start.api.read_open
 
     # RELAYBEAT_BROKER, _DB, _LISTEN, _PREFIX and _MISSES are the flags' own variables: typer reads them
     # as the flags (test_each_flag_reads_its_own_variable); RELAYBEAT_MONITOR__* come through `environ`
@@ -219,8 +227,10 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
     settings = start.settings
     assert (settings.broker.host, settings.prefix, settings.policy.misses) == ("env", "site/", 5)
     assert (settings.max_bundle_bytes, settings.max_bundle_entries) == (2048, 1000)
-    assert settings.policy.adaptive and settings.policy.phi_threshold == 9
-    assert start.db == "sqlite:///env.db" and start.listen == ("127.0.0.1", 9001)
+    assert settings.policy.adaptive
+    assert settings.policy.phi_threshold == 9
+    assert start.db == "sqlite:///env.db"
+    assert start.listen == ("127.0.0.1", 9001)
 
     flags = dataclasses.replace(from_env, broker="mqtt://flag:1", misses=6, client_id="m2")
     settings = monitor_start(flags, env, path).settings
@@ -238,15 +248,19 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     start = relay_start(RelayFlags(id="relay-a"), {}, path)
     relay = start.settings
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-a", "site", "central", 2.0)
-    assert relay.max_bundle_bytes == 100_000 and relay.accept_children is False and start.embedded is None
+    assert relay.max_bundle_bytes == 100_000
+    assert relay.accept_children is False
+    assert start.embedded is None
     flags = RelayFlags(  # --id and --upstream as RELAYBEAT_ID and RELAYBEAT_UPSTREAM
         id="relay-b", upstream="mqtt://up:1", local="mqtt://other:1", flush=0.5, max_bundle_bytes=4096, children=True
     )
     relay = relay_start(flags, {}, path).settings
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-b", "other", "up", 0.5)
-    assert relay.max_bundle_bytes == 4096 and relay.accept_children is True
+    assert relay.max_bundle_bytes == 4096
+    assert relay.accept_children is True
     embedded = relay_start(RelayFlags(id="relay-c"), {}, None)
-    assert embedded.embedded == ("127.0.0.1", 1884) and embedded.settings.local == BrokerURL("127.0.0.1", 1884)
+    assert embedded.embedded == ("127.0.0.1", 1884)
+    assert embedded.settings.local == BrokerURL("127.0.0.1", 1884)
 
     leaf = leaf_start(LeafFlags(id="web-1"), {}, path)
     assert (leaf.host_id, leaf.broker.host, leaf.interval_s, leaf.topics.prefix) == ("web-1", "site", 2.5, "site/")
@@ -324,7 +338,9 @@ def test_commands_refuse_bad_values_naming_the_flag(args: list[str], env: dict[s
 def test_each_command_explains_itself() -> None:
     for command in ("monitor", "relay", "leaf", "broker"):
         result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
-        assert result.exit_code == 0 and "--config" in result.output and "--log-level" in result.output, command
+        assert result.exit_code == 0, command
+        assert "--config" in result.output, command
+        assert "--log-level" in result.output, command
 
 
 def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret(tmp_path: Path) -> None:
@@ -347,7 +363,9 @@ def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret
         10.0,
     )
     assert webhook.target == Target("ops", frozenset({State.DOWN}), ("db-*",), ("r2",), frozenset({Kind.HOST}), 3600.0)
-    assert notify.retry_max_s == 60.0 and "token-in-path" not in repr(notify) and "s3cret" not in repr(notify)
+    assert notify.retry_max_s == 60.0
+    assert "token-in-path" not in repr(notify)
+    assert "s3cret" not in repr(notify)
     assert load_config(None).notify.settings().webhooks == ()
     settings = load_config(path).monitor.settings(Policy(), notify)
     assert settings.notify is notify
@@ -363,7 +381,8 @@ def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret
         path.write_text(f'[[notify.webhooks]]\nname = "ops"\n{line}\n')
         with pytest.raises(ConfigError) as error:
             load_config(path)
-        assert message in str(error.value) and "token-in-path" not in str(error.value)
+        assert message in str(error.value)
+        assert "token-in-path" not in str(error.value)
     path.write_text(
         '[[notify.webhooks]]\nname = "a"\nurl = "https://h/1"\n[[notify.webhooks]]\nname = "a"\nurl = "https://h/2"\n'
     )

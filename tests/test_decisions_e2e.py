@@ -73,7 +73,8 @@ def test_broker_restart_is_blindness_not_an_outage(tmp_path: Path, kind: str) ->
         wait_until(lambda: api_get(topo.api, "/healthz")["status"] == "degraded", 10, "monitor degraded")
         assert api_get(topo.api, "/healthz")["broker_connected"] is False
         time.sleep(4.0)  # longer than the relay's timeout (1 s × 3) and the host's (0.5 s × 3)
-        assert topo.state("relays", "r1") == "up" and topo.state("hosts", "h1") == "up"
+        assert topo.state("relays", "r1") == "up"
+        assert topo.state("hosts", "h1") == "up"
 
         start_broker("central", central)
         wait_until(lambda: api_get(topo.api, "/healthz")["broker_connected"], 15, "monitor reconnected")
@@ -96,7 +97,9 @@ def test_leaf_restart_records_a_restart_event_without_an_outage(topo: Topology, 
     leaf.kill()
     topo.leaf("web-1", f"mqtt://127.0.0.1:{site}", interval=2.0)  # back with seq 1, within its timeout
     restarts = wait_until(lambda: topo.transitions("web-1", "restart"), 10, "a restart event")
-    assert len(restarts) == 1 and restarts[0][2].startswith("leaf restarted (seq ") and restarts[0][2].endswith("→ 1)")
+    assert len(restarts) == 1
+    assert restarts[0][2].startswith("leaf restarted (seq ")
+    assert restarts[0][2].endswith("→ 1)")
     wait_until(lambda: api_get(topo.api, "/api/v1/hosts/web-1")["seq"] >= 3, 15, "beats after the restart")
     assert topo.moves("web-1") == [("unknown", "up")]
 

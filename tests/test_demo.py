@@ -31,5 +31,6 @@ def test_relaybeat_up_serves_a_dozen_live_hosts_and_exits_cleanly(tmp_path: Path
         if demo.poll() is None:
             demo.kill()
     assert demo.returncode == 0, output
-    assert "relaybeat is up." in output and f"http://127.0.0.1:{free_port}" in output
+    assert "relaybeat is up." in output
+    assert f"http://127.0.0.1:{free_port}" in output
     assert "relaybeat demo stopped cleanly." in output

@@ -20,6 +20,7 @@ from monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
 from monitor.states import Event, Kind, State, Transition
 from relay.assembler import Assembler
 from relay.wire import Beat, Bundle, LeafStatus, decode_bundle, encode_bundle
+from relaybeat.errors import SettingsError
 
 # ------------------------------------------------------------------------------------- the site
 
@@ -133,7 +134,8 @@ class Site:
             self.now = min(times)
             self._tick()
         else:
-            raise AssertionError("the site did not settle")
+            msg = "the site did not settle"
+            raise AssertionError(msg)
         self.now = until
         self.record(self.detector.expire(until))
 
@@ -744,7 +746,8 @@ def test_adaptive_phi_timeout_tracks_observed_intervals() -> None:
         t += 1.0
         beat(t)
     fast = adaptive.timeout_s(host)
-    assert 1.0 < fast <= 2.5 and fast < slow  # beats every 1 s now: the timeout follows
+    assert 1.0 < fast <= 2.5
+    assert fast < slow
     assert fixed.timeout_s(fixed.hosts["h1"]) == 30.0
 
     (down,) = adaptive.expire(t + 5.0)
@@ -855,7 +858,7 @@ def test_direct_beats_have_no_relay() -> None:
 
 @pytest.mark.parametrize("bad", [{"misses": 0}, {"flap_start": 3, "flap_stop": 3}, {"phi_threshold": 0.0}])
 def test_policy_rejects_nonsense(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(SettingsError, match="must be"):
         Policy(**bad)  # type: ignore[arg-type]
 
 
@@ -1122,10 +1125,12 @@ def test_a_bundle_seq_far_in_the_future_is_ignored_and_does_not_poison_the_relay
     detector = Detector(Policy(misses=3), 0.0)
     assert detector.observe(Bundle("r1", "b", 1, 1000, ()), 1.0)[0].to_state == UP
     assert detector.observe(Bundle("r1", "b", 10**12, 1000, ()), 2.0) == []  # forged or corrupt
-    assert detector.ignored["future_seq"] == 1 and detector.relays["r1"].seq == 1
+    assert detector.ignored["future_seq"] == 1
+    assert detector.relays["r1"].seq == 1
     for tick in range(2, 30):  # the genuine bundles keep being news: r1 never looks silent
         assert detector.observe(Bundle("r1", "b", tick, 1000, ()), 1.0 + tick) == []
         assert detector.expire(1.0 + tick) == []
     # A relay heard again after a long gap may have moved on by many flushes: that is not "future".
     detector.observe(Bundle("r1", "b", 29 + 500, 1000, ()), 30.0 + 400)
-    assert detector.relays["r1"].seq == 529 and detector.ignored["future_seq"] == 1
+    assert detector.relays["r1"].seq == 529
+    assert detector.ignored["future_seq"] == 1

@@ -124,7 +124,8 @@ class Bug(Exception):
 
 
 def _fail(*_: object) -> list[object]:
-    raise Bug("a bug behind the decoder")
+    msg = "a bug behind the decoder"
+    raise Bug(msg)
 
 
 async def test_a_failure_behind_the_decoders_is_counted_logged_with_its_traceback_and_input_goes_on(
@@ -147,7 +148,8 @@ async def test_a_failure_behind_the_decoders_is_counted_logged_with_its_tracebac
                     service.take("relaybeat/beat/web-1", encode_beat(Beat(seq=1)))  # never raises
             assert service.rejections.counts == {INTERNAL_ERROR: 3}
             service.take("relaybeat/beat/web-2", b"")  # the next message is read as ever
-        assert "web-2" in monitor.detector.hosts and relay.assembler.leaf_count == 1
+        assert "web-2" in monitor.detector.hosts
+        assert relay.assembler.leaf_count == 1
         logged = [r for r in caplog.records if INTERNAL_ERROR in r.getMessage()]
         assert len(logged) == 2  # once per service within the interval, with the traceback
         assert all(r.exc_info is not None and r.exc_info[0] is Bug for r in logged)

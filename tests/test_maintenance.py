@@ -88,12 +88,15 @@ def test_removal_ends_a_window_early_but_keeps_it() -> None:
     book = MaintenanceBook([window(TargetKind.HOST, "h", 0, None)])
     assert book.covers(Kind.HOST, "h", [], at(10_000))  # until removed
     removed = book.remove(1, at(30))
-    assert removed is not None and removed.end == at(30)
+    assert removed is not None
+    assert removed.end == at(30)
     assert book.remove(1, at(40)) is None  # removed already
     assert book.remove(2, at(40)) is None  # no such window
-    assert book.covers(Kind.HOST, "h", [], at(29)) and not book.covers(Kind.HOST, "h", [], at(30))
+    assert book.covers(Kind.HOST, "h", [], at(29))
+    assert not book.covers(Kind.HOST, "h", [], at(30))
     assert book.intervals(Kind.HOST, "h", []) == [(at(0), at(30))]
-    assert [w.id for w in book.windows()] == [1] and book.active(at(31)) == []
+    assert [w.id for w in book.windows()] == [1]
+    assert book.active(at(31)) == []
 
 
 def test_intervals_are_the_subjects_windows_in_start_order() -> None:
@@ -170,7 +173,8 @@ async def test_transitions_in_maintenance_are_recorded_and_marked(fleet: Fleet, 
     glob = await add(client, {"glob": "web-*", "reason": "kernel update"})
     relay = await add(client, {"relay": "r2"})
     assert (glob["target_kind"], glob["target"], glob["ends_at"], glob["active"]) == ("glob", "web-*", None, True)
-    assert glob["covers"] == {"hosts": 2, "relays": 0} and relay["covers"] == {"hosts": 1, "relays": 1}
+    assert glob["covers"] == {"hosts": 2, "relays": 0}
+    assert relay["covers"] == {"hosts": 1, "relays": 1}
 
     # 10 s later web-1 and db-1 have been silent past their timeout; r2 then stops being folded in.
     fleet.send({"web-1": 10_000, "web-2": 0, "db-1": 10_000}, {"edge-1": 0}, after=10)
@@ -263,7 +267,8 @@ async def test_maintenance_api_validates_its_input(fleet: Fleet, client: httpx.A
     await call(client, "GET", "/api/v1/maintenance/999", 404)
     await call(client, "DELETE", "/api/v1/maintenance/999", 404, headers=AUTH)
     removed = await call(client, "DELETE", f"/api/v1/maintenance/{window['id']}", 200, headers=AUTH)
-    assert removed["removed_at"] is not None and removed["active"] is False
+    assert removed["removed_at"] is not None
+    assert removed["active"] is False
     again = await call(client, "DELETE", f"/api/v1/maintenance/{window['id']}", 409, headers=AUTH)
     assert again["error"] == "already_removed"
 
@@ -322,7 +327,8 @@ async def test_acknowledging_an_outage_links_its_transition_and_lasts_while_it_d
     )
 
     listed = await call(client, "GET", "/api/v1/hosts/web-1/acks", 200)
-    assert [a["id"] for a in listed["items"]] == [made["id"]] and listed["items"][0]["current"] is True
+    assert [a["id"] for a in listed["items"]] == [made["id"]]
+    assert listed["items"][0]["current"] is True
     assert [a["subject"] for a in (await call(client, "GET", "/api/v1/acks?current=true", 200))["items"]] == ["web-1"]
     assert (await call(client, "GET", "/api/v1/hosts/web-2/acks", 200))["items"] == []
     await call(client, "GET", "/api/v1/hosts/nope/acks", 404)
@@ -355,7 +361,8 @@ async def test_a_relay_outage_can_be_acknowledged(
     assert response.status_code == 201, response.text
     r1 = response.json()
     r2 = await call(client, "POST", "/api/v1/relays/r2/ack", 201, json={"comment": "behind r1"}, headers=AUTH)
-    assert r1["kind"] == "relay" and r1["transition_id"] == (await fleet.history("r1"))[-1].id
+    assert r1["kind"] == "relay"
+    assert r1["transition_id"] == (await fleet.history("r1"))[-1].id
     assert r2["transition_id"] == (await fleet.history("r2"))[-1].id
     assert [a["subject"] for a in (await call(client, "GET", "/api/v1/acks?kind=relay", 200))["items"]] == ["r2", "r1"]
     assert (await call(client, "GET", "/api/v1/relays/r1/acks", 200))["total"] == 1
@@ -387,7 +394,8 @@ async def test_migration_0002_keeps_history_and_marks_it_not_in_maintenance(db_u
         await store.upgrade()
         [row] = await store.history()
         assert (row.subject, row.at, row.maintenance) == ("old", T0, False)
-        assert await store.maintenance_windows() == [] and await store.model_changes() == []
+        assert await store.maintenance_windows() == []
+        assert await store.model_changes() == []
     finally:
         await store.close()
 

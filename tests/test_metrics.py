@@ -53,7 +53,8 @@ async def test_subjects_per_state_inputs_and_rejections_are_exported(served: Ser
     assert value(samples, "relaybeat_rejected_inputs_total", reason="bad_json") == 1
     assert sum(v for (name, _), v in samples.items() if name == "relaybeat_rejected_inputs_total") == 2
     assert value(samples, "relaybeat_transitions_total", kind="host", to="down") == 1
-    assert value(samples, "relaybeat_database_ok") == 1 and value(samples, "relaybeat_monitor_degraded") == 0
+    assert value(samples, "relaybeat_database_ok") == 1
+    assert value(samples, "relaybeat_monitor_degraded") == 0
 
 
 async def test_detection_lag_is_decision_time_minus_deadline(served: Served) -> None:
@@ -129,8 +130,10 @@ async def test_grafana_dashboard_uses_only_metrics_that_exist(served: Served) ->
     dashboard = json.loads(DASHBOARD_JSON.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {m for e in exprs for m in re.findall(r"\brelaybeat_[a-z_]+", e)}
-    assert len(exprs) >= 10 and used
+    assert len(exprs) >= 10
+    assert used
     assert used <= names, f"not exported: {sorted(used - names)}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard["uid"]
+    assert dashboard["title"]

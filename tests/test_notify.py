@@ -107,10 +107,14 @@ def test_a_relay_death_is_one_outage_listing_the_relay_and_all_its_hosts() -> No
     result = step(book, relay_death())
     [notice] = result.notices
     assert (notice.type, notice.incident, notice.target) == (NoticeType.OUTAGE, "relay:r1", "ops")
-    assert subjects(notice) == ["r1", "a", "b", "c"] and notice.still_open == 4
-    assert {alert.incident for alert in book.alerts()} == {"relay:r1"} and len(book) == 4
+    assert subjects(notice) == ["r1", "a", "b", "c"]
+    assert notice.still_open == 4
+    assert {alert.incident for alert in book.alerts()} == {"relay:r1"}
+    assert len(book) == 4
     body = orjson.loads(render(notice, "k1"))
-    assert body["hosts"] == ["a", "b", "c"] and body["relay"] == "r1" and body["id"] == "k1"
+    assert body["hosts"] == ["a", "b", "c"]
+    assert body["relay"] == "r1"
+    assert body["id"] == "k1"
     assert body["summary"].startswith("relay r1 down; 3 hosts unreachable: a (unreachable), b (unreachable)")
     assert [s["to"] for s in body["subjects"]] == ["down", "unreachable", "unreachable", "unreachable"]
 
@@ -121,10 +125,13 @@ def test_recovery_of_a_relay_is_one_message_and_closes_every_alert() -> None:
     result = step(book, relay_back(60, {"a": UP, "b": UP, "c": UNKNOWN}))
     [notice] = result.notices
     assert (notice.type, notice.incident, notice.still_open) == (NoticeType.RECOVERY, "relay:r1", 0)
-    assert notice.started_at == at(0) and notice.at == at(60)
-    assert subjects(notice) == ["r1", "a", "b", "c"] and len(book) == 0
+    assert notice.started_at == at(0)
+    assert notice.at == at(60)
+    assert subjects(notice) == ["r1", "a", "b", "c"]
+    assert len(book) == 0
     body = orjson.loads(render(notice, "k2"))
-    assert body["resolved"] is True and body["type"] == "recovery"
+    assert body["resolved"] is True
+    assert body["type"] == "recovery"
     assert body["summary"] == "relay r1 recovered (up); 3 hosts back: a (up), b (up), c (unknown)"
 
 
@@ -135,7 +142,9 @@ def test_hosts_that_go_unreachable_later_join_the_same_incident() -> None:
     assert (late.type, late.incident, subjects(late), late.still_open) == (NoticeType.OUTAGE, "relay:r1", ["d"], 4)
     assert late.started_at == at(0)  # the incident began when r1 died
     [back] = step(book, relay_back(60, {"a": UP, "b": UP, "d": UP})).notices
-    assert subjects(back) == ["r1", "a", "b", "d"] and back.started_at == at(0) and back.still_open == 0
+    assert subjects(back) == ["r1", "a", "b", "d"]
+    assert back.started_at == at(0)
+    assert back.still_open == 0
 
 
 def test_a_host_down_on_its_own_is_its_own_incident() -> None:
@@ -155,7 +164,8 @@ def test_a_relay_behind_a_dead_relay_is_part_of_its_outage() -> None:
     ]
     changes[2] = replace(changes[2], relay="r1")  # hosts behind r2 blame the nearest dead relay: r1
     [notice] = step(AlertBook(), changes).notices
-    assert notice.incident == "relay:r1" and subjects(notice) == ["r1", "r2", "x"]
+    assert notice.incident == "relay:r1"
+    assert subjects(notice) == ["r1", "r2", "x"]
     assert incident_of(changes[1]) == "relay:r1"
 
 
@@ -242,7 +252,8 @@ def test_a_recovery_is_sent_to_whoever_was_told_even_in_maintenance() -> None:
     book = AlertBook()
     step(book, [host("a", UP, DOWN)])
     [back] = step(book, [replace(host("a", DOWN, UP, 60), maintenance=True)]).notices
-    assert back.type is NoticeType.RECOVERY and len(book) == 0
+    assert back.type is NoticeType.RECOVERY
+    assert len(book) == 0
 
 
 # --- reminders ----------------------------------------------------------------------------------
@@ -264,7 +275,8 @@ def test_reminders_come_every_interval_per_open_incident() -> None:
         ("nag", NoticeType.REMINDER, "relay:r1"),
     ]
     [outage] = [n for n in due.notices if n.incident == "relay:r1"]
-    assert sorted(subjects(outage)) == ["a", "b", "r1"] and outage.started_at == at(0)
+    assert sorted(subjects(outage)) == ["a", "b", "r1"]
+    assert outage.started_at == at(0)
     body = orjson.loads(render(outage, "k"))
     assert body["summary"].startswith("relay r1 outage still open since 2026-03-01T12:00:00.000Z")
     assert all(s["from"] is None for s in body["subjects"])
@@ -279,7 +291,8 @@ def test_alerts_of_forgotten_subjects_close_without_a_message() -> None:
     book = AlertBook()
     step(book, [host("gone", UP, DOWN)])
     result = remind(book, [OPS], at(1), lambda kind, subject: None)
-    assert not result.notices and result.closed == (("ops", HOST, "gone"),)
+    assert not result.notices
+    assert result.closed == (("ops", HOST, "gone"),)
     book.apply(result)
     assert len(book) == 0
 

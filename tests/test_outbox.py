@@ -242,10 +242,13 @@ async def test_relay_death_sends_one_webhook_listing_all_its_hosts_and_recovery_
         await site.write()
         [outage] = await receiver.wait_for(1)
         rows = await settled(monitor)
-        assert len(rows) == 1 and rows[0].delivered_at is not None and rows[0].attempts == 1
+        assert len(rows) == 1
+        assert rows[0].delivered_at is not None
+        assert rows[0].attempts == 1
         body = outage.json()
         assert (body["type"], body["incident"], body["relay"]) == ("outage", "relay:r1", "r1")
-        assert body["hosts"] == ["a", "b", "c"] and body["still_open"] == 4
+        assert body["hosts"] == ["a", "b", "c"]
+        assert body["still_open"] == 4
         assert [(s["kind"], s["id"], s["to"]) for s in body["subjects"]] == [
             ("relay", "r1", "down"),
             ("host", "a", "unreachable"),
@@ -271,8 +274,10 @@ async def test_relay_death_sends_one_webhook_listing_all_its_hosts_and_recovery_
             ("b", "unreachable", "up"),
             ("c", "unreachable", "up"),
         ]
-        assert len(await settled(monitor)) == 2 and len(receiver.requests) == 2
-        assert await monitor.store.alerts() == [] and len(monitor.alerts) == 0
+        assert len(await settled(monitor)) == 2
+        assert len(receiver.requests) == 2
+        assert await monitor.store.alerts() == []
+        assert len(monitor.alerts) == 0
 
 
 async def test_signature_verifies_with_the_secret_and_headers_name_the_message(
@@ -293,14 +298,17 @@ async def test_signature_verifies_with_the_secret_and_headers_name_the_message(
     expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + signed.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers["x-relaybeat-signature"], f"sha256={expected}")
     assert abs(int(timestamp) - time.time()) < 60
-    assert headers["idempotency-key"] == signed.json()["id"] and headers["x-relaybeat-event"] == "outage"
-    assert headers["content-type"] == "application/json" and headers["user-agent"].startswith("relaybeat")
+    assert headers["idempotency-key"] == signed.json()["id"]
+    assert headers["x-relaybeat-event"] == "outage"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("relaybeat")
     tampered = hmac.new(SECRET.encode(), timestamp.encode() + b"." + signed.body + b" ", hashlib.sha256).hexdigest()
     assert headers["x-relaybeat-signature"] != f"sha256={tampered}"
     wrong_key = hmac.new(b"not-the-secret", timestamp.encode() + b"." + signed.body, hashlib.sha256).hexdigest()
     assert headers["x-relaybeat-signature"] != f"sha256={wrong_key}"
     plain = next(r for r in requests if r.path == "/plain")
-    assert "x-relaybeat-signature" not in plain.headers and plain.json()["summary"].startswith("host a down")
+    assert "x-relaybeat-signature" not in plain.headers
+    assert plain.json()["summary"].startswith("host a down")
 
 
 async def test_a_failing_receiver_gets_retries_with_growing_gaps_then_exactly_one_success(
@@ -323,11 +331,13 @@ async def test_a_failing_receiver_gets_retries_with_growing_gaps_then_exactly_on
     floor = [backoff_s(n, monitor.settings.notify) for n in (1, 2, 3, 4)]
     assert floor == [0.05, 0.1, 0.2, 0.4]
     assert all(gap >= wait * 0.9 for gap, wait in zip(gaps, floor, strict=True)), gaps
-    assert (row.attempts, row.last_error) == (5, None) and row.delivered_at is not None
+    assert (row.attempts, row.last_error) == (5, None)
+    assert row.delivered_at is not None
     await asyncio.sleep(0.5)  # longer than the longest backoff: nothing else comes
     assert len(receiver.requests) == 5
     failures = [r.getMessage() for r in caplog.records if r.name == "relaybeat.notify"]
-    assert len(failures) == 4 and "for 'ops' failed (HTTP 503), attempt 1" in failures[0]
+    assert len(failures) == 4
+    assert "for 'ops' failed (HTTP 503), attempt 1" in failures[0]
     assert str(receiver.port) not in caplog.text  # logs name the webhook, never its URL
 
 
@@ -349,8 +359,10 @@ async def test_a_receiver_that_is_down_gets_everything_in_order_once_it_is_back(
 
             await until(monitor, retried)
             first, second = await monitor.store.outbox(pending=True)
-            assert first.attempts >= 3 and second.attempts == 0  # the recovery waits for the outage
-            assert first.last_error is not None and "Connect" in first.last_error
+            assert first.attempts >= 3
+            assert second.attempts == 0
+            assert first.last_error is not None
+            assert "Connect" in first.last_error
             await receiver.start()
             requests = await receiver.wait_for(2)
             rows = await settled(monitor)
@@ -374,7 +386,8 @@ async def test_a_timed_out_attempt_is_retried_with_the_same_idempotency_key(tmp_
         [row] = await settled(monitor)
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"] == row.key
     assert first.body == second.body  # the receiver can drop the repeat by its key
-    assert row.attempts == 2 and row.delivered_at is not None
+    assert row.attempts == 2
+    assert row.delivered_at is not None
 
 
 async def test_undelivered_messages_survive_a_monitor_restart_and_are_sent_once(
@@ -406,15 +419,18 @@ async def test_undelivered_messages_survive_a_monitor_restart_and_are_sent_once(
         ]
         async with delivering(second, second.run):
             [outage] = await receiver.wait_for(1)
-            assert outage.json()["type"] == "outage" and outage.json()["hosts"] == ["a", "b", "c"]
+            assert outage.json()["type"] == "outage"
+            assert outage.json()["hosts"] == ["a", "b", "c"]
             site = Site(second, clock, boot="boot2")  # r1 restarted too
             site.send("r1", a=0, b=0, c=0)
             await second.flush()
             [_, recovery] = await receiver.wait_for(2)
             rows = await settled(second)
             await asyncio.sleep(0.3)
-        assert recovery.json()["type"] == "recovery" and recovery.json()["resolved"] is True
-        assert len(receiver.requests) == 2 and [r.key for r in rows] == [r.json()["id"] for r in receiver.requests]
+        assert recovery.json()["type"] == "recovery"
+        assert recovery.json()["resolved"] is True
+        assert len(receiver.requests) == 2
+        assert [r.key for r in rows] == [r.json()["id"] for r in receiver.requests]
     finally:
         await receiver.stop()
 
@@ -430,7 +446,8 @@ async def test_a_delivered_message_is_not_resent_while_recording_the_delivery_fa
         nonlocal refusals
         if refusals:
             refusals -= 1
-            raise ConnectionError("database went away")
+            msg = "database went away"
+            raise ConnectionError(msg)
         await real(message_id, at, attempts)
 
     monkeypatch.setattr(monitor.store, "outbox_delivered", flaky)
@@ -442,7 +459,9 @@ async def test_a_delivered_message_is_not_resent_while_recording_the_delivery_fa
         await receiver.wait_for(1)
         [row] = await settled(monitor)
         await asyncio.sleep(0.3)
-    assert refusals == 0 and row.delivered_at is not None and row.attempts == 1
+    assert refusals == 0
+    assert row.delivered_at is not None
+    assert row.attempts == 1
     assert len(receiver.requests) == 1
 
 
@@ -557,9 +576,11 @@ async def test_outbox_rows_are_written_in_the_transaction_of_their_transitions(t
         message = NewMessage("ops", "same-key", NoticeType.OUTAGE, "host:a", "{}", now)
         with pytest.raises(Exception, match=r"(?i)unique"):
             await store.write([row], [], [], messages=[message, message])  # the second breaks the key
-        assert await store.history() == [] and await store.outbox() == []
+        assert await store.history() == []
+        assert await store.outbox() == []
         await store.write([row], [], [], messages=[message])
-        assert len(await store.history()) == 1 and [m.key for m in await store.outbox()] == ["same-key"]
+        assert len(await store.history()) == 1
+        assert [m.key for m in await store.outbox()] == ["same-key"]
         assert await store.outbox_purge(now + timedelta(days=1)) == 0  # pending rows are never purged
         await store.outbox_delivered((await store.outbox())[0].id, now, 1)
         assert await store.outbox_purge(now + timedelta(days=1)) == 1

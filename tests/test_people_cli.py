@@ -56,9 +56,11 @@ async def test_status_lists_relays_and_hosts_worst_first_in_color(served: Served
     assert code == 0, err
     assert RED_DOWN.search(out), out  # down is red
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
-    assert "relaybeat at " + served.url in plain and "ok" in plain
+    assert "relaybeat at " + served.url in plain
+    assert "ok" in plain
     assert rows(plain) == ["r1", "web-1", "db-1", "web-2"]  # the relay, then hosts: down first, then by id
-    assert re.search(r"web-1 +│ down", plain) and re.search(r"db-1 +│ up", plain)
+    assert re.search(r"web-1 +│ down", plain)
+    assert re.search(r"db-1 +│ up", plain)
 
 
 async def test_status_filters_by_state_relay_and_search(served: Served) -> None:
@@ -67,23 +69,29 @@ async def test_status_filters_by_state_relay_and_search(served: Served) -> None:
     _, out, _ = await relaybeat("status", "--api", served.url, "--search", "WEB")
     assert rows(out) == ["web-1", "web-2"]
     _, out, _ = await relaybeat("status", "--api", served.url, "--relay", "r1", "--limit", "1")
-    assert rows(out) == ["r1", "web-1"] and "… and 2 more" in out
+    assert rows(out) == ["r1", "web-1"]
+    assert "… and 2 more" in out
     code, out, _ = await relaybeat("status", "--api", served.url, "--relay", "r9")
-    assert code == 0 and "no host matches" in out
+    assert code == 0
+    assert "no host matches" in out
     code, _, err = await relaybeat("status", "--api", served.url, "--state", "sleeping")
-    assert code == 2 and "use one of down, unreachable" in err
+    assert code == 2
+    assert "use one of down, unreachable" in err
 
 
 async def test_status_reads_the_api_from_the_environment_and_says_what_to_do_when_it_is_down(served: Served) -> None:
     code, out, _ = await relaybeat("status", RELAYBEAT_API=served.url)
-    assert code == 0 and "web-1" in out
+    assert code == 0
+    assert "web-1" in out
     closed = f"http://127.0.0.1:{pick_free('127.0.0.1')}"
     for command in (["status"], ["history", "web-1"], ["watch"]):
         code, _, err = await relaybeat(*command, RELAYBEAT_API=closed)
         assert code == 2, command
-        assert f"cannot reach {closed}" in err and "is `relaybeat monitor` running? use --api URL" in err, err
+        assert f"cannot reach {closed}" in err, err
+        assert "is `relaybeat monitor` running? use --api URL" in err, err
     code, _, err = await relaybeat("status", "--api", "localhost:8000")
-    assert code == 2 and "is not a URL" in err
+    assert code == 2
+    assert "is not a URL" in err
 
 
 async def test_history_shows_transitions_oldest_first_and_names_unknown_subjects(served: Served) -> None:
@@ -92,9 +100,13 @@ async def test_history_shows_transitions_oldest_first_and_names_unknown_subjects
     assert out.index("unknown → up") < out.index("up → down")
     assert "no beat for 3.0 s" in out
     code, out, _ = await relaybeat("history", "r1", "--api", served.url)  # a relay id works too
-    assert code == 0 and "relay r1" in out and "unknown → up" in out
+    assert code == 0
+    assert "relay r1" in out
+    assert "unknown → up" in out
     code, _, err = await relaybeat("history", "nope", "--api", served.url)
-    assert code == 2 and "no host or relay 'nope'" in err and "relaybeat status --search nope" in err
+    assert code == 2
+    assert "no host or relay 'nope'" in err
+    assert "relaybeat status --search nope" in err
 
 
 async def test_status_pages_through_more_hosts_than_one_request_returns(tmp_path: Path) -> None:
@@ -103,7 +115,8 @@ async def test_status_pages_through_more_hosts_than_one_request_returns(tmp_path
         await running.feed.send()
         code, out, err = await relaybeat("status", "--api", running.url)
     assert code == 0, err
-    assert "10,050 hosts shown" in out and "… and 10,000 more" in out
+    assert "10,050 hosts shown" in out
+    assert "… and 10,000 more" in out
 
 
 async def read_line(stream: asyncio.StreamReader, contains: str, within_s: float = 20.0) -> str:
@@ -117,7 +130,8 @@ async def read_line(stream: asyncio.StreamReader, contains: str, within_s: float
                 seen.append(line)
     except TimeoutError:
         pass
-    raise AssertionError(f"no line with {contains!r} within {within_s} s; saw {seen}")
+    msg = f"no line with {contains!r} within {within_s} s; saw {seen}"
+    raise AssertionError(msg)
 
 
 async def test_watch_prints_live_transitions_and_resumes_after_the_api_restarts(tmp_path: Path) -> None:
@@ -135,11 +149,15 @@ async def test_watch_prints_live_transitions_and_resumes_after_the_api_restarts(
                 sys.executable, "-m", "relaybeat", "watch", "--api", url,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=BASE_ENV,
             )  # fmt: skip
-            assert watcher.stdout and watcher.stderr
+            assert watcher.stdout
+            assert watcher.stderr
             await read_line(watcher.stderr, "watching")
             await feed.down("a")
             line = await read_line(watcher.stdout, " a ")
-            assert "host" in line and "up → down" in line and "no beat for" in line and "via r1" in line
+            assert "host" in line
+            assert "up → down" in line
+            assert "no beat for" in line
+            assert "via r1" in line
 
         # the API goes away (a monitor restart); meanwhile b goes down; the watcher must not miss it
         await read_line(watcher.stderr, "the stream ended")
@@ -176,5 +194,6 @@ async def test_watch_filters_by_state_and_replays_from_an_id(served: Served) -> 
             process.kill()
             await process.wait()
     assert process.returncode == 0, err
-    assert first.split()[2] == "web-1" and out.strip() == b""  # the four `up` rows were filtered out
+    assert first.split()[2] == "web-1"
+    assert out.strip() == b""
     assert "stopped" in err.decode()

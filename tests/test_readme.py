@@ -46,7 +46,8 @@ def test_readme_example_bundle_decodes() -> None:
     example = re.search(r"```json\n(.*?)```", _section("Wire contract"), re.S)
     assert example is not None
     bundle = decode_bundle(example.group(1).replace("\n", "").encode())
-    assert bundle.entry_count() == 3 and bundle.children[0].relay == "r3"
+    assert bundle.entry_count() == 3
+    assert bundle.children[0].relay == "r3"
 
 
 async def test_readme_sql_queries_run_and_answer(db_url: str) -> None:

@@ -144,7 +144,8 @@ async def monitor(tmp_path: Path) -> AsyncIterator[Monitor]:
     running = Monitor(config.monitor.settings(config.detector.policy()), store, FakeClock())
     running.take(BUNDLE, raw(body(seq=5, hosts=[["web-1", 7, 0, 1000, "ok"], ["web-2", 3, 200, 1000, "ok"]])))
     running.take("relaybeat/bundle/r2", raw(body(relay="r2", boot="b2", seq=1, hosts=[["db-1", None, 0, 2000, "ok"]])))
-    assert not running.rejections.counts and not running.detector.ignored
+    assert not running.rejections.counts
+    assert not running.detector.ignored
     yield running
     await store.close()
 
@@ -200,13 +201,16 @@ async def test_monitor_counts_and_warns_once_per_reason_and_keeps_what_it_held(
     assert held(monitor) == before
     health = await healthz(monitor)
     assert health["rejected"] == dict(expected)
-    assert health["status"] == "ok" and health["hosts"] == 3 and health["relays"] == 2
+    assert health["status"] == "ok"
+    assert health["hosts"] == 3
+    assert health["relays"] == 2
     warned = warnings_by_reason(caplog, "relaybeat.monitor")
     assert warned == Counter(dict.fromkeys(expected, 1))  # each reason once within the interval
 
     # ... and the monitor still takes good input afterwards.
     monitor.take(BUNDLE, raw(body(seq=6, hosts=[["web-1", 8, 0, 1000, "ok"]])))
-    assert monitor.detector.hosts["web-1"].seq == 8 and monitor.detector.hosts["web-1"].last_seen == clock.t
+    assert monitor.detector.hosts["web-1"].seq == 8
+    assert monitor.detector.hosts["web-1"].last_seen == clock.t
 
 
 async def test_a_replaced_boot_is_ignored_by_the_detector(monitor: Monitor, caplog: pytest.LogCaptureFixture) -> None:
@@ -223,7 +227,8 @@ async def test_100k_entries_over_the_limit_are_refused_and_at_the_limit_tracked(
     over = many_hosts("big", MONITOR_MAX_ENTRIES + 1)
     assert len(over) < MONITOR_MAX_BYTES  # refused for its entries, not its size
     monitor.take("relaybeat/bundle/big", over)
-    assert "big" not in monitor.detector.relays and len(monitor.detector.hosts) == 3
+    assert "big" not in monitor.detector.relays
+    assert len(monitor.detector.hosts) == 3
     monitor.take("relaybeat/bundle/big", many_hosts("big", MONITOR_MAX_ENTRIES))
     assert len(monitor.detector.hosts) == 3 + MONITOR_MAX_ENTRIES
     assert len(monitor.detector.relays["big"].hosts) == MONITOR_MAX_ENTRIES
@@ -342,6 +347,7 @@ async def test_bundles_from_relays_outside_the_allowlist_are_rejected(tmp_path: 
         monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "b", 1, 1000, (), (child,))))
         monitor.take("relaybeat/bundle/r2", encode_bundle(Bundle("r2", "b", 1, 1000, entry)))
         assert monitor.rejections.counts["unknown_relay"] == 2
-        assert set(monitor.detector.relays) == {"r2"} and set(monitor.detector.hosts) == {"h1"}
+        assert set(monitor.detector.relays) == {"r2"}
+        assert set(monitor.detector.hosts) == {"h1"}
     finally:
         await store.close()

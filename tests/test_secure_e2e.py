@@ -171,7 +171,8 @@ def test_authenticated_path_works_and_bad_credentials_spoofed_beats_and_forged_b
     impostor.assert_running()
     squatter.assert_running()
     if brokers.kind == "embedded":  # the client id must be the user: refused at CONNECT (Mosquitto drops the beats)
-        assert "Not authorized" in impostor.log() and "Not authorized" in squatter.log()
+        assert "Not authorized" in impostor.log()
+        assert "Not authorized" in squatter.log()
 
     # (d) A leaf user publishes a bundle on relay-a's topic, then beats straight to the central broker.
     publish_as(brokers.central_port, "eve", [(TOPICS.bundle("relay-a"), bundle("relay-a", "ghost-1")),
@@ -203,7 +204,8 @@ def test_authenticated_path_works_and_bad_credentials_spoofed_beats_and_forged_b
         assert topo.transitions(never) == [], never
     after = api_get(topo.api, "/api/v1/relays/relay-a")
     assert after["boot"] == relay_a["boot"] != "forged"  # no forged bundle was taken as relay-a's
-    assert after["state"] == "up" and after["hosts"] == 2  # h1 and mallory
+    assert after["state"] == "up"
+    assert after["hosts"] == 2
     assert topo.moves("h1") == [("unknown", "up")]
     assert topo.moves("relay-a") == [("unknown", "up")]  # (e) never kicked off: no "offline", no reconnect
     assert topo.healthz()["broker_connected"] is True

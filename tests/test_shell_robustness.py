@@ -42,7 +42,8 @@ class SlowStore(Store):
     async def last_transition_id(self) -> int:
         if self.fail_next_id_read:
             self.fail_next_id_read = False
-            raise OSError("connection reset while reading the newest id")
+            msg = "connection reset while reading the newest id"
+            raise OSError(msg)
         return await super().last_transition_id()
 
 
@@ -68,7 +69,8 @@ async def test_monitor_ignores_retained_beats_and_bundles(store: SlowStore) -> N
     monitor.take("relaybeat/beat/ghost", b"", retained=True)
     monitor.take("relaybeat/bundle/r1", bundle(1, "old"), retained=True)
     monitor.take("relaybeat/relay/r9/status", b"offline", retained=True)  # what retained statuses are for
-    assert monitor.detector.hosts == {} and monitor.rejections.counts["retained"] == 2
+    assert monitor.detector.hosts == {}
+    assert monitor.rejections.counts["retained"] == 2
     assert monitor.received["relay_offline"] == 1
 
 
@@ -93,7 +95,8 @@ async def test_a_failure_after_the_commit_never_writes_the_batch_twice(store: Sl
     store.fail_next_id_read = True
     await monitor.flush()
     assert sorted(r.subject for r in await store.history()) == ["r1", "web-1"]
-    assert monitor.pending() == [] and monitor.db_ok
+    assert monitor.pending() == []
+    assert monitor.db_ok
 
 
 async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_the_way_out() -> None:
@@ -114,7 +117,8 @@ async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            raise aiomqtt.MqttError("the goodbye publish failed") from None
+            msg = "the goodbye publish failed"
+            raise aiomqtt.MqttError(msg) from None
 
     task = asyncio.create_task(stay_connected(NOWHERE, FakeClient, session, name="t"))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
@@ -139,7 +143,8 @@ def test_the_relay_refuses_a_child_tree_too_deep_to_fold_in() -> None:
     for level in range(14, -1, -1):
         deep = Bundle(f"c{level}", "b", 1, 1000, (), (deep,), age_ms=0)
     relay.take("relaybeat/bundle/c0", encode_bundle(Bundle("c0", "b", 1, 1000, (), deep.children)))
-    assert relay.rejections.counts["too_deep"] == 1 and relay.assembler.flush(0.0).children == ()
+    assert relay.rejections.counts["too_deep"] == 1
+    assert relay.assembler.flush(0.0).children == ()
 
 
 def test_a_parent_repeating_its_childs_latest_bundle_is_not_counted_as_stale() -> None:
@@ -147,7 +152,8 @@ def test_a_parent_repeating_its_childs_latest_bundle_is_not_counted_as_stale() -
     child = Bundle("r2", "c", 7, 1000, (HostEntry("h", 1, 0, 1000, LeafStatus.OK),), age_ms=0)
     for seq in range(1, 6):
         detector.observe(Bundle("r1", "p", seq, 1000, (), (child,)), float(seq))
-    assert detector.ignored == {} and detector.relays["r2"].state is State.UP
+    assert detector.ignored == {}
+    assert detector.relays["r2"].state is State.UP
 
 
 async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: SlowStore) -> None:
@@ -166,7 +172,8 @@ async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: Slo
         await asyncio.sleep(0.1)
         time.sleep(1.5)  # noqa: ASYNC251 - on purpose: the loop is blocked past web-1's deadline; its next beats may be unread
         await asyncio.sleep(0.1)
-        assert monitor.stalls == 1 and web_1() is State.UP
+        assert monitor.stalls == 1
+        assert web_1() is State.UP
         await asyncio.sleep(0.8)  # a full timeout after the stall with still no beat: now it is down
         assert web_1() is State.DOWN
     finally:

@@ -41,7 +41,8 @@ class LagProbeBreaks(Monitor):
 
     async def watch_loop_lag(self, every_s: float = 0.25) -> None:
         await asyncio.sleep(0.3)
-        raise RuntimeError("the lag probe broke")
+        msg = "the lag probe broke"
+        raise RuntimeError(msg)
 
 
 async def test_a_monitor_part_that_raises_stops_serve_monitor_with_one_error_naming_it(
@@ -49,10 +50,11 @@ async def test_a_monitor_part_that_raises_stops_serve_monitor_with_one_error_nam
 ) -> None:
     stop = asyncio.Event()
     db = f"sqlite:///{tmp_path / 'relaybeat.db'}"
+    run = serve_monitor(MonitorSettings(NOWHERE), db, "127.0.0.1", 0, stop, make_monitor=LagProbeBreaks)
     with caplog.at_level(logging.INFO, logger="relaybeat"), pytest.raises(PartFailed) as failed:
-        run = serve_monitor(MonitorSettings(NOWHERE), db, "127.0.0.1", 0, stop, make_monitor=LagProbeBreaks)
         await asyncio.wait_for(run, 20)  # the old code waited for `stop` forever, its monitor dead
-    assert failed.value.part == "loop_lag" and isinstance(failed.value.cause, RuntimeError)
+    assert failed.value.part == "loop_lag"
+    assert isinstance(failed.value.cause, RuntimeError)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["monitor: part 'loop_lag' failed: RuntimeError: the lag probe broke; stopping, exit status 70"], (
         errors
@@ -61,7 +63,8 @@ async def test_a_monitor_part_that_raises_stops_serve_monitor_with_one_error_nam
 
 class LocalSideBreaks(RelayService):
     async def _local(self) -> None:
-        raise RuntimeError("the local side broke")
+        msg = "the local side broke"
+        raise RuntimeError(msg)
 
 
 async def test_a_relay_part_that_raises_stops_serve_relay_naming_it(caplog: pytest.LogCaptureFixture) -> None:

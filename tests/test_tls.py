@@ -103,7 +103,8 @@ async def connect_error(url: str, timeout_s: float = 3.0) -> str:
             pass
     except aiomqtt.MqttError as exc:
         return str(exc)
-    raise AssertionError(f"{url} connected, but must be refused")
+    msg = f"{url} connected, but must be refused"
+    raise AssertionError(msg)
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -116,7 +117,8 @@ def test_leaf_relay_and_monitor_over_mqtts_bring_a_host_up_and_unverified_client
     site_port, central_port, api_port = (pick_free("127.0.0.1") for _ in range(3))
     site = topo.broker("site", site_port, config, wait=False)
     central = topo.broker("central", central_port, config, wait=False)
-    assert site.startswith("mqtts://") and central.startswith("mqtts://")
+    assert site.startswith("mqtts://")
+    assert central.startswith("mqtts://")
     topo.wait_listening("site", site_port)
     topo.wait_listening("central", central_port)
     trust = f"?ca={pki.ca}"
@@ -147,7 +149,8 @@ def test_leaf_relay_and_monitor_over_mqtts_bring_a_host_up_and_unverified_client
 
     wrong_host, plain_site, plain_central = asyncio.run(refusals())
     assert "Hostname mismatch" in wrong_host, wrong_host
-    assert plain_site and plain_central
+    assert plain_site
+    assert plain_central
 
     # Two bundles later the verified leaf is still up; the refused leaves were never heard of.
     seq = api_get(topo.api, "/api/v1/relays/r1")["seq"]
@@ -197,13 +200,17 @@ def test_tls_options_in_the_url_are_parsed_and_shown_without_the_password(pki: P
     assert (url.username, url.password) == ("web-1", "s@cret")
     assert (url.ca_file, url.cert_file, url.key_file) == (str(pki.ca), str(pki.client_cert), str(pki.client_key))
     shown = str(url)
-    assert "s@cret" not in shown and "s%40cret" not in shown and "***" in shown
+    assert "s@cret" not in shown
+    assert "s%40cret" not in shown
+    assert "***" in shown
     assert shown.startswith("mqtts://web-1:***@127.0.0.1:8883?ca=")
     assert "s@cret" not in repr(url)
     again = BrokerURL.parse(shown.replace("***", "x"))
     assert (again.ca_file, again.cert_file, again.key_file) == (url.ca_file, url.cert_file, url.key_file)
     context = url.tls_context()
-    assert context is not None and context.check_hostname and context.verify_mode.name == "CERT_REQUIRED"
+    assert context is not None
+    assert context.check_hostname
+    assert context.verify_mode.name == "CERT_REQUIRED"
     assert BrokerURL.parse("mqtt://h").tls_context() is None
     assert BrokerURL.parse("mqtt://h").port == 1883
 

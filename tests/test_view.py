@@ -100,7 +100,8 @@ async def test_a_host_decided_down_is_shown_down_only_once_its_row_is_in_sql(fle
 
     shown = await fleet.get("/api/v1/hosts/h2")
     history = (await fleet.get("/api/v1/hosts/h2/transitions"))["items"]
-    assert shown["state"] == "down" and (history[0]["from"], history[0]["to"]) == ("up", "down")
+    assert shown["state"] == "down"
+    assert (history[0]["from"], history[0]["to"]) == ("up", "down")
     assert shown["since"] == history[0]["at"]
     assert ("up", "down") in await fleet.rows("/api/v1/transitions", "h2")
     assert [h["id"] for h in (await fleet.get("/api/v1/hosts?state=down"))["items"]] == ["h2"]
@@ -111,11 +112,13 @@ async def test_a_host_decided_down_is_shown_down_only_once_its_row_is_in_sql(fle
 async def test_a_relay_silence_decided_by_expiry_is_shown_once_written(fleet: Fleet) -> None:
     fleet.clock.t += 5.0  # r1 silent past flush × misses (3 s): down, its hosts unreachable
     fleet.monitor.expire()
-    assert fleet.decided(Kind.RELAY, "r1") is State.DOWN and fleet.decided(Kind.HOST, "h1") is State.UNREACHABLE
+    assert fleet.decided(Kind.RELAY, "r1") is State.DOWN
+    assert fleet.decided(Kind.HOST, "h1") is State.UNREACHABLE
 
     relay = await fleet.get("/api/v1/relays/r1")
     hosts = (await fleet.get("/api/v1/hosts"))["items"]
-    assert relay["state"] == "up" and {h["state"] for h in hosts} == {"up"}
+    assert relay["state"] == "up"
+    assert {h["state"] for h in hosts} == {"up"}
     assert await fleet.rows("/api/v1/relays/r1/transitions", "r1") == [("unknown", "up")]
     assert (await fleet.get("/api/v1/relays?state=down"))["total"] == 0
 
