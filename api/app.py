@@ -19,9 +19,16 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import availability, events, history, metrics, operations, state
-from api.auth import READ_REFUSED, WRITE_REFUSED, ApiSettings, install, require_read_token, require_write_token
-from api.bodies import (
+from relaybeat.api import availability, events, history, metrics, operations, state
+from relaybeat.api.auth import (
+    READ_REFUSED,
+    WRITE_REFUSED,
+    ApiSettings,
+    install,
+    require_read_token,
+    require_write_token,
+)
+from relaybeat.api.bodies import (
     DATABASE_UNAVAILABLE,
     NOT_FOUND,
     RETRY_AFTER_S,
@@ -30,9 +37,9 @@ from api.bodies import (
     json_response,
     not_found,
 )
-from monitor.service import Monitor
-from monitor.view import FleetView
-from relay.parts import PartState
+from relaybeat.monitor.service import Monitor
+from relaybeat.monitor.view import FleetView
+from relaybeat.relay.parts import PartState
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 DATABASE_WARNING_EVERY_S = 10.0  # the 503s say why; the log says so at most this often

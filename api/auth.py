@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware.cors import CORSMiddleware
 
-from api.bodies import ErrorOut
+from relaybeat.api.bodies import ErrorOut
 from relaybeat.errors import RelaybeatError, SettingsError
 
 TOKEN_MIN_CHARS = 16

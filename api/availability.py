@@ -15,12 +15,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
 
-from api.bodies import NOT_FOUND, ViewDep, error_response, json_response, not_found
-from api.history import BAD_QUERY
-from monitor import view as shown
-from monitor.availability import Availability
-from monitor.states import Kind, State
-from monitor.view import FleetView, iso
+from relaybeat.api.bodies import NOT_FOUND, ViewDep, error_response, json_response, not_found
+from relaybeat.api.history import BAD_QUERY
+from relaybeat.monitor import view as shown
+from relaybeat.monitor.availability import Availability
+from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.view import FleetView, iso
 
 router = APIRouter(prefix="/api/v1")
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

@@ -15,9 +15,9 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from monitor.records import TransitionRow
-from monitor.states import Kind, State
-from monitor.view import FleetView, HostView, Refused, RelayView, iso
+from relaybeat.monitor.records import TransitionRow
+from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.view import FleetView, HostView, Refused, RelayView, iso
 
 T = TypeVar("T")
 

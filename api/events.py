@@ -25,9 +25,9 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.bodies import error_response, transition_body
-from monitor.records import TransitionRow
-from monitor.view import FleetView
+from relaybeat.api.bodies import error_response, transition_body
+from relaybeat.monitor.records import TransitionRow
+from relaybeat.monitor.view import FleetView
 
 log = logging.getLogger("relaybeat.api.events")
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BeforeValidator
 
-from api.bodies import (
+from relaybeat.api.bodies import (
     NOT_FOUND,
     Page,
     TransitionOut,
@@ -20,8 +20,8 @@ from api.bodies import (
     not_found,
     transition_body,
 )
-from monitor.states import Kind
-from monitor.view import FleetView
+from relaybeat.monitor.states import Kind
+from relaybeat.monitor.view import FleetView
 
 router = APIRouter(prefix="/api/v1")
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

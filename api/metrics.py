@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from monitor.states import Event, Kind, State, Transition
-from monitor.view import FleetView
+from relaybeat.monitor.states import Event, Kind, State, Transition
+from relaybeat.monitor.view import FleetView
 
 router = APIRouter()
 

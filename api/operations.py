@@ -15,12 +15,12 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
-from api.auth import WRITE_REFUSED, require_write_token
-from api.bodies import NOT_FOUND, ErrorOut, Page, ViewDep, json_response, not_found, refused
-from api.history import iso_only
-from monitor.maintenance import TargetKind
-from monitor.states import Kind
-from monitor.view import AckView, FleetView, MaintenanceView, Refused, iso
+from relaybeat.api.auth import WRITE_REFUSED, require_write_token
+from relaybeat.api.bodies import NOT_FOUND, ErrorOut, Page, ViewDep, json_response, not_found, refused
+from relaybeat.api.history import iso_only
+from relaybeat.monitor.maintenance import TargetKind
+from relaybeat.monitor.states import Kind
+from relaybeat.monitor.view import AckView, FleetView, MaintenanceView, Refused, iso
 
 router = APIRouter(prefix="/api/v1")
 WRITE = [Depends(require_write_token)]

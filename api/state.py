@@ -6,8 +6,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from api.bodies import NOT_FOUND, HostOut, Page, RelayOut, ViewDep, host_body, json_response, not_found, relay_body
-from monitor.states import State
+from relaybeat.api.bodies import (
+    NOT_FOUND,
+    HostOut,
+    Page,
+    RelayOut,
+    ViewDep,
+    host_body,
+    json_response,
+    not_found,
+    relay_body,
+)
+from relaybeat.monitor.states import State
 
 router = APIRouter(prefix="/api/v1")
 

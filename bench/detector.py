@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 
 from bench.report import Report, figure, med, num, spread, table
-from monitor.detector import Detector, Policy
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
 
 
 def iter_bundles(hosts: int, size: int, seq: int = 1) -> Iterator[Bundle]:

@@ -30,11 +30,11 @@ import orjson
 from bench import synth
 from bench.procs import Lab, Proc
 from bench.report import Report, figure, med, num, render_profile, spread, table
-from monitor.detector import Detector, Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.wire import decode_bundle
+from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.wire import decode_bundle
 
 
 def _payloads(relays: int, size: int, count: int) -> tuple[list[bytes], list[str]]:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 import httpx
 import psutil
 
-from relay.ports import pick_free
+from relaybeat.relay.ports import pick_free
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -53,10 +53,10 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVA
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
-from broker_config.passwords import hash_password, read_password_file, verify_password
-from broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
-from broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
-from broker_config.throttle import FairGate, LoginThrottle
+from relaybeat.broker_config.passwords import hash_password, read_password_file, verify_password
+from relaybeat.broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
+from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
+from relaybeat.broker_config.throttle import FairGate, LoginThrottle
 from relaybeat.errors import Unavailable
 
 AMQTT_VERSION: Final = "0.12.1"

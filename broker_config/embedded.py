@@ -14,15 +14,15 @@ import logging
 import ssl
 from types import TracebackType
 
-from broker_config.amqtt_adapter import (
+from relaybeat.broker_config.amqtt_adapter import (
     RelaybeatBroker,
     check_amqtt_version,
     listening_port,
     quiet_amqtt_logs,
     start_amqtt,
 )
-from broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
-from relay.ports import PortInUse, ensure_free
+from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
+from relaybeat.relay.ports import PortInUse, ensure_free
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Final
 
 import argon2
 
-from broker_config.settings import BrokerConfigError
-from relay.wire import is_valid_id
+from relaybeat.broker_config.settings import BrokerConfigError
+from relaybeat.relay.wire import is_valid_id
 
 _HASHER: Final = argon2.PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
 

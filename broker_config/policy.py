@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from relay.wire import Topics, is_valid_id
+from relaybeat.relay.wire import Topics, is_valid_id
 
 
 def _levels_cover(pattern: Sequence[str], candidate: Sequence[str]) -> bool:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
-from relay.ports import PortInUse
-from relay.wire import Topics, is_valid_id
 from relaybeat.errors import SettingsError
+from relaybeat.relay.ports import PortInUse
+from relaybeat.relay.wire import Topics, is_valid_id
 
 DEFAULT_PORT: Final = 1883
 

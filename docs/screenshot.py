@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.ports import pick_free  # noqa: E402
+from relaybeat.relay.ports import pick_free  # noqa: E402
 from tests.processes import Service, api_get, wait_until  # noqa: E402
 from tests.test_dashboard import Browser, need_chromium  # noqa: E402
 

@@ -13,8 +13,8 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from monitor.store import async_url
-from monitor.tables import Base
+from relaybeat.monitor.store import async_url
+from relaybeat.monitor.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from monitor.states import State
+from relaybeat.monitor.states import State
 
 __all__ = ["DEFAULT_WINDOW", "Availability", "availability", "merge_intervals", "report_window"]
 

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from monitor.states import TRANSITIONS, Event, Kind, State, Transition
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus
 from relaybeat.errors import SettingsError
+from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are

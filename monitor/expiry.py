@@ -14,9 +14,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from monitor.clock import Clock
-from monitor.detector import Detector
-from monitor.states import Transition
+from relaybeat.monitor.clock import Clock
+from relaybeat.monitor.detector import Detector
+from relaybeat.monitor.states import Transition
 
 __all__ = ["EXPIRY_QUANTUM_S", "STALL_S", "Expiry"]
 

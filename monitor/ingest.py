@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import aiomqtt
 
-from monitor.clock import Clock
-from monitor.detector import Detector
-from monitor.expiry import Expiry
-from monitor.states import Transition
-from relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
-from relay.rejections import Rejections
-from relay.wire import (
+from relaybeat.monitor.clock import Clock
+from relaybeat.monitor.detector import Detector
+from relaybeat.monitor.expiry import Expiry
+from relaybeat.monitor.states import Transition
+from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.rejections import Rejections
+from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_MAX_BUNDLE_ENTRIES,
     INTERNAL_ERROR,

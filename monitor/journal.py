@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from monitor.records import Change, HostRow, RelayRow
-from monitor.states import Event, Kind, State
 from relaybeat.errors import RelaybeatError, Unavailable
+from relaybeat.monitor.records import Change, HostRow, RelayRow
+from relaybeat.monitor.states import Event, Kind, State
 
 __all__ = ["REWRITE_BYTES", "Decision", "Journal", "JournalError", "JournalUnavailable", "decode", "encode"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
-from monitor.states import Kind
+from relaybeat.monitor.states import Kind
 
 __all__ = ["MaintenanceBook", "TargetKind", "Window"]
 

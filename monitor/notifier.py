@@ -13,12 +13,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from monitor.clock import Clock
-from monitor.notify import AlertBook, Plan, plan, remind, render
-from monitor.outbox import NotifySettings, OutboxWorker
-from monitor.records import Change, HostRow, RelayRow
-from monitor.states import Kind, State
-from monitor.store import NewMessage, Store
+from relaybeat.monitor.clock import Clock
+from relaybeat.monitor.notify import AlertBook, Plan, plan, remind, render
+from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
+from relaybeat.monitor.records import Change, HostRow, RelayRow
+from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.store import NewMessage, Store
 
 __all__ = ["Notifier"]
 

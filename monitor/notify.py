@@ -34,8 +34,8 @@ from enum import StrEnum
 
 import orjson
 
-from monitor.records import Change
-from monitor.states import Event, Kind, State
+from relaybeat.monitor.records import Change
+from relaybeat.monitor.states import Event, Kind, State
 
 __all__ = [
     "BAD_STATES",

@@ -26,9 +26,9 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from monitor.notify import Target, signature
-from monitor.store import OutboxRow, Store
 from relaybeat.errors import SettingsError
+from relaybeat.monitor.notify import Target, signature
+from relaybeat.monitor.store import OutboxRow, Store
 
 __all__ = ["NotifySettings", "OutboxWorker", "Webhook", "backoff_s"]
 

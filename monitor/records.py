@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from monitor.detector import HostSnapshot, HostTrack, RelaySnapshot, RelayTrack
-from monitor.states import Event, Kind, State, Transition
+from relaybeat.monitor.detector import HostSnapshot, HostTrack, RelaySnapshot, RelayTrack
+from relaybeat.monitor.states import Event, Kind, State, Transition
 
 __all__ = ["Change", "HostRow", "RelayRow", "TransitionRow", "Wall", "require_aware"]
 

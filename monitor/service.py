@@ -23,23 +23,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from monitor.clock import Clock, SystemClock
-from monitor.detector import Detector, Policy
-from monitor.expiry import STALL_S, Expiry
-from monitor.ingest import Ingest
-from monitor.journal import Journal
-from monitor.maintenance import MaintenanceBook
-from monitor.notifier import Notifier
-from monitor.notify import AlertBook
-from monitor.outbox import NotifySettings, OutboxWorker
-from monitor.records import Change
-from monitor.states import Kind, State, Transition
-from monitor.store import Store
-from monitor.writer import MonitorObserver, Writer
-from relay.mqtt import BrokerURL
-from relay.parts import Parts, PartState
-from relay.rejections import Rejections
-from relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES, DEFAULT_PREFIX, Topics
+from relaybeat.monitor.clock import Clock, SystemClock
+from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.expiry import STALL_S, Expiry
+from relaybeat.monitor.ingest import Ingest
+from relaybeat.monitor.journal import Journal
+from relaybeat.monitor.maintenance import MaintenanceBook
+from relaybeat.monitor.notifier import Notifier
+from relaybeat.monitor.notify import AlertBook
+from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
+from relaybeat.monitor.records import Change
+from relaybeat.monitor.states import Kind, State, Transition
+from relaybeat.monitor.store import Store
+from relaybeat.monitor.writer import MonitorObserver, Writer
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.parts import Parts, PartState
+from relaybeat.relay.rejections import Rejections
+from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES, DEFAULT_PREFIX, Topics
 
 __all__ = ["Monitor", "MonitorObserver", "MonitorSettings"]
 

@@ -24,13 +24,14 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
-import migrations
-from monitor.maintenance import TargetKind, Window
-from monitor.notify import Alert, AlertKey, NoticeType
-from monitor.records import HostRow, RelayRow, TransitionRow
-from monitor.records import require_aware as _require_aware
-from monitor.states import Event, Kind, State
-from monitor.tables import (
+from relaybeat import migrations
+from relaybeat.errors import SettingsError
+from relaybeat.monitor.maintenance import TargetKind, Window
+from relaybeat.monitor.notify import Alert, AlertKey, NoticeType
+from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.records import require_aware as _require_aware
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.tables import (
     AcknowledgementModel,
     AlertModel,
     Base,
@@ -40,7 +41,6 @@ from monitor.tables import (
     RelayModel,
     TransitionModel,
 )
-from relaybeat.errors import SettingsError
 
 __all__ = [
     "Acknowledgement",

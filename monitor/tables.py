@@ -27,9 +27,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime
 
-from monitor.maintenance import TargetKind
-from monitor.notify import NoticeType
-from monitor.states import Event, Kind, State
+from relaybeat.monitor.maintenance import TargetKind
+from relaybeat.monitor.notify import NoticeType
+from relaybeat.monitor.states import Event, Kind, State
 
 # Constraint names are deterministic, so batch-mode migrations on SQLite can find and drop them.
 NAMING_CONVENTION = {

@@ -28,14 +28,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from monitor.availability import Availability, availability, report_window
-from monitor.detector import HostTrack, RelayTrack
-from monitor.maintenance import TargetKind, Window
-from monitor.records import HostRow, RelayRow, TransitionRow
-from monitor.service import Monitor, MonitorObserver
-from monitor.states import Event, Kind, State
-from monitor.store import Acknowledgement
-from relay.parts import PartState
+from relaybeat.monitor.availability import Availability, availability, report_window
+from relaybeat.monitor.detector import HostTrack, RelayTrack
+from relaybeat.monitor.maintenance import TargetKind, Window
+from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.service import Monitor, MonitorObserver
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.store import Acknowledgement
+from relaybeat.relay.parts import PartState
 
 __all__ = [
     "AckView",

@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from monitor.clock import Clock
-from monitor.detector import Detector, HostTrack
-from monitor.journal import REWRITE_BYTES, Decision, Journal, encode
-from monitor.maintenance import MaintenanceBook
-from monitor.notifier import Notifier
-from monitor.records import Change, HostRow, RelayRow
-from monitor.states import Kind, Transition
-from monitor.store import Store
+from relaybeat.monitor.clock import Clock
+from relaybeat.monitor.detector import Detector, HostTrack
+from relaybeat.monitor.journal import REWRITE_BYTES, Decision, Journal, encode
+from relaybeat.monitor.maintenance import MaintenanceBook
+from relaybeat.monitor.notifier import Notifier
+from relaybeat.monitor.records import Change, HostRow, RelayRow
+from relaybeat.monitor.states import Kind, Transition
+from relaybeat.monitor.store import Store
 
 __all__ = ["MonitorObserver", "Writer"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
 
 
 @dataclass(slots=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiomqtt
 
-from relay.mqtt import BrokerURL, stay_connected
-from relay.wire import Beat, LeafStatus, Topics, check_id, encode_beat
+from relaybeat.relay.mqtt import BrokerURL, stay_connected
+from relaybeat.relay.wire import Beat, LeafStatus, Topics, check_id, encode_beat
 
 log = logging.getLogger("relaybeat.leaf")
 

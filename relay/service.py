@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import aiomqtt
 
-from relay.assembler import Assembler
-from relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
-from relay.parts import Parts
-from relay.rejections import Rejections
-from relay.wire import (
+from relaybeat.errors import SettingsError
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.parts import Parts
+from relaybeat.relay.rejections import Rejections
+from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_PREFIX,
@@ -36,7 +37,6 @@ from relay.wire import (
     decode_bundle,
     encode_bundle,
 )
-from relaybeat.errors import SettingsError
 
 log = logging.getLogger("relaybeat.relay")
 

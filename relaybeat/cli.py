@@ -15,10 +15,10 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
-from relay.mqtt import BrokerURL
-from relay.ports import PortInUse, parse_hostport
 from relaybeat import people
+from relaybeat.monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import PortInUse, parse_hostport
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ def _shown(db_url: str) -> str:
 
 def _run(main: object) -> None:
     """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
-    from monitor.journal import JournalUnavailable
+    from relaybeat.monitor.journal import JournalUnavailable
     from relaybeat.serve import run_until_signal
 
     try:
@@ -117,8 +117,8 @@ def broker(
     log_level: LogLevel = "info",
 ) -> None:
     """Run the embedded MQTT broker (amqtt, hardened: keepalive enforced, auth off the event loop)."""
-    from broker_config.embedded import serve_broker
-    from broker_config.settings import BrokerConfigError, BrokerSettings, load_broker_settings
+    from relaybeat.broker_config.embedded import serve_broker
+    from relaybeat.broker_config.settings import BrokerConfigError, BrokerSettings, load_broker_settings
 
     _logging(log_level)
     try:
@@ -143,7 +143,7 @@ def leaf(
     log_level: LogLevel = "info",
 ) -> None:
     """Beat every INTERVAL seconds; on SIGTERM/SIGINT send a final `stopping` beat."""
-    from relay.leaf import run_leaf
+    from relaybeat.relay.leaf import run_leaf
     from relaybeat.settings import LeafFlags, leaf_start
 
     _logging(log_level)
@@ -185,7 +185,7 @@ def relay(
     log_level: LogLevel = "info",
 ) -> None:
     """Subscribe to beats on the local broker and publish one bundle per flush upstream."""
-    from relay.service import RelayService
+    from relaybeat.relay.service import RelayService
     from relaybeat.serve import serve_relay
     from relaybeat.settings import RelayFlags, relay_start
 
@@ -202,8 +202,8 @@ def relay(
         async with AsyncExitStack() as stack:
             settings = start.settings
             if start.embedded is not None:
-                from broker_config.embedded import EmbeddedBroker
-                from broker_config.settings import BrokerSettings
+                from relaybeat.broker_config.embedded import EmbeddedBroker
+                from relaybeat.broker_config.settings import BrokerSettings
 
                 host, port = start.embedded
                 embedded = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=host, port=port)))
@@ -310,7 +310,7 @@ def passwd(
     username: Annotated[str, typer.Argument()],
 ) -> None:
     """Add or replace a user in an embedded-broker password file (password read from a prompt or stdin)."""
-    from broker_config.passwords import main as passwords_main
+    from relaybeat.broker_config.passwords import main as passwords_main
 
     raise typer.Exit(passwords_main(["add-user", str(password_file), username]))
 

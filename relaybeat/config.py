@@ -36,16 +36,17 @@ from pydantic import (
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 
-from api.auth import TOKEN_MIN_CHARS, ApiSettings
-from monitor.detector import Policy
-from monitor.notify import Target
-from monitor.outbox import NotifySettings, Webhook
-from monitor.service import MonitorSettings
-from monitor.states import Kind, State
-from relay.mqtt import BrokerURL
-from relay.ports import parse_hostport
-from relay.service import RelaySettings
-from relay.wire import (
+from relaybeat.api.auth import TOKEN_MIN_CHARS, ApiSettings
+from relaybeat.errors import SettingsError
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.notify import Target
+from relaybeat.monitor.outbox import NotifySettings, Webhook
+from relaybeat.monitor.service import MonitorSettings
+from relaybeat.monitor.states import Kind, State
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import parse_hostport
+from relaybeat.relay.service import RelaySettings
+from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_MAX_BUNDLE_ENTRIES,
@@ -53,7 +54,6 @@ from relay.wire import (
     Topics,
     is_valid_id,
 )
-from relaybeat.errors import SettingsError
 
 ENV_PREFIX = "RELAYBEAT_"
 TOKEN_VARIABLES = {"RELAYBEAT_API_TOKENS": "read_tokens", "RELAYBEAT_API_WRITE_TOKENS": "write_tokens"}

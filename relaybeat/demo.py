@@ -16,15 +16,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from broker_config.embedded import EmbeddedBroker
-from broker_config.settings import BrokerSettings
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.states import State
-from relay.leaf import run_leaf
-from relay.mqtt import BrokerURL
-from relay.ports import ensure_free, is_free, pick_free
-from relay.service import RelayService, RelaySettings
+from relaybeat.broker_config.embedded import EmbeddedBroker
+from relaybeat.broker_config.settings import BrokerSettings
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.states import State
+from relaybeat.relay.leaf import run_leaf
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import ensure_free, is_free, pick_free
+from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.serve import monitor_running
 
 HOST = "127.0.0.1"

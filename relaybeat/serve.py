@@ -15,15 +15,15 @@ from typing import Any
 
 import uvicorn
 
-from api.app import create_app
-from api.auth import ApiSettings
-from api.events import close_streams
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.parts import PartFailed
-from relay.ports import ensure_free
-from relay.service import RelayService
+from relaybeat.api.app import create_app
+from relaybeat.api.auth import ApiSettings
+from relaybeat.api.events import close_streams
 from relaybeat.errors import Unavailable
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.parts import PartFailed
+from relaybeat.relay.ports import ensure_free
+from relaybeat.relay.service import RelayService
 
 log = logging.getLogger("relaybeat")
 

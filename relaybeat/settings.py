@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.auth import ApiSettings
-from monitor.service import MonitorSettings
-from relay.mqtt import BrokerURL
-from relay.ports import parse_hostport
-from relay.service import RelaySettings
-from relay.wire import Topics
+from relaybeat.api.auth import ApiSettings
 from relaybeat.config import ConfigError, load_config
+from relaybeat.monitor.service import MonitorSettings
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import parse_hostport
+from relaybeat.relay.service import RelaySettings
+from relaybeat.relay.wire import Topics
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,9 @@ import pytest
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from monitor.store import Store, async_url
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
+from relaybeat.monitor.store import Store, async_url
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
 from tests.monitors import Served, served_monitor
 from tests.processes import Service, port_open, wait_until
 

@@ -20,15 +20,15 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from api.app import create_app
-from api.auth import ApiSettings
-from api.events import EventHub, close_streams
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store, TransitionRow
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.api.app import create_app
+from relaybeat.api.auth import ApiSettings
+from relaybeat.api.events import EventHub, close_streams
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store, TransitionRow
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.fakes import FakeClock
 
 WRITE_TOKEN = "write-token-0123456789"

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, select
 
-from broker_config.settings import load_broker_settings
-from monitor.tables import TransitionModel
-from relay.ports import pick_free
+from relaybeat.broker_config.settings import load_broker_settings
+from relaybeat.monitor.tables import TransitionModel
+from relaybeat.relay.ports import pick_free
 
 T = TypeVar("T")
 

@@ -23,8 +23,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker_config import CONFIG_DIR
-from broker_config.amqtt_adapter import (
+from relaybeat.broker_config import CONFIG_DIR
+from relaybeat.broker_config.amqtt_adapter import (
     AMQTT_PRIVATE_API,
     AMQTT_VERSION,
     AnyoneAllowed,
@@ -39,8 +39,8 @@ from broker_config.amqtt_adapter import (
     listening_port,
     start_amqtt,
 )
-from broker_config.settings import BrokerSettings
-from relay.wire import Topics
+from relaybeat.broker_config.settings import BrokerSettings
+from relaybeat.relay.wire import Topics
 
 PLUGINS = (KeepaliveEnforcer, ThreadedFileAuth, ClientIdMatchesUsername, AnyoneAllowed, TopicACL)
 # The amqtt modules that fire events on the broker side.

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from monitor.service import Monitor
-from monitor.store import Store
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.api.app import create_app
+from relaybeat.monitor.service import Monitor
+from relaybeat.monitor.store import Store
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.fakes import FakeClock
 from tests.monitors import new_monitor
 

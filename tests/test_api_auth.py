@@ -17,14 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from api.auth import ApiSettings, Tokens
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.api.app import create_app
+from relaybeat.api.auth import ApiSettings, Tokens
 from relaybeat.config import ConfigError, load_config
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 
 READ = "read-token-0123456789abcdef"
 WRITE = "write-token-fedcba9876543210"

@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.python import asgi
 
-from api.app import create_app
-from api.auth import ApiSettings
-from monitor.detector import Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.api.app import create_app
+from relaybeat.api.auth import ApiSettings
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.fakes import FakeClock
 
 READ = "fuzz-read-token-0123456789"

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.assembler import Assembler
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 
 def assembler(forget_after_s: float = 86_400.0) -> Assembler:

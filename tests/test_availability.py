@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.availability import Availability, availability, merge_intervals
-from monitor.states import Event, Kind, State
-from monitor.store import Store, TransitionRow
-from monitor.view import iso
+from relaybeat.monitor.availability import Availability, availability, merge_intervals
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.store import Store, TransitionRow
+from relaybeat.monitor.view import iso
 from tests.fakes import FakeClock
 from tests.monitors import AUTH, Fleet, api, call, new_monitor
 

@@ -28,11 +28,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
-from monitor.tables import TransitionModel
-from relay.assembler import Assembler
-from relay.ports import pick_free
-from relay.service import CATCH_UP_MAX_S, catch_up_s
-from relay.wire import Beat, LeafStatus, encode_beat
+from relaybeat.monitor.tables import TransitionModel
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.service import CATCH_UP_MAX_S, catch_up_s
+from relaybeat.relay.wire import Beat, LeafStatus, encode_beat
 from tests.conftest import CentralBroker
 from tests.processes import History, Topology, require_mosquitto, wait_until
 

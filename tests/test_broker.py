@@ -33,13 +33,13 @@ import argon2
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker_config import CONFIG_DIR
-from broker_config.embedded import EmbeddedBroker
-from broker_config.passwords import add_user, hash_password, read_password_file
-from broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, load_broker_settings
-from broker_config.throttle import FairGate, LoginThrottle
-from relay.ports import pick_free
-from relay.wire import Topics
+from relaybeat.broker_config import CONFIG_DIR
+from relaybeat.broker_config.embedded import EmbeddedBroker
+from relaybeat.broker_config.passwords import add_user, hash_password, read_password_file
+from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, load_broker_settings
+from relaybeat.broker_config.throttle import FairGate, LoginThrottle
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.wire import Topics
 from tests.processes import Topology, shipped_amqtt_config, shipped_mosquitto_config, wait_until
 
 PASSWORDS = {"h1": "pw-h1", "h1-b": "pw-h1-b", "h2": "pw-h2", "relay-a": "pw-relay-a", "monitor": "pw-monitor"}

@@ -13,10 +13,10 @@ import typer.core
 import typer.main
 from typer.testing import CliRunner
 
-from relay.mqtt import BrokerURL
-from relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
 from relaybeat import cli
 from relaybeat.config import ConfigError, load_config
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
 from relaybeat.settings import LeafFlags, MonitorFlags, RelayFlags, leaf_start, monitor_start, relay_start
 
 EXAMPLE = Path(__file__).parent.parent / "relaybeat.example.toml"
@@ -344,9 +344,9 @@ def test_each_command_explains_itself() -> None:
 
 
 def test_notify_config_builds_webhooks_and_its_errors_never_repeat_url_or_secret(tmp_path: Path) -> None:
-    from monitor.detector import Policy
-    from monitor.notify import Target
-    from monitor.states import Kind, State
+    from relaybeat.monitor.detector import Policy
+    from relaybeat.monitor.notify import Target
+    from relaybeat.monitor.states import Kind, State
 
     path = tmp_path / "relaybeat.toml"
     path.write_text(

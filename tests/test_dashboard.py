@@ -23,7 +23,7 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from relay.ports import pick_free
+from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
 from tests.monitors import Served, served_monitor
 from tests.processes import Topology, wait_until

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.ports import pick_free
+from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
 from tests.processes import Topology, api_get, wait_until
 

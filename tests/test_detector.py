@@ -16,11 +16,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
-from monitor.states import Event, Kind, State, Transition
-from relay.assembler import Assembler
-from relay.wire import Beat, Bundle, LeafStatus, decode_bundle, encode_bundle
 from relaybeat.errors import SettingsError
+from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
+from relaybeat.monitor.states import Event, Kind, State, Transition
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.wire import Beat, Bundle, LeafStatus, decode_bundle, encode_bundle
 
 # ------------------------------------------------------------------------------------- the site
 

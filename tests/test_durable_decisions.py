@@ -33,17 +33,17 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, func, make_url, select, text
 
-from monitor.journal import Decision, Journal, JournalUnavailable, decode
-from monitor.notify import Target
-from monitor.outbox import NotifySettings, Webhook
-from monitor.service import Monitor, MonitorSettings
-from monitor.states import State
-from monitor.store import Store
-from monitor.tables import TransitionModel
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
-from relay.wire import OFFLINE, ONLINE, Bundle, HostEntry, Topics, encode_bundle
 from relaybeat.config import MonitorConfig, load_config
+from relaybeat.monitor.journal import Decision, Journal, JournalUnavailable, decode
+from relaybeat.monitor.notify import Target
+from relaybeat.monitor.outbox import NotifySettings, Webhook
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.states import State
+from relaybeat.monitor.store import Store
+from relaybeat.monitor.tables import TransitionModel
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.wire import OFFLINE, ONLINE, Bundle, HostEntry, Topics, encode_bundle
 from tests.conftest import CentralBroker
 from tests.processes import Topology, api_get, wait_until
 
@@ -334,7 +334,7 @@ async def test_a_journal_is_one_monitors(tmp_path: Path) -> None:
 async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("monitor.writer.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
+    monkeypatch.setattr("relaybeat.monitor.writer.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
     journal = tmp_path / "monitor.journal"
     seen: list[list[tuple[str, State]]] = []
 

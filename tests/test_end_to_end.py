@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.publish
 import pytest
 
-from relay.ports import pick_free
+from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
 from tests.processes import History, Service, api_get, port_open, wait_until
 

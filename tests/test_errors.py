@@ -14,20 +14,16 @@ import relaybeat
 import relaybeat.errors
 from relaybeat.errors import RelaybeatError
 
-PACKAGES = ("relay", "monitor", "api", "broker_config", "relaybeat")
-
 
 def project_exceptions() -> dict[str, type[BaseException]]:
     found: dict[str, type[BaseException]] = {}
-    for name in PACKAGES:
-        package = importlib.import_module(name)
-        for info in pkgutil.walk_packages(package.__path__, f"{name}."):
-            if info.name.endswith("__main__"):  # running it would start the CLI
-                continue
-            module = importlib.import_module(info.name)
-            for value in vars(module).values():
-                if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == info.name:
-                    found[value.__name__] = value
+    for info in pkgutil.walk_packages(relaybeat.__path__, "relaybeat."):
+        if info.name.endswith("__main__") or info.name.startswith("relaybeat.migrations"):
+            continue  # running those would start the CLI or Alembic
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == info.name:
+                found[value.__name__] = value
     return found
 
 

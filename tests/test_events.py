@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from relay.ports import pick_free
+from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
 from tests.monitors import Served, until
 from tests.processes import Topology, wait_until

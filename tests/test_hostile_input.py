@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
-from relay.service import RelayService, RelaySettings
-from relay.wire import INTERNAL_ERROR, Beat, encode_beat
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.service import RelayService, RelaySettings
+from relaybeat.relay.wire import INTERNAL_ERROR, Beat, encode_beat
 from tests.conftest import CentralBroker
 from tests.processes import Topology, wait_until
 from tests.wire_inputs import DEEP_LIST, DEEP_META, bundle_json, hostile_beats, hostile_bundles

@@ -26,6 +26,9 @@ PURE_CORE = (
     "relaybeat.monitor.notify",
     "relaybeat.monitor.availability",
     "relaybeat.monitor.maintenance",
+    "relaybeat.monitor.records",
+    "relaybeat.broker_config.policy",
+    "relaybeat.errors",
 )
 IO_LIBRARIES = ("asyncio", "sqlalchemy", "alembic", "amqtt", "aiomqtt", "paho", "fastapi", "starlette", "httpx",
                 "uvicorn", "socket", "threading", "subprocess")  # fmt: skip

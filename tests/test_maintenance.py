@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from api import availability, operations
-from api.auth import ApiSettings
-from monitor.maintenance import MaintenanceBook, TargetKind, Window
-from monitor.states import Kind, State
-from monitor.store import Store, TransitionRow, async_url
+from relaybeat.api import availability, operations
+from relaybeat.api.auth import ApiSettings
+from relaybeat.monitor.maintenance import MaintenanceBook, TargetKind, Window
+from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.store import Store, TransitionRow, async_url
 from tests.fakes import FakeClock
 from tests.monitors import AUTH, READ_TOKEN, WRITE_TOKEN, Fleet, api, call, new_monitor
 

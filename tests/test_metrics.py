@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
+from relaybeat.api.app import create_app
 from tests.monitors import Served, until
 
 DASHBOARD_JSON = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"

@@ -16,7 +16,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.notify import (
+from relaybeat.monitor.notify import (
     BAD_STATES,
     AlertBook,
     Change,
@@ -30,7 +30,7 @@ from monitor.notify import (
     render,
     signature,
 )
-from monitor.states import Event, Kind, State
+from relaybeat.monitor.states import Event, Kind, State
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UP, DOWN, UNREACHABLE, UNKNOWN, STOPPED = State.UP, State.DOWN, State.UNREACHABLE, State.UNKNOWN, State.STOPPED

@@ -26,16 +26,16 @@ from typing import Any
 import orjson
 import pytest
 
-from monitor.detector import Policy
-from monitor.maintenance import TargetKind
-from monitor.notify import NoticeType, Target
-from monitor.outbox import NotifySettings, Webhook, backoff_s
-from monitor.service import Monitor, MonitorSettings
-from monitor.states import Event, Kind, State
-from monitor.store import NewMessage, OutboxRow, Store, TransitionRow
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.maintenance import TargetKind
+from relaybeat.monitor.notify import NoticeType, Target
+from relaybeat.monitor.outbox import NotifySettings, Webhook, backoff_s
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.store import NewMessage, OutboxRow, Store, TransitionRow
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.conftest import CentralBroker
 from tests.fakes import FakeClock
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from api.app import create_app
-from monitor.store import Store
-from relay.ports import pick_free
+from relaybeat.api.app import create_app
+from relaybeat.monitor.store import Store
+from relaybeat.relay.ports import pick_free
 from tests.fakes import FakeClock
 from tests.monitors import Feed, Served, new_monitor, served_monitor, serving
 

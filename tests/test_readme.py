@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 from sqlalchemy import text
 
-from monitor.states import Event, Kind, State, state_diagram
-from monitor.store import Store, TransitionRow
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
+from relaybeat.monitor.states import Event, Kind, State, state_diagram
+from relaybeat.monitor.store import Store, TransitionRow
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

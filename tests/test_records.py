@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from api.bodies import (
+from relaybeat.api.bodies import (
     TRANSITION_RENAMED,
     TRANSITION_UNSHOWN,
     HostOut,
@@ -19,10 +19,10 @@ from api.bodies import (
     relay_body,
     transition_body,
 )
-from monitor.journal import decode, encode
-from monitor.records import Change, HostRow, RelayRow, TransitionRow
-from monitor.states import Event, Kind, State
-from monitor.view import HostView, RelayView
+from relaybeat.monitor.journal import decode, encode
+from relaybeat.monitor.records import Change, HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.view import HostView, RelayView
 
 AT = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 

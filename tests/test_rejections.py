@@ -18,14 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-import relay.rejections
-from api.app import create_app
-from monitor.service import Monitor
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.service import RelayService
-from relay.wire import MAX_AGE_MS, Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
+import relaybeat.relay.rejections
+from relaybeat.api.app import create_app
 from relaybeat.config import load_config
+from relaybeat.monitor.service import Monitor
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.service import RelayService
+from relaybeat.relay.wire import MAX_AGE_MS, Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
 from tests.fakes import FakeClock
 
 OK = LeafStatus.OK
@@ -247,8 +247,10 @@ def test_warnings_come_again_after_the_interval(
             return self.t
 
     fake = FakeTime()
-    monkeypatch.setattr(relay.rejections, "time", fake)
-    monitor.ingest.rejections = relay.rejections.Rejections(logging.getLogger("relaybeat.monitor"), every_s=10.0)
+    monkeypatch.setattr(relaybeat.relay.rejections, "time", fake)
+    monitor.ingest.rejections = relaybeat.relay.rejections.Rejections(
+        logging.getLogger("relaybeat.monitor"), every_s=10.0
+    )
     caplog.set_level(logging.WARNING, logger="relaybeat.monitor")
     for fake.t in (100.0, 101.0, 109.9, 110.0, 115.0, 120.5):
         monitor.take(BUNDLE, b"{not json")
@@ -330,11 +332,11 @@ def test_relay_counts_and_warns_once_per_reason_and_keeps_what_it_held(
 
 
 async def test_bundles_from_relays_outside_the_allowlist_are_rejected(tmp_path: Path) -> None:
-    from monitor.detector import Policy
-    from monitor.service import Monitor, MonitorSettings
-    from monitor.store import Store
-    from relay.mqtt import BrokerURL
-    from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+    from relaybeat.monitor.detector import Policy
+    from relaybeat.monitor.service import Monitor, MonitorSettings
+    from relaybeat.monitor.store import Store
+    from relaybeat.relay.mqtt import BrokerURL
+    from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 
     store = await Store.open(f"sqlite:///{tmp_path / 'allow.db'}")
     try:

@@ -28,9 +28,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_config.passwords import add_user
-from relay.ports import pick_free
-from relay.wire import Bundle, HostEntry, LeafStatus, Topics, encode_bundle
+from relaybeat.broker_config.passwords import add_user
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, Topics, encode_bundle
 from tests.processes import (
     Topology,
     api_get,

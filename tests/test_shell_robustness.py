@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from broker_config.embedded import EmbeddedBroker
-from broker_config.settings import BrokerSettings
-from monitor.detector import Detector, Policy
-from monitor.service import Monitor, MonitorSettings
-from monitor.states import State
-from monitor.store import Store
-from relay.leaf import run_leaf
-from relay.mqtt import BrokerURL, stay_connected
-from relay.service import RelayService, RelaySettings
-from relay.wire import Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
+from relaybeat.broker_config.embedded import EmbeddedBroker
+from relaybeat.broker_config.settings import BrokerSettings
+from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.states import State
+from relaybeat.monitor.store import Store
+from relaybeat.relay.leaf import run_leaf
+from relaybeat.relay.mqtt import BrokerURL, stay_connected
+from relaybeat.relay.service import RelayService, RelaySettings
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, encode_beat, encode_bundle
 
 NOWHERE = BrokerURL.parse("mqtt://127.0.0.1:1")
 

@@ -18,8 +18,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from monitor.states import Event, Kind, State
-from monitor.store import (
+from relaybeat.monitor.states import Event, Kind, State
+from relaybeat.monitor.store import (
     HostRow,
     RelayRow,
     Store,

@@ -21,13 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.app import create_app
-from monitor.service import Monitor, MonitorSettings
-from monitor.store import Store
-from relay.mqtt import BrokerURL
-from relay.parts import PartFailed
-from relay.ports import pick_free
-from relay.service import RelayService, RelaySettings
+from relaybeat.api.app import create_app
+from relaybeat.monitor.service import Monitor, MonitorSettings
+from relaybeat.monitor.store import Store
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.parts import PartFailed
+from relaybeat.relay.ports import pick_free
+from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.serve import EXIT_PART_FAILED, serve_monitor, serve_relay
 from tests.conftest import CentralBroker
 from tests.processes import PrivatePostgres, Topology, api_get, wait_until
@@ -95,8 +95,8 @@ def test_a_monitor_process_whose_part_dies_exits_70_with_the_part_named(tmp_path
         f"""
         import logging, sys
         from relaybeat.serve import run_until_signal, serve_monitor
-        from monitor.service import MonitorSettings
-        from relay.mqtt import BrokerURL
+        from relaybeat.monitor.service import MonitorSettings
+        from relaybeat.relay.mqtt import BrokerURL
         from tests.test_supervision import LagProbeBreaks
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
         settings = MonitorSettings(BrokerURL.parse("mqtt://127.0.0.1:1"))

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from relay.mqtt import BrokerURL
-from relay.ports import pick_free
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.ports import pick_free
 from tests.processes import Topology, api_get, require_mosquitto, wait_until
 
 # ------------------------------------------------------------------------------ a throwaway PKI

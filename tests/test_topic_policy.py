@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 
-import broker_config.policy
-from broker_config import CONFIG_DIR
-from broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
-from broker_config.settings import load_broker_settings
-from relay.wire import Topics
+import relaybeat.broker_config.policy
+from relaybeat.broker_config import CONFIG_DIR
+from relaybeat.broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
+from relaybeat.broker_config.settings import load_broker_settings
+from relaybeat.relay.wire import Topics
 
 POLICY_CASES = [
     # user, action, topic or filter, allowed
@@ -216,7 +216,7 @@ def test_client_id_must_be_the_username_or_username_slash_anything(
 
 def test_the_policy_module_is_pure() -> None:
     """No amqtt, no asyncio, no I/O: it imports only values and the (pure) wire contract."""
-    tree = ast.parse(inspect.getsource(broker_config.policy))
+    tree = ast.parse(inspect.getsource(relaybeat.broker_config.policy))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert imported <= {"__future__", "collections.abc", "dataclasses", "typing", "relay.wire"}, imported
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "typing", "relaybeat.relay.wire"}, imported

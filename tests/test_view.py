@@ -16,12 +16,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from api.app import create_app
-from api.events import EventHub
-from monitor.service import Monitor
-from monitor.states import Kind, State
-from monitor.store import Store
-from relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
+from relaybeat.api.app import create_app
+from relaybeat.api.events import EventHub
+from relaybeat.monitor.service import Monitor
+from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.store import Store
+from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.fakes import FakeClock
 from tests.monitors import new_monitor
 

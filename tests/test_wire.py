@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.wire import (
+from relaybeat.errors import SettingsError
+from relaybeat.relay.wire import (
     Beat,
     Bundle,
     HostEntry,
@@ -25,7 +26,6 @@ from relay.wire import (
     encode_beat,
     encode_bundle,
 )
-from relaybeat.errors import SettingsError
 from tests.wire_inputs import (
     DEEP_LIST,
     DEEP_META,
