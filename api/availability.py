@@ -7,7 +7,6 @@ reaching into the future ends now: what has not happened yet is not reported.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
 
-from relaybeat.api.bodies import NOT_FOUND, ViewDep, error_response, json_response, not_found
+from relaybeat.api.bodies import NOT_FOUND, ViewDep, error_response, iso_only, json_response, not_found
 from relaybeat.api.history import BAD_QUERY
 from relaybeat.monitor import view as shown
 from relaybeat.monitor.availability import Availability
@@ -23,15 +22,6 @@ from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.view import FleetView, iso
 
 router = APIRouter(prefix="/api/v1")
-ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
-def iso_only(value: object) -> object:
-    """Pydantic would also read "0" or "1e9" as Unix times; the schema promises ISO 8601 only."""
-    if isinstance(value, str) and not ISO_DATE.match(value):
-        msg = "expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z"
-        raise ValueError(msg)
-    return value
 
 
 Since = Annotated[

@@ -7,6 +7,7 @@ exact. Keep each builder next to its model. Routes reach the monitor only throug
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -164,3 +165,15 @@ def transition_body(t: TransitionRow) -> dict[str, Any]:
         "relay": t.relay,
         "event": t.event.value,
     }
+
+
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def iso_only(value: object) -> object:
+    """For time query parameters: pydantic would also read 1e9, "0" or true as Unix times; the
+    schema promises ISO 8601 only."""
+    if isinstance(value, int | float) or (isinstance(value, str) and not ISO_DATE.match(value)):
+        msg = "expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z"
+        raise ValueError(msg)
+    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ log = logging.getLogger("relaybeat.api.events")
 router = APIRouter(prefix="/api/v1")
 
 RETRY_MS = 2000  # how soon browsers reconnect after a dropped stream
+WARN_EVERY_S = 10.0  # while the database is away, the pump says so at most this often
 
 
 class Subscriber:
@@ -83,6 +85,7 @@ class EventHub:
         self.position = 0  # the last row id handed to the subscribers
         self.overflows = 0  # times a client fell behind by a whole buffer
         self.closed = False
+        self._warned_at = -WARN_EVERY_S  # when the pump last said the database is away
         self._pump: asyncio.Task[None] | None = None
 
     def subscribe(self) -> tuple[Subscriber, int]:
@@ -109,7 +112,10 @@ class EventHub:
             try:
                 rows = await view.history(after_id=self.position, newest_first=False, limit=self.page)
             except Exception as exc:  # the database is away: the streams wait, nothing is skipped
-                log.warning("event stream cannot read transitions (%s); retrying", exc)
+                now = time.monotonic()
+                if now - self._warned_at >= WARN_EVERY_S:
+                    self._warned_at = now
+                    log.warning("event stream cannot read transitions (%s); retrying every second", exc)
                 await asyncio.sleep(1.0)
                 continue
             for row in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from relaybeat.api.bodies import (
     TransitionOut,
     ViewDep,
     error_response,
+    iso_only,
     json_response,
     not_found,
     transition_body,
@@ -24,15 +24,6 @@ from relaybeat.monitor.states import Kind
 from relaybeat.monitor.view import FleetView
 
 router = APIRouter(prefix="/api/v1")
-ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
-def iso_only(value: object) -> object:
-    """Pydantic would also read 1e9, "0" or true as Unix times; the schema promises ISO 8601 only."""
-    if isinstance(value, int | float) or (isinstance(value, str) and not ISO_DATE.match(value)):
-        msg = "expected an ISO 8601 date-time, e.g. 2026-11-29T00:00:00Z"
-        raise ValueError(msg)
-    return value
 
 
 Since = Annotated[datetime | None, BeforeValidator(iso_only), Query(description="inclusive, ISO 8601 with a time zone")]

@@ -16,8 +16,7 @@ from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from relaybeat.api.auth import WRITE_REFUSED, require_write_token
-from relaybeat.api.bodies import NOT_FOUND, ErrorOut, Page, ViewDep, json_response, not_found, refused
-from relaybeat.api.history import iso_only
+from relaybeat.api.bodies import NOT_FOUND, ErrorOut, Page, ViewDep, iso_only, json_response, not_found, refused
 from relaybeat.monitor.maintenance import TargetKind
 from relaybeat.monitor.states import Kind
 from relaybeat.monitor.view import AckView, FleetView, MaintenanceView, Refused, iso

@@ -13,6 +13,7 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from relaybeat.errors import SettingsError
 from relaybeat.monitor.store import async_url
 from relaybeat.monitor.tables import Base
 
@@ -41,8 +42,8 @@ async def run_async_migrations(url: str) -> None:
 def url_from_config() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        msg = "no database: pass a connection or set sqlalchemy.url (see monitor.store.alembic_config)"
-        raise RuntimeError(msg)
+        msg = "no database: pass a connection or set sqlalchemy.url (see relaybeat.monitor.store.alembic_config)"
+        raise SettingsError(msg)
     return url
 
 

@@ -74,7 +74,7 @@ class Monitor:
 
     def __init__(self, settings: MonitorSettings, store: Store, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.store = store
+        self._store = store
         self.clock: Clock = clock or SystemClock()
         self.topics = Topics(settings.prefix)
         self.detector = Detector(settings.policy, self.clock.now())
@@ -102,6 +102,15 @@ class Monitor:
         self._sorted_ids_for = -1
 
     # ------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        """Swap the database for every part (a tool or test that opens it in another event loop)."""
+        self._store = self.writer.store = self.notifier.store = self.notifier.outbox.store = store
 
     async def restore(self) -> None:
         """Write what the journal holds and SQL lacks, then load current state from SQL; the
