@@ -30,7 +30,7 @@ from relaybeat.monitor.store import Store, async_url
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
 from tests.monitors import Served, served_monitor
-from tests.processes import Service, port_open, wait_until
+from tests.processes import Service, Topology, port_open, wait_until
 
 MQTT_ENV = "RELAYBEAT_TEST_MQTT_URL"
 PG_ENV = "RELAYBEAT_TEST_DB_URL"
@@ -117,3 +117,13 @@ def _reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture
+def db_topo(tmp_path: Path, central_broker: CentralBroker, db_url: str) -> Iterator[Topology]:
+    """Real processes on the test broker, the monitor on each test database (`db_url`)."""
+    topology = Topology(tmp_path, central_broker.prefix, db_url)
+    try:
+        yield topology
+    finally:
+        topology.close()

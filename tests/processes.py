@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 
 class Service:
-    """A `relaybeat` subcommand (or another `command`) as its own process, its output kept in a log file."""
+    """A `relaybeat` subcommand (or another `command`) as its own process, run in `log_dir`, its output
+    kept in a log file there."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class Service:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=log_dir,  # whatever a process writes by a relative default (a journal, say) stays in the test's folder
         )
 
     def log(self) -> str:

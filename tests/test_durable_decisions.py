@@ -205,12 +205,8 @@ def at(moment: datetime) -> float:
 
 
 @pytest.fixture
-def topo(tmp_path: Path, central_broker: CentralBroker, db_url: str) -> Iterator[Topology]:
-    topology = Topology(tmp_path, central_broker.prefix, db_url)
-    try:
-        yield topology
-    finally:
-        topology.close()
+def topo(db_topo: Topology) -> Topology:
+    return db_topo
 
 
 def test_a_monitor_killed_before_its_batch_commits_loses_and_misdates_nothing(

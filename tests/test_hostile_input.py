@@ -8,7 +8,6 @@ process stayed up, killed hosts stayed `up`), and a NUL in a host id made every 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.publish
@@ -72,12 +71,8 @@ def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
 
 
 @pytest.fixture
-def topo(tmp_path: Path, central_broker: CentralBroker, db_url: str) -> Iterator[Topology]:
-    topology = Topology(tmp_path, central_broker.prefix, db_url)
-    try:
-        yield topology
-    finally:
-        topology.close()
+def topo(db_topo: Topology) -> Topology:
+    return db_topo
 
 
 @pytest.mark.e2e
