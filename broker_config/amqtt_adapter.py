@@ -53,7 +53,7 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVA
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
-from relaybeat.broker_config.passwords import hash_password, read_password_file, verify_password
+from relaybeat.broker_config.passwords import RecentLogins, hash_password, read_password_file, verify_password
 from relaybeat.broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
 from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
 from relaybeat.broker_config.throttle import FairGate, LoginThrottle
@@ -243,6 +243,7 @@ class ThreadedFileAuth(BaseAuthPlugin):  # type: ignore[misc]
         super().__init__(context)
         self._hashes = read_password_file(Path(self.config.password_file))
         self._decoy = hash_password(secrets.token_hex(16))  # unknown users cost the same as known ones
+        self._recent = RecentLogins()
         self._executor: ThreadPoolExecutor | None = None
 
     async def authenticate(self, *, session: Any) -> bool:
@@ -250,14 +251,18 @@ class ThreadedFileAuth(BaseAuthPlugin):  # type: ignore[misc]
         if not username:
             return False
         stored = self._hashes.get(username)
+        password = str(session.password or "")
+        if stored is not None and self._recent.known(username, stored, password):
+            return True
         if self._executor is None:
             workers = _auth_threads(self.config.max_threads)
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="relaybeat-auth")
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(
-            self._executor, verify_password, stored or self._decoy, str(session.password or "")
-        )
-        return ok and stored is not None
+        ok = await loop.run_in_executor(self._executor, verify_password, stored or self._decoy, password)
+        if ok and stored is not None:
+            self._recent.remember(username, stored, password)
+            return True
+        return False
 
     async def close(self) -> None:
         if self._executor is not None:

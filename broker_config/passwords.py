@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
+import hmac
 import os
 import sys
 import tempfile
@@ -81,6 +83,30 @@ def verify_password(hashed: str, password: str) -> bool:
         return _HASHER.verify(hashed, password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
+
+
+class RecentLogins:
+    """The last password each user logged in with, remembered as an HMAC-SHA256 under a key made
+    at start and never stored, next to the argon2 hash it was verified against. A client that logs in
+    again with the same password is let in without another argon2 check (about 40 ms of a core here):
+    reconnecting leaves stay fast while a storm of bad guesses keeps the password threads busy. A
+    different password, or a hash changed in the password file, takes the full check. At most one
+    entry per user in the file; memory holds keyed digests, never passwords."""
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._seen: dict[str, tuple[str, bytes]] = {}
+
+    def _digest(self, username: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{username}\0{password}".encode(), hashlib.sha256).digest()
+
+    def known(self, username: str, hashed: str, password: str) -> bool:
+        """Whether `username` last logged in with exactly `password` against this same `hashed`."""
+        seen = self._seen.get(username)
+        return seen is not None and seen[0] == hashed and hmac.compare_digest(seen[1], self._digest(username, password))
+
+    def remember(self, username: str, hashed: str, password: str) -> None:
+        self._seen[username] = (hashed, self._digest(username, password))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
