@@ -65,6 +65,15 @@ async def history(view: FleetView, **filters: Any) -> Response:
     return json_response({"items": items, "total": len(items)})
 
 
+async def subject_history(
+    view: FleetView, kind: Kind, subject: str, since: datetime | None, until: datetime | None, limit: int
+) -> Response:
+    """One host's or relay's history, newest first; 404 for an id the monitor does not know."""
+    if not view.has(kind, subject):
+        return not_found(kind.value, subject)
+    return await history(view, kind=kind, subject=subject, since=since, until=until, limit=limit)
+
+
 @router.get(
     "/hosts/{host_id}/transitions",
     response_model=Page[TransitionOut],
@@ -74,9 +83,7 @@ async def history(view: FleetView, **filters: Any) -> Response:
 async def host_transitions(
     view: ViewDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
-    if not view.has(Kind.HOST, host_id):
-        return not_found("host", host_id)
-    return await history(view, kind=Kind.HOST, subject=host_id, since=since, until=until, limit=limit)
+    return await subject_history(view, Kind.HOST, host_id, since, until, limit)
 
 
 @router.get(
@@ -88,9 +95,7 @@ async def host_transitions(
 async def relay_transitions(
     view: ViewDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
 ) -> Response:
-    if not view.has(Kind.RELAY, relay_id):
-        return not_found("relay", relay_id)
-    return await history(view, kind=Kind.RELAY, subject=relay_id, since=since, until=until, limit=limit)
+    return await subject_history(view, Kind.RELAY, relay_id, since, until, limit)
 
 
 @router.get("/transitions", response_model=Page[TransitionOut], responses=BAD_QUERY, tags=["history"])

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -230,6 +230,18 @@ _WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Win
 _ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
 _OUTBOX_COLUMNS = [getattr(OutboxModel, field.name) for field in fields(OutboxRow)]
 _ALERT_COLUMNS = [getattr(AlertModel, field.name) for field in fields(Alert)]
+
+
+class HistoryFilters(TypedDict, total=False):
+    """`Store.history`'s filters, for code that passes them on."""
+
+    kind: Kind | None
+    subject: str | None
+    since: datetime | None
+    until: datetime | None
+    after_id: int | None
+    limit: int
+    newest_first: bool
 
 
 class Store:
@@ -465,9 +477,15 @@ class Store:
             "reason": reason,
             "created_at": created_at,
         }
+        return Window(**await self._insert_returning(MaintenanceModel, values, _WINDOW_COLUMNS))
+
+    async def _insert_returning(
+        self, model: type[Base], values: dict[str, Any], columns: Sequence[Any]
+    ) -> dict[str, Any]:
+        """Insert one row; its `columns` as written (ids and defaults filled in), by name."""
         async with self._writer.begin() as connection:
-            result = await connection.execute(insert(MaintenanceModel).values(values).returning(*_WINDOW_COLUMNS))
-            return Window(*result.one())
+            result = await connection.execute(insert(model).values(values).returning(*columns))
+            return result.one()._asdict()
 
     async def remove_maintenance(self, window_id: int, at: datetime) -> Window | None:
         """Mark a window removed from `at` on (the row stays); None if absent or already removed."""
@@ -478,13 +496,13 @@ class Store:
         )
         async with self._writer.begin() as connection:
             row = (await connection.execute(statement)).one_or_none()
-            return None if row is None else Window(*row)
+            return None if row is None else Window(**row._asdict())
 
     async def maintenance_windows(self) -> list[Window]:
         """Every maintenance window, removed ones included, by id."""
         async with self._engine.connect() as connection:
             result = await connection.execute(select(*_WINDOW_COLUMNS).order_by(MaintenanceModel.id))
-            return [Window(*row) for row in result]
+            return [Window(**row._asdict()) for row in result]
 
     # --- acknowledgements ---
 
@@ -500,9 +518,7 @@ class Store:
             "acknowledged_at": at,
             "by": by,
         }
-        async with self._writer.begin() as connection:
-            result = await connection.execute(insert(AcknowledgementModel).values(values).returning(*_ACK_COLUMNS))
-            return Acknowledgement(*result.one())
+        return Acknowledgement(**await self._insert_returning(AcknowledgementModel, values, _ACK_COLUMNS))
 
     async def acknowledgements(
         self, kind: Kind | None = None, subject: str | None = None, limit: int = 100
@@ -519,7 +535,7 @@ class Store:
             conditions.append(a.subject == subject)
         query = select(*_ACK_COLUMNS).where(*conditions).order_by(a.id.desc()).limit(limit)
         async with self._engine.connect() as connection:
-            return [Acknowledgement(*row) for row in await connection.execute(query)]
+            return [Acknowledgement(**row._asdict()) for row in await connection.execute(query)]
 
     # --- notifications: the outbox and what each target has been told ---
 
@@ -528,7 +544,7 @@ class Store:
         a = AlertModel
         async with self._engine.connect() as connection:
             result = await connection.execute(select(*_ALERT_COLUMNS).order_by(a.target, a.kind, a.subject))
-            return [Alert(*row) for row in result]
+            return [Alert(**row._asdict()) for row in result]
 
     async def outbox(self, target: str | None = None, pending: bool = False, limit: int = 1000) -> list[OutboxRow]:
         """Queued messages (of one target; only the pending ones), oldest first."""
@@ -540,7 +556,7 @@ class Store:
             conditions += [o.delivered_at.is_(None), o.abandoned_at.is_(None)]
         query = select(*_OUTBOX_COLUMNS).where(*conditions).order_by(o.id).limit(limit)
         async with self._engine.connect() as connection:
-            return [OutboxRow(*row) for row in await connection.execute(query)]
+            return [OutboxRow(**row._asdict()) for row in await connection.execute(query)]
 
     async def outbox_targets(self) -> dict[str, int]:
         """Pending messages per target."""

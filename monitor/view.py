@@ -28,13 +28,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+from typing_extensions import Unpack
+
 from relaybeat.monitor.availability import Availability, availability, report_window
 from relaybeat.monitor.detector import HostTrack, RelayTrack
 from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.service import Monitor, MonitorObserver
 from relaybeat.monitor.states import Event, Kind, State
-from relaybeat.monitor.store import Acknowledgement
+from relaybeat.monitor.store import Acknowledgement, HistoryFilters
 from relaybeat.relay.parts import PartState
 
 __all__ = [
@@ -386,27 +388,9 @@ class FleetView:
                     else:
                         await monitor.written.wait_for(lambda: monitor.last_written_id > after_id)
 
-    async def history(
-        self,
-        *,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_id: int | None = None,
-        limit: int = 100,
-        newest_first: bool = True,
-    ) -> list[TransitionRow]:
+    async def history(self, **filters: Unpack[HistoryFilters]) -> list[TransitionRow]:
         """Rows of the `transitions` table (see `Store.history`)."""
-        return await self._monitor.store.history(
-            kind=kind,
-            subject=subject,
-            since=since,
-            until=until,
-            after_id=after_id,
-            limit=limit,
-            newest_first=newest_first,
-        )
+        return await self._monitor.store.history(**filters)
 
     # --- availability ---
 
