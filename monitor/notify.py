@@ -34,7 +34,7 @@ from enum import StrEnum
 
 import orjson
 
-from relaybeat.monitor.records import Change
+from relaybeat.monitor.records import Change, carried
 from relaybeat.monitor.states import Event, Kind, State
 
 __all__ = [
@@ -285,16 +285,7 @@ class _Draft:
 
 
 def _item(change: Change) -> Item:
-    c = change
-    return Item(
-        kind=c.kind,
-        subject=c.subject,
-        from_state=c.from_state,
-        to_state=c.to_state,
-        at=c.at,
-        reason=c.reason,
-        relay=c.relay,
-    )
+    return carried(change, Item)
 
 
 def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) -> Plan:

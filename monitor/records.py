@@ -10,13 +10,14 @@ Records are built by keyword only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any, TypeVar
 
 from relaybeat.monitor.detector import HostSnapshot, HostTrack, RelaySnapshot, RelayTrack
 from relaybeat.monitor.states import Event, Kind, State, Transition
 
-__all__ = ["Change", "HostRow", "RelayRow", "TransitionRow", "Wall", "require_aware"]
+__all__ = ["Change", "HostRow", "RelayRow", "TransitionRow", "Wall", "carried", "require_aware"]
 
 Wall = Callable[[float], datetime]  # a clock's `wall`: monotonic seconds to an aware UTC moment
 Mono = Callable[[datetime], float]  # a clock's `mono`: the inverse
@@ -34,6 +35,17 @@ def _wall_or_none(wall: Wall, t: float | None) -> datetime | None:
 
 def _mono_or_none(mono: Mono, moment: datetime | None) -> float | None:
     return None if moment is None else mono(moment)
+
+
+_R = TypeVar("_R")
+
+
+def carried(source: object, target: type[_R], **changed: Any) -> _R:
+    """A `target` with every field it shares with `source` carried over by name, some `changed`
+    (fields `source` lacks keep their defaults)."""
+    names = (f.name for f in fields(target))  # type: ignore[arg-type]
+    carried = {name: getattr(source, name) for name in names if name not in changed and hasattr(source, name)}
+    return target(**carried | changed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,20 +83,7 @@ class Change(TransitionRow):
         cls, transition: Transition, at: datetime, path: tuple[str, ...], maintenance: bool, key: str
     ) -> Change:
         """The detector's `transition`, stamped with its wall-clock moment `at`."""
-        t = transition
-        return cls(
-            kind=t.kind,
-            subject=t.subject,
-            from_state=t.from_state,
-            to_state=t.to_state,
-            at=at,
-            reason=t.reason,
-            relay=t.relay,
-            event=t.event,
-            maintenance=maintenance,
-            key=key,
-            path=path,
-        )
+        return carried(transition, cls, at=at, path=path, maintenance=maintenance, key=key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,29 +105,11 @@ class HostRow:
 
     @classmethod
     def of(cls, host: HostTrack, wall: Wall) -> HostRow:
-        return cls(
-            id=host.id,
-            state=host.state,
-            since=wall(host.since),
-            last_seen=_wall_or_none(wall, host.last_seen),
-            relay=host.via,
-            interval_s=host.interval_s,
-            seq=host.seq,
-            flapping=host.flapping,
-        )
+        return carried(host, cls, since=wall(host.since), last_seen=_wall_or_none(wall, host.last_seen), relay=host.via)
 
     def snapshot(self, mono: Mono) -> HostSnapshot:
         """Back on the detector's clock, for `Detector.restore`."""
-        return HostSnapshot(
-            id=self.id,
-            state=self.state,
-            since=mono(self.since),
-            last_seen=_mono_or_none(mono, self.last_seen),
-            relay=self.relay,
-            interval_s=self.interval_s,
-            seq=self.seq,
-            flapping=self.flapping,
-        )
+        return carried(self, HostSnapshot, since=mono(self.since), last_seen=_mono_or_none(mono, self.last_seen))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,28 +132,14 @@ class RelayRow:
 
     @classmethod
     def of(cls, relay: RelayTrack, wall: Wall) -> RelayRow:
-        return cls(
-            id=relay.id,
-            state=relay.state,
+        return carried(
+            relay,
+            cls,
             since=wall(relay.since),
             last_seen=_wall_or_none(wall, relay.last_seen),
-            parent=relay.parent,
-            boot=relay.boot,
             seq=None if relay.seq < 0 else relay.seq,
-            flush_s=relay.flush_s,
-            flapping=relay.flapping,
         )
 
     def snapshot(self, mono: Mono) -> RelaySnapshot:
         """Back on the detector's clock, for `Detector.restore`."""
-        return RelaySnapshot(
-            id=self.id,
-            state=self.state,
-            since=mono(self.since),
-            last_seen=_mono_or_none(mono, self.last_seen),
-            parent=self.parent,
-            boot=self.boot,
-            seq=self.seq,
-            flush_s=self.flush_s,
-            flapping=self.flapping,
-        )
+        return carried(self, RelaySnapshot, since=mono(self.since), last_seen=_mono_or_none(mono, self.last_seen))
