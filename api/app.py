@@ -1,4 +1,5 @@
-"""The HTTP API: everything it shows comes from the read view (`monitor.view`). OpenAPI at /docs.
+"""The HTTP API: everything it shows comes from the read view (`monitor.view`). OpenAPI at /docs and
+/redoc, served from the assets the fastapi-offline package ships (no CDN: monitoring often runs offline).
 
 Routes only read and shape data; they never decide a state. Each feature is a router in its own
 module; this file only assembles them.
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaybeat.api import availability, events, history, metrics, operations, state
 from relaybeat.api.auth import (
@@ -34,6 +35,7 @@ from relaybeat.api.bodies import (
     RETRY_AFTER_S,
     ViewDep,
     error_response,
+    install_error_shape,
     json_response,
     not_found,
 )
@@ -68,16 +70,14 @@ class Health(BaseModel):
 def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> FastAPI:
     """The app; `api_settings` default to the demo's: reads open, writes refused, no CORS."""
     api_settings = api_settings or ApiSettings()
-    app = FastAPI(
+    app = FastAPIOffline(
         title="relaybeat",
         summary="Which servers are alive, decided from relayed MQTT heartbeats.",
         version="1",
     )
     app.state.view = view = FleetView(monitor)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code)
+    install_error_shape(app)
 
     last_warned = -DATABASE_WARNING_EVERY_S
 

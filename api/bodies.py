@@ -12,9 +12,11 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 import orjson
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaybeat.monitor.records import TransitionRow
 from relaybeat.monitor.states import Kind, State
@@ -109,6 +111,59 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 def error_response(status: int, error: str, detail: str) -> Response:
     return json_response({"error": error, "detail": detail}, status)
+
+
+HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+VALIDATION_DETAIL_CHARS = 1000
+
+
+def install_error_shape(app: FastAPI) -> None:
+    """Every 4xx is `{"error": ..., "detail": ...}`: FastAPI's own (unknown route, wrong method, a body
+    that is not JSON, request validation) too, and the OpenAPI schema says so for every 422."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        error = HTTP_ERRORS.get(exc.status_code, "http_error")
+        response = error_response(exc.status_code, error, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(422, "bad_request", validation_detail(exc))
+
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = one_error_schema(schema_of())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def validation_detail(exc: RequestValidationError) -> str:
+    """Each problem as `where: what`, e.g. `query.limit: Input should be greater than or equal to 1`."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'not valid')}" if where else str(error.get("msg", "not valid")))
+    return "; ".join(problems)[:VALIDATION_DETAIL_CHARS] or "the request is not valid"
+
+
+def one_error_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its 422 as `HTTPValidationError`; ours is `ErrorOut` like every other 4xx."""
+    error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            invalid = operation.get("responses", {}).get("422")
+            if invalid is not None:
+                invalid["content"] = {"application/json": {"schema": error_ref}}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components.setdefault("ErrorOut", ErrorOut.model_json_schema())
+    return schema
 
 
 def not_found(what: str, ident: str) -> Response:

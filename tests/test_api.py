@@ -121,6 +121,43 @@ async def test_openapi_and_dashboard_are_served(client: httpx.AsyncClient) -> No
     assert "relaybeat" in page.text
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error", "found"),
+    [
+        ("GET", "/api/v1/hosts?limit=0", None, 422, "bad_request", "query.limit: Input should be greater than"),
+        ("GET", "/api/v1/hosts?state=sleeping", None, 422, "bad_request", "query.state:"),
+        ("GET", "/api/v1/transitions?since=yesterday", None, 422, "bad_request", "ISO 8601"),
+        ("POST", "/api/v1/maintenance", b"{not json", 422, "bad_request", "JSON"),
+        ("GET", "/api/v1/nothing-here", None, 404, "not_found", "Not Found"),
+        ("PUT", "/api/v1/hosts", None, 405, "method_not_allowed", "Method Not Allowed"),
+    ],
+)
+async def test_every_4xx_has_the_one_error_shape(
+    client: httpx.AsyncClient, method: str, path: str, body: bytes | None, status: int, error: str, found: str
+) -> None:
+    """FastAPI's own refusals (validation, routing) answer like ours: {"error": ..., "detail": ...}."""
+    response = await client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert set(answer) == {"error", "detail"}
+    assert answer["error"] == error
+    assert found in answer["detail"]
+
+
+async def test_the_openapi_documents_the_one_error_shape_for_every_422(client: httpx.AsyncClient) -> None:
+    schema = await get(client, "/openapi.json")
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    invalid = [
+        spec["responses"]["422"]["content"]["application/json"]["schema"]
+        for methods in schema["paths"].values()
+        for spec in methods.values()
+        if "422" in spec["responses"]
+    ]
+    assert len(invalid) > 10
+    assert all(s == {"$ref": "#/components/schemas/ErrorOut"} for s in invalid)
+    assert set(schema["components"]["schemas"]["ErrorOut"]["required"]) == {"error", "detail"}
+
+
 async def test_checkpoint_saves_last_seen_but_never_a_state_ahead_of_its_transition(monitor: Monitor) -> None:
     clock = monitor.clock
     assert isinstance(clock, FakeClock)
