@@ -161,13 +161,13 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served_monitor(tmp_path: Path) -> AsyncIterator[Served]:
+async def served_monitor(tmp_path: Path, settings: ApiSettings | None = None) -> AsyncIterator[Served]:
     store = await Store.open(f"sqlite:///{tmp_path / 'events.db'}")
     try:
         await store.upgrade()
         clock = FakeClock()
         monitor = new_monitor(store, clock)
-        app = create_app(monitor)
+        app = create_app(monitor, settings)
         async with serving(app) as url:
             yield Served(monitor, Feed(monitor, clock), app, app.state.events, url)
     finally:

@@ -52,11 +52,14 @@ class PageError(Exception):
 class Browser:
     """Headless Chromium with one page, driven by DevTools protocol commands over a websocket."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, flags: tuple[str, ...] = ()) -> None:
         profile = work / "chromium-profile"
         self._log = (work / "chromium.log").open("ab")
+        self.events: list[dict[str, Any]] = []  # DevTools events received while waiting for answers
         self.process = subprocess.Popen(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"], stdout=self._log, stderr=subprocess.STDOUT
+            [CHROMIUM, *FLAGS, *flags, f"--user-data-dir={profile}", "about:blank"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         try:
             port_file = profile / "DevToolsActivePort"
@@ -88,7 +91,9 @@ class Browser:
         self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
         while True:
             message = json.loads(self.ws.recv(timeout=60))
-            if message.get("id") == self._id:
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == self._id:
                 if "error" in message:
                     msg = f"{method}: {message['error']}"
                     raise PageError(msg)
@@ -264,3 +269,41 @@ async def feed_many(served: Served, count: int) -> None:
     async with httpx.AsyncClient() as client:
         total = (await client.get(f"{served.url}/api/v1/hosts?limit=1")).json()["total"]
     assert total == count
+
+
+OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",)  # no name resolves: no CDN is reachable
+
+
+@pytest.fixture
+def offline_browser(tmp_path: Path) -> Iterator[Browser]:
+    need_chromium()
+    chromium = Browser(tmp_path, OFFLINE)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+def requested(browser: Browser) -> list[str]:
+    return [e["params"]["request"]["url"] for e in browser.events if e["method"] == "Network.requestWillBeSent"]
+
+
+@pytest.mark.parametrize(
+    ("page", "rendered"),
+    [
+        ("/docs", "document.querySelectorAll('.swagger-ui .opblock').length"),
+        ("/redoc", "document.querySelectorAll('[data-section-id^=\"operation/\"]').length"),
+    ],
+)
+async def test_api_docs_render_with_the_network_off(
+    tmp_path: Path, offline_browser: Browser, page: str, rendered: str
+) -> None:
+    """Swagger UI and ReDoc come from the fastapi-offline package's files: nothing off this machine."""
+    async with served_monitor(tmp_path) as served:
+        await in_thread(offline_browser.call, "Network.enable")
+        await in_thread(offline_browser.open, served.url + page)
+        await in_thread(offline_browser.wait, f"{rendered} > 10", 30, f"{page} to render the operations")
+        urls = requested(offline_browser)
+        assert any(url.endswith("/openapi.json") for url in urls)
+        outside = [url for url in urls if not url.startswith((served.url, "data:", "blob:", "about:"))]
+        assert outside == [], f"{page} asked the network for {outside}"
