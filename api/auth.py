@@ -6,7 +6,8 @@ Rules of this module:
   no way to switch write protection off.
 - Tokens are compared in constant time (as SHA-256 digests, so their lengths do not leak either)
   and never appear in a log line, an error body or a repr.
-- /healthz, /docs, /openapi.json and the dashboard stay open.
+- /healthz, /docs, /openapi.json and the dashboard stay open, and so do the status pages
+  (`/status/<name>` and `/api/v1/status/<name>`): they show only the subjects they were configured for.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from relaybeat.api.bodies import ErrorOut
 from relaybeat.errors import RelaybeatError, SettingsError
+from relaybeat.monitor.view import StatusPage
 
 TOKEN_MIN_CHARS = 16
 
@@ -36,6 +38,7 @@ class ApiSettings:
     read_tokens: tuple[str, ...] = field(default=(), repr=False)
     write_tokens: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
+    status_pages: tuple[StatusPage, ...] = ()  # public, read-only, whatever `read_open` says
 
     def __post_init__(self) -> None:
         if not self.read_open and not (self.read_tokens or self.write_tokens):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,9 @@ __all__ = [
     "Refused",
     "RelayView",
     "StateCounts",
+    "StatusEntry",
+    "StatusPage",
+    "StatusPageView",
     "Summary",
     "WorstHost",
     "iso",
@@ -56,6 +60,8 @@ __all__ = [
 OUTAGE_STATES = (State.DOWN, State.UNREACHABLE)
 ACK_WRITE_WAIT_S = 2.0  # how long an acknowledgement waits for its outage's row to reach SQL
 SQL_CHUNK = 500  # subjects per query when looking up durable rows (SQLite caps bound parameters)
+STATUS_WINDOWS = (timedelta(hours=24), timedelta(days=30))  # the uptimes a status page shows
+STATUS_CHANGES = 30  # state changes per subject on a status page's strip (newest last)
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -148,6 +154,47 @@ class Refused:
 
     reason: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusPage:
+    """A public read-only page (`/status/<name>`): the hosts whose id matches one of `hosts` (globs),
+    and every relay in `relays` with the relays below it and all their hosts. Nothing else shows."""
+
+    name: str
+    title: str
+    hosts: tuple[str, ...] = ()
+    relays: tuple[str, ...] = ()
+
+    def shows(self, kind: Kind, subject: str, relay_path: Sequence[str]) -> bool:
+        """`relay_path`: the relays between the subject and the monitor, nearest first."""
+        if kind is Kind.RELAY and subject in self.relays:
+            return True
+        if any(relay in self.relays for relay in relay_path):
+            return True
+        return kind is Kind.HOST and any(fnmatch.fnmatchcase(subject, glob) for glob in self.hosts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusEntry:
+    """One subject on a status page: its state as shown, uptimes, and its latest state changes."""
+
+    kind: Kind
+    id: str
+    state: State
+    since: datetime
+    in_maintenance: bool
+    uptime_24h: float | None  # up / (up + down) over the last 24 h; None when neither
+    uptime_30d: float | None
+    changes: tuple[tuple[datetime, State], ...]  # the latest STATUS_CHANGES in 30 days, oldest first
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusPageView:
+    page: StatusPage
+    at: datetime
+    hosts: list[StatusEntry]
+    relays: list[StatusEntry]
 
 
 @dataclass(slots=True)
@@ -443,6 +490,57 @@ class FleetView:
                 )
         worst.sort(key=lambda h: (-h.downtime_s, -h.outages, h.id))
         return worst
+
+    # --- status pages ---
+
+    async def status_page(self, page: StatusPage) -> StatusPageView:
+        """What a public status page shows: only the subjects `page` names, as shown everywhere else,
+        with their uptime over 24 h and 30 days and their latest state changes (from SQL)."""
+        monitor = self._monitor
+        detector = monitor.detector
+        path = self.relay_path
+        host_tracks = [t for i, t in sorted(detector.hosts.items()) if page.shows(Kind.HOST, i, path(Kind.HOST, i))]
+        relay_tracks = [t for i, t in sorted(detector.relays.items()) if page.shows(Kind.RELAY, i, path(Kind.RELAY, i))]
+        now = self.now()
+        hosts, relays = await self._host_views(host_tracks), await self._relay_views(relay_tracks)
+        return StatusPageView(
+            page=page,
+            at=now,
+            hosts=await self._status_entries(Kind.HOST, [(h.id, h.state, h.since) for h in hosts], now),
+            relays=await self._status_entries(Kind.RELAY, [(r.id, r.state, r.since) for r in relays], now),
+        )
+
+    async def _status_entries(
+        self, kind: Kind, shown: list[tuple[str, State, datetime]], now: datetime
+    ) -> list[StatusEntry]:
+        if not shown:
+            return []
+        monitor = self._monitor
+        since, until = now - max(STATUS_WINDOWS), now + timedelta(microseconds=1)  # a change made now is shown
+        only = shown[0][0] if len(shown) == 1 else None  # one subject: ask SQL for it alone
+        initial, changes = await monitor.store.state_changes(kind, since, until, only)
+        by_subject: dict[str, list[tuple[datetime, State]]] = {}
+        for subject, at, state in changes:
+            by_subject.setdefault(subject, []).append((at, state))
+        entries = []
+        for subject, state, began in shown:
+            mine = by_subject.get(subject, [])
+            spans = monitor.maintenance.intervals(kind, subject, self.relay_path(kind, subject))
+            start = initial.get(subject, State.UNKNOWN)
+            uptime = [availability(start, mine, spans, now - w, now).uptime_ratio for w in STATUS_WINDOWS]
+            entries.append(
+                StatusEntry(
+                    kind=kind,
+                    id=subject,
+                    state=state,
+                    since=began,
+                    in_maintenance=monitor.in_maintenance(kind, subject, now),
+                    uptime_24h=uptime[0],
+                    uptime_30d=uptime[1],
+                    changes=tuple(mine[-STATUS_CHANGES:]),
+                )
+            )
+        return entries
 
     # --- writes: hosts ---
 

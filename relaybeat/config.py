@@ -43,6 +43,7 @@ from relaybeat.monitor.notify import Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook
 from relaybeat.monitor.service import MonitorSettings
 from relaybeat.monitor.states import Kind, State
+from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import RelaySettings
@@ -196,11 +197,51 @@ class MonitorConfig(_Strict):
         )
 
 
+class StatusPageConfig(_Strict):
+    """One `[[api.status_page]]`: a public read-only page at /status/<name>."""
+
+    name: str  # the page's URL: /status/<name>
+    title: str = Field(default="", max_length=200)  # default: the name
+    hosts: list[str] = Field(default_factory=list)  # host-id globs, e.g. 'web-*'
+    relays: list[str] = Field(default_factory=list)  # each relay, the relays below it and all their hosts
+
+    _name = field_validator("name")(_check_id)
+
+    @field_validator("hosts")
+    @classmethod
+    def _globs(cls, globs: list[str]) -> list[str]:
+        for glob in globs:
+            if not glob or len(glob) > 128:
+                msg = "each host glob must be 1 to 128 characters"
+                raise ValueError(msg)
+        return globs
+
+    @field_validator("relays")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        for relay in value:
+            _check_id(relay)
+        return value
+
+    @model_validator(mode="after")
+    def _shows_something(self) -> StatusPageConfig:
+        if not (self.hosts or self.relays):
+            msg = f"status page {self.name!r} shows nothing: give hosts (globs) or relays"
+            raise ValueError(msg)
+        return self
+
+    def page(self) -> StatusPage:
+        return StatusPage(
+            name=self.name, title=self.title or self.name, hosts=tuple(self.hosts), relays=tuple(self.relays)
+        )
+
+
 class ApiConfig(_Strict):
     read: Literal["open", "token"] | None = None  # unset: "token" once read tokens are given, else "open"
     read_tokens: list[SecretStr] = Field(default_factory=list)
     write_tokens: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
+    status_page: list[StatusPageConfig] = Field(default_factory=list)  # public pages, no token needed
 
     @field_validator("read_tokens", "write_tokens")
     @classmethod
@@ -231,6 +272,15 @@ class ApiConfig(_Strict):
             raise ValueError(msg)
         return self
 
+    @model_validator(mode="after")
+    def _unique_status_pages(self) -> ApiConfig:
+        names = [p.name for p in self.status_page]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            msg = f"status page names must be unique; repeated: {', '.join(repeated)}"
+            raise ValueError(msg)
+        return self
+
     def settings(self) -> ApiSettings:
         mode = self.read or ("token" if self.read_tokens else "open")
         return ApiSettings(
@@ -238,6 +288,7 @@ class ApiConfig(_Strict):
             read_tokens=tuple(t.get_secret_value() for t in self.read_tokens),
             write_tokens=tuple(t.get_secret_value() for t in self.write_tokens),
             cors_origins=tuple(self.cors_origins),
+            status_pages=tuple(p.page() for p in self.status_page),
         )
 
 
