@@ -23,9 +23,11 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from relaybeat.api.auth import ApiSettings
+from relaybeat.monitor.states import Kind
 from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
-from tests.monitors import Served, served_monitor
+from tests.monitors import WRITE_TOKEN, Served, served_monitor
 from tests.processes import Topology, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -307,3 +309,102 @@ async def test_api_docs_render_with_the_network_off(
         assert any(url.endswith("/openapi.json") for url in urls)
         outside = [url for url in urls if not url.startswith((served.url, "data:", "blob:", "about:"))]
         assert outside == [], f"{page} asked the network for {outside}"
+
+
+def fill_and_submit(**values: str) -> str:
+    """JavaScript that fills the action dialog's fields (and the write token, if `token` is given) and submits."""
+    token = values.pop("token", None)
+    sets = "".join(f"f.elements[{name!r}].value = {value!r};" for name, value in values.items())
+    if token is not None:
+        sets += f"document.getElementById('action-token').value = {token!r};"
+    return f"(() => {{ const f = document.getElementById('action-form'); {sets} f.requestSubmit(); }})()"
+
+
+OPEN_DIALOG = "document.getElementById('action').open"
+WRITES = "relaybeat.writes"
+
+
+async def test_operators_act_from_the_dashboard(tmp_path: Path, browser: Browser) -> None:
+    """Acknowledge an outage, schedule and end maintenance and forget a host, asking for the write
+    token once (kept in sessionStorage); uptime, the change strip and zoned times in the detail panel."""
+    async with served_monitor(tmp_path, ApiSettings(write_tokens=(WRITE_TOKEN,))) as served:
+        await served.feed.up("web-1", "web-2", "db-1")
+        await served.feed.down("web-1")
+        run = browser.evaluate
+
+        def step(expression: str) -> Any:
+            return in_thread(run, expression)
+
+        def until(expression: str, what: str) -> Any:
+            return in_thread(browser.wait, expression, 20, what)
+
+        await in_thread(lambda: browser.call("Emulation.setTimezoneOverride", timezoneId="Asia/Kolkata"))
+        await in_thread(browser.open, served.url + "/")
+        await until(READY, "the dashboard to go live")
+        assert await step("document.getElementById('summary').textContent") == "3 hosts · 1 relay"
+        assert await step("document.querySelector('[data-relay=\"r1\"] .count').textContent") == "3 hosts"
+
+        # the detail panel: uptime over 24 h and 30 d, the strip of state changes, times with their zone
+        await step("document.querySelector('tr[data-host=\"web-1\"]').click()")
+        await until("!!document.querySelector('#detail.shown #uptime-24h')", "web-1's details")
+        day = await step("document.getElementById('uptime-24h').textContent")
+        assert day.endswith("%")
+        assert 0 < float(day.rstrip("%")) < 100  # up 10 s, then down
+        assert await step("document.getElementById('uptime-30d').textContent") == day
+        assert await step("[...document.querySelectorAll('#detail-strip i')].map(i => i.className)") == ["up", "down"]
+        fields = await step("document.getElementById('detail-fields').textContent")
+        assert "UTC+05:30" in fields
+        history = await step("document.getElementById('detail-history').textContent")
+        assert "UTC+05:30" in history
+        assert "Z" not in history.replace("UTC", "")  # no raw ISO times left
+
+        # acknowledge: the dialog asks for the write token, once
+        await step("document.querySelector('[data-act=\"ack\"]').click()")
+        assert await until(OPEN_DIALOG, "the acknowledge dialog")
+        assert await step("getComputedStyle(document.getElementById('action-token-row')).display") != "none"
+        await step(fill_and_submit(comment="disk full, on it", by="ana", token=WRITE_TOKEN))
+        await until(f"{WRITES} === 1 && !{OPEN_DIALOG}", "the acknowledgement")
+        await until("!!document.querySelector('tr[data-host=\"web-1\"] .badge.ack')", "web-1 marked acknowledged")
+        assert "disk full, on it" in await step("document.getElementById('acks').textContent")
+        assert await step(f"sessionStorage.getItem('relaybeat-write-token') === {WRITE_TOKEN!r}")
+        acks = await served.app.state.view.acknowledgements(Kind.HOST, "web-1", True, 10)
+        assert [(a.ack.comment, a.ack.by) for a in acks] == [("disk full, on it", "ana")]
+
+        # schedule maintenance for a glob: no token asked this time
+        await step("document.getElementById('schedule').click()")
+        await until(OPEN_DIALOG, "the maintenance dialog")
+        assert await step("getComputedStyle(document.getElementById('action-token-row')).display") == "none"
+        await step(fill_and_submit(target_kind="glob", target="web-*", minutes="30", reason="kernel update"))
+        await until(f"{WRITES} === 2", "the maintenance window")
+        await until("!!document.querySelector('tr[data-host=\"web-2\"] .badge.maint')", "web-2 marked in maintenance")
+        assert "kernel update" in await step("document.getElementById('maintenance').textContent")
+        assert served.monitor.in_maintenance(Kind.HOST, "web-2", served.app.state.view.now())
+
+        # end it from the list
+        await step("document.querySelector('#maintenance [data-end]').click()")
+        await until(OPEN_DIALOG, "the end-maintenance dialog")
+        await step(fill_and_submit())
+        await until(f"{WRITES} === 3 && !document.querySelector('#maintenance [data-end]')", "the window ended")
+        assert not served.monitor.in_maintenance(Kind.HOST, "web-2", served.app.state.view.now())
+
+        # forget a host
+        await step("document.querySelector('tr[data-host=\"db-1\"]').click()")
+        forget = "document.querySelector('#detail.shown [data-act=\"forget\"]')"
+        await until(f"!!{forget} && relaybeat.selected.id === 'db-1'", "db-1's details")
+        await step(f"{forget}.click()")
+        await until(OPEN_DIALOG, "the forget dialog")
+        await step(fill_and_submit())
+        await until(f"{WRITES} === 4 && !document.querySelector('tr[data-host=\"db-1\"]')", "db-1 gone")
+        assert "db-1" not in served.monitor.detector.hosts
+        assert await step("document.getElementById('summary').textContent") == "2 hosts · 1 relay"
+
+        # a wrong token is refused, said so, and forgotten
+        await step("sessionStorage.setItem('relaybeat-write-token', 'not-the-token-0123456789')")
+        await step("document.getElementById('schedule').click()")
+        await until(OPEN_DIALOG, "the maintenance dialog")
+        await step(fill_and_submit(target_kind="host", target="web-2"))
+        error = await until("document.getElementById('action-error').textContent", "the refusal")
+        assert "401" in error
+        assert await step("sessionStorage.getItem('relaybeat-write-token')") is None
+        assert await step(OPEN_DIALOG)
+        assert served.monitor.maintenance.windows()[-1].target == "web-*"  # nothing new was scheduled
