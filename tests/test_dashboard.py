@@ -24,10 +24,12 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from relaybeat.api.auth import ApiSettings
+from relaybeat.monitor.maintenance import TargetKind
 from relaybeat.monitor.states import Kind
+from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.ports import pick_free
 from tests.conftest import CentralBroker
-from tests.monitors import WRITE_TOKEN, Served, served_monitor
+from tests.monitors import READ_TOKEN, WRITE_TOKEN, Served, served_monitor
 from tests.processes import Topology, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -408,3 +410,35 @@ async def test_operators_act_from_the_dashboard(tmp_path: Path, browser: Browser
         assert await step("sessionStorage.getItem('relaybeat-write-token')") is None
         assert await step(OPEN_DIALOG)
         assert served.monitor.maintenance.windows()[-1].target == "web-*"  # nothing new was scheduled
+
+
+async def test_a_status_page_renders_only_its_hosts_without_a_token(tmp_path: Path, browser: Browser) -> None:
+    """Reads are token-protected, yet /status/shop shows its hosts (and nothing else) with no token.
+    Set RELAYBEAT_STATUS_SCREENSHOT=docs/status-page.png to refresh the README's picture."""
+    shop = StatusPage(name="shop", title="Web shop", hosts=("web-*", "pay-*"))
+    settings = ApiSettings(read_open=False, read_tokens=(READ_TOKEN,), status_pages=(shop,))
+    async with served_monitor(tmp_path, settings) as served:
+        await served.feed.up("web-1", "web-2", "web-3", "pay-1", "db-1")
+        await served.feed.down("web-3")
+        view = served.app.state.view
+        await view.add_maintenance(TargetKind.HOST, "pay-1", starts_at=None, ends_at=None, duration_s=3600,
+                                   reason="card terminal update")  # fmt: skip
+        await in_thread(browser.open, served.url + "/status/shop")
+        await in_thread(browser.wait, "window.statusPage && statusPage.data", 20, "the status page")
+        shown = await in_thread(browser.evaluate, "[...document.querySelectorAll('.entry')].map(e => e.dataset.id)")
+        assert shown == ["pay-1", "web-1", "web-2", "web-3"]
+        text = await in_thread(browser.evaluate, "document.body.innerText")
+        assert "db-1" not in text
+        assert "r1" not in text  # its relay is not on this page
+        assert "Web shop" in text
+        banner = await in_thread(browser.evaluate, "document.getElementById('banner').textContent")
+        assert banner == "1 system down: web-3"
+        strip = "[...document.querySelectorAll('.entry[data-id=\"web-3\"] .strip i')].map(i => i.className)"
+        assert await in_thread(browser.evaluate, strip) == ["up", "down"]
+        maintenance = "!!document.querySelector('.entry[data-id=\"pay-1\"] .badge')"
+        assert await in_thread(browser.evaluate, maintenance)
+        assert await in_thread(browser.evaluate, "statusPage.error") is None
+        if target := os.environ.get("RELAYBEAT_STATUS_SCREENSHOT"):
+            size = {"width": 1000, "height": 640, "deviceScaleFactor": 1, "mobile": False}
+            await in_thread(lambda: browser.call("Emulation.setDeviceMetricsOverride", **size))
+            await in_thread(browser.screenshot, Path(target))
