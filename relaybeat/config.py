@@ -95,6 +95,12 @@ def _check_id(value: str | None) -> str | None:
     return value
 
 
+def _check_ids(values: list[str]) -> list[str]:
+    for value in values:
+        _check_id(value)
+    return values
+
+
 # ------------------------------------------------------------------------------------- sections
 
 
@@ -216,12 +222,7 @@ class StatusPageConfig(_Strict):
                 raise ValueError(msg)
         return globs
 
-    @field_validator("relays")
-    @classmethod
-    def _relays(cls, value: list[str]) -> list[str]:
-        for relay in value:
-            _check_id(relay)
-        return value
+    _relays = field_validator("relays")(_check_ids)
 
     @model_validator(mode="after")
     def _shows_something(self) -> StatusPageConfig:
@@ -383,12 +384,7 @@ class WebhookConfig(_Strict):
         _check_id(value)
         return value
 
-    @field_validator("relays")
-    @classmethod
-    def _relays(cls, value: list[str]) -> list[str]:
-        for relay in value:
-            _check_id(relay)
-        return value
+    _relays = field_validator("relays")(_check_ids)
 
     @field_validator("url")
     @classmethod

@@ -442,3 +442,17 @@ async def test_a_status_page_renders_only_its_hosts_without_a_token(tmp_path: Pa
             size = {"width": 1000, "height": 640, "deviceScaleFactor": 1, "mobile": False}
             await in_thread(lambda: browser.call("Emulation.setDeviceMetricsOverride", **size))
             await in_thread(browser.screenshot, Path(target))
+
+
+async def test_with_protected_reads_the_dashboard_asks_for_a_token(tmp_path: Path, browser: Browser) -> None:
+    async with served_monitor(tmp_path, ApiSettings(read_open=False, read_tokens=(READ_TOKEN,))) as served:
+        await served.feed.up("web-1")
+        await in_thread(browser.open, served.url + "/")
+        await in_thread(browser.wait, "!!document.querySelector('#token-form.shown')", 20, "the token form")
+        assert await in_thread(browser.evaluate, "relaybeat.ready") is False
+        submit = f"""(() => {{ document.getElementById('token').value = {READ_TOKEN!r};
+            document.getElementById('token-form').requestSubmit(); }})()"""
+        await in_thread(browser.evaluate, submit)  # kept in localStorage, then the page reloads
+        await in_thread(browser.wait, READY, 30, "the dashboard to load with the token")
+        assert await in_thread(browser.evaluate, host_rows()) == ["web-1"]
+        assert await in_thread(browser.evaluate, "localStorage.getItem('relaybeat-token')") == READ_TOKEN
