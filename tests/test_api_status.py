@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from relaybeat.api.auth import ApiSettings
+from relaybeat.api.status import STATUS_CACHE_S
 from relaybeat.config import ConfigError, load_config
 from relaybeat.monitor.states import Kind
 from relaybeat.monitor.store import Store
@@ -95,6 +96,35 @@ async def test_the_openapi_lists_the_status_data_without_a_token(client: httpx.A
     assert "security" not in operation
     assert "401" not in operation["responses"]
     assert "/status/{name}" not in schema["paths"]  # the HTML page is not an API operation
+
+
+async def test_an_answer_is_reused_for_a_few_seconds_while_nothing_is_written(
+    fleet: Fleet, client: httpx.AsyncClient
+) -> None:
+    first = await call(client, "GET", "/api/v1/status/web", 200)
+    await call(client, "POST", "/api/v1/maintenance", 201, json={"host": "web-2"}, headers=AUTH)  # writes no row
+    assert await call(client, "GET", "/api/v1/status/web", 200) == first  # the same answer, not asked of SQL again
+    fleet.clock.t += STATUS_CACHE_S + 0.1
+    later = await call(client, "GET", "/api/v1/status/web", 200)
+    assert later["hosts"][1]["in_maintenance"] is True
+    assert later["at"] > first["at"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "subject", "path", "shown"),
+    [
+        (Kind.HOST, "web-1", (), True),  # a glob match, even beating directly
+        (Kind.HOST, "db-1", ("r1",), False),
+        (Kind.HOST, "db-1", ("r2", "r1"), True),  # behind a listed relay
+        (Kind.RELAY, "r2", ("r1",), True),  # the listed relay itself
+        (Kind.RELAY, "r3", ("r2", "r1"), True),  # a relay below it
+        (Kind.RELAY, "r1", (), False),  # the relay above it is not on the page
+        (Kind.RELAY, "web-1", (), False),  # host globs are for hosts only
+    ],
+)
+def test_what_a_status_page_shows(kind: Kind, subject: str, path: tuple[str, ...], shown: bool) -> None:
+    page = StatusPage(name="mixed", title="Mixed", hosts=("web-*",), relays=("r2",))
+    assert page.shows(kind, subject, path) is shown
 
 
 def write(tmp_path: Path, text: str) -> Path:
