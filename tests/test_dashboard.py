@@ -328,7 +328,8 @@ WRITES = "relaybeat.writes"
 
 async def test_operators_act_from_the_dashboard(tmp_path: Path, browser: Browser) -> None:
     """Acknowledge an outage, schedule and end maintenance and forget a host, asking for the write
-    token once (kept in sessionStorage); uptime, the change strip and zoned times in the detail panel."""
+    token once (kept in sessionStorage); uptime, the change strip and zoned times in the detail panel.
+    Set RELAYBEAT_ACTIONS_SCREENSHOT=docs/dashboard-actions.png to refresh the README's second picture."""
     async with served_monitor(tmp_path, ApiSettings(write_tokens=(WRITE_TOKEN,))) as served:
         await served.feed.up("web-1", "web-2", "db-1")
         await served.feed.down("web-1")
@@ -381,6 +382,10 @@ async def test_operators_act_from_the_dashboard(tmp_path: Path, browser: Browser
         await until("!!document.querySelector('tr[data-host=\"web-2\"] .badge.maint')", "web-2 marked in maintenance")
         assert "kernel update" in await step("document.getElementById('maintenance').textContent")
         assert served.monitor.in_maintenance(Kind.HOST, "web-2", served.app.state.view.now())
+        await step("document.querySelector('tr[data-host=\"web-1\"]').click()")
+        await until("!!document.querySelector('#detail.shown #detail-ack:not(:empty)')", "web-1's acknowledgement")
+        if target := os.environ.get("RELAYBEAT_ACTIONS_SCREENSHOT"):  # docs/dashboard-actions.png
+            await in_thread(browser.screenshot, Path(target))
 
         # end it from the list
         await step("document.querySelector('#maintenance [data-end]').click()")
