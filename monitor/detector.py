@@ -14,6 +14,10 @@ Rules of this module:
   Hosts come back from fresh evidence only; the time of a death is taken from the evidence.
 - Deadlines live in a heap with at most one live entry per subject; an entry may be early (the
   subject was heard since) and is then pushed back, so nothing rescans all hosts.
+- A delta bundle says only what changed; a host it does not mention keeps its evidence. A relay
+  whose bundles skip a seq (or whose first bundle of a boot is a delta, or that was restored from
+  SQL) is out of sync: none of its hosts or child relays is declared silent until its next keyframe,
+  and the shell is asked (`resync_wanted`) to request one from the top-level relay that carries it.
 """
 
 from __future__ import annotations
@@ -108,7 +112,9 @@ class HostTrack(_Track):
 
 
 class RelayTrack(_Track):
-    __slots__ = ("boot", "children", "flush_s", "hosts", "parent", "pending", "retired", "seq")
+    __slots__ = (
+        "boot", "children", "desynced", "flush_s", "hosts", "parent", "pending", "resync_asked", "retired", "seq"
+    )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         super().__init__(subject, state, since, last_seen)
@@ -121,6 +127,8 @@ class RelayTrack(_Track):
         self.children: set[str] = set()
         # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
         self.pending: list[AnyTrack] = []
+        self.desynced = False  # a delta of it was missed: judge nothing behind it until a keyframe
+        self.resync_asked = _NEVER  # when a keyframe was last asked for
 
 
 AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
@@ -195,6 +203,8 @@ class Detector:
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
         self._z = policy.phi_z
+        # Top-level relays to ask for a keyframe (`<prefix>relay/<id>/resync`); the shell drains it.
+        self.resync_wanted: dict[str, None] = {}
 
     # ------------------------------------------------------------------------------ public inputs
 
@@ -287,6 +297,7 @@ class Detector:
             relay = RelayTrack(r.id, r.state, r.since, r.last_seen)
             relay.parent, relay.boot, relay.flush_s, relay.flapping = r.parent, r.boot, r.flush_s, r.flapping
             relay.seq = -1 if r.seq is None else r.seq
+            relay.desynced = True  # what it sent while we were away is not in SQL: wait for a keyframe
             self.relays[r.id] = relay
         for relay in self.relays.values():
             if relay.parent in self.relays:
@@ -464,6 +475,8 @@ class Detector:
             relay.last_seen = sent
         if relay.flapping:
             self._check_flap_end(relay, Kind.RELAY, now, parent, out)
+        if relay.desynced:
+            self._ask_resync(relay, now)
 
         deadline = self._deadline(relay)
         was = relay.state
@@ -479,7 +492,7 @@ class Detector:
         self._observe_entries(relay.id, bundle, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
-        if relay.pending:
+        if relay.pending and not relay.desynced:  # out of sync, its silence proves nothing: they wait
             self._confirm_pending(relay, now, out)
         if was != State.UP and relay.state == State.UP:
             self._resume_subtree(relay, now, out)
@@ -503,6 +516,9 @@ class Detector:
         boot); a new boot retires the old one and is recorded as a restart."""
         if relay.boot == bundle.boot:
             if bundle.seq == relay.seq and parent is not None:
+                if bundle.keyframe and relay.desynced:
+                    relay.desynced = False  # its parent's keyframe carries its full picture: in sync again
+                    return True
                 return False  # a parent folds a child's latest bundle into every flush: nothing new, nothing wrong
             if bundle.seq <= relay.seq:
                 self._ignore("stale_bundle")
@@ -514,6 +530,10 @@ class Detector:
                 # would make every genuine bundle after it look stale, and the relay look dead.
                 self._ignore("future_seq")
                 return False
+            if bundle.keyframe:
+                relay.desynced = False
+            elif bundle.seq != relay.seq + 1:
+                relay.desynced = True  # a delta in between was lost
             return True
         if bundle.boot in relay.retired:
             self._ignore("retired_boot")
@@ -525,7 +545,25 @@ class Detector:
             reason = f"relay restarted (boot {relay.boot} → {bundle.boot})"
             out.append(self._event(Kind.RELAY, relay, now, reason, parent, Event.RESTART))
         relay.boot = bundle.boot
+        relay.desynced = not bundle.keyframe  # a new boot's first bundle is a keyframe; we missed it
         return True
+
+    def _ask_resync(self, relay: RelayTrack, now: float) -> None:
+        """Ask for a keyframe through the top-level relay above `relay` (the one whose topic the
+        monitor can publish to); again at most once per max(1 s, its timeout)."""
+        if now - relay.resync_asked < max(1.0, relay.flush_s * self.policy.misses):
+            return
+        relay.resync_asked = now
+        top, seen = relay, {relay.id}
+        while top.parent is not None and top.parent in self.relays and top.parent not in seen:
+            top = self.relays[top.parent]
+            seen.add(top.id)
+        self.resync_wanted[top.id] = None
+
+    def take_resync_requests(self) -> list[str]:
+        """The top-level relays to ask for a keyframe now (each once)."""
+        wanted, self.resync_wanted = list(self.resync_wanted), {}
+        return wanted
 
     def _observe_entries(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
         """The host entries of one relay's bundle, sent at `sent` (the monitor's clock)."""
@@ -656,7 +694,7 @@ class Detector:
         only then is the silence the subject's and not the relay's."""
         upstream = track.via if isinstance(track, HostTrack) else _parent(track)
         relay = None if upstream is None else self.relays.get(upstream)
-        unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline)
+        unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline or relay.desynced)
         if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
             relay.pending.append(track)
             return

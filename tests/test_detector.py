@@ -913,9 +913,7 @@ class DetectorMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.calls: list[tuple[str, tuple[object, ...], list[Transition]]] = []
         # The site.
-        self.asm = {
-            r: Assembler(r, f"{r}-0", flush, SM_POLICY.default_interval_s) for r, (_, flush) in SM_RELAYS.items()
-        }
+        self.asm = {r: self.assembler(r, f"{r}-0", flush) for r, (_, flush) in SM_RELAYS.items()}
         self.boots = dict.fromkeys(SM_RELAYS, 0)
         self.relay_alive = dict.fromkeys(SM_RELAYS, True)
         self.next_flush = {r: flush for r, (_, flush) in SM_RELAYS.items()}
@@ -930,11 +928,17 @@ class DetectorMachine(RuleBasedStateMachine):
         self.state: dict[str, State] = {}
         self.last_at: dict[str, float] = {}
 
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        return Assembler(relay_id, boot, flush_s, SM_POLICY.default_interval_s)
+
     # --------------------------------------------------------------------------- the one door
 
     def call(self, name: str, *args: object) -> None:
         out: list[Transition] = getattr(self.detector, name)(*args)
         self.calls.append((name, args, out))
+        for relay_id in self.detector.take_resync_requests():  # the relay hears the request (or not: it is dead)
+            if self.relay_alive[relay_id]:
+                self.asm[relay_id].request_keyframe()
         for t in out:
             current = self.state.get(t.subject, State.UNKNOWN)
             assert t.at <= self.now, t
@@ -1023,7 +1027,7 @@ class DetectorMachine(RuleBasedStateMachine):
             self.boots[relay_id] += 1
             flush_s = SM_RELAYS[relay_id][1]
             boot = f"{relay_id}-{self.boots[relay_id]}"
-            self.asm[relay_id] = Assembler(relay_id, boot, flush_s, SM_POLICY.default_interval_s)
+            self.asm[relay_id] = self.assembler(relay_id, boot, flush_s)
             self.relay_alive[relay_id] = True
             self.next_flush[relay_id] = self.now + flush_s
 
@@ -1105,6 +1109,21 @@ class DetectorMachine(RuleBasedStateMachine):
 
 TestDetectorMachine = DetectorMachine.TestCase
 TestDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+class DeltaDetectorMachine(DetectorMachine):
+    """The same site and model, with relays sending binary delta bundles and a keyframe every 2 s
+    (and whenever the detector asks for one): lost, late and repeated deltas must never make the
+    detector judge a host on news it missed."""
+
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        return Assembler(
+            relay_id, boot, flush_s, SM_POLICY.default_interval_s, keyframe_s=2.0, version=2, booted_at=self.now
+        )
+
+
+TestDeltaDetectorMachine = DeltaDetectorMachine.TestCase
+TestDeltaDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
 def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
