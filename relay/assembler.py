@@ -46,8 +46,8 @@ def advance(held: Bundle | None, news: Bundle) -> Bundle | None:
     relay itself would send."""
     if news.keyframe:
         pictures = ((advance(None, child), child.age_ms) for child in news.children)
-        children = tuple(replace(picture, age_ms=age) for picture, age in pictures if picture is not None)
-        return replace(news, children=children, forgot=(), age_ms=0)
+        kept = tuple(replace(picture, age_ms=age) for picture, age in pictures if picture is not None)
+        return replace(news, children=kept, forgot=(), age_ms=0)
     if held is None or held.boot != news.boot or held.sent_ms is None or news.sent_ms is None:
         return None
     if news.seq <= held.seq:

@@ -8,13 +8,13 @@ and woken at every deadline, all on one fake clock. Times are chosen to be exact
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
@@ -48,14 +48,26 @@ class Relay:
     depth: int = 0
 
 
+SITE_WIRE = [1]  # the wire version the site's relays speak: each test runs with 1 (keyframes) and 2 (deltas)
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["keyframes", "deltas"])
+def site_wire(request: pytest.FixtureRequest) -> Iterator[int]:
+    SITE_WIRE[0] = request.param
+    yield request.param
+    SITE_WIRE[0] = 1
+
+
 @dataclass
 class Site:
-    """A fake deployment around one detector, all on one fake clock."""
+    """A fake deployment around one detector, all on one fake clock. Its relays send version 1
+    bundles (every one a keyframe) or version 2 deltas with a keyframe every 3 s and on request."""
 
     policy: Policy = field(default_factory=Policy)
     start: float = 0.0
     connected: bool = True  # the monitor's own broker connection
     network: bool = True  # False: bundles are lost on the way to the monitor (its network is cut)
+    wire: int = field(default_factory=lambda: SITE_WIRE[0])
 
     def __post_init__(self) -> None:
         self.detector = Detector(self.policy, self.start)
@@ -69,7 +81,7 @@ class Site:
 
     def relay(self, relay_id: str, flush_s: float = 1.0, parent: str | None = None, boot: str = "b1") -> Relay:
         depth = 0 if parent is None else self.relays[parent].depth + 1
-        asm = Assembler(relay_id, boot, flush_s, self.policy.default_interval_s)
+        asm = self.assembler(relay_id, boot, flush_s)
         relay = Relay(relay_id, parent, flush_s, asm, self.now + flush_s, depth=depth)
         self.relays[relay_id] = relay
         return relay
@@ -81,9 +93,16 @@ class Site:
         self.leaves[host] = leaf
         return leaf
 
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        if self.wire == 1:
+            return Assembler(relay_id, boot, flush_s, self.policy.default_interval_s)
+        return Assembler(
+            relay_id, boot, flush_s, self.policy.default_interval_s, keyframe_s=3.0, version=2, booted_at=self.now
+        )
+
     def restart_relay(self, relay_id: str, boot: str) -> None:
         relay = self.relays[relay_id]
-        relay.asm = Assembler(relay_id, boot, relay.flush_s, self.policy.default_interval_s)
+        relay.asm = self.assembler(relay_id, boot, relay.flush_s)
         relay.alive = True
         relay.next_flush = self.now + relay.flush_s
 
@@ -113,7 +132,11 @@ class Site:
 
     def deliver(self, bundle: Bundle) -> list[Transition]:
         self.delivered.append(bundle)
-        return self.record(self.detector.observe(bundle, self.now))
+        out = self.record(self.detector.observe(bundle, self.now))
+        for relay_id in self.detector.take_resync_requests():
+            if self.relays[relay_id].alive:
+                self.relays[relay_id].asm.request_keyframe()
+        return out
 
     def set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -448,6 +471,7 @@ def test_new_boot_resets_seq_and_missing_leaf_keeps_its_deadline() -> None:
 # --------------------------------------------------------------------- 5. order, duplicates, restarts
 
 
+@pytest.mark.parametrize("site_wire", [1], indirect=True)  # it reads ages of hosts a delta leaves out
 def test_duplicate_or_older_bundle_never_moves_host_back() -> None:
     site = one_relay_site("died", "cut-off")
     site.run_until(10.5)
@@ -1107,8 +1131,6 @@ class DetectorMachine(RuleBasedStateMachine):
             assert getattr(replay, name)(*args) == (out if name != "set_connected" else None), name
 
 
-TestDetectorMachine = DetectorMachine.TestCase
-TestDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
 class DeltaDetectorMachine(DetectorMachine):
@@ -1122,8 +1144,10 @@ class DeltaDetectorMachine(DetectorMachine):
         )
 
 
-TestDeltaDetectorMachine = DeltaDetectorMachine.TestCase
-TestDeltaDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+def test_detector_machine(site_wire: int) -> None:
+    """The state machine, with relays speaking version 1 (keyframes) or version 2 (deltas)."""
+    machine = DetectorMachine if site_wire == 1 else DeltaDetectorMachine
+    run_state_machine_as_test(machine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
 
 
 def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
