@@ -1131,8 +1131,6 @@ class DetectorMachine(RuleBasedStateMachine):
             assert getattr(replay, name)(*args) == (out if name != "set_connected" else None), name
 
 
-
-
 class DeltaDetectorMachine(DetectorMachine):
     """The same site and model, with relays sending binary delta bundles and a keyframe every 2 s
     (and whenever the detector asks for one): lost, late and repeated deltas must never make the
@@ -1177,3 +1175,80 @@ def test_a_bundle_seq_far_in_the_future_is_ignored_and_does_not_poison_the_relay
     detector.observe(Bundle("r1", "b", 29 + 500, 1000, ()), 30.0 + 400)
     assert detector.relays["r1"].seq == 529
     assert detector.ignored["future_seq"] == 1
+
+
+# ---------------------------------------------------------------------------- missed deltas
+
+
+def delta_relay(relay_id: str = "r1", boot: str = "b") -> Assembler:
+    return Assembler(relay_id, boot, 1.0, 5.0, keyframe_s=1000.0, version=2)
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_after_a_missed_delta_nothing_behind_the_relay_is_judged_until_a_keyframe_and_one_is_asked_for() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.add_beat("h1", Beat(seq=1, interval_s=1.0), 0.0)  # timeout 3 s
+    out = detector.observe(asm.flush(1.0), 1.0)
+    assert [(t.subject, t.to_state) for t in out] == [("r1", UP), ("h1", UP)]
+    asm.add_beat("h1", Beat(seq=2, interval_s=1.0), 1.5)  # its last beat, in a bundle that is lost:
+    asm.flush(2.0)
+    out = []
+    for tick in range(3, 11):  # the relay keeps sending (empty) deltas: h1's deadline passes
+        out += detector.expire(float(tick)) + detector.observe(asm.flush(float(tick)), float(tick))
+        assert detector.take_resync_requests() == (["r1"] if tick in (3, 6, 9) else [])  # asked again every 3 s
+    assert out == []
+    assert detector.relays["r1"].desynced
+    asm.request_keyframe()
+    out = detector.observe(asm.flush(11.0), 11.0)
+    # Down, dated by the beat the lost delta carried (1.5 + 3), which only the keyframe told us.
+    assert [(t.subject, t.from_state, t.to_state, t.at) for t in out] == [("h1", UP, DOWN, 4.5)]
+    assert not detector.relays["r1"].desynced
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_host_behind_a_delta_relay_is_down_at_the_first_bundle_after_its_deadline_without_news_of_it() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.add_beat("h1", Beat(seq=1, interval_s=1.0), 0.5)
+    detector.observe(asm.flush(1.0), 1.0)
+    assert detector.expire(3.5) == []  # its deadline passed (3.5), but the relay has not spoken since
+    out = detector.observe(asm.flush(3.75), 3.75)  # an empty delta: the relay is alive, h1 said nothing
+    assert [(t.subject, t.to_state, t.at) for t in out] == [("h1", DOWN, 3.5)]
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_missed_child_delta_asks_the_top_level_relay_and_its_keyframe_resyncs_the_child() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    child, top = delta_relay("r2", "c"), delta_relay("r1", "t")
+    top.add_child(child.flush(0.5), 0.5)
+    detector.observe(top.flush(1.0), 1.0)
+    child.flush(1.5)  # lost between the child and its parent
+    top.add_child(child.flush(2.5), 2.5)
+    assert top.wanted_keyframes == ["r2"]
+    detector.observe(top.flush(3.0), 3.0)
+    assert detector.relays["r2"].desynced
+    assert detector.take_resync_requests() == ["r1"]  # the relay the monitor can reach
+    child.request_keyframe()  # what the parent asks of it
+    top.add_child(child.flush(3.5), 3.5)
+    detector.observe(top.flush(4.0), 4.0)
+    assert not detector.relays["r2"].desynced
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_relay_whose_keyframe_was_missed_or_that_was_restored_waits_for_one() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.flush(1.0)  # its first bundle, a keyframe: lost
+    detector.observe(asm.flush(2.0), 2.0)
+    assert detector.relays["r1"].desynced
+    assert detector.take_resync_requests() == ["r1"]
+    hosts: list[HostSnapshot] = []
+    relays = [RelaySnapshot("r1", UP, 0.0, 2.0, None, "b", 2, 1.0)]
+    restored = Detector(Policy(misses=3), 10.0)
+    restored.restore(hosts, relays)
+    restored.observe(asm.flush(11.0), 11.0)
+    assert restored.relays["r1"].desynced  # seq 3 follows 2, but what it said meanwhile is not in SQL
+    asm.request_keyframe()
+    restored.observe(asm.flush(12.0), 12.0)
+    assert not restored.relays["r1"].desynced
