@@ -22,7 +22,8 @@ import psutil
 
 from bench.report import Report, figure, med, num, spread, table
 from relaybeat.monitor.detector import Detector, Policy
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 
 def iter_bundles(hosts: int, size: int, seq: int = 1) -> Iterator[Bundle]:
@@ -209,3 +210,51 @@ def run(args: Any, out: Any) -> Report:
     ax.set_title("detector memory per tracked host", fontsize=10)
     report.save(out, {"detector_memory": fig})
     return report
+
+
+def relayed_payloads(version: int, leaves: int, seconds: int, interval_s: float = 5.0) -> tuple[list[bytes], int]:
+    """What one relay sends in `seconds` of flushes (1 s) for `leaves` leaves beating every
+    `interval_s` at staggered times (a new seq each beat): version 1 (every bundle full) or version 2
+    (deltas, a keyframe every 30 s). Returns the payloads and the number of leaf beats they carry."""
+    asm = Assembler("r00000", "boot", 1.0, interval_s, keyframe_s=0.0 if version == 1 else 30.0, version=version)
+    ids = [f"r00000-h{i:06d}" for i in range(leaves)]
+    payloads, beats, seqs = [], 0, [0] * leaves
+    per_ms = 1000 * interval_s / leaves
+    for second in range(seconds):
+        for i in range(leaves):
+            offset_ms = round(i * per_ms) % round(1000 * interval_s)
+            if (second * 1000 - offset_ms) % round(1000 * interval_s) < 1000:
+                seqs[i] += 1
+                beats += 1
+                asm.add_beat(ids[i], Beat(seqs[i], interval_s), second + (offset_ms % 1000) / 1000)
+        payloads.append(encode_bundle(asm.flush(second + 1.0)))
+    return payloads, beats
+
+
+def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 60) -> dict[str, float]:
+    """decode + observe + expire of one relay's bundles, in-process, µs per leaf beat and per entry."""
+    payloads, beats = relayed_payloads(version, leaves, seconds)
+    detector = Detector(Policy(), 0.0)
+    spent = {"decode": 0.0, "observe": 0.0, "expire": 0.0}
+    entries = 0
+    clock = time.process_time
+    for k, payload in enumerate(payloads):
+        now = k + 1.0
+        t0 = clock()
+        bundle = decode_bundle(payload)
+        t1 = clock()
+        detector.observe(bundle, now)
+        t2 = clock()
+        detector.expire(now)
+        t3 = clock()
+        spent["decode"] += t1 - t0
+        spent["observe"] += t2 - t1
+        spent["expire"] += t3 - t2
+        entries += len(bundle.hosts)
+    assert all(h.state == "up" for h in detector.hosts.values()), "every leaf stays up"
+    out = {f"{part}_us_per_beat": s / beats * 1e6 for part, s in spent.items()}
+    out["total_us_per_beat"] = sum(spent.values()) / beats * 1e6
+    out["total_us_per_entry"] = sum(spent.values()) / entries * 1e6
+    out["entries_per_beat"] = entries / beats
+    out["bytes_per_beat"] = sum(len(p) for p in payloads) / beats
+    return out

@@ -274,8 +274,10 @@ class Detector:
             candidates.append(silence)
         return min(candidates) if candidates else None
 
-    def expire(self, now: float) -> list[Transition]:
-        """Everything whose deadline has passed by `now`, in deadline order."""
+    def expire(self, now: float, limit: int | None = None) -> list[Transition]:
+        """Everything whose deadline has passed by `now`, in deadline order; with `limit`, stop once
+        that many transitions are decided (the rest stay due: call again), so that a mass event is
+        decided in steps between which the shell may read its input."""
         out: list[Transition] = []
         silence = self._silence_deadline()
         if silence is not None and silence <= now:
@@ -283,7 +285,8 @@ class Detector:
         if self.blind:
             return out
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        bound = math.inf if limit is None else limit
+        while heap and heap[0][0] <= now and len(out) < bound:
             scheduled, _, track = heapq.heappop(heap)
             if track.scheduled != scheduled:
                 continue  # superseded entry

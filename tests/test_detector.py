@@ -1252,3 +1252,19 @@ def test_a_relay_whose_keyframe_was_missed_or_that_was_restored_waits_for_one() 
     asm.request_keyframe()
     restored.observe(asm.flush(12.0), 12.0)
     assert not restored.relays["r1"].desynced
+
+
+def test_expire_with_a_limit_decides_a_mass_event_in_steps_with_the_same_outcome() -> None:
+    def fleet() -> Detector:
+        detector = Detector(Policy(misses=3), 0.0)
+        for i in range(1000):
+            detector.observe_beat(f"d{i:04d}", Beat(1, 1.0), 1.0 + i / 10_000)
+        return detector
+
+    whole = fleet().expire(10.0)
+    stepped, steps = fleet(), []
+    while out := stepped.expire(10.0, limit=300):
+        steps.append(out)
+    assert [len(step) for step in steps] == [300, 300, 300, 100]
+    assert [t for step in steps for t in step] == whole
+    assert len(whole) == 1000
