@@ -14,7 +14,7 @@ from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.expiry import Expiry
 from relaybeat.monitor.ingest import Ingest
 from relaybeat.monitor.states import State, Transition
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import BrokerURL, payload_bytes
 from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.wire import Beat, Bundle, Topics, decode_bundle, encode_beat, encode_bundle
 from tests.conftest import CentralBroker
@@ -48,7 +48,7 @@ async def _subscriber(url: BrokerURL, topic: str, got: list[bytes]) -> None:
     async with url.client(f"test-{uuid.uuid4().hex[:8]}") as client:
         await client.subscribe(topic, qos=1)
         async for message in client.messages:
-            got.append(bytes(message.payload))  # type: ignore[arg-type]
+            got.append(payload_bytes(message.payload))
 
 
 async def test_a_relay_sends_binary_deltas_and_a_keyframe_when_asked(central_broker: CentralBroker) -> None:
