@@ -5,6 +5,9 @@
 - expire: the cost of `expire(now)` when nothing is due (the common call), when every host's heap
   entry is early (all were heard since: each is pushed back), and a mass event: a relay with all
   its hosts falls silent -> relay down + every host unreachable; and direct hosts all going down.
+- pipeline: decode + observe + expire per leaf beat of one relay's realistic bundles (2,500 leaves
+  beating every 5 s, a flush a second, moving ages, a new seq each beat) in steady state: wire
+  version 1 (every bundle full) against version 2 (deltas, a keyframe every 30 s); bytes per beat.
 - memory: bytes per tracked host at each `--hosts`, as the RSS growth of a fresh process that
   builds the detector through `observe` (what the monitor holds), and tracemalloc up to 100k.
 """
@@ -164,7 +167,15 @@ def run(args: Any, out: Any) -> Report:
         if hosts <= 100_000:
             memory[hosts]["traced_bytes_per_host"] = traced_per_host(hosts, size)
         print(f"  {hosts:,} hosts: {memory[hosts]}", flush=True)
-    report.data = {"observe_entries_per_s": rates, "observe_hosts": observe_hosts, "expire": expire, "memory": memory}
+    seconds = 70 if not args.smoke else 15
+    pipeline = {version: pipeline_costs(version, seconds=seconds) for version in (1, 2)}
+    report.data = {
+        "observe_entries_per_s": rates,
+        "observe_hosts": observe_hosts,
+        "expire": expire,
+        "memory": memory,
+        "pipeline": pipeline,
+    }
     report.say(f"\ndetector, in-process, one core: median [min–max] of {args.reps} rep(s)\n")
     report.say(
         table(
@@ -186,6 +197,17 @@ def run(args: Any, out: Any) -> Report:
             ],
         )
     )
+    report.say("\none relay's bundles, 2,500 leaves every 5 s, flush 1 s: µs of CPU per leaf beat (steady state)\n")
+    report.say(
+        table(
+            ["wire", "decode", "observe", "expire", "total", "entries/beat", "bytes/beat"],
+            [
+                (f"version {v}", *(num(p[f"{part}_us_per_beat"], 2) for part in ("decode", "observe", "expire")),
+                 num(p["total_us_per_beat"], 2), num(p["entries_per_beat"], 2), num(p["bytes_per_beat"], 1))
+                for v, p in pipeline.items()
+            ],
+        )
+    )  # fmt: skip
     report.say("\nmemory per tracked host (bytes): RSS growth of a fresh process; tracemalloc where run\n")
     report.say(
         table(
@@ -231,14 +253,20 @@ def relayed_payloads(version: int, leaves: int, seconds: int, interval_s: float 
     return payloads, beats
 
 
-def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 60) -> dict[str, float]:
-    """decode + observe + expire of one relay's bundles, in-process, µs per leaf beat and per entry."""
-    payloads, beats = relayed_payloads(version, leaves, seconds)
+def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 70, warm_up: int = 10) -> dict[str, float]:
+    """decode + observe + expire of one relay's bundles, in-process (process CPU time), µs per leaf
+    beat and per entry, in steady state: the first `warm_up` bundles (every leaf seen once) untimed."""
+    payloads, _ = relayed_payloads(version, leaves, seconds)
     detector = Detector(Policy(), 0.0)
+    for k, payload in enumerate(payloads[:warm_up]):
+        detector.observe(decode_bundle(payload), k + 1.0)
+    payloads = payloads[warm_up:]
+    beats = round(leaves * len(payloads) / 5.0)  # every leaf beats every 5 s
     spent = {"decode": 0.0, "observe": 0.0, "expire": 0.0}
     entries = 0
     clock = time.process_time
-    for k, payload in enumerate(payloads):
+    gc.collect()
+    for k, payload in enumerate(payloads, start=warm_up):
         now = k + 1.0
         t0 = clock()
         bundle = decode_bundle(payload)
