@@ -8,7 +8,7 @@ Rules of this module:
   duplicate or older child bundle (same boot, seq not newer) never replaces a newer one.
 - Leaves and children silent for longer than `forget_after_s` drop out of the bundle.
 - A keyframe lists every leaf; a delta only the leaves beaten since the previous bundle and the ids
-  forgotten since. Keyframes go out at the first flush, every `keyframe_s` (0: every flush, as
+  (of leaves and child relays) forgotten since. Keyframes go out at the first flush, every `keyframe_s` (0: every flush, as
   version 1 requires) and at the next flush after `request_keyframe()`.
 - A child's deltas are forwarded once each, in order, in our next bundle; our keyframes carry each
   child's full picture instead (`advance` folds its deltas into its last keyframe). A child whose
@@ -56,11 +56,16 @@ def advance(held: Bundle | None, news: Bundle) -> Bundle | None:
         return None
     dt = news.sent_ms - held.sent_ms
     hosts = {entry[0]: entry._replace(age_ms=min(MAX_AGE_MS, entry[2] + dt)) for entry in held.hosts}
-    for gone in news.forgot:
+    forgot = set(news.forgot)  # leaves and child relays
+    for gone in forgot:
         hosts.pop(gone, None)
     for entry in news.hosts:
         hosts[entry[0]] = entry
-    children = {child.relay: replace(child, age_ms=min(MAX_AGE_MS, child.age_ms + dt)) for child in held.children}
+    children = {
+        child.relay: replace(child, age_ms=min(MAX_AGE_MS, child.age_ms + dt))
+        for child in held.children
+        if child.relay not in forgot
+    }
     for child in news.children:
         picture = advance(children.get(child.relay), child)
         if picture is None:
@@ -135,6 +140,7 @@ class Assembler:
             self._forgotten.append(host)
         for relay in [relay for relay, child in self._children.items() if child.heard_at < horizon]:
             del self._children[relay]
+            self._forgotten.append(relay)  # so that whoever holds our picture drops it too
         self.seq += 1
         keyframe = self.keyframe_s <= 0 or self._keyframe_due is None or now >= self._keyframe_due
         if keyframe:

@@ -306,9 +306,9 @@ class Bundle:
     child count from the child's own send time, so a host's age at the top is the sum along its path.
 
     A `keyframe` lists every leaf the relay knows; a delta (`keyframe=False`, version 2 only) lists
-    the leaves with news since the relay's previous bundle (`seq - 1`) and the ids it `forgot`. A
-    host a bundle does not mention keeps the evidence it had. `sent_ms` is the relay's monotonic
-    send time since its boot (version 2; None from version 1).
+    the leaves with news since the relay's previous bundle (`seq - 1`) and the ids (of leaves and
+    child relays) it `forgot`. A host a bundle does not mention keeps the evidence it had. `sent_ms`
+    is the relay's monotonic send time since its boot (version 2; None from version 1).
     """
 
     relay: str
