@@ -8,8 +8,9 @@ Rules of this module:
   duplicate or older child bundle (same boot, seq not newer) never replaces a newer one.
 - Leaves and children silent for longer than `forget_after_s` drop out of the bundle.
 - A keyframe lists every leaf; a delta only the leaves beaten since the previous bundle and the ids
-  (of leaves and child relays) forgotten since. Keyframes go out at the first flush, every `keyframe_s` (0: every flush, as
-  version 1 requires) and at the next flush after `request_keyframe()`.
+  (of leaves and child relays) forgotten since. Keyframes go out at the first flush, every
+  `keyframe_s` (0: every flush, as version 1 requires) and at the next flush after
+  `request_keyframe()`.
 - A child's deltas are forwarded once each, in order, in our next bundle; our keyframes carry each
   child's full picture instead (`advance` folds its deltas into its last keyframe). A child whose
   picture we cannot know (we missed one of its deltas) is left out of our keyframes and asked for a
