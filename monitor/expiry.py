@@ -26,7 +26,7 @@ STALL_S = 1.0  # the event loop blocked this long means unread input may be wait
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
 # Transitions decided per step of a pass: 100,000 hosts going silent at once are decided in steps of
 # a few milliseconds each, with the event loop free in between (the API answers, input is read).
-EXPIRE_STEP = 300
+EXPIRE_STEP = 200
 
 
 class Expiry:
