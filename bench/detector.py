@@ -5,6 +5,9 @@
 - expire: the cost of `expire(now)` when nothing is due (the common call), when every host's heap
   entry is early (all were heard since: each is pushed back), and a mass event: a relay with all
   its hosts falls silent -> relay down + every host unreachable; and direct hosts all going down.
+- pipeline: decode + observe + expire per leaf beat of one relay's realistic bundles (2,500 leaves
+  beating every 5 s, a flush a second, moving ages, a new seq each beat) in steady state: wire
+  version 1 (every bundle full) against version 2 (deltas, a keyframe every 30 s); bytes per beat.
 - memory: bytes per tracked host at each `--hosts`, as the RSS growth of a fresh process that
   builds the detector through `observe` (what the monitor holds), and tracemalloc up to 100k.
 """
@@ -22,7 +25,8 @@ import psutil
 
 from bench.report import Report, figure, med, num, spread, table
 from relaybeat.monitor.detector import Detector, Policy
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 
 def iter_bundles(hosts: int, size: int, seq: int = 1) -> Iterator[Bundle]:
@@ -163,7 +167,15 @@ def run(args: Any, out: Any) -> Report:
         if hosts <= 100_000:
             memory[hosts]["traced_bytes_per_host"] = traced_per_host(hosts, size)
         print(f"  {hosts:,} hosts: {memory[hosts]}", flush=True)
-    report.data = {"observe_entries_per_s": rates, "observe_hosts": observe_hosts, "expire": expire, "memory": memory}
+    seconds = 70 if not args.smoke else 15
+    pipeline = {version: pipeline_costs(version, seconds=seconds) for version in (1, 2)}
+    report.data = {
+        "observe_entries_per_s": rates,
+        "observe_hosts": observe_hosts,
+        "expire": expire,
+        "memory": memory,
+        "pipeline": pipeline,
+    }
     report.say(f"\ndetector, in-process, one core: median [min–max] of {args.reps} rep(s)\n")
     report.say(
         table(
@@ -185,6 +197,17 @@ def run(args: Any, out: Any) -> Report:
             ],
         )
     )
+    report.say("\none relay's bundles, 2,500 leaves every 5 s, flush 1 s: µs of CPU per leaf beat (steady state)\n")
+    report.say(
+        table(
+            ["wire", "decode", "observe", "expire", "total", "entries/beat", "bytes/beat"],
+            [
+                (f"version {v}", *(num(p[f"{part}_us_per_beat"], 2) for part in ("decode", "observe", "expire")),
+                 num(p["total_us_per_beat"], 2), num(p["entries_per_beat"], 2), num(p["bytes_per_beat"], 1))
+                for v, p in pipeline.items()
+            ],
+        )
+    )  # fmt: skip
     report.say("\nmemory per tracked host (bytes): RSS growth of a fresh process; tracemalloc where run\n")
     report.say(
         table(
@@ -209,3 +232,57 @@ def run(args: Any, out: Any) -> Report:
     ax.set_title("detector memory per tracked host", fontsize=10)
     report.save(out, {"detector_memory": fig})
     return report
+
+
+def relayed_payloads(version: int, leaves: int, seconds: int, interval_s: float = 5.0) -> tuple[list[bytes], int]:
+    """What one relay sends in `seconds` of flushes (1 s) for `leaves` leaves beating every
+    `interval_s` at staggered times (a new seq each beat): version 1 (every bundle full) or version 2
+    (deltas, a keyframe every 30 s). Returns the payloads and the number of leaf beats they carry."""
+    asm = Assembler("r00000", "boot", 1.0, interval_s, keyframe_s=0.0 if version == 1 else 30.0, version=version)
+    ids = [f"r00000-h{i:06d}" for i in range(leaves)]
+    payloads, beats, seqs = [], 0, [0] * leaves
+    per_ms = 1000 * interval_s / leaves
+    for second in range(seconds):
+        for i in range(leaves):
+            offset_ms = round(i * per_ms) % round(1000 * interval_s)
+            if (second * 1000 - offset_ms) % round(1000 * interval_s) < 1000:
+                seqs[i] += 1
+                beats += 1
+                asm.add_beat(ids[i], Beat(seqs[i], interval_s), second + (offset_ms % 1000) / 1000)
+        payloads.append(encode_bundle(asm.flush(second + 1.0)))
+    return payloads, beats
+
+
+def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 70, warm_up: int = 10) -> dict[str, float]:
+    """decode + observe + expire of one relay's bundles, in-process (process CPU time), µs per leaf
+    beat and per entry, in steady state: the first `warm_up` bundles (every leaf seen once) untimed."""
+    payloads, _ = relayed_payloads(version, leaves, seconds)
+    detector = Detector(Policy(), 0.0)
+    for k, payload in enumerate(payloads[:warm_up]):
+        detector.observe(decode_bundle(payload), k + 1.0)
+    payloads = payloads[warm_up:]
+    beats = round(leaves * len(payloads) / 5.0)  # every leaf beats every 5 s
+    spent = {"decode": 0.0, "observe": 0.0, "expire": 0.0}
+    entries = 0
+    clock = time.process_time
+    gc.collect()
+    for k, payload in enumerate(payloads, start=warm_up):
+        now = k + 1.0
+        t0 = clock()
+        bundle = decode_bundle(payload)
+        t1 = clock()
+        detector.observe(bundle, now)
+        t2 = clock()
+        detector.expire(now)
+        t3 = clock()
+        spent["decode"] += t1 - t0
+        spent["observe"] += t2 - t1
+        spent["expire"] += t3 - t2
+        entries += len(bundle.hosts)
+    assert all(h.state == "up" for h in detector.hosts.values()), "every leaf stays up"
+    out = {f"{part}_us_per_beat": s / beats * 1e6 for part, s in spent.items()}
+    out["total_us_per_beat"] = sum(spent.values()) / beats * 1e6
+    out["total_us_per_entry"] = sum(spent.values()) / entries * 1e6
+    out["entries_per_beat"] = entries / beats
+    out["bytes_per_beat"] = sum(len(p) for p in payloads) / beats
+    return out

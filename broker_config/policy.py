@@ -68,11 +68,15 @@ class TopicPolicy:
 def topic_policy(prefix: str, relays: Sequence[str] = (), monitors: Sequence[str] = ()) -> TopicPolicy:
     """relaybeat's policy. Every user is a leaf and may publish its own beat (`pattern write
     <prefix>beat/%u`, as in Mosquitto, where pattern lines bind every user). Relays also read beats,
-    bundles and relay statuses and write their own bundle and status. Monitors read `<prefix>#`."""
+    bundles and relay statuses and write their own bundle and status; they hear requests for their own
+    keyframe and may ask relays below them for one. Monitors read `<prefix>#` and may ask any relay for
+    a keyframe (`<prefix>relay/<id>/resync`)."""
     topics = Topics(prefix)
-    relay_publish = (topics.bundle("%u"), topics.relay_status("%u"))
-    relay_subscribe = (topics.all_beats, topics.all_bundles, topics.all_relay_statuses)
+    any_resync = topics.relay_resync("+")
+    relay_publish = (topics.bundle("%u"), topics.relay_status("%u"), any_resync)
+    relay_subscribe = (topics.all_beats, topics.all_bundles, topics.all_relay_statuses, topics.relay_resync("%u"))
     monitor_subscribe = (f"{prefix}#",)
+    monitor_publish = (any_resync,)
     publish: dict[str, tuple[str, ...]] = {"*": (topics.beat("%u"),)}
     subscribe: dict[str, tuple[str, ...]] = {}
     for relay in relays:
@@ -80,6 +84,7 @@ def topic_policy(prefix: str, relays: Sequence[str] = (), monitors: Sequence[str
         subscribe[relay] = (*subscribe.get(relay, ()), *relay_subscribe)
     for monitor in monitors:
         subscribe[monitor] = (*subscribe.get(monitor, ()), *monitor_subscribe)
+        publish[monitor] = (*publish.get(monitor, ()), *monitor_publish)
     return TopicPolicy(publish=publish, subscribe=subscribe)
 
 

@@ -12,8 +12,16 @@ Rules of this module:
   `down`; deadlines simply wait.
 - A dead relay makes its whole subtree `unreachable` in one batch, blaming the nearest dead relay.
   Hosts come back from fresh evidence only; the time of a death is taken from the evidence.
-- Deadlines live in a heap with at most one live entry per subject; an entry may be early (the
-  subject was heard since) and is then pushed back, so nothing rescans all hosts.
+- Deadlines of relays and of direct hosts live in a heap with at most one live entry per subject;
+  an entry may be early (the subject was heard since) and is then pushed back. A host behind a relay
+  has no heap entry: the relay's bundles are its clock. Its deadline sits in a column of its relay
+  (`RelayTrack.deadlines`), updated in place by its news, and each bundle of that relay finds the
+  hosts whose deadline it passed in one vectorised comparison, so the Python work per bundle is
+  proportional to its news and its hosts' deadlines, not to the relay's hosts.
+- A delta bundle says only what changed; a host it does not mention keeps its evidence. A relay
+  whose bundles skip a seq (or whose first bundle of a boot is a delta, or that was restored from
+  SQL) is out of sync: none of its hosts or child relays is declared silent until its next keyframe,
+  and the shell is asked (`resync_wanted`) to request one from the top-level relay that carries it.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import fnmatch
 import heapq
 import itertools
 import math
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
+
+import numpy as np
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
@@ -94,7 +105,7 @@ class _Track:
 
 
 class HostTrack(_Track):
-    __slots__ = ("interval_s", "misses", "others", "seq", "stats", "via", "via_seen")
+    __slots__ = ("interval_s", "misses", "others", "seq", "slot", "stats", "via", "via_seen")
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         super().__init__(subject, state, since, last_seen)
@@ -105,10 +116,14 @@ class HostTrack(_Track):
         self.via_seen = _NEVER
         self.others: dict[str | None, float] | None = None  # other paths: relay -> last seen there
         self.stats: _Arrivals | None = None
+        self.slot = -1  # its place in its relay's columns (-1: none, e.g. a direct host)
 
 
 class RelayTrack(_Track):
-    __slots__ = ("boot", "children", "flush_s", "hosts", "parent", "pending", "retired", "seq")
+    __slots__ = (
+        "boot", "children", "deadlines", "desynced", "flush_s", "free", "hosts", "members", "parent", "pending",
+        "resync_asked", "retired", "seq",
+    )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         super().__init__(subject, state, since, last_seen)
@@ -121,6 +136,12 @@ class RelayTrack(_Track):
         self.children: set[str] = set()
         # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
         self.pending: list[AnyTrack] = []
+        self.desynced = False  # a delta of it was missed: judge nothing behind it until a keyframe
+        # Columns of the hosts behind it (`hosts`), by slot: the host and its deadline (inf: none).
+        self.members: list[HostTrack | None] = []
+        self.deadlines = array("d")
+        self.free: list[int] = []  # slots left by hosts that moved or were forgotten
+        self.resync_asked = _NEVER  # when a keyframe was last asked for
 
 
 AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
@@ -195,6 +216,8 @@ class Detector:
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
         self._z = policy.phi_z
+        # Top-level relays to ask for a keyframe (`<prefix>relay/<id>/resync`); the shell drains it.
+        self.resync_wanted: dict[str, None] = {}
 
     # ------------------------------------------------------------------------------ public inputs
 
@@ -251,7 +274,7 @@ class Detector:
             return False
         host.scheduled = None
         if host.via is not None and host.via in self.relays:
-            self.relays[host.via].hosts.discard(host_id)
+            self._leave(host, self.relays[host.via])
         return True
 
     def next_deadline(self) -> float | None:
@@ -264,8 +287,10 @@ class Detector:
             candidates.append(silence)
         return min(candidates) if candidates else None
 
-    def expire(self, now: float) -> list[Transition]:
-        """Everything whose deadline has passed by `now`, in deadline order."""
+    def expire(self, now: float, limit: int | None = None) -> list[Transition]:
+        """Everything whose deadline has passed by `now`, in deadline order; with `limit`, stop once
+        that many transitions are decided (the rest stay due: call again), so that a mass event is
+        decided in steps between which the shell may read its input."""
         out: list[Transition] = []
         silence = self._silence_deadline()
         if silence is not None and silence <= now:
@@ -273,7 +298,8 @@ class Detector:
         if self.blind:
             return out
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        bound = math.inf if limit is None else limit
+        while heap and heap[0][0] <= now and len(out) < bound:
             scheduled, _, track = heapq.heappop(heap)
             if track.scheduled != scheduled:
                 continue  # superseded entry
@@ -287,6 +313,7 @@ class Detector:
             relay = RelayTrack(r.id, r.state, r.since, r.last_seen)
             relay.parent, relay.boot, relay.flush_s, relay.flapping = r.parent, r.boot, r.flush_s, r.flapping
             relay.seq = -1 if r.seq is None else r.seq
+            relay.desynced = True  # what it sent while we were away is not in SQL: wait for a keyframe
             self.relays[r.id] = relay
         for relay in self.relays.values():
             if relay.parent in self.relays:
@@ -301,7 +328,7 @@ class Detector:
             host.via_seen = _NEVER if h.last_seen is None else h.last_seen
             self.hosts[h.id] = host
             if h.relay is not None:
-                self._relay(h.relay, h.since).hosts.add(h.id)
+                self._join(host, self._relay(h.relay, h.since))
             if host.state == State.UP:
                 self._schedule(host, self._deadline(host))
 
@@ -352,6 +379,16 @@ class Detector:
         return max(seen, self.grace_from, track.grace_from) + self.timeout_s(track)
 
     def _schedule(self, track: AnyTrack, deadline: float) -> None:
+        if type(track) is HostTrack and track.slot >= 0:
+            relay = self.relays[track.via]  # type: ignore[index]
+            if relay.state in _UP_OR_UNKNOWN:  # a live relay's bundles are its clock: its column, exactly
+                track.scheduled = relay.deadlines[track.slot] = deadline
+                return
+            # Behind a relay that is down or unreachable: no bundle of it will come, the heap decides
+            # (always pushed: its `scheduled` may have been a column's, with no heap entry behind it).
+            track.scheduled = deadline
+            heapq.heappush(self._heap, (deadline, next(self._tie), track))
+            return
         if track.scheduled is not None and track.scheduled <= deadline:
             return  # an earlier entry is already in the heap; it will be pushed back when popped
         track.scheduled = deadline
@@ -404,7 +441,18 @@ class Detector:
         )
         track.state = state
         track.since = at
+        if type(track) is RelayTrack and state not in _UP_OR_UNKNOWN:
+            self._columns_to_heap(track)
         self._count_flap(track, kind, at, relay, out)
+
+    def _columns_to_heap(self, relay: RelayTrack) -> None:
+        """A relay that is down or unreachable sends no bundle that could judge its hosts: the
+        deadlines in its columns move to the heap."""
+        deadlines = relay.deadlines
+        for slot, host in enumerate(relay.members):
+            if host is not None and host.scheduled is not None and deadlines[slot] != math.inf:
+                heapq.heappush(self._heap, (host.scheduled, next(self._tie), host))
+                deadlines[slot] = math.inf
 
     def _count_flap(self, track: AnyTrack, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
         policy = self.policy
@@ -464,6 +512,8 @@ class Detector:
             relay.last_seen = sent
         if relay.flapping:
             self._check_flap_end(relay, Kind.RELAY, now, parent, out)
+        if relay.desynced:
+            self._ask_resync(relay, now)
 
         deadline = self._deadline(relay)
         was = relay.state
@@ -479,8 +529,10 @@ class Detector:
         self._observe_entries(relay.id, bundle, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
-        if relay.pending:
-            self._confirm_pending(relay, now, out)
+        if not relay.desynced:  # out of sync, its silence proves nothing: they wait
+            if relay.pending:
+                self._confirm_pending(relay, now, out)
+            self._expire_behind(relay, now, out)
         if was != State.UP and relay.state == State.UP:
             self._resume_subtree(relay, now, out)
 
@@ -503,6 +555,9 @@ class Detector:
         boot); a new boot retires the old one and is recorded as a restart."""
         if relay.boot == bundle.boot:
             if bundle.seq == relay.seq and parent is not None:
+                if bundle.keyframe and relay.desynced:
+                    relay.desynced = False  # its parent's keyframe carries its full picture: in sync again
+                    return True
                 return False  # a parent folds a child's latest bundle into every flush: nothing new, nothing wrong
             if bundle.seq <= relay.seq:
                 self._ignore("stale_bundle")
@@ -514,6 +569,10 @@ class Detector:
                 # would make every genuine bundle after it look stale, and the relay look dead.
                 self._ignore("future_seq")
                 return False
+            if bundle.keyframe:
+                relay.desynced = False
+            elif bundle.seq != relay.seq + 1:
+                relay.desynced = True  # a delta in between was lost
             return True
         if bundle.boot in relay.retired:
             self._ignore("retired_boot")
@@ -525,12 +584,32 @@ class Detector:
             reason = f"relay restarted (boot {relay.boot} → {bundle.boot})"
             out.append(self._event(Kind.RELAY, relay, now, reason, parent, Event.RESTART))
         relay.boot = bundle.boot
+        relay.desynced = not bundle.keyframe  # a new boot's first bundle is a keyframe; we missed it
         return True
+
+    def _ask_resync(self, relay: RelayTrack, now: float) -> None:
+        """Ask for a keyframe through the top-level relay above `relay` (the one whose topic the
+        monitor can publish to); again at most once per max(1 s, its timeout)."""
+        if now - relay.resync_asked < max(1.0, relay.flush_s * self.policy.misses):
+            return
+        relay.resync_asked = now
+        top, seen = relay, {relay.id}
+        while top.parent is not None and top.parent in self.relays and top.parent not in seen:
+            top = self.relays[top.parent]
+            seen.add(top.id)
+        self.resync_wanted[top.id] = None
+
+    def take_resync_requests(self) -> list[str]:
+        """The top-level relays to ask for a keyframe now (each once)."""
+        wanted, self.resync_wanted = list(self.resync_wanted), {}
+        return wanted
 
     def _observe_entries(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
         """The host entries of one relay's bundle, sent at `sent` (the monitor's clock)."""
         hosts, up = self.hosts, State.UP
         plain = not self.policy.adaptive
+        deadlines = self.relays[rid].deadlines
+        grace = self.grace_from
         for entry in bundle.hosts:
             host = hosts.get(entry[0])
             # Fast paths for the common case: an up host, heard through the relay that brought its
@@ -549,9 +628,12 @@ class Detector:
                     and host.scheduled is not None
                     and not host.flapping
                 ):
-                    # A new beat: its heap entry is already early enough, so only the news moves.
+                    # A new beat: the news and its deadline move, in place.
                     host.last_seen = host.via_seen = seen
                     host.seq = seq
+                    floor = grace if grace > host.grace_from else host.grace_from
+                    deadline = (seen if seen > floor else floor) + host.interval_s * host.misses
+                    host.scheduled = deadlines[host.slot] = deadline
                     continue
             self._observe_host(entry, rid, sent, now, out)
 
@@ -619,10 +701,52 @@ class Detector:
 
     def _set_via(self, host: HostTrack, relay_id: str | None) -> None:
         if host.via is not None and host.via in self.relays:
-            self.relays[host.via].hosts.discard(host.id)
+            self._leave(host, self.relays[host.via])
         host.via = relay_id
         if relay_id is not None:
-            self.relays[relay_id].hosts.add(host.id)
+            self._join(host, self.relays[relay_id])
+        elif host.scheduled is not None:  # now a direct host: its deadline goes on the heap
+            heapq.heappush(self._heap, (host.scheduled, next(self._tie), host))
+
+    @staticmethod
+    def _join(host: HostTrack, relay: RelayTrack) -> None:
+        """Give a host a slot in the columns of the relay it is now heard through."""
+        deadline = math.inf if host.scheduled is None else host.scheduled
+        if relay.free:
+            slot = relay.free.pop()
+            relay.members[slot] = host
+            relay.deadlines[slot] = deadline
+        else:
+            slot = len(relay.members)
+            relay.members.append(host)
+            relay.deadlines.append(deadline)
+        host.slot = slot
+        relay.hosts.add(host.id)
+
+    @staticmethod
+    def _leave(host: HostTrack, relay: RelayTrack) -> None:
+        if host.slot >= 0:
+            relay.members[host.slot] = None
+            relay.deadlines[host.slot] = math.inf
+            relay.free.append(host.slot)
+            host.slot = -1
+        relay.hosts.discard(host.id)
+
+    def _expire_behind(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
+        """The hosts behind `relay` whose deadline its latest bundle (sent at `relay.last_seen`)
+        passed: the relay is alive and said nothing newer of them. One vectorised comparison finds
+        them; each is then decided as a heap entry would be."""
+        sent = relay.last_seen
+        if sent is None or not relay.members:
+            return
+        due = np.flatnonzero(np.frombuffer(relay.deadlines, dtype=np.float64) <= sent).tolist()
+        for slot in due:
+            host = relay.members[slot]
+            relay.deadlines[slot] = math.inf
+            if host is None or host.scheduled is None:
+                continue
+            host.scheduled = None
+            self._recheck(host, now, out)
 
     def _resume_host(self, host: HostTrack, now: float, out: list[Transition]) -> None:
         """Decide a host from its evidence alone (its path is alive)."""
@@ -656,7 +780,7 @@ class Detector:
         only then is the silence the subject's and not the relay's."""
         upstream = track.via if isinstance(track, HostTrack) else _parent(track)
         relay = None if upstream is None else self.relays.get(upstream)
-        unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline)
+        unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline or relay.desynced)
         if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
             relay.pending.append(track)
             return

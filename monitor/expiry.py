@@ -18,12 +18,15 @@ from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.states import Transition
 
-__all__ = ["EXPIRY_QUANTUM_S", "STALL_S", "Expiry"]
+__all__ = ["EXPIRE_STEP", "EXPIRY_QUANTUM_S", "STALL_S", "Expiry"]
 
 log = logging.getLogger("relaybeat.monitor")
 
 STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
+# Transitions decided per step of a pass: 100,000 hosts going silent at once are decided in steps of
+# a few milliseconds each, with the event loop free in between (the API answers, input is read).
+EXPIRE_STEP = 200
 
 
 class Expiry:
@@ -65,7 +68,7 @@ class Expiry:
                     await self._wake.wait()
             self._wake.clear()
             await self.catch_up()
-            self.expire()
+            await self._expire_in_steps()
 
     def expire(self) -> None:
         """Hand the detector the current time: whatever deadline has passed is decided now.
@@ -75,7 +78,18 @@ class Expiry:
         gets a timeout of grace instead of being judged on news we have not read yet."""
         if self._last_tick is not None:
             self._check_stall()
-        self.decide(self.detector.expire(self.clock.now()))
+        while len(out := self.detector.expire(self.clock.now(), EXPIRE_STEP)) >= EXPIRE_STEP:
+            self.decide(out)
+        self.decide(out)
+
+    async def _expire_in_steps(self) -> None:
+        """`expire`, yielding to the event loop between steps of EXPIRE_STEP transitions."""
+        if self._last_tick is not None:
+            self._check_stall()
+        while len(out := self.detector.expire(self.clock.now(), EXPIRE_STEP)) >= EXPIRE_STEP:
+            self.decide(out)
+            await asyncio.sleep(0)
+        self.decide(out)
 
     def late_s(self) -> float:
         """How far past its deadline the loop is (0 when it has none, or is not late)."""

@@ -1,6 +1,9 @@
 """The monitor's ingest part: one MQTT session (persistent, QoS 1) in, decoded and validated news to
 the detector out. Bad input is counted and logged (`rejections`), never raised.
 
+When the detector lost track of a relay's deltas it asks for a keyframe: the request goes out on
+`<prefix>relay/<id>/resync` (QoS 0; asked again while it stays out of sync).
+
 It also reads the backlog before each expiry pass (`catch_up`): input that outlasts BEHIND_S of
 reading starts a timeout of grace, as a stall does.
 """
@@ -94,6 +97,8 @@ class Ingest:
         try:
             async for message in messages(client):
                 self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+                if self.detector.resync_wanted:
+                    await self.ask_resyncs(client)
         finally:
             self._client = None
         msg = "broker closed the message stream"
@@ -142,6 +147,12 @@ class Ingest:
                 INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
             )
         self.expiry.news()
+
+    async def ask_resyncs(self, client: aiomqtt.Client) -> None:
+        """Ask the relays the detector lost track of for a keyframe."""
+        for relay in self.detector.take_resync_requests():
+            self.received["resync_requests"] += 1
+            await client.publish(self.topics.relay_resync(relay), b"", qos=0)
 
     async def catch_up(self) -> None:
         """Read what already reached us (aiomqtt's queue, our socket) before judging anyone on it: news

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class Monitor:
         self.detector.restore((h.snapshot(mono) for h in hosts), (r.snapshot(mono) for r in relays))
         self.writer.last_written_id = await self.store.last_transition_id()
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
+        del hosts, relays
+        gc.collect()
+        gc.freeze()  # what start-up built lives on: the collector need not scan it again on the hot path
 
     def close(self) -> None:
         """Release the journal (its lines stay for the next start if SQL does not hold them yet)."""

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import aiomqtt
 
@@ -21,9 +22,11 @@ from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, re
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
+    BINARY_VERSION,
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
     DEFAULT_PREFIX,
+    FORMAT_VERSION,
     INTERNAL_ERROR,
     MAX_TREE_DEPTH,
     OFFLINE,
@@ -42,6 +45,8 @@ log = logging.getLogger("relaybeat.relay")
 
 CATCH_UP_QUIET_S = 0.05  # after a pause, the local backlog counts as read once nothing waited for this long
 CATCH_UP_MAX_S = 10.0  # and reading it never holds back a bundle longer than this
+DEFAULT_KEYFRAME_S = 30.0
+BundleFormat = Literal["binary", "json"]  # wire format version 2 (deltas and keyframes), or 1 (keyframes only)
 
 
 def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
@@ -69,11 +74,16 @@ class RelaySettings:
     # Fold bundles of child relays heard on the local broker into ours (a relay tree). None: only when
     # the local and upstream brokers differ, so sibling relays sharing one broker never nest.
     accept_children: bool | None = None
+    keyframe_s: float = DEFAULT_KEYFRAME_S  # a full bundle this often; deltas in between (binary only)
+    format: BundleFormat = "binary"
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
         if not 0.01 <= self.flush_s <= 3600:
             msg = f"flush must be within [0.01, 3600] s, not {self.flush_s}"
+            raise SettingsError(msg)
+        if not 0 <= self.keyframe_s <= 86_400:
+            msg = f"keyframe_s must be within [0, 86400] s, not {self.keyframe_s}"
             raise SettingsError(msg)
 
     @property
@@ -89,9 +99,18 @@ class RelayService:
         self.topics = Topics(settings.prefix)
         self.clock = clock
         self.boot = secrets.token_hex(6)
+        json = settings.format == "json"
         self.assembler = Assembler(
-            settings.relay_id, self.boot, settings.flush_s, settings.default_interval_s, settings.forget_after_s
+            settings.relay_id,
+            self.boot,
+            settings.flush_s,
+            settings.default_interval_s,
+            settings.forget_after_s,
+            keyframe_s=0.0 if json else settings.keyframe_s,  # version 1 knows keyframes only
+            version=FORMAT_VERSION if json else BINARY_VERSION,
+            booted_at=self.clock(),
         )
+        self.resyncs = 0  # keyframe requests heard from upstream
         self.rejections = Rejections(log)
         self.beats = 0
         self.bundles_sent = 0
@@ -221,6 +240,9 @@ class RelayService:
     async def _publish_bundles(self, client: aiomqtt.Client) -> None:
         status_topic = self.topics.relay_status(self.settings.relay_id)
         await client.publish(status_topic, ONLINE, qos=1, retain=True)
+        await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
+        self.assembler.request_keyframe()  # whoever listens may have missed what we sent while away
+        listener = asyncio.create_task(self._hear_resyncs(client))
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:
@@ -229,6 +251,25 @@ class RelayService:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
             raise
+        finally:
+            listener.cancel()
+
+    async def _hear_resyncs(self, client: aiomqtt.Client) -> None:
+        """Requests for a keyframe (the monitor, or our parent, missed a delta of ours)."""
+        topic = self.topics.relay_resync(self.settings.relay_id)
+        async for message in messages(client):
+            if str(message.topic) == topic and not message.retain:
+                self.resyncs += 1
+                self.assembler.request_keyframe()
+
+    async def _ask_children_for_keyframes(self) -> None:
+        """Children whose deltas we missed: ask them for a keyframe on the local broker."""
+        local = self._local_client
+        if local is None:
+            return
+        for child in self.assembler.wanted_keyframes:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await local.publish(self.topics.relay_resync(child), b"", qos=0)
 
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
         s = self.settings
@@ -242,6 +283,7 @@ class RelayService:
             elif local is not None and sum(backlog(local)) > 0:  # busy (a flood): beats may wait behind it
                 await read_backlog(local, s.flush_s / 2, self.clock)
             bundle = self.assembler.flush(self.clock())
+            await self._ask_children_for_keyframes()
             if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
                 # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
                 # its hosts unreachable) instead of watching every host's age grow into its own page.

@@ -180,6 +180,12 @@ def relay(
     max_bundle_bytes: Annotated[
         int | None, typer.Option(help="Largest bundle sent or accepted from a child relay [8 MiB].")
     ] = None,
+    keyframe_s: Annotated[
+        float | None, typer.Option("--keyframe-s", help="Seconds between full bundles; deltas in between [30].")
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="binary (wire version 2, deltas) or json (version 1) [binary].")
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -192,7 +198,7 @@ def relay(
     _logging(log_level)
     flags = RelayFlags(
         id=id, local=local, upstream=upstream, flush=flush, serve=serve, default_interval=default_interval,
-        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix,
+        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix, keyframe_s=keyframe_s, format=format,
     )  # fmt: skip
     start = _settings(lambda: relay_start(flags, os.environ, config))
 

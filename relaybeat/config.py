@@ -46,7 +46,7 @@ from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import parse_hostport
-from relaybeat.relay.service import RelaySettings
+from relaybeat.relay.service import DEFAULT_KEYFRAME_S, BundleFormat, RelaySettings
 from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -304,6 +304,8 @@ class RelayConfig(_Strict):
     prefix: str = DEFAULT_PREFIX
     forget_after_s: Seconds = 86_400.0
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
+    keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
+    format: BundleFormat = "binary"
 
     _id = field_validator("id")(_check_id)
     _upstream = field_validator("upstream")(_check_broker)
@@ -327,6 +329,8 @@ class RelayConfig(_Strict):
             forget_after_s=self.forget_after_s,
             max_bundle_bytes=self.max_bundle_bytes,
             accept_children=None if self.children == "auto" else self.children,
+            keyframe_s=self.keyframe_s,
+            format=self.format,
         )
 
     @field_validator("children", mode="before")

@@ -86,6 +86,8 @@ class RelayFlags:
     children: bool | None = None
     max_bundle_bytes: int | None = None
     prefix: str | None = None
+    keyframe_s: float | None = None
+    format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,8 @@ def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | No
             "relay.children": ("--children/--no-children", flags.children),
             "relay.max_bundle_bytes": ("--max-bundle-bytes", flags.max_bundle_bytes),
             "relay.prefix": ("--prefix (RELAYBEAT_PREFIX)", flags.prefix),
+            "relay.keyframe_s": ("--keyframe-s", flags.keyframe_s),
+            "relay.format": ("--format", flags.format),
         },
     )
     cfg = deployment.relay

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.assembler import Assembler, advance
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 
@@ -208,3 +209,139 @@ def test_flushes_match_a_reference_model(forget_after_s: float, steps: list[tupl
             assert all(e.age_ms >= 0 for e in bundle.hosts)
             assert all(c.age_ms >= 0 for c in bundle.children)
             assert decode_bundle(encode_bundle(bundle)) == bundle
+
+
+# ------------------------------------------------------------------------ deltas and keyframes
+
+
+def delta_assembler(keyframe_s: float = 30.0, relay_id: str = "r1", boot: str = "boot-a") -> Assembler:
+    return Assembler(relay_id, boot, flush_s=1.0, default_interval_s=5.0, keyframe_s=keyframe_s, version=2)
+
+
+def test_first_flush_is_a_keyframe_then_deltas_carry_only_the_leaves_beaten_since() -> None:
+    asm = delta_assembler()
+    asm.add_beat("web-1", Beat(seq=1), now=0.5)
+    asm.add_beat("web-2", Beat(seq=1), now=0.5)
+    first = asm.flush(now=1.0)
+    assert first.keyframe
+    assert set(entries(first)) == {"web-1", "web-2"}
+    asm.add_beat("web-2", Beat(seq=2), now=1.5)
+    second = asm.flush(now=2.0)
+    assert not second.keyframe
+    assert entries(second) == {"web-2": HostEntry("web-2", 2, 500, 5000, LeafStatus.OK)}
+    third = asm.flush(now=3.0)  # no news: still a bundle (the relay's own heartbeat), with nothing in it
+    assert (third.seq, third.keyframe, third.hosts, third.sent_ms) == (3, False, (), 3000)
+
+
+def test_keyframe_every_keyframe_s_and_at_the_next_flush_after_a_request() -> None:
+    asm = delta_assembler(keyframe_s=10.0)
+    kinds = [asm.flush(now=float(t)).keyframe for t in range(25)]
+    assert [t for t, key in enumerate(kinds) if key] == [0, 10, 20]
+    asm.request_keyframe()
+    assert asm.flush(now=25.0).keyframe
+    assert not asm.flush(now=26.0).keyframe
+
+
+def test_a_delta_names_the_leaves_forgotten_since_the_last_bundle() -> None:
+    asm = Assembler("r1", "b", 1.0, 5.0, forget_after_s=5.0, keyframe_s=100.0, version=2)
+    asm.add_beat("old", Beat(), now=0.0)
+    asm.flush(now=0.0)
+    assert asm.flush(now=6.0).forgot == ("old",)
+    assert asm.flush(now=7.0).forgot == ()
+
+
+def test_version_1_assembler_sends_a_keyframe_every_flush_without_send_time() -> None:
+    asm = assembler()
+    asm.add_beat("web-1", Beat(), now=0.0)
+    bundles = [asm.flush(now=float(t)) for t in range(1, 4)]
+    assert all(b.keyframe and b.sent_ms is None and len(b.hosts) == 1 for b in bundles)
+
+
+def test_child_deltas_are_forwarded_once_each_in_order_and_keyframes_carry_the_childs_full_picture() -> None:
+    child = delta_assembler(relay_id="r2", boot="boot-c")
+    parent = delta_assembler(keyframe_s=5.0)
+    child.add_beat("db-1", Beat(seq=1), now=0.0)
+    child.add_beat("db-2", Beat(seq=1), now=0.0)
+    assert parent.add_child(child.flush(now=0.5), now=0.5)  # the child's keyframe
+    assert parent.flush(now=1.0).keyframe  # our first: the child's picture
+    child.add_beat("db-1", Beat(seq=2), now=1.0)
+    parent.add_child(child.flush(now=1.5), now=1.5)
+    parent.add_child(child.flush(now=2.5), now=2.5)
+    delta = parent.flush(now=3.0)
+    assert [(c.seq, c.keyframe, c.age_ms, [e.id for e in c.hosts]) for c in delta.children] == [
+        (2, False, 1500, ["db-1"]),
+        (3, False, 500, []),
+    ]
+    assert parent.flush(now=4.0).children == ()  # nothing new from the child: nothing forwarded
+    keyframe = parent.flush(now=6.0)
+    assert keyframe.keyframe
+    (picture,) = keyframe.children
+    assert (picture.seq, picture.keyframe, picture.age_ms) == (3, True, 3500)
+    assert entries(picture) == {
+        "db-1": HostEntry("db-1", 2, 1500, 5000, LeafStatus.OK),
+        "db-2": HostEntry("db-2", 1, 2500, 5000, LeafStatus.OK),
+    }
+
+
+def test_a_child_whose_delta_we_missed_is_left_out_of_keyframes_and_asked_for_one() -> None:
+    child = delta_assembler(relay_id="r2", boot="boot-c")
+    parent = delta_assembler(keyframe_s=1.0)
+    parent.add_child(child.flush(now=0.0), now=0.0)
+    child.flush(now=1.0)  # lost on the way
+    parent.add_child(child.flush(now=2.0), now=2.0)
+    assert parent.wanted_keyframes == ["r2"]
+    assert [c.seq for c in parent.flush(now=2.0).children] == []  # our keyframe: nothing we cannot vouch for
+    child.request_keyframe()
+    parent.add_child(child.flush(now=3.0), now=3.0)
+    assert parent.wanted_keyframes == []
+    assert [c.seq for c in parent.flush(now=3.0).children] == [4]
+
+
+# Times in eighths of a second are exact in binary, so ages in ms add up exactly.
+DELTA_STEP = st.one_of(
+    st.tuples(st.just("beat"), HOSTS, st.integers(0, 5)),
+    st.tuples(st.just("flush"), st.just(""), st.integers(0, 1)),  # 1: the bundle is lost
+    st.tuples(st.just("grandchild"), st.just(""), st.integers(0, 1)),
+    st.tuples(st.just("resync"), st.just(""), st.just(0)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 24), DELTA_STEP), max_size=60))
+def test_advancing_a_childs_deltas_gives_the_keyframe_it_would_send(
+    steps: list[tuple[int, tuple[object, ...]]],
+) -> None:
+    """`advance` over every delta a child sent equals the keyframe the child would send at that
+    moment; after a lost delta it knows it cannot know, until the child's next keyframe."""
+    child = Assembler("r2", "c", 1.0, 5.0, forget_after_s=2.0, keyframe_s=1000.0, version=2)
+    grandchild = Assembler("r3", "g", 1.0, 5.0, keyframe_s=1000.0, version=2)
+    picture: Bundle | None = None
+    lost = False
+    now = 0.0
+    for gap, (op, host, number) in steps:
+        now += gap / 8
+        if op == "beat":
+            child.add_beat(str(host), Beat(seq=int(str(number))), now)
+        elif op == "grandchild":
+            grandchild.add_beat("g-1", Beat(seq=int(str(number))), now)
+            child.add_child(grandchild.flush(now), now)
+        elif op == "resync":
+            child.request_keyframe()
+        else:
+            bundle = child.flush(now)
+            if number:
+                lost = True
+                continue
+            picture = advance(picture, bundle)
+            lost = lost and not bundle.keyframe
+            if lost:
+                assert picture is None
+                continue
+            assert picture is not None
+            twin = copy.deepcopy(child)
+            twin.request_keyframe()
+            truth = twin.flush(now)
+            assert replace(picture, children=()) == replace(truth, children=(), seq=picture.seq)
+            assert {c.relay: (c.seq, c.age_ms, entries(c)) for c in picture.children} == {
+                c.relay: (c.seq, c.age_ms, entries(c)) for c in truth.children
+            }

@@ -242,7 +242,7 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     path = tmp_path / "relaybeat.toml"
     path.write_text(
         "[relay]\nlocal = 'mqtt://site:1884'\nupstream = 'mqtt://central:1883'\nflush_s = 2.0\n"
-        "max_bundle_bytes = 100000\nchildren = false\n"
+        "max_bundle_bytes = 100000\nchildren = false\nkeyframe_s = 10.0\nformat = 'json'\n"
         "[leaf]\nbroker = 'mqtt://site:1884'\ninterval_s = 2.5\nprefix = 'site/'\n"
     )
     start = relay_start(RelayFlags(id="relay-a"), {}, path)
@@ -250,6 +250,7 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-a", "site", "central", 2.0)
     assert relay.max_bundle_bytes == 100_000
     assert relay.accept_children is False
+    assert (relay.keyframe_s, relay.format) == (10.0, "json")
     assert start.embedded is None
     flags = RelayFlags(  # --id and --upstream as RELAYBEAT_ID and RELAYBEAT_UPSTREAM
         id="relay-b", upstream="mqtt://up:1", local="mqtt://other:1", flush=0.5, max_bundle_bytes=4096, children=True
@@ -258,7 +259,10 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-b", "other", "up", 0.5)
     assert relay.max_bundle_bytes == 4096
     assert relay.accept_children is True
+    relay = relay_start(RelayFlags(id="relay-d", keyframe_s=5.0, format="binary"), {}, path).settings
+    assert (relay.keyframe_s, relay.format) == (5.0, "binary")
     embedded = relay_start(RelayFlags(id="relay-c"), {}, None)
+    assert (embedded.settings.keyframe_s, embedded.settings.format) == (30.0, "binary")
     assert embedded.embedded == ("127.0.0.1", 1884)
     assert embedded.settings.local == BrokerURL("127.0.0.1", 1884)
 
@@ -282,6 +286,8 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
             lambda: relay_start(RelayFlags(id="r", upstream="http://x"), {}, None),
             "--upstream (RELAYBEAT_UPSTREAM) (relay.upstream)",
         ),
+        (lambda: relay_start(RelayFlags(id="r", format="xml"), {}, None), "--format (relay.format)"),
+        (lambda: relay_start(RelayFlags(id="r", keyframe_s=-1), {}, None), "--keyframe-s (relay.keyframe_s)"),
         (
             lambda: monitor_start(MonitorFlags(max_bundle_bytes=10), {}, None),
             "--max-bundle-bytes (monitor.max_bundle_bytes)",
@@ -307,6 +313,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
         "relay": common | {
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
             "--serve": None, "--default-interval": None, "--children/--no-children": None, "--max-bundle-bytes": None,
+            "--keyframe-s": None, "--format": None,
         },
         "leaf": common | {"--id": "RELAYBEAT_ID", "--broker": "RELAYBEAT_BROKER", "--interval": None},
     }  # fmt: skip

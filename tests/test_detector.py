@@ -8,13 +8,13 @@ and woken at every deadline, all on one fake clock. Times are chosen to be exact
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
@@ -48,14 +48,26 @@ class Relay:
     depth: int = 0
 
 
+SITE_WIRE = [1]  # the wire version the site's relays speak: each test runs with 1 (keyframes) and 2 (deltas)
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["keyframes", "deltas"])
+def site_wire(request: pytest.FixtureRequest) -> Iterator[int]:
+    SITE_WIRE[0] = request.param
+    yield request.param
+    SITE_WIRE[0] = 1
+
+
 @dataclass
 class Site:
-    """A fake deployment around one detector, all on one fake clock."""
+    """A fake deployment around one detector, all on one fake clock. Its relays send version 1
+    bundles (every one a keyframe) or version 2 deltas with a keyframe every 3 s and on request."""
 
     policy: Policy = field(default_factory=Policy)
     start: float = 0.0
     connected: bool = True  # the monitor's own broker connection
     network: bool = True  # False: bundles are lost on the way to the monitor (its network is cut)
+    wire: int = field(default_factory=lambda: SITE_WIRE[0])
 
     def __post_init__(self) -> None:
         self.detector = Detector(self.policy, self.start)
@@ -69,7 +81,7 @@ class Site:
 
     def relay(self, relay_id: str, flush_s: float = 1.0, parent: str | None = None, boot: str = "b1") -> Relay:
         depth = 0 if parent is None else self.relays[parent].depth + 1
-        asm = Assembler(relay_id, boot, flush_s, self.policy.default_interval_s)
+        asm = self.assembler(relay_id, boot, flush_s)
         relay = Relay(relay_id, parent, flush_s, asm, self.now + flush_s, depth=depth)
         self.relays[relay_id] = relay
         return relay
@@ -81,9 +93,16 @@ class Site:
         self.leaves[host] = leaf
         return leaf
 
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        if self.wire == 1:
+            return Assembler(relay_id, boot, flush_s, self.policy.default_interval_s)
+        return Assembler(
+            relay_id, boot, flush_s, self.policy.default_interval_s, keyframe_s=3.0, version=2, booted_at=self.now
+        )
+
     def restart_relay(self, relay_id: str, boot: str) -> None:
         relay = self.relays[relay_id]
-        relay.asm = Assembler(relay_id, boot, relay.flush_s, self.policy.default_interval_s)
+        relay.asm = self.assembler(relay_id, boot, relay.flush_s)
         relay.alive = True
         relay.next_flush = self.now + relay.flush_s
 
@@ -113,7 +132,11 @@ class Site:
 
     def deliver(self, bundle: Bundle) -> list[Transition]:
         self.delivered.append(bundle)
-        return self.record(self.detector.observe(bundle, self.now))
+        out = self.record(self.detector.observe(bundle, self.now))
+        for relay_id in self.detector.take_resync_requests():
+            if self.relays[relay_id].alive:
+                self.relays[relay_id].asm.request_keyframe()
+        return out
 
     def set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -448,6 +471,7 @@ def test_new_boot_resets_seq_and_missing_leaf_keeps_its_deadline() -> None:
 # --------------------------------------------------------------------- 5. order, duplicates, restarts
 
 
+@pytest.mark.parametrize("site_wire", [1], indirect=True)  # it reads ages of hosts a delta leaves out
 def test_duplicate_or_older_bundle_never_moves_host_back() -> None:
     site = one_relay_site("died", "cut-off")
     site.run_until(10.5)
@@ -913,9 +937,7 @@ class DetectorMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.calls: list[tuple[str, tuple[object, ...], list[Transition]]] = []
         # The site.
-        self.asm = {
-            r: Assembler(r, f"{r}-0", flush, SM_POLICY.default_interval_s) for r, (_, flush) in SM_RELAYS.items()
-        }
+        self.asm = {r: self.assembler(r, f"{r}-0", flush) for r, (_, flush) in SM_RELAYS.items()}
         self.boots = dict.fromkeys(SM_RELAYS, 0)
         self.relay_alive = dict.fromkeys(SM_RELAYS, True)
         self.next_flush = {r: flush for r, (_, flush) in SM_RELAYS.items()}
@@ -930,11 +952,17 @@ class DetectorMachine(RuleBasedStateMachine):
         self.state: dict[str, State] = {}
         self.last_at: dict[str, float] = {}
 
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        return Assembler(relay_id, boot, flush_s, SM_POLICY.default_interval_s)
+
     # --------------------------------------------------------------------------- the one door
 
     def call(self, name: str, *args: object) -> None:
         out: list[Transition] = getattr(self.detector, name)(*args)
         self.calls.append((name, args, out))
+        for relay_id in self.detector.take_resync_requests():  # the relay hears the request (or not: it is dead)
+            if self.relay_alive[relay_id]:
+                self.asm[relay_id].request_keyframe()
         for t in out:
             current = self.state.get(t.subject, State.UNKNOWN)
             assert t.at <= self.now, t
@@ -1023,7 +1051,7 @@ class DetectorMachine(RuleBasedStateMachine):
             self.boots[relay_id] += 1
             flush_s = SM_RELAYS[relay_id][1]
             boot = f"{relay_id}-{self.boots[relay_id]}"
-            self.asm[relay_id] = Assembler(relay_id, boot, flush_s, SM_POLICY.default_interval_s)
+            self.asm[relay_id] = self.assembler(relay_id, boot, flush_s)
             self.relay_alive[relay_id] = True
             self.next_flush[relay_id] = self.now + flush_s
 
@@ -1103,8 +1131,21 @@ class DetectorMachine(RuleBasedStateMachine):
             assert getattr(replay, name)(*args) == (out if name != "set_connected" else None), name
 
 
-TestDetectorMachine = DetectorMachine.TestCase
-TestDetectorMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+class DeltaDetectorMachine(DetectorMachine):
+    """The same site and model, with relays sending binary delta bundles and a keyframe every 2 s
+    (and whenever the detector asks for one): lost, late and repeated deltas must never make the
+    detector judge a host on news it missed."""
+
+    def assembler(self, relay_id: str, boot: str, flush_s: float) -> Assembler:
+        return Assembler(
+            relay_id, boot, flush_s, SM_POLICY.default_interval_s, keyframe_s=2.0, version=2, booted_at=self.now
+        )
+
+
+def test_detector_machine(site_wire: int) -> None:
+    """The state machine, with relays speaking version 1 (keyframes) or version 2 (deltas)."""
+    machine = DetectorMachine if site_wire == 1 else DeltaDetectorMachine
+    run_state_machine_as_test(machine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
 
 
 def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
@@ -1134,3 +1175,96 @@ def test_a_bundle_seq_far_in_the_future_is_ignored_and_does_not_poison_the_relay
     detector.observe(Bundle("r1", "b", 29 + 500, 1000, ()), 30.0 + 400)
     assert detector.relays["r1"].seq == 529
     assert detector.ignored["future_seq"] == 1
+
+
+# ---------------------------------------------------------------------------- missed deltas
+
+
+def delta_relay(relay_id: str = "r1", boot: str = "b") -> Assembler:
+    return Assembler(relay_id, boot, 1.0, 5.0, keyframe_s=1000.0, version=2)
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_after_a_missed_delta_nothing_behind_the_relay_is_judged_until_a_keyframe_and_one_is_asked_for() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.add_beat("h1", Beat(seq=1, interval_s=1.0), 0.0)  # timeout 3 s
+    out = detector.observe(asm.flush(1.0), 1.0)
+    assert [(t.subject, t.to_state) for t in out] == [("r1", UP), ("h1", UP)]
+    asm.add_beat("h1", Beat(seq=2, interval_s=1.0), 1.5)  # its last beat, in a bundle that is lost:
+    asm.flush(2.0)
+    out = []
+    for tick in range(3, 11):  # the relay keeps sending (empty) deltas: h1's deadline passes
+        out += detector.expire(float(tick)) + detector.observe(asm.flush(float(tick)), float(tick))
+        assert detector.take_resync_requests() == (["r1"] if tick in (3, 6, 9) else [])  # asked again every 3 s
+    assert out == []
+    assert detector.relays["r1"].desynced
+    asm.request_keyframe()
+    out = detector.observe(asm.flush(11.0), 11.0)
+    # Down, dated by the beat the lost delta carried (1.5 + 3), which only the keyframe told us.
+    assert [(t.subject, t.from_state, t.to_state, t.at) for t in out] == [("h1", UP, DOWN, 4.5)]
+    assert not detector.relays["r1"].desynced
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_host_behind_a_delta_relay_is_down_at_the_first_bundle_after_its_deadline_without_news_of_it() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.add_beat("h1", Beat(seq=1, interval_s=1.0), 0.5)
+    detector.observe(asm.flush(1.0), 1.0)
+    assert detector.expire(3.5) == []  # its deadline passed (3.5), but the relay has not spoken since
+    out = detector.observe(asm.flush(3.75), 3.75)  # an empty delta: the relay is alive, h1 said nothing
+    assert [(t.subject, t.to_state, t.at) for t in out] == [("h1", DOWN, 3.5)]
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_missed_child_delta_asks_the_top_level_relay_and_its_keyframe_resyncs_the_child() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    child, top = delta_relay("r2", "c"), delta_relay("r1", "t")
+    top.add_child(child.flush(0.5), 0.5)
+    detector.observe(top.flush(1.0), 1.0)
+    child.flush(1.5)  # lost between the child and its parent
+    top.add_child(child.flush(2.5), 2.5)
+    assert top.wanted_keyframes == ["r2"]
+    detector.observe(top.flush(3.0), 3.0)
+    assert detector.relays["r2"].desynced
+    assert detector.take_resync_requests() == ["r1"]  # the relay the monitor can reach
+    child.request_keyframe()  # what the parent asks of it
+    top.add_child(child.flush(3.5), 3.5)
+    detector.observe(top.flush(4.0), 4.0)
+    assert not detector.relays["r2"].desynced
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_a_relay_whose_keyframe_was_missed_or_that_was_restored_waits_for_one() -> None:
+    detector = Detector(Policy(misses=3), 0.0)
+    asm = delta_relay()
+    asm.flush(1.0)  # its first bundle, a keyframe: lost
+    detector.observe(asm.flush(2.0), 2.0)
+    assert detector.relays["r1"].desynced
+    assert detector.take_resync_requests() == ["r1"]
+    hosts: list[HostSnapshot] = []
+    relays = [RelaySnapshot("r1", UP, 0.0, 2.0, None, "b", 2, 1.0)]
+    restored = Detector(Policy(misses=3), 10.0)
+    restored.restore(hosts, relays)
+    restored.observe(asm.flush(11.0), 11.0)
+    assert restored.relays["r1"].desynced  # seq 3 follows 2, but what it said meanwhile is not in SQL
+    asm.request_keyframe()
+    restored.observe(asm.flush(12.0), 12.0)
+    assert not restored.relays["r1"].desynced
+
+
+def test_expire_with_a_limit_decides_a_mass_event_in_steps_with_the_same_outcome() -> None:
+    def fleet() -> Detector:
+        detector = Detector(Policy(misses=3), 0.0)
+        for i in range(1000):
+            detector.observe_beat(f"d{i:04d}", Beat(1, 1.0), 1.0 + i / 10_000)
+        return detector
+
+    whole = fleet().expire(10.0)
+    stepped, steps = fleet(), []
+    while out := stepped.expire(10.0, limit=300):
+        steps.append(out)
+    assert [len(step) for step in steps] == [300, 300, 300, 100]
+    assert [t for step in steps for t in step] == whole
+    assert len(whole) == 1000

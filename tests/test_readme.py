@@ -12,6 +12,7 @@ from sqlalchemy import text
 from relaybeat.monitor.states import Event, Kind, State, state_diagram
 from relaybeat.monitor.store import Store, TransitionRow
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
+from tests.wire_inputs import v2_fields
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -25,7 +26,8 @@ def _section(title: str) -> str:
 def test_wire_table_topics_match_the_code() -> None:
     wire = _section("Wire contract")
     topics = Topics()
-    for built in (topics.beat("<host>"), topics.bundle("<relay>"), topics.relay_status("<relay>")):
+    built_topics = (topics.beat("<host>"), topics.bundle("<relay>"), topics.relay_status("<relay>"))
+    for built in (*built_topics, topics.relay_resync("<relay>")):
         assert f"`{built}`" in wire
 
 
@@ -113,3 +115,23 @@ def test_readme_state_diagrams_are_generated_from_the_transition_table() -> None
     states = _section("States and timing")
     for kind in Kind:
         assert f"```mermaid\n{state_diagram(kind)}\n```" in states, f"regenerate the {kind} diagram"
+
+
+def test_version_2_tables_name_every_field_in_the_order_the_code_writes_them() -> None:
+    """The README's byte-by-byte tables, against tests/wire_inputs.py's writer (which the wire tests
+    check against the code): same fields, same order, same widths."""
+    wire = _section("Wire contract")
+    table = wire[wire.index("### Version 2, byte by byte") :]
+    found = re.findall(r"^\| ([^|]+) \| `([a-z_]+)`( column)? \|", table, re.M)
+    columns = {"seq": "seqs", "age_ms": "ages", "interval_ms": "intervals", "status": "statuses"}
+    rows = [(width, columns[name] if column else name) for width, name, column in found]
+    names = [name for _, name in rows]
+    fields = v2_fields()
+    top = [name for name, _ in fields if not name.startswith("child.")]
+    assert names == [*top[:2], *top[2:]], (names, top)
+    widths = {name: len(raw) for name, raw in fields if not name.startswith("child.")}
+    for width, name in rows:
+        fixed = {"1": 1, "4": 4, "8": 8}.get(width.strip())
+        if fixed is not None:
+            assert widths[name] == fixed, name
+    assert all(f'`{code}` `"{status.value}"`' in table for code, status in enumerate(LeafStatus))

@@ -321,6 +321,7 @@ def test_relay_counts_and_warns_once_per_reason_and_keeps_what_it_held(
 
     assert service.rejections.counts == expected
     assert warnings_by_reason(caplog, "relaybeat.relay") == Counter(dict.fromkeys(expected, 1))
+    service.assembler.request_keyframe()  # everything it holds, not just news (none: all was bad)
     after = service.assembler.flush(now[0])
     assert [(h.id, h.seq, h.age_ms, h.interval_ms, h.status) for h in after.hosts] == [
         (h.id, h.seq, h.age_ms + 1000, h.interval_ms, h.status) for h in first.hosts

@@ -44,6 +44,11 @@ POLICY_CASES = [
     ("monitor", "subscribe", "beat/+", True),
     ("monitor", "receive", "relay/relay-a/status", True),
     ("monitor", "publish", "bundle/monitor", False),
+    ("monitor", "publish", "relay/relay-a/resync", True),
+    ("relay-a", "subscribe", "relay/relay-a/resync", True),
+    ("relay-a", "subscribe", "relay/relay-b/resync", False),
+    ("relay-a", "publish", "relay/relay-b/resync", True),  # a parent asks its children for keyframes
+    ("h1", "publish", "relay/relay-a/resync", False),
     ("h+", "publish", "beat/h+", False),  # a username is never a wildcard
     ("h#", "publish", "beat/h#", False),
     (None, "publish", "beat/None", False),
@@ -181,7 +186,8 @@ def test_shipped_mosquitto_acl_grants_exactly_what_the_embedded_broker_grants() 
     named = [user for user in users if user is not None and "+" not in user and "#" not in user]
     samples = {
         *(t.beat(user) for user in named), *(t.bundle(user) for user in named),
-        *(t.relay_status(user) for user in named), t.beat("h1") + "/x", t.bundle("h1") + "/x",
+        *(t.relay_status(user) for user in named), *(t.relay_resync(user) for user in named),
+        t.beat("h1") + "/x", t.bundle("h1") + "/x",
         t.relay_status("h1") + "/x", f"{prefix}beat", f"{prefix}relay/h1", f"{prefix}elsewhere", prefix.rstrip("/"),
         "elsewhere/beat/h1", "$SYS/broker/uptime", f"${prefix}beat/h1",
     }  # fmt: skip

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -34,6 +36,8 @@ from tests.wire_inputs import (
     hostile_beats,
     hostile_bundles,
     hostile_ids,
+    hostile_v2_bundles,
+    v2_fields,
     valid_ids,
 )
 
@@ -386,3 +390,245 @@ def test_hostile_messages_from_the_fuzz_run_are_refused_with_a_reason(
         decode(payload)
     assert err.value.reason == reason
     assert len(str(err.value)) < 300
+
+
+# -------------------------------------------------------------------------------- version 2 (binary)
+
+V2_BUNDLE_CASES = [
+    (
+        Bundle("r1", "b0", 12, 1000, (HostEntry("web-1", 41, 230, 5000, LeafStatus.OK),), version=2, sent_ms=7),
+        bytes.fromhex(
+            "0200"  # version 2, not compressed
+            "01"
+            "027231"
+            "026230"  # a keyframe; relay "r1"; boot "b0"
+            "0c00000000000000"
+            "e8030000"
+            "0700000000000000"
+            "0000000000000000"  # seq, flush_ms, sent_ms, age_ms
+            "01000000"
+            "00000000"
+            "00000000"
+            "05000000"
+            "7765622d31"  # 1 host, 0 forgot, 0 children; ids "web-1"
+            "00"  # no attributes
+            "2900000000000000"
+            "e600000000000000"
+            "88130000"
+            "00"  # seq 41, age 230, interval 5000, ok
+        ),
+    ),
+    (
+        Bundle(
+            "r2",
+            "x",
+            1,
+            500,
+            (HostEntry("db.2", None, 0, 1000, LeafStatus.STOPPING),),
+            (Bundle("r3", "y", 9, 1000, age_ms=340, version=2, keyframe=False, forgot=("gone",), sent_ms=None),),
+            version=2,
+            keyframe=False,
+            sent_ms=2**40,
+        ),
+        bytes.fromhex(
+            "0200"
+            "00"
+            "027232"
+            "0178"  # a delta
+            "0100000000000000"
+            "f4010000"
+            "0000000000010000"
+            "0000000000000000"
+            "01000000"
+            "00000000"
+            "01000000"
+            "04000000"
+            "64622e32"
+            "00"
+            "ffffffffffffffff"
+            "0000000000000000"
+            "e8030000"
+            "01"  # seq none, stopping
+            "00"
+            "027233"
+            "0179"  # the child: a delta
+            "0900000000000000"
+            "e8030000"
+            "ffffffffffffffff"
+            "5401000000000000"  # sent_ms unknown, age 340
+            "00000000"
+            "01000000"
+            "00000000"
+            "04000000"
+            "676f6e65"  # forgot "gone"
+            "00"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("bundle", "payload"), V2_BUNDLE_CASES)
+def test_v2_bundle_golden_cases_both_ways(bundle: Bundle, payload: bytes) -> None:
+    assert encode_bundle(bundle) == payload
+    assert decode_bundle(payload) == bundle
+
+
+def test_v2_readme_layout_is_what_the_code_writes() -> None:
+    """tests/wire_inputs.py writes a bundle by the README's layout, with a writer of its own."""
+    bundle = decode_bundle(b"".join(raw for _, raw in v2_fields()))
+    assert (bundle.relay, bundle.seq, bundle.sent_ms, bundle.keyframe) == ("evil", 3, 5000, True)
+    assert bundle.hosts == (
+        HostEntry("h", 1, 5, 1000, LeafStatus.OK),
+        HostEntry("h2", 2, 6, 1000, LeafStatus.STOPPING),
+    )
+    assert [(c.relay, c.age_ms, [e.id for e in c.hosts]) for c in bundle.children] == [("c1", 9, ["ch"])]
+
+
+def test_v2_compresses_only_where_it_pays() -> None:
+    small = Bundle("r1", "b", 1, 1000, (HostEntry("h", 1, 5, 1000, LeafStatus.OK),), version=2)
+    assert encode_bundle(small)[1] == 0
+    hosts = tuple(HostEntry(f"leaf-{i:05d}", i, i % 1000, 5000, LeafStatus.OK) for i in range(2000))
+    big = Bundle("r1", "b", 1, 1000, hosts, version=2, sent_ms=123)
+    payload = encode_bundle(big)
+    assert payload[1] == 1
+    assert len(payload) < len(encode_bundle(replace(big, version=1))) / 3
+    assert decode_bundle(payload) == big
+
+
+def test_v1_carries_keyframes_only() -> None:
+    with pytest.raises(ValueError, match="keyframes only"):
+        encode_bundle(Bundle("r1", "b", 1, 1000, keyframe=False))
+
+
+v2_entries = st.builds(
+    HostEntry,
+    ids,
+    st.none() | st.integers(0, 2**63 - 1),
+    st.integers(0, 366 * 86_400_000),
+    st.integers(10, 86_400_000),
+    st.sampled_from(LeafStatus),
+)
+v2_nodes = st.builds(
+    Bundle,
+    ids,
+    ids,
+    st.integers(0, 2**63 - 1),
+    st.integers(10, 86_400_000),
+    st.lists(v2_entries, max_size=5).map(tuple),
+    version=st.just(2),
+    keyframe=st.booleans(),
+    forgot=st.lists(ids, max_size=3).map(tuple),
+    sent_ms=st.none() | st.integers(0, 2**63 - 1),
+)
+v2_bundles = st.recursive(
+    v2_nodes,
+    lambda inner: st.builds(
+        lambda top, children: replace(top, children=tuple(children)),
+        v2_nodes,
+        st.lists(st.builds(lambda b, age: replace(b, age_ms=age), inner, st.integers(0, 366 * 86_400_000)), max_size=3),
+    ),
+    max_leaves=6,
+)
+
+
+@given(v2_bundles)
+def test_any_v2_bundle_round_trips(bundle: Bundle) -> None:
+    assert decode_bundle(encode_bundle(bundle)) == bundle
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "reason"),
+    [
+        ("flags", b"\x02", "bad_bundle"),
+        ("kind", b"\x03", "bad_bundle"),
+        ("relay", b"\x03a/b", "bad_id"),
+        ("boot", b"\x00", "bad_boot"),
+        ("seq", (2**63).to_bytes(8, "little"), "bad_seq"),
+        ("flush_ms", (0).to_bytes(4, "little"), "bad_interval"),
+        ("age_ms", (1).to_bytes(8, "little"), "bad_bundle"),  # at the top
+        ("child.age_ms", (10**15).to_bytes(8, "little"), "bad_age"),
+        ("hosts", (3).to_bytes(4, "little"), "bad_entry"),  # two ids for three entries
+        ("hosts", (2**32 - 1).to_bytes(4, "little"), "too_many_entries"),
+        ("ids_bytes", (2**32 - 1).to_bytes(4, "little"), "bad_bundle"),
+        ("ids", b"h\x00h/2", "bad_id"),
+        ("ids", b"h\x00\xffh", "bad_id"),
+        ("ages", (1).to_bytes(8, "little") + (10**15).to_bytes(8, "little"), "bad_age"),
+        ("intervals", (1000).to_bytes(4, "little") + (5).to_bytes(4, "little"), "bad_interval"),
+        ("statuses", b"\x00\x02", "bad_status"),  # 2 and up: reserved
+        ("seqs", (1).to_bytes(8, "little") + (2**63).to_bytes(8, "little"), "bad_seq"),
+        ("child.statuses", b"", "bad_bundle"),  # truncated
+        ("child.children", (1).to_bytes(4, "little"), "bad_bundle"),
+    ],
+)
+def test_bad_v2_bundles_are_rejected_with_a_reason(field: str, raw: bytes, reason: str) -> None:
+    fields = dict(v2_fields())
+    fields[field] = raw
+    with pytest.raises(WireError) as err:
+        decode_bundle(b"".join(fields.values()))
+    assert err.value.reason == reason
+
+
+def test_v2_limits_on_size_entries_depth_and_decompression() -> None:
+    hosts = tuple(HostEntry(f"h{i}", i, 0, 1000, LeafStatus.OK) for i in range(1001))
+    many = encode_bundle(Bundle("r1", "b", 1, 1000, hosts, version=2))
+    with pytest.raises(WireError) as err:
+        decode_bundle(many, max_entries=1000)
+    assert err.value.reason == "too_many_entries"
+    assert decode_bundle(many, max_entries=1001).entry_count() == 1001
+    with pytest.raises(WireError) as err:
+        decode_bundle(many, max_bytes=100)
+    assert err.value.reason == "too_large"
+    bomb = b"\x02\x01" + zlib.compress(b"\x00" * 10_000_000, 9)  # 10 MB of zeros in ~10 kB
+    with pytest.raises(WireError) as err:
+        decode_bundle(bomb, max_bytes=1_000_000)
+    assert err.value.reason == "too_large"
+    for payload in (b"\x02\x01" + b"not zlib", b"\x02\x01" + zlib.compress(b"x")[:-2], b"\x02", b"\x02\x00"):
+        with pytest.raises(WireError) as err:
+            decode_bundle(payload)
+        assert err.value.reason == "bad_bundle"
+    child = Bundle("c", "b", 1, 1000, version=2)
+    for _ in range(20):
+        child = Bundle("c", "b", 1, 1000, (), (child,), version=2)
+    with pytest.raises(WireError) as err:
+        decode_bundle(encode_bundle(child))
+    assert err.value.reason == "too_deep"
+
+
+def _assert_sound_v2_bundle(bundle: Bundle, depth: int = 0) -> None:
+    assert depth <= 16
+    assert bundle.version == 2
+    for subject in (bundle.relay, bundle.boot, *(entry.id for entry in bundle.hosts), *bundle.forgot):
+        assert type(subject) is str
+        assert ID_GRAMMAR.fullmatch(subject)
+    assert type(bundle.seq) is int
+    assert 0 <= bundle.seq < 2**63
+    assert bundle.sent_ms is None or 0 <= bundle.sent_ms < 2**63
+    assert 0 <= bundle.age_ms <= 366 * 86_400_000
+    for entry in bundle.hosts:
+        assert entry.seq is None or (type(entry.seq) is int and 0 <= entry.seq < 2**63)
+        assert 0 <= entry.age_ms <= 366 * 86_400_000
+        assert 10 <= entry.interval_ms <= 86_400_000
+        assert entry.status in (LeafStatus.OK, LeafStatus.STOPPING)
+    for child in bundle.children:
+        _assert_sound_v2_bundle(child, depth + 1)
+
+
+@settings(max_examples=500)
+@given(hostile_v2_bundles)
+def test_hostile_v2_bundles_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
+    try:
+        bundle = decode_bundle(payload)
+    except WireError as err:
+        shown = str(err)
+    else:
+        _assert_sound_v2_bundle(bundle)
+        return
+    assert len(shown) < 300
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_v2_decoder_returns_or_raises_wire_error_for_any_bytes(tail: bytes) -> None:
+    for head in (b"\x02\x00", b"\x02\x01", b"\x02"):
+        with contextlib.suppress(WireError):
+            _assert_sound_v2_bundle(decode_bundle(head + tail))

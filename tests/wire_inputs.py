@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import zlib
 from collections.abc import Callable
 
 import orjson
@@ -131,3 +132,85 @@ def _hostile_payload(
 
 hostile_beats = _hostile_payload(_sound_beat, BEAT_SLOTS)
 hostile_bundles = _hostile_payload(_sound_bundle, BUNDLE_SLOTS)
+
+
+# Version 2 (binary), structure-aware: a sound bundle written field by field by a writer of our own
+# (independent of relay/wire.py, following the README's layout), then one to three fields replaced
+# by hostile bytes: extreme integers, lengths that lie, hostile ids, reserved flags and status bytes,
+# truncations; the whole optionally compressed (or claiming to be).
+
+_U64_EDGES = [0, 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
+
+
+def _v2_node_fields(
+    prefix: str, relay: str, hosts: list[tuple[str, int, int, int, int]], children: int
+) -> list[tuple[str, bytes]]:
+    ids = "\0".join(host for host, *_ in hosts).encode()
+    n = len(hosts)
+    return [
+        (f"{prefix}kind", b"\x01"),
+        (f"{prefix}relay", bytes([len(relay)]) + relay.encode()),
+        (f"{prefix}boot", b"\x02b1"),
+        (f"{prefix}seq", (3).to_bytes(8, "little")),
+        (f"{prefix}flush_ms", (1000).to_bytes(4, "little")),
+        (f"{prefix}sent_ms", (5000).to_bytes(8, "little")),
+        (f"{prefix}age_ms", (9 if prefix else 0).to_bytes(8, "little")),
+        (f"{prefix}hosts", n.to_bytes(4, "little")),
+        (f"{prefix}forgot", (0).to_bytes(4, "little")),
+        (f"{prefix}children", children.to_bytes(4, "little")),
+        (f"{prefix}ids_bytes", len(ids).to_bytes(4, "little")),
+        (f"{prefix}ids", ids),
+        (f"{prefix}attributes", b"\x00"),
+        (f"{prefix}seqs", b"".join(seq.to_bytes(8, "little") for _, seq, _, _, _ in hosts)),
+        (f"{prefix}ages", b"".join(age.to_bytes(8, "little") for _, _, age, _, _ in hosts)),
+        (f"{prefix}intervals", b"".join(iv.to_bytes(4, "little") for _, _, _, iv, _ in hosts)),
+        (f"{prefix}statuses", bytes(status for *_, status in hosts)),
+    ]
+
+
+def v2_fields() -> list[tuple[str, bytes]]:
+    """A sound version 2 bundle (relay `evil` with one host and one child), field by field."""
+    return [
+        ("version", b"\x02"),
+        ("flags", b"\x00"),
+        *_v2_node_fields("", "evil", [("h", 1, 5, 1000, 0), ("h2", 2, 6, 1000, 1)], 1),
+        *_v2_node_fields("child.", "c1", [("ch", 1, 5, 1000, 0)], 0),
+    ]
+
+
+_WIDTHS = {"seq": 8, "sent_ms": 8, "age_ms": 8, "flush_ms": 4, "hosts": 4, "forgot": 4, "children": 4, "ids_bytes": 4}
+
+
+def _hostile_field(name: str) -> st.SearchStrategy[bytes]:
+    field_name = name.rsplit(".", 1)[-1]
+    width = _WIDTHS.get(field_name)
+    anything = st.binary(max_size=24)
+    if width is not None:
+        edges = st.sampled_from([n % 2 ** (8 * width) for n in _U64_EDGES]).map(lambda n: n.to_bytes(width, "little"))
+        return edges | st.binary(min_size=width, max_size=width) | anything
+    if field_name in ("relay", "boot"):
+        return st.builds(lambda text: bytes([len(text.encode()) % 256]) + text.encode(), hostile_ids) | anything
+    if field_name == "ids":
+        return st.lists(hostile_ids | valid_ids, min_size=1, max_size=3).map(lambda ids: "\0".join(ids).encode())
+    if field_name in ("kind", "flags", "version", "statuses", "attributes"):
+        return st.binary(min_size=1, max_size=3) | anything
+    return anything
+
+
+@st.composite
+def _hostile_v2(draw: st.DrawFn) -> bytes:
+    fields = v2_fields()
+    names = [name for name, _ in fields]
+    for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True)):
+        fields[names.index(name)] = (name, draw(_hostile_field(name)))
+    payload = b"".join(raw for _, raw in fields)
+    cut = draw(st.none() | st.integers(0, len(payload)))
+    if cut is not None and draw(st.integers(0, 4)) == 0:
+        payload = payload[:cut]
+    if draw(st.integers(0, 4)) == 0:  # compressed, or claiming to be
+        body = payload[2:]
+        payload = b"\x02\x01" + (zlib.compress(body) if draw(st.booleans()) else body)
+    return payload
+
+
+hostile_v2_bundles = _hostile_v2()
