@@ -12,6 +12,8 @@ Rules of this module:
   `down`; deadlines simply wait.
 - A dead relay makes its whole subtree `unreachable` in one batch, blaming the nearest dead relay.
   Hosts come back from fresh evidence only; the time of a death is taken from the evidence.
+- A device a relay vouches for from a watched source (`Bundle.watched`) is `up` while the relay
+  says so; `down` or `unreachable` (its bridge or Sparkplug node gone) at once, with its source's reason.
 - Deadlines live in a heap with at most one live entry per subject; an entry may be early (the
   subject was heard since) and is then pushed back, so nothing rescans all hosts.
 """
@@ -29,7 +31,7 @@ from statistics import NormalDist
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Vouch
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
@@ -94,7 +96,7 @@ class _Track:
 
 
 class HostTrack(_Track):
-    __slots__ = ("interval_s", "misses", "others", "seq", "stats", "via", "via_seen")
+    __slots__ = ("interval_s", "misses", "others", "said", "seq", "source", "stats", "via", "via_seen")
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         super().__init__(subject, state, since, last_seen)
@@ -105,6 +107,8 @@ class HostTrack(_Track):
         self.via_seen = _NEVER
         self.others: dict[str | None, float] | None = None  # other paths: relay -> last seen there
         self.stats: _Arrivals | None = None
+        self.source: str | None = None  # the watched source a relay vouches for it from; None: it beats
+        self.said: tuple[Vouch, str] | None = None  # what that source last said, and the reason shown
 
 
 class RelayTrack(_Track):
@@ -158,6 +162,7 @@ class HostSnapshot:
     interval_s: float
     seq: int | None
     flapping: bool = False
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +302,7 @@ class Detector:
             host = HostTrack(h.id, h.state, h.since, h.last_seen)
             host.interval_s, host.seq, host.flapping = h.interval_s, h.seq, h.flapping
             host.misses = self.policy.misses_for(h.id)
-            host.via = h.relay
+            host.via, host.source = h.relay, h.source
             host.via_seen = _NEVER if h.last_seen is None else h.last_seen
             self.hosts[h.id] = host
             if h.relay is not None:
@@ -477,6 +482,8 @@ class Detector:
             self._relay_silent(relay, deadline, out)
 
         self._observe_entries(relay.id, bundle, sent, now, out)
+        if bundle.watched:
+            self._observe_watched(relay.id, bundle, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
         if relay.pending:
@@ -555,15 +562,32 @@ class Detector:
                     continue
             self._observe_host(entry, rid, sent, now, out)
 
+    def _observe_watched(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
+        """Devices the relay vouches for: `up` as if beating once per flush; `down` or `unreachable` at
+        once (from `up` or `unknown`, as a dead relay's hosts), at the time their source said so."""
+        for w in bundle.watched:
+            host = self._host(w.id, bundle.flush_ms, now)
+            host.source, host.said = w.source, (w.state, f"{w.source}: {w.reason}")
+            if w.state is Vouch.UP:
+                self._observe_host(HostEntry(w.id, None, w.age_ms, bundle.flush_ms, LeafStatus.OK), rid, sent, now, out)
+            elif w.state is Vouch.DOWN or host.state in _UP_OR_UNKNOWN:
+                if host.via != rid:
+                    self._set_via(host, rid)
+                self._move(host, Kind.HOST, State(w.state.value), sent - w.age_ms / 1000, host.said[1], rid, out)
+
+    def _host(self, host_id: str, interval_ms: int, now: float) -> HostTrack:
+        host = self.hosts.get(host_id)
+        if host is None:
+            host = self.hosts[host_id] = HostTrack(host_id, State.UNKNOWN, now, None)
+            host.misses = self.policy.misses_for(host_id)
+            host.interval_s = interval_ms / 1000
+        return host
+
     def _observe_host(
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
         seen = sent - entry.age_ms / 1000
-        host = self.hosts.get(entry.id)
-        if host is None:
-            host = self.hosts[entry.id] = HostTrack(entry.id, State.UNKNOWN, now, None)
-            host.misses = self.policy.misses_for(entry.id)
-            host.interval_s = entry.interval_ms / 1000
+        host = self._host(entry.id, entry.interval_ms, now)
         previous = host.last_seen
         fresher = previous is None or seen > previous
         if relay_id != host.via:
@@ -639,6 +663,8 @@ class Detector:
                     if was in (State.UNKNOWN, State.STOPPED)
                     else (f"beat received (was {was.value} for {now - host.since:.1f} s)")
                 )
+                if host.said is not None:
+                    reason = host.said[1]
                 self._move(host, Kind.HOST, State.UP, now, reason, host.via, out)
             self._schedule(host, self._deadline(host))
         elif self._deadline(host) <= now:
@@ -758,7 +784,7 @@ class Detector:
                 continue
             for host_id in sorted(track.hosts):
                 host = self.hosts[host_id]
-                if host.state == State.UNREACHABLE:
+                if host.state == State.UNREACHABLE and (host.said is None or host.said[0] is Vouch.UP):
                     if self._deadline(host) <= now:
                         host.grace_from = now
                     self._resume_host(host, now, out)

@@ -7,13 +7,14 @@ Rules of this module:
 - Child relays' bundles (a relay tree) are kept as received and folded in with their own age; a
   duplicate or older child bundle (same boot, seq not newer) never replaces a newer one.
 - Leaves and children silent for longer than `forget_after_s` drop out of the bundle.
+- Devices vouched for from watched sources (relay/watch.py) are passed to `flush` as they stand.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, WatchedEntry
 
 
 @dataclass(slots=True)
@@ -60,7 +61,7 @@ class Assembler:
         self._children[bundle.relay] = _Child(now, bundle)
         return True
 
-    def flush(self, now: float) -> Bundle:
+    def flush(self, now: float, watched: tuple[WatchedEntry, ...] = ()) -> Bundle:
         horizon = now - self.forget_after_s
         for table in (self._leaves, self._children):
             for key in [key for key, item in table.items() if item.heard_at < horizon]:
@@ -71,7 +72,7 @@ class Assembler:
             for host, leaf in self._leaves.items()
         )
         children = tuple(replace(child.bundle, age_ms=_ms(now - child.heard_at)) for child in self._children.values())
-        return Bundle(self.relay_id, self.boot, self.seq, self.flush_ms, hosts, children)
+        return Bundle(self.relay_id, self.boot, self.seq, self.flush_ms, hosts, children, watched=watched)
 
     def awaited(self, paused_at: float, resumed_at: float) -> int:
         """Leaves that were beating when the relay paused (heard within two of their intervals before

@@ -280,6 +280,32 @@ def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
 # -------------------------------------------------------------------------------------------- bundles
 
 
+class Vouch(StrEnum):
+    """What a relay says of a device it watches (an availability topic, not beats)."""
+
+    UP = "up"
+    DOWN = "down"
+    UNREACHABLE = "unreachable"  # its bridge or Sparkplug node, through which it is heard, is gone
+
+
+class WatchedEntry(NamedTuple):
+    """A device a relay vouches for from a watched source. On the wire: `[id, state, age_ms, source, reason]`.
+
+    `age_ms`: for `up`, the age of the evidence (0 while the device's session holds, i.e. its Last Will
+    has not fired); for `down` and `unreachable`, how long ago the source said so. `reason` is what
+    the source said (`tele/plug-2/LWT said Offline`), shown after the source's name."""
+
+    id: str
+    state: Vouch
+    age_ms: int
+    source: str
+    reason: str
+
+
+MAX_REASON_CHARS = 200
+_REASON = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # printable: no control character reaches a log or a row
+
+
 class HostEntry(NamedTuple):
     """What a relay knows of one leaf at send time. On the wire: `[id, seq, age_ms, interval_ms, status]`."""
 
@@ -306,10 +332,11 @@ class Bundle:
     hosts: tuple[HostEntry, ...] = ()
     children: tuple[Bundle, ...] = ()
     age_ms: int = 0
+    watched: tuple[WatchedEntry, ...] = ()  # devices the relay vouches for from availability topics
     version: int = field(default=FORMAT_VERSION)
 
     def entry_count(self) -> int:
-        return len(self.hosts) + sum(child.entry_count() for child in self.children)
+        return len(self.hosts) + len(self.watched) + sum(child.entry_count() for child in self.children)
 
 
 def _bundle_body(bundle: Bundle) -> dict[str, Any]:
@@ -322,6 +349,8 @@ def _bundle_body(bundle: Bundle) -> dict[str, Any]:
     }
     if bundle.children:
         body["children"] = [_bundle_body(child) | {"age_ms": child.age_ms} for child in bundle.children]
+    if bundle.watched:
+        body["watched"] = [list(entry) for entry in bundle.watched]
     return body
 
 
@@ -391,6 +420,23 @@ def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
     return tuple(entries)
 
 
+_VOUCHES = {vouch.value: vouch for vouch in Vouch}
+
+
+def _watched_entry(raw: object) -> WatchedEntry:
+    if type(raw) is not list or len(raw) != 5:
+        msg = "bad_entry"
+        raise WireError(msg, "a watched entry is [id, state, age_ms, source, reason]")
+    host, state, age, source, reason = raw
+    if type(state) is not str or state not in _VOUCHES:
+        msg = "bad_status"
+        raise WireError(msg, f"{_shown(state)} is not 'up', 'down' or 'unreachable'")
+    if type(reason) is not str or _REASON.fullmatch(reason) is None:
+        msg = "bad_reason"
+        raise WireError(msg, f"{_shown(reason)} is not 1 to {MAX_REASON_CHARS} printable characters")
+    return WatchedEntry(check_id(host), _VOUCHES[state], _age_ms(age), check_id(source), reason)
+
+
 def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
     if not isinstance(body, dict):
         msg = "bad_bundle"
@@ -404,10 +450,11 @@ def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
         msg = "bad_bundle"
         raise WireError(msg, f"missing field {missing}") from None
     children = body.get("children", [])
-    if type(hosts) is not list or type(children) is not list:
+    watched = body.get("watched", [])
+    if type(hosts) is not list or type(children) is not list or type(watched) is not list:
         msg = "bad_bundle"
-        raise WireError(msg, "hosts and children are lists")
-    budget[0] -= len(hosts) + len(children)
+        raise WireError(msg, "hosts, children and watched are lists")
+    budget[0] -= len(hosts) + len(children) + len(watched)
     if budget[0] < 0:
         msg = "too_many_entries"
         raise WireError(msg, "bundle has more entries than the configured limit")
@@ -419,6 +466,7 @@ def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
         hosts=_host_entries(hosts),
         children=tuple(_bundle(child, depth + 1, budget) for child in children),
         age_ms=_age_ms(body["age_ms"]) if depth > 0 else 0,
+        watched=tuple(_watched_entry(raw) for raw in watched),
     )
 
 
