@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import orjson
 
+import relaybeat.relay.sparkplug as sparkplug
 from relaybeat.errors import SettingsError
-from relaybeat.relay import sparkplug
 from relaybeat.relay.sparkplug import Message
 from relaybeat.relay.wire import MAX_REASON_CHARS, Vouch, WatchedEntry, WireError, check_id
 
