@@ -20,6 +20,7 @@ from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
+from relaybeat.relay.watch import Source, Watch
 from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -69,6 +70,7 @@ class RelaySettings:
     # Fold bundles of child relays heard on the local broker into ours (a relay tree). None: only when
     # the local and upstream brokers differ, so sibling relays sharing one broker never nest.
     accept_children: bool | None = None
+    watch: tuple[Source, ...] = ()  # sources whose devices the relay vouches for (relay/watch.py)
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
@@ -93,6 +95,7 @@ class RelayService:
             settings.relay_id, self.boot, settings.flush_s, settings.default_interval_s, settings.forget_after_s
         )
         self.rejections = Rejections(log)
+        self.watch = Watch(settings.watch, settings.forget_after_s)
         self.beats = 0
         self.bundles_sent = 0
         self.upstream_connected = asyncio.Event()
@@ -132,6 +135,8 @@ class RelayService:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
+        for topic_filter in self.watch.filters:  # retained availability is current state: it is replayed here
+            await client.subscribe(topic_filter, qos=1)
         self._local_client = client
         try:
             async for message in messages(client):
@@ -177,6 +182,9 @@ class RelayService:
         retained beat is no evidence of life (live deliveries never carry the flag)."""
         now = self.clock()
         try:
+            if not topic.startswith(self.topics.prefix) and self.watch.wants(topic):
+                self._watched(self.watch.take(topic, payload, now))
+                return
             kind, subject = self.topics.parse(topic)
             if retained:
                 msg = "retained"
@@ -199,6 +207,18 @@ class RelayService:
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
             self.rejections.add(
                 INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
+
+    def _watched(self, changed: list[str]) -> None:
+        for host in changed:
+            device = self.watch.devices[host]
+            log.info(
+                "relay %s: %s %s is %s (%s)",
+                self.settings.relay_id,
+                device.source.name,
+                host,
+                device.state,
+                device.reason,
             )
 
     # ----------------------------------------------------------------------------- upstream side
@@ -241,7 +261,8 @@ class RelayService:
                 self._flush_due = self.clock()
             elif local is not None and sum(backlog(local)) > 0:  # busy (a flood): beats may wait behind it
                 await read_backlog(local, s.flush_s / 2, self.clock)
-            bundle = self.assembler.flush(self.clock())
+            self._watched(self.watch.expire(self.clock()))
+            bundle = self.assembler.flush(self.clock(), self.watch.entries(self.clock()))
             if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
                 # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
                 # its hosts unreachable) instead of watching every host's age grow into its own page.

@@ -161,10 +161,7 @@ class Watch:
         self._names: dict[str, tuple[str, str]] = {}  # id -> the (source, name) that holds it
         self._bridges: dict[str, bool] = {}  # bridge id -> online
         self._nodes: dict[str, int] = {}  # Sparkplug node id -> the bdSeq of its birth
-
-    @property
-    def filters(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(f for source in self.sources for f in source.filters))
+        self.filters = tuple(dict.fromkeys(f for source in self.sources for f in source.filters))
 
     def wants(self, topic: str) -> bool:
         return any(match(f, topic) is not None for f in self.filters)

@@ -180,6 +180,14 @@ def relay(
     max_bundle_bytes: Annotated[
         int | None, typer.Option(help="Largest bundle sent or accepted from a child relay [8 MiB].")
     ] = None,
+    watch: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PRESET",
+            help="Vouch for devices that announce their own availability: tasmota, esphome, zigbee2mqtt, "
+            "sparkplug (repeatable; custom sources: [[relay.watch]] in the deployment file).",
+        ),
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -192,7 +200,7 @@ def relay(
     _logging(log_level)
     flags = RelayFlags(
         id=id, local=local, upstream=upstream, flush=flush, serve=serve, default_interval=default_interval,
-        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix,
+        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix, watch=tuple(watch or ()),
     )  # fmt: skip
     start = _settings(lambda: relay_start(flags, os.environ, config))
 

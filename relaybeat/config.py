@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import RelaySettings
+from relaybeat.relay.watch import PRESETS, Source, sources
 from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -293,6 +294,41 @@ class ApiConfig(_Strict):
         )
 
 
+class WatchConfig(_Strict):
+    """One `[[relay.watch]]`: a preset (`preset = "tasmota"`) or a custom source (`topic = ...`)."""
+
+    preset: Literal["tasmota", "esphome", "zigbee2mqtt", "sparkplug"] | None = None
+    name: str = "watch"  # a custom source's name, shown in reasons and as the hosts' `source`
+    topic: str | None = None  # an MQTT filter; its + and # levels are the device name
+    online: str = Field(default="online", min_length=1)
+    offline: str = Field(default="offline", min_length=1)
+    field: str | None = None  # the payload is a JSON object and this field holds online/offline
+    expire_after_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WatchConfig:
+        if (self.preset is None) == (self.topic is None):
+            msg = "give either preset (one of " + ", ".join(PRESETS) + ") or topic"
+            raise ValueError(msg)
+        if self.preset is not None and self.model_fields_set - {"preset"}:
+            msg = f"a preset takes no other keys (given: {', '.join(sorted(self.model_fields_set - {'preset'}))})"
+            raise ValueError(msg)
+        self.source()  # a bad topic or name stops here, named
+        return self
+
+    def source(self) -> Source:
+        if self.preset is not None:
+            return PRESETS[self.preset]
+        return Source(
+            name=self.name,
+            topic=self.topic or "",
+            online=self.online,
+            offline=self.offline,
+            field=self.field,
+            expire_after_s=self.expire_after_s,
+        )
+
+
 class RelayConfig(_Strict):
     id: str | None = None  # usually per process: --id or RELAYBEAT_ID
     local: str = "embedded"  # the broker leaves beat to, or "embedded" to run one in the relay
@@ -304,6 +340,7 @@ class RelayConfig(_Strict):
     prefix: str = DEFAULT_PREFIX
     forget_after_s: Seconds = 86_400.0
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
+    watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
 
     _id = field_validator("id")(_check_id)
     _upstream = field_validator("upstream")(_check_broker)
@@ -315,8 +352,9 @@ class RelayConfig(_Strict):
     def _local(cls, value: str) -> str:
         return value if value == "embedded" else _check_broker(value)
 
-    def settings(self, relay_id: str, local: BrokerURL) -> RelaySettings:
-        """`local`: the broker leaves beat to (the embedded one's URL once it runs)."""
+    def settings(self, relay_id: str, local: BrokerURL, watch: Sequence[str] = ()) -> RelaySettings:
+        """`local`: the broker leaves beat to (the embedded one's URL once it runs); `watch`: presets
+        from --watch, watched besides the file's `[[relay.watch]]` sources."""
         return RelaySettings(
             relay_id,
             local,
@@ -327,6 +365,7 @@ class RelayConfig(_Strict):
             forget_after_s=self.forget_after_s,
             max_bundle_bytes=self.max_bundle_bytes,
             accept_children=None if self.children == "auto" else self.children,
+            watch=sources(watch, [w.source() for w in self.watch]),
         )
 
     @field_validator("children", mode="before")
