@@ -3,6 +3,8 @@ and the detector's decisions, on a fake clock. The brokers' side is tests/test_w
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,10 +13,15 @@ from paho.mqtt.client import topic_matches_sub
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.states import Kind, State, Transition
+from relaybeat.monitor.store import Store
 from relaybeat.relay import sparkplug
 from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.watch import PRESETS, Source, Watch, check_filter, device_id, match, sources
 from relaybeat.relay.wire import Bundle, Vouch, WatchedEntry, WireError, decode_bundle, encode_bundle
+from tests.fakes import FakeClock
+from tests.monitors import AUTH, api, call, new_monitor
 
 # ---------------------------------------------------------------------------------- topic matching
 
@@ -333,3 +340,78 @@ def test_sparkplug_node_death_makes_its_devices_unreachable_in_the_detector() ->
     assert site.state("plant.edge-1") == State.DOWN
     assert site.state("plant.edge-1.press") == State.UNREACHABLE
     assert site.detector.ignored == {}
+
+
+# ------------------------------------------------------------------------------ any message sequence
+
+any_topic = st.one_of(
+    st.builds("tele/{}/LWT".format, st.sampled_from(["a", "b", "a b", "", "x" * 130])),
+    st.builds("zigbee2mqtt/{}/availability".format, st.sampled_from(["lamp", "door", "bridge"])),
+    st.just("zigbee2mqtt/bridge/state"),
+    st.builds("spBv1.0/g/{}/n".format, st.sampled_from(["NBIRTH", "NDEATH"])),
+    st.builds("spBv1.0/g/{}/n/{}".format, st.sampled_from(["DBIRTH", "DDEATH"]), st.sampled_from(["d1", "d2"])),
+    st.builds("site/{}/avail".format, st.sampled_from(["p1", "p2"])),
+)
+any_payload = st.one_of(
+    st.sampled_from([b"Online", b"Offline", b"online", b"offline", b'{"state":"offline"}', b'{"s": 1}', b"", b"\xff"]),
+    st.builds(lambda n: sparkplug.encode({"bdSeq": n}), st.integers(0, 3)),
+    st.binary(max_size=20),
+)
+
+
+@given(st.lists(st.tuples(any_topic, any_payload, st.floats(0, 5)), max_size=40))
+def test_any_sequence_of_messages_leaves_entries_the_wire_carries_and_raises_only_wire_errors(
+    messages: list[tuple[str, bytes, float]],
+) -> None:
+    site = Source(name="site", topic="site/+/avail", field="state", expire_after_s=2.0)
+    watch = Watch(sources(["tasmota", "zigbee2mqtt", "sparkplug"], [site]), forget_after_s=10.0)
+    now = 0.0
+    for topic, payload, wait in messages:
+        now += wait
+        watch.expire(now)
+        with contextlib.suppress(WireError):
+            watch.take(topic, payload, now)
+        entries = watch.entries(now)
+        bundle = Bundle("r1", "b", 1, 1000, watched=entries)
+        assert decode_bundle(encode_bundle(bundle)) == bundle
+        assert len({e.id for e in entries}) == len(entries)
+        assert all(e.state is Vouch.UP or e.age_ms >= 0 for e in entries)
+
+
+# ------------------------------------------------------------------------ the relay and the monitor
+
+
+def test_the_relay_takes_retained_availability_as_current_state_but_still_refuses_retained_beats() -> None:
+    now = [10.0]
+    settings = RelaySettings(
+        "r1", BrokerURL.parse("mqtt://127.0.0.1:1"), BrokerURL.parse("mqtt://127.0.0.1:2"), watch=sources(["tasmota"])
+    )
+    relay = RelayService(settings, clock=lambda: now[0])
+    assert relay.watch.filters == ("tele/+/LWT",)
+    relay.take("tele/plug-2/LWT", b"Offline", retained=True)
+    relay.take("tele/plug-3/LWT", b"Dunno")
+    relay.take("relaybeat/beat/web-1", b"", retained=True)
+    assert relay.rejections.counts == {"watch_bad_payload": 1, "retained": 1}
+    now[0] = 12.0
+    bundle = relay.assembler.flush(now[0], relay.watch.entries(now[0]))
+    assert bundle.watched == (WatchedEntry("plug-2", Vouch.DOWN, 2000, "tasmota", "tele/plug-2/LWT said Offline"),)
+    assert bundle.hosts == ()
+
+
+async def test_the_api_shows_a_watched_hosts_source_and_its_reason(store: Store) -> None:
+    clock = FakeClock()
+    monitor = new_monitor(store, clock)
+    up = WatchedEntry("plug-2", Vouch.UP, 0, "tasmota", "tele/plug-2/LWT said Online")
+    monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "b", 1, 1000, watched=(up,))))
+    clock.t += 1.0
+    down = WatchedEntry("plug-2", Vouch.DOWN, 250, "tasmota", "tele/plug-2/LWT said Offline")
+    monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "b", 2, 1000, watched=(down,))))
+    await monitor.flush()
+    async with api(monitor) as client:
+        body = await call(client, "GET", "/api/v1/hosts/plug-2", 200, headers=AUTH)
+        beats = await call(client, "GET", "/api/v1/hosts", 200, headers=AUTH)
+    assert (body["state"], body["source"], body["relay"]) == ("down", "tasmota", "r1")
+    assert [h["source"] for h in beats["items"]] == ["tasmota"]
+    [_, row] = await store.history(subject="plug-2", newest_first=False)
+    assert (row.to_state, row.reason) == (State.DOWN, "tasmota: tele/plug-2/LWT said Offline")
+    assert row.at == clock.wall(clock.t - 0.25)  # when the will arrived, not when the bundle did
