@@ -78,9 +78,7 @@ def _schema() -> tuple[Any, Any]:
         ("is_historical", 5, f.TYPE_BOOL),
         ("is_transient", 6, f.TYPE_BOOL),
         ("is_null", 7, f.TYPE_BOOL),
-    ):
-        metric.field.add(name=name, number=number, type=kind, label=optional)
-    for name, number, kind in (
+        # fields 10 to 16 are the `value` oneof
         ("int_value", 10, f.TYPE_UINT32),
         ("long_value", 11, f.TYPE_UINT64),
         ("float_value", 12, f.TYPE_FLOAT),
@@ -89,7 +87,9 @@ def _schema() -> tuple[Any, Any]:
         ("string_value", 15, f.TYPE_STRING),
         ("bytes_value", 16, f.TYPE_BYTES),
     ):
-        metric.field.add(name=name, number=number, type=kind, label=optional, oneof_index=0)
+        added = metric.field.add(name=name, number=number, type=kind, label=optional)
+        if number >= 10:
+            added.oneof_index = 0
     payload.field.add(name="timestamp", number=1, type=f.TYPE_UINT64, label=optional)
     metric_type = ".org.eclipse.tahu.protobuf.Payload.Metric"
     payload.field.add(name="metrics", number=2, type=f.TYPE_MESSAGE, label=repeated, type_name=metric_type)

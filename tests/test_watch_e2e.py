@@ -9,6 +9,8 @@ central broker (Mosquitto when RELAYBEAT_TEST_MQTT_URL is set, else an embedded 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import paho.mqtt.publish
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, select
@@ -24,7 +27,11 @@ from relaybeat.monitor.tables import HostModel
 from relaybeat.relay import sparkplug
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
+from relaybeat.relay.service import RelayService, RelaySettings
+from relaybeat.relay.watch import sources
+from relaybeat.relay.wire import Vouch
 from tests.conftest import CentralBroker
+from tests.monitors import until
 from tests.processes import History, Service, api_get, port_open, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -179,3 +186,32 @@ def test_watched_devices_are_up_without_beats_and_down_or_unreachable_at_their_w
                 service.process.kill()
                 service.process.wait(10)
         history.close()
+
+
+async def test_a_relay_takes_the_retained_availability_it_finds_on_subscribing_as_current_state(
+    central_broker: CentralBroker,
+) -> None:
+    """A relay (re)starting under devices that said what they are long ago: the broker replays their
+    retained words, and those are their states (amqtt or Mosquitto, a wildcard subscription)."""
+    tag = uuid.uuid4().hex[:6]
+    url = BrokerURL.parse(central_broker.url)
+    said = {f"tele/on-{tag}/LWT": b"Online", f"tele/off-{tag}/LWT": b"Offline"}
+    paho.mqtt.publish.multiple(
+        [(topic, payload, 1, True) for topic, payload in said.items()], hostname=url.host, port=url.port
+    )
+    settings = RelaySettings(
+        f"r-{tag}", url, url, prefix=central_broker.prefix, watch=sources(["tasmota"]), accept_children=False
+    )
+    relay = RelayService(settings)
+    running = asyncio.create_task(relay.run())
+    try:
+        expected = {f"on-{tag}": Vouch.UP, f"off-{tag}": Vouch.DOWN}
+        await until(
+            lambda: {h: d.state for h, d in relay.watch.devices.items() if tag in h} == expected, 10, "the replay"
+        )
+        assert not relay.rejections.counts
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        paho.mqtt.publish.multiple([(topic, b"", 1, True) for topic in said], hostname=url.host, port=url.port)
