@@ -96,6 +96,7 @@ class RelayService:
         )
         self.rejections = Rejections(log)
         self.watch = Watch(settings.watch, settings.forget_after_s)
+        self._watch_news = asyncio.Event()  # a watched device changed since the last bundle
         self.beats = 0
         self.bundles_sent = 0
         self.upstream_connected = asyncio.Event()
@@ -210,6 +211,8 @@ class RelayService:
             )
 
     def _watched(self, changed: list[str]) -> None:
+        if changed:
+            self._watch_news.set()
         for host in changed:
             device = self.watch.devices[host]
             log.info(
@@ -261,25 +264,47 @@ class RelayService:
                 self._flush_due = self.clock()
             elif local is not None and sum(backlog(local)) > 0:  # busy (a flood): beats may wait behind it
                 await read_backlog(local, s.flush_s / 2, self.clock)
-            self._watched(self.watch.expire(self.clock()))
-            bundle = self.assembler.flush(self.clock(), self.watch.entries(self.clock()))
+            bundle = self._bundle()
             if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
                 # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
                 # its hosts unreachable) instead of watching every host's age grow into its own page.
                 await asyncio.sleep(s.flush_s)
                 self._flush_due = self.clock()
                 continue
-            payload = encode_bundle(bundle)
-            if len(payload) > s.max_bundle_bytes:
-                self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
-            else:
-                await client.publish(topic, payload, qos=1)
-                self.bundles_sent += 1
+            await self._send(client, topic, bundle)
             self._flush_due += s.flush_s
             now = self.clock()
             if now > self._flush_due and not catch_up_s(self._flush_due, now, s.flush_s):
                 self._flush_due = now  # a little behind (a slow broker): skip ahead rather than burst
-            await asyncio.sleep(max(0.0, self._flush_due - now))
+            await self._until_due(client, topic)
+
+    def _bundle(self) -> Bundle:
+        now = self.clock()
+        self._watched(self.watch.expire(now))
+        self._watch_news.clear()  # what the watched sources said until now goes out in this bundle
+        return self.assembler.flush(now, self.watch.entries(now))
+
+    async def _send(self, client: aiomqtt.Client, topic: str, bundle: Bundle) -> None:
+        payload, s = encode_bundle(bundle), self.settings
+        if len(payload) > s.max_bundle_bytes:
+            self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
+        else:
+            await client.publish(topic, payload, qos=1)
+            self.bundles_sent += 1
+
+    async def _until_due(self, client: aiomqtt.Client, topic: str) -> None:
+        """Sleep until the planned flush. A watched device whose state changes meanwhile (its Last Will)
+        goes out at once in an extra bundle, at most one per quarter flush, instead of a flush later."""
+        quiet_s = self.settings.flush_s / 4
+        while (left := self._flush_due - self.clock()) > 0:
+            if not self._watch_news.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._watch_news.wait(), left)
+            elif left > quiet_s:
+                await self._send(client, topic, self._bundle())
+                await asyncio.sleep(quiet_s)
+            else:
+                await asyncio.sleep(left)
 
 
 def _depth(bundle: Bundle) -> int:

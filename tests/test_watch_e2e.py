@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import paho.mqtt.client as mqtt
 import paho.mqtt.publish
 import pytest
@@ -25,11 +26,11 @@ from sqlalchemy import create_engine, select
 
 from relaybeat.monitor.tables import HostModel
 from relaybeat.relay import sparkplug
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import BrokerURL, payload_bytes
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.watch import sources
-from relaybeat.relay.wire import Vouch
+from relaybeat.relay.wire import Vouch, WatchedEntry, decode_bundle
 from tests.conftest import CentralBroker
 from tests.monitors import until
 from tests.processes import History, Service, api_get, port_open, wait_until
@@ -215,3 +216,40 @@ async def test_a_relay_takes_the_retained_availability_it_finds_on_subscribing_a
         with contextlib.suppress(asyncio.CancelledError):
             await running
         paho.mqtt.publish.multiple([(topic, b"", 1, True) for topic in said], hostname=url.host, port=url.port)
+
+
+async def test_a_watched_change_goes_upstream_at_once_not_at_the_next_flush(central_broker: CentralBroker) -> None:
+    """With a 20 s flush, a device's online and then its will each reach the upstream broker in an extra
+    bundle (at most one per quarter flush), long before the planned flush."""
+    tag = uuid.uuid4().hex[:6]
+    url = BrokerURL.parse(central_broker.url)
+    topic = f"tele/w-{tag}/LWT"
+    settings = RelaySettings(
+        f"r-{tag}", url, url, flush_s=20.0, prefix=central_broker.prefix, watch=sources(["tasmota"]),
+        accept_children=False,
+    )  # fmt: skip
+    relay = RelayService(settings)
+    said: list[tuple[float, tuple[WatchedEntry, ...]]] = []
+    async with aiomqtt.Client(url.host, url.port, identifier=f"up-{tag}") as upstream:
+        await upstream.subscribe(f"{central_broker.prefix}bundle/r-{tag}", qos=1)
+
+        async def listen() -> None:
+            async for message in upstream.messages:
+                said.append((time.monotonic(), decode_bundle(payload_bytes(message.payload)).watched))
+
+        listening = asyncio.create_task(listen())
+        running = asyncio.create_task(relay.run())
+        try:
+            await until(lambda: said, 15, "the first bundle")
+            started = time.monotonic()
+            paho.mqtt.publish.single(topic, b"Online", qos=1, hostname=url.host, port=url.port)
+            await until(lambda: said[-1][1] and said[-1][1][0].state is Vouch.UP, 10, "the device up")
+            paho.mqtt.publish.single(topic, b"Offline", qos=1, hostname=url.host, port=url.port)
+            await until(lambda: said[-1][1] and said[-1][1][0].state is Vouch.DOWN, 10, "the device down")
+            assert said[-1][0] - started < 15.0  # the planned flush was 20 s after the first bundle
+            assert len(said) == 3
+        finally:
+            for task in (running, listening):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
