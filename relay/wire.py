@@ -303,7 +303,7 @@ class WatchedEntry(NamedTuple):
 
 
 MAX_REASON_CHARS = 200
-_REASON = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")  # printable: no control character reaches a log or a row
+_REASON = re.compile(rf"[^\x00-\x1f\x7f-\x9f]{{1,{MAX_REASON_CHARS}}}")  # printable: no control character
 
 
 class HostEntry(NamedTuple):

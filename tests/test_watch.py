@@ -315,6 +315,7 @@ def test_a_bridge_going_offline_makes_its_devices_unreachable_not_down_and_they_
     site.say("zigbee2mqtt/lamp/availability", b"online")
     site.run(12.0)
     assert site.state("lamp") == State.UP
+    assert site.detector.ignored == {}  # no unlisted transition on the way
 
 
 def test_a_dead_relay_makes_its_watched_devices_unreachable_as_its_hosts() -> None:
@@ -328,6 +329,7 @@ def test_a_dead_relay_makes_its_watched_devices_unreachable_as_its_hosts() -> No
     ]
     site.run(8.0)
     assert site.state("node-1") == State.UP
+    assert site.detector.ignored == {}
 
 
 def test_sparkplug_node_death_makes_its_devices_unreachable_in_the_detector() -> None:
