@@ -41,6 +41,10 @@ class HostOut(BaseModel):
     deadline: datetime | None
     seq: int | None
     flapping: bool
+    source: str | None = Field(
+        description="the watched source its relay vouches for it from (tasmota, esphome, zigbee2mqtt, sparkplug, "
+        "or a custom source's name); null if it beats"
+    )
 
 
 class RelayOut(BaseModel):
@@ -188,6 +192,7 @@ def host_body(h: HostView) -> dict[str, Any]:
         "deadline": iso(h.deadline),
         "seq": h.seq,
         "flapping": h.flapping,
+        "source": h.source,
     }
 
 

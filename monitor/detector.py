@@ -22,6 +22,8 @@ Rules of this module:
   whose bundles skip a seq (or whose first bundle of a boot is a delta, or that was restored from
   SQL) is out of sync: none of its hosts or child relays is declared silent until its next keyframe,
   and the shell is asked (`resync_wanted`) to request one from the top-level relay that carries it.
+- A device a relay vouches for from a watched source (`Bundle.watched`) is `up` while the relay
+  says so; `down` or `unreachable` (its bridge or Sparkplug node gone) at once, with its source's reason.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Vouch
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
@@ -105,7 +107,7 @@ class _Track:
 
 
 class HostTrack(_Track):
-    __slots__ = ("interval_s", "misses", "others", "seq", "slot", "stats", "via", "via_seen")
+    __slots__ = ("interval_s", "misses", "others", "said", "seq", "slot", "source", "stats", "via", "via_seen")
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
         super().__init__(subject, state, since, last_seen)
@@ -117,6 +119,8 @@ class HostTrack(_Track):
         self.others: dict[str | None, float] | None = None  # other paths: relay -> last seen there
         self.stats: _Arrivals | None = None
         self.slot = -1  # its place in its relay's columns (-1: none, e.g. a direct host)
+        self.source: str | None = None  # the watched source a relay vouches for it from; None: it beats
+        self.said: tuple[Vouch, str] | None = None  # what that source last said, and the reason shown
 
 
 class RelayTrack(_Track):
@@ -179,6 +183,7 @@ class HostSnapshot:
     interval_s: float
     seq: int | None
     flapping: bool = False
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +329,7 @@ class Detector:
             host = HostTrack(h.id, h.state, h.since, h.last_seen)
             host.interval_s, host.seq, host.flapping = h.interval_s, h.seq, h.flapping
             host.misses = self.policy.misses_for(h.id)
-            host.via = h.relay
+            host.via, host.source = h.relay, h.source
             host.via_seen = _NEVER if h.last_seen is None else h.last_seen
             self.hosts[h.id] = host
             if h.relay is not None:
@@ -527,6 +532,7 @@ class Detector:
             self._relay_silent(relay, deadline, out)
 
         self._observe_entries(relay.id, bundle, sent, now, out)
+        self._observe_watched(relay.id, bundle, sent, now, out)
         for child in bundle.children:
             self._observe_relay(child, relay.id, sent, now, out)
         if not relay.desynced:  # out of sync, its silence proves nothing: they wait
@@ -637,15 +643,32 @@ class Detector:
                     continue
             self._observe_host(entry, rid, sent, now, out)
 
+    def _observe_watched(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
+        """Devices the relay vouches for: `up` as if beating once per flush; `down` or `unreachable` at
+        once (from `up` or `unknown`, as a dead relay's hosts), at the time their source said so."""
+        for w in bundle.watched:
+            host = self._host(w.id, bundle.flush_ms, now)
+            host.source, host.said = w.source, (w.state, f"{w.source}: {w.reason}")
+            if w.state is Vouch.UP:
+                self._observe_host(HostEntry(w.id, None, w.age_ms, bundle.flush_ms, LeafStatus.OK), rid, sent, now, out)
+            elif w.state is Vouch.DOWN or host.state in _UP_OR_UNKNOWN:
+                if host.via != rid:
+                    self._set_via(host, rid)
+                self._move(host, Kind.HOST, State(w.state.value), sent - w.age_ms / 1000, host.said[1], rid, out)
+
+    def _host(self, host_id: str, interval_ms: int, now: float) -> HostTrack:
+        host = self.hosts.get(host_id)
+        if host is None:
+            host = self.hosts[host_id] = HostTrack(host_id, State.UNKNOWN, now, None)
+            host.misses = self.policy.misses_for(host_id)
+            host.interval_s = interval_ms / 1000
+        return host
+
     def _observe_host(
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
         seen = sent - entry.age_ms / 1000
-        host = self.hosts.get(entry.id)
-        if host is None:
-            host = self.hosts[entry.id] = HostTrack(entry.id, State.UNKNOWN, now, None)
-            host.misses = self.policy.misses_for(entry.id)
-            host.interval_s = entry.interval_ms / 1000
+        host = self._host(entry.id, entry.interval_ms, now)
         previous = host.last_seen
         fresher = previous is None or seen > previous
         if relay_id != host.via:
@@ -763,6 +786,8 @@ class Detector:
                     if was in (State.UNKNOWN, State.STOPPED)
                     else (f"beat received (was {was.value} for {now - host.since:.1f} s)")
                 )
+                if host.said is not None:
+                    reason = host.said[1]
                 self._move(host, Kind.HOST, State.UP, now, reason, host.via, out)
             self._schedule(host, self._deadline(host))
         elif self._deadline(host) <= now:
@@ -882,7 +907,7 @@ class Detector:
                 continue
             for host_id in sorted(track.hosts):
                 host = self.hosts[host_id]
-                if host.state == State.UNREACHABLE:
+                if host.state == State.UNREACHABLE and (host.said is None or host.said[0] is Vouch.UP):
                     if self._deadline(host) <= now:
                         host.grace_from = now
                     self._resume_host(host, now, out)

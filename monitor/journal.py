@@ -118,6 +118,8 @@ def _decision(key: str, values: list[Any]) -> Decision:
     state: HostRow | RelayRow | None = None
     if row is not None:
         names = _STATE_FIELDS[kind]
+        if kind is Kind.HOST and len(row) == len(names) - 1:
+            row = [*row, None]  # journaled before hosts had a `source` (revision 0006)
         if len(row) != len(names):
             msg = f"a {kind.value} row of {len(row)} fields, not {len(names)}"
             raise ValueError(msg)

@@ -98,6 +98,7 @@ class HostRow:
     interval_s: float
     seq: int | None
     flapping: bool
+    source: str | None = None  # the watched source its relay vouches for it from; None: it beats
 
     def __post_init__(self) -> None:
         require_aware("since", self.since)

@@ -143,6 +143,8 @@ class HostModel(Base):
     interval_s: Mapped[float] = mapped_column(Float)
     seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     flapping: Mapped[bool] = mapped_column(Boolean)
+    # The watched source its relay vouches for it from (`tasmota`, ...); NULL for a host that beats.
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -331,6 +331,7 @@ class FleetView:
                     deadline=None if deadline is None else wall(deadline),
                     seq=h.seq,
                     flapping=pending.flapping(Kind.HOST, h.id, h.flapping),
+                    source=h.source,
                 )
             )
         sinces = await self._durable_sinces(Kind.HOST, pending.changing(Kind.HOST, (h.id for h in tracks)))

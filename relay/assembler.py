@@ -15,13 +15,14 @@ Rules of this module:
   child's full picture instead (`advance` folds its deltas into its last keyframe). A child whose
   picture we cannot know (we missed one of its deltas) is left out of our keyframes and asked for a
   keyframe (`wanted_keyframes`) until one arrives.
+- Devices vouched for from watched sources (relay/watch.py) are passed to `flush` as they stand.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from relaybeat.relay.wire import FORMAT_VERSION, MAX_AGE_MS, Beat, Bundle, HostEntry, LeafStatus
+from relaybeat.relay.wire import FORMAT_VERSION, MAX_AGE_MS, Beat, Bundle, HostEntry, LeafStatus, WatchedEntry
 
 
 @dataclass(slots=True)
@@ -134,7 +135,7 @@ class Assembler:
         """Child relays whose picture we lost (we missed one of their deltas): ask them for a keyframe."""
         return [relay for relay, child in self._children.items() if child.picture is None]
 
-    def flush(self, now: float) -> Bundle:
+    def flush(self, now: float, watched: tuple[WatchedEntry, ...] = ()) -> Bundle:
         horizon = now - self.forget_after_s
         for host in [host for host, leaf in self._leaves.items() if leaf.heard_at < horizon]:
             del self._leaves[host]
@@ -181,6 +182,7 @@ class Assembler:
             keyframe=keyframe,
             forgot=forgot,
             sent_ms=None if self.version == FORMAT_VERSION else _ms(now - self.booted_at),  # v1 has no send time
+            watched=watched,  # in every bundle, keyframe or delta: the devices as they stand
         )
 
     def awaited(self, paused_at: float, resumed_at: float) -> int:

@@ -21,6 +21,7 @@ from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
+from relaybeat.relay.watch import Source, Watch
 from relaybeat.relay.wire import (
     BINARY_VERSION,
     DEFAULT_INTERVAL_S,
@@ -76,6 +77,7 @@ class RelaySettings:
     accept_children: bool | None = None
     keyframe_s: float = DEFAULT_KEYFRAME_S  # a full bundle this often; deltas in between (binary only)
     format: BundleFormat = "binary"
+    watch: tuple[Source, ...] = ()  # sources whose devices the relay vouches for (relay/watch.py)
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
@@ -112,6 +114,8 @@ class RelayService:
         )
         self.resyncs = 0  # keyframe requests heard from upstream
         self.rejections = Rejections(log)
+        self.watch = Watch(settings.watch, settings.forget_after_s)
+        self._watch_news = asyncio.Event()  # a watched device changed since the last bundle
         self.beats = 0
         self.bundles_sent = 0
         self.upstream_connected = asyncio.Event()
@@ -151,6 +155,8 @@ class RelayService:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
+        for topic_filter in self.watch.filters:  # retained availability is current state: it is replayed here
+            await client.subscribe(topic_filter, qos=1)
         self._local_client = client
         try:
             async for message in messages(client):
@@ -196,6 +202,9 @@ class RelayService:
         retained beat is no evidence of life (live deliveries never carry the flag)."""
         now = self.clock()
         try:
+            if not topic.startswith(self.topics.prefix) and self.watch.wants(topic):
+                self._watched(self.watch.take(topic, payload, now))
+                return
             kind, subject = self.topics.parse(topic)
             if retained:
                 msg = "retained"
@@ -218,6 +227,20 @@ class RelayService:
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
             self.rejections.add(
                 INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
+            )
+
+    def _watched(self, changed: list[str]) -> None:
+        if changed:
+            self._watch_news.set()
+        for host in changed:
+            device = self.watch.devices[host]
+            log.info(
+                "relay %s: %s %s is %s (%s)",
+                self.settings.relay_id,
+                device.source.name,
+                host,
+                device.state,
+                device.reason,
             )
 
     # ----------------------------------------------------------------------------- upstream side
@@ -282,25 +305,48 @@ class RelayService:
                 self._flush_due = self.clock()
             elif local is not None and sum(backlog(local)) > 0:  # busy (a flood): beats may wait behind it
                 await read_backlog(local, s.flush_s / 2, self.clock)
-            bundle = self.assembler.flush(self.clock())
             await self._ask_children_for_keyframes()
+            bundle = self._bundle()
             if not self.local_connected.is_set() and self.clock() - self._local_lost_at > s.flush_s:
                 # We cannot hear our leaves: stay silent, so the monitor blames this relay (one outage,
                 # its hosts unreachable) instead of watching every host's age grow into its own page.
                 await asyncio.sleep(s.flush_s)
                 self._flush_due = self.clock()
                 continue
-            payload = encode_bundle(bundle)
-            if len(payload) > s.max_bundle_bytes:
-                self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
-            else:
-                await client.publish(topic, payload, qos=1)
-                self.bundles_sent += 1
+            await self._send(client, topic, bundle)
             self._flush_due += s.flush_s
             now = self.clock()
             if now > self._flush_due and not catch_up_s(self._flush_due, now, s.flush_s):
                 self._flush_due = now  # a little behind (a slow broker): skip ahead rather than burst
-            await asyncio.sleep(max(0.0, self._flush_due - now))
+            await self._until_due(client, topic)
+
+    def _bundle(self) -> Bundle:
+        now = self.clock()
+        self._watched(self.watch.expire(now))
+        self._watch_news.clear()  # what the watched sources said until now goes out in this bundle
+        return self.assembler.flush(now, self.watch.entries(now))
+
+    async def _send(self, client: aiomqtt.Client, topic: str, bundle: Bundle) -> None:
+        payload, s = encode_bundle(bundle), self.settings
+        if len(payload) > s.max_bundle_bytes:
+            self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
+        else:
+            await client.publish(topic, payload, qos=1)
+            self.bundles_sent += 1
+
+    async def _until_due(self, client: aiomqtt.Client, topic: str) -> None:
+        """Sleep until the planned flush. A watched device whose state changes meanwhile (its Last Will)
+        goes out at once in an extra bundle, at most one per quarter flush, instead of a flush later."""
+        quiet_s = self.settings.flush_s / 4
+        while (left := self._flush_due - self.clock()) > 0:
+            if not self._watch_news.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._watch_news.wait(), left)
+            elif left > quiet_s:
+                await self._send(client, topic, self._bundle())
+                await asyncio.sleep(quiet_s)
+            else:
+                await asyncio.sleep(left)
 
 
 def _depth(bundle: Bundle) -> int:

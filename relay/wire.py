@@ -287,6 +287,32 @@ def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
 # -------------------------------------------------------------------------------------------- bundles
 
 
+class Vouch(StrEnum):
+    """What a relay says of a device it watches (an availability topic, not beats)."""
+
+    UP = "up"
+    DOWN = "down"
+    UNREACHABLE = "unreachable"  # its bridge or Sparkplug node, through which it is heard, is gone
+
+
+class WatchedEntry(NamedTuple):
+    """A device a relay vouches for from a watched source. On the wire: `[id, state, age_ms, source, reason]`.
+
+    `age_ms`: for `up`, the age of the evidence (0 while the device's session holds, i.e. its Last Will
+    has not fired); for `down` and `unreachable`, how long ago the source said so. `reason` is what
+    the source said (`tele/plug-2/LWT said Offline`), shown after the source's name."""
+
+    id: str
+    state: Vouch
+    age_ms: int
+    source: str
+    reason: str
+
+
+MAX_REASON_CHARS = 200
+_REASON = re.compile(rf"[^\x00-\x1f\x7f-\x9f]{{1,{MAX_REASON_CHARS}}}")  # printable: no control character
+
+
 class HostEntry(NamedTuple):
     """What a relay knows of one leaf at send time. On the wire: `[id, seq, age_ms, interval_ms, status]`."""
 
@@ -318,13 +344,15 @@ class Bundle:
     hosts: tuple[HostEntry, ...] = ()
     children: tuple[Bundle, ...] = ()
     age_ms: int = 0
+    watched: tuple[WatchedEntry, ...] = ()  # devices the relay vouches for from availability topics
     version: int = field(default=FORMAT_VERSION)
     keyframe: bool = True
     forgot: tuple[str, ...] = ()
     sent_ms: int | None = None
 
     def entry_count(self) -> int:
-        return len(self.hosts) + len(self.forgot) + sum(child.entry_count() for child in self.children)
+        own = len(self.hosts) + len(self.forgot) + len(self.watched)
+        return own + sum(child.entry_count() for child in self.children)
 
 
 def _bundle_body(bundle: Bundle) -> dict[str, Any]:
@@ -337,6 +365,8 @@ def _bundle_body(bundle: Bundle) -> dict[str, Any]:
     }
     if bundle.children:
         body["children"] = [_bundle_body(child) | {"age_ms": child.age_ms} for child in bundle.children]
+    if bundle.watched:
+        body["watched"] = [list(entry) for entry in bundle.watched]
     return body
 
 
@@ -416,6 +446,23 @@ def _host_entries(raw_hosts: list[Any]) -> tuple[HostEntry, ...]:
     return tuple(entries)
 
 
+_VOUCHES = {vouch.value: vouch for vouch in Vouch}
+
+
+def _watched_entry(raw: object) -> WatchedEntry:
+    if type(raw) is not list or len(raw) != 5:
+        msg = "bad_entry"
+        raise WireError(msg, "a watched entry is [id, state, age_ms, source, reason]")
+    host, state, age, source, reason = raw
+    if type(state) is not str or state not in _VOUCHES:
+        msg = "bad_status"
+        raise WireError(msg, f"{_shown(state)} is not 'up', 'down' or 'unreachable'")
+    if type(reason) is not str or _REASON.fullmatch(reason) is None:
+        msg = "bad_reason"
+        raise WireError(msg, f"{_shown(reason)} is not 1 to {MAX_REASON_CHARS} printable characters")
+    return WatchedEntry(check_id(host), _VOUCHES[state], _age_ms(age), check_id(source), reason)
+
+
 def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
     if not isinstance(body, dict):
         msg = "bad_bundle"
@@ -429,10 +476,11 @@ def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
         msg = "bad_bundle"
         raise WireError(msg, f"missing field {missing}") from None
     children = body.get("children", [])
-    if type(hosts) is not list or type(children) is not list:
+    watched = body.get("watched", [])
+    if type(hosts) is not list or type(children) is not list or type(watched) is not list:
         msg = "bad_bundle"
-        raise WireError(msg, "hosts and children are lists")
-    budget[0] -= len(hosts) + len(children)
+        raise WireError(msg, "hosts, children and watched are lists")
+    budget[0] -= len(hosts) + len(children) + len(watched)
     if budget[0] < 0:
         msg = "too_many_entries"
         raise WireError(msg, "bundle has more entries than the configured limit")
@@ -444,6 +492,7 @@ def _bundle(body: object, depth: int, budget: list[int]) -> Bundle:
         hosts=_host_entries(hosts),
         children=tuple(_bundle(child, depth + 1, budget) for child in children),
         age_ms=_age_ms(body["age_ms"]) if depth > 0 else 0,
+        watched=tuple(_watched_entry(raw) for raw in watched),
     )
 
 
@@ -482,7 +531,8 @@ def decode_bundle(
 #              | seq u64 | flush_ms u32 | sent_ms u64 (2^64-1: unknown) | age_ms u64 (0 at the top)
 #              | hosts u32 | forgot u32 | children u32 | ids_bytes u32 | ids: the hosts' ids then the
 #              forgotten ids, joined by NUL | attributes u8 (count), each: kind u8 | length u32 | bytes
-#              (reserved: none defined yet; readers skip them) | seq u64[hosts] (2^64-1: none)
+#              (kind 1: the watched devices, a JSON list as version 1's `watched`; other kinds are
+#              skipped by readers) | seq u64[hosts] (2^64-1: none)
 #              | age_ms u64[hosts] | interval_ms u32[hosts] | status u8[hosts] | children × node
 #
 # Fixed-width columns decode at C speed (`struct`), and compress to almost nothing where they
@@ -492,6 +542,7 @@ _V2 = bytes([BINARY_VERSION])
 _NONE64 = 2**64 - 1
 _HEAD = struct.Struct("<QIQQIIII")  # seq, flush_ms, sent_ms, age_ms, hosts, forgot, children, ids_bytes
 _ATTR = struct.Struct("<BI")
+_ATTR_WATCHED = 1
 _KEYFRAME = 1
 _COMPRESSED = 1
 _COMPRESS_FROM = 512  # bytes of body below which compression never pays
@@ -520,7 +571,12 @@ def _node_v2(bundle: Bundle, out: bytearray) -> None:
         bundle.seq, bundle.flush_ms, sent, bundle.age_ms, n, len(bundle.forgot), len(bundle.children), len(ids)
     )
     out += ids
-    out.append(0)  # no attributes
+    if bundle.watched:
+        watched = orjson.dumps([list(entry) for entry in bundle.watched])
+        out.append(1)
+        out += _ATTR.pack(_ATTR_WATCHED, len(watched)) + watched
+    else:
+        out.append(0)  # no attributes
     if n:
         out += struct.pack(f"<{n}Q", *(_NONE64 if entry[1] is None else entry[1] for entry in bundle.hosts))
         out += struct.pack(f"<{n}Q", *(entry[2] for entry in bundle.hosts))
@@ -615,9 +671,15 @@ class _Reader:
             msg = "too_many_entries"
             raise WireError(msg, "bundle has more entries than the configured limit")
         ids = _ids_v2(self.take(ids_bytes), n + n_forgot)
-        for _ in range(self.take(1)[0]):  # attributes: reserved, skipped
-            _, size = _ATTR.unpack(self.take(_ATTR.size))
-            self.take(size)
+        watched: tuple[WatchedEntry, ...] = ()
+        for _ in range(self.take(1)[0]):  # attributes: the watched devices; other kinds skipped
+            attribute, size = _ATTR.unpack(self.take(_ATTR.size))
+            value = self.take(size)
+            if attribute == _ATTR_WATCHED:
+                if watched:
+                    msg = "bad_bundle"
+                    raise WireError(msg, "two watched attributes in one node")
+                watched = _watched_v2(value, budget)
         hosts: tuple[HostEntry, ...] = ()
         if n:
             seqs = struct.unpack(f"<{n}Q", self.take(8 * n))
@@ -638,7 +700,25 @@ class _Reader:
             keyframe=bool(kind & _KEYFRAME),
             forgot=tuple(ids[n:]),
             sent_ms=None if sent_ms == _NONE64 else _seq(sent_ms, "bad_age"),
+            watched=watched,
         )
+
+
+def _watched_v2(raw: memoryview, budget: list[int]) -> tuple[WatchedEntry, ...]:
+    """Version 2's watched attribute: the JSON list version 1 carries, read with the same checks."""
+    try:
+        entries = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        msg = "bad_json"
+        raise WireError(msg, "the watched attribute is not JSON") from None
+    if type(entries) is not list or not entries:
+        msg = "bad_bundle"
+        raise WireError(msg, "the watched attribute is a non-empty list")
+    budget[0] -= len(entries)
+    if budget[0] < 0:
+        msg = "too_many_entries"
+        raise WireError(msg, "bundle has more entries than the configured limit")
+    return tuple(_watched_entry(entry) for entry in entries)
 
 
 def _ids_v2(raw: memoryview, count: int) -> list[str]:

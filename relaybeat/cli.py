@@ -186,6 +186,14 @@ def relay(
     format: Annotated[
         str | None, typer.Option("--format", help="binary (wire version 2, deltas) or json (version 1) [binary].")
     ] = None,
+    watch: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PRESET",
+            help="Vouch for devices that announce their own availability: tasmota, esphome, zigbee2mqtt, "
+            "sparkplug (repeatable; custom sources: [[relay.watch]] in the deployment file).",
+        ),
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -199,6 +207,7 @@ def relay(
     flags = RelayFlags(
         id=id, local=local, upstream=upstream, flush=flush, serve=serve, default_interval=default_interval,
         children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix, keyframe_s=keyframe_s, format=format,
+        watch=tuple(watch or ()),
     )  # fmt: skip
     start = _settings(lambda: relay_start(flags, os.environ, config))
 

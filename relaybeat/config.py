@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import DEFAULT_KEYFRAME_S, BundleFormat, RelaySettings
+from relaybeat.relay.watch import PRESETS, Source, sources
 from relaybeat.relay.wire import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -293,6 +294,41 @@ class ApiConfig(_Strict):
         )
 
 
+class WatchConfig(_Strict):
+    """One `[[relay.watch]]`: a preset (`preset = "tasmota"`) or a custom source (`topic = ...`)."""
+
+    preset: Literal["tasmota", "esphome", "zigbee2mqtt", "sparkplug"] | None = None
+    name: str = "watch"  # a custom source's name, shown in reasons and as the hosts' `source`
+    topic: str | None = None  # an MQTT filter; its + and # levels are the device name
+    online: str = Field(default="online", min_length=1)
+    offline: str = Field(default="offline", min_length=1)
+    field: str | None = None  # the payload is a JSON object and this field holds online/offline
+    expire_after_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WatchConfig:
+        if (self.preset is None) == (self.topic is None):
+            msg = "give either preset (one of " + ", ".join(PRESETS) + ") or topic"
+            raise ValueError(msg)
+        if self.preset is not None and self.model_fields_set - {"preset"}:
+            msg = f"a preset takes no other keys (given: {', '.join(sorted(self.model_fields_set - {'preset'}))})"
+            raise ValueError(msg)
+        self.source()  # a bad topic or name stops here, named
+        return self
+
+    def source(self) -> Source:
+        if self.preset is not None:
+            return PRESETS[self.preset]
+        return Source(
+            name=self.name,
+            topic=self.topic or "",
+            online=self.online,
+            offline=self.offline,
+            field=self.field,
+            expire_after_s=self.expire_after_s,
+        )
+
+
 class RelayConfig(_Strict):
     id: str | None = None  # usually per process: --id or RELAYBEAT_ID
     local: str = "embedded"  # the broker leaves beat to, or "embedded" to run one in the relay
@@ -306,6 +342,7 @@ class RelayConfig(_Strict):
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
     format: BundleFormat = "binary"
+    watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
 
     _id = field_validator("id")(_check_id)
     _upstream = field_validator("upstream")(_check_broker)
@@ -317,8 +354,9 @@ class RelayConfig(_Strict):
     def _local(cls, value: str) -> str:
         return value if value == "embedded" else _check_broker(value)
 
-    def settings(self, relay_id: str, local: BrokerURL) -> RelaySettings:
-        """`local`: the broker leaves beat to (the embedded one's URL once it runs)."""
+    def settings(self, relay_id: str, local: BrokerURL, watch: Sequence[str] = ()) -> RelaySettings:
+        """`local`: the broker leaves beat to (the embedded one's URL once it runs); `watch`: presets
+        from --watch, watched besides the file's `[[relay.watch]]` sources."""
         return RelaySettings(
             relay_id,
             local,
@@ -331,6 +369,7 @@ class RelayConfig(_Strict):
             accept_children=None if self.children == "auto" else self.children,
             keyframe_s=self.keyframe_s,
             format=self.format,
+            watch=sources(watch, [w.source() for w in self.watch]),
         )
 
     @field_validator("children", mode="before")

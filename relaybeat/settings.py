@@ -20,6 +20,7 @@ from relaybeat.monitor.service import MonitorSettings
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import RelaySettings
+from relaybeat.relay.watch import PRESETS
 from relaybeat.relay.wire import Topics
 
 
@@ -88,6 +89,7 @@ class RelayFlags:
     prefix: str | None = None
     keyframe_s: float | None = None
     format: str | None = None
+    watch: tuple[str, ...] = ()  # --watch PRESET, repeatable
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +121,14 @@ def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | No
     if cfg.id is None:
         msg = "relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file"
         raise ConfigError(msg)
+    unknown = [preset for preset in flags.watch if preset not in PRESETS]
+    if unknown:
+        msg = f"--watch {unknown[0]}: unknown preset; presets are {', '.join(PRESETS)}"
+        raise ConfigError(msg)
     if cfg.local == "embedded":
         host, port = parse_hostport(cfg.serve)
-        return RelayStart(cfg.settings(cfg.id, BrokerURL(host, port)), (host, port))
-    return RelayStart(cfg.settings(cfg.id, BrokerURL.parse(cfg.local)), None)
+        return RelayStart(cfg.settings(cfg.id, BrokerURL(host, port), flags.watch), (host, port))
+    return RelayStart(cfg.settings(cfg.id, BrokerURL.parse(cfg.local), flags.watch), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -314,6 +314,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
             "--serve": None, "--default-interval": None, "--children/--no-children": None, "--max-bundle-bytes": None,
             "--keyframe-s": None, "--format": None,
+            "--watch": None,
         },
         "leaf": common | {"--id": "RELAYBEAT_ID", "--broker": "RELAYBEAT_BROKER", "--interval": None},
     }  # fmt: skip
@@ -323,6 +324,48 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
         params = group.commands[name].params
         assert {"/".join([*p.opts, *p.secondary_opts]): p.envvar for p in params} == expected[name], name
         assert {p.name for p in params} - {"config", "log_level"} == {f.name for f in dataclasses.fields(flags)}
+
+
+def test_watched_sources_come_from_watch_flags_and_relay_watch_tables(tmp_path: Path) -> None:
+    path = tmp_path / "relaybeat.toml"
+    path.write_text(
+        '[relay]\nid = "r1"\nlocal = "mqtt://127.0.0.1:1884"\n[[relay.watch]]\npreset = "sparkplug"\n'
+        '[[relay.watch]]\nname = "site"\ntopic = "site/+/avail"\nonline = "up"\noffline = "down"\n'
+        'field = "avail"\nexpire_after_s = 60\n'
+    )
+    watch = relay_start(RelayFlags(watch=("tasmota", "zigbee2mqtt")), {}, path).settings.watch
+    assert [s.name for s in watch] == ["tasmota", "zigbee2mqtt", "sparkplug", "site"]
+    assert (watch[3].topic, watch[3].online, watch[3].field, watch[3].expire_after_s) == (
+        "site/+/avail",
+        "up",
+        "avail",
+        60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('preset = "hue"', "relay.watch.0.preset: Input should be 'tasmota', 'esphome', 'zigbee2mqtt' or 'sparkplug'"),
+        ('preset = "tasmota"\ntopic = "a/+"', "give either preset"),
+        ('topic = "site/avail"', "must be an MQTT filter whose + or # levels name the device"),
+        ('topic = "a/+"\nonline = "x"\noffline = "x"', "online and offline must differ"),
+        ('topic = "a/+"\nexpire_after_s = 0', "relay.watch.0.expire_after_s"),
+        ('topic = "a/+"\ncolour = 1', "colour"),
+    ],
+)
+def test_bad_watch_tables_name_the_key(tmp_path: Path, table: str, message: str) -> None:
+    path = tmp_path / "relaybeat.toml"
+    path.write_text('[relay]\nid = "r1"\n[[relay.watch]]\n' + table + "\n")
+    with pytest.raises(ConfigError) as err:
+        relay_start(RelayFlags(), {}, path)
+    assert message in str(err.value)
+
+
+def test_an_unknown_watch_preset_stops_start_up_naming_the_presets() -> None:
+    result = CliRunner().invoke(cli.app, ["relay", "--id", "r1", "--watch", "hue"])
+    assert result.exit_code == 2
+    assert "--watch hue: unknown preset; presets are tasmota, esphome, zigbee2mqtt, sparkplug" in result.output
 
 
 @pytest.mark.parametrize(

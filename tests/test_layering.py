@@ -21,6 +21,8 @@ FOLDERS = ("relay", "monitor", "api", "migrations", "broker_config")
 PURE_CORE = (
     "relaybeat.relay.wire",
     "relaybeat.relay.assembler",
+    "relaybeat.relay.watch",
+    "relaybeat.relay.sparkplug",
     "relaybeat.monitor.detector",
     "relaybeat.monitor.states",
     "relaybeat.monitor.notify",

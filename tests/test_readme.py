@@ -11,7 +11,19 @@ from sqlalchemy import text
 
 from relaybeat.monitor.states import Event, Kind, State, state_diagram
 from relaybeat.monitor.store import Store, TransitionRow
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Topics, decode_bundle, encode_beat, encode_bundle
+from relaybeat.relay.watch import PRESETS
+from relaybeat.relay.wire import (
+    Beat,
+    Bundle,
+    HostEntry,
+    LeafStatus,
+    Topics,
+    Vouch,
+    WatchedEntry,
+    decode_bundle,
+    encode_beat,
+    encode_bundle,
+)
 from tests.wire_inputs import v2_fields
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -35,13 +47,25 @@ def test_wire_table_names_every_field_the_code_writes() -> None:
     wire = _section("Wire contract")
     beat = orjson.loads(encode_beat(Beat(1, 2.0, LeafStatus.STOPPING, {"a": 1})))
     child = Bundle("r3", "b", 1, 1000, (), (), age_ms=5)
+    watched = (WatchedEntry("plug-2", Vouch.DOWN, 0, "tasmota", "tele/plug-2/LWT said Offline"),)
     bundle = orjson.loads(
-        encode_bundle(Bundle("r1", "b", 1, 1000, (HostEntry("h", 1, 2, 3000, LeafStatus.OK),), (child,)))
+        encode_bundle(
+            Bundle("r1", "b", 1, 1000, (HostEntry("h", 1, 2, 3000, LeafStatus.OK),), (child,), watched=watched)
+        )
     )
     for field in [*beat, *bundle, *bundle["children"][0]]:
         assert f"`{field}`" in wire, field
     assert "`[id, seq, age_ms, interval_ms, status]`" in wire
+    assert "`[id, state, age_ms, source, reason]`" in wire
     assert all(f'`"{status.value}"`' in wire for status in LeafStatus)
+    assert all(f'`"{vouch.value}"`' in wire for vouch in Vouch)
+
+
+def test_readme_names_each_watch_preset_with_its_topics() -> None:
+    section = _section("Watched sources")
+    for name, source in PRESETS.items():
+        assert f"| `{name}` |" in section, name
+        assert all(f"`{topic}`" in section for topic in source.filters), name
 
 
 def test_readme_example_bundle_decodes() -> None:

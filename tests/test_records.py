@@ -3,10 +3,12 @@ and the journal gives back the records it was given."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 
 from relaybeat.api.bodies import (
@@ -113,3 +115,16 @@ def test_the_journal_gives_back_the_changes_and_state_rows_it_was_given() -> Non
     decided = decode(encode("k-", 4, changes, [host, relay, None]))
     assert [d.change for d in decided] == changes
     assert [d.state for d in decided] == [host, relay, None]
+
+
+def test_the_journal_keeps_a_hosts_source_and_reads_rows_journaled_before_it_existed() -> None:
+    host = HostRow(
+        id="plug-2", state=State.DOWN, since=AT, last_seen=AT, relay="r1", interval_s=1.0, seq=None, flapping=False,
+        source="tasmota",
+    )  # fmt: skip
+    change = Change(kind=Kind.HOST, subject="plug-2", from_state=State.UP, to_state=State.DOWN, at=AT, reason="r")
+    line = encode("k-", 1, [change], [host])
+    assert [d.state for d in decode(line)] == [host]
+    older = orjson.loads(line)
+    older[2][0][-1].pop()  # the state row as journaled before hosts had a source
+    assert [d.state for d in decode(orjson.dumps(older))] == [dataclasses.replace(host, source=None)]

@@ -179,7 +179,11 @@ async def test_concurrent_upgrades_do_not_fail(db_url: str) -> None:
 
 async def test_write_and_load_round_trip_returns_aware_utc(store: Store) -> None:
     since = datetime(2024, 3, 1, 14, 30, 15, 123456, tzinfo=PLUS_2)
-    hosts = [host("h1", since=since), host("h2", State.DOWN, since, last_seen=None, relay=None, seq=None)]
+    hosts = [
+        host("h1", since=since),
+        host("h2", State.DOWN, since, last_seen=None, relay=None, seq=None),
+        host("h3", since=since, source="tasmota"),  # a watched source's device (issue 13)
+    ]
     relays = [relay("r1", since=since), relay("r2", since=since, parent="r1", boot=None, seq=2**40)]
     await store.write([transition("h1", since)], hosts, relays)
 
