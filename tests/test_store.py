@@ -401,7 +401,6 @@ names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_siz
 seqs = st.none() | st.integers(-(2**63), 2**63 - 1)
 seconds = st.floats(allow_nan=False, allow_infinity=False)
 host_rows = st.builds(
-    DatabaseUnavailable,
     HostRow,
     id=names,
     state=st.sampled_from(State),
