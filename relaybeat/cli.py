@@ -268,13 +268,24 @@ def up(
     broker_port: Annotated[int | None, typer.Option(help="Central broker port (default 1883, or a free one).")] = None,
     api_port: Annotated[int | None, typer.Option(help="HTTP API port (default 8000, or a free one).")] = None,
     duration: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Deployment file: its [api] (tokens, CORS) and [notify] apply; the demo keeps its own brokers.",
+            envvar="RELAYBEAT_CONFIG",
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
-    """The one-command demo: broker, monitor + API, two relays and a dozen leaves, live table."""
+    """The one-command demo: broker, monitor + API, two relays and a dozen leaves, live table.
+    Prints a write token it made for the run unless one is configured (RELAYBEAT_API_WRITE_TOKENS)."""
+    from relaybeat.config import load_config
     from relaybeat.demo import run_demo
 
     _logging(log_level)
-    _run(lambda stop: run_demo(stop, db, broker_port, api_port, duration))
+    deployment = load_config(config, os.environ)
+    api, notify = deployment.api.settings(), deployment.notify.settings()
+    _run(lambda stop: run_demo(stop, db, broker_port, api_port, duration, api=api, notify=notify))
 
 
 @db_app.command("upgrade")
