@@ -8,6 +8,7 @@ line (exit 2), like the other commands' errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -342,7 +343,8 @@ def watch(
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     check_state(state)
-    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(ValueError):  # not in the main thread (run embedded, or by a test): Ctrl-C only
+        signal.signal(signal.SIGTERM, _interrupt)
     client = Api(api, token, timeout_s=10.0)
     client.health()  # says so at once when --api is some other server
     last_id = after_id
