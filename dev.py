@@ -42,7 +42,8 @@ def ensure_venv(extra: str | None) -> None:
     target = f".[{','.join(extras)}]" if extras else "."
     what = "relaybeat" + (f" with its {', '.join(extras)} tools" if extras else "")
     print(f"installing {what} into .venv (once; again when pyproject.toml changes)", flush=True)
-    run([str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile", "-e", target])
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
+    run([*pip, "-e", target])
     STAMP.write_text(" ".join([wanted, *extras]))
 
 
