@@ -22,7 +22,7 @@ import pytest
 from rich.console import Console
 from sqlalchemy import text
 
-from relaybeat.api.auth import ApiSettings
+from relaybeat.config import load_config
 from relaybeat.demo import run_demo
 from relaybeat.monitor.states import Event, Kind, State, state_diagram
 from relaybeat.monitor.store import Store, TransitionRow
@@ -179,13 +179,19 @@ class Demo:
 
 @pytest.fixture
 async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
-    """`relaybeat up` (run_demo) in this event loop on free ports, on its embedded brokers."""
+    """`relaybeat up --config FILE` (run_demo) in this event loop on free ports, on its embedded
+    brokers; FILE holds the README's status page ("the page above" of its example)."""
+    pages = [block for block in re.findall(r"```toml\n(.*?)```", README, re.S) if "[[api.status_page]]" in block]
+    assert pages
+    config = tmp_path / "relaybeat.toml"
+    config.write_text("\n".join(pages))
+    api = load_config(config, {}).api.settings()
     output = io.StringIO()
     stop = asyncio.Event()
     api_port = pick_free("127.0.0.1")
     running = asyncio.create_task(
         run_demo(stop, f"sqlite:///{tmp_path / 'demo.db'}", pick_free("127.0.0.1"), api_port,
-                 console=Console(file=output, width=200), api=ApiSettings())
+                 console=Console(file=output, width=200), api=api)
     )  # fmt: skip
     url = f"http://127.0.0.1:{api_port}"
     try:
