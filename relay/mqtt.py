@@ -263,7 +263,8 @@ _BROKER_ADVICE = (  # (what the error says, lower case; what to do); the first m
 class ReconnectLog:
     """What a reconnecting client says about its broker, so an outage costs a few lines, not one per
     attempt: the first failure at once (WARNING, with what to do), then one summary per `every_s`
-    while it lasts, then "back" when a connection succeeds. `clock` is monotonic seconds."""
+    while it lasts (at once when the reason changes, e.g. refused, then not authorized), then "back"
+    when a connection succeeds. `clock` is monotonic seconds."""
 
     def __init__(
         self,
@@ -278,14 +279,15 @@ class ReconnectLog:
         self.attempts = 0  # failed attempts in this outage
         self._said_at = 0.0
         self._said_attempts = 0
+        self._reason = ""
 
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self.attempts += 1
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        if self.down_since is None:
-            self.down_since = self._said_at = now
-            self._said_attempts = self.attempts
+        if self.down_since is None or reason != self._reason:
+            self.down_since = now if self.down_since is None else self.down_since
+            self._said_at, self._said_attempts, self._reason = now, self.attempts, reason
             advice = next((f" {what}" for needle, what in _BROKER_ADVICE if needle in reason.lower()), "")
             self.log.warning(
                 "%s: broker %s unavailable (%s).%s Retrying; a summary every %.0f s until it is back.",
@@ -309,3 +311,4 @@ class ReconnectLog:
             )  # fmt: skip
         self.down_since = None
         self.attempts = 0
+        self._reason = ""

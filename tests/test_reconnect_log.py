@@ -53,6 +53,19 @@ def test_an_outage_costs_one_line_then_one_per_minute_then_back(caplog: pytest.L
     assert [level for level, _ in said(caplog)] == [logging.WARNING, logging.WARNING]
 
 
+def test_a_new_reason_is_said_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "relaybeat.mqtt")
+    clock = FakeClock()
+    reconnects = ReconnectLog("leaf h1", URL, clock=clock.now)
+    for error in ("[Errno 111] Connection refused", "[Errno 111] Connection refused", "[code:135] Not authorized"):
+        reconnects.failed(OSError(error))
+        clock.t += 1.0
+    lines = [line for _, line in said(caplog)]
+    assert len(lines) == 2
+    assert "Is the broker running" in lines[0]
+    assert "Not authorized). Check the user name and password" in lines[1]
+
+
 @pytest.mark.parametrize(
     ("error", "advice"),
     [
