@@ -40,6 +40,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "large": {"hosts": 100_000, "relays": 20, "duration": 15.0, "reps": 3, "connections": 32},
         "smoke": {"hosts": 1000, "relays": 2, "duration": 1.0, "reps": 1, "connections": 4},
     },
+    "auth": {
+        "default": {"logins": [5, 20, 50], "reps": 5},
+        "large": {"logins": [5, 20, 50, 100], "reps": 5},
+        "smoke": {"logins": [5], "reps": 1},
+    },
     "persist": {
         "default": {"hosts": 10_000, "reps": 3},
         "large": {"hosts": 50_000, "reps": 3},
@@ -47,7 +52,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 MODULES = {"fanin": "fanin", "ingest": "ingest", "detector": "detector", "lag": "lag", "api": "api_load",
-           "persist": "persist"}  # fmt: skip
+           "persist": "persist", "auth": "auth"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--connections", type=int, help="wrk connections")
             p.add_argument("--ingest-rate", type=float, default=None,
                            help="leaf entries/s of background ingest [half the last ingest ceiling]")  # fmt: skip
+        if name == "auth":
+            p.add_argument("--logins", type=int, nargs="+", help="concurrent logins per storm")
         if name == "persist":
             p.add_argument("--hosts", type=int, help="hosts behind the relay that dies")
             p.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])

@@ -18,14 +18,16 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import ColumnElement, Connection, bindparam, delete, event, func, insert, make_url, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from relaybeat import migrations
-from relaybeat.errors import SettingsError
+from relaybeat.errors import SettingsError, Unavailable
 from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.notify import Alert, AlertKey, NoticeType
 from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
@@ -125,6 +127,44 @@ class OutboxRow:
     last_error: str | None
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached or used at start: down, refused, missing, not a database."""
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit for a terminal or a log: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the database"
+
+
+_DATABASE_HINTS = (  # (what the driver says, what to do); the first match wins
+    ("does not exist", "create it (`createdb {database}`) or fix the name in --db / RELAYBEAT_DB"),
+    ("connection refused", "is the database server running on that host and port?"),
+    ("could not translate host name", "the host name is unknown: fix it in --db / RELAYBEAT_DB"),
+    ("name or service not known", "the host name is unknown: fix it in --db / RELAYBEAT_DB"),
+    ("password authentication failed", "wrong user or password in --db / RELAYBEAT_DB"),
+    ("no password supplied", "give the password in the URL (postgresql://USER:PASSWORD@HOST/DB) or in ~/.pgpass"),
+    ("unable to open database file", "check that the file can be created and written there"),
+    ("file is not a database", "that file is not a SQLite database: point --db at another file"),
+)
+
+
+def database_error(exc: DBAPIError | OSError, url: str) -> DatabaseUnavailable:
+    """A driver's error while opening or migrating `url`, as one line that says what to do (never the password)."""
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()  # the first line: the drivers' own hints follow it
+    said = " ".join(lines[0].split()) if lines else type(original).__name__
+    said = said.removeprefix("connection failed: ")
+    hint = next((what for needle, what in _DATABASE_HINTS if needle in said.lower()), "check --db / RELAYBEAT_DB")
+    parsed = make_url(url) if "://" in url else None
+    if parsed is not None and parsed.password:
+        said = said.replace(str(parsed.password), "***")
+    hint = hint.format(database=(parsed and parsed.database) or "NAME")
+    return DatabaseUnavailable(f"cannot use the database {shown_url(url)}: {said[:300]}; {hint}")
+
+
 def async_url(url: str) -> str:
     """The async-driver form of a database URL: aiosqlite for SQLite, psycopg for PostgreSQL.
 
@@ -161,6 +201,12 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+def migration_revisions() -> list[str]:
+    """The revisions this code ships, oldest first ("0001", ...)."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return [script.revision for script in reversed(list(scripts.walk_revisions()))]
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -247,8 +293,9 @@ class HistoryFilters(TypedDict, total=False):
 class Store:
     """An open database. Create with `await Store.open(url)`, finish with `await store.close()`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, url: str = "") -> None:
         self._engine = engine
+        self._url = url
         self._writer = engine.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
 
     @classmethod
@@ -258,10 +305,13 @@ class Store:
         try:
             async with engine.connect():
                 pass
+        except (DBAPIError, OSError) as exc:
+            await engine.dispose()
+            raise database_error(exc, url) from exc
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, url)
 
     @property
     def dialect(self) -> str:
@@ -272,6 +322,16 @@ class Store:
         await self._engine.dispose()
 
     async def _migrate(self, action: Callable[[Config], None]) -> None:
+        try:
+            await self._migrate_once(action)
+        except CommandError as exc:  # e.g. an unknown revision, or a database migrated by a newer relaybeat
+            known = ", ".join(["base", *migration_revisions()])
+            msg = f"{' '.join(str(exc).split())} (this relaybeat knows the revisions {known})"
+            raise SettingsError(msg) from exc
+        except DBAPIError as exc:
+            raise database_error(exc, self._url) from exc
+
+    async def _migrate_once(self, action: Callable[[Config], None]) -> None:
         async with self._writer.begin() as connection:
             if connection.dialect.name == "postgresql":
                 # Concurrent starts queue here; the later ones then find the schema at head. (On

@@ -26,6 +26,7 @@ import os
 import random
 import ssl
 import termios
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -177,13 +178,14 @@ async def stay_connected(
     max_delay_s: float = 10.0,
 ) -> None:
     """Run `session(client)` on a connected client, reconnecting with jittered exponential backoff
-    (0.1 s doubling by 1.5 up to `max_delay_s`) until cancelled."""
+    (0.1 s doubling by 1.5 up to `max_delay_s`) until cancelled; `ReconnectLog` says what happens."""
     attempt = 0
+    said = ReconnectLog(name, url)
     while True:
         try:
             async with make_client() as client:
                 attempt = 0
-                log.info("%s connected to %s", name, url)
+                said.connected()
                 if on_state is not None:
                     on_state(True)
                 await session(client)
@@ -196,7 +198,7 @@ async def stay_connected(
                 raise asyncio.CancelledError from exc  # asked to stop: never reconnect instead
             delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))  # noqa: S311 - jitter, not a secret
             attempt += 1
-            log.warning("%s: broker %s unavailable (%s); retrying in %.1f s", name, url, exc, delay)
+            said.failed(exc)
             await asyncio.sleep(delay)
 
 
@@ -244,3 +246,69 @@ def payload_bytes(raw: object) -> bytes:
     if isinstance(raw, str):
         return raw.encode()
     return b"" if raw is None else str(raw).encode()
+
+
+_BROKER_ADVICE = (  # (what the error says, lower case; what to do); the first match wins
+    ("name or service not known", "Unknown host: check the broker URL."),
+    ("nodename nor servname", "Unknown host: check the broker URL."),
+    ("temporary failure in name resolution", "The host name cannot be resolved now: check DNS or the broker URL."),
+    ("not authorized", "Check the user name and password in the broker URL."),
+    ("bad user name or password", "Check the user name and password in the broker URL."),
+    ("refused", "Is the broker running on that host and port?"),
+    ("certificate", "Check the broker URL's ?ca= file and the broker's certificate."),
+    ("timed out", "Is the host reachable and the port open?"),
+)
+
+
+class ReconnectLog:
+    """What a reconnecting client says about its broker, so an outage costs a few lines, not one per
+    attempt: the first failure at once (WARNING, with what to do), then one summary per `every_s`
+    while it lasts (at once when the reason changes, e.g. refused, then not authorized), then "back"
+    when a connection succeeds. `clock` is monotonic seconds."""
+
+    def __init__(
+        self,
+        name: str,
+        url: BrokerURL,
+        clock: Callable[[], float] = time.monotonic,
+        every_s: float = 60.0,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.name, self.url, self.clock, self.every_s, self.log = name, url, clock, every_s, logger
+        self.down_since: float | None = None
+        self.attempts = 0  # failed attempts in this outage
+        self._said_at = 0.0
+        self._said_attempts = 0
+        self._reason = ""
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self.attempts += 1
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if self.down_since is None or reason != self._reason:
+            self.down_since = now if self.down_since is None else self.down_since
+            self._said_at, self._said_attempts, self._reason = now, self.attempts, reason
+            advice = next((f" {what}" for needle, what in _BROKER_ADVICE if needle in reason.lower()), "")
+            self.log.warning(
+                "%s: broker %s unavailable (%s).%s Retrying; a summary every %.0f s until it is back.",
+                self.name, self.url, reason, advice, self.every_s,
+            )  # fmt: skip
+        elif now - self._said_at >= self.every_s:
+            self.log.warning(
+                "%s: broker %s still unavailable after %.0f s (%d attempts in the last %.0f s; last: %s)",
+                self.name, self.url, now - self.down_since, self.attempts - self._said_attempts, now - self._said_at,
+                reason,
+            )  # fmt: skip
+            self._said_at, self._said_attempts = now, self.attempts
+
+    def connected(self) -> None:
+        if self.down_since is None:
+            self.log.info("%s connected to %s", self.name, self.url)
+        else:
+            self.log.warning(
+                "%s: broker %s is back after %.0f s (%d failed attempts)",
+                self.name, self.url, self.clock() - self.down_since, self.attempts,
+            )  # fmt: skip
+        self.down_since = None
+        self.attempts = 0
+        self._reason = ""

@@ -9,26 +9,62 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable
+import traceback
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from relaybeat import people
-from relaybeat.monitor.store import downgrade_sync, pending_model_changes, upgrade_sync
+from relaybeat.errors import RelaybeatError, SettingsError, message
+from relaybeat.monitor.store import downgrade_sync, pending_model_changes, shown_url, upgrade_sync
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import PortInUse, parse_hostport
 
-T = TypeVar("T")
+
+class _Commands(TyperGroup):
+    """The one place a start-up failure becomes what a person reads: every `RelaybeatError` that stops
+    a command is one line on stderr, exit status 2; `--debug`, RELAYBEAT_LOG_LEVEL=debug or
+    `--log-level debug` print its traceback first. Anything else that escapes is a bug: a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context (typer 0.29 vendors click privately)
+        try:
+            return super().invoke(ctx)
+        except RelaybeatError as exc:
+            if _debugging(ctx):
+                traceback.print_exception(exc)
+            hint = ". Choose another port." if isinstance(exc, PortInUse) else ""
+            typer.secho(f"error: {message(exc)}{hint}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+
+def _debugging(ctx: Any) -> bool:
+    return bool(
+        ctx.params.get("debug")
+        or os.environ.get("RELAYBEAT_LOG_LEVEL", "").lower() == "debug"
+        or logging.getLogger("relaybeat").isEnabledFor(logging.DEBUG)
+    )
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Server liveness over MQTT, relayed: leaves beat to a relay, relays bundle, one monitor decides.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an error, print its traceback too (as RELAYBEAT_LOG_LEVEL=debug does).")
+    ] = False,
+) -> None:
+    pass
+
 
 DEFAULT_DB = "sqlite:///relaybeat.db"
 Prefix = Annotated[
@@ -45,65 +81,25 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def _logging(level: str) -> None:
     if level.lower() not in LOG_LEVELS:
         msg = f"--log-level (RELAYBEAT_LOG_LEVEL): {level[:20]!r} is not one of {', '.join(LOG_LEVELS)}"
-        raise _fail(msg)
+        raise SettingsError(msg)
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
 
-def _settings(build: Callable[[], T]) -> T:
-    """What a command starts with (relaybeat/settings.py); a bad value stops start-up here."""
-    from relaybeat.config import ConfigError
-
-    try:
-        return build()
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    return typer.Exit(2)
-
-
-def _broker_url(url: str, option: str) -> BrokerURL:
-    try:
-        return BrokerURL.parse(url)
-    except ValueError as exc:
-        msg = f"{option}: {exc}"
-        raise _fail(msg) from None
-
-
 def _hostport(text: str, option: str) -> tuple[str, int]:
     try:
         return parse_hostport(text)
-    except ValueError as exc:
+    except SettingsError as exc:
         msg = f"{option}: {exc}"
-        raise _fail(msg) from None
-
-
-def _shown(db_url: str) -> str:
-    """A database URL fit for a terminal or a log: the password masked."""
-    from sqlalchemy import make_url
-
-    try:
-        return make_url(db_url).render_as_string(hide_password=True)
-    except Exception:
-        return "the database"
+        raise SettingsError(msg) from None
 
 
 def _run(main: object) -> None:
     """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
-    from relaybeat.monitor.journal import JournalUnavailable
     from relaybeat.serve import run_until_signal
 
-    try:
-        status = run_until_signal(main)  # type: ignore[arg-type]
-    except PortInUse as exc:
-        msg = f"{exc.strerror}. Choose another port."
-        raise _fail(msg) from None
-    except JournalUnavailable as exc:
-        raise _fail(str(exc.strerror)) from None
+    status = run_until_signal(main)  # type: ignore[arg-type]
     if status:
         raise typer.Exit(status)
 
@@ -118,16 +114,17 @@ def broker(
 ) -> None:
     """Run the embedded MQTT broker (amqtt, hardened: keepalive enforced, auth off the event loop)."""
     from relaybeat.broker_config.embedded import serve_broker
-    from relaybeat.broker_config.settings import BrokerConfigError, BrokerSettings, load_broker_settings
+    from relaybeat.broker_config.settings import BrokerSettings, load_broker_settings
 
     _logging(log_level)
     try:
         settings = load_broker_settings(config) if config else BrokerSettings()
-        if bind is not None:
-            host, port = _hostport(bind, "--bind")
-            settings = dataclasses.replace(settings, host=host, port=port)
-    except (BrokerConfigError, OSError) as exc:
-        raise _fail(str(exc)) from None
+    except OSError as exc:
+        msg = f"--config {config}: cannot read it ({exc.strerror or exc})"
+        raise SettingsError(msg) from None
+    if bind is not None:
+        host, port = _hostport(bind, "--bind")
+        settings = dataclasses.replace(settings, host=host, port=port)
     _run(lambda stop: serve_broker(settings, stop))
 
 
@@ -147,9 +144,7 @@ def leaf(
     from relaybeat.settings import LeafFlags, leaf_start
 
     _logging(log_level)
-    start = _settings(
-        lambda: leaf_start(LeafFlags(id=id, broker=broker, interval=interval, prefix=prefix), os.environ, config)
-    )
+    start = leaf_start(LeafFlags(id=id, broker=broker, interval=interval, prefix=prefix), os.environ, config)
 
     async def main(stop: asyncio.Event) -> None:
         await run_leaf(start.host_id, start.broker, start.interval_s, stop, start.topics)
@@ -209,7 +204,7 @@ def relay(
         children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix, keyframe_s=keyframe_s, format=format,
         watch=tuple(watch or ()),
     )  # fmt: skip
-    start = _settings(lambda: relay_start(flags, os.environ, config))
+    start = relay_start(flags, os.environ, config)
 
     async def main(stop: asyncio.Event) -> None:
         from contextlib import AsyncExitStack
@@ -271,7 +266,7 @@ def monitor(
         phi=phi, client_id=client_id, max_bundle_bytes=max_bundle_bytes, max_bundle_entries=max_bundle_entries,
         journal=journal, prefix=prefix,
     )  # fmt: skip
-    start = _settings(lambda: monitor_start(flags, os.environ, config))
+    start = monitor_start(flags, os.environ, config)
     host, port = start.listen
     _run(lambda stop: serve_monitor(start.settings, start.db, host, port, stop, start.api))
 
@@ -282,20 +277,31 @@ def up(
     broker_port: Annotated[int | None, typer.Option(help="Central broker port (default 1883, or a free one).")] = None,
     api_port: Annotated[int | None, typer.Option(help="HTTP API port (default 8000, or a free one).")] = None,
     duration: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Deployment file: its [api] (tokens, CORS) and [notify] apply; the demo keeps its own brokers.",
+            envvar="RELAYBEAT_CONFIG",
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
-    """The one-command demo: broker, monitor + API, two relays and a dozen leaves, live table."""
+    """The one-command demo: broker, monitor + API, two relays and a dozen leaves, live table.
+    Prints a write token it made for the run unless one is configured (RELAYBEAT_API_WRITE_TOKENS)."""
+    from relaybeat.config import load_config
     from relaybeat.demo import run_demo
 
     _logging(log_level)
-    _run(lambda stop: run_demo(stop, db, broker_port, api_port, duration))
+    deployment = load_config(config, os.environ)
+    api, notify = deployment.api.settings(), deployment.notify.settings()
+    _run(lambda stop: run_demo(stop, db, broker_port, api_port, duration, api=api, notify=notify))
 
 
 @db_app.command("upgrade")
 def db_upgrade(db: Annotated[str, typer.Option(help="SQLAlchemy URL.", envvar="RELAYBEAT_DB")] = DEFAULT_DB) -> None:
     """Apply all migrations."""
     upgrade_sync(db)
-    typer.echo(f"{_shown(db)}: schema up to date")
+    typer.echo(f"{shown_url(db)}: schema up to date")
 
 
 @db_app.command("downgrade")
@@ -305,7 +311,7 @@ def db_downgrade(
 ) -> None:
     """Revert migrations down to REVISION (default: everything)."""
     downgrade_sync(db, revision)
-    typer.echo(f"{_shown(db)}: downgraded to {revision}")
+    typer.echo(f"{shown_url(db)}: downgraded to {revision}")
 
 
 @db_app.command("check")

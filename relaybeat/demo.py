@@ -3,12 +3,19 @@
 Topology: a central embedded broker (1883 if free) with the monitor and its API (8000 if free) on a
 SQLite file; two relays, each with its own embedded site broker; six simulated leaves per site.
 After 20 s `web-3` stops beating (a crash: no last word); after 30 s `db-2` stops gracefully.
+
+The API's access settings come from the deployment file's `[api]` (`relaybeat up --config FILE`) and
+the RELAYBEAT_API_* variables, `[notify]` too; brokers, ports and the detector are the demo's own.
+Without a write token configured the demo makes one for the run and prints it as an `export` line,
+so the README's write examples work as written in another shell.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,9 +23,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from relaybeat.api.auth import ApiSettings
 from relaybeat.broker_config.embedded import EmbeddedBroker
 from relaybeat.broker_config.settings import BrokerSettings
 from relaybeat.monitor.detector import Policy
+from relaybeat.monitor.outbox import NotifySettings
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.states import State
 from relaybeat.relay.leaf import run_leaf
@@ -52,6 +61,29 @@ def choose_port(requested: int | None, preferred: int) -> int:
     return preferred if is_free(HOST, preferred) else pick_free(HOST)
 
 
+def with_write_token(api: ApiSettings) -> tuple[ApiSettings, str | None]:
+    """`api` as configured, or with a write token made for this run (returned too) when it has none."""
+    if api.write_tokens:
+        return api, None
+    token = secrets.token_urlsafe(24)
+    return dataclasses.replace(api, write_tokens=(token,)), token
+
+
+def access_lines(api: ApiSettings, made: str | None) -> list[str]:
+    """What the demo says about tokens: how to write (and read, if reads are protected)."""
+    if made is not None:
+        lines = [
+            f"Writes need a token; this run made one. In the shell you run the README's examples from:\n"
+            f"  export RELAYBEAT_API_WRITE_TOKENS={made}\n"
+            f"(set RELAYBEAT_API_WRITE_TOKENS before `relaybeat up`, or use --config, to choose your own)"
+        ]
+    else:
+        lines = ["Writes: use your write token (RELAYBEAT_API_WRITE_TOKENS or [api] write_tokens)."]
+    if not api.read_open:
+        lines.append("Reads need a token too: RELAYBEAT_API_TOKEN=<read or write token> for status/history/watch.")
+    return lines
+
+
 def state_table(monitor: Monitor, started: float) -> Table:
     detector = monitor.detector
     status = "[bold red]DEGRADED (blind)[/]" if detector.blind else "[green]seeing[/]"
@@ -82,8 +114,11 @@ async def run_demo(
     api_port: int | None = None,
     duration_s: float | None = None,
     console: Console | None = None,
+    api: ApiSettings | None = None,
+    notify: NotifySettings | None = None,
 ) -> None:
     console = console or Console()
+    api, made_token = with_write_token(api or ApiSettings())
     broker_port = choose_port(broker_port, 1883)
     api_port = choose_port(api_port, 8000)
     tasks: list[asyncio.Task[object]] = []
@@ -97,10 +132,13 @@ async def run_demo(
     async with contextlib.AsyncExitStack() as stack:
         central = await stack.enter_async_context(EmbeddedBroker(BrokerSettings(host=HOST, port=broker_port)))
         central_url = BrokerURL.parse(central.url)
-        settings = MonitorSettings(central_url, Policy(misses=3, default_interval_s=LEAF_INTERVAL_S))
-        running = await stack.enter_async_context(monitor_running(settings, db_url, HOST, api_port))
+        policy = Policy(misses=3, default_interval_s=LEAF_INTERVAL_S)
+        settings = MonitorSettings(central_url, policy, notify=notify or NotifySettings())
+        running = await stack.enter_async_context(monitor_running(settings, db_url, HOST, api_port, api))
         console.print(f"[b]relaybeat is up.[/] Broker {central.url}   API {running.url}/api/v1/hosts   "
                       f"docs {running.url}/docs   dashboard {running.url}/")  # fmt: skip
+        for line in access_lines(api, made_token):
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(f"Beat from anywhere: mosquitto_pub -h {HOST} -p {central.port} -n -t relaybeat/beat/my-host")
         console.print(f"{CRASHES[0]} will crash at {CRASHES[1]:.0f} s and {GRACEFUL_STOP[0]} stop gracefully at "
                       f"{GRACEFUL_STOP[1]:.0f} s. Ctrl-C to exit.")  # fmt: skip

@@ -14,10 +14,15 @@ is checked against the code by tests/test_layering.py.
     ├── Unavailable          something outside relaybeat is not there (a port, a file, a server, a version)
     │   ├── PortInUse            relay.ports: another process holds the port
     │   │   └── BrokerPortInUse      broker_config.settings: ... the embedded broker's port
-    │   └── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
+    │   ├── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
+    │   └── DatabaseUnavailable  monitor.store: the database cannot be reached or used (down, missing, refused)
     ├── PartFailed           relay.parts: a part of a running service died; the process stops
     ├── AccessRefused        api.auth: a request without the token it needs
     └── ApiError             relaybeat.people: the HTTP API answered with an error
+
+The command line turns every `RelaybeatError` that stops a command into one line on stderr and
+exit status 2 (relaybeat/cli.py, `_Commands`); `--debug` or RELAYBEAT_LOG_LEVEL=debug adds the
+traceback. `message(exc)` below is that line's text.
 
 `WireError`, `JournalError`, `SettingsError` and its children are also `ValueError`s, and
 `Unavailable` is an `OSError`, so code (and pydantic validators) that expect those keep working.
@@ -38,3 +43,10 @@ class SettingsError(RelaybeatError, ValueError):
 
 class Unavailable(RelaybeatError, OSError):
     """Something relaybeat needs from outside is not there: a port, a file, a server."""
+
+
+def message(exc: RelaybeatError) -> str:
+    """The one line a person reads: an `Unavailable` (an OSError) without its "[Errno N]" prefix."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc)

@@ -2,11 +2,13 @@
 
 They only read the monitor's HTTP API (never the database or the broker), so they work from any
 machine that reaches it: `--api URL` or RELAYBEAT_API, and `--token` or RELAYBEAT_API_TOKEN when
-reads are protected. Every error says what to do next; they exit 2 on errors, like the other commands.
+reads are protected. Every error says what to do next: they raise `ApiError`, which relaybeat/cli.py prints as one
+line (exit 2), like the other commands' errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -40,12 +42,41 @@ TokenOption = Annotated[
 
 
 class ApiError(RelaybeatError):
-    """Something a person can act on; the message says what."""
+    """Something a person can act on; the message says what (relaybeat/cli.py prints it, exit 2)."""
 
 
-def fail(message: str) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(2)
+def check_state(state: str | None) -> None:
+    if state is not None and state not in STATES:
+        msg = f"--state {state[:40]!r}: use one of {', '.join(STATES)}"
+        raise ApiError(msg)
+
+
+def check_since(since: str | None) -> None:
+    """`--since`: ISO 8601 with a zone, checked here so a typo never reaches the API."""
+    if since is None:
+        return
+    try:
+        moment = datetime.fromisoformat(since.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        msg = f"--since {since[:40]!r}: use an ISO 8601 time with a zone, e.g. 2026-11-29T00:00:00Z"
+        raise ApiError(msg)
+
+
+def _detail(response: httpx.Response) -> str:
+    """The `detail` of an error body (`{"error", "detail"}`), in one short line whatever its shape."""
+    try:
+        body = response.json()
+    except ValueError:
+        return " ".join(response.text.split())[:200]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # validation errors: [{"loc": [...], "msg": ...}, ...]
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', ())[1:])}: {d.get('msg', '')}" if isinstance(d, dict) else str(d)
+            for d in detail
+        )
+    return " ".join(str(detail).split())[:300]
 
 
 class Api:
@@ -56,6 +87,7 @@ class Api:
         if not self.base.startswith(("http://", "https://")):
             msg = f"--api {base!r} is not a URL: use e.g. --api {DEFAULT_API}"
             raise ApiError(msg)
+        self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout_s)
 
@@ -65,17 +97,48 @@ class Api:
             f"use --api URL or set RELAYBEAT_API"
         )
 
+    def not_relaybeat(self, what: str) -> ApiError:
+        return ApiError(
+            f"{self.base} does not look like a relaybeat monitor ({what}): "
+            f"point --api (or RELAYBEAT_API) at the monitor's API, e.g. {DEFAULT_API}"
+        )
+
     def check(self, response: httpx.Response) -> None:
         if response.status_code == 401:
-            msg = f"{self.base} needs a token for reads: use --token or set RELAYBEAT_API_TOKEN"
+            if self.token:
+                msg = f"{self.base} did not accept the token (HTTP 401): check --token or RELAYBEAT_API_TOKEN"
+            else:
+                msg = f"{self.base} needs a token for reads: use --token or set RELAYBEAT_API_TOKEN"
+            raise ApiError(msg)
+        if response.status_code == 403:
+            request = response.request
+            msg = (
+                f"the token is not allowed to {request.method} {request.url.path} on {self.base} "
+                f"(HTTP 403: {_detail(response)})"
+            )
             raise ApiError(msg)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text[:200]
-            msg = f"{response.request.url}: HTTP {response.status_code}: {detail}"
+            msg = f"{response.request.url}: HTTP {response.status_code}: {_detail(response)}"
             raise ApiError(msg)
+
+    def health(self) -> dict[str, Any]:
+        """`/healthz`, which every relaybeat monitor serves without a token: also proves `--api` is one."""
+        try:
+            response = self.http.get("/healthz")
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from None
+        if response.status_code != 200:
+            msg = f"GET /healthz answered HTTP {response.status_code}"
+            raise self.not_relaybeat(msg)
+        try:
+            body = response.json()
+        except ValueError:
+            msg = "GET /healthz is not JSON"
+            raise self.not_relaybeat(msg) from None
+        if not (isinstance(body, dict) and isinstance(body.get("status"), str) and "database_ok" in body):
+            msg = "GET /healthz holds no relaybeat health"
+            raise self.not_relaybeat(msg)
+        return body
 
     def get(self, path: str, **params: Any) -> Any:
         """The JSON body, or None for 404."""
@@ -89,17 +152,25 @@ class Api:
         try:
             return response.json()
         except ValueError:
-            msg = f"{self.base} answered {path} with something that is not JSON: is it relaybeat?"
-            raise ApiError(msg) from None
+            msg = f"GET {path} is not JSON"
+            raise self.not_relaybeat(msg) from None
+
+    def items(self, path: str, **params: Any) -> dict[str, Any]:
+        """A list endpoint's body (`{"items": [...], ...}`); anything else is not relaybeat's API."""
+        body = self.get(path, **params)
+        if not (isinstance(body, dict) and isinstance(body.get("items"), list)):
+            msg = f"GET {path} holds no items"
+            raise self.not_relaybeat(msg)
+        return body
 
     def hosts(self, state: str | None, relay: str | None, console: Console) -> list[dict[str, Any]]:
-        first = self.get("/api/v1/hosts", state=state, relay=relay, limit=HOST_PAGE, offset=0)
+        first = self.items("/api/v1/hosts", state=state, relay=relay, limit=HOST_PAGE, offset=0)
         items: list[dict[str, Any]] = list(first["items"])
         total = int(first["total"])
         if len(items) < total:
             with console.status(f"fetching {total:,} hosts…"):
                 while len(items) < total:
-                    page = self.get("/api/v1/hosts", state=state, relay=relay, limit=HOST_PAGE, offset=len(items))
+                    page = self.items("/api/v1/hosts", state=state, relay=relay, limit=HOST_PAGE, offset=len(items))
                     if not page["items"]:
                         break
                     items.extend(page["items"])
@@ -149,30 +220,24 @@ def status(
     token: TokenOption = None,
 ) -> None:
     """Relays and hosts with their states, worst first (a colored table from the API)."""
-    if state is not None and state not in STATES:
-        msg = f"--state {state!r}: use one of {', '.join(STATES)}"
-        raise fail(msg)
+    check_state(state)
     console = Console(highlight=False)
-    try:
-        client = Api(api, token)
-        health = client.get("/healthz")
-        relays = client.get("/api/v1/relays")["items"]
-        hosts = client.hosts(state, relay, Console(stderr=True))
-    except ApiError as exc:
-        raise fail(str(exc)) from None
+    client = Api(api, token)
+    health = client.health()
+    relays = client.items("/api/v1/relays")["items"]
+    hosts = client.hosts(state, relay, Console(stderr=True))
     if search:
         needle = search.lower()
         hosts = [h for h in hosts if needle in h["id"].lower()]
     rank = {s: i for i, s in enumerate(STATES)}
     hosts.sort(key=lambda h: (rank.get(h["state"], len(STATES)), h["id"]))
 
-    if health is not None:
-        mood = "[green]ok[/]" if health["status"] == "ok" else f"[bold red]{escape(health['status'])}[/]"
-        why = " (blind: nothing turns down)" if health.get("blind") else ""
-        counts = Counter(h["state"] for h in hosts)
-        summary = ", ".join(f"{n} {styled(s)}" for s in STATES if (n := counts[s]))
-        listed = f"{len(hosts):,} hosts shown ({summary or 'none'})"
-        console.print(f"relaybeat at {escape(client.base)}: {mood}{why} · {listed}")
+    mood = "[green]ok[/]" if health["status"] == "ok" else f"[bold red]{escape(health['status'])}[/]"
+    why = " (blind: nothing turns down)" if health.get("blind") else ""
+    counts = Counter(h["state"] for h in hosts)
+    summary = ", ".join(f"{n} {styled(s)}" for s in STATES if (n := counts[s]))
+    listed = f"{len(hosts):,} hosts shown ({summary or 'none'})"
+    console.print(f"relaybeat at {escape(client.base)}: {mood}{why} · {listed}")
 
     if relay is not None:
         relays = [r for r in relays if r["id"] == relay]
@@ -219,17 +284,19 @@ def history(
     token: TokenOption = None,
 ) -> None:
     """A host's (or relay's) transitions, oldest first, from the history in SQL."""
+    check_since(since)
     console = Console(highlight=False)
-    try:
-        client = Api(api, token)
-        kind, body = "host", client.get(f"/api/v1/hosts/{subject}/transitions", limit=limit, since=since)
-        if body is None:
-            kind, body = "relay", client.get(f"/api/v1/relays/{subject}/transitions", limit=limit, since=since)
-    except ApiError as exc:
-        raise fail(str(exc)) from None
+    client = Api(api, token)
+    client.health()  # a 404 below then means an unknown subject, not some other server
+    kind, body = "host", client.get(f"/api/v1/hosts/{subject}/transitions", limit=limit, since=since)
+    if body is None:
+        kind, body = "relay", client.get(f"/api/v1/relays/{subject}/transitions", limit=limit, since=since)
     if body is None:
         msg = f"no host or relay {subject!r} is known to {client.base}: try `relaybeat status --search {subject}`"
-        raise fail(msg)
+        raise ApiError(msg)
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        what = f"GET /api/v1/{kind}s/{subject}/transitions holds no items"
+        raise client.not_relaybeat(what)
     items = list(reversed(body["items"]))
     if not items:
         console.print(f"{kind} {escape(subject)}: no transitions" + (" since then" if since else ""))
@@ -264,7 +331,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def watch(
-    state: Annotated[str | None, typer.Option(help="Only transitions into this state.")] = None,
+    state: Annotated[str | None, typer.Option(help=f"Only transitions into this state ({', '.join(STATES)}).")] = None,
     search: Annotated[str | None, typer.Option(help="Only subjects whose id contains this text.")] = None,
     after_id: Annotated[
         int | None, typer.Option(help="First replay every transition after this id (see `history`).", min=0)
@@ -275,11 +342,11 @@ def watch(
     """Live transitions as they are decided (the API's event stream); resumes after a dropped connection."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        client = Api(api, token, timeout_s=10.0)
-    except ApiError as exc:
-        raise fail(str(exc)) from None
+    check_state(state)
+    with contextlib.suppress(ValueError):  # not in the main thread (run embedded, or by a test): Ctrl-C only
+        signal.signal(signal.SIGTERM, _interrupt)
+    client = Api(api, token, timeout_s=10.0)
+    client.health()  # says so at once when --api is some other server
     last_id = after_id
     connected_once = False
     delay_s = 1.0
@@ -293,6 +360,9 @@ def watch(
                     "GET", "/api/v1/events", headers=headers, timeout=httpx.Timeout(10.0, read=None)
                 ) as response:
                     client.check(response)
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        msg = "GET /api/v1/events is not an event stream"
+                        raise client.not_relaybeat(msg)
                     resumed = "" if last_id is None else f", resuming after #{last_id}"
                     verb = "reconnected to" if connected_once else "watching"
                     err.print(f"[dim]{verb} {escape(client.base)}/api/v1/events{resumed} (Ctrl-C to stop)[/]")
@@ -316,10 +386,8 @@ def watch(
                 err.print("[yellow]the stream ended (monitor restarting?)[/]")
             except httpx.TransportError as exc:
                 if not connected_once:
-                    raise fail(str(client.unreachable(exc))) from None
+                    raise client.unreachable(exc) from None
                 err.print(f"[yellow]connection lost ({type(exc).__name__}); retrying in {delay_s:.0f} s[/]")
-            except ApiError as exc:
-                raise fail(str(exc)) from None
             time.sleep(delay_s)
             delay_s = min(30.0, delay_s * 2)
     except KeyboardInterrupt:

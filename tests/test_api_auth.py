@@ -261,9 +261,9 @@ def test_running_monitor_serves_tokens_from_file_and_environment(tmp_path: Path,
 
 
 def test_database_urls_are_shown_without_their_password() -> None:
-    from relaybeat.cli import _shown
+    from relaybeat.monitor.store import shown_url
 
-    shown = _shown(f"postgresql+psycopg://relaybeat:{BROKER_PASSWORD}@db.example/relaybeat")
+    shown = shown_url(f"postgresql+psycopg://relaybeat:{BROKER_PASSWORD}@db.example/relaybeat")
     assert BROKER_PASSWORD not in shown
     assert shown.startswith("postgresql+psycopg://relaybeat:***@")
-    assert BROKER_PASSWORD not in _shown(f"not a url {BROKER_PASSWORD}")
+    assert BROKER_PASSWORD not in shown_url(f"not a url {BROKER_PASSWORD}")

@@ -112,3 +112,10 @@ def test_persist_writes_the_mass_event_on_sqlite(tmp_path: Path) -> None:
         s = r["summary"][db]
         assert s["transitions_written"]["median"] == 300 + 1
         assert 0 < s["first_queryable_s"]["median"] <= s["all_queryable_s"]["median"] < 60
+
+
+def test_auth_reports_the_event_loop_stall_during_logins(tmp_path: Path) -> None:
+    r = bench(tmp_path, "auth")
+    s = r["5"]
+    assert 0 <= s["stall_s"]["median"] < 60
+    assert positive(s["all_logins_s"]["median"])

@@ -13,9 +13,14 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI, Response
+from typer.testing import CliRunner, Result
 
+from relaybeat import cli, people
 from relaybeat.api.app import create_app
+from relaybeat.api.auth import ApiSettings
 from relaybeat.monitor.store import Store
 from relaybeat.relay.ports import pick_free
 from tests.fakes import FakeClock
@@ -197,3 +202,102 @@ async def test_watch_filters_by_state_and_replays_from_an_id(served: Served) -> 
     assert first.split()[2] == "web-1"
     assert out.strip() == b""
     assert "stopped" in err.decode()
+
+
+# --- errors a person can act on: other servers, bad flags, tokens ---------------------------------
+# These run the commands in a worker thread of this process (typer's CliRunner): the API they talk
+# to is served by this test's event loop, and no interpreter start is paid per command.
+
+READ_TOKEN = "read-token-0123456789abcdef"
+WRITE_TOKEN = "write-token-0123456789abcdef"
+
+
+async def in_process(*args: str, **env: str | None) -> Result:
+    environment = {"RELAYBEAT_API": None, "RELAYBEAT_API_TOKEN": None, "COLUMNS": "200"} | env
+    return await asyncio.to_thread(CliRunner().invoke, cli.app, list(args), env=environment)
+
+
+def one_error_line(result: Result) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def other_server(status: int, body: str, media_type: str) -> FastAPI:
+    """Some web server that is not relaybeat: the same answer for every path."""
+    other = FastAPI()
+
+    @other.get("/{path:path}")
+    async def anything(path: str) -> Response:
+        return Response(body, status_code=status, media_type=media_type)
+
+    return other
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "media_type"),
+    [
+        (200, "<html>It works!</html>", "text/html"),
+        (404, "Not Found", "text/plain"),
+        (200, '{"ok": 1}', "application/json"),
+    ],
+    ids=["html", "404", "json"],
+)
+async def test_commands_pointed_at_another_web_server_say_so_in_one_line(
+    status: int, body: str, media_type: str
+) -> None:
+    async with serving(other_server(status, body, media_type)) as url:
+        for command in (["status"], ["history", "web-1"], ["watch"]):
+            line = one_error_line(await in_process(*command, "--api", url))
+            assert f"{url} does not look like a relaybeat monitor" in line, line
+            assert "point --api (or RELAYBEAT_API) at the monitor's API" in line
+            assert "no host or relay" not in line
+
+
+async def test_state_and_since_are_checked_before_anything_is_asked() -> None:
+    closed = f"http://127.0.0.1:{pick_free('127.0.0.1')}"
+    for command in (["watch", "--state", "bogus"], ["status", "--state", "bogus"]):
+        line = one_error_line(await in_process(*command, "--api", closed))
+        assert line == "error: --state 'bogus': use one of down, unreachable, unknown, stopped, up"
+    line = one_error_line(await in_process("history", "web-1", "--since", "yesterday", "--api", closed))
+    assert line == "error: --since 'yesterday': use an ISO 8601 time with a zone, e.g. 2026-11-29T00:00:00Z"
+    naive = one_error_line(await in_process("history", "web-1", "--since", "2026-11-29T00:00:00", "--api", closed))
+    assert "with a zone" in naive
+
+
+async def test_a_missing_token_and_a_refused_token_are_told_apart(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite:///{tmp_path / 'tokens.db'}")
+    try:
+        await store.upgrade()
+        monitor = new_monitor(store, FakeClock())
+        protected = ApiSettings(read_open=False, read_tokens=(READ_TOKEN,), write_tokens=(WRITE_TOKEN,))
+        async with serving(create_app(monitor, protected)) as url:
+            for command in (["status"], ["history", "web-1"], ["watch"]):
+                line = one_error_line(await in_process(*command, "--api", url))
+                assert line == f"error: {url} needs a token for reads: use --token or set RELAYBEAT_API_TOKEN"
+                line = one_error_line(await in_process(*command, "--api", url, RELAYBEAT_API_TOKEN="x" * 20))
+                assert line == f"error: {url} did not accept the token (HTTP 401): check --token or RELAYBEAT_API_TOKEN"
+            result = await in_process("status", "--api", url, "--token", READ_TOKEN)
+            assert result.exit_code == 0, result.output
+    finally:
+        await store.close()
+
+
+def test_a_403_names_what_the_token_may_not_do() -> None:
+    api = people.Api("http://monitor.example:8000", WRITE_TOKEN)
+    request = httpx.Request("DELETE", "http://monitor.example:8000/api/v1/hosts/web-1")
+    refused = httpx.Response(403, json={"error": "forbidden", "detail": "this token may read but not write"},
+                             request=request)  # fmt: skip
+    with pytest.raises(people.ApiError) as caught:
+        api.check(refused)
+    assert str(caught.value) == (
+        "the token is not allowed to DELETE /api/v1/hosts/web-1 on http://monitor.example:8000 "
+        "(HTTP 403: this token may read but not write)"
+    )
+    invalid = httpx.Response(422, json={"detail": [{"loc": ["query", "since"], "msg": "Input should be a datetime"}]},
+                             request=request)  # fmt: skip
+    with pytest.raises(people.ApiError, match=r"HTTP 422: since: Input should be a datetime$"):
+        api.check(invalid)

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import inspect, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from relaybeat.monitor.states import Event, Kind, State
 from relaybeat.monitor.store import (
+    DatabaseUnavailable,
     HostRow,
     RelayRow,
     Store,
@@ -119,8 +120,8 @@ def test_async_url_rejects_unsupported_urls_with_a_value_error(url: str) -> None
 
 
 async def test_open_fails_at_once_when_the_server_is_down(free_port: int) -> None:
-    with pytest.raises(OperationalError):
-        await Store.open(f"postgresql://postgres@127.0.0.1:{free_port}/relaybeat")
+    with pytest.raises(DatabaseUnavailable, match="Connection refused; is the database server running"):
+        await Store.open(f"postgresql://postgres:s3cret@127.0.0.1:{free_port}/relaybeat")
 
 
 async def test_open_names_a_missing_sqlite_directory(tmp_path: Path) -> None:
