@@ -594,7 +594,7 @@ class Detector:
 
         host.last_seen = seen
         if self.timeouts is not None and previous is not None:
-            beats = 1 if entry.seq is None or host.seq is None else entry.seq - host.seq
+            beats = 0 if entry.seq is None or host.seq is None else entry.seq - host.seq
             self.timeouts.arrival(host.id, seen - previous, beats, entry.interval_ms / 1000)
         if entry.seq is not None and entry.seq != host.seq:
             if host.seq is not None and entry.seq < host.seq:

@@ -393,53 +393,75 @@ class TimeoutAdvice:
     meets_false_alarms: bool
 
 
-JITTER_Z = 4.0  # jitter margin in standard deviations of the arrival residual
+JITTER_Z = 4.0  # jitter margin in standard deviations of an ordinary arrival's lateness
 MIN_BEATS = 2  # never page for one lost beat
 MAX_BEATS = 1000
+HEADROOM = 0.5  # intervals added beyond the shortest timeout the record supports
+STEP = 0.1  # candidate timeouts are whole tenths of an interval
+UNKNOWN_GAP_MAX = 100  # with no seq, a longer silence may be a reboot: not counted
+TAIL_FROM = 1.5  # gaps longer than this many intervals are kept, by tenth of an interval, for the tail
 
 
 def advise(
-    interval_s: float, beats: int, lost: int, jitter_mean_s: float, jitter_sd_s: float, targets: Targets
+    interval_s: float,
+    gaps: int,
+    tail: dict[int, int],
+    beats: int,
+    lost: int,
+    jitter_s: float,
+    targets: Targets,
 ) -> TimeoutAdvice:
-    """The timeout meeting `targets` for a subject beating every `interval_s` that was seen to lose
-    `lost` of `beats` beats (from seq gaps), with arrivals late by `jitter_mean_s` ± `jitter_sd_s`
-    beyond their slot.
+    """The timeout meeting `targets` for a subject beating every `interval_s`, from what was seen:
+    `gaps` silences between arrivals, the long ones counted by length in tenths of an interval
+    (`tail`), `lost` of `beats` beats missing from the seq, and `jitter_s` of ordinary lateness.
 
-    A silence longer than `m` intervals plus the jitter margin needs `m` beats in a row lost (or
-    later than the margin): with loss p that happens p^m per beat, so false alarms run at
-    p^m × beats/day. The loss is estimated conservatively ((lost + 1) / (beats + 2): a short clean
-    record does not promise perfection). The smallest `m` (at least 2) meeting the false-alarm
-    target is taken; with no false-alarm target, the largest that meets the detection target."""
+    A false alarm is a silence longer than the timeout while the subject lives: its rate is the
+    share of silences longer than T times the arrivals per day. Within what was seen that share is
+    counted; beyond the longest silence seen, a silence needs `m` beats in a row lost (loss p), which
+    happens p^m of the time, p estimated conservatively as (lost + 1) / (beats + 2) so that a short
+    clean record promises no perfection. The smallest T (at least two intervals and the jitter
+    margin: one lost beat never pages) that meets the false-alarm target is taken, plus half an
+    interval of headroom for silences a little longer than any seen yet; with only a
+    detection target, the target itself. When both cannot hold, the false-alarm target wins and the
+    detection time T can promise is said."""
     p = min(0.999, (lost + 1) / (beats + 2))
-    margin = max(0.05 * interval_s, jitter_mean_s + JITTER_Z * jitter_sd_s)
-    per_day = DAY_S / interval_s
+    margin = max(0.05 * interval_s, JITTER_Z * jitter_s)
+    per_day = DAY_S / interval_s * (1 - p)
+    longer = sorted(tail.items(), reverse=True)
+    n = max(1, gaps)
 
-    def timeout(m: int) -> float:
-        return m * interval_s + margin
+    def rate(t: float) -> float:
+        tenths = math.floor(t / interval_s / STEP + 1e-9)
+        seen = sum(count for bucket, count in longer if bucket >= tenths)  # its own bucket too: conservative
+        beyond = p ** max(1.0, (t - margin) / interval_s)
+        return per_day * max(seen / n, beyond)
 
-    def rate(m: int) -> float:
-        return per_day * p**m
-
+    floor = MIN_BEATS * interval_s + margin
     if targets.false_alarms_per_day is not None:
-        needed = math.log(targets.false_alarms_per_day / per_day) / math.log(p)
-        m = min(MAX_BEATS, max(MIN_BEATS, math.ceil(needed - 1e-9)))
+        k = math.ceil(floor / interval_s / STEP - 1e-9)
+        while rate(k * STEP * interval_s) > targets.false_alarms_per_day and k * STEP < MAX_BEATS:
+            k += 1
+        # Silences longer than any seen so far come once in a while (a record): keep some headroom.
+        t = (k * STEP + HEADROOM) * interval_s
     elif targets.detection_s is not None:
-        m = max(MIN_BEATS, math.floor((targets.detection_s - margin) / interval_s))
+        t = max(floor, targets.detection_s)
     else:
-        m = 3
-    t = timeout(m)
-    meets_detection = targets.detection_s is None or t <= targets.detection_s
-    meets_false = targets.false_alarms_per_day is None or rate(m) <= targets.false_alarms_per_day * (1 + 1e-9)
-    basis = f"{m} beats × {interval_s:g} s + {margin:.2f} s jitter; loss ≈ {100 * p:.2g} % of {beats} beats"
+        t = 3 * interval_s
+    meets_detection = targets.detection_s is None or t <= targets.detection_s * (1 + 1e-9)
+    meets_false = targets.false_alarms_per_day is None or rate(t) <= targets.false_alarms_per_day
+    basis = (
+        f"{t / interval_s:.1f} intervals of {interval_s:g} s: {gaps} gaps seen, "
+        f"loss ≈ {100 * p:.2g} %, jitter margin {margin:.2f} s"
+    )
     if not meets_detection:
-        basis += f"; cannot meet target_detection_s {targets.detection_s:g}: promises {t:.1f} s"
+        basis += f"; cannot meet target_detection_s {targets.detection_s:g} with this jitter: promises {t:.1f} s"
     if not meets_false:
         basis += f"; cannot meet target_false_alarms_per_day {targets.false_alarms_per_day:g}"
     return TimeoutAdvice(
         timeout_s=t,
         basis=basis,
         promised_detection_s=t,
-        expected_false_alarms_per_day=rate(m),
+        expected_false_alarms_per_day=rate(t),
         meets_detection=meets_detection,
         meets_false_alarms=meets_false,
     )
@@ -450,23 +472,25 @@ class _Arrivals:
     beats: int = 0
     lost: int = 0
     gaps: int = 0
-    mean: float = 0.0  # EWMA of the arrival residual (gap − beats × interval)
-    var: float = 0.0
-    advice: TimeoutAdvice | None = None
+    tail: dict[int, int] = field(default_factory=dict)  # long gaps by length in tenths of an interval
+    jitter: float = 0.0  # EWMA of ordinary lateness (|gap − interval|, gaps under TAIL_FROM intervals)
     interval_s: float = 0.0
+    advice: TimeoutAdvice | None = None
+    stale: int = 0  # gaps since the advice was derived
 
 
 @dataclass(slots=True)
 class TargetTimeouts:
     """The detector's per-host timeout policy from targets (`Detector(timeouts=...)`): it learns each
-    host's loss and jitter from the arrivals the detector reports, and answers with the timeout
-    `advise` derives, once a host has `min_samples` gaps (before that: None, the fixed rule)."""
+    host's silences and losses from the arrivals the detector reports, and answers with the timeout
+    `advise` derives once a host has `min_samples` gaps (before that: None, the fixed rule)."""
 
     targets: Targets
     by_glob: tuple[tuple[str, Targets], ...] = ()  # first matching host-id glob wins
     min_samples: int = 8
     weight: float = 0.05
-    memory: int = 100_000  # beats; older counts are halved beyond this, so the estimate follows change
+    memory: int = 1_000_000  # gaps; counts are halved beyond this, so the estimate follows change
+    refresh: int = 64  # re-derive after this many ordinary gaps (at once after a long one)
     hosts: dict[str, _Arrivals] = field(default_factory=dict)
 
     def targets_for(self, host: str) -> Targets:
@@ -476,36 +500,45 @@ class TargetTimeouts:
         return self.targets
 
     def arrival(self, host: str, gap_s: float, beats: int, interval_s: float) -> None:
-        """The detector heard `host` again after `gap_s`, `beats` seq steps on (1 when no seq)."""
-        if interval_s <= 0 or beats < 1:
+        """The detector heard `host` again after `gap_s`, `beats` seq steps on (0: no seq to tell).
+        A gap across a restart (the seq went back) is a death, not a silence of the living: skipped."""
+        if interval_s <= 0 or gap_s <= 0 or beats < 0 or (beats == 0 and gap_s > UNKNOWN_GAP_MAX * interval_s):
             return
         a = self.hosts.get(host)
         if a is None:
             a = self.hosts[host] = _Arrivals()
-        if beats > 1 and gap_s < (beats - 0.5) * interval_s:
-            beats = max(1, round(gap_s / interval_s))  # seq jumped faster than time: not a loss (interval change)
-        residual = gap_s - beats * interval_s
-        a.beats += beats
-        a.lost += beats - 1
-        if a.beats > self.memory:
+        if a.interval_s != interval_s:
+            a.tail.clear()
+            a.gaps = a.beats = a.lost = 0
+            a.interval_s = interval_s
+            a.advice = None
+        if beats >= 1:  # seq steps: the beats sent meanwhile, all but one lost
+            a.beats += beats
+            a.lost += beats - 1
+        a.gaps += 1
+        a.stale += 1
+        ratio = gap_s / interval_s
+        if ratio > TAIL_FROM:
+            bucket = math.floor(ratio / STEP)
+            a.tail[bucket] = a.tail.get(bucket, 0) + 1
+            a.advice = None
+        else:
+            a.jitter += self.weight * (abs(gap_s - interval_s) - a.jitter)
+        if a.gaps > self.memory:
+            a.gaps //= 2
             a.beats //= 2
             a.lost //= 2
-        a.gaps += 1
-        if a.gaps == 1:
-            a.mean = residual
-        else:
-            diff = residual - a.mean
-            a.mean += self.weight * diff
-            a.var = (1 - self.weight) * (a.var + self.weight * diff * diff)
-        a.interval_s = interval_s
-        a.advice = None
+            a.tail = {k: v // 2 for k, v in a.tail.items() if v > 1}
+        if a.stale >= self.refresh:
+            a.advice = None
 
     def advice(self, host: str) -> TimeoutAdvice | None:
         a = self.hosts.get(host)
         if a is None or a.gaps < self.min_samples:
             return None
         if a.advice is None:
-            a.advice = advise(a.interval_s, a.beats, a.lost, max(0.0, a.mean), math.sqrt(a.var), self.targets_for(host))
+            a.stale = 0
+            a.advice = advise(a.interval_s, a.gaps, a.tail, a.beats, a.lost, a.jitter, self.targets_for(host))
         return a.advice
 
     def timeout_s(self, host: str) -> float | None:
