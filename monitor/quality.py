@@ -427,13 +427,13 @@ def advise(
     p = min(0.999, (lost + 1) / (beats + 2))
     margin = max(0.05 * interval_s, JITTER_Z * jitter_s)
     per_day = DAY_S / interval_s * (1 - p)
-    longer = sorted(tail.items(), reverse=True)
+    longer = list(tail.items())
     n = max(1, gaps)
 
     def rate(t: float) -> float:
         tenths = math.floor(t / interval_s / STEP + 1e-9)
         seen = sum(count for bucket, count in longer if bucket >= tenths)  # its own bucket too: conservative
-        beyond = p ** max(1.0, (t - margin) / interval_s)
+        beyond: float = p ** max(1.0, (t - margin) / interval_s)
         return per_day * max(seen / n, beyond)
 
     floor = MIN_BEATS * interval_s + margin

@@ -32,6 +32,7 @@ from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.notify import AlertBook
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
+from relaybeat.monitor.quality import Targets, TargetTimeouts
 from relaybeat.monitor.records import Change
 from relaybeat.monitor.states import Kind, State, Transition
 from relaybeat.monitor.store import Store
@@ -67,6 +68,9 @@ class MonitorSettings:
     # Write-ahead journal of decisions (monitor/journal.py): what was decided but not yet in SQL
     # survives kill -9 and is written at the next start. None: no journal (a crash loses that batch).
     journal: Path | None = None
+    # Timeouts from targets (monitor/quality.py) instead of interval × misses, per host-id glob too.
+    targets: Targets = field(default_factory=Targets)
+    targets_by_glob: tuple[tuple[str, Targets], ...] = ()
 
 
 class Monitor:
@@ -77,7 +81,9 @@ class Monitor:
         self._store = store
         self.clock: Clock = clock or SystemClock()
         self.topics = Topics(settings.prefix)
-        self.detector = Detector(settings.policy, self.clock.now())
+        targeted = settings.targets.set or any(t.set for _, t in settings.targets_by_glob)
+        self.timeouts = TargetTimeouts(settings.targets, settings.targets_by_glob) if targeted else None
+        self.detector = Detector(settings.policy, self.clock.now(), timeouts=self.timeouts)
         self.started_at = self.clock.now()
         self.db_reachable = True  # the database probe's last read went through
         self.parts = Parts("monitor")  # the running tasks and their states, for /healthz
