@@ -39,6 +39,9 @@ class HostOut(BaseModel):
     deadline: datetime | None
     seq: int | None
     flapping: bool
+    timeout_basis: str | None = Field(
+        description="how the timeout was derived from [detector] targets and whether they hold; null: misses or phi"
+    )
 
 
 class RelayOut(BaseModel):
@@ -133,6 +136,7 @@ def host_body(h: HostView) -> dict[str, Any]:
         "deadline": iso(h.deadline),
         "seq": h.seq,
         "flapping": h.flapping,
+        "timeout_basis": h.timeout_basis,
     }
 
 

@@ -383,7 +383,7 @@ class Store:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[FalseAlarmRow]:
-        """False alarms opened in `[since, until)` (of one kind, one subject), oldest first."""
+        """False alarms overlapping `[since, until)` (of one kind, one subject), oldest first."""
         _require_aware("since", since)
         _require_aware("until", until)
         f = FalseAlarmModel
@@ -393,7 +393,7 @@ class Store:
         if subject is not None:
             conditions.append(f.subject == subject)
         if since is not None:
-            conditions.append(f.opened_at >= since)
+            conditions.append(f.closed_at > since)
         if until is not None:
             conditions.append(f.opened_at < until)
         query = select(*_FALSE_ALARM_COLUMNS).where(*conditions).order_by(f.opened_at, f.id)
