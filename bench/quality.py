@@ -14,6 +14,7 @@ measured (true) and reported λ_M (false alarms per host-day) and T_D (last beat
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.report import Report, figure, num, table
-from relaybeat.monitor.quality import Judge, Outage, Targets, TargetTimeouts, figures, lookup_in
 from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.quality import Judge, Outage, Targets, TargetTimeouts, figures, lookup_in
 from relaybeat.monitor.states import Kind, State
 from relaybeat.relay.wire import Beat
 
@@ -39,7 +40,9 @@ class Path:
     base_jitter_s: float = 0.005
 
 
-def arrivals(host: str, rng: random.Random, args: Any, path: Path) -> tuple[list[tuple[float, str, int]], list[tuple[float, float]], list[float]]:
+def arrivals(
+    host: str, rng: random.Random, args: Any, path: Path
+) -> tuple[list[tuple[float, str, int]], list[tuple[float, float]], list[float]]:
     """One host's deliveries (arrival time, host, seq) over the run, its deaths (died at, last beat
     sent before), and every moment it was alive at (as alive intervals' ends, see `alive_at`)."""
     interval = args.interval
@@ -72,8 +75,6 @@ def arrivals(host: str, rng: random.Random, args: Any, path: Path) -> tuple[list
 
 
 def alive_at(lives: list[float], t: float) -> bool:
-    import bisect
-
     return bisect.bisect_right(lives, t) % 2 == 1
 
 
@@ -194,7 +195,9 @@ def run(args: Any, out: Any) -> Report:
         path = Path(drops=drops, delay_rate=args.delay_rate, delay_max=args.delay_max)
         for mode in MODES:
             result = simulate(mode, path, args, seed=args.seed)
-            result["lambda_error"] = _agree(result["true_false_alarms_per_day"], result["reported_false_alarms_per_day"] or 0.0)
+            result["lambda_error"] = _agree(
+                result["true_false_alarms_per_day"], result["reported_false_alarms_per_day"] or 0.0
+            )
             result["td_error"] = _agree(result["true_detection_s"], result["reported_detection_s"])
             if mode == "target":
                 result["meets_false_alarm_target"] = result["true_false_alarms_per_day"] <= args.target_false_alarms
@@ -204,9 +207,9 @@ def run(args: Any, out: Any) -> Report:
             print(f"  {mode} drops {drops:.0%}: {result}", flush=True)
     report.data = {"runs": results}
     report.say(
-        f"\ndetector quality on a simulated path: {args.hosts} hosts × {args.duration / 3600:g} h simulated, beat every "
-        f"{args.interval:g} s, {args.delay_rate:.0%} of beats delayed up to {args.delay_max:g} intervals (FIFO), deaths every "
-        f"{args.life / 60:g} min on average; targets: detection {args.target_detection:g} s, "
+        f"\ndetector quality on a simulated path: {args.hosts} hosts × {args.duration / 3600:g} h simulated, "
+        f"beat every {args.interval:g} s, {args.delay_rate:.0%} of beats delayed up to {args.delay_max:g} intervals "
+        f"(FIFO), deaths every {args.life / 60:g} min on average; targets: detection {args.target_detection:g} s, "
         f"{args.target_false_alarms:g} false alarms/day\n"
     )
     rows = []
@@ -231,10 +234,20 @@ def run(args: Any, out: Any) -> Report:
         )
     report.say(
         table(
-            ["timeout", "drops", "mean timeout s", "true λ_M /host-day (n)", "reported λ_M (n)", "λ_M diff",
-             "true T_D s", "reported T_D s", "T_D diff", "targets met"],
+            [
+                "timeout",
+                "drops",
+                "mean timeout s",
+                "true λ_M /host-day (n)",
+                "reported λ_M (n)",
+                "λ_M diff",
+                "true T_D s",
+                "reported T_D s",
+                "T_D diff",
+                "targets met",
+            ],
             rows,
-        )  # fmt: skip
+        )
     )
     fig, axes = figure(1, 2, width=10, height=3.6)
     for mode in MODES:
