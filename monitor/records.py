@@ -171,10 +171,12 @@ class DetectionRow:
     timeout_basis: str | None = None  # how a target-driven timeout was derived; None: the fixed or adaptive rule
     key: str | None = None
     transition_id: int | None = None
+    at: datetime | None = None  # the transition's time (read back with it; not a column here)
 
     def __post_init__(self) -> None:
         require_aware("last_seen", self.last_seen)
         require_aware("decided_at", self.decided_at)
+        require_aware("at", self.at)
 
     @property
     def detection_s(self) -> float | None:

@@ -232,7 +232,7 @@ _WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Win
 _ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
 _OUTBOX_COLUMNS = [getattr(OutboxModel, field.name) for field in fields(OutboxRow)]
 _ALERT_COLUMNS = [getattr(AlertModel, field.name) for field in fields(Alert)]
-_DETECTION_FIELDS = tuple(f.name for f in fields(DetectionRow) if f.name not in ("key", "transition_id"))
+_DETECTION_FIELDS = tuple(f.name for f in fields(DetectionRow) if f.name not in ("key", "transition_id", "at"))
 _DETECTION_COLUMNS = [getattr(DetectionModel, name) for name in (*_DETECTION_FIELDS, "transition_id")]
 _FALSE_ALARM_FIELDS = tuple(
     f.name for f in fields(FalseAlarmRow) if f.name not in ("id", "opened_key", "closed_key", "opened_id", "closed_id")
@@ -420,7 +420,7 @@ class Store:
             conditions.append(t.at >= since)
         if until is not None:
             conditions.append(t.at < until)
-        query = select(*_DETECTION_COLUMNS, t.key).where(*conditions).order_by(t.at, t.id)
+        query = select(*_DETECTION_COLUMNS, t.key, t.at).where(*conditions).order_by(t.at, t.id)
         async with self._engine.connect() as connection:
             return [DetectionRow(**row._asdict()) for row in await connection.execute(query)]
 

@@ -503,7 +503,7 @@ class FleetView:
                 Outage(
                     kind=d.kind,
                     subject=d.subject,
-                    at=(d.decided_at - base).total_seconds(),
+                    at=((d.at or d.decided_at) - base).total_seconds(),
                     closed_at=None if alarm is None else (alarm.closed_at - base).total_seconds(),
                     detection_s=d.detection_s,
                     false_alarm=alarm is not None,
