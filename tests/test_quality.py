@@ -322,3 +322,35 @@ async def test_quality_rejects_a_window_without_a_time_zone(store: Store) -> Non
         response = await client.get("/api/v1/quality?since=2026-01-01T00:00:00", headers=headers)
         assert response.status_code == 422
         assert isinstance(response, httpx.Response)
+
+
+def test_a_relay_whose_bundles_were_lost_and_its_unreachable_hosts_are_false_alarms() -> None:
+    from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus
+
+    detector = Detector(Policy(misses=3), 0.0)
+    detector.grace_from = -1e9
+    judge, lookup = Judge(), lookup_in(detector)
+    found: list[Any] = []
+    n = 0
+
+    def feed(transitions: list[Transition], now: float) -> None:
+        nonlocal n
+        items = []
+        for t in transitions:
+            n += 1
+            items.append((t, str(n)))
+        found.extend(judge.decided(items, lookup, now)[1])
+
+    def bundle(t: float, seq: int) -> None:
+        entry = HostEntry("h", 100 + seq, 0, 1000, LeafStatus.OK)
+        feed(detector.observe(Bundle("r", "boot", seq, 1000, (entry,)), t), t)
+
+    for s in range(1, 6):
+        bundle(float(s), s)
+    feed(detector.expire(8.0), 8.0)  # relay down at 8, its host unreachable
+    assert (detector.relays["r"].state, detector.hosts["h"].state) == (State.DOWN, State.UNREACHABLE)
+    bundle(11.0, 11)  # the same boot, six bundles on: they were lost on the way, the relay was fine
+    assert [(f.kind, f.subject, f.proof) for f in found] == [
+        (Kind.RELAY, "r", Proof.SEQ_CONTINUITY),
+        (Kind.HOST, "h", Proof.RELAY_FALSE_ALARM),
+    ]
