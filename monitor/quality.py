@@ -243,6 +243,10 @@ class Judge:
         found += self.look(now, lookup)
         return opened, found
 
+    def resume(self, opening: Opening) -> None:
+        """An outage already open when the monitor started (from SQL), judged when it ends."""
+        self.open[opening.kind, opening.subject] = opening
+
     def look(self, now: float, lookup: Lookup) -> list[FalseAlarm]:
         """Judge the recently ended outages again on the newest evidence; forget those past their window."""
         if not self.watching:

@@ -354,3 +354,26 @@ def test_a_relay_whose_bundles_were_lost_and_its_unreachable_hosts_are_false_ala
         (Kind.RELAY, "r", Proof.SEQ_CONTINUITY),
         (Kind.HOST, "h", Proof.RELAY_FALSE_ALARM),
     ]
+
+
+async def test_an_outage_open_across_a_monitor_restart_is_still_judged_when_it_ends(store: Store) -> None:
+    clock = FakeClock()
+    first = _monitor(store, clock)
+    await first.restore()
+    start = clock.t + 10
+    for i in range(5):
+        _beat(first, clock, start + i, i)
+    clock.t = start + 7
+    first.expire()
+    await first.flush()
+    first.close()
+
+    clock.t = start + 20
+    second = _monitor(store, clock)
+    await second.restore()
+    _beat(second, clock, start + 21, 21)  # the leaf kept counting while both the path and the monitor were away
+    await second.flush()
+    alarms = await store.false_alarms()
+    assert [(a.subject, a.proof, a.seq_before, a.seq_after) for a in alarms] == [("web-1", "seq_continuity", 4, 21)]
+    assert alarms[0].opened_id is not None
+    assert alarms[0].closed_id is not None
