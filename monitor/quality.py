@@ -421,14 +421,17 @@ def advise(
 
     A false alarm is a silence longer than the timeout while the subject lives: its rate is the
     share of silences longer than T times the arrivals per day. Within what was seen that share is
-    counted; beyond the longest silence seen, a silence needs `m` beats in a row lost (loss p), which
-    happens p^m of the time, p estimated conservatively as (lost + 1) / (beats + 2) so that a short
-    clean record promises no perfection. The smallest T (at least two intervals and the jitter
+    counted; beyond the longest silence seen, a silence longer than T needs the k beats after an
+    arrival to miss their slot (lost, or late) with (k + 1) intervals > T, which happens p^k of the time, p the larger of the share lost
+    (from the seq) and the share of silences longer than 1.5 intervals, each estimated
+    conservatively as (count + 1) / (total + 2) so that a short clean record promises no perfection. The smallest T (at least two intervals and the jitter
     margin: one lost beat never pages) that meets the false-alarm target is taken, plus half an
     interval of headroom for silences a little longer than any seen yet; with only a
     detection target, the target itself. When both cannot hold, the false-alarm target wins and the
     detection time T can promise is said."""
-    p = min(0.999, (lost + 1) / (beats + 2))
+    p_lost = (lost + 1) / (beats + 2)
+    p_late = (sum(tail.values()) + 1) / (gaps + 2)  # a long silence: some beat missed its slot, lost or late
+    p = min(0.999, max(p_lost, p_late))
     margin = max(0.05 * interval_s, JITTER_Z * jitter_s)
     per_day = DAY_S / interval_s * (1 - p)
     longer = list(tail.items())
@@ -437,7 +440,8 @@ def advise(
     def rate(t: float) -> float:
         tenths = math.floor(t / interval_s / STEP + 1e-9)
         seen = sum(count for bucket, count in longer if bucket >= tenths)  # its own bucket too: conservative
-        beyond: float = p ** max(1.0, (t - margin) / interval_s)
+        # Silent past t: the next k beats all missed their slot, k + 1 intervals (and jitter) > t.
+        beyond: float = p ** max(1.0, (t - margin) / interval_s - 1)
         return per_day * max(seen / n, beyond)
 
     floor = MIN_BEATS * interval_s + margin
