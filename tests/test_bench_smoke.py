@@ -112,3 +112,13 @@ def test_persist_writes_the_mass_event_on_sqlite(tmp_path: Path) -> None:
         s = r["summary"][db]
         assert s["transitions_written"]["median"] == 300 + 1
         assert 0 < s["first_queryable_s"]["median"] <= s["all_queryable_s"]["median"] < 60
+
+
+def test_quality_compares_reported_and_true_figures_for_every_timeout_mode(tmp_path: Path) -> None:
+    r = bench(tmp_path, "quality")
+    runs = r["runs"]
+    assert {run["mode"] for run in runs} == {"fixed", "adaptive", "target"}
+    for run in runs:
+        assert run["true_mistakes"] >= 0
+        assert run["reported_mistakes"] <= run["true_mistakes"] + 1  # proofs, never more mistakes than happened
+        assert run["timeout_s_mean"] > 0
