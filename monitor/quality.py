@@ -11,7 +11,7 @@ Rules of this module:
     about as many beats as the outage lasted intervals (beats were lost or late, it kept beating); a
     subject that was frozen for longer than its timeout falls short by more than half a timeout and
     is not a mistake. The first beat back may be a late one at the head of a queue, so the judge
-    keeps looking for one interval after the return (`CONFIRM_INTERVALS`).
+    keeps looking for two intervals after the return (`CONFIRM_INTERVALS`).
   * `dated_inside`: the evidence is dated (by its age) before the decision, or within one interval
     after it: it was on its way while the subject was declared dead.
   * `relay_false_alarm`: a host made `unreachable` by a relay whose own outage was a false alarm.
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 DAY_S = 86400.0
-CONFIRM_INTERVALS = 1.0  # after a return, keep judging newer evidence for this many intervals
+CONFIRM_INTERVALS = 2.0  # after a return, keep judging newer evidence for this many intervals
 BAD = frozenset({State.DOWN, State.UNREACHABLE})
 LIFE = frozenset({State.UP, State.STOPPED})  # states entered only on fresh evidence of life
 
