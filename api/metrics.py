@@ -65,7 +65,7 @@ class DecisionMetrics:
         )
         self.detection_time = Histogram(
             "relaybeat_detection_seconds",
-            "Last evidence of life to the decision, for every outage opened (false alarms included).",
+            "Last evidence of life to the decision, for every outage opened (not hosts made unreachable).",
             ["kind", "to"],
             buckets=DETECTION_BUCKETS,
             registry=registry,
@@ -86,7 +86,7 @@ class DecisionMetrics:
 
     def judged(self, opened: Sequence[Opening], false_alarms: Sequence[FalseAlarm]) -> None:
         for o in opened:
-            if o.detection_s is not None:
+            if o.detection_s is not None and not (o.kind is Kind.HOST and o.state is State.UNREACHABLE):
                 self.detection_time.labels(o.kind.value, o.state.value).observe(o.detection_s)
         for f in false_alarms:
             self.false_alarms.labels(f.kind.value, f.proof.value).inc()

@@ -422,13 +422,14 @@ def advise(
     A false alarm is a silence longer than the timeout while the subject lives: its rate is the
     share of silences longer than T times the arrivals per day. Within what was seen that share is
     counted; beyond the longest silence seen, a silence longer than T needs the k beats after an
-    arrival to miss their slot (lost, or late) with (k + 1) intervals > T, which happens p^k of the time, p the larger of the share lost
-    (from the seq) and the share of silences longer than 1.5 intervals, each estimated
-    conservatively as (count + 1) / (total + 2) so that a short clean record promises no perfection. The smallest T (at least two intervals and the jitter
-    margin: one lost beat never pages) that meets the false-alarm target is taken, plus half an
-    interval of headroom for silences a little longer than any seen yet; with only a
-    detection target, the target itself. When both cannot hold, the false-alarm target wins and the
-    detection time T can promise is said."""
+    arrival to miss their slot (lost, or late) with (k + 1) intervals > T, which happens p^k of the
+    time, p the larger of the share lost (from the seq) and the share of silences longer than 1.5
+    intervals, each estimated conservatively as (count + 1) / (total + 2) so that a short clean
+    record promises no perfection. The smallest T (at least two intervals and the jitter margin:
+    one lost beat never pages) that meets the false-alarm target is taken, plus half an interval of
+    headroom for silences a little longer than any seen yet; with only a detection target, the
+    target itself. When both cannot hold, the false-alarm target wins and the detection time T can
+    promise is said."""
     p_lost = (lost + 1) / (beats + 2)
     p_late = (sum(tail.values()) + 1) / (gaps + 2)  # a long silence: some beat missed its slot, lost or late
     p = min(0.999, max(p_lost, p_late))

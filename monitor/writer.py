@@ -27,7 +27,7 @@ from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
 from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow
-from relaybeat.monitor.states import Kind, Transition
+from relaybeat.monitor.states import Kind, State, Transition
 from relaybeat.monitor.store import Store
 
 __all__ = ["MonitorObserver", "Writer"]
@@ -146,6 +146,10 @@ class Writer:
         wall = self.clock.wall
         timeouts = self.detector.timeouts
         for o in opened:
+            if o.kind is Kind.HOST and o.state is State.UNREACHABLE:
+                # The relay's outage, not the host's: its detection time is the relay's (and a relay
+                # death would double the size of its batch). The judge still follows it in memory.
+                continue
             advice = (
                 timeouts.advice(o.subject) if isinstance(timeouts, TargetTimeouts) and o.kind is Kind.HOST else None
             )
