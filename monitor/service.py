@@ -361,4 +361,6 @@ class Monitor:
 
     def forget_host(self, host_id: str) -> bool:
         self._sorted_ids_for = -1
+        if self.timeouts is not None:
+            self.timeouts.forget(host_id)
         return self.detector.forget_host(host_id)
