@@ -377,3 +377,13 @@ async def test_an_outage_open_across_a_monitor_restart_is_still_judged_when_it_e
     assert [(a.subject, a.proof, a.seq_before, a.seq_after) for a in alarms] == [("web-1", "seq_continuity", 4, 21)]
     assert alarms[0].opened_id is not None
     assert alarms[0].closed_id is not None
+
+
+def test_the_false_alarm_body_has_the_rows_fields() -> None:
+    """One record per concept: the API shows a false alarm's row as stored (its keys are the links' ids)."""
+    from dataclasses import fields
+
+    from relaybeat.api.quality import FalseAlarmOut
+    from relaybeat.monitor.records import FalseAlarmRow
+
+    assert set(FalseAlarmOut.model_fields) == {f.name for f in fields(FalseAlarmRow)} - {"opened_key", "closed_key"}
