@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from relaybeat.api import availability, events, history, metrics, operations, state, status
+from relaybeat.api import availability, events, history, metrics, operations, quality, state, status
 from relaybeat.api.auth import (
     READ_REFUSED,
     WRITE_REFUSED,
@@ -104,6 +104,7 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     app.include_router(history.router, **with_sql)
     app.include_router(operations.router, **with_sql)  # its writes need a write token on top
     app.include_router(availability.router, **with_sql)
+    app.include_router(quality.router, **with_sql)
     events.install(app, view, **reads)
     metrics.install(app, view, **reads)
     status.install(app, api_settings.status_pages, responses=DATABASE_UNAVAILABLE)  # open: no `reads`

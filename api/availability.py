@@ -45,6 +45,7 @@ class Seconds(BaseModel):
     stopped: float
     unknown: float
     maintenance: float
+    false_alarm: float = Field(description="held down or unreachable by a false alarm (it was up): not downtime")
 
 
 class AvailabilityOut(BaseModel):
@@ -57,6 +58,7 @@ class AvailabilityOut(BaseModel):
     outages: int = Field(description="periods down (outside maintenance) overlapping the window")
     longest_outage_s: float
     mean_time_to_recovery_s: float | None = Field(description="downtime / outages; null without outages")
+    false_alarm_s: float = Field(description="time held out by outages proved false alarms, apart from downtime")
     seconds: Seconds
 
 
@@ -96,7 +98,9 @@ def report_body(kind: Kind, subject: str, report: Availability) -> dict[str, Any
         "outages": report.outages,
         "longest_outage_s": report.longest_outage.total_seconds(),
         "mean_time_to_recovery_s": None if mttr is None else mttr.total_seconds(),
-        "seconds": seconds | {"maintenance": report.maintenance.total_seconds()},
+        "false_alarm_s": report.false_alarm.total_seconds(),
+        "seconds": seconds
+        | {"maintenance": report.maintenance.total_seconds(), "false_alarm": report.false_alarm.total_seconds()},
     }
 
 

@@ -45,6 +45,9 @@ class HostOut(BaseModel):
         description="the watched source its relay vouches for it from (tasmota, esphome, zigbee2mqtt, sparkplug, "
         "or a custom source's name); null if it beats"
     )
+    timeout_basis: str | None = Field(
+        description="how the timeout was derived from [detector] targets and whether they hold; null: misses or phi"
+    )
 
 
 class RelayOut(BaseModel):
@@ -193,6 +196,7 @@ def host_body(h: HostView) -> dict[str, Any]:
         "seq": h.seq,
         "flapping": h.flapping,
         "source": h.source,
+        "timeout_basis": h.timeout_basis,
     }
 
 

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from relaybeat.monitor.quality import FalseAlarm, Opening
 from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.monitor.view import FleetView
 
@@ -28,6 +29,8 @@ STATES: dict[Kind, tuple[State, ...]] = {
 }
 # Decision lag is small when all is well (≤ one relay flush); the tail shows a loaded monitor.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+# Detection time: last evidence of life to decision; about one timeout (seconds to minutes).
+DETECTION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -54,6 +57,19 @@ class DecisionMetrics:
             buckets=WRITE_BUCKETS,
             registry=registry,
         )
+        self.false_alarms = Counter(
+            "relaybeat_false_alarms",
+            "Outages (down or unreachable) proved false alarms by the evidence that ended them, by proof.",
+            ["kind", "proof"],
+            registry=registry,
+        )
+        self.detection_time = Histogram(
+            "relaybeat_detection_seconds",
+            "Last evidence of life to the decision, for every outage opened (not hosts made unreachable).",
+            ["kind", "to"],
+            buckets=DETECTION_BUCKETS,
+            registry=registry,
+        )
         self.written_rows = Counter(
             "relaybeat_database_written_transitions", "Transition rows written to SQL.", registry=registry
         )
@@ -67,6 +83,13 @@ class DecisionMetrics:
             # age) date the death from evidence that arrived late, which is not detection lag.
             if t.from_state is State.UP and t.to_state in (State.DOWN, State.UNREACHABLE):
                 self.detection_lag.labels(t.kind.value, t.to_state.value).observe(max(0.0, now - t.at))
+
+    def judged(self, opened: Sequence[Opening], false_alarms: Sequence[FalseAlarm]) -> None:
+        for o in opened:
+            if o.detection_s is not None and not (o.kind is Kind.HOST and o.state is State.UNREACHABLE):
+                self.detection_time.labels(o.kind.value, o.state.value).observe(o.detection_s)
+        for f in false_alarms:
+            self.false_alarms.labels(f.kind.value, f.proof.value).inc()
 
     def wrote(self, rows: int, seconds: float) -> None:
         self.write_latency.observe(seconds)

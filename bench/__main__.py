@@ -45,6 +45,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "large": {"logins": [5, 20, 50, 100], "reps": 5},
         "smoke": {"logins": [5], "reps": 1},
     },
+    "quality": {
+        "default": {"hosts": 20, "duration": 6 * 3600.0, "drops": [0.0, 0.01, 0.03, 0.05], "reps": 1},
+        "large": {"hosts": 100, "duration": 24 * 3600.0, "drops": [0.0, 0.01, 0.03, 0.05], "reps": 1},
+        "smoke": {"hosts": 5, "duration": 1800.0, "drops": [0.05], "reps": 1},
+    },
     "persist": {
         "default": {"hosts": 10_000, "reps": 3},
         "large": {"hosts": 50_000, "reps": 3},
@@ -52,7 +57,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 MODULES = {"fanin": "fanin", "ingest": "ingest", "detector": "detector", "lag": "lag", "api": "api_load",
-           "persist": "persist", "auth": "auth"}  # fmt: skip
+           "persist": "persist", "auth": "auth", "quality": "quality"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,6 +104,18 @@ def parser() -> argparse.ArgumentParser:
                            help="leaf entries/s of background ingest [half the last ingest ceiling]")  # fmt: skip
         if name == "auth":
             p.add_argument("--logins", type=int, nargs="+", help="concurrent logins per storm")
+        if name == "quality":
+            p.add_argument("--hosts", type=int, help="simulated hosts")
+            p.add_argument("--duration", type=float, help="simulated seconds")
+            p.add_argument("--interval", type=float, default=1.0, help="seconds between a host's beats")
+            p.add_argument("--drops", type=float, nargs="+", help="share of beats the path drops, one run each")
+            p.add_argument("--delay-rate", type=float, default=0.02, help="share of beats delayed")
+            p.add_argument("--delay-max", type=float, default=1.5, help="longest extra delay, in intervals")
+            p.add_argument("--life", type=float, default=3600.0, help="mean seconds between a host's deaths")
+            p.add_argument("--dead", type=float, default=30.0, help="seconds a dead host stays dead")
+            p.add_argument("--target-detection", type=float, default=8.0, help="target_detection_s")
+            p.add_argument("--target-false-alarms", type=float, default=2.0, help="target_false_alarms_per_day")
+            p.add_argument("--seed", type=int, default=1)
         if name == "persist":
             p.add_argument("--hosts", type=int, help="hosts behind the relay that dies")
             p.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])

@@ -10,8 +10,11 @@ Rules of this module:
   interval covers it, whatever the state (a down period inside maintenance is maintenance, not
   downtime), otherwise as the state the subject was in (`up`, `down`, `unreachable`, `stopped`,
   `unknown`).
-- An outage is a maximal period in state `down` with at least some of it outside maintenance; its
-  length is that part. `uptime_ratio` is up / (up + down): unreachable, stopped, unknown and
+- Time the detector wrongly held the subject out (a false alarm: `down` or `unreachable` proved
+  wrong, monitor/quality.py) is counted as `false_alarm`, not as the state (maintenance still
+  comes first): the subject was up, but the operator was told otherwise.
+- An outage is a maximal period in state `down` with at least some of it outside maintenance and
+  false alarms; its length is that part. `uptime_ratio` is up / (up + down): unreachable, stopped, unknown and
   maintenance time say nothing about whether the subject itself was up, so they are left out.
 """
 
@@ -38,6 +41,7 @@ class Availability:
     maintenance: timedelta
     outages: int
     longest_outage: timedelta
+    false_alarm: timedelta = ZERO  # time wrongly held down or unreachable, outside maintenance
 
     @property
     def up(self) -> timedelta:
@@ -97,11 +101,13 @@ def availability(
     maintenance: Iterable[tuple[datetime, datetime | None]],
     since: datetime,
     until: datetime,
+    false_alarms: Iterable[tuple[datetime, datetime]] = (),
 ) -> Availability:
     """The subject's availability over `[since, until)`.
 
     `initial` is its state before the first of `changes`; `changes` are `(at, new state)` in the
-    order they happened (equal times keep their order); `maintenance` are `[start, end)` intervals.
+    order they happened (equal times keep their order); `maintenance` are `[start, end)` intervals,
+    and so are `false_alarms` (outages proved wrong: counted apart from the state they were in).
     """
     if until < since:
         msg = f"until ({until.isoformat()}) is before since ({since.isoformat()})"
@@ -121,9 +127,17 @@ def availability(
         segments.append((start, until, state))
 
     covered = merge_intervals(maintenance, since, until)
+    mistaken = _minus(merge_intervals(false_alarms, since, until), covered)
     time_in = dict.fromkeys(State, ZERO)
+    wrong = ZERO
     for a, b, state in segments:
-        time_in[state] += (b - a) - _overlap(a, b, covered)
+        outside = (b - a) - _overlap(a, b, covered)
+        if state in (State.DOWN, State.UNREACHABLE):
+            mistake = _overlap(a, b, mistaken)
+            wrong += mistake
+            outside -= mistake
+        time_in[state] += outside
+    excluded = merge_intervals([*covered, *mistaken], since, until)
 
     # Outages: maximal runs of down (adjacent down segments are one run), less their maintenance.
     outages, longest = 0, ZERO
@@ -133,14 +147,33 @@ def availability(
             run = (a, b) if run is None else (run[0], b)
             continue
         if run is not None:
-            length = (run[1] - run[0]) - _overlap(run[0], run[1], covered)
+            length = (run[1] - run[0]) - _overlap(run[0], run[1], excluded)
             if length > ZERO:
                 outages += 1
                 longest = max(longest, length)
             run = None
 
     maintenance_total = sum((b - a for a, b in covered), ZERO)
-    return Availability(since, until, time_in, maintenance_total, outages, longest)
+    return Availability(since, until, time_in, maintenance_total, outages, longest, wrong)
+
+
+def _minus(
+    intervals: Sequence[tuple[datetime, datetime]], cut: Sequence[tuple[datetime, datetime]]
+) -> list[tuple[datetime, datetime]]:
+    """Merged, sorted `intervals` with the merged, sorted `cut` taken out."""
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in intervals:
+        for a, b in cut:
+            if b <= start or a >= end:
+                continue
+            if a > start:
+                out.append((start, a))
+            start = max(start, b)
+            if start >= end:
+                break
+        if start < end:
+            out.append((start, end))
+    return out
 
 
 def report_window(since: datetime | None, until: datetime | None, now: datetime) -> tuple[datetime, datetime] | str:

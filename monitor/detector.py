@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Protocol
 
 import numpy as np
 
@@ -88,6 +89,15 @@ class Policy:
     def phi_z(self) -> float:
         """Standard deviations past the mean inter-arrival at which phi reaches the threshold."""
         return NormalDist().inv_cdf(1.0 - 10.0 ** (-self.phi_threshold)) if self.phi_threshold < 15 else 8.0
+
+
+class TimeoutPolicy(Protocol):
+    """A per-host timeout chosen outside the detector (monitor/quality.py: from targets). It hears
+    each arrival; None from `timeout_s` means the fixed or adaptive rule applies."""
+
+    def arrival(self, host: str, gap_s: float, beats: int, interval_s: float) -> None: ...
+
+    def timeout_s(self, host: str) -> float | None: ...
 
 
 class _Track:
@@ -208,8 +218,9 @@ def _fmt(seconds: float) -> str:
 
 
 class Detector:
-    def __init__(self, policy: Policy, now: float) -> None:
+    def __init__(self, policy: Policy, now: float, timeouts: TimeoutPolicy | None = None) -> None:
         self.policy = policy
+        self.timeouts = timeouts
         self.hosts: dict[str, HostTrack] = {}
         self.relays: dict[str, RelayTrack] = {}
         self.grace_from = now
@@ -342,6 +353,10 @@ class Detector:
     def timeout_s(self, track: AnyTrack) -> float:
         if isinstance(track, RelayTrack):
             return track.flush_s * self.policy.misses
+        if self.timeouts is not None:
+            chosen = self.timeouts.timeout_s(track.id)
+            if chosen is not None:
+                return chosen
         stats = track.stats
         if self.policy.adaptive and stats is not None and stats.n >= self.policy.adaptive_min_samples:
             spread = max(math.sqrt(stats.var), 0.1 * stats.mean, 0.05)
@@ -420,6 +435,8 @@ class Detector:
         seen = track.last_seen if track.last_seen is not None else track.since
         if isinstance(track, RelayTrack):
             return f"no bundle for {deadline - seen:.1f} s (flush {_fmt(track.flush_s)} s × {self.policy.misses})"
+        if self.timeouts is not None and self.timeouts.timeout_s(track.id) is not None:
+            return f"no beat for {deadline - seen:.1f} s (timeout from targets)"
         if self.policy.adaptive and track.stats is not None and track.stats.n >= self.policy.adaptive_min_samples:
             return f"no beat for {deadline - seen:.1f} s (phi ≥ {_fmt(self.policy.phi_threshold)})"
         return f"no beat for {deadline - seen:.1f} s (interval {_fmt(track.interval_s)} s × {track.misses})"
@@ -613,7 +630,7 @@ class Detector:
     def _observe_entries(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
         """The host entries of one relay's bundle, sent at `sent` (the monitor's clock)."""
         hosts, up = self.hosts, State.UP
-        plain = not self.policy.adaptive
+        plain = not self.policy.adaptive and self.timeouts is None
         deadlines = self.relays[rid].deadlines
         grace = self.grace_from
         for entry in bundle.hosts:
@@ -681,6 +698,9 @@ class Detector:
             return
 
         host.last_seen = seen
+        if self.timeouts is not None and previous is not None:
+            beats = 0 if entry.seq is None or host.seq is None else entry.seq - host.seq
+            self.timeouts.arrival(host.id, seen - previous, beats, entry.interval_ms / 1000)
         if entry.seq is not None and entry.seq != host.seq:
             if host.seq is not None and entry.seq < host.seq:
                 reason = f"leaf restarted (seq {host.seq} → {entry.seq})"

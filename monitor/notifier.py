@@ -11,16 +11,20 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from relaybeat.monitor.clock import Clock
-from relaybeat.monitor.notify import AlertBook, Plan, plan, remind, render
+from relaybeat.monitor.notify import AlertBook, Notice, Plan, follow_up, plan, remind, render
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
-from relaybeat.monitor.records import Change, HostRow, RelayRow
+from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow
 from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.store import NewMessage, Store
 
 __all__ = ["Notifier"]
+
+RECOVERIES_KEPT = 10_000  # recoveries remembered for a false-alarm follow-up proved after them
 
 log = logging.getLogger("relaybeat.monitor")
 
@@ -36,33 +40,58 @@ class Notifier:
         self.alerts = AlertBook()  # what each webhook target has been told is down (loaded by `load`)
         self.outbox = OutboxWorker(store, settings)
         self._lock = asyncio.Lock()  # one plan at a time against `alerts`
+        # Who was told of each recent recovery, by the closing transition's key (for follow-ups).
+        self.recovered: OrderedDict[str, list[tuple[str, str, datetime]]] = OrderedDict()
         everies = [t.remind_every_s for t in settings.targets if t.remind_every_s is not None]
         self.remind_tick_s = max(0.01, min([30.0, *(every / 4 for every in everies)]))  # also drops stale alerts
 
     async def load(self) -> None:
         self.alerts.load(await self.store.alerts())
 
-    async def write(self, changes: Sequence[Change], hosts: Sequence[HostRow], relays: Sequence[RelayRow]) -> float:
-        """One transaction: `changes`, the state rows, and the webhook messages and alert changes they
-        cause; how long the transaction took (seconds)."""
+    async def write(
+        self,
+        changes: Sequence[Change],
+        hosts: Sequence[HostRow],
+        relays: Sequence[RelayRow],
+        detections: Sequence[DetectionRow] = (),
+        false_alarms: Sequence[FalseAlarmRow] = (),
+    ) -> float:
+        """One transaction: `changes`, the state rows, the quality rows, and the webhook messages and
+        alert changes they cause (false alarms followed up); how long the transaction took (seconds)."""
         async with self._lock:
             targets = self.settings.targets
             notices = plan(changes, targets, self.alerts) if targets else Plan()
-            messages = self._messages(notices)
+            fresh: dict[str, list[tuple[str, str, datetime]]] = {}
+            for key, target, incident, since in notices.recovered:
+                fresh.setdefault(key, []).append((target, incident, since))
+            follow = (
+                follow_up(false_alarms, lambda key: fresh.get(key) or self.recovered.get(key, [])) if targets else ()
+            )
+            messages = self._messages(notices.notices + follow)
             started = time.perf_counter()
             await self.store.write(
-                changes, hosts, relays, messages=messages, opened=notices.opened, closed=notices.closed
+                changes,
+                hosts,
+                relays,
+                messages=messages,
+                opened=notices.opened,
+                closed=notices.closed,
+                detections=detections,
+                false_alarms=false_alarms,
             )
             elapsed = time.perf_counter() - started
             self.alerts.apply(notices)
+            self.recovered.update(fresh)
+            while len(self.recovered) > RECOVERIES_KEPT:
+                self.recovered.popitem(last=False)
         if messages:
             self.outbox.poke()
         return elapsed
 
-    def _messages(self, notices: Plan) -> list[NewMessage]:
+    def _messages(self, notices: Sequence[Notice]) -> list[NewMessage]:
         now = self.outbox.wall()
         messages = []
-        for notice in notices.notices:
+        for notice in notices:
             key = uuid.uuid4().hex
             body = render(notice, key).decode()
             messages.append(
@@ -95,7 +124,7 @@ class Notifier:
             due = remind(self.alerts, self.settings.targets, now, self.state_of)
             if not due:
                 return 0
-            messages = self._messages(due)
+            messages = self._messages(due.notices)
             await self.store.write((), (), (), messages=messages, opened=due.opened, closed=due.closed)
             self.alerts.apply(due)
         if messages:

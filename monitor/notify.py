@@ -34,7 +34,7 @@ from enum import StrEnum
 
 import orjson
 
-from relaybeat.monitor.records import Change, carried
+from relaybeat.monitor.records import Change, FalseAlarmRow, carried
 from relaybeat.monitor.states import Event, Kind, State
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "NoticeType",
     "Plan",
     "Target",
+    "follow_up",
     "incident_of",
     "plan",
     "remind",
@@ -63,6 +64,7 @@ class NoticeType(StrEnum):
     OUTAGE = "outage"
     RECOVERY = "recovery"
     REMINDER = "reminder"
+    FALSE_ALARM = "false_alarm"  # a follow-up: the outage told of was proved a false alarm
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,9 @@ class Plan:
     notices: tuple[Notice, ...] = ()
     opened: tuple[Alert, ...] = ()  # alerts to insert or replace
     closed: tuple[AlertKey, ...] = ()  # alerts to delete (none of them is also in `opened`)
+    # Who was told of each recovery: (the closing change's key, target, incident, started_at), so a
+    # false alarm proved now or a little later is followed up to the same targets.
+    recovered: tuple[tuple[str, str, str, datetime], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.notices or self.opened or self.closed)
@@ -267,7 +272,7 @@ class _Draft:
         group.started_at = started_at if group.started_at is None else min(group.started_at, started_at)
         group.still_open = self.count(target, incident)
 
-    def plan(self) -> Plan:
+    def plan(self, recovered: Sequence[tuple[str, str, str, datetime]] = ()) -> Plan:
         notices = tuple(
             Notice(
                 g.target,
@@ -281,7 +286,7 @@ class _Draft:
             for g in self.groups
         )
         closed = tuple(sorted(key for key in self.closed if self.book.get(key) is not None))
-        return Plan(notices, tuple(self.opened[k] for k in sorted(self.opened)), closed)
+        return Plan(notices, tuple(self.opened[k] for k in sorted(self.opened)), closed, tuple(recovered))
 
 
 def _item(change: Change) -> Item:
@@ -294,6 +299,7 @@ def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) 
     The book is not modified: apply the plan once it is written.
     """
     draft = _Draft(book)
+    recovered: list[tuple[str, str, str, datetime]] = []
     for change in changes:
         if change.event is not Event.TRANSITION or change.from_state == change.to_state:
             continue
@@ -304,6 +310,8 @@ def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) 
                 started = draft.start(target.name, told.incident) or told.since
                 draft.close(told)
                 draft.add(target.name, NoticeType.RECOVERY, told.incident, _item(change), started)
+                if change.key is not None:
+                    recovered.append((change.key, target.name, told.incident, started))
             if change.to_state in BAD_STATES and target.wants(change) and draft.get(key) is None:
                 incident = incident_of(change)
                 draft.open(
@@ -316,7 +324,25 @@ def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) 
                     _item(change),
                     draft.start(target.name, incident) or change.at,
                 )
-    return draft.plan()
+    return draft.plan(recovered)
+
+
+def follow_up(
+    false_alarms: Sequence[FalseAlarmRow], recovered: Callable[[str], Sequence[tuple[str, str, datetime]]]
+) -> tuple[Notice, ...]:
+    """The follow-ups of outages proved false alarms: one message per target and incident, to the
+    targets told of the recovery (`recovered(closing key)`: (target, incident, started_at) each)."""
+    groups: dict[tuple[str, str], tuple[datetime, list[Item]]] = {}
+    for alarm in false_alarms:
+        for target, incident, started in recovered(alarm.closed_key or ""):
+            item = Item(alarm.kind, alarm.subject, None, State.UP, alarm.closed_at, alarm.detail, None)
+            first, items = groups.setdefault((target, incident), (started, []))
+            items.append(item)
+            groups[target, incident] = (min(first, started), items)
+    return tuple(
+        Notice(target, NoticeType.FALSE_ALARM, incident, max(i.at for i in items), started, tuple(items), 0)
+        for (target, incident), (started, items) in groups.items()
+    )
 
 
 def remind(
@@ -402,6 +428,10 @@ def _summary(notice: Notice) -> str:
         tail = f"; {behind} back: {_names(others)}" if others else ""
         still = f"; {notice.still_open} still out" if notice.still_open else ""
         return head + tail + still
+    if notice.type is NoticeType.FALSE_ALARM:
+        lead = notice.items[0]
+        more = f" (and {len(notice.items) - 1} more)" if len(notice.items) > 1 else ""
+        return f"false alarm: {lead.kind.value} {lead.subject} was alive throughout{more}: {lead.reason}"
     return f"{kind} {subject} outage still open since {_iso(notice.started_at)}: {_names(notice.items)}"
 
 

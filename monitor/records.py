@@ -17,7 +17,17 @@ from typing import Any, TypeVar
 from relaybeat.monitor.detector import HostSnapshot, HostTrack, RelaySnapshot, RelayTrack
 from relaybeat.monitor.states import Event, Kind, State, Transition
 
-__all__ = ["Change", "HostRow", "RelayRow", "TransitionRow", "Wall", "carried", "require_aware"]
+__all__ = [
+    "Change",
+    "DetectionRow",
+    "FalseAlarmRow",
+    "HostRow",
+    "RelayRow",
+    "TransitionRow",
+    "Wall",
+    "carried",
+    "require_aware",
+]
 
 Wall = Callable[[float], datetime]  # a clock's `wall`: monotonic seconds to an aware UTC moment
 Mono = Callable[[datetime], float]  # a clock's `mono`: the inverse
@@ -144,3 +154,62 @@ class RelayRow:
     def snapshot(self, mono: Mono) -> RelaySnapshot:
         """Back on the detector's clock, for `Detector.restore`."""
         return carried(self, RelaySnapshot, since=mono(self.since), last_seen=_mono_or_none(mono, self.last_seen))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetectionRow:
+    """What the detector held when it opened an outage (`monitor.quality.Opening`), in wall time:
+    the row of `detections`, linked to its transition (`key` until written, `transition_id` after)."""
+
+    kind: Kind
+    subject: str
+    state: State
+    last_seen: datetime | None  # the last evidence of life
+    decided_at: datetime
+    seq: int | None
+    interval_s: float
+    timeout_s: float
+    timeout_basis: str | None = None  # how a target-driven timeout was derived; None: the fixed or adaptive rule
+    key: str | None = None
+    transition_id: int | None = None
+    at: datetime | None = None  # the transition's time (read back with it; not a column here)
+
+    def __post_init__(self) -> None:
+        require_aware("last_seen", self.last_seen)
+        require_aware("decided_at", self.decided_at)
+        require_aware("at", self.at)
+
+    @property
+    def detection_s(self) -> float | None:
+        return None if self.last_seen is None else max(0.0, (self.decided_at - self.last_seen).total_seconds())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FalseAlarmRow:
+    """An outage proved wrong (`monitor.quality.FalseAlarm`), in wall time: the row of `false_alarms`,
+    linked to the transitions that opened and closed it (keys until written, ids after)."""
+
+    kind: Kind
+    subject: str
+    opened_at: datetime
+    closed_at: datetime
+    proof: str  # monitor.quality.Proof
+    detail: str
+    seq_before: int | None
+    seq_after: int | None
+    seen_before: datetime | None
+    seen_after: datetime | None
+    recognised_at: datetime
+    opened_key: str | None = None
+    closed_key: str | None = None
+    opened_id: int | None = None
+    closed_id: int | None = None
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("opened_at", "closed_at", "seen_before", "seen_after", "recognised_at"):
+            require_aware(name, getattr(self, name))
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, (self.closed_at - self.opened_at).total_seconds())

@@ -31,8 +31,9 @@ from relaybeat.monitor.ingest import Ingest
 from relaybeat.monitor.journal import Journal
 from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
-from relaybeat.monitor.notify import AlertBook
+from relaybeat.monitor.notify import BAD_STATES, AlertBook
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
+from relaybeat.monitor.quality import Opening, Targets, TargetTimeouts, lookup_in
 from relaybeat.monitor.records import Change
 from relaybeat.monitor.states import Kind, State, Transition
 from relaybeat.monitor.store import Store
@@ -68,6 +69,9 @@ class MonitorSettings:
     # Write-ahead journal of decisions (monitor/journal.py): what was decided but not yet in SQL
     # survives kill -9 and is written at the next start. None: no journal (a crash loses that batch).
     journal: Path | None = None
+    # Timeouts from targets (monitor/quality.py) instead of interval × misses, per host-id glob too.
+    targets: Targets = field(default_factory=Targets)
+    targets_by_glob: tuple[tuple[str, Targets], ...] = ()
 
 
 class Monitor:
@@ -78,7 +82,9 @@ class Monitor:
         self._store = store
         self.clock: Clock = clock or SystemClock()
         self.topics = Topics(settings.prefix)
-        self.detector = Detector(settings.policy, self.clock.now())
+        targeted = settings.targets.set or any(t.set for _, t in settings.targets_by_glob)
+        self.timeouts = TargetTimeouts(settings.targets, settings.targets_by_glob) if targeted else None
+        self.detector = Detector(settings.policy, self.clock.now(), timeouts=self.timeouts)
         self.started_at = self.clock.now()
         self.db_reachable = True  # the database probe's last read went through
         self.parts = Parts("monitor")  # the running tasks and their states, for /healthz
@@ -123,10 +129,39 @@ class Monitor:
         mono = self.clock.mono
         self.detector.restore((h.snapshot(mono) for h in hosts), (r.snapshot(mono) for r in relays))
         self.writer.last_written_id = await self.store.last_transition_id()
+        await self._resume_outages([(Kind.HOST, h.id) for h in hosts if h.state in BAD_STATES])
+        await self._resume_outages([(Kind.RELAY, r.id) for r in relays if r.state in BAD_STATES])
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
         del hosts, relays
         gc.collect()
         gc.freeze()  # what start-up built lives on: the collector need not scan it again on the hot path
+
+    async def _resume_outages(self, subjects: list[tuple[Kind, str]]) -> None:
+        """Outages open at start are judged when they end, as if this monitor had decided them: the
+        judge gets their opening transition and what the stored row held (seq, last seen)."""
+        if not subjects:
+            return
+        kind = subjects[0][0]
+        opened = await self.store.latest_changes(kind, [s for _, s in subjects])
+        lookup = lookup_in(self.detector)
+        mono = self.clock.mono
+        for _, subject in subjects:
+            row = opened.get(subject)
+            evidence = lookup(kind, subject)
+            if row is None or evidence is None or row.key is None:
+                continue
+            self.writer.judge.resume(
+                Opening(
+                    kind=kind,
+                    subject=subject,
+                    state=row.to_state,
+                    key=row.key,
+                    at=mono(row.at),
+                    decided=mono(row.at),
+                    evidence=evidence,
+                    blamed=row.relay if row.to_state is State.UNREACHABLE else None,
+                )
+            )
 
     def close(self) -> None:
         """Release the journal (its lines stay for the next start if SQL does not hold them yet)."""
@@ -330,4 +365,6 @@ class Monitor:
 
     def forget_host(self, host_id: str) -> bool:
         self._sorted_ids_for = -1
+        if self.timeouts is not None:
+            self.timeouts.forget(host_id)
         return self.detector.forget_host(host_id)

@@ -30,13 +30,15 @@ from relaybeat import migrations
 from relaybeat.errors import SettingsError, Unavailable
 from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.notify import Alert, AlertKey, NoticeType
-from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.records import DetectionRow, FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.records import require_aware as _require_aware
 from relaybeat.monitor.states import Event, Kind, State
 from relaybeat.monitor.tables import (
     AcknowledgementModel,
     AlertModel,
     Base,
+    DetectionModel,
+    FalseAlarmModel,
     HostModel,
     MaintenanceModel,
     OutboxModel,
@@ -276,6 +278,14 @@ _WINDOW_COLUMNS = [getattr(MaintenanceModel, field.name) for field in fields(Win
 _ACK_COLUMNS = [getattr(AcknowledgementModel, field.name) for field in fields(Acknowledgement)]
 _OUTBOX_COLUMNS = [getattr(OutboxModel, field.name) for field in fields(OutboxRow)]
 _ALERT_COLUMNS = [getattr(AlertModel, field.name) for field in fields(Alert)]
+_DETECTION_FIELDS = tuple(f.name for f in fields(DetectionRow) if f.name not in ("key", "transition_id", "at"))
+_DETECTION_COLUMNS = [getattr(DetectionModel, name) for name in (*_DETECTION_FIELDS, "transition_id")]
+_FALSE_ALARM_FIELDS = tuple(
+    f.name for f in fields(FalseAlarmRow) if f.name not in ("id", "opened_key", "closed_key", "opened_id", "closed_id")
+)
+_FALSE_ALARM_COLUMNS = [
+    getattr(FalseAlarmModel, name) for name in (*_FALSE_ALARM_FIELDS, "id", "opened_id", "closed_id")
+]
 
 
 class HistoryFilters(TypedDict, total=False):
@@ -375,14 +385,17 @@ class Store:
         messages: Sequence[NewMessage] = (),
         opened: Sequence[Alert] = (),
         closed: Sequence[AlertKey] = (),
+        detections: Sequence[DetectionRow] = (),
+        false_alarms: Sequence[FalseAlarmRow] = (),
     ) -> None:
         """In one transaction: append `transitions` and insert-or-replace the current-state rows;
-        queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts.
+        queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts; record
+        `detections` and `false_alarms`, linked by key to their transitions (written now or before).
 
         A transition whose `key` is already stored is skipped, so writing a batch again is harmless.
         If an id appears more than once in `hosts` or `relays`, the last row wins.
         """
-        if not (transitions or hosts or relays or messages or opened or closed):
+        if not (transitions or hosts or relays or messages or opened or closed or detections or false_alarms):
             return
         now = datetime.now(UTC)
         async with self._writer.begin() as connection:
@@ -396,6 +409,80 @@ class Store:
                 rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
                 await connection.execute(self._upsert(RelayModel), rows)
             await _write_notifications(connection, messages, opened, closed)
+            if detections or false_alarms:
+                await self._write_quality(connection, detections, false_alarms)
+
+    async def _write_quality(
+        self, connection: AsyncConnection, detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
+    ) -> None:
+        keys = {d.key for d in detections} | {k for f in false_alarms for k in (f.opened_key, f.closed_key)}
+        ids = await _ids_of(connection, [k for k in keys if k is not None])
+        rows = [
+            {name: getattr(d, name) for name in _DETECTION_FIELDS} | {"transition_id": ids[d.key]}
+            for d in detections
+            if d.key in ids
+        ]
+        if rows:
+            statement = self._insert(DetectionModel).on_conflict_do_nothing(
+                index_elements=[DetectionModel.transition_id]
+            )
+            await connection.execute(statement, rows)
+        alarms = [
+            {name: getattr(f, name) for name in _FALSE_ALARM_FIELDS}
+            | {"opened_id": ids.get(f.opened_key or ""), "closed_id": ids.get(f.closed_key or "")}
+            for f in false_alarms
+        ]
+        if alarms:
+            statement = self._insert(FalseAlarmModel).on_conflict_do_nothing(index_elements=[FalseAlarmModel.opened_id])
+            await connection.execute(statement, alarms)
+
+    async def false_alarms(
+        self,
+        kind: Kind | None = None,
+        subject: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[FalseAlarmRow]:
+        """False alarms overlapping `[since, until)` (of one kind, one subject), oldest first."""
+        _require_aware("since", since)
+        _require_aware("until", until)
+        f = FalseAlarmModel
+        conditions: list[ColumnElement[bool]] = []
+        if kind is not None:
+            conditions.append(f.kind == kind)
+        if subject is not None:
+            conditions.append(f.subject == subject)
+        if since is not None:
+            conditions.append(f.closed_at > since)
+        if until is not None:
+            conditions.append(f.opened_at < until)
+        query = select(*_FALSE_ALARM_COLUMNS).where(*conditions).order_by(f.opened_at, f.id)
+        async with self._engine.connect() as connection:
+            return [FalseAlarmRow(**row._asdict()) for row in await connection.execute(query)]
+
+    async def detections(
+        self,
+        kind: Kind | None = None,
+        subject: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[DetectionRow]:
+        """Outages opened in `[since, until)` as decided (by the transition's time), oldest first."""
+        _require_aware("since", since)
+        _require_aware("until", until)
+        d, t = DetectionModel, TransitionModel
+        conditions: list[ColumnElement[bool]] = [t.id == d.transition_id]
+        if kind is not None:
+            conditions.append(d.kind == kind)
+        if subject is not None:
+            conditions.append(d.subject == subject)
+        if since is not None:
+            conditions.append(t.at >= since)
+        if until is not None:
+            conditions.append(t.at < until)
+        query = select(*_DETECTION_COLUMNS, t.key, t.at).where(*conditions).order_by(t.at, t.id)
+        async with self._engine.connect() as connection:
+            return [DetectionRow(**row._asdict()) for row in await connection.execute(query)]
 
     async def save_last_seen(self, hosts: Sequence[tuple[str, datetime, int | None]]) -> None:
         """The restart checkpoint: `(id, last_seen, seq)` of hosts that already have a row, in one
@@ -653,6 +740,18 @@ class Store:
         statement = delete(o).where((o.delivered_at < before) | (o.abandoned_at < before))
         async with self._writer.begin() as connection:
             return (await connection.execute(statement)).rowcount
+
+
+async def _ids_of(connection: AsyncConnection, keys: Sequence[str]) -> dict[str, int]:
+    """The ids of the history rows with these keys (asked in chunks the drivers accept)."""
+    ids: dict[str, int] = {}
+    t = TransitionModel
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        chunk = keys[start : start + _KEYS_PER_QUERY]
+        for key, row_id in await connection.execute(select(t.key, t.id).where(t.key.in_(chunk))):
+            if key is not None:
+                ids[key] = int(row_id)
+    return ids
 
 
 async def _write_notifications(

@@ -235,3 +235,45 @@ class AlertModel(Base):
     state: Mapped[State] = mapped_column(EnumText(State))
     since: Mapped[datetime] = mapped_column(UTCDateTime())
     reminded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DetectionModel(Base):
+    """What the detector held when it opened an outage: the last evidence of life, the decision's
+    moment and the timeout it judged by (detection time T_D = decided_at − last_seen)."""
+
+    __tablename__ = "detections"
+    __table_args__ = (Index(None, "kind", "subject"),)
+
+    transition_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[Kind] = mapped_column(EnumText(Kind))
+    subject: Mapped[str] = mapped_column(Text)
+    state: Mapped[State] = mapped_column(EnumText(State))
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    interval_s: Mapped[float] = mapped_column(Float)
+    timeout_s: Mapped[float] = mapped_column(Float)
+    timeout_basis: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class FalseAlarmModel(Base):
+    """An outage proved wrong by the evidence that ended it (monitor/quality.py), with the proof."""
+
+    __tablename__ = "false_alarms"
+    __table_args__ = (Index(None, "kind", "subject"), Index(None, "opened_at"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[Kind] = mapped_column(EnumText(Kind))
+    subject: Mapped[str] = mapped_column(Text)
+    # The transitions that opened and closed the outage (None: not found, e.g. written before keys).
+    opened_id: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
+    closed_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    closed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    proof: Mapped[str] = mapped_column(Text)  # seq_continuity, dated_inside, relay_false_alarm
+    detail: Mapped[str] = mapped_column(Text)
+    seq_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    seq_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    seen_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    seen_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    recognised_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -34,7 +34,8 @@ from typing_extensions import Unpack
 from relaybeat.monitor.availability import Availability, availability, report_window
 from relaybeat.monitor.detector import HostTrack, RelayTrack
 from relaybeat.monitor.maintenance import TargetKind, Window
-from relaybeat.monitor.records import HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.quality import Figures, Outage, figures
+from relaybeat.monitor.records import FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.service import Monitor, MonitorObserver
 from relaybeat.monitor.states import Event, Kind, State
 from relaybeat.monitor.store import Acknowledgement, HistoryFilters
@@ -81,6 +82,7 @@ class HostView(HostRow):
     path: tuple[str, ...]  # relays from the nearest up to the monitor
     timeout_s: float
     deadline: datetime | None
+    timeout_basis: str | None = None  # how a timeout from targets was derived; None: the fixed or adaptive rule
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +92,23 @@ class RelayView(RelayRow):
     timeout_s: float
     hosts: int  # hosts heard through this relay
     children: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QualityReport:
+    """The detector's quality figures over a window (see `FleetView.quality`)."""
+
+    since: datetime
+    until: datetime
+    fleet: dict[Kind, Figures]
+    by_relay: dict[str, Figures]  # hosts heard through each relay now
+    by_subject: dict[tuple[Kind, str], Figures]  # subjects with an outage in the window
+    false_alarms: list[FalseAlarmRow]
+
+
+def _via(monitor: Monitor, host_id: str) -> str | None:
+    host = monitor.detector.hosts.get(host_id)
+    return None if host is None else host.via
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,6 +348,7 @@ class FleetView:
                     interval_s=h.interval_s,
                     timeout_s=detector.timeout_s(h),
                     deadline=None if deadline is None else wall(deadline),
+                    timeout_basis=self.timeout_basis(h.id),
                     seq=h.seq,
                     flapping=pending.flapping(Kind.HOST, h.id, h.flapping),
                     source=h.source,
@@ -449,8 +469,11 @@ class FleetView:
     async def availability(self, kind: Kind, subject: str, since: datetime, until: datetime) -> Availability:
         initial, changes = await self._monitor.store.state_changes(kind, since, until, subject)
         spans = self._monitor.maintenance.intervals(kind, subject, self.relay_path(kind, subject))
+        wrong = [
+            (f.opened_at, f.closed_at) for f in await self._monitor.store.false_alarms(kind, subject, since, until)
+        ]
         return availability(
-            initial.get(subject, State.UNKNOWN), [(at, state) for _, at, state in changes], spans, since, until
+            initial.get(subject, State.UNKNOWN), [(at, state) for _, at, state in changes], spans, since, until, wrong
         )
 
     async def summary(self, since: datetime, until: datetime, worst: int) -> Summary:
@@ -475,10 +498,20 @@ class FleetView:
         candidates |= {h for h, hs in by_host.items() if any(s == State.DOWN for _, s in hs)}
         tracks = monitor.detector.hosts
         pending = _Pending.of(monitor)
+        wrong: dict[str, list[tuple[datetime, datetime]]] = {}
+        for f in await monitor.store.false_alarms(Kind.HOST, None, since, until):
+            wrong.setdefault(f.subject, []).append((f.opened_at, f.closed_at))
         worst = []
         for host_id in sorted(candidates & tracks.keys()):
             spans = monitor.maintenance.intervals(Kind.HOST, host_id, self.relay_path(Kind.HOST, host_id))
-            result = availability(initial.get(host_id, State.UNKNOWN), by_host.get(host_id, []), spans, since, until)
+            result = availability(
+                initial.get(host_id, State.UNKNOWN),
+                by_host.get(host_id, []),
+                spans,
+                since,
+                until,
+                wrong.get(host_id, ()),
+            )
             if result.down > timedelta(0):
                 worst.append(
                     WorstHost(
@@ -542,6 +575,91 @@ class FleetView:
                 )
             )
         return entries
+
+    # --- the detector's own quality ---
+
+    async def quality(
+        self,
+        since: datetime,
+        until: datetime,
+        kind: Kind | None = None,
+        subject: str | None = None,
+        relay: str | None = None,
+    ) -> QualityReport:
+        """The detector's quality figures over `[since, until)` (monitor/quality.py): for the fleet
+        (each kind), per relay (the hosts heard through it now) and per subject that had an outage.
+        Filters: one kind, one subject, or the hosts and relays at or behind one relay (as now)."""
+        monitor = self._monitor
+        store = monitor.store
+        detections = await store.detections(kind, subject, since, until)
+        alarms = await store.false_alarms(kind, subject, since, until)
+        wrong = {f.opened_id: f for f in alarms if f.opened_id is not None}
+        base = since
+        outages: list[Outage] = []
+        for d in detections:
+            alarm = None if d.transition_id is None else wrong.pop(d.transition_id, None)
+            outages.append(
+                Outage(
+                    kind=d.kind,
+                    subject=d.subject,
+                    at=((d.at or d.decided_at) - base).total_seconds(),
+                    closed_at=None if alarm is None else (alarm.closed_at - base).total_seconds(),
+                    detection_s=d.detection_s,
+                    false_alarm=alarm is not None,
+                )
+            )
+        for f in [*wrong.values(), *(f for f in alarms if f.opened_id is None)]:  # their detection was not kept
+            outages.append(
+                Outage(
+                    kind=f.kind,
+                    subject=f.subject,
+                    at=(f.opened_at - base).total_seconds(),
+                    closed_at=(f.closed_at - base).total_seconds(),
+                    detection_s=None,
+                    false_alarm=True,
+                )
+            )
+
+        def behind(k: Kind, s: str) -> bool:
+            return relay is None or (s == relay and k is Kind.RELAY) or relay in monitor.relay_path(k, s)
+
+        outages = [o for o in outages if behind(o.kind, o.subject)]
+        window = (until - since).total_seconds()
+        kinds = [kind] if kind is not None else [Kind.HOST, Kind.RELAY]
+        fleet: dict[Kind, Figures] = {}
+        for k in kinds:
+            tracks = monitor.detector.hosts if k is Kind.HOST else monitor.detector.relays
+            count = sum(1 for s in tracks if (subject is None or s == subject) and behind(k, s))
+            fleet[k] = figures([o for o in outages if o.kind is k], count, 0.0, window)
+        by_relay: dict[str, Figures] = {}
+        if kind in (None, Kind.HOST) and subject is None:
+            hosts_of: dict[str, int] = {}
+            for h in monitor.detector.hosts.values():
+                if h.via is not None and behind(Kind.HOST, h.id):
+                    hosts_of[h.via] = hosts_of.get(h.via, 0) + 1
+            for relay_id, count in sorted(hosts_of.items()):
+                mine = [o for o in outages if o.kind is Kind.HOST and _via(monitor, o.subject) == relay_id]
+                by_relay[relay_id] = figures(mine, count, 0.0, window)
+        by_subject = {
+            (o.kind, o.subject): figures(
+                [p for p in outages if (p.kind, p.subject) == (o.kind, o.subject)], 1, 0.0, window
+            )
+            for o in outages
+        }
+        return QualityReport(
+            since=since,
+            until=until,
+            fleet=fleet,
+            by_relay=by_relay,
+            by_subject=dict(sorted(by_subject.items())),
+            false_alarms=alarms,
+        )
+
+    def timeout_basis(self, host_id: str) -> str | None:
+        """How a host's timeout was derived from targets (None: the fixed or adaptive rule)."""
+        timeouts = self._monitor.timeouts
+        advice = None if timeouts is None else timeouts.advice(host_id)
+        return None if advice is None else advice.basis
 
     # --- writes: hosts ---
 

@@ -25,8 +25,9 @@ from relaybeat.monitor.detector import Detector, HostTrack
 from relaybeat.monitor.journal import REWRITE_BYTES, Decision, Journal, encode
 from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
-from relaybeat.monitor.records import Change, HostRow, RelayRow
-from relaybeat.monitor.states import Kind, Transition
+from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
+from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow
+from relaybeat.monitor.states import Kind, State, Transition
 from relaybeat.monitor.store import Store
 
 __all__ = ["MonitorObserver", "Writer"]
@@ -46,6 +47,9 @@ class MonitorObserver(Protocol):
 
     def wrote(self, rows: int, seconds: float) -> None:
         """A batch of `rows` transitions reached SQL; the transaction took `seconds`."""
+
+    def judged(self, opened: Sequence[Opening], false_alarms: Sequence[FalseAlarm]) -> None:
+        """Outages were just opened (with what the detector held), or proved false alarms."""
 
 
 class Writer:
@@ -83,17 +87,30 @@ class Writer:
         self.journal_failures = 0
         self._journal_warned_at = -10.0
         self._wanted = asyncio.Event()
+        # The detector's own quality (monitor/quality.py): outages followed to the evidence that ends
+        # them; their rows wait here, by batch, until written with (or after) their transitions.
+        self.judge = Judge()
+        self._lookup = lookup_in(detector)
+        self._detections: list[DetectionRow] = []
+        self._false_alarms: list[FalseAlarmRow] = []
 
     # ---------------------------------------------------------------------------- decisions in
 
     def emit(self, transitions: list[Transition]) -> None:
         """Take the detector's decisions: stamp, journal and queue them for the next batch."""
         if not transitions:
+            if self.judge.watching:  # news without a decision may still prove a recent outage wrong
+                self._judged([], self.judge.look(self.clock.now(), self._lookup))
             return
         self.recent.extend(transitions)
         first = self._decided
         self._decided += len(transitions)
         changes = self._stamp(transitions, first)
+        self._judged(
+            *self.judge.decided(
+                zip(transitions, (c.key or "" for c in changes), strict=True), self._lookup, self.clock.now()
+            )
+        )
         if self.journal is not None:
             try:
                 self.journal.append(self._journal_line(changes, first))
@@ -121,6 +138,58 @@ class Writer:
             covered = self.maintenance.covers(t.kind, t.subject, path, at)
             changes.append(Change.decided(t, at, path, covered, f"{self._key_prefix}{number}"))
         return changes
+
+    def _judged(self, opened: Sequence[Opening], found: Sequence[FalseAlarm]) -> None:
+        """Queue the quality rows of what the judge just saw, for the next batch."""
+        if not (opened or found):
+            return
+        wall = self.clock.wall
+        timeouts = self.detector.timeouts
+        for o in opened:
+            if o.kind is Kind.HOST and o.state is State.UNREACHABLE:
+                # The relay's outage, not the host's: its detection time is the relay's (and a relay
+                # death would double the size of its batch). The judge still follows it in memory.
+                continue
+            advice = (
+                timeouts.advice(o.subject) if isinstance(timeouts, TargetTimeouts) and o.kind is Kind.HOST else None
+            )
+            self._detections.append(
+                DetectionRow(
+                    kind=o.kind,
+                    subject=o.subject,
+                    state=o.state,
+                    last_seen=None if o.evidence.seen is None else wall(o.evidence.seen),
+                    decided_at=wall(o.decided),
+                    seq=o.evidence.seq,
+                    interval_s=o.evidence.interval_s,
+                    timeout_s=o.evidence.timeout_s,
+                    timeout_basis=None if advice is None else advice.basis,
+                    key=o.key,
+                )
+            )
+        now = wall(self.clock.now())
+        for f in found:
+            self._false_alarms.append(
+                FalseAlarmRow(
+                    kind=f.kind,
+                    subject=f.subject,
+                    opened_at=wall(f.opened_at),
+                    closed_at=wall(f.closed_at),
+                    proof=f.proof.value,
+                    detail=f.detail,
+                    seq_before=f.seq_before,
+                    seq_after=f.seq_after,
+                    seen_before=None if f.seen_before is None else wall(f.seen_before),
+                    seen_after=None if f.seen_after is None else wall(f.seen_after),
+                    recognised_at=now,
+                    opened_key=f.opened_key,
+                    closed_key=f.closed_key,
+                )
+            )
+            log.info("false alarm: %s %s was alive (%s)", f.kind.value, f.subject, f.detail)
+        self._wanted.set()
+        for observer in self.observers:
+            observer.judged(opened, found)
 
     def pending(self) -> list[Change]:
         """Decisions not yet known to be in SQL, in the order they were made (the batch being written,
@@ -226,16 +295,20 @@ class Writer:
         waking readers) never sends it again. Cancelled mid-write, the batch is kept for the final
         flush in `Monitor.run`."""
         attempt = 0
-        while self._unwritten:
+        while self._unwritten or self._detections or self._false_alarms:
             batch, self._unwritten = self._unwritten, []
+            detections, self._detections = self._detections, []
+            false_alarms, self._false_alarms = self._false_alarms, []
             first = self._unwritten_from
             self._unwritten_from += len(batch)
             self._in_flight = batch
             self._wanted.clear()
             try:
-                elapsed = await self._write(batch)
+                elapsed = await self._write(batch, detections, false_alarms)
             except BaseException as exc:
                 self._unwritten[:0] = batch
+                self._detections[:0] = detections
+                self._false_alarms[:0] = false_alarms
                 self._unwritten_from = first
                 if not isinstance(exc, Exception):
                     raise
@@ -255,14 +328,17 @@ class Writer:
             except Exception as exc:  # the rows are in SQL: only the bookkeeping failed
                 log.warning("after writing %d transitions: %s", len(batch), exc)
 
-    async def _write(self, batch: Sequence[Change]) -> float:
-        """One transaction: the batch, its subjects' current-state rows, webhook messages and alerts."""
+    async def _write(
+        self, batch: Sequence[Change], detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
+    ) -> float:
+        """One transaction: the batch, its subjects' current-state rows, webhook messages and alerts,
+        and the quality rows (detections, false alarms) decided with it."""
         hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
         host_ids = sorted({c.subject for c in batch if c.kind is Kind.HOST})
         relay_ids = sorted({c.subject for c in batch if c.kind is Kind.RELAY})
         host_rows = [HostRow.of(hosts[h], wall) for h in host_ids if h in hosts]
         relay_rows = [RelayRow.of(relays[r], wall) for r in relay_ids if r in relays]
-        return await self.notifier.write(batch, host_rows, relay_rows)
+        return await self.notifier.write(batch, host_rows, relay_rows, detections, false_alarms)
 
     async def _after_write(self, rows: int, elapsed: float) -> None:
         for observer in self.observers:

@@ -41,6 +41,7 @@ from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Policy
 from relaybeat.monitor.notify import Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook
+from relaybeat.monitor.quality import Targets
 from relaybeat.monitor.service import MonitorSettings
 from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.view import StatusPage
@@ -110,6 +111,12 @@ class MissesOverride(_Strict):
     misses: int = Field(ge=1, le=1000)
 
 
+class TargetsOverride(_Strict):
+    hosts: str = Field(min_length=1, description="host-id glob, e.g. 'wan-*'")
+    target_detection_s: float | None = Field(default=None, gt=0, le=86400)
+    target_false_alarms_per_day: float | None = Field(default=None, gt=0, le=1e6)
+
+
 class DetectorConfig(_Strict):
     misses: int = Field(default=3, ge=1, le=1000)
     default_interval_s: Seconds = DEFAULT_INTERVAL_S
@@ -119,6 +126,10 @@ class DetectorConfig(_Strict):
     flap_window_s: Seconds = 600.0
     flap_start: int = Field(default=6, ge=2)
     flap_stop: int = Field(default=3, ge=1)
+    # Targets instead of knobs (monitor/quality.py): each host's timeout derived from what it shows.
+    target_detection_s: float | None = Field(default=None, gt=0, le=86400)
+    target_false_alarms_per_day: float | None = Field(default=None, gt=0, le=1e6)
+    targets_override: list[TargetsOverride] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _flap_hysteresis(self) -> DetectorConfig:
@@ -126,6 +137,23 @@ class DetectorConfig(_Strict):
             msg = f"flap_stop ({self.flap_stop}) must be below flap_start ({self.flap_start})"
             raise ValueError(msg)
         return self
+
+    def targets(self) -> tuple[Targets, tuple[tuple[str, Targets], ...]]:
+        """The timeout targets, and per host-id glob (first match wins; unset keys: the section's)."""
+        default = Targets(self.target_detection_s, self.target_false_alarms_per_day)
+        by_glob = tuple(
+            (
+                o.hosts,
+                Targets(
+                    o.target_detection_s if o.target_detection_s is not None else default.detection_s,
+                    o.target_false_alarms_per_day
+                    if o.target_false_alarms_per_day is not None
+                    else default.false_alarms_per_day,
+                ),
+            )
+            for o in self.targets_override
+        )
+        return default, by_glob
 
     def policy(self) -> Policy:
         return Policy(
@@ -189,7 +217,12 @@ class MonitorConfig(_Strict):
             return Path(database + ".journal")
         return Path(f"{self.client_id}-{url.database or url.username or 'postgres'}.journal")
 
-    def settings(self, policy: Policy, notify: NotifySettings | None = None) -> MonitorSettings:
+    def settings(
+        self,
+        policy: Policy,
+        notify: NotifySettings | None = None,
+        targets: tuple[Targets, tuple[tuple[str, Targets], ...]] = (Targets(), ()),
+    ) -> MonitorSettings:
         return MonitorSettings(
             BrokerURL.parse(self.broker),
             policy,
@@ -201,6 +234,8 @@ class MonitorConfig(_Strict):
             relays=None if self.relays is None else frozenset(self.relays),
             notify=notify or NotifySettings(),
             journal=self.journal_path(),
+            targets=targets[0],
+            targets_by_glob=targets[1],
         )
 
 

@@ -216,12 +216,18 @@ def status(
     relay: Annotated[str | None, typer.Option(help="Only hosts heard through this relay.")] = None,
     search: Annotated[str | None, typer.Option(help="Only hosts whose id contains this text.")] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many hosts (0: all).", min=0)] = 50,
+    quality: Annotated[
+        bool, typer.Option("--quality", help="The detector's own quality over the last 24 h instead (T_D, λ_M, P_A).")
+    ] = False,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
 ) -> None:
     """Relays and hosts with their states, worst first (a colored table from the API)."""
     check_state(state)
     console = Console(highlight=False)
+    if quality:
+        print_quality(Api(api, token).get("/api/v1/quality", relay=relay), console)
+        return
     client = Api(api, token)
     health = client.health()
     relays = client.items("/api/v1/relays")["items"]
@@ -271,6 +277,49 @@ def status(
         console.print(
             f"… and {len(hosts) - len(shown):,} more: narrow with --state/--relay/--search, or --limit 0 for all"
         )
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} s"
+
+
+def print_quality(report: dict[str, Any], console: Console) -> None:
+    """`status --quality`: how good the detector's judgement was, fleet, per relay, per subject."""
+    since, until = local_time(report["since"]), local_time(report["until"])
+    console.print(f"detector quality from {since} to {until}")
+    table = Table(title="quality", title_justify="left")
+    for column in ("scope", "subjects", "outages", "real deaths", "false alarms", "T_D (detection)",
+                   "λ_M (false alarms/day each)", "T_M (false alarm lasts)", "P_A (right)"):  # fmt: skip
+        table.add_column(column)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for scope in ("hosts", "relays"):
+        if report.get(scope):
+            rows.append((f"all {scope}", report[scope]))
+    rows += [(f"hosts via {escape(r)}", f) for r, f in report.get("by_relay", {}).items()]
+    rows += [(f"{s['kind']} {escape(s['id'])}", s) for s in report.get("subjects", [])[:20]]
+    for scope, f in rows:
+        rate = f["false_alarms_per_day"]
+        accuracy = f["query_accuracy"]
+        wrong = f"[bold red]{f['false_alarms']}[/]" if f["false_alarms"] else "0"
+        table.add_row(
+            scope, str(f["subjects"]), str(f["outages"]), str(f["deaths"]), wrong, _seconds(f["detection_s_mean"]),
+            "—" if rate is None else f"{rate:.3g}", _seconds(f["mistake_duration_s"]),
+            "—" if accuracy is None else f"{100 * accuracy:.4f} %",
+        )  # fmt: skip
+    console.print(table)
+    alarms = report.get("false_alarms", [])
+    for a in alarms[-10:]:
+        console.print(
+            f"{local_time(a['opened_at'])}  {escape(a['kind'])} {escape(a['subject'])}  [yellow]false alarm[/] "
+            f"for {_seconds(_span(a['opened_at'], a['closed_at']))}: {escape(a['detail'])}"
+        )
+    if not alarms:
+        console.print("no false alarm proved in the window")
+
+
+def _span(start: str, end: str) -> float:
+    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return (datetime.fromisoformat(end.replace("Z", "+00:00")) - begin).total_seconds()
 
 
 # ----------------------------------------------------------------------------------- history

@@ -70,7 +70,8 @@ def monitor_start(flags: MonitorFlags, environ: Mapping[str, str], config: Path 
         },
     )
     cfg = deployment.monitor
-    settings = cfg.settings(deployment.detector.policy(), deployment.notify.settings())
+    detector = deployment.detector
+    settings = cfg.settings(detector.policy(), deployment.notify.settings(), detector.targets())
     return MonitorStart(settings, cfg.db, parse_hostport(cfg.listen), deployment.api.settings())
 
 

@@ -119,3 +119,13 @@ def test_auth_reports_the_event_loop_stall_during_logins(tmp_path: Path) -> None
     s = r["5"]
     assert 0 <= s["stall_s"]["median"] < 60
     assert positive(s["all_logins_s"]["median"])
+
+
+def test_quality_compares_reported_and_true_figures_for_every_timeout_mode(tmp_path: Path) -> None:
+    r = bench(tmp_path, "quality")
+    runs = r["runs"]
+    assert {run["mode"] for run in runs} == {"fixed", "adaptive", "target"}
+    for run in runs:
+        assert run["true_mistakes"] >= 0
+        assert run["reported_mistakes"] <= run["true_mistakes"] + 1  # proofs, never more mistakes than happened
+        assert run["timeout_s_mean"] > 0

@@ -27,6 +27,7 @@ PURE_CORE = (
     "relaybeat.monitor.states",
     "relaybeat.monitor.notify",
     "relaybeat.monitor.availability",
+    "relaybeat.monitor.quality",
     "relaybeat.monitor.maintenance",
     "relaybeat.monitor.records",
     "relaybeat.broker_config.policy",

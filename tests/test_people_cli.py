@@ -204,6 +204,16 @@ async def test_watch_filters_by_state_and_replays_from_an_id(served: Served) -> 
     assert "stopped" in err.decode()
 
 
+async def test_status_quality_shows_the_detectors_own_figures(served: Served) -> None:
+    """web-1 died (a real death, detected 10 s after its last beat): no false alarm, P_A 100 %."""
+    code, out, err = await relaybeat("status", "--quality", "--api", served.url)
+    assert code == 0, err
+    assert "detector quality from" in out
+    assert re.search(r"all hosts +│ 3 +│ 1 +│ 1 +│ 0 +│ 10\.0 s", out), out
+    assert "hosts via r1" in out
+    assert "no false alarm proved in the window" in out
+
+
 # --- errors a person can act on: other servers, bad flags, tokens ---------------------------------
 # These run the commands in a worker thread of this process (typer's CliRunner): the API they talk
 # to is served by this test's event loop, and no interpreter start is paid per command.

@@ -31,7 +31,17 @@ from relaybeat.monitor.store import (
     upgrade_sync,
 )
 
-TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements", "outbox", "alerts"}
+TABLES = {
+    "transitions",
+    "hosts",
+    "relays",
+    "maintenance",
+    "acknowledgements",
+    "outbox",
+    "alerts",
+    "detections",
+    "false_alarms",
+}
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PLUS_2 = timezone(timedelta(hours=2))

@@ -1,0 +1,137 @@
+"""`GET /api/v1/quality`: how good the detector's own judgement was over a window.
+
+The figures are `monitor.quality.figures` (pure), fed by the read view from the `detections` and
+`false_alarms` tables; this module parses the query and shapes the answer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from relaybeat.api.availability import Since, Until
+from relaybeat.api.bodies import ViewDep, error_response, json_response
+from relaybeat.api.history import BAD_QUERY
+from relaybeat.monitor.quality import Figures
+from relaybeat.monitor.records import FalseAlarmRow
+from relaybeat.monitor.states import Kind
+from relaybeat.monitor.view import iso
+
+router = APIRouter(prefix="/api/v1")
+
+
+class FiguresOut(BaseModel):
+    subjects: int = Field(description="subjects watched over the window")
+    window_s: float
+    outages: int = Field(description="outages (down or unreachable) opened in the window")
+    deaths: int = Field(description="outages not proved false alarms")
+    false_alarms: int
+    detection_s_mean: float | None = Field(description="T_D: last evidence of life to the decision, real deaths")
+    detection_s_max: float | None
+    false_alarms_per_day: float | None = Field(description="λ_M: false alarms per subject and day")
+    mistake_duration_s: float | None = Field(description="T_M: how long a false alarm lasted, on average")
+    mistake_recurrence_s: float | None = Field(description="E[T_MR] = 1/λ_M: time between false alarms")
+    query_accuracy: float | None = Field(description="P_A = 1 − E[T_M]/E[T_MR]: share of time the answer was right")
+    false_alarm_s: float = Field(description="total time wrongly held out")
+
+
+class SubjectFiguresOut(FiguresOut):
+    kind: Kind
+    id: str
+
+
+class FalseAlarmOut(BaseModel):
+    id: int
+    kind: Kind
+    subject: str
+    opened_id: int | None = Field(description="the transition that opened the outage")
+    closed_id: int | None = Field(description="the transition that closed it")
+    opened_at: datetime
+    closed_at: datetime
+    proof: str = Field(description="seq_continuity, dated_inside or relay_false_alarm")
+    detail: str
+    seq_before: int | None
+    seq_after: int | None
+    seen_before: datetime | None
+    seen_after: datetime | None
+    recognised_at: datetime
+
+
+class QualityOut(BaseModel):
+    since: datetime
+    until: datetime
+    hosts: FiguresOut | None
+    relays: FiguresOut | None
+    by_relay: dict[str, FiguresOut] = Field(description="hosts heard through each relay now")
+    subjects: list[SubjectFiguresOut] = Field(description="every subject with an outage in the window")
+    false_alarms: list[FalseAlarmOut]
+
+
+def figures_body(f: Figures) -> dict[str, Any]:
+    return {
+        "subjects": f.subjects,
+        "window_s": f.window_s,
+        "outages": f.outages,
+        "deaths": f.deaths,
+        "false_alarms": f.false_alarms,
+        "detection_s_mean": f.detection_s_mean,
+        "detection_s_max": f.detection_s_max,
+        "false_alarms_per_day": f.false_alarms_per_day,
+        "mistake_duration_s": f.mistake_duration_s,
+        "mistake_recurrence_s": f.mistake_recurrence_s,
+        "query_accuracy": f.query_accuracy,
+        "false_alarm_s": f.false_alarm_s,
+    }
+
+
+def false_alarm_body(f: FalseAlarmRow) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "kind": f.kind.value,
+        "subject": f.subject,
+        "opened_id": f.opened_id,
+        "closed_id": f.closed_id,
+        "opened_at": iso(f.opened_at),
+        "closed_at": iso(f.closed_at),
+        "proof": f.proof,
+        "detail": f.detail,
+        "seq_before": f.seq_before,
+        "seq_after": f.seq_after,
+        "seen_before": iso(f.seen_before),
+        "seen_after": iso(f.seen_after),
+        "recognised_at": iso(f.recognised_at),
+    }
+
+
+@router.get("/quality", response_model=QualityOut, responses=BAD_QUERY, tags=["availability"])
+async def quality(
+    view: ViewDep,
+    since: Since = None,
+    until: Until = None,
+    kind: Kind | None = Query(None, description="only hosts or only relays"),
+    id: str | None = Query(None, description="only this subject", max_length=128),
+    relay: str | None = Query(None, description="only this relay and what is behind it now", max_length=128),
+) -> Response:
+    """The detector's own quality over `[since, until)`: detection time of real deaths (T_D), false
+    alarms (proved by the evidence that ended them) per subject-day (λ_M), their mean length (T_M),
+    and the share of time its answer was right (P_A); for the fleet, per relay and per subject."""
+    bounds = view.report_window(since, until)
+    if isinstance(bounds, str):
+        return error_response(422, "bad_request", bounds)
+    report = await view.quality(*bounds, kind=kind, subject=id, relay=relay)
+    fleet = report.fleet
+    return json_response(
+        {
+            "since": iso(report.since),
+            "until": iso(report.until),
+            "hosts": figures_body(fleet[Kind.HOST]) if Kind.HOST in fleet else None,
+            "relays": figures_body(fleet[Kind.RELAY]) if Kind.RELAY in fleet else None,
+            "by_relay": {r: figures_body(f) for r, f in report.by_relay.items()},
+            "subjects": [{"kind": k.value, "id": s, **figures_body(f)} for (k, s), f in report.by_subject.items()],
+            "false_alarms": [false_alarm_body(f) for f in report.false_alarms],
+        }
+    )
