@@ -17,7 +17,7 @@ import aiomqtt
 
 from relaybeat.errors import SettingsError
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.mqtt import BrokerURL, Subscriber, backlog, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
@@ -98,7 +98,7 @@ class RelayService:
         self.upstream_connected = asyncio.Event()
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
-        self._local_client: aiomqtt.Client | None = None  # the local session's client, while there is one
+        self._local_client: Subscriber | None = None  # the local session, while there is one
         self._local_heard = 0  # messages from the local broker so far
         self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
         self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
@@ -114,7 +114,9 @@ class RelayService:
         s = self.settings
         await stay_connected(
             s.local,
-            lambda: s.local.client(f"{s.local.username or s.relay_id}/local-{self.boot}", keepalive=10),
+            lambda: s.local.subscriber(
+                f"{s.local.username or s.relay_id}/local-{self.boot}", self._heard, keepalive=10
+            ),
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
             max_delay_s=1.0,
@@ -128,19 +130,19 @@ class RelayService:
             self.local_connected.clear()
             self._local_lost_at = self.clock()
 
-    async def _consume_local(self, client: aiomqtt.Client) -> None:
+    async def _consume_local(self, client: Subscriber) -> None:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
         self._local_client = client
         try:
-            async for message in messages(client):
-                self._local_heard += 1
-                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+            await client.run()  # every message goes to _heard as it is read; returns only by raising
         finally:
             self._local_client = None
-        msg = "local broker closed the message stream"
-        raise aiomqtt.MqttError(msg)
+
+    def _heard(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._local_heard += 1
+        self.take(topic, payload, retained)
 
     async def _catch_up_local(self, paused_at: float, bound_s: float) -> None:
         """After a pause, let the local side read what waits for it (the local broker's backlog, our
