@@ -50,6 +50,7 @@ from relaybeat.relay.packets import (
     SubAck,
     connect_packet,
     puback_packet,
+    publish_packet,
     subscribe_packet,
 )
 
@@ -174,9 +175,11 @@ class BrokerURL:
             max_queued_outgoing_messages=10_000,
         )
 
-    def subscriber(self, identifier: str, on_message: OnMessage, *, keepalive: int = 10) -> Subscriber:
-        """A lean receive-only session on this broker (see `Subscriber`)."""
-        return Subscriber(self, identifier, on_message, keepalive=keepalive)
+    def lean_client(
+        self, identifier: str, on_message: OnMessage, *, keepalive: int = 10, gather_s: float = 0.0
+    ) -> LeanClient:
+        """A lean client on this broker, for input that comes fast (see `LeanClient`)."""
+        return LeanClient(self, identifier, on_message, keepalive=keepalive, gather_s=gather_s)
 
 
 def _redact(url: str) -> str:
@@ -236,11 +239,11 @@ def _unread_bytes(fileno: int) -> int:
     return unread[0]
 
 
-def backlog(client: aiomqtt.Client | Subscriber) -> tuple[int, int]:
+def backlog(client: aiomqtt.Client | LeanClient) -> tuple[int, int]:
     """What has reached a connected client but not its reader yet: (messages in aiomqtt's queue,
     bytes waiting unread in its socket: paho reads about one packet per event-loop turn). A
-    `Subscriber` hands every message on as it reads it: only its socket can hold a backlog."""
-    if isinstance(client, Subscriber):
+    `LeanClient` hands every message on as it reads it: only its socket can hold a backlog."""
+    if isinstance(client, LeanClient):
         return 0, client.unread()
     queued = len(client.messages)
     sock = client._client.socket()  # aiomqtt hands out no other way to its socket
@@ -260,7 +263,7 @@ async def messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
             yield queue.get_nowait()
 
 
-async def read_backlog(client: aiomqtt.Client | Subscriber, bound_s: float, clock: Callable[[], float]) -> bool:
+async def read_backlog(client: aiomqtt.Client | LeanClient, bound_s: float, clock: Callable[[], float]) -> bool:
     """Yield to the event loop, so the client's reader and its consumer run, until nothing waits
     (True) or `bound_s` passed (False: input comes faster than it is read, or in a burst)."""
     started = clock()
@@ -282,17 +285,19 @@ def payload_bytes(raw: object) -> bytes:
 
 OnMessage = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
 CONNECT_TIMEOUT_S = 10.0
+GATHER_BELOW_BYTES = 65_536  # a read this large means a backlog: read on at once, without gathering
 
 
 class _Stream(asyncio.Protocol):
-    """The asyncio end of a `Subscriber`: every read is parsed at once and each message handed on."""
+    """The asyncio end of a `LeanClient`: every read is parsed at once and each message handed on."""
 
-    def __init__(self, owner: Subscriber) -> None:
+    def __init__(self, owner: LeanClient) -> None:
         self.owner = owner
         self.reader = PacketReader()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.heard_at = 0.0
+        self.resuming: asyncio.TimerHandle | None = None  # set while reading pauses to gather input
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream connection's is one
@@ -314,8 +319,22 @@ class _Stream(asyncio.Protocol):
                 on_message(packet.topic, packet.payload, packet.retain)  # never raises: it counts bad input
             else:
                 owner.control(packet)
-        if acks and self.transport is not None:
-            self.transport.write(b"".join(acks))
+        transport = self.transport
+        if transport is None:
+            return
+        if acks:
+            transport.write(b"".join(acks))
+        if owner.gather_s and len(data) < GATHER_BELOW_BYTES and not transport.is_closing():
+            transport.pause_reading()  # let more arrive: one wakeup for many messages
+            self.resuming = owner.loop.call_later(owner.gather_s, self.resume)
+
+    def resume(self) -> None:
+        """Read again now, if reading paused to gather input."""
+        if self.resuming is not None:
+            self.resuming.cancel()
+            self.resuming = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def close(self, why: str) -> None:
         if not self.lost.done():
@@ -324,24 +343,40 @@ class _Stream(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.resuming is not None:
+            self.resuming.cancel()
         if not self.lost.done():
             self.lost.set_exception(Unavailable(f"the broker closed the connection ({exc or 'EOF'})"))
 
 
-class Subscriber:
-    """A receive-only MQTT 3.1.1 session (clean session, QoS 0 and 1) for input that comes fast: the
-    relay's local side. Each read of the socket (up to 256 KiB) is parsed in one go and every message
-    in it goes to `on_message(topic, payload, retained)` right away, on the event loop: no task, queue
-    or turn of the loop per message (aiomqtt's paho reads one packet per turn, in three `recv` calls).
-    `async with` connects (TLS as the URL says), `subscribe()` waits for its SUBACK, `run()` returns
-    only by raising `Unavailable` when the session ends: the broker closed it, refused it, went
-    silent past keepalive, or broke the protocol."""
+class LeanClient:
+    """An MQTT 3.1.1 session (clean session; subscribes at QoS 0 and 1, publishes at QoS 0) for input
+    that comes fast: the relay's local side. Each read of the socket (up to 256 KiB) is parsed in one
+    go and every message in it goes to `on_message(topic, payload, retained)` right away, on the event
+    loop: no task, queue or turn of the loop per message (aiomqtt's paho reads one packet per turn, in
+    three `recv` calls). `async with` connects (TLS as the URL says), `subscribe()` waits for its
+    SUBACK, `run()` returns only by raising `Unavailable` when the session ends: the broker closed
+    it, refused it, went silent past keepalive, or broke the protocol.
 
-    def __init__(self, url: BrokerURL, identifier: str, on_message: OnMessage, *, keepalive: int = 10) -> None:
+    `gather_s`: after a small read, wait this long before reading again, so that input arriving a
+    message at a time is read many messages per wakeup (the wakeup, not the message, was the cost).
+    A message is then handed on up to `gather_s` after it arrived; asking for `unread()` reads at
+    once, so whoever checks for a backlog (the relay before it flushes) never waits for it."""
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        identifier: str,
+        on_message: OnMessage,
+        *,
+        keepalive: int = 10,
+        gather_s: float = 0.0,
+    ) -> None:
         self.url = url
         self.identifier = identifier
         self.on_message = on_message
         self.keepalive = keepalive
+        self.gather_s = gather_s
         self.loop = asyncio.get_running_loop()
         self._stream: _Stream | None = None
         self._next_id = 0
@@ -442,6 +477,15 @@ class Subscriber:
             lost.result()  # raises why the session ended
         return waiter.result()
 
+    async def publish(self, topic: str, payload: bytes = b"", qos: int = 0) -> None:
+        """Send at QoS 0: at most once, so a message sent while the session is down is just lost."""
+        if qos != 0:
+            msg = f"LeanClient publishes at QoS 0 only, not {qos}"
+            raise ValueError(msg)
+        stream = self._stream
+        if stream is not None and stream.transport is not None and not stream.transport.is_closing():
+            stream.transport.write(publish_packet(topic, payload))
+
     async def run(self) -> None:
         """Keep the session alive (PINGREQ every keepalive) until it ends; raises `Unavailable` saying why."""
         stream = self._stream
@@ -459,8 +503,12 @@ class Subscriber:
                     self._send(PINGREQ_PACKET)
 
     def unread(self) -> int:
-        """Bytes waiting in the socket, not read yet."""
+        """Bytes waiting in the socket, not read yet; if reading paused to gather input, it resumes:
+        what waits is wanted now."""
         stream = self._stream
         transport = None if stream is None else stream.transport
         sock = None if transport is None else transport.get_extra_info("socket")
-        return 0 if sock is None else _unread_bytes(sock.fileno())
+        waiting = 0 if sock is None else _unread_bytes(sock.fileno())
+        if waiting and stream is not None:
+            stream.resume()
+        return waiting

@@ -1,5 +1,5 @@
-"""MQTT 3.1.1 packets for a subscriber: what the relay's local session sends, and reading a stream of
-what a broker sends back, many packets per read.
+"""MQTT 3.1.1 packets for a lean client: what the relay's local session sends, and reading a stream
+of what a broker sends back, many packets per read.
 
 Rules of this module:
 - Pure and synchronous: bytes in, packets out; no socket, no clock.
@@ -7,8 +7,9 @@ Rules of this module:
   returns every packet completed by it, in order; a partial packet waits for the next call.
 - A stream that breaks MQTT 3.1.1 raises `PacketError` (the session must then be dropped: nothing
   after a framing error can be trusted); nothing else is raised.
-- Only what a subscriber at QoS 0 and 1 needs: CONNECT, SUBSCRIBE, PUBACK, PINGREQ and DISCONNECT
-  out; CONNACK, SUBACK, PUBLISH (QoS 0/1), PINGRESP and UNSUBACK in.
+- Only what a subscriber at QoS 0 and 1 (that may publish at QoS 0) needs: CONNECT, SUBSCRIBE,
+  PUBLISH (QoS 0), PUBACK, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH (QoS 0/1), PINGRESP
+  and UNSUBACK in.
 """
 
 from __future__ import annotations
@@ -112,8 +113,7 @@ def puback_packet(packet_id: int) -> bytes:
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, retain: bool = False) -> bytes:
-    """What a broker sends a subscriber (here for tests and load generators: the relay never publishes
-    on its local session)."""
+    """A PUBLISH (the client sends QoS 0 only; brokers send QoS 0 and 1 to it)."""
     head = PUBLISH | (qos << 1) | (1 if retain else 0)
     return _packet(head, _string(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload)
 
@@ -177,7 +177,7 @@ def _publish(head: int, buffer: bytes, body: int, stop: int) -> Publish:
         msg = "a PUBLISH with QoS 3"
         raise PacketError(msg)
     if qos == 2:
-        msg = "a PUBLISH with QoS 2 (this subscriber asks for at most QoS 1)"
+        msg = "a PUBLISH with QoS 2 (this client subscribes at QoS 1 at most)"
         raise PacketError(msg)
     if stop - body < 2:
         msg = "a PUBLISH too short for its topic length"

@@ -17,7 +17,7 @@ import aiomqtt
 
 from relaybeat.errors import SettingsError
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.mqtt import BrokerURL, Subscriber, backlog, read_backlog, stay_connected
+from relaybeat.relay.mqtt import BrokerURL, LeanClient, backlog, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
@@ -42,6 +42,9 @@ log = logging.getLogger("relaybeat.relay")
 
 CATCH_UP_QUIET_S = 0.05  # after a pause, the local backlog counts as read once nothing waited for this long
 CATCH_UP_MAX_S = 10.0  # and reading it never holds back a bundle longer than this
+# The local side reads at most every flush/50 (20 ms at the default 1 s flush), many beats per wakeup;
+# a beat is then timed up to that much late, and a flush first reads whatever waits.
+GATHER_FLUSHES = 0.02
 
 
 def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
@@ -98,7 +101,7 @@ class RelayService:
         self.upstream_connected = asyncio.Event()
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
-        self._local_client: Subscriber | None = None  # the local session, while there is one
+        self._local_client: LeanClient | None = None  # the local session, while there is one
         self._local_heard = 0  # messages from the local broker so far
         self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
         self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
@@ -114,8 +117,11 @@ class RelayService:
         s = self.settings
         await stay_connected(
             s.local,
-            lambda: s.local.subscriber(
-                f"{s.local.username or s.relay_id}/local-{self.boot}", self._heard, keepalive=10
+            lambda: s.local.lean_client(
+                f"{s.local.username or s.relay_id}/local-{self.boot}",
+                self._heard,
+                keepalive=10,
+                gather_s=s.flush_s * GATHER_FLUSHES,
             ),
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
@@ -130,7 +136,7 @@ class RelayService:
             self.local_connected.clear()
             self._local_lost_at = self.clock()
 
-    async def _consume_local(self, client: Subscriber) -> None:
+    async def _consume_local(self, client: LeanClient) -> None:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)

@@ -21,6 +21,7 @@ FOLDERS = ("relay", "monitor", "api", "migrations", "broker_config")
 PURE_CORE = (
     "relaybeat.relay.wire",
     "relaybeat.relay.assembler",
+    "relaybeat.relay.packets",
     "relaybeat.monitor.detector",
     "relaybeat.monitor.states",
     "relaybeat.monitor.notify",
