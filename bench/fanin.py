@@ -165,7 +165,8 @@ def run(args: Any, out: Any) -> Report:
     ratios: list[float] = []
     byte_ratios: list[float] = []
     for rep in range(args.reps):
-        order = MODES if rep % 2 == 0 else MODES[::-1]
+        modes = [m for m in MODES if m in getattr(args, "modes", MODES)]
+        order = modes if rep % 2 == 0 else modes[::-1]
         pair = {}
         for mode in order:
             result = one_run(mode, args)
@@ -178,6 +179,8 @@ def run(args: Any, out: Any) -> Report:
                 f" {result['monitor_rss_mb']:.0f} MB, load {' / '.join(f'{x:.2f}' for x in result['loadavg'])}",
                 flush=True,
             )
+        if len(pair) < len(MODES):  # --modes: one side only, no ratio
+            continue
         with contextlib.suppress(ZeroDivisionError):
             ratios.append(
                 pair["direct"]["monitor_cpu_s_per_1000_beats"] / pair["relayed"]["monitor_cpu_s_per_1000_beats"]
