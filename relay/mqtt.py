@@ -497,7 +497,8 @@ class LeanClient:
                 async with asyncio.timeout(self.keepalive):
                     await asyncio.shield(stream.lost)
             except TimeoutError:
-                if self.loop.time() - stream.heard_at > 2 * self.keepalive:
+                # Silent, unless input waits unread (we were stopped or our loop was blocked, not the broker).
+                if self.loop.time() - stream.heard_at > 2 * self.keepalive and not self.unread():
                     stream.close(f"the broker was silent for more than {2 * self.keepalive} s")
                 else:
                     self._send(PINGREQ_PACKET)
