@@ -68,7 +68,8 @@ class UnsubAck(NamedTuple):
 Packet = Publish | ConnAck | SubAck | PingResp | UnsubAck
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """MQTT's variable byte integer (the remaining length)."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -77,7 +78,8 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _string(text: str | bytes) -> bytes:
+def utf8(text: str | bytes) -> bytes:
+    """An MQTT UTF-8 string: two bytes of length, then the bytes."""
     raw = text.encode() if isinstance(text, str) else text
     if len(raw) > 0xFFFF:
         msg = f"an MQTT string holds at most 65,535 bytes, not {len(raw)}"
@@ -86,7 +88,7 @@ def _string(text: str | bytes) -> bytes:
 
 
 def _packet(head: int, body: bytes) -> bytes:
-    return bytes([head]) + _varint(len(body)) + body
+    return bytes([head]) + varint(len(body)) + body
 
 
 def connect_packet(client_id: str, keepalive_s: int, username: str | None = None, password: str | None = None) -> bytes:
@@ -95,16 +97,16 @@ def connect_packet(client_id: str, keepalive_s: int, username: str | None = None
     if password is not None and username is None:
         msg = "MQTT 3.1.1 allows a password only with a user name"
         raise ValueError(msg)
-    body = _string("MQTT") + bytes([4, flags]) + keepalive_s.to_bytes(2, "big") + _string(client_id)
+    body = utf8("MQTT") + bytes([4, flags]) + keepalive_s.to_bytes(2, "big") + utf8(client_id)
     if username is not None:
-        body += _string(username)
+        body += utf8(username)
     if password is not None:
-        body += _string(password)
+        body += utf8(password)
     return _packet(CONNECT, body)
 
 
 def subscribe_packet(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
-    body = packet_id.to_bytes(2, "big") + b"".join(_string(f) + bytes([qos]) for f, qos in filters)
+    body = packet_id.to_bytes(2, "big") + b"".join(utf8(f) + bytes([qos]) for f, qos in filters)
     return _packet(SUBSCRIBE, body)
 
 
@@ -115,7 +117,7 @@ def puback_packet(packet_id: int) -> bytes:
 def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, retain: bool = False) -> bytes:
     """A PUBLISH (the client sends QoS 0 only; brokers send QoS 0 and 1 to it)."""
     head = PUBLISH | (qos << 1) | (1 if retain else 0)
-    return _packet(head, _string(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload)
+    return _packet(head, utf8(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload)
 
 
 class PacketReader:
