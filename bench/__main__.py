@@ -81,11 +81,14 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--interval", type=float, default=1.0, help="seconds between a leaf's beats")
             p.add_argument("--settle", type=float, help="seconds to wait after every host is up")
             p.add_argument("--profile", action="store_true", help="one more run per mode under pyinstrument")
+            p.add_argument("--modes", nargs="+", choices=["direct", "relayed"], default=["direct", "relayed"],
+                           help="run only these sides (`relayed`: compare relay CPU across commits)")  # fmt: skip
         if name == "lag":
             p.add_argument("--kills", type=int, help="leaves stopped at random moments")
             p.add_argument("--interval", type=float, help="seconds between a leaf's beats")
             p.add_argument("--long", action="store_true", help="false-alarm run: 100k hosts, ±20%% jitter, 10 min")
             p.add_argument("--long-hosts", type=int, default=100_000)
+            p.add_argument("--long-relays", type=int, default=None, help="synthetic relays in --long [hosts / 1,000]")
             p.add_argument("--long-duration", type=float, default=600.0)
         if name == "ingest":
             p.add_argument("--sizes", type=int, nargs="+", help="leaf entries per bundle")

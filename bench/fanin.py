@@ -7,8 +7,9 @@ publishes its beats there. Relayed: R site brokers (private mosquittos), R `rela
 processes, each leaf beats to its site broker, the central broker sees R relay connections. The
 leaves are raw-socket MQTT clients in worker processes (`bench.leaves`). Measured over a steady
 window, after every host is `up`: connections on the central broker (kernel count, and $SYS on
-mosquitto), messages per second into the monitor (its own counters), monitor CPU seconds per 1,000
-leaf heartbeats sent (psutil on the monitor pid), monitor RSS.
+mosquitto), messages per second into the monitor (its own counters), bytes into the monitor's own
+MQTT socket (the kernel's tcp_info counter, as `ss -ti` shows it), monitor CPU and the relays' CPU
+per leaf heartbeat sent (psutil on their pids), monitor RSS.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 
 from bench import mqtt
 from bench.leaves import Fleet, Leaf
-from bench.procs import Broker, Lab, wait_until
+from bench.procs import Broker, Lab, bytes_between, wait_until
 from bench.report import Report, figure, med, num, render_profile, spread, table
 
 MODES = ("direct", "relayed")
@@ -80,13 +81,16 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         else:
             leaves = [Leaf(f"h{j:06d}", central.port) for j in range(n)]
         idle_t, idle_cpu = time.monotonic(), monitor.proc.cpu_s()
+        idle_relay_cpu = sum(p.cpu_s() for p in relays)
         fleet = Fleet(leaves, prefix, args.interval)
         try:
             connect = fleet.connect(timeout_s=120)
             if connect["failed"]:
                 msg = f"{connect['failed']} of {n} leaves could not connect"
                 raise RuntimeError(msg)
-            idle = (monitor.proc.cpu_s() - idle_cpu) / (time.monotonic() - idle_t)
+            idle_s = time.monotonic() - idle_t
+            idle = (monitor.proc.cpu_s() - idle_cpu) / idle_s
+            relays_idle = (sum(p.cpu_s() for p in relays) - idle_relay_cpu) / idle_s
             fleet.start()
             wait_until(lambda: monitor.count(state="up") >= n, 60 + n / 500, f"{n} hosts up", 0.5)
             time.sleep(args.settle)
@@ -94,6 +98,7 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
             sys_conns = sys_connected(central)
             procs = [monitor.proc]
             h0 = monitor.health()["received"]
+            bytes0 = monitor.proc.bytes_from(central.port)
             sent0, cpu0, t0 = fleet.sent(), monitor.proc.cpu_s(), time.monotonic()
             broker0 = central.proc.cpu_s()
             relay0 = sum(p.cpu_s() for p in relays)
@@ -102,6 +107,7 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
                 rss_max = max(rss_max, monitor.proc.rss())
                 time.sleep(min(1.0, max(0.0, args.window - (time.monotonic() - t0))))
             cpu1, t1, sent1 = monitor.proc.cpu_s(), time.monotonic(), fleet.sent()
+            bytes1 = monitor.proc.bytes_from(central.port)
             broker1 = central.proc.cpu_s()
             relay1 = sum(p.cpu_s() for p in relays)
             h1 = monitor.health()["received"]
@@ -117,6 +123,8 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
     beats = sent1 - sent0
     msgs = sum(h1.get(k, 0) - h0.get(k, 0) for k in ("beats", "bundles", "relay_offline"))
     entries = h1.get("bundle_entries", 0) - h0.get("bundle_entries", 0) + h1.get("beats", 0) - h0.get("beats", 0)
+    bytes_in = bytes_between(bytes0, bytes1)
+    per_beat = 1 / beats if beats else float("nan")
     return {
         "mode": mode,
         "leaves": n,
@@ -136,10 +144,17 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         "monitor_cpu_s_per_1000_beats": (cpu1 - cpu0) / (beats / 1000) if beats else float("nan"),
         # The same per leaf beat that reached the monitor (differs when the broker drops or lags).
         "monitor_cpu_s_per_1000_received": (cpu1 - cpu0) / (entries / 1000) if entries else float("nan"),
+        "monitor_cpu_us_per_beat": (cpu1 - cpu0) * 1e6 * per_beat,
+        # TCP payload bytes into the monitor's MQTT connection(s) to its broker, from the kernel.
+        "monitor_bytes_in": bytes_in,
+        "monitor_bytes_per_beat": bytes_in * per_beat,
+        "monitor_bytes_per_s": bytes_in / wall,
         "loadavg": os.getloadavg(),
         "monitor_rss_mb": rss_max / 2**20,
         "broker_cores": (broker1 - broker0) / wall,
         "relays_cores": (relay1 - relay0) / wall,
+        "relays_idle_cores": relays_idle if relays else float("nan"),
+        "relays_cpu_us_per_beat": (relay1 - relay0) * 1e6 * per_beat if relays else float("nan"),
         "not_up_at_end": down,
     }
 
@@ -148,8 +163,10 @@ def run(args: Any, out: Any) -> Report:
     report = Report("fanin", vars(args))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     ratios: list[float] = []
+    byte_ratios: list[float] = []
     for rep in range(args.reps):
-        order = MODES if rep % 2 == 0 else MODES[::-1]
+        modes = [m for m in MODES if m in getattr(args, "modes", MODES)]
+        order = modes if rep % 2 == 0 else modes[::-1]
         pair = {}
         for mode in order:
             result = one_run(mode, args)
@@ -157,17 +174,24 @@ def run(args: Any, out: Any) -> Report:
             pair[mode] = result
             print(
                 f"  rep {rep + 1} {mode:8s}: conns {result['connections']}, {result['monitor_msgs_per_s']:,.0f} msg/s,"
-                f" {result['monitor_cpu_s_per_1000_beats']:.4f} CPU s/1000 beats,"
-                f" {result['monitor_rss_mb']:.0f} MB",
+                f" monitor {result['monitor_cpu_us_per_beat']:.1f} µs and {result['monitor_bytes_per_beat']:.1f} B"
+                f" per leaf beat, relays {result['relays_cpu_us_per_beat']:.1f} µs per leaf beat,"
+                f" {result['monitor_rss_mb']:.0f} MB, load {' / '.join(f'{x:.2f}' for x in result['loadavg'])}",
                 flush=True,
             )
+        if len(pair) < len(MODES):  # --modes: one side only, no ratio
+            continue
         with contextlib.suppress(ZeroDivisionError):
             ratios.append(
                 pair["direct"]["monitor_cpu_s_per_1000_beats"] / pair["relayed"]["monitor_cpu_s_per_1000_beats"]
             )
+        with contextlib.suppress(ZeroDivisionError):
+            byte_ratios.append(pair["direct"]["monitor_bytes_per_beat"] / pair["relayed"]["monitor_bytes_per_beat"])
     keys = ["connections", "monitor_msgs_per_s", "monitor_cpu_s_per_1000_beats", "monitor_cpu_s_per_1000_received",
+            "monitor_cpu_us_per_beat", "monitor_bytes_per_beat", "monitor_bytes_per_s",
             "monitor_entries_per_s", "monitor_cores", "monitor_rss_mb",
-            "monitor_idle_cores", "broker_cores", "relays_cores", "leaf_beats_per_s", "not_up_at_end"]  # fmt: skip
+            "monitor_idle_cores", "broker_cores", "relays_cores", "relays_idle_cores", "relays_cpu_us_per_beat",
+            "leaf_beats_per_s", "not_up_at_end"]  # fmt: skip
     summary = {mode: {k: spread(x[k] for x in runs[mode]) for k in keys} for mode in MODES}
     d, rl = summary["direct"], summary["relayed"]
     ratio = spread(ratios)
@@ -175,6 +199,7 @@ def run(args: Any, out: Any) -> Report:
         "runs": runs,
         "summary": summary,
         "ratio_cpu_per_beat": ratio,
+        "ratio_bytes_per_beat": spread(byte_ratios),
         "ratio_msgs": d["monitor_msgs_per_s"]["median"] / max(1e-9, rl["monitor_msgs_per_s"]["median"]),
         "ratio_connections": d["connections"]["median"] / max(1, rl["connections"]["median"]),
         "relayed_upstream_connections": [x["connections_excluding_monitor"] for x in runs["relayed"]],
@@ -183,13 +208,20 @@ def run(args: Any, out: Any) -> Report:
     report.say(
         f"\nfan-in: {args.leaves:,} leaves × 1 beat / {args.interval:g} s,"
         f" {args.relays} relays (flush {args.flush:g} s),"
-        f" broker {args.broker}, window {args.window:g} s, {args.reps} rep(s): median [min–max]\n"
+        f" broker {args.broker}, window {args.window:g} s, {args.reps} rep(s): median [min–max];"
+        f" load (1/5/15 min) at start {' / '.join(f'{x:.2f}' for x in report.before['loadavg'])}\n"
     )
     rows = [
         ("connections on the monitor's broker", med(d["connections"]), med(rl["connections"]),
          num(report.data["ratio_connections"], 1) + "×"),
         ("messages/s into the monitor", med(d["monitor_msgs_per_s"]), med(rl["monitor_msgs_per_s"]),
          num(report.data["ratio_msgs"], 1) + "×"),
+        ("bytes into the monitor's socket per leaf beat", med(d["monitor_bytes_per_beat"], 1),
+         med(rl["monitor_bytes_per_beat"], 1), med(report.data["ratio_bytes_per_beat"], 2) + "×"),
+        ("bytes/s into the monitor's socket", med(d["monitor_bytes_per_s"]), med(rl["monitor_bytes_per_s"]), ""),
+        ("monitor CPU µs per leaf beat", med(d["monitor_cpu_us_per_beat"], 1), med(rl["monitor_cpu_us_per_beat"], 1),
+         med(ratio, 1) + "×"),
+        ("relays' CPU µs per leaf beat (all relays)", "–", med(rl["relays_cpu_us_per_beat"], 1), ""),
         ("monitor CPU s per 1,000 leaf beats", med(d["monitor_cpu_s_per_1000_beats"], 4),
          med(rl["monitor_cpu_s_per_1000_beats"], 4), med(ratio, 1) + "×"),
         ("  … per 1,000 leaf beats received", med(d["monitor_cpu_s_per_1000_received"], 4),
@@ -201,6 +233,7 @@ def run(args: Any, out: Any) -> Report:
          num(d["monitor_rss_mb"]["median"] / max(1e-9, rl["monitor_rss_mb"]["median"]), 2) + "×"),
         ("central broker CPU (cores)", med(d["broker_cores"], 3), med(rl["broker_cores"], 3), ""),
         ("all relays' CPU (cores)", "–", med(rl["relays_cores"], 3), ""),
+        ("all relays' CPU idle before load (cores)", "–", med(rl["relays_idle_cores"], 3), ""),
         ("leaf beats sent/s", med(d["leaf_beats_per_s"]), med(rl["leaf_beats_per_s"]), ""),
         ("hosts not up at the end", med(d["not_up_at_end"]), med(rl["not_up_at_end"]), ""),
     ]  # fmt: skip
@@ -232,13 +265,15 @@ def profile(mode: str, args: Any, out: Path) -> dict[str, str]:
 
 
 def plot(summary: dict[str, Any], ratio: dict[str, float], args: Any) -> Figure:
-    fig, axes = figure(1, 4, width=14, height=3.6)
     panels = [
         ("connections", "connections on monitor's broker", True),
         ("monitor_msgs_per_s", "messages/s into monitor", True),
-        ("monitor_cpu_s_per_1000_beats", "monitor CPU s / 1,000 beats", False),
+        ("monitor_bytes_per_beat", "bytes into monitor / leaf beat", False),
+        ("monitor_cpu_us_per_beat", "monitor CPU µs / leaf beat", False),
         ("monitor_rss_mb", "monitor RSS (MB)", False),
     ]
+    panels = [panel for panel in panels if panel[0] in summary["direct"]]  # older JSON lacks some figures
+    fig, axes = figure(1, len(panels), width=3.5 * len(panels), height=3.6)
     for ax, (key, title, log) in zip(axes[0], panels, strict=True):
         meds = [summary[m][key]["median"] for m in MODES]
         lows = [summary[m][key]["median"] - summary[m][key]["min"] for m in MODES]

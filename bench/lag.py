@@ -165,7 +165,7 @@ async def _one(args: Any, rng: random.Random) -> dict[str, Any]:
 async def _long(args: Any) -> dict[str, Any]:
     """Synthetic relays, jittered beats, a long window: count false `down`."""
     prefix = f"bench{secrets.token_hex(3)}/"
-    relays_n = max(2, args.long_hosts // 1000)
+    relays_n = args.long_relays or max(2, args.long_hosts // 1000)
     size = args.long_hosts // relays_n
     rng = random.Random(7)
     with Lab("long") as lab:

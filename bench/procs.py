@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,15 @@ class Proc:
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
+    def bytes_from(self, port: int) -> dict[int, int]:
+        """Bytes this process has received so far on each of its TCP connections to 127.0.0.1:`port`
+        (keyed by its local port, so a reconnect shows), as the kernel counts them."""
+        return {
+            c.laddr.port: tcp_bytes_received(c.laddr.port, port)
+            for c in self.ps.net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port
+        }
+
     def signal(self, sig: int) -> None:
         if self.alive():
             self.popen.send_signal(sig)
@@ -119,6 +129,28 @@ class Proc:
         if self.alive():
             self.popen.kill()
             self.popen.wait(10)
+
+
+_BYTES_RECEIVED = re.compile(r"\bbytes_received:(\d+)")
+
+
+def tcp_bytes_received(local_port: int, remote_port: int) -> int:
+    """TCP payload bytes received so far on the loopback connection 127.0.0.1:local_port ->
+    127.0.0.1:remote_port: the kernel's own counter (tcp_info.tcpi_bytes_received, as `ss -ti` shows
+    it), exact, without TCP/IP headers. 0 if there is no such connection."""
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", "src", f"127.0.0.1:{local_port}", "dst", f"127.0.0.1:{remote_port}"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout  # fmt: skip
+    return sum(int(m) for m in _BYTES_RECEIVED.findall(out))
+
+
+def bytes_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """Bytes received between two `Proc.bytes_from` readings; NaN if the connections changed
+    (a reconnect: the counter of the connection that went away is lost)."""
+    if not before or before.keys() != after.keys():
+        return float("nan")
+    return float(sum(after.values()) - sum(before.values()))
 
 
 class Broker:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -28,12 +29,31 @@ import ssl
 import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiomqtt
 
-from relaybeat.errors import SettingsError
+from relaybeat.errors import SettingsError, Unavailable
+from relaybeat.relay.packets import (
+    CONNACK_REFUSALS,
+    DISCONNECT_PACKET,
+    PINGREQ_PACKET,
+    SUBACK_FAILURE,
+    ConnAck,
+    PacketError,
+    PacketReader,
+    PingResp,
+    Publish,
+    SubAck,
+    connect_packet,
+    puback_packet,
+    publish_packet,
+    subscribe_packet,
+)
 
 log = logging.getLogger("relaybeat.mqtt")
 
@@ -156,6 +176,12 @@ class BrokerURL:
             max_queued_outgoing_messages=10_000,
         )
 
+    def lean_client(
+        self, identifier: str, on_message: OnMessage, *, keepalive: int = 10, gather_s: float = 0.0
+    ) -> LeanClient:
+        """A lean client on this broker, for input that comes fast (see `LeanClient`)."""
+        return LeanClient(self, identifier, on_message, keepalive=keepalive, gather_s=gather_s)
+
 
 def _redact(url: str) -> str:
     try:
@@ -168,10 +194,14 @@ def _redact(url: str) -> str:
     return url
 
 
+C = TypeVar("C")
+T = TypeVar("T")
+
+
 async def stay_connected(
     url: BrokerURL,
-    make_client: Callable[[], aiomqtt.Client],
-    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    make_client: Callable[[], AbstractAsyncContextManager[C]],
+    session: Callable[[C], Awaitable[None]],
     *,
     name: str,
     on_state: Callable[[bool], None] | None = None,
@@ -202,20 +232,27 @@ async def stay_connected(
             await asyncio.sleep(delay)
 
 
-def backlog(client: aiomqtt.Client) -> tuple[int, int]:
+def _unread_bytes(fileno: int) -> int:
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(fileno, termios.FIONREAD, unread)
+    except OSError:  # closed under us: nothing more will be read from it
+        return 0
+    return unread[0]
+
+
+def backlog(client: aiomqtt.Client | LeanClient) -> tuple[int, int]:
     """What has reached a connected client but not its reader yet: (messages in aiomqtt's queue,
-    bytes waiting unread in its socket: paho reads about one packet per event-loop turn)."""
+    bytes waiting unread in its socket: paho reads about one packet per event-loop turn). A
+    `LeanClient` hands every message on as it reads it: only its socket can hold a backlog."""
+    if isinstance(client, LeanClient):
+        return 0, client.unread()
     queued = len(client.messages)
     sock = client._client.socket()  # aiomqtt hands out no other way to its socket
     if sock is None:
         return queued, 0
-    unread = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
-    except OSError:  # closed under us: nothing more will be read from it
-        return queued, 0
     pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0  # decrypted, not yet read by paho
-    return queued, unread[0] + pending
+    return queued, _unread_bytes(sock.fileno()) + pending
 
 
 async def messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
@@ -228,7 +265,7 @@ async def messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
             yield queue.get_nowait()
 
 
-async def read_backlog(client: aiomqtt.Client, bound_s: float, clock: Callable[[], float]) -> bool:
+async def read_backlog(client: aiomqtt.Client | LeanClient, bound_s: float, clock: Callable[[], float]) -> bool:
     """Yield to the event loop, so the client's reader and its consumer run, until nothing waits
     (True) or `bound_s` passed (False: input comes faster than it is read, or in a burst)."""
     started = clock()
@@ -312,3 +349,235 @@ class ReconnectLog:
         self.down_since = None
         self.attempts = 0
         self._reason = ""
+
+
+OnMessage = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+CONNECT_TIMEOUT_S = 10.0
+GATHER_BELOW_BYTES = 65_536  # a read this large means a backlog: read on at once, without gathering
+
+
+class _Stream(asyncio.Protocol):
+    """The asyncio end of a `LeanClient`: every read is parsed at once and each message handed on."""
+
+    def __init__(self, owner: LeanClient) -> None:
+        self.owner = owner
+        self.reader = PacketReader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.heard_at = 0.0
+        self.resuming: asyncio.TimerHandle | None = None  # set while reading pauses to gather input
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's is one
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        try:
+            packets = self.reader.feed(data)
+        except PacketError as exc:
+            self.close(f"the broker broke the protocol ({exc})")
+            return
+        self.heard_at = owner.loop.time()
+        acks = []
+        on_message = owner.on_message
+        for packet in packets:
+            if type(packet) is Publish:
+                if packet.qos:
+                    acks.append(puback_packet(packet.packet_id))
+                on_message(packet.topic, packet.payload, packet.retain)  # never raises: it counts bad input
+            else:
+                owner.control(packet)
+        transport = self.transport
+        if transport is None:
+            return
+        if acks:
+            transport.write(b"".join(acks))
+        if owner.gather_s and len(data) < GATHER_BELOW_BYTES and not transport.is_closing():
+            transport.pause_reading()  # let more arrive: one wakeup for many messages
+            self.resuming = owner.loop.call_later(owner.gather_s, self.resume)
+
+    def resume(self) -> None:
+        """Read again now, if reading paused to gather input."""
+        if self.resuming is not None:
+            self.resuming.cancel()
+            self.resuming = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self, why: str) -> None:
+        if not self.lost.done():
+            self.lost.set_exception(Unavailable(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.resuming is not None:
+            self.resuming.cancel()
+        if not self.lost.done():
+            self.lost.set_exception(Unavailable(f"the broker closed the connection ({exc or 'EOF'})"))
+
+
+class LeanClient:
+    """An MQTT 3.1.1 session (clean session; subscribes at QoS 0 and 1, publishes at QoS 0) for input
+    that comes fast: the relay's local side. Each read of the socket (up to 256 KiB) is parsed in one
+    go and every message in it goes to `on_message(topic, payload, retained)` right away, on the event
+    loop: no task, queue or turn of the loop per message (aiomqtt's paho reads one packet per turn, in
+    three `recv` calls). `async with` connects (TLS as the URL says), `subscribe()` waits for its
+    SUBACK, `run()` returns only by raising `Unavailable` when the session ends: the broker closed
+    it, refused it, went silent past keepalive, or broke the protocol.
+
+    `gather_s`: after a small read, wait this long before reading again, so that input arriving a
+    message at a time is read many messages per wakeup (the wakeup, not the message, was the cost).
+    A message is then handed on up to `gather_s` after it arrived; asking for `unread()` reads at
+    once, so whoever checks for a backlog (the relay before it flushes) never waits for it."""
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        identifier: str,
+        on_message: OnMessage,
+        *,
+        keepalive: int = 10,
+        gather_s: float = 0.0,
+    ) -> None:
+        self.url = url
+        self.identifier = identifier
+        self.on_message = on_message
+        self.keepalive = keepalive
+        self.gather_s = gather_s
+        self.loop = asyncio.get_running_loop()
+        self._stream: _Stream | None = None
+        self._next_id = 0
+        self._waiting: dict[int, asyncio.Future[tuple[int, ...]]] = {}
+        self._connack: asyncio.Future[ConnAck] | None = None
+
+    async def __aenter__(self) -> Self:
+        url = self.url
+        self._connack = self.loop.create_future()
+        tls = url.tls_context()  # built per connection: renewed certificate files are picked up
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, self._stream = await self.loop.create_connection(
+                    lambda: _Stream(self), url.host, url.port, ssl=tls, server_hostname=url.host if tls else None
+                )
+        except TimeoutError:
+            msg = f"cannot connect to {url} within {CONNECT_TIMEOUT_S:g} s"
+            raise Unavailable(msg) from None
+        try:
+            self._send(connect_packet(self.identifier, self.keepalive, url.username, url.password))
+            code = (await self._answer(self._connack, "CONNACK")).return_code
+        except BaseException:
+            self._abort()
+            raise
+        if code:
+            self._abort()
+            msg = f"broker refused the connection: {CONNACK_REFUSALS.get(code, 'refused')} (code {code})"
+            raise Unavailable(msg)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stream = self._stream
+        if stream is not None and stream.transport is not None and not stream.lost.done():
+            with contextlib.suppress(Exception):
+                stream.transport.write(DISCONNECT_PACKET)
+        self._abort()
+
+    def _abort(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            if not stream.lost.done():
+                stream.lost.set_exception(Unavailable("session closed"))
+            stream.lost.exception()  # retrieved: never "exception was never retrieved"
+            if stream.transport is not None:
+                stream.transport.close()
+        for waiter in self._waiting.values():
+            waiter.cancel()
+        self._waiting.clear()
+
+    def _send(self, packet: bytes) -> None:
+        stream = self._stream
+        if stream is None or stream.transport is None or stream.transport.is_closing():
+            msg = "not connected"
+            raise Unavailable(msg)
+        stream.transport.write(packet)
+
+    def control(self, packet: object) -> None:
+        """A packet other than PUBLISH, from the stream."""
+        if isinstance(packet, ConnAck):
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_result(packet)
+        elif isinstance(packet, SubAck):
+            waiter = self._waiting.pop(packet.packet_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(packet.granted)
+        elif not isinstance(packet, PingResp) and self._stream is not None:  # an UNSUBACK we never asked for
+            self._stream.close(f"the broker sent an unexpected {type(packet).__name__}")
+
+    async def subscribe(self, topic_filter: str, qos: int = 0) -> None:
+        stream = self._stream
+        if stream is None:
+            msg = "not connected"
+            raise Unavailable(msg)
+        self._next_id = self._next_id % 0xFFFF + 1
+        waiter: asyncio.Future[tuple[int, ...]] = self.loop.create_future()
+        self._waiting[self._next_id] = waiter
+        self._send(subscribe_packet(self._next_id, [(topic_filter, qos)]))
+        if SUBACK_FAILURE in await self._answer(waiter, f"SUBACK for {topic_filter!r}"):
+            msg = f"broker refused the subscription to {topic_filter!r}"
+            raise Unavailable(msg)
+
+    async def _answer(self, waiter: asyncio.Future[T], what: str) -> T:
+        """The broker's answer to what we just sent, unless the session ends or it takes too long."""
+        stream = self._stream
+        if stream is None:
+            msg = "not connected"
+            raise Unavailable(msg)
+        lost: asyncio.Future[None] = stream.lost
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            msg = f"no {what} from {self.url} within {CONNECT_TIMEOUT_S:g} s"
+            raise Unavailable(msg) from None
+        if not waiter.done():
+            lost.result()  # raises why the session ended
+        return waiter.result()
+
+    async def publish(self, topic: str, payload: bytes = b"", qos: int = 0) -> None:
+        """Send at QoS 0: at most once, so a message sent while the session is down is just lost."""
+        if qos != 0:
+            msg = f"LeanClient publishes at QoS 0 only, not {qos}"
+            raise ValueError(msg)
+        stream = self._stream
+        if stream is not None and stream.transport is not None and not stream.transport.is_closing():
+            stream.transport.write(publish_packet(topic, payload))
+
+    async def run(self) -> None:
+        """Keep the session alive (PINGREQ every keepalive) until it ends; raises `Unavailable` saying why."""
+        stream = self._stream
+        if stream is None:
+            msg = "not connected"
+            raise Unavailable(msg)
+        while True:
+            try:
+                async with asyncio.timeout(self.keepalive):
+                    await asyncio.shield(stream.lost)
+            except TimeoutError:
+                # Silent, unless input waits unread (we were stopped or our loop was blocked, not the broker).
+                if self.loop.time() - stream.heard_at > 2 * self.keepalive and not self.unread():
+                    stream.close(f"the broker was silent for more than {2 * self.keepalive} s")
+                else:
+                    self._send(PINGREQ_PACKET)
+
+    def unread(self) -> int:
+        """Bytes waiting in the socket, not read yet; if reading paused to gather input, it resumes:
+        what waits is wanted now."""
+        stream = self._stream
+        transport = None if stream is None else stream.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        waiting = 0 if sock is None else _unread_bytes(sock.fileno())
+        if waiting and stream is not None:
+            stream.resume()
+        return waiting

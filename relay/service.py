@@ -18,7 +18,7 @@ import aiomqtt
 
 from relaybeat.errors import SettingsError
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.mqtt import BrokerURL, LeanClient, backlog, messages, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.watch import Source, Watch
@@ -48,6 +48,9 @@ CATCH_UP_QUIET_S = 0.05  # after a pause, the local backlog counts as read once 
 CATCH_UP_MAX_S = 10.0  # and reading it never holds back a bundle longer than this
 DEFAULT_KEYFRAME_S = 30.0
 BundleFormat = Literal["binary", "json"]  # wire format version 2 (deltas and keyframes), or 1 (keyframes only)
+# The local side reads at most every flush/50 (20 ms at the default 1 s flush), many beats per wakeup;
+# a beat is then timed up to that much late, and a flush first reads whatever waits.
+GATHER_FLUSHES = 0.02
 
 
 def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
@@ -121,7 +124,7 @@ class RelayService:
         self.upstream_connected = asyncio.Event()
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
-        self._local_client: aiomqtt.Client | None = None  # the local session's client, while there is one
+        self._local_client: LeanClient | None = None  # the local session, while there is one
         self._local_heard = 0  # messages from the local broker so far
         self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
         self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
@@ -137,7 +140,12 @@ class RelayService:
         s = self.settings
         await stay_connected(
             s.local,
-            lambda: s.local.client(f"{s.local.username or s.relay_id}/local-{self.boot}", keepalive=10),
+            lambda: s.local.lean_client(
+                f"{s.local.username or s.relay_id}/local-{self.boot}",
+                self._heard,
+                keepalive=10,
+                gather_s=s.flush_s * GATHER_FLUSHES,
+            ),
             self._consume_local,
             name=f"relay {s.relay_id} (local)",
             max_delay_s=1.0,
@@ -151,7 +159,7 @@ class RelayService:
             self.local_connected.clear()
             self._local_lost_at = self.clock()
 
-    async def _consume_local(self, client: aiomqtt.Client) -> None:
+    async def _consume_local(self, client: LeanClient) -> None:
         await client.subscribe(self.topics.all_beats, qos=0)
         if self.settings.folds_children:
             await client.subscribe(self.topics.all_bundles, qos=1)
@@ -159,13 +167,13 @@ class RelayService:
             await client.subscribe(topic_filter, qos=1)
         self._local_client = client
         try:
-            async for message in messages(client):
-                self._local_heard += 1
-                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+            await client.run()  # every message goes to _heard as it is read; returns only by raising
         finally:
             self._local_client = None
-        msg = "local broker closed the message stream"
-        raise aiomqtt.MqttError(msg)
+
+    def _heard(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._local_heard += 1
+        self.take(topic, payload, retained)
 
     async def _catch_up_local(self, paused_at: float, bound_s: float) -> None:
         """After a pause, let the local side read what waits for it (the local broker's backlog, our

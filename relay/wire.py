@@ -248,8 +248,17 @@ def _interval_s(value: object) -> float:
     return seconds
 
 
+# The beat `relaybeat leaf` sends (orjson's spelling, `{"seq":N,"interval":S}`), read without the JSON
+# parser: the relay reads one per leaf per interval. Anything else takes the general path, which
+# decides the same (tests/test_receive_path.py checks that the two agree).
+_PLAIN_BEAT = re.compile(rb'\{"seq":(0|[1-9][0-9]{0,17}),"interval":((?:0|[1-9][0-9]{0,5})(?:\.[0-9]{1,17})?)\}')
+
+
 def decode_beat(payload: bytes, max_bytes: int = MAX_BEAT_BYTES) -> Beat:
     """An empty payload or a JSON object with optional seq, interval, status, meta."""
+    plain = _PLAIN_BEAT.fullmatch(payload) if len(payload) <= max_bytes else None
+    if plain is not None:
+        return Beat(seq=int(plain[1]), interval_s=_interval_s(float(plain[2])))
     if not payload.strip():
         return Beat()
     body = _loads(payload, max_bytes)

@@ -6,6 +6,7 @@ is checked against the code by tests/test_layering.py.
 
     RelaybeatError
     ├── WireError            relay.wire: input that breaks the wire contract (`reason` is its counter key)
+    ├── PacketError          relay.packets: a broker's byte stream that breaks MQTT 3.1.1 (the session is dropped)
     ├── JournalError         monitor.journal: a journal line that cannot be read (torn by a crash)
     ├── SettingsError        a setting, flag, URL or file that cannot be used; names the key and what is allowed
     │   ├── ConfigError          relaybeat.config: the deployment file, RELAYBEAT_* variables and flags
@@ -24,7 +25,7 @@ The command line turns every `RelaybeatError` that stops a command into one line
 exit status 2 (relaybeat/cli.py, `_Commands`); `--debug` or RELAYBEAT_LOG_LEVEL=debug adds the
 traceback. `message(exc)` below is that line's text.
 
-`WireError`, `JournalError`, `SettingsError` and its children are also `ValueError`s, and
+`WireError`, `PacketError`, `JournalError`, `SettingsError` and its children are also `ValueError`s, and
 `Unavailable` is an `OSError`, so code (and pydantic validators) that expect those keep working.
 A bare `ValueError`, `TypeError` or `RuntimeError` from relaybeat means a caller broke a function's
 contract (a naive datetime, a limit below 1): a bug, never a condition to handle.

@@ -50,7 +50,12 @@ def test_fanin_compares_direct_and_relayed_side_by_side(tmp_path: Path) -> None:
     for side in (direct, relayed):
         assert positive(side["monitor_msgs_per_s"]["median"])
         assert positive(side["monitor_rss_mb"]["median"])
+        assert positive(side["monitor_bytes_per_beat"]["median"])  # the kernel's count on the monitor's socket
         assert side["monitor_cpu_s_per_1000_beats"]["median"] >= 0
+        assert side["monitor_cpu_us_per_beat"]["median"] >= 0
+    assert relayed["relays_cpu_us_per_beat"]["median"] >= 0
+    assert math.isnan(direct["relays_cpu_us_per_beat"]["median"])  # no relays on the direct side
+    assert direct["monitor_bytes_per_beat"]["median"] > 40  # a beat's PUBLISH: topic + payload + header
     assert direct["monitor_msgs_per_s"]["median"] > relayed["monitor_msgs_per_s"]["median"]
     if relayed["monitor_cpu_s_per_1000_beats"]["median"] > 0:
         assert math.isfinite(r["ratio_cpu_per_beat"]["median"])

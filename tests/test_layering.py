@@ -23,6 +23,7 @@ PURE_CORE = (
     "relaybeat.relay.assembler",
     "relaybeat.relay.watch",
     "relaybeat.relay.sparkplug",
+    "relaybeat.relay.packets",
     "relaybeat.monitor.detector",
     "relaybeat.monitor.states",
     "relaybeat.monitor.notify",

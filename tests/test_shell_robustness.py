@@ -120,7 +120,7 @@ async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_
             msg = "the goodbye publish failed"
             raise aiomqtt.MqttError(msg) from None
 
-    task = asyncio.create_task(stay_connected(NOWHERE, FakeClient, session, name="t"))  # type: ignore[arg-type]
+    task = asyncio.create_task(stay_connected(NOWHERE, FakeClient, session, name="t"))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

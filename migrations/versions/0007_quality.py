@@ -19,6 +19,7 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+
 def upgrade() -> None:
     op.create_table(
         "detections",
@@ -59,6 +60,7 @@ def upgrade() -> None:
     with op.batch_alter_table("false_alarms", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_false_alarms_kind_subject"), ["kind", "subject"], unique=False)
         batch_op.create_index(batch_op.f("ix_false_alarms_opened_at"), ["opened_at"], unique=False)
+
 
 def downgrade() -> None:
     with op.batch_alter_table("false_alarms", schema=None) as batch_op:
