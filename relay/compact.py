@@ -366,7 +366,6 @@ class _IndexedReader(_Reader):
             msg = "stale_bundle"
             raise WireError(msg, f"seq {seq} is not newer than {table.seq}")
         if table is None or (table.boot, table.keyframe, len(table.ids), table.seq + 1) != (boot, keyframe, size, seq):
-            tables.pop(relay, None)  # whatever it held no longer follows this stream
             raise KeyframeMissing(header, f"seq {seq} refers to keyframe {keyframe} of boot {boot}")
         bundle = self.news(header, table, max_entries)
         table.seq = seq
