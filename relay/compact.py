@@ -24,12 +24,12 @@ Rules of this module:
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from relaybeat.relay.wire import (
-    _COMPRESS_FROM,
     _COMPRESSED,
     _STATUS_CODES,
     _STATUS_OF,
@@ -55,8 +55,9 @@ from relaybeat.relay.wire import (
 __all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
 
 INDEXED = 2  # node kind bit 1: an indexed delta (the node layout below)
-BITMAP, INDEX_LIST = 0, 1  # how the ordinary leaves heard are listed
+BITMAP, INDEX_LIST, RUNS = 0, 1, 2  # how the ordinary leaves heard are listed
 AGE_STEPS = 255  # an ordinary age byte counts flush_ms / 255
+COMPRESS_FROM = 128  # bytes of an indexed node below which compression never pays
 MAX_RELAYS = 100_000  # relay streams a decoder keeps state for (the least recently heard go first)
 _GONE = -2  # a table index whose leaf was forgotten since the keyframe
 _NONE = -1  # a seq the leaf did not send
@@ -137,6 +138,9 @@ class BundleEncoder:
             return encode_bundle(bundle)
         table = self._table
         if bundle.keyframe:
+            if bundle.sent_ms is not None:  # in phase order: the leaves heard in one flush are then runs of indices
+                sent = bundle.sent_ms
+                bundle = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
             self._table = _Table.of(bundle, with_index=True)
             return encode_bundle(bundle)
         if table is None or table.boot != bundle.boot or bundle.sent_ms is None or bundle.age_ms:
@@ -149,8 +153,8 @@ class BundleEncoder:
 
 
 def _message(body: bytearray) -> bytes:
-    """Version 2's envelope: compressed only where it saves a tenth (as relay/wire.py does)."""
-    if len(body) >= _COMPRESS_FROM:
+    """Version 2's envelope: compressed where that saves a tenth (from COMPRESS_FROM bytes)."""
+    if len(body) >= COMPRESS_FROM:
         packed = zlib.compress(body, 1)
         if len(packed) * 10 < len(body) * 9:
             return _V2 + bytes([_COMPRESSED]) + packed
@@ -202,7 +206,10 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
     for value in (bundle.seq, flush, sent_ms, table.keyframe, len(table.ids)):
         _put(out, value)
     _heard(out, [i for i, _ in ordinary], len(table.ids))
-    out += bytes(code for _, code in ordinary)
+    previous = 0
+    for _, code in ordinary:  # each age code as the difference from the one before (mod 256): in phase order
+        out.append((code - previous) & 0xFF)  # those are small, and compress
+        previous = code
     _put(out, len(changed))
     previous = -1
     for i, entry in changed:
@@ -227,20 +234,34 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
 
 
 def _heard(out: bytearray, indices: list[int], table_size: int) -> None:
-    """The ordinary leaves heard: a bitmap of the table, or a varint gap list; the smaller."""
+    """The ordinary leaves heard: a bitmap of the table, a varint gap list, or runs; the smallest."""
     gaps = [b - a - 1 for a, b in zip([-1, *indices], indices, strict=False)]
-    listed = _size(len(indices)) + sum(_size(gap) for gap in gaps)
-    if listed < (table_size + 7) // 8:
-        out.append(INDEX_LIST)
-        _put(out, len(indices))
-        for gap in gaps:
-            _put(out, gap)
+    runs: list[tuple[int, int]] = []  # (gap before the run, its length - 1)
+    end = -1
+    for i, gap in zip(indices, gaps, strict=True):
+        if gap or not runs:
+            runs.append((i - end - 1, 0))
+        else:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        end = i
+    sizes = {
+        BITMAP: (table_size + 7) // 8,
+        INDEX_LIST: _size(len(indices)) + sum(_size(gap) for gap in gaps),
+        RUNS: _size(len(runs)) + sum(_size(gap) + _size(length) for gap, length in runs),
+    }
+    form = min(sizes, key=lambda f: (sizes[f], f))
+    out.append(form)
+    if form == BITMAP:
+        bits = 0
+        for i in indices:
+            bits |= 1 << i
+        out += bits.to_bytes((table_size + 7) // 8, "little")
         return
-    out.append(BITMAP)
-    bits = 0
-    for i in indices:
-        bits |= 1 << i
-    out += bits.to_bytes((table_size + 7) // 8, "little")
+    pairs = runs if form == RUNS else [(gap,) for gap in gaps]
+    _put(out, len(pairs))
+    for pair in pairs:
+        for value in pair:
+            _put(out, value)
 
 
 def _entry_fields(out: bytearray, entry: HostEntry) -> None:
@@ -378,7 +399,7 @@ class _IndexedReader(_Reader):
         seqs, intervals, statuses = list(table.seqs), list(table.intervals), list(table.statuses)
         ids, size, flush = table.ids, len(table.ids), header.flush_ms
         heard = self.heard(size)
-        ages = bytes(self.take(len(heard)))
+        ages = [code & 0xFF for code in itertools.accumulate(self.take(len(heard)))]
         hosts: list[HostEntry] = []
         append, make, status_of = hosts.append, tuple.__new__, _STATUS_OF
         for i, code in zip(heard, ages, strict=True):
@@ -422,16 +443,22 @@ class _IndexedReader(_Reader):
                 raise WireError(msg, "bitmap bits past the table")
             bits = _BITS
             return [8 * at + bit for at, byte in enumerate(raw) if byte for bit in bits[byte]]
-        if form != INDEX_LIST:
+        if form not in (INDEX_LIST, RUNS):
             msg = "bad_bundle"
-            raise WireError(msg, f"heard form {form}: 0 (bitmap) or 1 (index list)")
-        indices, previous = [], -1
+            raise WireError(msg, f"heard form {form}: 0 (bitmap), 1 (index list) or 2 (runs)")
+        indices: list[int] = []
+        previous = -1
         for _ in range(self.varint(size)):
             previous += 1 + self.varint(size)
-            indices.append(previous)
-        if indices and indices[-1] >= size:
-            msg = "bad_entry"
-            raise WireError(msg, f"index {indices[-1]} outside a table of {size}")
+            if form == RUNS:
+                length = 1 + self.varint(size - 1 - len(indices) if size > len(indices) else 0)
+                indices.extend(range(previous, previous + length))
+                previous += length - 1
+            else:
+                indices.append(previous)
+            if previous >= size:
+                msg = "bad_entry"
+                raise WireError(msg, f"index {previous} outside a table of {size}")
         return indices
 
     def entry(self, host: str) -> HostEntry:

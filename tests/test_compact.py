@@ -4,6 +4,7 @@ through arbitrary bundle streams, what a receiver does without the keyframe, lim
 from __future__ import annotations
 
 import contextlib
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -81,7 +82,7 @@ def test_golden_indexed_delta_both_ways() -> None:
     assert _primed().decode(payload) == DELTA_READ
 
 
-def test_the_smaller_of_bitmap_and_index_list_is_chosen_per_bundle() -> None:
+def test_the_smallest_of_bitmap_index_list_and_runs_is_chosen_per_bundle() -> None:
     hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(800))
     keyframe = Bundle("r", "b", 1, 1000, hosts, version=2, sent_ms=0)
     one = Bundle("r", "b", 2, 1000, (HostEntry("h700", 2, 3, 1000, OK),), version=2, keyframe=False, sent_ms=1000)
@@ -94,6 +95,13 @@ def test_the_smaller_of_bitmap_and_index_list_is_chosen_per_bundle() -> None:
     assert decoder.decode(sparse).hosts == (HostEntry("h700", 2, 3, 1000, OK),)
     read = decoder.decode(dense).hosts  # h700 repeats its seq: an exception, after the ordinary ones
     assert [entry.id for entry in read] == [f"h{i}" for i in range(0, 800, 2) if i != 700] + ["h700"]
+    following = tuple(HostEntry(f"h{i}", 3 - i % 2, 3, 1000, OK) for i in range(300, 500))
+    run = replace(one, seq=4, hosts=following)
+    runs = encoder.encode(run)
+    body = zlib.decompress(runs[2:]) if runs[1] else runs[2:]
+    assert body[13] == 2  # the heard form, after kind, relay, boot, seq, flush_ms, sent_ms, keyframe, table: runs
+    assert len(runs) < 40  # one run of 200 indices, and 200 age differences of 0, compressed
+    assert decoder.decode(runs) == run
 
 
 def test_an_ordinary_beat_costs_about_two_bytes() -> None:

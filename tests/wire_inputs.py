@@ -254,7 +254,7 @@ def indexed_fields() -> list[tuple[str, bytes]]:
         ("table", _varint(10)),
         ("heard_form", b"\x00"),
         ("heard", bytes([0b1010, 0])),
-        ("ages", bytes([128, 0])),  # ceil(500 × 255 / 1000), ceil(0)
+        ("ages", bytes([128, 128])),  # ceil(500 × 255 / 1000) = 128, then 0 as its difference from 128 (mod 256)
         ("changed", _varint(1)),
         ("changes", _varint(5) + _varint(8) + _varint(20) + _varint(1000) + b"\x00"),
         ("new", _varint(1)),
