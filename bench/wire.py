@@ -21,7 +21,16 @@ from typing import Any
 from bench.report import Report, figure, med, spread, table
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import BundleDecoder, BundleEncoder
-from relaybeat.relay.wire import BINARY_VERSION, FORMAT_VERSION, Beat, Bundle, Topics, decode_bundle, encode_beat
+from relaybeat.relay.wire import (
+    BINARY_VERSION,
+    FORMAT_VERSION,
+    Beat,
+    Bundle,
+    Topics,
+    decode_bundle,
+    encode_beat,
+    encode_bundle,
+)
 
 WARM_UP_S = 30.0
 KEYFRAME_S = 30.0
@@ -92,12 +101,8 @@ def measure(leaves: int, interval_s: float, flush_s: float, window_s: float, see
 
     def encoded(fmt: str) -> list[bytes]:
         if fmt == "v1 json":
-            from relaybeat.relay.wire import encode_bundle
-
             return [encode_bundle(b) for b in v1]
         if fmt == "v2":
-            from relaybeat.relay.wire import encode_bundle
-
             return [encode_bundle(b) for b in v2]
         encoder = BundleEncoder()
         for b in warm:
@@ -123,12 +128,9 @@ def measure(leaves: int, interval_s: float, flush_s: float, window_s: float, see
 
 def timings(leaves: int, interval_s: float, flush_s: float, window_s: float, seed: int) -> dict[str, float]:
     """µs per host entry to encode and to decode each format's bundles of the window."""
-    from relaybeat.relay.wire import encode_bundle
-
     v1, _, _ = _stream(leaves, interval_s, flush_s, window_s, FORMAT_VERSION, seed)
     v2, _, _ = _stream(leaves, interval_s, flush_s, window_s, BINARY_VERSION, seed)
     n1 = sum(len(b.hosts) for b in v1)
-    n2 = sum(len(b.hosts) for b in v2)
     first_keyframe = next(i for i, b in enumerate(v2) if b.keyframe)
     v2 = v2[first_keyframe:]  # the indexed stream starts at a keyframe
     n2 = sum(len(b.hosts) for b in v2)

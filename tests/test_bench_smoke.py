@@ -112,3 +112,12 @@ def test_persist_writes_the_mass_event_on_sqlite(tmp_path: Path) -> None:
         s = r["summary"][db]
         assert s["transitions_written"]["median"] == 300 + 1
         assert 0 < s["first_queryable_s"]["median"] <= s["all_queryable_s"]["median"] < 60
+
+
+def test_wire_compares_bytes_per_beat_of_each_format(tmp_path: Path) -> None:
+    r = bench(tmp_path, "wire")
+    (case,) = r["cases"]
+    sizes = {fmt: case[fmt]["bytes_per_beat"]["median"] for fmt in ("v1 json", "v2", "v2 indexed")}
+    assert all(positive(size) for size in sizes.values())
+    assert sizes["v2 indexed"] < sizes["v2"] < sizes["v1 json"]
+    assert all(positive(value["median"]) for value in case["us_per_entry"].values())
