@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relaybeat.monitor.detector import Detector, Policy
-from relaybeat.monitor.states import State
+from relaybeat.monitor.states import State, Transition
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import AGE_STEPS, BundleDecoder, BundleEncoder, KeyframeMissing
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, WireError, decode_bundle, encode_bundle
@@ -403,3 +403,35 @@ def test_indexed_decoder_returns_or_raises_wire_error_for_any_bytes(tail: bytes)
     for head in (b"\x02\x00\x02", b"\x02\x00\x02\x04evil\x02b1\x04\xe8\x07", b"\x02\x01"):
         with contextlib.suppress(WireError):
             _assert_sound(decoder.decode(head + tail))
+
+
+def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_parent_that_lost_its_tables() -> None:
+    """child relay → (indexed) → parent relay → (indexed) → monitor, all on one fake clock. The parent
+    loses its decoder's tables (it restarted its receive side): it asks the child for a keyframe,
+    and the child's host, beating all along, never goes down."""
+    child = Assembler("r2", "c", 1.0, 1.0, keyframe_s=30.0, version=2)
+    parent = Assembler("r1", "p", 1.0, 1.0, keyframe_s=30.0, version=2)
+    to_parent, to_monitor = BundleEncoder(), BundleEncoder()
+    at_parent, at_monitor = BundleDecoder(), BundleDecoder()
+    detector = Detector(Policy(misses=3), 0.0)
+    out: list[Transition] = []
+    unreadable: list[int] = []
+    for tick in range(1, 40):
+        now = float(tick)
+        child.add_beat("h1", Beat(seq=tick, interval_s=1.0), now - 0.5)
+        if tick == 10:
+            at_parent = BundleDecoder()
+        try:
+            parent.add_child(at_parent.decode(to_parent.encode(child.flush(now)), relay="r2"), now)
+        except KeyframeMissing as lost:
+            parent.lose_child(lost.header, now)
+            unreadable.append(tick)
+        if parent.wanted_keyframes == ["r2"]:
+            child.request_keyframe()  # the parent's request on its local broker
+        out += detector.expire(now) + detector.observe(at_monitor.decode(to_monitor.encode(parent.flush(now))), now)
+        for relay in detector.take_resync_requests():
+            assert relay == "r1"
+            parent.request_keyframe()
+    assert [(t.subject, t.to_state) for t in out] == [("r1", State.UP), ("r2", State.UP), ("h1", State.UP)]
+    assert detector.hosts["h1"].seq == 39
+    assert unreadable == [10]  # and the child's keyframe at 11 resynced the parent
