@@ -382,7 +382,7 @@ def _assert_sound(bundle: Bundle) -> None:
     assert len({entry.id for entry in bundle.hosts}) == len(bundle.hosts)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(hostile_indexed_deltas)
 def test_hostile_indexed_deltas_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
     decoder = _primed()
@@ -396,7 +396,7 @@ def test_hostile_indexed_deltas_decode_to_a_sound_bundle_or_raise_wire_error(pay
     assert decoder.decode(_fields()) == DELTA_READ  # the table held is as it was
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_indexed_decoder_returns_or_raises_wire_error_for_any_bytes(tail: bytes) -> None:
     decoder = _primed()
