@@ -2,11 +2,13 @@
 
 A keyframe (version 2, as in relay/wire.py) carries every leaf's id once. Both ends of one bundle
 stream remember that keyframe's id table (index = position in it) and, per index, the last seq,
-interval and status sent. A delta then needs per leaf heard only one bit (or a varint index gap,
-whichever is smaller for the bundle) and one age byte, when its news is *ordinary*: seq = the last
-one + 1 (or none then and now), same interval, same status, age at most `flush_ms`. Anything else is
-an explicit exception: by index (seq jumped, interval or status changed, an age above the flush) or
-by id (a leaf new since the keyframe). Forgotten leaves go by index, or by id if new since it.
+interval and status sent. A delta then needs per leaf heard only one bit of a bitmap (or a varint
+index gap, or a share of a run of indices: whichever form is smallest for the bundle; keyframes list
+leaves in phase order, so those heard in one flush form runs) and one age byte, when its news is
+*ordinary*: seq = the last one + 1 (or none then and now), same interval, same status, age at most
+`flush_ms`. Anything else is an explicit exception: by index (seq jumped, interval or status
+changed, an age above the flush) or by id (a leaf new since the keyframe). Forgotten leaves go by
+index, or by id if new since it.
 
 Rules of this module:
 - Pure and synchronous; no I/O, no clock. `BundleEncoder` (relay side, one per upstream stream) and
@@ -313,9 +315,6 @@ class BundleDecoder:
         self._tables.move_to_end(relay)
         while len(self._tables) > self.max_relays:
             self._tables.popitem(last=False)
-
-    def forget(self, relay: str) -> None:
-        self._tables.pop(relay, None)
 
 
 def _indexed_body(payload: bytes, max_bytes: int) -> memoryview | None:
