@@ -55,9 +55,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "large": {"hosts": 50_000, "reps": 3},
         "smoke": {"hosts": 300, "reps": 1},
     },
+    "wire": {
+        "default": {"leaves": 1000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3},
+        "large": {"leaves": 10000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3},
+        "smoke": {"leaves": 100, "intervals": [5.0], "window": 5.0, "reps": 1},
+    },
 }
 MODULES = {"fanin": "fanin", "ingest": "ingest", "detector": "detector", "lag": "lag", "api": "api_load",
-           "persist": "persist", "auth": "auth", "quality": "quality"}  # fmt: skip
+           "persist": "persist", "auth": "auth", "quality": "quality", "wire": "wire"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +103,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "detector":
             p.add_argument("--hosts", type=int, nargs="+", help="tracked hosts for the memory figure")
             p.add_argument("--bundle", type=int, help="entries per bundle")
+        if name == "wire":
+            p.add_argument("--leaves", type=int, help="leaves behind the one relay")
+            p.add_argument("--intervals", type=float, nargs="+", help="seconds between a leaf's beats [5 1]")
+            p.add_argument("--flush", type=float, default=1.0, help="relay flush interval, s [1]")
+            p.add_argument("--window", type=float, help="measuring window, s (simulated time)")
         if name == "api":
             p.add_argument("--hosts", type=int, help="hosts tracked by the monitor")
             p.add_argument("--relays", type=int, help="synthetic relays feeding them")

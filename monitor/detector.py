@@ -257,6 +257,14 @@ class Detector:
                 self._recheck(relay, now, out)
         return out
 
+    def lost_track(self, header: Bundle, now: float) -> list[Transition]:
+        """A delta bundle the shell could not expand (it lacks the keyframe the delta refers to), as
+        its `header` (no news): the relay is alive, but out of sync until its next keyframe."""
+        relay = self.relays.get(header.relay)
+        if relay is not None and relay.boot == header.boot and header.seq > relay.seq:
+            relay.desynced = True  # a new boot, or a new relay, is out of sync at its first delta anyway
+        return self.observe(header, now)
+
     def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
         """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
         out: list[Transition] = []

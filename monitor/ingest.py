@@ -20,6 +20,7 @@ from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.expiry import Expiry
 from relaybeat.monitor.states import Transition
+from relaybeat.relay.compact import BundleDecoder, KeyframeMissing
 from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
@@ -31,7 +32,6 @@ from relaybeat.relay.wire import (
     Topics,
     WireError,
     decode_beat,
-    decode_bundle,
     decode_relay_status,
 )
 
@@ -65,6 +65,7 @@ class Ingest:
         self.relays = relays
         self.max_bundle_bytes = max_bundle_bytes
         self.max_bundle_entries = max_bundle_entries
+        self.bundles = BundleDecoder()  # per relay, the table of its last keyframe (indexed deltas refer to it)
         self.rejections = Rejections(log)
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
@@ -116,7 +117,12 @@ class Ingest:
                 msg = "retained"
                 raise WireError(msg, "an old retained message: publish beats and bundles without retain")
             if kind is TopicKind.BUNDLE:
-                bundle = decode_bundle(payload, self.max_bundle_bytes, self.max_bundle_entries)
+                unreadable = False
+                try:
+                    bundle = self.bundles.decode(payload, self.max_bundle_bytes, self.max_bundle_entries, subject)
+                except KeyframeMissing as lost:  # alive, but what it said is unknown: wait for a keyframe, ask one
+                    bundle, unreadable = lost.header, True
+                    self.received["need_keyframe"] += 1
                 if bundle.relay != subject:
                     msg = "relay_mismatch"
                     raise WireError(msg, f"bundle for {bundle.relay!r} on {topic!r}")
@@ -129,7 +135,7 @@ class Ingest:
                 self.received["bundle_entries"] += bundle.entry_count()
                 ignored = self.detector.ignored
                 before = dict(ignored)
-                self.decide(self.detector.observe(bundle, now))
+                self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now))
                 if ignored != before:  # a duplicate or older bundle (seq, boot): counted by the detector
                     for reason in [r for r, n in ignored.items() if n != before.get(r)]:
                         self.ignored_log.add(f"detector_{reason}", topic, "ignored: not newer than what was seen")

@@ -126,6 +126,13 @@ class Assembler:
         self._children[bundle.relay] = child
         return True
 
+    def lose_child(self, header: Bundle, now: float) -> None:
+        """A child's delta we could not read (we lack the keyframe it refers to): its picture is
+        unknown, and `wanted_keyframes` asks for one, until a keyframe arrives."""
+        held = self._children.get(header.relay)
+        news = held.news if held is not None and held.latest.boot == header.boot else []
+        self._children[header.relay] = _Child(now, header, None, news)
+
     def request_keyframe(self) -> None:
         """Someone upstream missed a bundle of ours: the next flush is a keyframe."""
         self._keyframe_due = None

@@ -18,6 +18,7 @@ import aiomqtt
 
 from relaybeat.errors import SettingsError
 from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.compact import BundleDecoder, BundleEncoder, KeyframeMissing
 from relaybeat.relay.mqtt import BrokerURL, LeanClient, backlog, messages, read_backlog, stay_connected
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
@@ -38,8 +39,6 @@ from relaybeat.relay.wire import (
     WireError,
     check_id,
     decode_beat,
-    decode_bundle,
-    encode_bundle,
 )
 
 log = logging.getLogger("relaybeat.relay")
@@ -115,6 +114,8 @@ class RelayService:
             version=FORMAT_VERSION if json else BINARY_VERSION,
             booted_at=self.clock(),
         )
+        self.encoder = BundleEncoder()  # our bundle stream upstream: deltas by index into our last keyframe
+        self.decoder = BundleDecoder()  # child relays' streams
         self.resyncs = 0  # keyframe requests heard from upstream
         self.rejections = Rejections(log)
         self.watch = Watch(settings.watch, settings.forget_after_s)
@@ -221,7 +222,11 @@ class RelayService:
                 self.assembler.add_beat(subject, decode_beat(payload), now)
                 self.beats += 1
             elif kind is TopicKind.BUNDLE and subject != self.settings.relay_id:
-                bundle = decode_bundle(payload, self.settings.max_bundle_bytes)
+                try:
+                    bundle = self.decoder.decode(payload, self.settings.max_bundle_bytes, relay=subject)
+                except KeyframeMissing as lost:
+                    self.assembler.lose_child(lost.header, now)  # asked for a keyframe at our next flush
+                    raise
                 if bundle.relay != subject:
                     msg = "relay_mismatch"
                     raise WireError(msg, f"bundle says {bundle.relay!r}")
@@ -335,7 +340,7 @@ class RelayService:
         return self.assembler.flush(now, self.watch.entries(now))
 
     async def _send(self, client: aiomqtt.Client, topic: str, bundle: Bundle) -> None:
-        payload, s = encode_bundle(bundle), self.settings
+        payload, s = self.encoder.encode(bundle), self.settings
         if len(payload) > s.max_bundle_bytes:
             self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
         else:

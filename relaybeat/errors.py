@@ -6,6 +6,7 @@ is checked against the code by tests/test_layering.py.
 
     RelaybeatError
     ├── WireError            relay.wire: input that breaks the wire contract (`reason` is its counter key)
+    │   └── KeyframeMissing      relay.compact: an indexed delta whose keyframe the receiver lacks
     ├── PacketError          relay.packets: a broker's byte stream that breaks MQTT 3.1.1 (the session is dropped)
     ├── JournalError         monitor.journal: a journal line that cannot be read (torn by a crash)
     ├── SettingsError        a setting, flag, URL or file that cannot be used; names the key and what is allowed

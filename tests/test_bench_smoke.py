@@ -134,3 +134,12 @@ def test_quality_compares_reported_and_true_figures_for_every_timeout_mode(tmp_p
         assert run["true_mistakes"] >= 0
         assert run["reported_mistakes"] <= run["true_mistakes"] + 1  # proofs, never more mistakes than happened
         assert run["timeout_s_mean"] > 0
+
+
+def test_wire_compares_bytes_per_beat_of_each_format(tmp_path: Path) -> None:
+    r = bench(tmp_path, "wire")
+    (case,) = r["cases"]
+    sizes = {fmt: case[fmt]["bytes_per_beat"]["median"] for fmt in ("v1 json", "v2", "v2 indexed")}
+    assert all(positive(size) for size in sizes.values())
+    assert sizes["v2 indexed"] < sizes["v2"] < sizes["v1 json"]
+    assert all(positive(value["median"]) for value in case["us_per_entry"].values())

@@ -40,7 +40,7 @@ from relaybeat.relay.wire import (
     encode_beat,
     encode_bundle,
 )
-from tests.wire_inputs import v2_fields
+from tests.wire_inputs import indexed_fields, v2_fields
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -161,7 +161,8 @@ def test_version_2_tables_name_every_field_in_the_order_the_code_writes_them() -
     """The README's byte-by-byte tables, against tests/wire_inputs.py's writer (which the wire tests
     check against the code): same fields, same order, same widths."""
     wire = _section("Wire contract")
-    table = wire[wire.index("### Version 2, byte by byte") :]
+    start = wire.index("### Version 2, byte by byte")
+    table = wire[start : wire.index("\n### ", start)]
     found = re.findall(r"^\| ([^|]+) \| `([a-z_]+)`( column)? \|", table, re.M)
     columns = {"seq": "seqs", "age_ms": "ages", "interval_ms": "intervals", "status": "statuses"}
     rows = [(width, columns[name] if column else name) for width, name, column in found]
@@ -308,3 +309,16 @@ async def test_the_readme_cli_examples_work_against_the_demo(demo: Demo) -> None
         assert process.returncode == 0, (command, err.decode())
         if args[0] == "status":
             assert f"relaybeat at {demo.url}" in out.decode()
+
+
+def test_indexed_delta_table_names_every_field_in_the_order_the_code_writes_them() -> None:
+    """Against tests/wire_inputs.py's writer of an indexed delta, which tests/test_compact.py checks
+    against the code both ways."""
+    wire = _section("Wire contract")
+    table = wire[wire.index("### Indexed deltas, byte by byte") :]
+    rows = re.findall(r"^\| ([^|]+) \| `([a-z_]+)` \|", table, re.M)
+    fields = [(name, raw) for name, raw in indexed_fields() if not name.startswith("child.")]
+    assert [name for _, name in rows] == [name for name, _ in fields]
+    for width, name in rows:
+        if width.strip() == "1":
+            assert len(dict(fields)[name]) == 1, name

@@ -214,3 +214,90 @@ def _hostile_v2(draw: st.DrawFn) -> bytes:
 
 
 hostile_v2_bundles = _hostile_v2()
+
+
+# Indexed deltas (relay/compact.py), by the README's layout, with a writer of our own: a keyframe of
+# ten hosts h0..h9 (relay `evil`, boot b1, seq 3), then the delta seq 4 that refers to it.
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+INDEXED_KEYFRAME_HOSTS = [(f"h{i}", 1, 0, 1000, 0) for i in range(10)]
+
+
+def indexed_keyframe() -> bytes:
+    return b"".join(raw for _, raw in [("version", b"\x02"), ("flags", b"\x00"),
+                                        *_v2_node_fields("", "evil", INDEXED_KEYFRAME_HOSTS, 0)])  # fmt: skip
+
+
+def indexed_fields() -> list[tuple[str, bytes]]:
+    """The delta: h1 and h3 heard (ordinary, ages 500 and 0 ms), h5 with a seq jump to 7, n1 new
+    since the keyframe, h9 and `old` forgotten, one child node in version 2's format."""
+    child = _v2_node_fields("child.", "c1", [("ch", 1, 5, 1000, 0)], 0)
+    return [
+        ("version", b"\x02"),
+        ("flags", b"\x00"),
+        ("kind", b"\x02"),
+        ("relay", b"\x04evil"),
+        ("boot", b"\x02b1"),
+        ("seq", _varint(4)),
+        ("flush_ms", _varint(1000)),
+        ("sent_ms", _varint(6000)),
+        ("keyframe", _varint(3)),
+        ("table", _varint(10)),
+        ("heard_form", b"\x00"),
+        ("heard", bytes([0b1010, 0])),
+        ("ages", bytes([128, 128])),  # ceil(500 × 255 / 1000) = 128, then 0 as its difference from 128 (mod 256)
+        ("changed", _varint(1)),
+        ("changes", _varint(5) + _varint(8) + _varint(20) + _varint(1000) + b"\x00"),
+        ("new", _varint(1)),
+        ("news", b"\x02n1" + _varint(0) + _varint(7) + _varint(2000) + b"\x01"),
+        ("forgot", _varint(1)),
+        ("forgotten", _varint(9)),
+        ("forgot_new", _varint(1)),
+        ("forgotten_new", b"\x03old"),
+        ("children", _varint(1)),
+        *child,
+    ]
+
+
+_VARINT_FIELDS = {"seq", "flush_ms", "sent_ms", "keyframe", "table", "changed", "new", "forgot", "forgot_new",
+                  "children", "forgotten"}  # fmt: skip
+_HUGE_VARINTS = [b"\xff" * 11 + b"\x01", b"\x80", b"\xff\xff"]  # over-long, truncated
+
+
+def _hostile_indexed_field(name: str) -> st.SearchStrategy[bytes]:
+    if name in _VARINT_FIELDS:
+        edges = [*_U64_EDGES, 9, 10, 11, 200_000, 200_001]
+        return st.sampled_from(edges).map(_varint) | st.sampled_from(_HUGE_VARINTS) | st.binary(max_size=12)
+    if name.startswith("child."):
+        return _hostile_field(name)
+    if name in ("relay", "boot", "forgotten_new"):
+        return st.builds(lambda text: bytes([len(text.encode()) % 256]) + text.encode(), hostile_ids) | st.binary(
+            max_size=12
+        )
+    return st.binary(max_size=24)
+
+
+@st.composite
+def _hostile_indexed(draw: st.DrawFn) -> bytes:
+    fields = indexed_fields()
+    names = [name for name, _ in fields]
+    for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True)):
+        fields[names.index(name)] = (name, draw(_hostile_indexed_field(name)))
+    payload = b"".join(raw for _, raw in fields)
+    if draw(st.integers(0, 4)) == 0:
+        payload = payload[: draw(st.integers(0, len(payload)))]
+    if draw(st.integers(0, 4)) == 0:  # compressed, or claiming to be
+        payload = b"\x02\x01" + (zlib.compress(payload[2:]) if draw(st.booleans()) else payload[2:])
+    return payload
+
+
+hostile_indexed_deltas = _hostile_indexed()

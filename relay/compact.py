@@ -1,0 +1,494 @@
+"""Indexed deltas: version 2 delta bundles by index into the relay's last keyframe, a few bits per beat.
+
+A keyframe (version 2, as in relay/wire.py) carries every leaf's id once. Both ends of one bundle
+stream remember that keyframe's id table (index = position in it) and, per index, the last seq,
+interval and status sent. A delta then needs per leaf heard only one bit of a bitmap (or a varint
+index gap, or a share of a run of indices: whichever form is smallest for the bundle; keyframes list
+leaves in phase order, so those heard in one flush form runs) and one age byte, when its news is
+*ordinary*: seq = the last one + 1 (or none then and now), same interval, same status, age at most
+`flush_ms`. Anything else is an explicit exception: by index (seq jumped, interval or status
+changed, an age above the flush) or by id (a leaf new since the keyframe). Forgotten leaves go by
+index, or by id if new since it.
+
+Rules of this module:
+- Pure and synchronous; no I/O, no clock. `BundleEncoder` (relay side, one per upstream stream) and
+  `BundleDecoder` (the receiving side: one per process, one state per sending relay) are stateful
+  mirrors of each other. Both forget everything of a stream at its next keyframe.
+- An ordinary age is sent as `c = ceil(age_ms × 255 / flush_ms)` and read back as
+  `floor(c × flush_ms / 255)`: never younger than it was, at most flush_ms/255 older (4 ms at a 1 s
+  flush). A beat read as older than it was moves its deadline earlier, never later: the monitor can
+  be early by 4 ms, but never believes evidence that did not exist.
+- The decoder raises nothing but `WireError`. A delta it cannot expand (it lacks the keyframe the
+  delta refers to: a new boot, a missed bundle, a restarted receiver) raises `KeyframeMissing`, whose
+  `header` (the bundle without its news) lets the receiver keep the relay alive and ask for a keyframe.
+- Only the top node is indexed; child relays' nodes inside it keep version 2's node format.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+from relaybeat.relay.wire import (
+    _COMPRESSED,
+    _STATUS_CODES,
+    _STATUS_OF,
+    _V2,
+    BINARY_VERSION,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_MAX_BUNDLE_ENTRIES,
+    MAX_AGE_MS,
+    MAX_INTERVAL_MS,
+    MAX_SEQ,
+    MIN_INTERVAL_MS,
+    Bundle,
+    HostEntry,
+    LeafStatus,
+    WireError,
+    _inflate,
+    _node_v2,
+    _Reader,
+    decode_bundle,
+    encode_bundle,
+)
+
+__all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
+
+INDEXED = 2  # node kind bit 1: an indexed delta (the node layout below)
+BITMAP, INDEX_LIST, RUNS = 0, 1, 2  # how the ordinary leaves heard are listed
+AGE_STEPS = 255  # an ordinary age byte counts flush_ms / 255
+COMPRESS_FROM = 128  # bytes of an indexed node below which compression never pays
+MAX_RELAYS = 100_000  # relay streams a decoder keeps state for (the least recently heard go first)
+_GONE = -2  # a table index whose leaf was forgotten since the keyframe
+_NONE = -1  # a seq the leaf did not send
+
+
+class KeyframeMissing(WireError):
+    """An indexed delta whose keyframe this decoder lacks. `header`: the bundle without its news."""
+
+    def __init__(self, header: Bundle, detail: str) -> None:
+        super().__init__("need_keyframe", detail)
+        self.header = header
+
+
+@dataclass(slots=True)
+class _Table:
+    """One stream's mirror: its last keyframe's ids (index order) and per index the last seq
+    (_NONE: none; _GONE: forgotten), interval and status code sent."""
+
+    boot: str
+    keyframe: int  # the seq of the keyframe the table is of
+    seq: int  # the last bundle seq applied
+    ids: list[str]
+    seqs: list[int]
+    intervals: list[int]
+    statuses: list[int]
+    index: dict[str, int] = field(default_factory=dict)  # encoder only: id -> index
+
+    @classmethod
+    def of(cls, keyframe: Bundle, with_index: bool) -> _Table:
+        hosts = keyframe.hosts
+        table = cls(
+            keyframe.boot,
+            keyframe.seq,
+            keyframe.seq,
+            [entry[0] for entry in hosts],
+            [_NONE if entry[1] is None else entry[1] for entry in hosts],
+            [entry[3] for entry in hosts],
+            [_STATUS_CODES[LeafStatus(entry[4])] for entry in hosts],
+        )
+        if with_index:
+            table.index = {host: i for i, host in enumerate(table.ids)}
+        return table
+
+
+# -------------------------------------------------------------------------------------------- varints
+
+
+def _put(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _put_id(out: bytearray, text: str) -> None:
+    raw = text.encode("ascii")
+    out.append(len(raw))
+    out += raw
+
+
+# -------------------------------------------------------------------------------------------- encoder
+
+
+class BundleEncoder:
+    """Encodes one relay's bundle stream: keyframes as version 2 does, deltas indexed against the
+    last keyframe. Bundles of version 1 pass through `encode_bundle` unchanged."""
+
+    def __init__(self) -> None:
+        self._table: _Table | None = None
+
+    def encode(self, bundle: Bundle) -> bytes:
+        if bundle.version != BINARY_VERSION:
+            self._table = None
+            return encode_bundle(bundle)
+        table = self._table
+        if bundle.keyframe:
+            if bundle.sent_ms is not None:  # in phase order: the leaves heard in one flush are then runs of indices
+                sent = bundle.sent_ms
+                bundle = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
+            self._table = _Table.of(bundle, with_index=True)
+            return encode_bundle(bundle)
+        if table is None or table.boot != bundle.boot or bundle.sent_ms is None or bundle.age_ms:
+            self._table = None  # a delta without a keyframe to refer to: the plain format, and no more mirror
+            return encode_bundle(bundle)
+        body = bytearray()
+        _indexed_node(bundle, bundle.sent_ms, table, body)
+        table.seq = bundle.seq
+        return _message(body)
+
+
+def _message(body: bytearray) -> bytes:
+    """Version 2's envelope: compressed where that saves a tenth (from COMPRESS_FROM bytes)."""
+    if len(body) >= COMPRESS_FROM:
+        packed = zlib.compress(body, 1)
+        if len(packed) * 10 < len(body) * 9:
+            return _V2 + bytes([_COMPRESSED]) + packed
+    return _V2 + b"\0" + bytes(body)
+
+
+def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -> None:
+    """Writes the node and moves `table` to what the decoder will know after it."""
+    ordinary: list[tuple[int, int]] = []  # (index, age code)
+    changed: list[tuple[int, HostEntry]] = []
+    new: list[HostEntry] = []
+    index, seqs, intervals, statuses = table.index, table.seqs, table.intervals, table.statuses
+    flush = bundle.flush_ms
+    seen: set[str] = set()
+    for entry in bundle.hosts:
+        host, seq, age, interval, status = entry
+        if host in seen:
+            msg = f"host {host!r} twice in one bundle"
+            raise ValueError(msg)
+        seen.add(host)
+        i = index.get(host)
+        code = _STATUS_CODES[LeafStatus(status)]
+        if i is None:
+            new.append(entry)
+            continue
+        sent = _NONE if seq is None else seq
+        last = seqs[i]
+        if (
+            age <= flush
+            and interval == intervals[i]
+            and code == statuses[i]
+            and last != _GONE
+            and (sent == last == _NONE or (last >= 0 and sent == last + 1))
+        ):
+            ordinary.append((i, (age * AGE_STEPS + flush - 1) // flush))
+        else:
+            changed.append((i, entry))
+        seqs[i], intervals[i], statuses[i] = sent, interval, code
+    forgot_indexed = sorted({index[host] for host in bundle.forgot if host in index})
+    forgot_new = [host for host in bundle.forgot if host not in index]
+    for i in forgot_indexed:
+        seqs[i] = _GONE
+    ordinary.sort()
+    changed.sort(key=lambda item: item[0])
+
+    out.append(INDEXED)
+    _put_id(out, bundle.relay)
+    _put_id(out, bundle.boot)
+    for value in (bundle.seq, flush, sent_ms, table.keyframe, len(table.ids)):
+        _put(out, value)
+    _heard(out, [i for i, _ in ordinary], len(table.ids))
+    previous = 0
+    for _, code in ordinary:  # each age code as the difference from the one before (mod 256): in phase order
+        out.append((code - previous) & 0xFF)  # those are small, and compress
+        previous = code
+    _put(out, len(changed))
+    previous = -1
+    for i, entry in changed:
+        _put(out, i - previous - 1)
+        previous = i
+        _entry_fields(out, entry)
+    _put(out, len(new))
+    for entry in new:
+        _put_id(out, entry[0])
+        _entry_fields(out, entry)
+    _put(out, len(forgot_indexed))
+    previous = -1
+    for i in forgot_indexed:
+        _put(out, i - previous - 1)
+        previous = i
+    _put(out, len(forgot_new))
+    for host in forgot_new:
+        _put_id(out, host)
+    _put(out, len(bundle.children))
+    for child in bundle.children:
+        _node_v2(child, out)
+
+
+def _heard(out: bytearray, indices: list[int], table_size: int) -> None:
+    """The ordinary leaves heard: a bitmap of the table, a varint gap list, or runs; the smallest."""
+    gaps = [b - a - 1 for a, b in zip([-1, *indices], indices, strict=False)]
+    runs: list[tuple[int, int]] = []  # (gap before the run, its length - 1)
+    end = -1
+    for i, gap in zip(indices, gaps, strict=True):
+        if gap or not runs:
+            runs.append((i - end - 1, 0))
+        else:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        end = i
+    sizes = {
+        BITMAP: (table_size + 7) // 8,
+        INDEX_LIST: _size(len(indices)) + sum(_size(gap) for gap in gaps),
+        RUNS: _size(len(runs)) + sum(_size(gap) + _size(length) for gap, length in runs),
+    }
+    form = min(sizes, key=lambda f: (sizes[f], f))
+    out.append(form)
+    if form == BITMAP:
+        bits = 0
+        for i in indices:
+            bits |= 1 << i
+        out += bits.to_bytes((table_size + 7) // 8, "little")
+        return
+    pairs = runs if form == RUNS else [(gap,) for gap in gaps]
+    _put(out, len(pairs))
+    for pair in pairs:
+        for value in pair:
+            _put(out, value)
+
+
+def _entry_fields(out: bytearray, entry: HostEntry) -> None:
+    _put(out, 0 if entry[1] is None else entry[1] + 1)
+    _put(out, entry[2])
+    _put(out, entry[3])
+    out.append(_STATUS_CODES[LeafStatus(entry[4])])
+
+
+# -------------------------------------------------------------------------------------------- decoder
+
+_BITS = tuple(tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256))
+
+
+class BundleDecoder:
+    """Decodes bundles of any version from many relays, keeping per relay the table of its last
+    version 2 keyframe, so that its indexed deltas expand into the `Bundle` the relay assembled."""
+
+    def __init__(self, max_relays: int = MAX_RELAYS) -> None:
+        self.max_relays = max_relays
+        self._tables: OrderedDict[str, _Table] = OrderedDict()
+
+    def decode(
+        self,
+        payload: bytes,
+        max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+        max_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+        relay: str | None = None,
+    ) -> Bundle:
+        """`relay`: the relay the topic names; a bundle of another is `relay_mismatch` before any
+        state moves."""
+        body = _indexed_body(payload, max_bytes)
+        if body is None:
+            bundle = decode_bundle(payload, max_bytes, max_entries)
+            if relay is not None and bundle.relay != relay:
+                msg = "relay_mismatch"
+                raise WireError(msg, f"bundle for {bundle.relay!r}")
+            held = self._tables.get(bundle.relay)
+            if held is not None and held.boot == bundle.boot and bundle.seq <= held.seq:
+                return bundle  # a repeat or an older one: the table stays (the detector ignores it)
+            self._tables.pop(bundle.relay, None)
+            if bundle.version == BINARY_VERSION and bundle.keyframe:
+                self._remember(_Table.of(bundle, with_index=False), bundle.relay)
+            return bundle
+        return _IndexedReader(body, self, relay).top(max_entries)
+
+    def _remember(self, table: _Table, relay: str) -> None:
+        self._tables[relay] = table
+        self._tables.move_to_end(relay)
+        while len(self._tables) > self.max_relays:
+            self._tables.popitem(last=False)
+
+
+def _indexed_body(payload: bytes, max_bytes: int) -> memoryview | None:
+    """The node of a version 2 payload whose top node is indexed; None for anything else (left to
+    relay/wire.py, which also rejects what is not a bundle)."""
+    if payload[:1] != _V2 or len(payload) < 3 or len(payload) > max_bytes or payload[1] & ~_COMPRESSED:
+        return None
+    body = memoryview(payload)[2:]
+    if payload[1] & _COMPRESSED:
+        body = memoryview(_inflate(body, max_bytes))
+    if not body or not body[0] & INDEXED:
+        return None
+    return body
+
+
+class _IndexedReader(_Reader):
+    """Reads an indexed top node; every count is checked against the bytes left and the table."""
+
+    __slots__ = ("decoder", "relay")
+
+    def __init__(self, data: memoryview, decoder: BundleDecoder, relay: str | None) -> None:
+        super().__init__(data)
+        self.decoder = decoder
+        self.relay = relay
+
+    def varint(self, limit: int, reason: str = "bad_bundle") -> int:
+        data, at, value, shift = self.data, self.at, 0, 0
+        while True:
+            if at >= len(data) or shift > 63:
+                msg = "bad_bundle"
+                raise WireError(msg, "truncated or over-long varint")
+            byte = data[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        self.at = at
+        if value > limit:
+            raise WireError(reason, f"{value} is above {limit}")
+        return value
+
+    def count(self, min_bytes: int) -> int:
+        """A count of items of at least `min_bytes` each: never more than the bytes left allow."""
+        return self.varint((len(self.data) - self.at) // min_bytes)
+
+    def top(self, max_entries: int) -> Bundle:
+        kind = self.take(1)[0]
+        if kind != INDEXED:
+            msg = "bad_bundle"
+            raise WireError(msg, f"indexed node kind {kind}: only 2 (an indexed delta) is defined")
+        relay = self.short_id("bad_id")
+        if self.relay is not None and relay != self.relay:
+            msg = "relay_mismatch"
+            raise WireError(msg, f"bundle for {relay!r}")
+        boot = self.short_id("bad_boot")
+        seq = self.varint(MAX_SEQ, "bad_seq")
+        flush_ms = self.varint(MAX_INTERVAL_MS, "bad_interval")
+        if flush_ms < MIN_INTERVAL_MS:
+            msg = "bad_interval"
+            raise WireError(msg, f"flush_ms {flush_ms}")
+        sent_ms = self.varint(MAX_SEQ, "bad_age")
+        keyframe = self.varint(MAX_SEQ, "bad_seq")
+        size = self.varint(max_entries, "too_many_entries")
+        header = Bundle(relay, boot, seq, flush_ms, version=BINARY_VERSION, keyframe=False, sent_ms=sent_ms)
+        tables = self.decoder._tables
+        table = tables.get(relay)
+        if table is not None and table.boot == boot and table.keyframe == keyframe and seq <= table.seq:
+            msg = "stale_bundle"
+            raise WireError(msg, f"seq {seq} is not newer than {table.seq}")
+        if table is None or (table.boot, table.keyframe, len(table.ids), table.seq + 1) != (boot, keyframe, size, seq):
+            raise KeyframeMissing(header, f"seq {seq} refers to keyframe {keyframe} of boot {boot}")
+        bundle = self.news(header, table, max_entries)
+        table.seq = seq
+        self.decoder._remember(table, relay)
+        return bundle
+
+    def news(self, header: Bundle, table: _Table, max_entries: int) -> Bundle:
+        """The rest of the node. The table moves only once all of it has been read and checked: a
+        bad bundle leaves it as it was (and the next delta is then a seq gap: a keyframe is asked)."""
+        seqs, intervals, statuses = list(table.seqs), list(table.intervals), list(table.statuses)
+        ids, size, flush = table.ids, len(table.ids), header.flush_ms
+        heard = self.heard(size)
+        ages = [code & 0xFF for code in itertools.accumulate(self.take(len(heard)))]
+        hosts: list[HostEntry] = []
+        append, make, status_of = hosts.append, tuple.__new__, _STATUS_OF
+        for i, code in zip(heard, ages, strict=True):
+            last = seqs[i]
+            if last == _GONE:
+                msg = "bad_entry"
+                raise WireError(msg, f"index {i} was forgotten")
+            seq = None if last == _NONE else last + 1
+            seqs[i] = _NONE if seq is None else seq
+            append(make(HostEntry, (ids[i], seq, code * flush // AGE_STEPS, intervals[i], status_of[statuses[i]])))
+        previous = -1
+        for _ in range(self.count(5)):
+            i = previous + 1 + self.varint(size)
+            if i >= size:
+                msg = "bad_entry"
+                raise WireError(msg, f"index {i} outside a table of {size}")
+            previous = i
+            entry = self.entry(ids[i])
+            seqs[i], intervals[i], statuses[i] = _NONE if entry[1] is None else entry[1], entry[3], _code(entry[4])
+            append(entry)
+        for _ in range(self.count(6)):
+            append(self.entry(self.short_id("bad_id")))
+        forgot = self.forgotten(ids, seqs)
+        budget = [max_entries - len(hosts) - len(forgot)]
+        if budget[0] < 0 or len({entry[0] for entry in hosts}) != len(hosts):
+            reason = "too_many_entries" if budget[0] < 0 else "bad_entry"
+            raise WireError(reason, "more entries than the limit, or one host twice")
+        children = tuple(self.child(budget) for _ in range(self.count(40)))
+        if self.at != len(self.data):
+            msg = "bad_bundle"
+            raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
+        table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
+        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children)
+
+    def heard(self, size: int) -> list[int]:
+        form = self.take(1)[0]
+        if form == BITMAP:
+            raw = self.take((size + 7) // 8)
+            if size % 8 and raw[-1] >> (size % 8):
+                msg = "bad_bundle"
+                raise WireError(msg, "bitmap bits past the table")
+            bits = _BITS
+            return [8 * at + bit for at, byte in enumerate(raw) if byte for bit in bits[byte]]
+        if form not in (INDEX_LIST, RUNS):
+            msg = "bad_bundle"
+            raise WireError(msg, f"heard form {form}: 0 (bitmap), 1 (index list) or 2 (runs)")
+        indices: list[int] = []
+        previous = -1
+        for _ in range(self.varint(size)):
+            previous += 1 + self.varint(size)
+            if form == RUNS:
+                length = 1 + self.varint(size - 1 - len(indices) if size > len(indices) else 0)
+                indices.extend(range(previous, previous + length))
+                previous += length - 1
+            else:
+                indices.append(previous)
+            if previous >= size:
+                msg = "bad_entry"
+                raise WireError(msg, f"index {previous} outside a table of {size}")
+        return indices
+
+    def entry(self, host: str) -> HostEntry:
+        seq = self.varint(MAX_SEQ + 1, "bad_seq")
+        age = self.varint(MAX_AGE_MS, "bad_age")
+        interval = self.varint(MAX_INTERVAL_MS, "bad_interval")
+        if interval < MIN_INTERVAL_MS:
+            msg = "bad_interval"
+            raise WireError(msg, f"interval {interval} ms")
+        status = self.take(1)[0]
+        if status >= len(_STATUS_OF):
+            msg = "bad_status"
+            raise WireError(msg, f"status byte {status} is reserved")
+        return HostEntry(host, None if seq == 0 else seq - 1, age, interval, _STATUS_OF[status])
+
+    def forgotten(self, ids: list[str], seqs: list[int]) -> tuple[str, ...]:
+        forgot, previous, size = [], -1, len(ids)
+        for _ in range(self.count(1)):
+            previous += 1 + self.varint(size)
+            if previous >= size:
+                msg = "bad_entry"
+                raise WireError(msg, f"forgotten index {previous} outside a table of {size}")
+            seqs[previous] = _GONE
+            forgot.append(ids[previous])
+        forgot.extend(self.short_id("bad_id") for _ in range(self.count(2)))
+        return tuple(forgot)
+
+    def child(self, budget: list[int]) -> Bundle:
+        """A child relay's node, in version 2's own format (relay/wire.py reads it; it refuses kind bit 1)."""
+        return self.node(1, budget)
+
+
+def _code(status: str) -> int:
+    return _STATUS_CODES[LeafStatus(status)]

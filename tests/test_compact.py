@@ -1,0 +1,437 @@
+"""Indexed deltas (relay/compact.py): golden cases both ways, round trips through the assembler and
+through arbitrary bundle streams, what a receiver does without the keyframe, limits, and a fuzz."""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.states import State, Transition
+from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.compact import AGE_STEPS, BundleDecoder, BundleEncoder, KeyframeMissing
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, WireError, decode_bundle, encode_bundle
+from tests.wire_inputs import (
+    ID_GRAMMAR,
+    INDEXED_KEYFRAME_HOSTS,
+    hostile_indexed_deltas,
+    indexed_fields,
+    indexed_keyframe,
+)
+
+OK, STOPPING = LeafStatus.OK, LeafStatus.STOPPING
+
+KEYFRAME = Bundle(
+    "evil",
+    "b1",
+    3,
+    1000,
+    tuple(HostEntry(host, seq, age, interval, OK) for host, seq, age, interval, _ in INDEXED_KEYFRAME_HOSTS),
+    version=2,
+    sent_ms=5000,
+)
+CHILD = Bundle("c1", "b1", 3, 1000, (HostEntry("ch", 1, 5, 1000, OK),), age_ms=9, version=2, sent_ms=5000)
+# What the relay assembled (in the order its beats arrived), and what the monitor reads back: the
+# same entries in table order, h1's age rounded up to the next 1000/255 ms step (500 → 501).
+DELTA_SENT = Bundle(
+    "evil",
+    "b1",
+    4,
+    1000,
+    (
+        HostEntry("n1", None, 7, 2000, STOPPING),
+        HostEntry("h3", 2, 0, 1000, OK),
+        HostEntry("h5", 7, 20, 1000, OK),
+        HostEntry("h1", 2, 500, 1000, OK),
+    ),
+    (CHILD,),
+    version=2,
+    keyframe=False,
+    forgot=("old", "h9"),
+    sent_ms=6000,
+)
+DELTA_READ = replace(
+    DELTA_SENT,
+    hosts=(
+        HostEntry("h1", 2, 501, 1000, OK),
+        HostEntry("h3", 2, 0, 1000, OK),
+        HostEntry("h5", 7, 20, 1000, OK),
+        HostEntry("n1", None, 7, 2000, STOPPING),
+    ),
+    forgot=("h9", "old"),
+)
+
+
+def _primed() -> BundleDecoder:
+    decoder = BundleDecoder()
+    assert decoder.decode(indexed_keyframe()) == KEYFRAME
+    return decoder
+
+
+def test_golden_indexed_delta_both_ways() -> None:
+    """tests/wire_inputs.py writes the delta by the README's layout, with a writer of its own."""
+    payload = b"".join(raw for _, raw in indexed_fields())
+    encoder = BundleEncoder()
+    assert encoder.encode(KEYFRAME) == indexed_keyframe() == encode_bundle(KEYFRAME)
+    assert encoder.encode(DELTA_SENT) == payload
+    assert _primed().decode(payload) == DELTA_READ
+
+
+def test_the_smallest_of_bitmap_index_list_and_runs_is_chosen_per_bundle() -> None:
+    hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(800))
+    keyframe = Bundle("r", "b", 1, 1000, hosts, version=2, sent_ms=0)
+    one = Bundle("r", "b", 2, 1000, (HostEntry("h700", 2, 3, 1000, OK),), version=2, keyframe=False, sent_ms=1000)
+    many = replace(one, seq=3, hosts=tuple(HostEntry(f"h{i}", 2, 3, 1000, OK) for i in range(0, 800, 2)))
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    decoder.decode(encoder.encode(keyframe))
+    sparse, dense = encoder.encode(one), encoder.encode(many)
+    assert len(sparse) < 40  # a list of one index
+    assert len(dense) < 100 + 400 + 40  # a bitmap of 800 bits and one age byte each
+    assert decoder.decode(sparse).hosts == (HostEntry("h700", 2, 3, 1000, OK),)
+    read = decoder.decode(dense).hosts  # h700 repeats its seq: an exception, after the ordinary ones
+    assert [entry.id for entry in read] == [f"h{i}" for i in range(0, 800, 2) if i != 700] + ["h700"]
+    following = tuple(HostEntry(f"h{i}", 3 - i % 2, 3, 1000, OK) for i in range(300, 500))
+    run = replace(one, seq=4, hosts=following)
+    runs = encoder.encode(run)
+    body = zlib.decompress(runs[2:]) if runs[1] else runs[2:]
+    assert body[13] == 2  # the heard form, after kind, relay, boot, seq, flush_ms, sent_ms, keyframe, table: runs
+    assert len(runs) < 40  # one run of 200 indices, and 200 age differences of 0, compressed
+    assert decoder.decode(runs) == run
+
+
+def test_an_ordinary_beat_costs_about_two_bytes() -> None:
+    """1,000 leaves, one in five heard per flush (interval 5 s, flush 1 s): a bitmap bit and an age byte."""
+    hosts = tuple(HostEntry(f"host-{i:05d}", 1, 0, 5000, OK) for i in range(1000))
+    encoder = BundleEncoder()
+    encoder.encode(Bundle("relay-1", "3f9c2a71b0d4", 1, 1000, hosts, version=2, sent_ms=0))
+    heard = tuple(HostEntry(f"host-{i:05d}", 2, (i * 37) % 1000, 5000, OK) for i in range(0, 1000, 5))
+    delta = encoder.encode(Bundle("relay-1", "3f9c2a71b0d4", 2, 1000, heard, version=2, keyframe=False, sent_ms=1000))
+    assert len(delta) <= 125 + 200 + 45
+
+
+# ------------------------------------------------------------------------------- round trips
+
+
+def _same_news(read: Bundle, sent: Bundle) -> None:
+    """`read` says what `sent` said: the same entries (in table order, not arrival order), ages never
+    younger than sent and less than one step (flush_ms / 255) older."""
+    assert replace(read, hosts=(), forgot=()) == replace(sent, hosts=(), forgot=())
+    assert sorted(read.forgot) == sorted(sent.forgot)
+    sent_by_id = {entry.id: entry for entry in sent.hosts}
+    assert sorted(sent_by_id) == sorted(entry.id for entry in read.hosts)
+    for entry in read.hosts:
+        original = sent_by_id[entry.id]
+        assert entry._replace(age_ms=0) == original._replace(age_ms=0)
+        assert 0 <= (entry.age_ms - original.age_ms) * AGE_STEPS < sent.flush_ms
+
+
+hosts_pool = st.sampled_from([f"h{i}" for i in range(12)])
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("beat"), hosts_pool, st.sampled_from([None, 0, 1, 1, 1, 5]), st.sampled_from([1.0, 2.0])),
+        st.tuples(st.just("stop"), hosts_pool),
+        st.tuples(st.just("wait"), st.floats(0.01, 3.0)),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("keyframe")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps)
+def test_what_the_assembler_makes_is_what_the_monitor_reads(script: list[tuple[object, ...]]) -> None:
+    """Random beats (seq + 1, jumps, none, new intervals, stopping), silences long enough to be
+    forgotten, flushes and keyframes on request: every bundle reads back as assembled."""
+    asm = Assembler("r1", "b", 0.5, 1.0, forget_after_s=2.0, keyframe_s=5.0, version=2)
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    now, seqs = 0.0, dict.fromkeys([f"h{i}" for i in range(12)], 0)
+    for step in script:
+        if step[0] == "beat":
+            _, host, jump, interval = step
+            assert isinstance(host, str)
+            assert isinstance(interval, float)
+            seqs[host] += 0 if jump is None else int(jump)  # type: ignore[call-overload]
+            asm.add_beat(host, Beat(None if jump is None else seqs[host], interval), now)
+        elif step[0] == "stop":
+            asm.add_beat(str(step[1]), Beat(seqs[str(step[1])] + 1, status=STOPPING), now)
+        elif step[0] == "wait":
+            now += float(step[1])  # type: ignore[arg-type]
+        else:
+            if step[0] == "keyframe":
+                asm.request_keyframe()
+            bundle = asm.flush(now)
+            _same_news(decoder.decode(encoder.encode(bundle), relay="r1"), bundle)
+
+
+entries = st.builds(
+    HostEntry,
+    hosts_pool,
+    st.none() | st.integers(0, 2**63 - 1) | st.integers(0, 4),
+    st.integers(0, 366 * 86_400_000) | st.integers(0, 2000),
+    st.sampled_from([10, 1000, 86_400_000]),
+    st.sampled_from(LeafStatus),
+)
+news = st.tuples(
+    st.booleans(),
+    st.lists(entries, max_size=8, unique_by=lambda entry: entry.id),
+    st.lists(hosts_pool | st.sampled_from(["x1", "x2"]), max_size=3, unique=True),
+    st.sampled_from([10, 1000, 3600_000]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(news, max_size=8), st.integers(0, 2**63 - 100))
+def test_any_stream_of_keyframes_and_deltas_reads_back(stream: list[tuple[object, ...]], first_seq: int) -> None:
+    """Beyond what an assembler makes: any entries (huge seqs, ages above the flush, a host both
+    heard and forgotten), flush changes mid-stream, deltas before any keyframe."""
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    for n, (keyframe, hosts, forgot, flush_ms) in enumerate(stream):
+        bundle = Bundle(
+            "r1",
+            "b",
+            first_seq + n,
+            flush_ms,  # type: ignore[arg-type]
+            tuple(hosts),  # type: ignore[arg-type]
+            version=2,
+            keyframe=bool(keyframe),
+            forgot=() if keyframe else tuple(forgot),  # type: ignore[arg-type]
+            sent_ms=1000 * n,
+        )
+        _same_news(decoder.decode(encoder.encode(bundle)), bundle)
+
+
+# --------------------------------------------------------------------- without the keyframe
+
+
+def _stream() -> tuple[BundleEncoder, list[bytes]]:
+    """A relay's keyframe (seq 1) and four deltas in which h1 beats, h2 stays quiet."""
+    encoder = BundleEncoder()
+    hosts = (HostEntry("h1", 1, 0, 1000, OK), HostEntry("h2", 1, 0, 1000, OK))
+    payloads = [encoder.encode(Bundle("r1", "b", 1, 1000, hosts, version=2, sent_ms=0))]
+    for seq in range(2, 6):
+        beat = HostEntry("h1", seq, 100, 1000, OK)
+        payloads.append(
+            encoder.encode(Bundle("r1", "b", seq, 1000, (beat,), version=2, keyframe=False, sent_ms=1000 * seq))
+        )
+    return encoder, payloads
+
+
+def test_a_delta_without_its_keyframe_raises_keyframe_missing_with_the_bundle_header() -> None:
+    _, payloads = _stream()
+    with pytest.raises(KeyframeMissing) as lost:  # a restarted receiver: no table at all
+        BundleDecoder().decode(payloads[2])
+    assert lost.value.reason == "need_keyframe"
+    assert lost.value.header == Bundle("r1", "b", 3, 1000, version=2, keyframe=False, sent_ms=3000)
+    decoder = BundleDecoder()
+    decoder.decode(payloads[0])
+    decoder.decode(payloads[1])
+    with pytest.raises(KeyframeMissing):  # a missed delta: a seq gap
+        decoder.decode(payloads[3])
+    with pytest.raises(KeyframeMissing):  # and every delta after it, until a keyframe
+        decoder.decode(payloads[4])
+    with pytest.raises(WireError) as stale:  # a repeat: not news, and the table stays
+        decoder.decode(payloads[1])
+    assert stale.value.reason == "stale_bundle"
+    decoder.decode(payloads[0])  # a repeated keyframe does not reset the table either
+    with pytest.raises(KeyframeMissing):
+        decoder.decode(payloads[3])
+
+
+def test_a_new_boot_needs_its_own_keyframe() -> None:
+    _, payloads = _stream()
+    decoder = BundleDecoder()
+    decoder.decode(payloads[0])
+    other = BundleEncoder()
+    other.encode(Bundle("r1", "b2", 1, 1000, (HostEntry("h1", 1, 0, 1000, OK),), version=2, sent_ms=0))
+    delta = other.encode(Bundle("r1", "b2", 2, 1000, version=2, keyframe=False, sent_ms=1000))
+    with pytest.raises(KeyframeMissing):
+        decoder.decode(delta)
+
+
+def test_a_bundle_of_another_relay_than_its_topic_moves_no_state() -> None:
+    _, payloads = _stream()
+    decoder = BundleDecoder()
+    for payload in payloads[:2]:
+        with pytest.raises(WireError) as err:
+            decoder.decode(payload, relay="r2")
+        assert err.value.reason == "relay_mismatch"
+    with pytest.raises(KeyframeMissing):
+        decoder.decode(payloads[1], relay="r1")
+
+
+def test_the_monitor_keeps_an_unreadable_relay_alive_waits_for_its_keyframe_and_asks_for_one() -> None:
+    """A monitor that missed a delta (or restarted) reads the relay's next deltas as headers only:
+    the relay stays up, h2 (silent since the keyframe, timeout 3 s) is not judged while we cannot
+    know, a keyframe is asked for; the keyframe resyncs, and h2 is down from its own evidence."""
+    encoder, payloads = _stream()
+    detector, decoder = Detector(Policy(misses=3), 0.0), BundleDecoder()
+    detector.observe(decoder.decode(payloads[0]), 1.0)
+    detector.observe(decoder.decode(payloads[1]), 2.0)
+    for n, payload in enumerate(payloads[3:], start=4):  # payloads[2] was lost
+        with pytest.raises(KeyframeMissing) as lost:
+            decoder.decode(payload)
+        assert detector.expire(float(n)) + detector.lost_track(lost.value.header, float(n)) == []
+        assert detector.relays["r1"].desynced
+        assert detector.relays["r1"].state == State.UP
+    assert detector.take_resync_requests() == ["r1"]
+    hosts = (HostEntry("h1", 6, 0, 1000, OK), HostEntry("h2", 1, 5000, 1000, OK))
+    keyframe = encoder.encode(Bundle("r1", "b", 6, 1000, hosts, version=2, sent_ms=6000))
+    out = detector.observe(decoder.decode(keyframe), 6.0)
+    assert [(t.subject, t.to_state, t.at) for t in out] == [("h2", State.DOWN, 4.0)]
+    assert not detector.relays["r1"].desynced
+
+
+def test_a_parent_that_cannot_read_its_childs_delta_asks_it_for_a_keyframe() -> None:
+    _, payloads = _stream()
+    parent = Assembler("p", "pb", 1.0, 5.0, keyframe_s=30.0, version=2)
+    with pytest.raises(KeyframeMissing) as lost:
+        BundleDecoder().decode(payloads[1])
+    parent.lose_child(lost.value.header, 1.0)
+    assert parent.wanted_keyframes == ["r1"]
+    assert parent.flush(1.0).children == ()  # nothing of it in our keyframe until its own arrives
+    assert parent.add_child(decode_bundle(payloads[0]), 1.5) is False  # older than what it said
+    keyframe = BundleEncoder().encode(Bundle("r1", "b", 9, 1000, (), version=2, sent_ms=9000))
+    assert parent.add_child(BundleDecoder().decode(keyframe), 2.0)
+    assert parent.wanted_keyframes == []
+
+
+# ---------------------------------------------------------------------------------- limits
+
+
+def _fields(**replaced: bytes) -> bytes:
+    fields = dict(indexed_fields())
+    fields.update(replaced)
+    return b"".join(fields.values())
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "reason"),
+    [
+        ("kind", b"\x03", "bad_bundle"),  # an indexed keyframe does not exist
+        ("kind", b"\x06", "bad_bundle"),
+        ("relay", b"\x03e/l", "bad_id"),
+        ("boot", b"\x00", "bad_boot"),
+        ("seq", b"\xff" * 9 + b"\x7f", "bad_seq"),
+        ("seq", b"\x80" * 12, "bad_bundle"),  # over-long varint
+        ("flush_ms", b"\x05", "bad_interval"),
+        ("table", b"\x0b", "need_keyframe"),  # not the table this decoder holds
+        ("table", b"\xc1\x9a\x0c", "too_many_entries"),
+        ("heard_form", b"\x02", "bad_bundle"),
+        ("heard", bytes([0b1010, 0b100]), "bad_bundle"),  # a bit past the table's ten
+        ("changes", b"\x0a\x08\x14\xe8\x07\x00", "bad_entry"),  # index 10 of ten
+        ("changes", b"\x05\x08\x14\x05\x00", "bad_interval"),
+        ("changes", b"\x05\x08\x14\xe8\x07\x02", "bad_status"),
+        ("changes", b"\x01\x08\x14\xe8\x07\x00", "bad_entry"),  # h1 twice
+        ("news", b"\x02n/" + b"\x00\x07\xd0\x0f\x01", "bad_id"),
+        ("new", b"\x7f", "bad_bundle"),  # more than the bytes left could hold
+        ("forgotten", b"\x0a", "bad_entry"),
+        ("forgot_new", b"\x7f", "bad_bundle"),
+        ("children", b"\x02", "bad_bundle"),
+        ("child.kind", b"\x02", "bad_bundle"),  # only the top node is indexed
+    ],
+)
+def test_bad_indexed_deltas_are_rejected_with_a_reason_and_leave_the_table_as_it_was(
+    field: str, raw: bytes, reason: str
+) -> None:
+    decoder = _primed()
+    with pytest.raises(WireError) as err:
+        decoder.decode(_fields(**{field: raw}))
+    assert err.value.reason == reason, str(err.value)
+    assert decoder.decode(_fields()) == DELTA_READ
+
+
+def test_indexed_limits_on_size_and_entries() -> None:
+    decoder = _primed()
+    payload = _fields()
+    for max_bytes, max_entries, reason in ((len(payload) - 1, 1000, "too_large"), (1 << 20, 6, "too_many_entries")):
+        with pytest.raises(WireError) as err:
+            decoder.decode(payload, max_bytes=max_bytes, max_entries=max_entries)
+        assert err.value.reason == reason
+    assert decoder.decode(payload, max_entries=10) == DELTA_READ
+
+
+def test_a_compressed_indexed_delta_reads_back() -> None:
+    hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(4000))
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    decoder.decode(encoder.encode(Bundle("r", "b", 1, 1000, hosts, version=2, sent_ms=0)))
+    heard = tuple(HostEntry(f"h{i}", 2, 0, 1000, OK) for i in range(4000))  # ages all 0: compresses
+    delta = Bundle("r", "b", 2, 1000, heard, version=2, keyframe=False, sent_ms=1000)
+    payload = encoder.encode(delta)
+    assert payload[1] == 1
+    assert decoder.decode(payload) == delta
+
+
+# ------------------------------------------------------------------------------------ fuzz
+
+
+def _assert_sound(bundle: Bundle) -> None:
+    for subject in (bundle.relay, bundle.boot, *(entry.id for entry in bundle.hosts), *bundle.forgot):
+        assert ID_GRAMMAR.fullmatch(subject)
+    assert 0 <= bundle.seq < 2**63
+    for entry in bundle.hosts:
+        assert entry.seq is None or 0 <= entry.seq < 2**63
+        assert 0 <= entry.age_ms <= 366 * 86_400_000
+        assert 10 <= entry.interval_ms <= 86_400_000
+        assert entry.status in (OK, STOPPING)
+    assert len({entry.id for entry in bundle.hosts}) == len(bundle.hosts)
+
+
+@settings(max_examples=500, deadline=None)
+@given(hostile_indexed_deltas)
+def test_hostile_indexed_deltas_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
+    decoder = _primed()
+    try:
+        _assert_sound(decoder.decode(payload))
+    except WireError as err:
+        shown = str(err)
+    else:
+        return
+    assert len(shown) < 300
+    assert decoder.decode(_fields()) == DELTA_READ  # the table held is as it was
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_indexed_decoder_returns_or_raises_wire_error_for_any_bytes(tail: bytes) -> None:
+    decoder = _primed()
+    for head in (b"\x02\x00\x02", b"\x02\x00\x02\x04evil\x02b1\x04\xe8\x07", b"\x02\x01"):
+        with contextlib.suppress(WireError):
+            _assert_sound(decoder.decode(head + tail))
+
+
+def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_parent_that_lost_its_tables() -> None:
+    """child relay → (indexed) → parent relay → (indexed) → monitor, all on one fake clock. The parent
+    loses its decoder's tables (it restarted its receive side): it asks the child for a keyframe,
+    and the child's host, beating all along, never goes down."""
+    child = Assembler("r2", "c", 1.0, 1.0, keyframe_s=30.0, version=2)
+    parent = Assembler("r1", "p", 1.0, 1.0, keyframe_s=30.0, version=2)
+    to_parent, to_monitor = BundleEncoder(), BundleEncoder()
+    at_parent, at_monitor = BundleDecoder(), BundleDecoder()
+    detector = Detector(Policy(misses=3), 0.0)
+    out: list[Transition] = []
+    unreadable: list[int] = []
+    for tick in range(1, 40):
+        now = float(tick)
+        child.add_beat("h1", Beat(seq=tick, interval_s=1.0), now - 0.5)
+        if tick == 10:
+            at_parent = BundleDecoder()
+        try:
+            parent.add_child(at_parent.decode(to_parent.encode(child.flush(now)), relay="r2"), now)
+        except KeyframeMissing as lost:
+            parent.lose_child(lost.header, now)
+            unreadable.append(tick)
+        if parent.wanted_keyframes == ["r2"]:
+            child.request_keyframe()  # the parent's request on its local broker
+        out += detector.expire(now) + detector.observe(at_monitor.decode(to_monitor.encode(parent.flush(now))), now)
+        for relay in detector.take_resync_requests():
+            assert relay == "r1"
+            parent.request_keyframe()
+    assert [(t.subject, t.to_state) for t in out] == [("r1", State.UP), ("r2", State.UP), ("h1", State.UP)]
+    assert detector.hosts["h1"].seq == 39
+    assert unreadable == [10]  # and the child's keyframe at 11 resynced the parent
