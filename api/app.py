@@ -19,7 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from relaybeat.api import availability, events, history, metrics, operations, state
+from relaybeat.api import availability, cluster, events, history, metrics, operations, state
 from relaybeat.api.auth import (
     READ_REFUSED,
     WRITE_REFUSED,
@@ -61,8 +61,11 @@ class Health(BaseModel):
     rejected: dict[str, int]
     parts: dict[str, PartState] = Field(
         description="the monitor's tasks: consume, expire, write, checkpoint, loop_lag, db_probe (and notify "
-        "with webhooks); anything but running makes the status degraded"
+        "with webhooks; lease and follow with hot standby); anything but running makes the status degraded"
     )
+    role: str = Field(description="active, or standby (a hot standby on PostgreSQL: serves reads, writes nothing)")
+    node: str | None = Field(description="this monitor's node id (null without a cluster)")
+    active_node: str | None = Field(description="the node holding the lease, as last read (null without a cluster)")
 
 
 def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> FastAPI:
@@ -106,6 +109,7 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     app.include_router(availability.router, **with_sql)
     events.install(app, view, **reads)
     metrics.install(app, view, **reads)
+    cluster.install(app, view)  # GET /api/v1/cluster; a standby answers every write with 409
 
     @app.delete(
         "/api/v1/hosts/{host_id}",

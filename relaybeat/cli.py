@@ -94,7 +94,7 @@ def _shown(db_url: str) -> str:
 
 def _run(main: object) -> None:
     """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
-    from relaybeat.monitor.journal import JournalUnavailable
+    from relaybeat.errors import Unavailable
     from relaybeat.serve import run_until_signal
 
     try:
@@ -102,7 +102,7 @@ def _run(main: object) -> None:
     except PortInUse as exc:
         msg = f"{exc.strerror}. Choose another port."
         raise _fail(msg) from None
-    except JournalUnavailable as exc:
+    except Unavailable as exc:  # a journal or SQLite database another monitor holds, ...
         raise _fail(str(exc.strerror)) from None
     if status:
         raise typer.Exit(status)
@@ -217,7 +217,10 @@ def relay(
 @app.command()
 def monitor(
     broker: Annotated[
-        str | None, typer.Option(help="Broker the relays publish bundles to.", envvar="RELAYBEAT_BROKER")
+        str | None,
+        typer.Option(
+            help="Broker the relays publish bundles to (several: comma-separated).", envvar="RELAYBEAT_BROKER"
+        ),
     ] = (None),
     db: Annotated[
         str | None,
@@ -242,6 +245,12 @@ def monitor(
     journal: Annotated[
         str | None, typer.Option(help="Journal of decisions not yet in SQL [<sqlite db>.journal].")
     ] = None,
+    node_id: Annotated[
+        str | None, typer.Option(help="This monitor's node id [<host name>-<port>].", envvar="RELAYBEAT_NODE_ID")
+    ] = None,
+    failover: Annotated[
+        float | None, typer.Option(help="Seconds before a standby takes over from a silent active [5].")
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -254,7 +263,7 @@ def monitor(
     flags = MonitorFlags(
         broker=broker, db=db, listen=listen, misses=misses, default_interval=default_interval, adaptive=adaptive,
         phi=phi, client_id=client_id, max_bundle_bytes=max_bundle_bytes, max_bundle_entries=max_bundle_entries,
-        journal=journal, prefix=prefix,
+        journal=journal, prefix=prefix, node_id=node_id, failover=failover,
     )  # fmt: skip
     start = _settings(lambda: monitor_start(flags, os.environ, config))
     host, port = start.listen

@@ -14,7 +14,10 @@ is checked against the code by tests/test_layering.py.
     ├── Unavailable          something outside relaybeat is not there (a port, a file, a server, a version)
     │   ├── PortInUse            relay.ports: another process holds the port
     │   │   └── BrokerPortInUse      broker_config.settings: ... the embedded broker's port
-    │   └── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
+    │   ├── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
+    │   └── DatabaseHeld         monitor.cluster: another monitor runs on this SQLite file
+    ├── NotActive            monitor.store: a write refused: this monitor does not hold the lease (standby)
+    ├── SessionStolen        monitor.ingest: the MQTT session is taken over again and again (same client id)
     ├── PartFailed           relay.parts: a part of a running service died; the process stops
     ├── AccessRefused        api.auth: a request without the token it needs
     └── ApiError             relaybeat.people: the HTTP API answered with an error

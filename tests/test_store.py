@@ -30,7 +30,10 @@ from relaybeat.monitor.store import (
     upgrade_sync,
 )
 
-TABLES = {"transitions", "hosts", "relays", "maintenance", "acknowledgements", "outbox", "alerts"}
+TABLES = {
+    "transitions", "hosts", "relays", "maintenance", "acknowledgements", "outbox", "alerts", "monitor_lease",
+    "monitor_nodes",
+}  # fmt: skip
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PLUS_2 = timezone(timedelta(hours=2))
