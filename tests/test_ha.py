@@ -29,7 +29,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, select
 
-from relaybeat.monitor.tables import TransitionModel
+from relaybeat.monitor.tables import OutboxModel, TransitionModel
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.wire import OFFLINE, ONLINE, Bundle, HostEntry, LeafStatus, Topics, encode_bundle
@@ -131,6 +131,17 @@ class History:
                 found.setdefault(subject, []).append((str(from_state), str(to_state)))
         return found
 
+    def dump(self, *subjects: str) -> str:
+        t = TransitionModel
+        query = select(t.subject, t.from_state, t.to_state, t.at, t.reason, t.key).where(t.subject.in_(subjects))
+        with self.engine.connect() as connection:
+            return "\n".join(str(tuple(row)) for row in connection.execute(query.order_by(t.id)))
+
+    def delivered(self) -> int:
+        with self.engine.connect() as connection:
+            o = OutboxModel
+            return len(list(connection.execute(select(o.id).where(o.delivered_at.is_not(None)))))
+
     def count(self) -> int:
         return sum(len(m) for m in self.moves().values())
 
@@ -175,7 +186,8 @@ def settle(history: History, relay: FlippingRelay, active: Service) -> None:
         try:
             assert_exactly_once(history, relay)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{active.name}'s log:\n{active.log()[-4000:]}") from None
+            rows = history.dump(RELAY, "h00")
+            raise AssertionError(f"{exc}\n{rows}\n{active.name}'s log:\n{active.log()[-4000:]}") from None
 
 
 @pytest.fixture
@@ -187,6 +199,11 @@ def ha(tmp_path: Path, central_broker: CentralBroker, postgres_url: str) -> Iter
     finally:
         topo.close()
         history.close()
+        import shutil
+
+        keep = Path("/tmp/h12-logs") / tmp_path.name
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(tmp_path, keep)
 
 
 def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
@@ -309,6 +326,9 @@ def test_two_monitors_send_one_post_per_incident_across_a_takeover(
 
         relay.die()  # one outage: relay r1 down, its hosts unreachable
         wait_until(lambda: receiver.kinds()[("outage", f"relay:{RELAY}")] >= 1, 20, "the outage POST")
+        # kill -9 once node-a recorded the delivery (dying between a 2xx and its record is the one way to
+        # send a message twice, with the same Idempotency-Key: README, Notifications)
+        wait_until(lambda: history.delivered() >= 1, 20, "the delivery recorded")
         topo.services["node-a"].kill()
         wait_until(lambda: role(b) == "active", 20, "node-b to take over")
 
