@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -41,6 +42,7 @@ from relaybeat.errors import SettingsError
 
 log = logging.getLogger("relaybeat.mqtt")
 
+LIST_CONNECT_TIMEOUT_S = 3.0  # connecting to one node of a broker list: then the next
 TLS_OPTIONS = ("ca", "cert", "key")  # the query options a broker URL may carry (mqtts:// only)
 
 
@@ -223,7 +225,11 @@ async def stay_connected(
     while True:
         url = urls[index]
         try:
-            async with make_client(url) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                # With other nodes to try, one that takes the connection but does not answer (a cluster
+                # node electing leaders after another died) is given up on sooner than aiomqtt's 10 s.
+                async with asyncio.timeout(LIST_CONNECT_TIMEOUT_S if len(urls) > 1 else None):
+                    client = await stack.enter_async_context(make_client(url))
                 attempt = failed_in_row = 0
                 log.info("%s connected to %s", name, url)
                 if on_state is not None:

@@ -438,6 +438,7 @@ class NatsCluster:
         self.http_ports = [p[1] for p in ports]
         routes = ", ".join(f"nats-route://127.0.0.1:{p[3]}" for p in ports)
         self.services: list[Service] = []
+        self._binary = binary
         for i, (client, http, mqtt, route) in enumerate(ports, 1):
             conf = folder / f"nats-{i}.conf"
             conf.write_text(
@@ -451,14 +452,22 @@ class NatsCluster:
         return f"mqtt://127.0.0.1:{self.mqtt_ports[i]}"
 
     def wait_ready(self, timeout: float = 30) -> None:
-        for i, port in enumerate(self.http_ports):
-            url = f"http://127.0.0.1:{port}/healthz?js-enabled-only=true"
-            wait_until(lambda url=url: httpx.get(url, timeout=2).status_code == 200, timeout, f"NATS node {i + 1}",
-                       service=self.services[i])  # fmt: skip
-            wait_until(lambda port=self.mqtt_ports[i]: port_open(port), timeout, f"NATS node {i + 1}'s MQTT")
+        for i, (http, mqtt) in enumerate(zip(self.http_ports, self.mqtt_ports, strict=True)):
+
+            def ready(http: int = http, mqtt: int = mqtt) -> bool:
+                url = f"http://127.0.0.1:{http}/healthz?js-enabled-only=true"
+                return httpx.get(url, timeout=2).status_code == 200 and port_open(mqtt)
+
+            wait_until(ready, timeout, f"NATS node {i + 1}", service=self.services[i])
 
     def kill(self, i: int) -> None:
         self.services[i].kill()
+
+    def restart(self, i: int) -> None:
+        """Node i again, on its ports and store_dir: it rejoins the cluster (wait_ready before use)."""
+        self.services[i].close_log()
+        conf = self.folder / f"nats-{i + 1}.conf"
+        self.services[i] = Service(f"nats-{i + 1}", ["-c", str(conf)], self.folder, command=[self._binary])
 
     def close(self) -> None:
         for service in self.services:

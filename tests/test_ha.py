@@ -187,7 +187,8 @@ def settle(history: History, relay: FlippingRelay, active: Service) -> None:
             assert_exactly_once(history, relay)
         except AssertionError as exc:
             rows = history.dump(RELAY, "h00")
-            raise AssertionError(f"{exc}\n{rows}\n{active.name}'s log:\n{active.log()[-4000:]}") from None
+            msg = f"{exc}\n{rows}\n{active.name}'s log:\n{active.log()[-4000:]}"
+            raise AssertionError(msg) from None
 
 
 @pytest.fixture
@@ -223,7 +224,8 @@ def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
         assert {n["node"]: n["holds_lease"] for n in cluster["nodes"]} == {"node-a": True, "node-b": False}
         refused = httpx.delete(f"{b}/api/v1/hosts/h00", timeout=5)
         assert refused.status_code == 409
-        assert refused.json()["active"] == "node-a" and "node-a" in refused.json()["detail"]
+        assert refused.json()["active"] == "node-a"
+        assert "node-a" in refused.json()["detail"]
 
         relay.burst(6)  # 12 transitions a second
         wait_until(lambda: history.count() >= HOSTS + 30, 20, "the burst under way in SQL")
@@ -240,7 +242,7 @@ def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
         status = subprocess.run(
             [sys.executable, "-m", "relaybeat", "status", "--api", b], capture_output=True, text=True, timeout=30
         )
-        assert "node-b" in status.stdout and "active" in status.stdout, status.stdout + status.stderr
+        assert "node node-b (active)" in status.stdout, status.stdout + status.stderr
     finally:
         relay.close()
 
@@ -270,7 +272,8 @@ def test_a_paused_active_writes_nothing_after_resuming_and_reports_standby(
         time.sleep(1.0)  # node-a decides what it read while stopped: it must not write any of it
         relay.burst(0)
         settle(history, relay, topo.services["node-b"])
-        assert role(a) == "standby" and role(b) == "active"
+        assert role(a) == "standby"
+        assert role(b) == "active"
         assert "steps down to standby" in topo.services["node-a"].log()
     finally:
         relay.close()
@@ -284,7 +287,7 @@ class Receiver:
         received = self.posts
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server interface
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append((self.headers["Idempotency-Key"], json.loads(body)))
                 self.send_response(204)
@@ -361,7 +364,8 @@ def test_a_second_monitor_on_one_sqlite_file_is_refused_in_one_line(tmp_path: Pa
         )  # fmt: skip
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
-        assert lines == [lines[0]] and "another monitor already runs on the SQLite database" in lines[0], lines
+        assert len(lines) == 1, lines
+        assert "another monitor already runs on the SQLite database" in lines[0]
         first.assert_running()
     finally:
         first.stop()
