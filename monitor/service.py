@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.notify import AlertBook
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
 from relaybeat.monitor.records import Change
-from relaybeat.monitor.states import Kind, State, Transition
+from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.monitor.store import LeaseView, Store
 from relaybeat.monitor.writer import MonitorObserver, Writer
 from relaybeat.relay.mqtt import Brokers, BrokerURL
@@ -53,6 +53,7 @@ log = logging.getLogger("relaybeat.monitor")
 DB_PROBE_S = 0.5  # how often the database probe reads one row
 DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
 FOLLOW_S = 0.2  # how often a standby reads the active's new rows
+FLAP_ROWS = 200_000  # at most this many history rows of the flap window are read back at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +148,25 @@ class Monitor:
         hosts, relays = await self.store.load()
         mono = self.clock.mono
         self.detector.restore((h.snapshot(mono) for h in hosts), (r.snapshot(mono) for r in relays))
+        await self._restore_flaps()
         self.writer.last_written_id = await self.store.last_transition_id()
         log.info("restored %d hosts and %d relays from the database", len(hosts), len(relays))
+
+    async def _restore_flaps(self) -> None:
+        """Each subject's state changes within the flap window, from SQL: a restart neither ends a
+        flapping episode nor forgets the changes that lead to one."""
+        policy, mono = self.detector.policy, self.clock.mono
+        since = self.clock.wall(self.clock.now() - policy.flap_window_s)
+        rows = await self.store.history(since=since, limit=FLAP_ROWS, newest_first=False)
+        changes: defaultdict[tuple[Kind, str], list[float]] = defaultdict(list)
+        for row in rows:
+            if row.event is Event.TRANSITION:
+                changes[(row.kind, row.subject)].append(mono(row.at))
+        hosts, relays = self.detector.hosts, self.detector.relays
+        for (kind, subject), times in changes.items():
+            track = (hosts if kind is Kind.HOST else relays).get(subject)
+            if track is not None:
+                track.flaps = tuple(times[-policy.flap_start :])
 
     async def promote(self, lease: LeaseView) -> None:
         """The lease is ours (the old active is fenced off): reload what the old active changed, then

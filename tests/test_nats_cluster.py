@@ -44,7 +44,10 @@ def test_killing_the_monitors_node_then_the_relays_node_raises_no_false_alarm(tm
         nats.wait_ready()
         monitor_brokers = ",".join(nats.url(i) for i in (0, 2, 1))
         relay_brokers = ",".join(nats.url(i) for i in (1, 2, 0))
-        topo.monitor(monitor_brokers, pick_free("127.0.0.1"))
+        # misses 6: while JetStream elects new leaders after a node died, QoS 1 messages stall on every
+        # node (measured 3 to 16 s on the shared 2-core box); a relay whose bundles are stuck that long
+        # would be declared down, though it and its hosts are fine.
+        topo.monitor(monitor_brokers, pick_free("127.0.0.1"), misses=6)
         site = pick_free("127.0.0.1")
         topo.relay("r1", relay_brokers, serve=site, flush=1.0)
         for leaf in LEAVES:
@@ -57,15 +60,15 @@ def test_killing_the_monitors_node_then_the_relays_node_raises_no_false_alarm(tm
         seen = bundles(topo.api)
         nats.kill(0)  # the monitor's node
         first = resumed_s(topo, time.monotonic(), seen)
-        time.sleep(4.0)  # longer than a relay's timeout (3 s): a false alarm would show by now
+        time.sleep(7.0)  # longer than a relay's timeout (6 s): a false alarm would show by now
         nats.restart(0)  # a 3-node JetStream keeps going with one node down, not two
         nats.wait_ready()
-        time.sleep(8.0)  # its JetStream rejoins and catches up
+        time.sleep(3.0)  # its JetStream rejoins (about 2 s: ../shared/BROKERS.md)
 
         seen = bundles(topo.api)
         nats.kill(1)  # the relay's node
         second = resumed_s(topo, time.monotonic(), seen)
-        time.sleep(4.0)
+        time.sleep(7.0)
         print(f"\nNATS cluster: bundles heard again {first:.1f} s after the monitor's node died, "
               f"{second:.1f} s after the relay's node died")  # fmt: skip
 
