@@ -4,6 +4,7 @@ nor starts counting from zero. In process: a real monitor and store, a hand-driv
 
 from __future__ import annotations
 
+from relaybeat.monitor.states import Event
 from relaybeat.monitor.store import Store
 from tests.fakes import FakeClock
 from tests.monitors import Feed, new_monitor
@@ -19,7 +20,7 @@ async def test_a_restart_keeps_flapping_history_from_sql(store: Store) -> None:
         await feed.down("web-1")
         await feed.up("web-1")
     events = [r.event for r in await store.history(subject="web-1", newest_first=False)]
-    assert events.count("flapping_start") == 1
+    assert events.count(Event.FLAPPING_START) == 1
 
     clock.t += 5.0  # restarted: a new monitor on the same database
     second = new_monitor(store, clock)
@@ -32,4 +33,4 @@ async def test_a_restart_keeps_flapping_history_from_sql(store: Store) -> None:
     await again.send()  # a fresh bundle after the start-up grace: web-1 still flapping, no flapping_end
     await again.down("web-1")
     events = [r.event for r in await store.history(subject="web-1", newest_first=False)]
-    assert "flapping_end" not in events
+    assert Event.FLAPPING_END not in events
