@@ -149,8 +149,12 @@ class Cluster:
         self.epoch = view.epoch
         try:
             await self.promote(view)
-        except BaseException:
+        except Exception as exc:  # the database went away meanwhile: a standby again, try at the next tick
             self.step_down("taking over failed")
+            log.warning("lease: taking over failed (%s: %s); a standby until the next tick", type(exc).__name__, exc)
+            return
+        except BaseException:
+            self.step_down("stopping")
             raise
         if time.monotonic() >= self._valid_until:  # promote took longer than the lease: never act on it
             self.step_down("taking over outlasted its lease")
