@@ -81,6 +81,7 @@ class Ingest:
         self._client: aiomqtt.Client | None = None  # the broker session's client, while there is one
         self.client_id = ""
         self._connected_at: float | None = None  # monotonic, while connected
+        self._ever_connected = False
         self._short_sessions: deque[float] = deque()  # when sessions ended soon after they began
 
     async def run(self, broker: BrokerURL | Brokers, client_id: str) -> None:
@@ -96,6 +97,11 @@ class Ingest:
 
     def _connection_changed(self, connected: bool) -> None:
         self._count_short_sessions(connected)
+        if connected and not self._ever_connected:
+            # Blind until the first session: the start-up grace counts from it, not from the start of a
+            # process that took a while to connect (a standby deciding on nothing would write it later).
+            self._ever_connected = True
+            self.detector.regain_sight(self.clock.now())
         if connected != (not self.detector.disconnected):
             log.warning("monitor %s its broker", "regained" if connected else "lost")
         self.detector.set_connected(connected, self.clock.now())

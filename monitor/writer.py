@@ -339,7 +339,11 @@ class Writer:
                 self.journal.append(self._journal_line(self._unwritten, 0))
             except OSError as exc:
                 self._journal_failed(exc)
-        log.info("takeover: %d decisions made here were not in SQL; writing them", len(self._unwritten))
+        log.info(
+            "takeover: %d decisions made here were not in SQL; writing them%s",
+            len(self._unwritten),
+            "".join(f"; {c.kind} {c.subject} {c.from_state}->{c.to_state} ({c.reason})" for c in self._unwritten[:3]),
+        )
         self.standby = False
         self._wanted.set()
 
