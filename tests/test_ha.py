@@ -200,11 +200,6 @@ def ha(tmp_path: Path, central_broker: CentralBroker, postgres_url: str) -> Iter
     finally:
         topo.close()
         history.close()
-        import shutil
-
-        keep = Path("/tmp/h12-logs") / tmp_path.name
-        shutil.rmtree(keep, ignore_errors=True)
-        shutil.copytree(tmp_path, keep)
 
 
 def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
