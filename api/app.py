@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from relaybeat.api import availability, events, history, metrics, operations, quality, state, status
+from relaybeat.api import availability, cluster, events, history, metrics, operations, quality, state, status
 from relaybeat.api.auth import (
     READ_REFUSED,
     WRITE_REFUSED,
@@ -63,8 +63,11 @@ class Health(BaseModel):
     rejected: dict[str, int]
     parts: dict[str, PartState] = Field(
         description="the monitor's tasks: consume, expire, write, checkpoint, loop_lag, db_probe (and notify "
-        "with webhooks); anything but running makes the status degraded"
+        "with webhooks; lease and follow with hot standby); anything but running makes the status degraded"
     )
+    role: str = Field(description="active, or standby (a hot standby on PostgreSQL: serves reads, writes nothing)")
+    node: str | None = Field(description="this monitor's node id (null without a cluster)")
+    active_node: str | None = Field(description="the node holding the lease, as last read (null without a cluster)")
 
 
 def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> FastAPI:
@@ -108,6 +111,7 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
     events.install(app, view, **reads)
     metrics.install(app, view, **reads)
     status.install(app, api_settings.status_pages, responses=DATABASE_UNAVAILABLE)  # open: no `reads`
+    cluster.install(app, view)  # GET /api/v1/cluster; a standby answers every write with 409
 
     @app.delete(
         "/api/v1/hosts/{host_id}",

@@ -11,17 +11,19 @@ reading starts a timeout of grace, as a stall does.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 
 import aiomqtt
 
+from relaybeat.errors import RelaybeatError
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.expiry import Expiry
 from relaybeat.monitor.states import Transition
 from relaybeat.relay.compact import BundleDecoder, KeyframeMissing
-from relaybeat.relay.mqtt import BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.mqtt import Brokers, BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -35,11 +37,20 @@ from relaybeat.relay.wire import (
     decode_relay_status,
 )
 
-__all__ = ["BEHIND_S", "Ingest"]
+__all__ = ["BEHIND_S", "Ingest", "SessionStolen"]
 
 log = logging.getLogger("relaybeat.monitor")
 
 BEHIND_S = 1.0  # input still waiting after reading this long: the monitor is behind, news may be late
+# A session lost this soon after connecting, this many times within STOLEN_WINDOW_S: someone else
+# uses our client id (each takes the session from the other), so the monitor stops instead.
+SHORT_SESSION_S = 5.0
+STOLEN_SESSIONS = 5
+STOLEN_WINDOW_S = 30.0
+
+
+class SessionStolen(RelaybeatError):
+    """The monitor's MQTT session keeps being taken over: another client uses its client id."""
 
 
 class Ingest:
@@ -72,11 +83,16 @@ class Ingest:
         self.behind = 0  # expiry passes that found input waiting and could not read it all first
         self._behind_since: float | None = None  # since when we have been behind (None: caught up)
         self._client: aiomqtt.Client | None = None  # the broker session's client, while there is one
+        self.client_id = ""
+        self._connected_at: float | None = None  # monotonic, while connected
+        self._ever_connected = False
+        self._short_sessions: deque[float] = deque()  # when sessions ended soon after they began
 
-    async def run(self, broker: BrokerURL, client_id: str) -> None:
+    async def run(self, broker: BrokerURL | Brokers, client_id: str) -> None:
+        self.client_id = client_id
         await stay_connected(
             broker,
-            lambda: broker.client(client_id, clean_session=False, keepalive=5),
+            lambda url: url.client(client_id, clean_session=False, keepalive=5),
             self._session,
             name="monitor",
             max_delay_s=1.0,
@@ -84,10 +100,36 @@ class Ingest:
         )
 
     def _connection_changed(self, connected: bool) -> None:
+        self._count_short_sessions(connected)
+        if connected and not self._ever_connected:
+            # Blind until the first session: the start-up grace counts from it, not from the start of a
+            # process that took a while to connect (a standby deciding on nothing would write it later).
+            self._ever_connected = True
+            self.detector.regain_sight(self.clock.now())
         if connected != (not self.detector.disconnected):
             log.warning("monitor %s its broker", "regained" if connected else "lost")
         self.detector.set_connected(connected, self.clock.now())
         self.expiry.wake()
+
+    def _count_short_sessions(self, connected: bool) -> None:
+        now = time.monotonic()
+        if connected:
+            self._connected_at = now
+            return
+        began, self._connected_at = self._connected_at, None
+        if began is None or now - began > SHORT_SESSION_S:
+            return
+        short = self._short_sessions
+        short.append(now)
+        while short and short[0] < now - STOLEN_WINDOW_S:
+            short.popleft()
+        if len(short) >= STOLEN_SESSIONS:
+            msg = (
+                f"the MQTT session of client id {self.client_id!r} was lost {len(short)} times within "
+                f"{STOLEN_WINDOW_S:g} s, each within {SHORT_SESSION_S:g} s of connecting: another client (a second "
+                "monitor?) uses the same client id; give each monitor its own --client-id"
+            )
+            raise SessionStolen(msg)
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topics.all_bundles, qos=1)

@@ -38,10 +38,11 @@ class Notifier:
         self.clock = clock
         self.state_of = state_of  # a subject's state now, None if the detector no longer holds it
         self.alerts = AlertBook()  # what each webhook target has been told is down (loaded by `load`)
-        self.outbox = OutboxWorker(store, settings)
+        self.outbox = OutboxWorker(store, settings, active=lambda: not self.paused)
         self._lock = asyncio.Lock()  # one plan at a time against `alerts`
         # Who was told of each recent recovery, by the closing transition's key (for follow-ups).
         self.recovered: OrderedDict[str, list[tuple[str, str, datetime]]] = OrderedDict()
+        self.paused = False  # a hot standby: no reminders, no deliveries (the active sends them)
         everies = [t.remind_every_s for t in settings.targets if t.remind_every_s is not None]
         self.remind_tick_s = max(0.01, min([30.0, *(every / 4 for every in everies)]))  # also drops stale alerts
 
@@ -119,6 +120,8 @@ class Notifier:
 
     async def remind(self) -> int:
         """Queue the reminders due now (and close alerts of forgotten subjects); how many were queued."""
+        if self.paused:
+            return 0
         async with self._lock:
             now = self.clock.wall(self.clock.now())
             due = remind(self.alerts, self.settings.targets, now, self.state_of)

@@ -10,6 +10,9 @@ It only moves rows and bytes:
   anything else, and never resends a message it knows was delivered, even if recording it fails
   for a while. Only a crash between the 2xx and the record can send a message twice; every
   attempt carries the same `Idempotency-Key`, so the receiver can drop the repeat.
+- each attempt first claims its row (`Store.outbox_claim`, a conditional update timed by the
+  database): a message another monitor is sending is left alone, so across monitors (a takeover
+  included) each one is sent once, unless a monitor died between the 2xx and recording it.
 - URLs may hold secrets (many webhook services put a token in the path): logs name the target,
   never the URL.
 """
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +41,8 @@ log = logging.getLogger("relaybeat.notify")
 USER_AGENT = "relaybeat-webhook/1"
 BATCH = 50  # rows read per target at a time
 PURGE_EVERY_S = 3600.0
+CLAIM_MARGIN_S = 5.0  # a claim outlasts the attempt's timeout by this much
+CLAIMED_RETRY_S = 1.0  # a message another monitor holds: look again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,11 @@ class OutboxWorker:
         wall: Callable[[], datetime] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         jitter: Callable[[], float] = random.random,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
+        self.active = active  # False on a hot standby: it sends nothing
+        self.claimer = uuid.uuid4().hex[:16]  # this process, in the rows it claims
         self.settings = settings
         self.webhooks = {w.name: w for w in settings.webhooks}
         self.wall = wall or (lambda: datetime.now(UTC))
@@ -140,7 +149,9 @@ class OutboxWorker:
 
     async def deliver_due(self, client: httpx.AsyncClient) -> float | None:
         """Send whatever is due, target by target (targets in parallel). Seconds until the next
-        scheduled attempt, None when nothing is pending."""
+        scheduled attempt, None when nothing is pending (or this monitor is a standby)."""
+        if not self.active():
+            return None
         await self._record_delivered()
         # Every target's drain ends before this returns, errors or not: never two drains of one target.
         results = await asyncio.gather(
@@ -164,6 +175,10 @@ class OutboxWorker:
                 now = self.wall()
                 if row.next_attempt_at > now:
                     return (row.next_attempt_at - now).total_seconds()
+                if not self.active():
+                    return None
+                if not await self.store.outbox_claim(row.id, self.claimer, hook.timeout_s + CLAIM_MARGIN_S):
+                    return CLAIMED_RETRY_S  # another monitor is sending it; later ones wait (order per target)
                 try:
                     retry_in = await self._attempt(client, hook, row)
                 finally:

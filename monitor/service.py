@@ -10,7 +10,11 @@ task (`relay.parts.Parts`, shown in /healthz):
   journaled (`MonitorSettings.journal`) and batched into SQL off the hot path, retrying until the
   database takes it (nothing accepted is lost);
 - `notify` (monitor/notifier.py, with webhooks): delivers the messages planned with each batch;
-- `db_probe` (here): reads one row every DB_PROBE_S, so an outage shows with nothing to write.
+- `db_probe` (here): reads one row every DB_PROBE_S, so an outage shows with nothing to write;
+- `lease` and `follow` (monitor/cluster.py, on PostgreSQL with `cluster` settings): hot standby.
+  Exactly one monitor of a database is active and writes; the others follow the same bundles on
+  their own sessions, keep their decisions until the active's rows confirm them, and on takeover
+  write exactly those it did not. With SQLite one monitor holds the file (`cluster.lock_database`, taken at start).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from relaybeat.monitor.clock import Clock, SystemClock
+from relaybeat.monitor.cluster import Cluster, ClusterSettings, Role
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.expiry import STALL_S, Expiry
 from relaybeat.monitor.ingest import Ingest
@@ -35,10 +40,10 @@ from relaybeat.monitor.notify import BAD_STATES, AlertBook
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
 from relaybeat.monitor.quality import Opening, Targets, TargetTimeouts, lookup_in
 from relaybeat.monitor.records import Change
-from relaybeat.monitor.states import Kind, State, Transition
-from relaybeat.monitor.store import Store
+from relaybeat.monitor.states import Event, Kind, State, Transition
+from relaybeat.monitor.store import LeaseView, Store
 from relaybeat.monitor.writer import MonitorObserver, Writer
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.parts import Parts, PartState
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES, DEFAULT_PREFIX, Topics
@@ -49,11 +54,13 @@ log = logging.getLogger("relaybeat.monitor")
 
 DB_PROBE_S = 0.5  # how often the database probe reads one row
 DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
+FOLLOW_S = 0.2  # how often a standby reads the active's new rows
+FLAP_ROWS = 200_000  # at most this many history rows of the flap window are read back at start
 
 
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
-    broker: BrokerURL
+    broker: BrokerURL | Brokers  # one broker, or the nodes of one cluster (tried in order)
     policy: Policy = field(default_factory=Policy)
     prefix: str = DEFAULT_PREFIX
     client_id: str = "relaybeat-monitor"
@@ -72,6 +79,9 @@ class MonitorSettings:
     # Timeouts from targets (monitor/quality.py) instead of interval × misses, per host-id glob too.
     targets: Targets = field(default_factory=Targets)
     targets_by_glob: tuple[tuple[str, Targets], ...] = ()
+    # Hot standby on PostgreSQL (monitor/cluster.py): this node's id and failover_s. None: no lease
+    # (one monitor per database, as before); ignored on SQLite, where one monitor holds the file.
+    cluster: ClusterSettings | None = None
 
 
 class Monitor:
@@ -107,6 +117,7 @@ class Monitor:
         )
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
+        self.cluster: Cluster | None = None  # set by restore() on PostgreSQL with cluster settings
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -119,15 +130,32 @@ class Monitor:
         """Swap the database for every part (a tool or test that opens it in another event loop)."""
         self._store = self.writer.store = self.notifier.store = self.notifier.outbox.store = store
 
+    @property
+    def role(self) -> Role:
+        """active, or standby (a hot standby that writes nothing); without a cluster always active."""
+        return Role.ACTIVE if self.cluster is None else self.cluster.role
+
     async def restore(self) -> None:
         """Write what the journal holds and SQL lacks, then load current state from SQL; the
-        detector's start-up grace protects everyone restored."""
+        detector's start-up grace protects everyone restored. A hot standby keeps its journal for
+        the takeover instead (`promote`)."""
+        cluster = self.settings.cluster
+        if self.store.dialect == "postgresql" and cluster is not None:
+            self.cluster = Cluster(cluster, self.store, self.promote, self.demote)
+            self.writer.lost_lease = self.cluster.lost
+            self.notifier.paused = True
         self.maintenance.load(await self.store.maintenance_windows())
         await self.notifier.load()
-        await self.writer.replay()
+        if self.cluster is None:
+            await self.writer.replay()
+        else:  # the first lease tick: active now (its own journal written) or a standby (journal kept)
+            self.writer.hold_journal()
+            self.writer.last_written_id = await self.store.last_transition_id()
+            await self.cluster.tick()
         hosts, relays = await self.store.load()
         mono = self.clock.mono
         self.detector.restore((h.snapshot(mono) for h in hosts), (r.snapshot(mono) for r in relays))
+        await self._restore_flaps()
         self.writer.last_written_id = await self.store.last_transition_id()
         await self._resume_outages([(Kind.HOST, h.id) for h in hosts if h.state in BAD_STATES])
         await self._resume_outages([(Kind.RELAY, r.id) for r in relays if r.state in BAD_STATES])
@@ -163,6 +191,41 @@ class Monitor:
                 )
             )
 
+    async def _restore_flaps(self) -> None:
+        """Each subject's state changes within the flap window, from SQL: a restart neither ends a
+        flapping episode nor forgets the changes that lead to one."""
+        policy, mono = self.detector.policy, self.clock.mono
+        since = self.clock.wall(self.clock.now() - policy.flap_window_s)
+        rows = await self.store.history(since=since, limit=FLAP_ROWS, newest_first=False)
+        changes: defaultdict[tuple[Kind, str], list[float]] = defaultdict(list)
+        for row in rows:
+            if row.event is Event.TRANSITION:
+                changes[(row.kind, row.subject)].append(mono(row.at))
+        hosts, relays = self.detector.hosts, self.detector.relays
+        for (kind, subject), times in changes.items():
+            track = (hosts if kind is Kind.HOST else relays).get(subject)
+            if track is not None:
+                track.flaps = tuple(times[-policy.flap_start :])
+
+    async def promote(self, lease: LeaseView) -> None:
+        """The lease is ours (the old active is fenced off): reload what the old active changed, then
+        write what it did not; notifications resume."""
+        self.maintenance.load(await self.store.maintenance_windows())
+        await self.notifier.load()
+        node = None if self.cluster is None else self.cluster.node_id
+        await self.writer.promote(replay_own_journal=lease.previous_holder == node)
+        self.notifier.paused = False
+        self.notifier.outbox.poke()
+
+    def demote(self) -> None:
+        self.writer.demote()
+        self.notifier.paused = True
+
+    async def release(self) -> None:
+        """A clean stop: with a lease, end it now so that a standby takes over at once."""
+        if self.cluster is not None:
+            await self.cluster.release()
+
     def close(self) -> None:
         """Release the journal (its lines stay for the next start if SQL does not hold them yet)."""
         self.writer.close()
@@ -181,11 +244,16 @@ class Monitor:
         }
         if s.notify.webhooks:
             parts["notify"] = self.notify
+        if self.cluster is not None:
+            parts["lease"] = self.cluster.run
+            parts["follow"] = lambda: self.writer.run_follow(FOLLOW_S)
         try:
             await self.parts.run(parts)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.release()), 3.0)
 
     async def probe_database(self) -> None:
         """Read one row every DB_PROBE_S, so an outage shows within a second even with nothing to write.

@@ -8,9 +8,10 @@ Alembic migrations in `migrations/` and applied through the store's own connecti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 
@@ -20,14 +21,28 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import ColumnElement, Connection, bindparam, delete, event, func, insert, make_url, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    make_url,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from relaybeat import migrations
-from relaybeat.errors import SettingsError, Unavailable
+from relaybeat.errors import RelaybeatError, SettingsError, Unavailable
 from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.notify import Alert, AlertKey, NoticeType
 from relaybeat.monitor.records import DetectionRow, FalseAlarmRow, HostRow, RelayRow, TransitionRow
@@ -40,7 +55,9 @@ from relaybeat.monitor.tables import (
     DetectionModel,
     FalseAlarmModel,
     HostModel,
+    LeaseModel,
     MaintenanceModel,
+    NodeModel,
     OutboxModel,
     RelayModel,
     TransitionModel,
@@ -48,8 +65,12 @@ from relaybeat.monitor.tables import (
 
 __all__ = [
     "Acknowledgement",
+    "Fence",
     "HostRow",
+    "LeaseView",
     "NewMessage",
+    "NodeView",
+    "NotActive",
     "OutboxRow",
     "RelayRow",
     "Store",
@@ -165,6 +186,51 @@ def database_error(exc: DBAPIError | OSError, url: str) -> DatabaseUnavailable:
         said = said.replace(str(parsed.password), "***")
     hint = hint.format(database=(parsed and parsed.database) or "NAME")
     return DatabaseUnavailable(f"cannot use the database {shown_url(url)}: {said[:300]}; {hint}")
+
+
+LEASE_NAME = "monitor"  # the one row of `monitor_lease`
+
+
+class NotActive(RelaybeatError):
+    """A write refused because this monitor does not hold the lease (a standby, or an active that lost
+    it): the transaction is rolled back, nothing of it is stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What every write checks in its own transaction: that `node` (this process: `token`) still holds
+    the lease under `epoch`. `epoch` None: a standby, which writes nothing."""
+
+    node: str
+    token: str
+    epoch: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """The lease after one `lease_tick`: who holds it, under which epoch, until when (database time)."""
+
+    mine: bool  # this process holds it (renewed or just acquired)
+    acquired: bool  # ... and it was taken just now (a new epoch)
+    holder: str | None
+    epoch: int
+    renewed_at: datetime | None
+    expires_at: datetime | None
+    previous_holder: str | None  # when `acquired`: who held it before (None: nobody ever)
+    holder_api: str | None  # where the holder's HTTP API listens, as it reported
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """A monitor as it last reported itself (`monitor_nodes`), with the lease's view of it."""
+
+    node: str
+    role: str
+    epoch: int | None
+    api: str | None
+    started_at: datetime
+    last_seen: datetime
+    holds_lease: bool
 
 
 def async_url(url: str) -> str:
@@ -307,6 +373,35 @@ class Store:
         self._engine = engine
         self._url = url
         self._writer = engine.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
+        # With hot standbys (PostgreSQL): every write checks this in its transaction. None: no lease.
+        self.fence: Fence | None = None
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; with a fence, it first checks (and share-locks) the lease row, so a
+        takeover waits for it and a monitor that lost the lease writes nothing (`NotActive`)."""
+        fence = self.fence
+        if fence is not None and fence.epoch is None:
+            msg = f"monitor {fence.node} is a standby: it writes nothing"
+            raise NotActive(msg)
+        async with self._writer.begin() as connection:
+            if fence is not None:
+                lease = LeaseModel
+                held = await connection.scalar(
+                    select(lease.epoch)
+                    .where(
+                        lease.name == LEASE_NAME,
+                        lease.holder == fence.node,
+                        lease.token == fence.token,
+                        lease.epoch == fence.epoch,
+                        lease.expires_at > func.now(),
+                    )
+                    .with_for_update(read=True)
+                )
+                if held is None:
+                    msg = f"monitor {fence.node} no longer holds the lease (epoch {fence.epoch}): write refused"
+                    raise NotActive(msg)
+            yield connection
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -327,6 +422,14 @@ class Store:
     def dialect(self) -> str:
         """'sqlite' or 'postgresql'."""
         return self._engine.dialect.name
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite database's file (None for PostgreSQL or an in-memory database)."""
+        url = self._engine.url
+        if self.dialect != "sqlite" or url.query.get("mode") == "memory" or url.query.get("uri"):
+            return None
+        return url.database if url.database not in (None, "", ":memory:") else None
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -398,7 +501,7 @@ class Store:
         if not (transitions or hosts or relays or messages or opened or closed or detections or false_alarms):
             return
         now = datetime.now(UTC)
-        async with self._writer.begin() as connection:
+        async with self._writing() as connection:
             if transitions:
                 rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in transitions]
                 await connection.execute(self._append_transitions(), rows)
@@ -497,12 +600,12 @@ class Store:
             .values(last_seen=bindparam("seen"), seq=bindparam("beat_seq"))
         )
         rows = [{"host_id": host_id, "seen": seen, "beat_seq": seq} for host_id, seen, seq in hosts]
-        async with self._writer.begin() as connection:
+        async with self._writing() as connection:
             await connection.execute(statement, rows)
 
     async def forget_host(self, host_id: str) -> bool:
         """Delete a host's current-state row (its history stays). False if there was none."""
-        async with self._writer.begin() as connection:
+        async with self._writing() as connection:
             result = await connection.execute(delete(HostModel).where(HostModel.id == host_id))
             return result.rowcount > 0
 
@@ -629,8 +732,8 @@ class Store:
     async def _insert_returning(
         self, model: type[Base], values: dict[str, Any], columns: Sequence[Any]
     ) -> dict[str, Any]:
-        """Insert one row; its `columns` as written (ids and defaults filled in), by name."""
-        async with self._writer.begin() as connection:
+        """Insert one row (a fenced write); its `columns` as written (ids and defaults filled in), by name."""
+        async with self._writing() as connection:
             result = await connection.execute(insert(model).values(values).returning(*columns))
             return result.one()._asdict()
 
@@ -641,7 +744,7 @@ class Store:
         statement = (
             update(m).where(m.id == window_id, m.removed_at.is_(None)).values(removed_at=at).returning(*_WINDOW_COLUMNS)
         )
-        async with self._writer.begin() as connection:
+        async with self._writing() as connection:
             row = (await connection.execute(statement)).one_or_none()
             return None if row is None else Window(**row._asdict())
 
@@ -729,8 +832,12 @@ class Store:
     async def _outbox_settle(self, message_id: int, **values: Any) -> None:
         """Record an attempt's outcome on a message not yet delivered (a delivered one never changes)."""
         o = OutboxModel
-        statement = update(o).where(o.id == message_id, o.delivered_at.is_(None)).values(**values)
-        async with self._writer.begin() as connection:
+        statement = (
+            update(o)
+            .where(o.id == message_id, o.delivered_at.is_(None))
+            .values(**values, claimed_by=None, claimed_until=None)
+        )
+        async with self._writing() as connection:
             await connection.execute(statement)
 
     async def outbox_purge(self, before: datetime) -> int:
@@ -738,8 +845,126 @@ class Store:
         _require_aware("before", before)
         o = OutboxModel
         statement = delete(o).where((o.delivered_at < before) | (o.abandoned_at < before))
-        async with self._writer.begin() as connection:
+        async with self._writing() as connection:
             return (await connection.execute(statement)).rowcount
+
+    async def outbox_claim(self, message_id: int, node: str, hold_s: float) -> bool:
+        """Claim a pending message for `hold_s` seconds (database time) before sending it: True if
+        this node got it, False if it is delivered, abandoned or claimed by another node meanwhile."""
+        o = OutboxModel
+        hold = timedelta(seconds=hold_s)
+        now: Any = func.now() if self.dialect == "postgresql" else datetime.now(UTC)
+        statement = (
+            update(o)
+            .where(
+                o.id == message_id,
+                o.delivered_at.is_(None),
+                o.abandoned_at.is_(None),
+                or_(o.claimed_until.is_(None), o.claimed_until <= now, o.claimed_by == node),
+            )
+            .values(claimed_by=node, claimed_until=now + hold)
+        )
+        async with self._writing() as connection:
+            return (await connection.execute(statement)).rowcount == 1
+
+    # --- the lease of the active monitor (PostgreSQL) ---
+
+    async def lease_tick(self, node: str, token: str, epoch: int | None, failover_s: float, api: str | None,
+                         started_at: datetime) -> LeaseView:  # fmt: skip
+        """In one transaction, timed by the database's clock: renew the lease if this process holds it
+        under `epoch`, else take it (a new epoch) if it expired or an earlier process of this node held
+        it; then record this node's report."""
+        lease = LeaseModel
+        span = timedelta(seconds=failover_s)
+        mine = (lease.name == LEASE_NAME, lease.holder == node, lease.token == token, lease.epoch == epoch)
+        async with self._engine.begin() as connection:
+            await connection.execute(text("SET LOCAL lock_timeout = '2s'"))
+            await connection.execute(postgresql.insert(lease).values(name=LEASE_NAME, epoch=0).on_conflict_do_nothing())
+            previous = await connection.scalar(select(lease.holder).where(lease.name == LEASE_NAME).with_for_update())
+            acquired = False
+            held = None
+            if epoch is not None:
+                held = await connection.scalar(
+                    update(lease)
+                    .where(*mine)
+                    .values(renewed_at=func.now(), expires_at=func.now() + span)
+                    .returning(lease.epoch)
+                )
+            if held is None:
+                held = await connection.scalar(
+                    update(lease)
+                    .where(
+                        lease.name == LEASE_NAME,
+                        # expired, or held by an earlier process of this very node (it restarted: the
+                        # node id names one monitor, so that process is gone; its token no longer fences)
+                        or_(lease.expires_at.is_(None), lease.expires_at <= func.now(), lease.holder == node),
+                    )
+                    .values(holder=node, token=token, epoch=lease.epoch + 1, renewed_at=func.now(),
+                            expires_at=func.now() + span)
+                    .returning(lease.epoch)
+                )  # fmt: skip
+                acquired = held is not None
+            row = (
+                await connection.execute(
+                    select(lease.holder, lease.token, lease.epoch, lease.renewed_at, lease.expires_at).where(
+                        lease.name == LEASE_NAME
+                    )
+                )
+            ).one()
+            is_mine = row.holder == node and row.token == token
+            n = NodeModel
+            report = postgresql.insert(n).values(
+                node=node,
+                role="active" if is_mine else "standby",
+                epoch=row.epoch if is_mine else None,
+                api=api,
+                started_at=started_at,
+                last_seen=func.now(),
+            )
+            await connection.execute(
+                report.on_conflict_do_update(
+                    index_elements=[n.node],
+                    set_={
+                        "role": report.excluded.role,
+                        "epoch": report.excluded.epoch,
+                        "api": report.excluded.api,
+                        "started_at": report.excluded.started_at,
+                        "last_seen": report.excluded.last_seen,
+                    },
+                )
+            )
+            holder_api = await connection.scalar(select(n.api).where(n.node == row.holder)) if row.holder else None
+        return LeaseView(
+            mine=is_mine,
+            acquired=acquired,
+            holder=row.holder,
+            epoch=int(row.epoch),
+            renewed_at=row.renewed_at,
+            expires_at=row.expires_at,
+            previous_holder=previous if acquired else None,
+            holder_api=holder_api,
+        )
+
+    async def lease_release(self, node: str, token: str, epoch: int) -> None:
+        """A clean stop: end this process's lease now, so a standby takes over at its next tick."""
+        lease = LeaseModel
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(lease)
+                .where(lease.name == LEASE_NAME, lease.holder == node, lease.token == token, lease.epoch == epoch)
+                .values(expires_at=func.now())
+            )
+            await connection.execute(update(NodeModel).where(NodeModel.node == node).values(role="stopped", epoch=None))
+
+    async def cluster_nodes(self) -> list[NodeView]:
+        """Every monitor that ever reported, by node id; `holds_lease` for the current, unexpired holder."""
+        lease, n = LeaseModel, NodeModel
+        holder = select(lease.holder).where(lease.name == LEASE_NAME, lease.expires_at > func.now()).scalar_subquery()
+        query = select(
+            n.node, n.role, n.epoch, n.api, n.started_at, n.last_seen, (n.node == func.coalesce(holder, literal("")))
+        ).order_by(n.node)
+        async with self._engine.connect() as connection:
+            return [NodeView(*row[:6], holds_lease=bool(row[6])) for row in await connection.execute(query)]
 
 
 async def _ids_of(connection: AsyncConnection, keys: Sequence[str]) -> dict[str, int]:

@@ -220,6 +220,9 @@ class OutboxModel(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     abandoned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A monitor sending it holds it until `claimed_until` (so two monitors never send one message).
+    claimed_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class AlertModel(Base):
@@ -277,3 +280,30 @@ class FalseAlarmModel(Base):
     seen_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     seen_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     recognised_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LeaseModel(Base):
+    """The active monitor's lease: one row, `name` 'monitor'. `expires_at` comes from the database's
+    clock; `epoch` grows by one at every takeover, and every write of the active checks it."""
+
+    __tablename__ = "monitor_lease"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(Text, nullable=True)  # the active node's id
+    token: Mapped[str | None] = mapped_column(Text, nullable=True)  # that process's own token
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class NodeModel(Base):
+    """What each monitor (node) last said of itself, for `GET /api/v1/cluster`."""
+
+    __tablename__ = "monitor_nodes"
+
+    node: Mapped[str] = mapped_column(Text, primary_key=True)
+    role: Mapped[str] = mapped_column(Text)  # active or standby
+    epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the lease epoch it holds, if active
+    api: Mapped[str | None] = mapped_column(Text, nullable=True)  # where its HTTP API listens
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -32,23 +32,26 @@ from datetime import UTC, datetime, timedelta
 from typing_extensions import Unpack
 
 from relaybeat.monitor.availability import Availability, availability, report_window
+from relaybeat.monitor.cluster import Role
 from relaybeat.monitor.detector import HostTrack, RelayTrack
 from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.quality import Figures, Outage, figures
 from relaybeat.monitor.records import FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.service import Monitor, MonitorObserver
 from relaybeat.monitor.states import Event, Kind, State
-from relaybeat.monitor.store import Acknowledgement, HistoryFilters
+from relaybeat.monitor.store import Acknowledgement, HistoryFilters, NodeView
 from relaybeat.relay.parts import PartState
 
 __all__ = [
     "AckView",
+    "ClusterView",
     "FleetHealth",
     "FleetView",
     "HostView",
     "MaintenanceView",
     "Refused",
     "RelayView",
+    "Standby",
     "StateCounts",
     "StatusEntry",
     "StatusPage",
@@ -125,6 +128,9 @@ class FleetHealth:
     received: dict[str, int]
     rejected: dict[str, int]  # the shell's reasons, then the detector's (prefixed detector_), each sorted
     parts: dict[str, str]  # each service part's state (running, stalled, stopped, failed)
+    role: str = "active"  # active, or standby (a hot standby: reads only)
+    node: str | None = None  # this monitor's node id (with a cluster)
+    active_node: str | None = None  # the node holding the lease, as last read (with a cluster)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,6 +220,29 @@ class StatusPageView:
     at: datetime
     hosts: list[StatusEntry]
     relays: list[StatusEntry]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterView:
+    """The monitors of one database (`GET /api/v1/cluster`): who this is, who is active, every node."""
+
+    node: str | None  # None: no cluster (SQLite, or PostgreSQL without a lease)
+    role: str
+    epoch: int | None  # the lease epoch this node holds (active only)
+    active_node: str | None
+    active_api: str | None
+    last_renewal: datetime | None
+    failover_s: float | None
+    nodes: list[NodeView]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Standby:
+    """A write this monitor refuses because it is not the active one, and where the active is."""
+
+    detail: str
+    active: str | None
+    active_api: str | None
 
 
 @dataclass(slots=True)
@@ -401,6 +430,36 @@ class FleetView:
             sinces[subject] = row.at if row is not None and matches else left
         return sinces
 
+    # --- cluster ---
+
+    async def cluster(self) -> ClusterView:
+        monitor = self._monitor
+        c = monitor.cluster
+        if c is None:
+            return ClusterView(node=None, role=monitor.role.value, epoch=None, active_node=None, active_api=None,
+                               last_renewal=None, failover_s=None, nodes=[])  # fmt: skip
+        return ClusterView(
+            node=c.node_id,
+            role=c.role.value,
+            epoch=c.epoch,
+            active_node=c.active_node,
+            active_api=c.active_api,
+            last_renewal=c.last_renewal,
+            failover_s=c.settings.failover_s,
+            nodes=await monitor.store.cluster_nodes(),
+        )
+
+    def not_active(self, why: str | None = None) -> Standby | None:
+        """Why this monitor refuses writes (a standby: naming the active); None when it takes them.
+        `why`: a write already refused by the database (the lease was lost on the way)."""
+        c = self._monitor.cluster
+        if c is None or (c.role is Role.ACTIVE and why is None):
+            return None
+        where = f" at {c.active_api}" if c.active_api else ""
+        active = f"the active is {c.active_node}{where}" if c.active_node else "no monitor is active right now"
+        detail = why or f"monitor {c.node_id} is a standby and takes no writes"
+        return Standby(detail=f"{detail}: {active}", active=c.active_node, active_api=c.active_api)
+
     # --- health ---
 
     def health(self) -> FleetHealth:
@@ -423,6 +482,9 @@ class FleetView:
             received=dict(monitor.received),
             rejected=rejected,
             parts={name: state.value for name, state in parts.items()},
+            role=monitor.role.value,
+            node=None if monitor.cluster is None else monitor.cluster.node_id,
+            active_node=None if monitor.cluster is None else monitor.cluster.active_node,
         )
 
     @property

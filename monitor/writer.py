@@ -15,8 +15,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -26,9 +26,9 @@ from relaybeat.monitor.journal import REWRITE_BYTES, Decision, Journal, encode
 from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
-from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow
-from relaybeat.monitor.states import Kind, State, Transition
-from relaybeat.monitor.store import Store
+from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow, TransitionRow
+from relaybeat.monitor.states import Event, Kind, State, Transition
+from relaybeat.monitor.store import NotActive, Store
 
 __all__ = ["MonitorObserver", "Writer"]
 
@@ -36,7 +36,15 @@ log = logging.getLogger("relaybeat.monitor")
 
 BATCH_GATHER_S = 0.02  # let a burst (a relay's whole subtree) gather into one transaction
 
+FOLLOW_BATCH = 1000  # history rows a standby reads per query
+FOLLOW_KEEP_S = 120.0  # a standby forgets decisions (and the active's rows) it could not match after this
+
 RelayPath = Callable[[Kind, str, str | None], list[str]]
+Signature = tuple[Kind, str, State, State, Event]  # what two monitors' rows of one decision share
+
+
+def signature(row: TransitionRow) -> Signature:
+    return (row.kind, row.subject, row.from_state, row.to_state, row.event)
 
 
 class MonitorObserver(Protocol):
@@ -93,6 +101,12 @@ class Writer:
         self._lookup = lookup_in(detector)
         self._detections: list[DetectionRow] = []
         self._false_alarms: list[FalseAlarmRow] = []
+        # Hot standby (monitor/cluster.py): decisions are kept, not written, until the active's rows
+        # confirm them (`follow`); rows of the active not decided here yet wait in `_ahead`.
+        self.standby = False
+        self.lost_lease: Callable[[str], None] = lambda why: None  # told when a write finds the lease gone
+        self._ahead: defaultdict[Signature, deque[float]] = defaultdict(deque)
+        self._held: list[Decision] = []  # a standby's journal, read at start, written or dropped on takeover
 
     # ---------------------------------------------------------------------------- decisions in
 
@@ -111,7 +125,9 @@ class Writer:
                 zip(transitions, (c.key or "" for c in changes), strict=True), self._lookup, self.clock.now()
             )
         )
-        if self.journal is not None:
+        if self.standby:
+            changes = [c for c in changes if not self._seen_ahead(signature(c))]
+        elif self.journal is not None:
             try:
                 self.journal.append(self._journal_line(changes, first))
             except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
@@ -140,8 +156,9 @@ class Writer:
         return changes
 
     def _judged(self, opened: Sequence[Opening], found: Sequence[FalseAlarm]) -> None:
-        """Queue the quality rows of what the judge just saw, for the next batch."""
-        if not (opened or found):
+        """Queue the quality rows of what the judge just saw, for the next batch (a standby keeps only
+        the judge's state: the active writes these rows)."""
+        if self.standby or not (opened or found):
             return
         wall = self.clock.wall
         timeouts = self.detector.timeouts
@@ -228,6 +245,17 @@ class Writer:
             raise
         self.journal = journal
 
+    def hold_journal(self) -> None:
+        """At a standby's start: lock the journal and keep what it holds for the takeover (`promote`),
+        which writes it only if no other monitor was active since (else that one wrote what it saw)."""
+        self.standby = True
+        if self.journal_path is None or self.journal is not None:
+            return
+        journal, self._held, torn = Journal.open(self.journal_path)
+        if torn:
+            log.warning("journal %s: skipped %d lines that are not decisions (torn?)", journal.path, torn)
+        self.journal = journal
+
     async def _replay(self, decisions: Sequence[Decision]) -> None:
         if not decisions:
             return
@@ -282,6 +310,119 @@ class Writer:
 
     # -------------------------------------------------------------------------------- SQL out
 
+    # ------------------------------------------------------------------------- hot standby
+
+    def _seen_ahead(self, sig: Signature) -> bool:
+        """A standby's decision that the active already wrote: consume its row."""
+        rows = self._ahead.get(sig)
+        if not rows:
+            return False
+        rows.popleft()
+        if not rows:
+            del self._ahead[sig]
+        return True
+
+    def confirm(self, rows: Iterable[TransitionRow], now: float) -> None:
+        """The active wrote `rows`: each confirms (and removes) this standby's first pending decision
+        of the same subject and change; one not decided here yet waits in `_ahead`."""
+        pending: defaultdict[Signature, deque[int]] = defaultdict(deque)
+        for index, change in enumerate(self._unwritten):
+            pending[signature(change)].append(index)
+        matched: set[int] = set()
+        for row in rows:
+            sig = signature(row)
+            waiting = pending.get(sig)
+            if waiting:
+                matched.add(waiting.popleft())
+            else:
+                self._ahead[sig].append(now)
+        if matched:
+            self._unwritten = [c for i, c in enumerate(self._unwritten) if i not in matched]
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop what could not be matched for FOLLOW_KEEP_S: the two monitors saw it differently."""
+        oldest = self.clock.wall(now - FOLLOW_KEEP_S)
+        self._unwritten = [c for c in self._unwritten if c.at >= oldest]
+        for sig in list(self._ahead):
+            rows = self._ahead[sig]
+            while rows and rows[0] < now - FOLLOW_KEEP_S:
+                rows.popleft()
+            if not rows:
+                del self._ahead[sig]
+
+    async def follow(self) -> int:
+        """A standby reads the rows the active wrote since it last looked and confirms its own
+        decisions with them; readers waiting for writes are woken. How many rows it read."""
+        total = 0
+        while True:
+            rows = await self.store.history(after_id=self.last_written_id, limit=FOLLOW_BATCH, newest_first=False)
+            if not rows:
+                break
+            total += len(rows)
+            self.confirm(rows, self.clock.now())
+            self.last_written_id = rows[-1].id
+            if len(rows) < FOLLOW_BATCH:
+                break
+        if total:
+            async with self.written:
+                self.written.notify_all()
+        else:
+            self._forget(self.clock.now())
+        return total
+
+    async def run_follow(self, every_s: float) -> None:
+        """While standby: `follow` every `every_s` (errors only wait for the next time)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.standby:
+                try:
+                    await self.follow()
+                except Exception as exc:
+                    log.debug("standby: could not read the active's rows (%s)", exc)
+
+    async def promote(self, replay_own_journal: bool) -> None:
+        """Take over (the lease is ours, the old active is fenced off): write the journal if this node
+        was the last active, read every row the old active wrote, then write what is left: the
+        decisions made here that it never wrote, under fresh keys, journaled first."""
+        held, self._held = self._held, []
+        if held and replay_own_journal:
+            await self._replay(held)
+        elif held:
+            log.warning(
+                "journal %s: dropped %d decisions of an earlier run: another monitor was active since",
+                self.journal_path,
+                len(held),
+            )
+        if self.journal is not None:
+            self.journal.clear()
+        await self.follow()
+        self._ahead.clear()
+        self._key_prefix = uuid.uuid4().hex[:16] + "-"
+        self._unwritten = [
+            dataclasses.replace(c, key=f"{self._key_prefix}{number}") for number, c in enumerate(self._unwritten)
+        ]
+        self._decided = len(self._unwritten)
+        self._unwritten_from = 0
+        if self.journal is not None and self._unwritten:
+            try:
+                self.journal.append(self._journal_line(self._unwritten, 0))
+            except OSError as exc:
+                self._journal_failed(exc)
+        log.info(
+            "takeover: %d decisions made here were not in SQL; writing them%s",
+            len(self._unwritten),
+            "".join(f"; {c.kind} {c.subject} {c.from_state}->{c.to_state} ({c.reason})" for c in self._unwritten[:3]),
+        )
+        self.standby = False
+        self._wanted.set()
+
+    def demote(self) -> None:
+        """No more writes; what is pending stays, to be confirmed by the new active's rows."""
+        self.standby = True
+
+    # -------------------------------------------------------------------------------- SQL out
+
     async def run(self) -> None:
         while True:
             await self._wanted.wait()
@@ -295,7 +436,7 @@ class Writer:
         waking readers) never sends it again. Cancelled mid-write, the batch is kept for the final
         flush in `Monitor.run`."""
         attempt = 0
-        while self._unwritten or self._detections or self._false_alarms:
+        while (self._unwritten or self._detections or self._false_alarms) and not self.standby:
             batch, self._unwritten = self._unwritten, []
             detections, self._detections = self._detections, []
             false_alarms, self._false_alarms = self._false_alarms, []
@@ -312,6 +453,11 @@ class Writer:
                 self._unwritten_from = first
                 if not isinstance(exc, Exception):
                     raise
+                if isinstance(exc, NotActive):  # a takeover: the new active writes what it decided
+                    self.lost_lease(str(exc))
+                    self.standby = True
+                    self._wanted.clear()
+                    return
                 self.db_ok = False
                 self.write_failures += 1
                 attempt += 1
@@ -364,8 +510,11 @@ class Writer:
         """Save last-seen times of hosts heard since `since`, and the relays' rows, for a restart.
 
         A subject whose transition is not in SQL yet keeps its stored row until that transition is
-        written with it (same transaction): a crash in between must not lose the history.
+        written with it (same transaction): a crash in between must not lose the history. A standby
+        saves nothing.
         """
+        if self.standby:
+            return
         pending = {c.subject for c in self.pending()}
         wall = self.clock.wall
         hosts = [

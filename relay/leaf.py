@@ -13,7 +13,7 @@ from typing import Any
 
 import aiomqtt
 
-from relaybeat.relay.mqtt import BrokerURL, stay_connected
+from relaybeat.relay.mqtt import Brokers, BrokerURL, stay_connected
 from relaybeat.relay.wire import Beat, LeafStatus, Topics, check_id, encode_beat
 
 log = logging.getLogger("relaybeat.leaf")
@@ -21,7 +21,7 @@ log = logging.getLogger("relaybeat.leaf")
 
 async def run_leaf(
     host_id: str,
-    broker: BrokerURL,
+    broker: BrokerURL | Brokers,
     interval_s: float,
     stop: asyncio.Event,
     topics: Topics | None = None,
@@ -45,7 +45,7 @@ async def run_leaf(
 
     keepalive = min(65535, max(5, round(interval_s * 2)))  # MQTT caps keepalive at 65535 s
     connect = asyncio.create_task(
-        stay_connected(broker, lambda: broker.client(host_id, keepalive=keepalive), session, name=f"leaf {host_id}")
+        stay_connected(broker, lambda url: url.client(host_id, keepalive=keepalive), session, name=f"leaf {host_id}")
     )
     stopped = asyncio.create_task(stop.wait())
     try:

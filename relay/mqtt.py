@@ -14,6 +14,11 @@ Files are checked (and the TLS settings built once) when the URL is parsed, so a
 start-up with a message naming the option. Percent-encode `@ : / ? & %` in user names and passwords.
 
 Passwords never reach a log: `BrokerURL.__str__` and every parse error redact them.
+
+Every broker option takes a list too: URLs separated by commas (`Brokers`), the nodes of one
+cluster, e.g. `mqtt://a:1883,mqtt://b:1883`. A client connects to the first that answers and, when
+it loses that one, to the next (round the list), with the same client id, so a persistent session
+that the cluster shares carries over.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from relaybeat.relay.packets import (
 
 log = logging.getLogger("relaybeat.mqtt")
 
+LIST_CONNECT_TIMEOUT_S = 3.0  # connecting to one node of a broker list: then the next
 TLS_OPTIONS = ("ca", "cert", "key")  # the query options a broker URL may carry (mqtts:// only)
 
 
@@ -183,6 +189,38 @@ class BrokerURL:
         return LeanClient(self, identifier, on_message, keepalive=keepalive, gather_s=gather_s)
 
 
+@dataclass(frozen=True, slots=True)
+class Brokers:
+    """One or more broker URLs, tried in order: the nodes of one broker cluster."""
+
+    urls: tuple[BrokerURL, ...]
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            msg = "a broker list needs at least one URL"
+            raise BrokerURLError(msg)
+
+    @classmethod
+    def parse(cls, text: str) -> Brokers:
+        """`mqtt://a:1,mqtts://b:2?ca=...`: each URL parsed and checked like `BrokerURL.parse`."""
+        parts = [part.strip() for part in text.split(",")]
+        if any(not part for part in parts):
+            msg = f"broker list {_redact(text)!r} has an empty entry: separate URLs with single commas"
+            raise BrokerURLError(msg)
+        return cls(tuple(BrokerURL.parse(part) for part in parts))
+
+    @classmethod
+    def of(cls, brokers: BrokerURL | Brokers) -> Brokers:
+        return brokers if isinstance(brokers, Brokers) else cls((brokers,))
+
+    @property
+    def first(self) -> BrokerURL:
+        return self.urls[0]
+
+    def __str__(self) -> str:
+        return ",".join(str(url) for url in self.urls)
+
+
 def _redact(url: str) -> str:
     try:
         parts = urlsplit(url)
@@ -199,22 +237,31 @@ T = TypeVar("T")
 
 
 async def stay_connected(
-    url: BrokerURL,
-    make_client: Callable[[], AbstractAsyncContextManager[C]],
+    brokers: BrokerURL | Brokers,
+    make_client: Callable[[BrokerURL], AbstractAsyncContextManager[C]],
     session: Callable[[C], Awaitable[None]],
     *,
     name: str,
     on_state: Callable[[bool], None] | None = None,
     max_delay_s: float = 10.0,
 ) -> None:
-    """Run `session(client)` on a connected client, reconnecting with jittered exponential backoff
-    (0.1 s doubling by 1.5 up to `max_delay_s`) until cancelled; `ReconnectLog` says what happens."""
+    """Run `session(client)` on a client connected to one of `brokers`, until cancelled. A lost
+    broker is followed at once by the next in the list; once every one failed in a row, with jittered
+    exponential backoff (0.1 s growing by 1.5 up to `max_delay_s`); `ReconnectLog` says what happens."""
+    urls = Brokers.of(brokers).urls
+    index = 0
+    failed_in_row = 0  # brokers tried without a connection since the last one that answered
     attempt = 0
-    said = ReconnectLog(name, url)
+    said = ReconnectLog(name, urls[0])
     while True:
+        url = said.url = urls[index]
         try:
-            async with make_client() as client:
-                attempt = 0
+            async with contextlib.AsyncExitStack() as stack:
+                # With other nodes to try, one that takes the connection but does not answer (a cluster
+                # node electing leaders after another died) is given up on sooner than aiomqtt's 10 s.
+                async with asyncio.timeout(LIST_CONNECT_TIMEOUT_S if len(urls) > 1 else None):
+                    client = await stack.enter_async_context(make_client(url))
+                attempt = failed_in_row = 0
                 said.connected()
                 if on_state is not None:
                     on_state(True)
@@ -226,6 +273,12 @@ async def stay_connected(
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from exc  # asked to stop: never reconnect instead
+            failed_in_row += 1
+            index = (index + 1) % len(urls)
+            if len(urls) > 1 and failed_in_row < len(urls):
+                log.warning("%s: broker %s unavailable (%s); trying %s", name, url, exc, urls[index])
+                continue
+            failed_in_row = 0
             delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))  # noqa: S311 - jitter, not a secret
             attempt += 1
             said.failed(exc)

@@ -19,7 +19,15 @@ import aiomqtt
 from relaybeat.errors import SettingsError
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import BundleDecoder, BundleEncoder, KeyframeMissing
-from relaybeat.relay.mqtt import BrokerURL, LeanClient, backlog, messages, read_backlog, stay_connected
+from relaybeat.relay.mqtt import (
+    Brokers,
+    BrokerURL,
+    LeanClient,
+    backlog,
+    messages,
+    read_backlog,
+    stay_connected,
+)
 from relaybeat.relay.parts import Parts
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.watch import Source, Watch
@@ -67,8 +75,8 @@ def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     relay_id: str
-    local: BrokerURL
-    upstream: BrokerURL
+    local: BrokerURL | Brokers  # one broker, or the nodes of one cluster (tried in order)
+    upstream: BrokerURL | Brokers
     flush_s: float = 1.0
     default_interval_s: float = DEFAULT_INTERVAL_S
     prefix: str = DEFAULT_PREFIX
@@ -94,7 +102,8 @@ class RelaySettings:
     def folds_children(self) -> bool:
         if self.accept_children is not None:
             return self.accept_children
-        return (self.local.host, self.local.port) != (self.upstream.host, self.upstream.port)
+        local = {(u.host, u.port) for u in Brokers.of(self.local).urls}
+        return local.isdisjoint((u.host, u.port) for u in Brokers.of(self.upstream).urls)
 
 
 class RelayService:
@@ -141,8 +150,8 @@ class RelayService:
         s = self.settings
         await stay_connected(
             s.local,
-            lambda: s.local.lean_client(
-                f"{s.local.username or s.relay_id}/local-{self.boot}",
+            lambda url: url.lean_client(
+                f"{url.username or s.relay_id}/local-{self.boot}",
                 self._heard,
                 keepalive=10,
                 gather_s=s.flush_s * GATHER_FLUSHES,
@@ -264,7 +273,7 @@ class RelayService:
         try:
             await stay_connected(
                 s.upstream,
-                lambda: s.upstream.client(s.relay_id, will=will, keepalive=max(2, round(s.flush_s * 3))),
+                lambda url: url.client(s.relay_id, will=will, keepalive=max(2, round(s.flush_s * 3))),
                 self._publish_bundles,
                 name=f"relay {s.relay_id} (upstream)",
                 max_delay_s=1.0,  # the monitor's grace after an outage is one relay timeout: be back by then

@@ -227,7 +227,10 @@ def relay(
 @app.command()
 def monitor(
     broker: Annotated[
-        str | None, typer.Option(help="Broker the relays publish bundles to.", envvar="RELAYBEAT_BROKER")
+        str | None,
+        typer.Option(
+            help="Broker the relays publish bundles to (several: comma-separated).", envvar="RELAYBEAT_BROKER"
+        ),
     ] = (None),
     db: Annotated[
         str | None,
@@ -252,6 +255,12 @@ def monitor(
     journal: Annotated[
         str | None, typer.Option(help="Journal of decisions not yet in SQL [<sqlite db>.journal].")
     ] = None,
+    node_id: Annotated[
+        str | None, typer.Option(help="This monitor's node id [<host name>-<port>].", envvar="RELAYBEAT_NODE_ID")
+    ] = None,
+    failover: Annotated[
+        float | None, typer.Option(help="Seconds before a standby takes over from a silent active [5].")
+    ] = None,
     config: Config = None,
     prefix: Prefix = None,
     log_level: LogLevel = "info",
@@ -264,7 +273,7 @@ def monitor(
     flags = MonitorFlags(
         broker=broker, db=db, listen=listen, misses=misses, default_interval=default_interval, adaptive=adaptive,
         phi=phi, client_id=client_id, max_bundle_bytes=max_bundle_bytes, max_bundle_entries=max_bundle_entries,
-        journal=journal, prefix=prefix,
+        journal=journal, prefix=prefix, node_id=node_id, failover=failover,
     )  # fmt: skip
     start = monitor_start(flags, os.environ, config)
     host, port = start.listen

@@ -16,6 +16,7 @@ value came from (file, variable or flag) and what is allowed; it never repeats a
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from sqlalchemy.exc import ArgumentError
 
 from relaybeat.api.auth import TOKEN_MIN_CHARS, ApiSettings
 from relaybeat.errors import SettingsError
+from relaybeat.monitor.cluster import DEFAULT_FAILOVER_S, ClusterSettings
 from relaybeat.monitor.detector import Policy
 from relaybeat.monitor.notify import Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook
@@ -45,7 +47,7 @@ from relaybeat.monitor.quality import Targets
 from relaybeat.monitor.service import MonitorSettings
 from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.view import StatusPage
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import DEFAULT_KEYFRAME_S, BundleFormat, RelaySettings
 from relaybeat.relay.watch import PRESETS, Source, sources
@@ -76,7 +78,7 @@ _ORIGIN = re.compile(r"https?://[^/\s?#]+\Z")
 
 
 def _check_broker(value: str) -> str:
-    BrokerURL.parse(value)  # its errors never repeat a password
+    Brokers.parse(value)  # one URL or several, comma-separated; its errors never repeat a password
     return value
 
 
@@ -173,7 +175,9 @@ class MonitorConfig(_Strict):
     db: str = "sqlite:///relaybeat.db"
     listen: str = "127.0.0.1:8000"
     prefix: str = DEFAULT_PREFIX
-    client_id: str = "relaybeat-monitor"
+    client_id: str | None = None  # unset: relaybeat-monitor-<node_id>, unique per node
+    node_id: str | None = None  # unset: <host name>-<listen port>, stable across restarts
+    failover_s: float = Field(default=DEFAULT_FAILOVER_S, ge=0.2, le=600)  # PostgreSQL hot standby
     accept_direct_beats: bool = True
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = Field(default=DEFAULT_MAX_BUNDLE_ENTRIES, ge=1, le=10_000_000)
@@ -184,6 +188,7 @@ class MonitorConfig(_Strict):
     _listen = field_validator("listen")(_check_hostport)
     _prefix = field_validator("prefix")(_check_prefix)
     _client_id = field_validator("client_id")(_check_id)
+    _node_id = field_validator("node_id")(_check_id)
 
     @field_validator("relays")
     @classmethod
@@ -215,7 +220,18 @@ class MonitorConfig(_Strict):
             if database in ("", ":memory:") or url.query.get("mode") == "memory":
                 return None
             return Path(database + ".journal")
-        return Path(f"{self.client_id}-{url.database or url.username or 'postgres'}.journal")
+        return Path(f"{self.mqtt_client_id()}-{url.database or url.username or 'postgres'}.journal")
+
+    def node(self) -> str:
+        """This monitor's node id: `node_id`, or `<host name>-<listen port>` (unique on a host, and the
+        same after a restart, so a node recognises its own lease and journal)."""
+        if self.node_id is not None:
+            return self.node_id
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:100] or "monitor"
+        return f"{host}-{parse_hostport(self.listen)[1]}"
+
+    def mqtt_client_id(self) -> str:
+        return self.client_id if self.client_id is not None else f"relaybeat-monitor-{self.node()}"
 
     def settings(
         self,
@@ -224,10 +240,10 @@ class MonitorConfig(_Strict):
         targets: tuple[Targets, tuple[tuple[str, Targets], ...]] = (Targets(), ()),
     ) -> MonitorSettings:
         return MonitorSettings(
-            BrokerURL.parse(self.broker),
+            Brokers.parse(self.broker),
             policy,
             self.prefix,
-            self.client_id,
+            self.mqtt_client_id(),
             self.accept_direct_beats,
             max_bundle_bytes=self.max_bundle_bytes,
             max_bundle_entries=self.max_bundle_entries,
@@ -236,6 +252,7 @@ class MonitorConfig(_Strict):
             journal=self.journal_path(),
             targets=targets[0],
             targets_by_glob=targets[1],
+            cluster=ClusterSettings(self.node(), self.failover_s, api=f"http://{self.listen}"),
         )
 
 
@@ -389,13 +406,13 @@ class RelayConfig(_Strict):
     def _local(cls, value: str) -> str:
         return value if value == "embedded" else _check_broker(value)
 
-    def settings(self, relay_id: str, local: BrokerURL, watch: Sequence[str] = ()) -> RelaySettings:
+    def settings(self, relay_id: str, local: BrokerURL | Brokers, watch: Sequence[str] = ()) -> RelaySettings:
         """`local`: the broker leaves beat to (the embedded one's URL once it runs); `watch`: presets
         from --watch, watched besides the file's `[[relay.watch]]` sources."""
         return RelaySettings(
             relay_id,
             local,
-            BrokerURL.parse(self.upstream),
+            Brokers.parse(self.upstream),
             self.flush_s,
             self.default_interval_s,
             self.prefix,

@@ -17,7 +17,10 @@ is checked against the code by tests/test_layering.py.
     │   ├── PortInUse            relay.ports: another process holds the port
     │   │   └── BrokerPortInUse      broker_config.settings: ... the embedded broker's port
     │   ├── JournalUnavailable   monitor.journal: the journal cannot be opened, or another monitor holds it
-    │   └── DatabaseUnavailable  monitor.store: the database cannot be reached or used (down, missing, refused)
+    │   ├── DatabaseUnavailable  monitor.store: the database cannot be reached or used (down, missing, refused)
+    │   └── DatabaseHeld         monitor.cluster: another monitor runs on this SQLite file
+    ├── NotActive            monitor.store: a write refused: this monitor does not hold the lease (standby)
+    ├── SessionStolen        monitor.ingest: the MQTT session is taken over again and again (same client id)
     ├── PartFailed           relay.parts: a part of a running service died; the process stops
     ├── AccessRefused        api.auth: a request without the token it needs
     └── ApiError             relaybeat.people: the HTTP API answered with an error

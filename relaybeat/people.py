@@ -211,6 +211,16 @@ def change(item: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ status
 
 
+def _cluster_line(health: dict[str, object]) -> str:
+    """With hot standbys: which node this is and which one is active."""
+    node, active = health.get("node"), health.get("active_node")
+    if node is None:
+        return ""
+    if health.get("role") == "active":
+        return f" · node {escape(str(node))} ([green]active[/])"
+    return f" · node {escape(str(node))} (standby; active: {escape(str(active or 'none'))})"
+
+
 def status(
     state: Annotated[str | None, typer.Option(help=f"Only hosts in this state ({', '.join(STATES)}).")] = None,
     relay: Annotated[str | None, typer.Option(help="Only hosts heard through this relay.")] = None,
@@ -243,7 +253,7 @@ def status(
     counts = Counter(h["state"] for h in hosts)
     summary = ", ".join(f"{n} {styled(s)}" for s in STATES if (n := counts[s]))
     listed = f"{len(hosts):,} hosts shown ({summary or 'none'})"
-    console.print(f"relaybeat at {escape(client.base)}: {mood}{why} · {listed}")
+    console.print(f"relaybeat at {escape(client.base)}: {mood}{why} · {listed}{_cluster_line(health)}")
 
     if relay is not None:
         relays = [r for r in relays if r["id"] == relay]

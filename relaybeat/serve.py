@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from relaybeat.api.app import create_app
 from relaybeat.api.auth import ApiSettings
 from relaybeat.api.events import close_streams
 from relaybeat.errors import Unavailable
+from relaybeat.monitor.cluster import lock_database
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.store import Store
 from relaybeat.relay.parts import PartFailed
@@ -125,7 +127,9 @@ async def monitor_running(
     in the block to stop when either dies."""
     ensure_free(host, port)
     store = await Store.open(db_url)
+    held = None
     try:
+        held = lock_database(store.sqlite_path)  # SQLite: one monitor per file (hot standbys need PostgreSQL)
         await store.upgrade()
         monitor = make_monitor(settings, store)
         await monitor.restore()
@@ -167,6 +171,8 @@ async def monitor_running(
             monitor.close()  # its journal: what SQL still lacks stays in it for the next start
     finally:
         await store.close()
+        if held is not None:
+            os.close(held)
 
 
 async def serve_monitor(

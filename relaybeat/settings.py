@@ -17,7 +17,7 @@ from pathlib import Path
 from relaybeat.api.auth import ApiSettings
 from relaybeat.config import ConfigError, load_config
 from relaybeat.monitor.service import MonitorSettings
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import RelaySettings
 from relaybeat.relay.watch import PRESETS
@@ -40,6 +40,8 @@ class MonitorFlags:
     max_bundle_entries: int | None = None
     journal: str | None = None
     prefix: str | None = None
+    node_id: str | None = None
+    failover: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ def monitor_start(flags: MonitorFlags, environ: Mapping[str, str], config: Path 
             "monitor.max_bundle_bytes": ("--max-bundle-bytes", flags.max_bundle_bytes),
             "monitor.max_bundle_entries": ("--max-bundle-entries", flags.max_bundle_entries),
             "monitor.journal": ("--journal", flags.journal),
+            "monitor.node_id": ("--node-id (RELAYBEAT_NODE_ID)", flags.node_id),
+            "monitor.failover_s": ("--failover", flags.failover),
             "detector.misses": ("--misses (RELAYBEAT_MISSES)", flags.misses),
             "detector.default_interval_s": ("--default-interval", flags.default_interval),
             "detector.adaptive": ("--adaptive/--fixed", flags.adaptive),
@@ -129,7 +133,7 @@ def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | No
     if cfg.local == "embedded":
         host, port = parse_hostport(cfg.serve)
         return RelayStart(cfg.settings(cfg.id, BrokerURL(host, port), flags.watch), (host, port))
-    return RelayStart(cfg.settings(cfg.id, BrokerURL.parse(cfg.local), flags.watch), None)
+    return RelayStart(cfg.settings(cfg.id, Brokers.parse(cfg.local), flags.watch), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +149,7 @@ class LeafFlags:
 @dataclass(frozen=True, slots=True)
 class LeafStart:
     host_id: str
-    broker: BrokerURL
+    broker: Brokers
     interval_s: float
     topics: Topics
 
@@ -168,4 +172,4 @@ def leaf_start(flags: LeafFlags, environ: Mapping[str, str], config: Path | None
     if cfg.broker is None:
         msg = "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
         raise ConfigError(msg)
-    return LeafStart(cfg.id, BrokerURL.parse(cfg.broker), cfg.interval_s, Topics(cfg.prefix))
+    return LeafStart(cfg.id, Brokers.parse(cfg.broker), cfg.interval_s, Topics(cfg.prefix))

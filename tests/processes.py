@@ -418,3 +418,60 @@ class PrivatePostgres:
                 self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- NATS cluster
+
+
+class NatsCluster:
+    """A private 3-node NATS cluster with JetStream and an MQTT listener on every node, each node with
+    its own free ports and a fresh store_dir under `folder` (../shared/BROKERS.md). Skips the test if
+    `nats-server` is not installed. `kill(i)` is kill -9 of node i; `close()` kills what is left."""
+
+    def __init__(self, folder: Path, nodes: int = 3) -> None:
+        binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
+        if binary is None:
+            pytest.skip("nats-server is not installed (apt install nats-server)")
+        self.folder = folder
+        ports = [[pick_free("127.0.0.1") for _ in range(4)] for _ in range(nodes)]  # client, http, mqtt, route
+        self.mqtt_ports = [p[2] for p in ports]
+        self.http_ports = [p[1] for p in ports]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p[3]}" for p in ports)
+        self.services: list[Service] = []
+        self._binary = binary
+        for i, (client, http, mqtt, route) in enumerate(ports, 1):
+            conf = folder / f"nats-{i}.conf"
+            conf.write_text(
+                f"server_name: c{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n"
+                f"jetstream {{ store_dir: {folder / f'store-{i}'} }}\nmqtt {{ listen: 127.0.0.1:{mqtt} }}\n"
+                f"cluster {{ name: c1\n  listen: 127.0.0.1:{route}\n  routes: [{routes}] }}\n"
+            )
+            self.services.append(Service(f"nats-{i}", ["-c", str(conf)], folder, command=[binary]))
+
+    def url(self, i: int) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_ports[i]}"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        for i, (http, mqtt) in enumerate(zip(self.http_ports, self.mqtt_ports, strict=True)):
+
+            def ready(http: int = http, mqtt: int = mqtt) -> bool:
+                url = f"http://127.0.0.1:{http}/healthz?js-enabled-only=true"
+                return httpx.get(url, timeout=2).status_code == 200 and port_open(mqtt)
+
+            wait_until(ready, timeout, f"NATS node {i + 1}", service=self.services[i])
+
+    def kill(self, i: int) -> None:
+        self.services[i].kill()
+
+    def restart(self, i: int) -> None:
+        """Node i again, on its ports and store_dir: it rejoins the cluster (wait_ready before use)."""
+        self.services[i].close_log()
+        conf = self.folder / f"nats-{i + 1}.conf"
+        self.services[i] = Service(f"nats-{i + 1}", ["-c", str(conf)], self.folder, command=[self._binary])
+
+    def close(self) -> None:
+        for service in self.services:
+            if service.process.poll() is None:
+                service.process.kill()
+                service.process.wait(10)
+            service.close_log()

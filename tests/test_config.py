@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from relaybeat import cli
 from relaybeat.config import ConfigError, load_config
-from relaybeat.relay.mqtt import BrokerURL
+from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
 from relaybeat.settings import LeafFlags, MonitorFlags, RelayFlags, leaf_start, monitor_start, relay_start
 
@@ -214,7 +214,11 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
     )
     start = monitor_start(MonitorFlags(), {}, path)
     settings = start.settings
-    assert (settings.broker.host, settings.policy.misses, settings.max_bundle_bytes) == ("file", 4, 65536)
+    assert (Brokers.of(settings.broker).first.host, settings.policy.misses, settings.max_bundle_bytes) == (
+        "file",
+        4,
+        65536,
+    )
     assert start.db == "sqlite:///file.db"
     assert start.listen == ("127.0.0.1", 8000)
     assert start.api.write_tokens == ("write-token-0123456789",)
@@ -227,7 +231,7 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
     flags = dataclasses.replace(from_env, misses=5, max_bundle_bytes=2048, phi=9, adaptive=True)
     start = monitor_start(flags, env, path)
     settings = start.settings
-    assert (settings.broker.host, settings.prefix, settings.policy.misses) == ("env", "site/", 5)
+    assert (Brokers.of(settings.broker).first.host, settings.prefix, settings.policy.misses) == ("env", "site/", 5)
     assert (settings.max_bundle_bytes, settings.max_bundle_entries) == (2048, 1000)
     assert settings.policy.adaptive
     assert settings.policy.phi_threshold == 9
@@ -236,7 +240,7 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
 
     flags = dataclasses.replace(from_env, broker="mqtt://flag:1", misses=6, client_id="m2")
     settings = monitor_start(flags, env, path).settings
-    assert (settings.broker.host, settings.policy.misses) == ("flag", 6)
+    assert (Brokers.of(settings.broker).first.host, settings.policy.misses) == ("flag", 6)
     assert settings.client_id == "m2"
 
 
@@ -249,7 +253,12 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     )
     start = relay_start(RelayFlags(id="relay-a"), {}, path)
     relay = start.settings
-    assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-a", "site", "central", 2.0)
+    assert (
+        relay.relay_id,
+        Brokers.of(relay.local).first.host,
+        Brokers.of(relay.upstream).first.host,
+        relay.flush_s,
+    ) == ("relay-a", "site", "central", 2.0)
     assert relay.max_bundle_bytes == 100_000
     assert relay.accept_children is False
     assert (relay.keyframe_s, relay.format) == (10.0, "json")
@@ -258,7 +267,12 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
         id="relay-b", upstream="mqtt://up:1", local="mqtt://other:1", flush=0.5, max_bundle_bytes=4096, children=True
     )
     relay = relay_start(flags, {}, path).settings
-    assert (relay.relay_id, relay.local.host, relay.upstream.host, relay.flush_s) == ("relay-b", "other", "up", 0.5)
+    assert (
+        relay.relay_id,
+        Brokers.of(relay.local).first.host,
+        Brokers.of(relay.upstream).first.host,
+        relay.flush_s,
+    ) == ("relay-b", "other", "up", 0.5)
     assert relay.max_bundle_bytes == 4096
     assert relay.accept_children is True
     relay = relay_start(RelayFlags(id="relay-d", keyframe_s=5.0, format="binary"), {}, path).settings
@@ -269,9 +283,14 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     assert embedded.settings.local == BrokerURL("127.0.0.1", 1884)
 
     leaf = leaf_start(LeafFlags(id="web-1"), {}, path)
-    assert (leaf.host_id, leaf.broker.host, leaf.interval_s, leaf.topics.prefix) == ("web-1", "site", 2.5, "site/")
+    assert (leaf.host_id, leaf.broker.first.host, leaf.interval_s, leaf.topics.prefix) == (
+        "web-1",
+        "site",
+        2.5,
+        "site/",
+    )
     leaf = leaf_start(LeafFlags(id="web-2", broker="mqtt://b:1", interval=1), {}, None)
-    assert (leaf.host_id, leaf.broker.host, leaf.interval_s) == ("web-2", "b", 1.0)
+    assert (leaf.host_id, leaf.broker.first.host, leaf.interval_s) == ("web-2", "b", 1.0)
 
 
 @pytest.mark.parametrize(
@@ -311,6 +330,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
             "--broker": "RELAYBEAT_BROKER", "--db": "RELAYBEAT_DB", "--listen": "RELAYBEAT_LISTEN",
             "--misses": "RELAYBEAT_MISSES", "--default-interval": None, "--adaptive/--fixed": None, "--phi": None,
             "--client-id": None, "--max-bundle-bytes": None, "--max-bundle-entries": None, "--journal": None,
+            "--node-id": "RELAYBEAT_NODE_ID", "--failover": None,
         },
         "relay": common | {
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,

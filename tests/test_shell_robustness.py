@@ -105,6 +105,9 @@ async def test_stay_connected_stops_when_cancelled_even_if_the_session_fails_on_
     sessions = 0
 
     class FakeClient:
+        def __init__(self, _url: object) -> None:
+            pass
+
         async def __aenter__(self) -> FakeClient:
             return self
 

@@ -41,6 +41,8 @@ TABLES = {
     "alerts",
     "detections",
     "false_alarms",
+    "monitor_lease",
+    "monitor_nodes",
 }
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

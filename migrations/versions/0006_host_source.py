@@ -1,11 +1,10 @@
 """Host source: the watched source (`tasmota`, `sparkplug`, ...) a relay vouches for a host from.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-02
 
-Nullable: hosts that beat have none. A plain ADD COLUMN on both dialects. (0005 is another branch's;
-this revision is re-chained onto it when both land.)
+Nullable: hosts that beat have none. A plain ADD COLUMN on both dialects.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
