@@ -11,6 +11,7 @@ incident across a takeover. A second monitor on one SQLite file is refused at st
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -235,8 +236,9 @@ def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
         assert (health["role"], health["node"], health["active_node"]) == ("active", "node-b", "node-b")
         print(f"\ntakeover after kill -9: node-b active {took_over_s:.2f} s after the kill (failover_s {FAILOVER_S})")
         status = subprocess.run(
-            [sys.executable, "-m", "relaybeat", "status", "--api", b], capture_output=True, text=True, timeout=30
-        )
+            [sys.executable, "-m", "relaybeat", "status", "--api", b],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"},  # one line, unwrapped
+        )  # fmt: skip
         assert "node node-b (active)" in status.stdout, status.stdout + status.stderr
     finally:
         relay.close()
