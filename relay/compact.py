@@ -31,6 +31,8 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
+import orjson
+
 from relaybeat.relay.wire import (
     _COMPRESSED,
     _STATUS_CODES,
@@ -46,10 +48,12 @@ from relaybeat.relay.wire import (
     Bundle,
     HostEntry,
     LeafStatus,
+    WatchedEntry,
     WireError,
     _inflate,
     _node_v2,
     _Reader,
+    _watched_v2,
     decode_bundle,
     encode_bundle,
 )
@@ -230,6 +234,9 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
     _put(out, len(forgot_new))
     for host in forgot_new:
         _put_id(out, host)
+    watched = orjson.dumps([list(entry) for entry in bundle.watched]) if bundle.watched else b""
+    _put(out, len(watched))  # the watched devices, as version 2's attribute holds them (0: none)
+    out += watched
     _put(out, len(bundle.children))
     for child in bundle.children:
         _node_v2(child, out)
@@ -426,12 +433,14 @@ class _IndexedReader(_Reader):
         if budget[0] < 0 or len({entry[0] for entry in hosts}) != len(hosts):
             reason = "too_many_entries" if budget[0] < 0 else "bad_entry"
             raise WireError(reason, "more entries than the limit, or one host twice")
+        size_watched = self.count(1)
+        watched: tuple[WatchedEntry, ...] = _watched_v2(self.take(size_watched), budget) if size_watched else ()
         children = tuple(self.child(budget) for _ in range(self.count(40)))
         if self.at != len(self.data):
             msg = "bad_bundle"
             raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
         table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
-        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children)
+        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched)
 
     def heard(self, size: int) -> list[int]:
         form = self.take(1)[0]

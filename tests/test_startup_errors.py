@@ -20,6 +20,7 @@ from sqlalchemy import make_url
 from typer.testing import CliRunner, Result
 
 from relaybeat import cli
+from relaybeat.relay.ports import pick_free
 from tests.conftest import PG_ENV, PG_HOW
 from tests.processes import Service, api_get, wait_until
 
@@ -132,7 +133,7 @@ def test_a_broker_that_refuses_or_an_unknown_host_is_one_line_and_the_service_ke
 ) -> None:
     """A monitor or leaf started before its broker waits for it: one WARNING that says what to do (the
     rest of the outage is summarised once a minute, tests/test_reconnect_log.py), never a traceback."""
-    refused = f"mqtt://127.0.0.1:{free_port}"
+    refused = f"mqtt://127.0.0.1:{pick_free('127.0.0.1')}"  # nothing listens there (not the API's port)
     monitor = Service("monitor", ["monitor", "--broker", refused, "--db", f"sqlite:///{tmp_path / 'm.db'}",
                                   "--listen", f"127.0.0.1:{free_port}"], tmp_path)  # fmt: skip
     leaf = Service("leaf", ["leaf", "--id", "h1", "--broker", "mqtt://no-such-host.invalid:1883"], tmp_path)

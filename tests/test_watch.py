@@ -16,10 +16,20 @@ from relaybeat.monitor.states import Kind, State, Transition
 from relaybeat.monitor.store import Store
 from relaybeat.relay import sparkplug
 from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.compact import BundleDecoder, BundleEncoder, KeyframeMissing
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.watch import PRESETS, Source, Watch, check_filter, device_id, match, sources
-from relaybeat.relay.wire import Bundle, Vouch, WatchedEntry, WireError, decode_bundle, encode_bundle
+from relaybeat.relay.wire import (
+    Bundle,
+    HostEntry,
+    LeafStatus,
+    Vouch,
+    WatchedEntry,
+    WireError,
+    decode_bundle,
+    encode_bundle,
+)
 from tests.fakes import FakeClock
 from tests.monitors import AUTH, api, call, new_monitor
 
@@ -223,6 +233,20 @@ def test_watched_entries_round_trip(entries: list[WatchedEntry]) -> None:
 def test_watched_entries_round_trip_in_version_2(entries: list[WatchedEntry], keyframe: bool) -> None:
     bundle = Bundle("r1", "b", 1, 1000, watched=tuple(entries), version=2, keyframe=keyframe, sent_ms=5)
     assert decode_bundle(encode_bundle(bundle)) == bundle
+
+
+@given(st.lists(watched_entries, min_size=1, max_size=5))
+def test_watched_entries_round_trip_in_indexed_deltas(entries: list[WatchedEntry]) -> None:
+    """The relay's default: a keyframe, then deltas indexed against it, each carrying the devices."""
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    leaf = (HostEntry("web-1", 1, 10, 1000, LeafStatus.OK),)
+    keyframe = Bundle("r1", "b", 1, 1000, leaf, version=2, keyframe=True, sent_ms=1000)
+    assert decoder.decode(encoder.encode(keyframe)) == keyframe
+    delta = Bundle("r1", "b", 2, 1000, watched=tuple(entries), version=2, keyframe=False, sent_ms=2000)
+    payload = encoder.encode(delta)
+    with pytest.raises(KeyframeMissing):  # indexed against the keyframe: a receiver without it cannot read it
+        BundleDecoder().decode(payload)
+    assert decoder.decode(payload).watched == delta.watched
 
 
 def test_bad_watched_attributes_in_version_2_are_rejected_with_a_reason() -> None:

@@ -263,13 +263,15 @@ def indexed_fields() -> list[tuple[str, bytes]]:
         ("forgotten", _varint(9)),
         ("forgot_new", _varint(1)),
         ("forgotten_new", b"\x03old"),
+        ("watched_bytes", _varint(0)),
+        ("watched", b""),
         ("children", _varint(1)),
         *child,
     ]
 
 
 _VARINT_FIELDS = {"seq", "flush_ms", "sent_ms", "keyframe", "table", "changed", "new", "forgot", "forgot_new",
-                  "children", "forgotten"}  # fmt: skip
+                  "children", "forgotten", "watched_bytes"}  # fmt: skip
 _HUGE_VARINTS = [b"\xff" * 11 + b"\x01", b"\x80", b"\xff\xff"]  # over-long, truncated
 
 
