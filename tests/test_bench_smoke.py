@@ -81,7 +81,9 @@ def test_detector_reports_throughput_expiry_and_memory(tmp_path: Path) -> None:
     assert r["expire"]["mass_down_transitions"]["median"] == 2000
     assert r["expire"]["relay_death_transitions"]["median"] == 500 + 1
     for figures in r["memory"].values():
-        assert 50 < figures["rss_bytes_per_host"] < 100_000
+        # RSS at smoke size depends on what the allocator already holds (2 B/host was seen after other
+        # tests): only bounded above; the traced figure is the one that must be real.
+        assert figures["rss_bytes_per_host"] < 100_000
         assert 50 < figures["traced_bytes_per_host"] < 100_000
 
 
