@@ -116,6 +116,7 @@ def test_watched_devices_are_up_without_beats_and_down_or_unreachable_at_their_w
         f"zigbee2mqtt/{lamp}/availability",
         f"zigbee2mqtt/{door}/availability",
         f"spBv1.0/{group}/NBIRTH/edge-1",  # a birth said retained, as the Device helper says its online word
+        f"spBv1.0/{group}/DBIRTH/edge-1/press",
     ]
     devices: list[Device] = []
     history = History(db_url)
@@ -132,7 +133,9 @@ def test_watched_devices_are_up_without_beats_and_down_or_unreachable_at_their_w
         node = f"spBv1.0/{group}/NBIRTH/edge-1"
         death = (f"spBv1.0/{group}/NDEATH/edge-1", sparkplug.encode({"bdSeq": 5}))
         edge = Device(port, death, (node, sparkplug.encode({"bdSeq": 5}, seq=0)), retain_will=False)
-        edge.say(f"spBv1.0/{group}/DBIRTH/edge-1/press", sparkplug.encode({}, seq=1), retain=False)
+        # Retained here: the relay (a separate process) may subscribe after this is said, and a live
+        # DBIRTH said before that is lost (a real edge node answers a rebirth request; this one cannot).
+        edge.say(f"spBv1.0/{group}/DBIRTH/edge-1/press", sparkplug.encode({}, seq=1), retain=True)
         devices += [tasmota, z2m, edge]
         for host_id in (plug, lamp, door, f"{group}.edge-1", f"{group}.edge-1.press", "zigbee2mqtt-bridge"):
             wait_until(lambda h=host_id: state(api, h) == "up", 15, f"{host_id} up", service=relay)  # type: ignore[misc]
@@ -258,7 +261,7 @@ async def test_a_watched_change_goes_upstream_at_once_not_at_the_next_flush(cent
             paho.mqtt.publish.single(topic, b"Offline", qos=1, hostname=url.host, port=url.port)
             await until(lambda: state() is Vouch.DOWN, 10, "the device down")
             assert said[-1][0] - started < 15.0  # the planned flush was 20 s after the first bundle
-            assert len(said) == 3
+            assert all(at - started < 15.0 for at, _ in said[1:])  # every bundle since was an extra one
         finally:
             for task in (running, listening):
                 task.cancel()
