@@ -31,8 +31,6 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-import orjson
-
 from relaybeat.relay.wire import (
     _COMPRESSED,
     _STATUS_CODES,
@@ -56,6 +54,7 @@ from relaybeat.relay.wire import (
     _watched_v2,
     decode_bundle,
     encode_bundle,
+    watched_json,
 )
 
 __all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
@@ -234,7 +233,7 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
     _put(out, len(forgot_new))
     for host in forgot_new:
         _put_id(out, host)
-    watched = orjson.dumps([list(entry) for entry in bundle.watched]) if bundle.watched else b""
+    watched = watched_json(bundle) if bundle.watched else b""
     _put(out, len(watched))  # the watched devices, as version 2's attribute holds them (0: none)
     out += watched
     _put(out, len(bundle.children))

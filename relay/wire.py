@@ -581,7 +581,7 @@ def _node_v2(bundle: Bundle, out: bytearray) -> None:
     )
     out += ids
     if bundle.watched:
-        watched = orjson.dumps([list(entry) for entry in bundle.watched])
+        watched = watched_json(bundle)
         out.append(1)
         out += _ATTR.pack(_ATTR_WATCHED, len(watched)) + watched
     else:
@@ -711,6 +711,11 @@ class _Reader:
             sent_ms=None if sent_ms == _NONE64 else _seq(sent_ms, "bad_age"),
             watched=watched,
         )
+
+
+def watched_json(bundle: Bundle) -> bytes:
+    """Version 2's watched devices (node attribute, indexed deltas): the JSON list version 1 carries."""
+    return orjson.dumps([list(entry) for entry in bundle.watched])
 
 
 def _watched_v2(raw: memoryview, budget: list[int]) -> tuple[WatchedEntry, ...]:

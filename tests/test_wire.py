@@ -500,21 +500,13 @@ def test_v1_carries_keyframes_only() -> None:
         encode_bundle(Bundle("r1", "b", 1, 1000, keyframe=False))
 
 
-v2_entries = st.builds(
-    HostEntry,
-    ids,
-    st.none() | st.integers(0, 2**63 - 1),
-    st.integers(0, 366 * 86_400_000),
-    st.integers(10, 86_400_000),
-    st.sampled_from(LeafStatus),
-)
 v2_nodes = st.builds(
     Bundle,
     ids,
     ids,
     st.integers(0, 2**63 - 1),
     st.integers(10, 86_400_000),
-    st.lists(v2_entries, max_size=5).map(tuple),
+    st.lists(entries, max_size=5).map(tuple),
     version=st.just(2),
     keyframe=st.booleans(),
     forgot=st.lists(ids, max_size=3).map(tuple),
