@@ -165,6 +165,17 @@ def start_monitor(topo: Topology, node: str, broker: str, db_url: str, extra: li
     return api
 
 
+def active_then_standby(
+    topo: Topology, history: History, relay: FlippingRelay, broker: str, db_url: str, extra: list[str] | None = None
+) -> tuple[str, str]:
+    """node-a started and active, `relay`'s hosts all up in SQL, then node-b started: their APIs."""
+    a = start_monitor(topo, "node-a", broker, db_url, extra)
+    wait_until(lambda: role(a) == "active", 15, "node-a active")
+    relay.start()
+    wait_until(lambda: history.count() >= HOSTS, 20, "every host up in SQL")
+    return a, start_monitor(topo, "node-b", broker, db_url, extra)
+
+
 def role(api: str) -> str | None:
     try:
         return str(api_get(api, "/healthz")["role"])
@@ -209,11 +220,7 @@ def test_kill_9_of_the_active_mid_burst_loses_and_doubles_no_transition(
     topo, history = ha
     relay = FlippingRelay(central_broker.url, central_broker.prefix)
     try:
-        a = start_monitor(topo, "node-a", central_broker.url, postgres_url)
-        wait_until(lambda: role(a) == "active", 15, "node-a active")
-        relay.start()
-        wait_until(lambda: history.count() >= HOSTS, 20, "every host up in SQL")
-        b = start_monitor(topo, "node-b", central_broker.url, postgres_url)
+        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url)
         assert role(b) == "standby"
         cluster = api_get(b, "/api/v1/cluster")
         assert cluster["active_node"] == "node-a"
@@ -250,11 +257,7 @@ def test_a_paused_active_writes_nothing_after_resuming_and_reports_standby(
     topo, history = ha
     relay = FlippingRelay(central_broker.url, central_broker.prefix)
     try:
-        a = start_monitor(topo, "node-a", central_broker.url, postgres_url)
-        wait_until(lambda: role(a) == "active", 15, "node-a active")
-        relay.start()
-        wait_until(lambda: history.count() >= HOSTS, 20, "every host up in SQL")
-        b = start_monitor(topo, "node-b", central_broker.url, postgres_url)
+        a, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url)
         relay.burst(2)
         wait_until(lambda: history.count() >= HOSTS + 10, 20, "the flips under way in SQL")
 
@@ -317,11 +320,7 @@ def test_two_monitors_send_one_post_per_incident_across_a_takeover(
     )
     relay = FlippingRelay(central_broker.url, central_broker.prefix)
     try:
-        a = start_monitor(topo, "node-a", central_broker.url, postgres_url, ["--config", str(config)])
-        wait_until(lambda: role(a) == "active", 15, "node-a active")
-        relay.start()
-        wait_until(lambda: history.count() >= HOSTS, 20, "every host up in SQL")
-        b = start_monitor(topo, "node-b", central_broker.url, postgres_url, ["--config", str(config)])
+        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url, ["--config", str(config)])
         assert role(b) == "standby"
 
         relay.die()  # one outage: relay r1 down, its hosts unreachable
