@@ -106,6 +106,13 @@ def _check_ids(values: list[str] | None) -> list[str] | None:
     return values
 
 
+def _check_unique(what: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        msg = f"{what} names must be unique; repeated: {', '.join(repeated)}"
+        raise ValueError(msg)
+
+
 # The checked kinds of value, one type each, so that every section's field says what it holds.
 Broker = Annotated[str, AfterValidator(_check_broker)]  # one mqtt:// URL, or several comma-separated
 HostPort = Annotated[str, AfterValidator(_check_hostport)]
@@ -324,11 +331,7 @@ class ApiConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_status_pages(self) -> ApiConfig:
-        names = [p.name for p in self.status_page]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            msg = f"status page names must be unique; repeated: {', '.join(repeated)}"
-            raise ValueError(msg)
+        _check_unique("status page", [p.name for p in self.status_page])
         return self
 
     def settings(self) -> ApiSettings:
@@ -496,11 +499,7 @@ class NotifyConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> NotifyConfig:
-        names = [w.name for w in self.webhooks]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            msg = f"webhook names must be unique; repeated: {', '.join(repeated)}"
-            raise ValueError(msg)
+        _check_unique("webhook", [w.name for w in self.webhooks])
         if self.retry_min_s > self.retry_max_s:
             msg = f"retry_min_s ({self.retry_min_s:g}) must not exceed retry_max_s ({self.retry_max_s:g})"
             raise ValueError(msg)
