@@ -7,7 +7,13 @@ exact. Keep each builder next to its model. Routes reach the monitor only throug
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import operator
 import re
+import types
+import typing
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -182,53 +188,48 @@ def refused(refusal: Refused) -> Response:
     return error_response(404 if refusal.reason == "not_found" else 409, refusal.reason, refusal.detail)
 
 
-def host_body(h: HostView) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "state": h.state.value,
-        "relay": h.relay,
-        "path": list(h.path),
-        "last_seen": iso(h.last_seen),
-        "since": iso(h.since),
-        "interval_s": h.interval_s,
-        "timeout_s": h.timeout_s,
-        "deadline": iso(h.deadline),
-        "seq": h.seq,
-        "flapping": h.flapping,
-        "source": h.source,
-        "timeout_basis": h.timeout_basis,
-    }
+def _enum_value(value: enum.Enum | None) -> object:
+    return None if value is None else value.value
 
 
-def relay_body(r: RelayView) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "state": r.state.value,
-        "parent": r.parent,
-        "last_seen": iso(r.last_seen),
-        "since": iso(r.since),
-        "flush_s": r.flush_s,
-        "timeout_s": r.timeout_s,
-        "boot": r.boot,
-        "seq": r.seq,
-        "hosts": r.hosts,
-        "children": list(r.children),
-        "flapping": r.flapping,
-    }
+def _listed(value: tuple[object, ...]) -> list[object]:
+    return list(value)
 
 
-def transition_body(t: TransitionRow) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "kind": t.kind.value,
-        "subject": t.subject,
-        "from": t.from_state.value,
-        "to": t.to_state.value,
-        "at": iso(t.at),
-        "reason": t.reason,
-        "relay": t.relay,
-        "event": t.event.value,
-    }
+def _shown_as(hint: Any) -> Callable[[Any], object] | None:
+    """How a field of this type is shown in JSON: moments as ISO text, enums as their values, tuples
+    as lists; None: as it is."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    kinds = {typing.get_origin(k) or k for k in (typing.get_args(hint) if union else (hint,))} - {type(None)}
+    if datetime in kinds:
+        return iso
+    if all(isinstance(k, type) and issubclass(k, enum.Enum) for k in kinds):
+        return _enum_value
+    return _listed if tuple in kinds else None
+
+
+class Body:
+    """The API's body of one record type: every field of the record but `unshown`, named as the API
+    names it (`renamed`), in the record's order. Planned once per type, so a page of records is fast."""
+
+    def __init__(self, record: type, renamed: Mapping[str, str] | None = None, unshown: frozenset[str] = frozenset()):
+        hints = typing.get_type_hints(record)
+        names = [f.name for f in dataclasses.fields(record) if f.name not in unshown]
+        self.shown = tuple((renamed or {}).get(name, name) for name in names)
+        self.values = operator.attrgetter(*names)
+        shows = (_shown_as(hints[name]) for name in names)
+        self.converted = tuple((shown, show) for shown, show in zip(self.shown, shows, strict=True) if show)
+
+    def __call__(self, record: object) -> dict[str, Any]:
+        body = dict(zip(self.shown, self.values(record), strict=True))
+        for name, show in self.converted:
+            body[name] = show(body[name])
+        return body
+
+
+host_body = Body(HostView)
+relay_body = Body(RelayView)
+transition_body = Body(TransitionRow, TRANSITION_RENAMED, TRANSITION_UNSHOWN)
 
 
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from pydantic import BeforeValidator
 
@@ -61,28 +61,29 @@ async def subject_history(
     return await history(view, kind=kind, subject=subject, since=since, until=until, limit=limit)
 
 
-@router.get(
-    "/hosts/{host_id}/transitions",
-    response_model=Page[TransitionOut],
-    responses=NOT_FOUND | BAD_QUERY,
-    tags=["hosts"],
-)
-async def host_transitions(
-    view: ViewDep, host_id: str, since: Since = None, until: Until = None, limit: Limit = 100
-) -> Response:
-    return await subject_history(view, Kind.HOST, host_id, since, until, limit)
+def _subject_transitions(kind: Kind) -> None:
+    """`GET /api/v1/hosts/{host_id}/transitions`, or the relays' likewise."""
+    ident = f"{kind.value}_id"
+
+    @router.get(
+        f"/{kind.value}s/{{{ident}}}/transitions",
+        response_model=Page[TransitionOut],
+        responses=NOT_FOUND | BAD_QUERY,
+        tags=[f"{kind.value}s"],
+        name=f"{kind.value}_transitions",
+    )
+    async def transitions(
+        view: ViewDep,
+        subject: str = Path(alias=ident),
+        since: Since = None,
+        until: Until = None,
+        limit: Limit = 100,
+    ) -> Response:
+        return await subject_history(view, kind, subject, since, until, limit)
 
 
-@router.get(
-    "/relays/{relay_id}/transitions",
-    response_model=Page[TransitionOut],
-    responses=NOT_FOUND | BAD_QUERY,
-    tags=["relays"],
-)
-async def relay_transitions(
-    view: ViewDep, relay_id: str, since: Since = None, until: Until = None, limit: Limit = 100
-) -> Response:
-    return await subject_history(view, Kind.RELAY, relay_id, since, until, limit)
+for _kind in Kind:
+    _subject_transitions(_kind)
 
 
 @router.get("/transitions", response_model=Page[TransitionOut], responses=BAD_QUERY, tags=["history"])

@@ -8,6 +8,7 @@ write latency) is observed through the monitor's `MonitorObserver` hook into his
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -38,41 +39,34 @@ class DecisionMetrics:
     """The monitor's observer: decisions and SQL writes, as they happen."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.transitions = Counter(
-            "relaybeat_transitions",
-            "State changes decided, by kind and new state.",
-            ["kind", "to"],
-            registry=registry,
+        counter = functools.partial(Counter, registry=registry)
+        histogram = functools.partial(Histogram, registry=registry)
+        self.transitions = counter(
+            "relaybeat_transitions", "State changes decided, by kind and new state.", ["kind", "to"]
         )
-        self.detection_lag = Histogram(
+        self.detection_lag = histogram(
             "relaybeat_detection_lag_seconds",
             "Decision time minus deadline, for up→down and up→unreachable transitions.",
             ["kind", "to"],
             buckets=LAG_BUCKETS,
-            registry=registry,
         )
-        self.write_latency = Histogram(
+        self.write_latency = histogram(
             "relaybeat_database_write_seconds",
             "Duration of one SQL transaction writing a batch of transitions.",
             buckets=WRITE_BUCKETS,
-            registry=registry,
         )
-        self.false_alarms = Counter(
+        self.false_alarms = counter(
             "relaybeat_false_alarms",
             "Outages (down or unreachable) proved false alarms by the evidence that ended them, by proof.",
             ["kind", "proof"],
-            registry=registry,
         )
-        self.detection_time = Histogram(
+        self.detection_time = histogram(
             "relaybeat_detection_seconds",
             "Last evidence of life to the decision, for every outage opened (not hosts made unreachable).",
             ["kind", "to"],
             buckets=DETECTION_BUCKETS,
-            registry=registry,
         )
-        self.written_rows = Counter(
-            "relaybeat_database_written_transitions", "Transition rows written to SQL.", registry=registry
-        )
+        self.written_rows = counter("relaybeat_database_written_transitions", "Transition rows written to SQL.")
 
     def decided(self, transitions: Sequence[Transition], now: float) -> None:
         for t in transitions:

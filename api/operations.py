@@ -16,10 +16,21 @@ from fastapi.responses import Response
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from relaybeat.api.auth import WRITE_REFUSED, require_write_token
-from relaybeat.api.bodies import NOT_FOUND, ErrorOut, Page, ViewDep, iso_only, json_response, not_found, refused
-from relaybeat.monitor.maintenance import TargetKind
+from relaybeat.api.bodies import (
+    NOT_FOUND,
+    Body,
+    ErrorOut,
+    Page,
+    ViewDep,
+    iso_only,
+    json_response,
+    not_found,
+    refused,
+)
+from relaybeat.monitor.maintenance import TargetKind, Window
 from relaybeat.monitor.states import Kind
-from relaybeat.monitor.view import AckView, FleetView, MaintenanceView, Refused, iso
+from relaybeat.monitor.store import Acknowledgement
+from relaybeat.monitor.view import AckView, FleetView, MaintenanceView, Refused
 
 router = APIRouter(prefix="/api/v1")
 WRITE = [Depends(require_write_token)]
@@ -92,20 +103,12 @@ class MaintenanceOut(BaseModel):
     covers: Covered = Field(description="hosts and relays its target includes right now, active or not")
 
 
+_window_fields = Body(Window)
+
+
 def window_body(shown: MaintenanceView) -> dict[str, Any]:
-    window = shown.window
-    return {
-        "id": window.id,
-        "target_kind": window.target_kind.value,
-        "target": window.target,
-        "starts_at": iso(window.starts_at),
-        "ends_at": iso(window.ends_at),
-        "reason": window.reason,
-        "created_at": iso(window.created_at),
-        "removed_at": iso(window.removed_at),
-        "active": shown.active,
-        "covers": {"hosts": shown.hosts, "relays": shown.relays},
-    }
+    covers = {"hosts": shown.hosts, "relays": shown.relays}
+    return _window_fields(shown.window) | {"active": shown.active, "covers": covers}
 
 
 @router.post(
@@ -182,18 +185,11 @@ class AckOut(BaseModel):
     current: bool = Field(description="the subject is still in the outage this acknowledges")
 
 
+_ack_fields = Body(Acknowledgement)
+
+
 def ack_body(shown: AckView) -> dict[str, Any]:
-    ack = shown.ack
-    return {
-        "id": ack.id,
-        "kind": ack.kind.value,
-        "subject": ack.subject,
-        "transition_id": ack.transition_id,
-        "comment": ack.comment,
-        "acknowledged_at": iso(ack.acknowledged_at),
-        "by": ack.by,
-        "current": shown.current,
-    }
+    return _ack_fields(shown.ack) | {"current": shown.current}
 
 
 async def acknowledge(view: FleetView, kind: Kind, subject: str, body: AckIn) -> Response:

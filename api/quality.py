@@ -7,14 +7,13 @@ The figures are `monitor.quality.figures` (pure), fed by the read view from the 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from relaybeat.api.availability import Since, Until
-from relaybeat.api.bodies import ViewDep, error_response, json_response
+from relaybeat.api.bodies import Body, ViewDep, error_response, json_response
 from relaybeat.api.history import BAD_QUERY
 from relaybeat.monitor.quality import Figures
 from relaybeat.monitor.records import FalseAlarmRow
@@ -71,40 +70,8 @@ class QualityOut(BaseModel):
     false_alarms: list[FalseAlarmOut]
 
 
-def figures_body(f: Figures) -> dict[str, Any]:
-    return {
-        "subjects": f.subjects,
-        "window_s": f.window_s,
-        "outages": f.outages,
-        "deaths": f.deaths,
-        "false_alarms": f.false_alarms,
-        "detection_s_mean": f.detection_s_mean,
-        "detection_s_max": f.detection_s_max,
-        "false_alarms_per_day": f.false_alarms_per_day,
-        "mistake_duration_s": f.mistake_duration_s,
-        "mistake_recurrence_s": f.mistake_recurrence_s,
-        "query_accuracy": f.query_accuracy,
-        "false_alarm_s": f.false_alarm_s,
-    }
-
-
-def false_alarm_body(f: FalseAlarmRow) -> dict[str, Any]:
-    return {
-        "id": f.id,
-        "kind": f.kind.value,
-        "subject": f.subject,
-        "opened_id": f.opened_id,
-        "closed_id": f.closed_id,
-        "opened_at": iso(f.opened_at),
-        "closed_at": iso(f.closed_at),
-        "proof": f.proof,
-        "detail": f.detail,
-        "seq_before": f.seq_before,
-        "seq_after": f.seq_after,
-        "seen_before": iso(f.seen_before),
-        "seen_after": iso(f.seen_after),
-        "recognised_at": iso(f.recognised_at),
-    }
+figures_body = Body(Figures)
+false_alarm_body = Body(FalseAlarmRow, unshown=frozenset({"opened_key", "closed_key"}))  # ids once written
 
 
 @router.get("/quality", response_model=QualityOut, responses=BAD_QUERY, tags=["availability"])

@@ -28,8 +28,9 @@ from matplotlib.figure import Figure
 
 from bench import mqtt
 from bench.leaves import Fleet, Leaf
-from bench.procs import Broker, Lab, bytes_between, wait_until
+from bench.procs import Broker, Lab, bytes_between
 from bench.report import Report, figure, med, num, render_profile, spread, table
+from tests.processes import wait_until
 
 MODES = ("direct", "relayed")
 

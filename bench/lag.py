@@ -35,8 +35,9 @@ import orjson
 
 from bench import mqtt
 from bench.leaves import Fleet, Leaf
-from bench.procs import Lab, Proc, wait_until
+from bench.procs import Lab, Proc
 from bench.report import Report, figure, num, percentiles, table
+from tests.processes import wait_until
 
 
 def _epoch(iso: str) -> float:

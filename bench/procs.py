@@ -17,15 +17,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import httpx
 import psutil
 
 from relaybeat.relay.ports import pick_free
+from tests.processes import wait_until  # the harnesses' one poll-until (raises AssertionError)
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -35,22 +35,6 @@ T = TypeVar("T")
 def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def wait_until(check: Callable[[], T | None], timeout_s: float, what: str, every_s: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        else:
-            if last:
-                return cast(T, last)
-        time.sleep(every_s)
-    msg = f"timed out after {timeout_s} s waiting for {what}; last saw {last!r}"
-    raise TimeoutError(msg)
 
 
 def port_open(port: int) -> bool:

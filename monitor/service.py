@@ -27,6 +27,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Generic, TypeVar, overload
 
 from relaybeat.monitor.clock import Clock, SystemClock
 from relaybeat.monitor.cluster import Cluster, ClusterSettings, Role
@@ -51,6 +52,7 @@ from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_EN
 __all__ = ["Monitor", "MonitorObserver", "MonitorSettings"]
 
 log = logging.getLogger("relaybeat.monitor")
+T = TypeVar("T")
 
 DB_PROBE_S = 0.5  # how often the database probe reads one row
 DB_PROBE_TIMEOUT_S = 1.0  # a probe not answered by then counts as the database being away
@@ -82,6 +84,32 @@ class MonitorSettings:
     # Hot standby on PostgreSQL (monitor/cluster.py): this node's id and failover_s. None: no lease
     # (one monitor per database, as before); ignored on SQLite, where one monitor holds the file.
     cluster: ClusterSettings | None = None
+
+
+class _Shown(Generic[T]):
+    """A read-only attribute of the monitor that is its part's attribute of the same name:
+    `recent = _Shown[deque[Transition]]("writer")` reads `monitor.writer.recent`."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, monitor: None, owner: type) -> _Shown[T]: ...
+    @overload
+    def __get__(self, monitor: Monitor, owner: type) -> T: ...
+    def __get__(self, monitor: Monitor | None, owner: type) -> _Shown[T] | T:
+        if monitor is None:
+            return self
+        value: T = getattr(getattr(monitor, self.part), self.name)
+        return value
+
+    def __set__(self, monitor: Monitor, value: object) -> None:
+        msg = f"Monitor.{self.name} is read-only: it is the {self.part}'s"
+        raise AttributeError(msg)
 
 
 class Monitor:
@@ -310,70 +338,23 @@ class Monitor:
         return self.writer.pending()
 
     # ----------------------------------------------------------------------- read accessors
+    # What the read view and the tools read of the parts, by the same name as in the part.
 
-    @property
-    def received(self) -> Counter[str]:
-        return self.ingest.received
-
-    @property
-    def rejections(self) -> Rejections:
-        return self.ingest.rejections
-
-    @property
-    def recent(self) -> deque[Transition]:
-        """The latest decisions, for live views."""
-        return self.writer.recent
-
-    @property
-    def observers(self) -> list[MonitorObserver]:
-        return self.writer.observers
-
-    @property
-    def written(self) -> asyncio.Condition:
-        """Notified after each batch reaches SQL."""
-        return self.writer.written
-
-    @property
-    def last_written_id(self) -> int:
-        return self.writer.last_written_id
-
-    @property
-    def db_ok(self) -> bool:
-        """The last SQL write went through."""
-        return self.writer.db_ok
-
-    @property
-    def write_failures(self) -> int:
-        return self.writer.write_failures
-
-    @property
-    def journal(self) -> Journal | None:
-        return self.writer.journal
-
-    @property
-    def journal_failures(self) -> int:
-        return self.writer.journal_failures
-
-    @property
-    def alerts(self) -> AlertBook:
-        return self.notifier.alerts
-
-    @property
-    def outbox(self) -> OutboxWorker:
-        return self.notifier.outbox
-
-    @property
-    def stalls(self) -> int:
-        return self.expiry.stalls
-
-    @property
-    def behind(self) -> int:
-        return self.ingest.behind
-
-    @property
-    def loop_lag_s(self) -> float:
-        """The worst event-loop lag of the last few seconds."""
-        return self.expiry.loop_lag_s
+    received = _Shown[Counter[str]]("ingest")
+    rejections = _Shown[Rejections]("ingest")
+    behind = _Shown[int]("ingest")
+    recent = _Shown[deque[Transition]]("writer")  # the latest decisions, for live views
+    observers = _Shown[list[MonitorObserver]]("writer")
+    written = _Shown[asyncio.Condition]("writer")  # notified after each batch reaches SQL
+    last_written_id = _Shown[int]("writer")
+    db_ok = _Shown[bool]("writer")  # the last SQL write went through
+    write_failures = _Shown[int]("writer")
+    journal = _Shown[Journal | None]("writer")
+    journal_failures = _Shown[int]("writer")
+    alerts = _Shown[AlertBook]("notifier")
+    outbox = _Shown[OutboxWorker]("notifier")
+    stalls = _Shown[int]("expiry")
+    loop_lag_s = _Shown[float]("expiry")  # the worst event-loop lag of the last few seconds
 
     @property
     def database_ok(self) -> bool:

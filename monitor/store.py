@@ -323,6 +323,38 @@ def _values(row: Any) -> dict[str, Any]:
 _R = TypeVar("_R", HostRow, RelayRow)
 
 
+Bound = Callable[[datetime], ColumnElement[bool]]  # a condition on a moment, e.g. `lambda m: t.at >= m`
+
+
+def _at(column: Any) -> tuple[Bound, Bound]:
+    """The window of rows that happened at one moment (`column`): at or after `since`, before `until`."""
+    return (lambda moment: column >= moment, lambda moment: column < moment)
+
+
+def _matching(
+    subjects: Any,
+    kind: Kind | None,
+    subject: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    window: tuple[Bound, Bound],
+) -> list[ColumnElement[bool]]:
+    """The conditions of a query for the rows of one kind and one subject (`subjects`: the model with
+    those columns) in a time window; `window` says what "after `since`" and "before `until`" mean for
+    these rows. Each only if its filter is given (not None); the moments must be aware."""
+    _require_aware("since", since)
+    _require_aware("until", until)
+    conditions = []
+    if kind is not None:
+        conditions.append(subjects.kind == kind)
+    if subject is not None:
+        conditions.append(subjects.subject == subject)
+    for moment, bound in ((since, window[0]), (until, window[1])):
+        if moment is not None:
+            conditions.append(bound(moment))
+    return conditions
+
+
 def _last_by_id(rows: Iterable[_R]) -> list[_R]:
     """One row per id (the last one wins), sorted by id so concurrent writers lock in one order."""
     return sorted({row.id: row for row in rows}.values(), key=lambda row: row.id)
@@ -547,18 +579,9 @@ class Store:
         until: datetime | None = None,
     ) -> list[FalseAlarmRow]:
         """False alarms overlapping `[since, until)` (of one kind, one subject), oldest first."""
-        _require_aware("since", since)
-        _require_aware("until", until)
         f = FalseAlarmModel
-        conditions: list[ColumnElement[bool]] = []
-        if kind is not None:
-            conditions.append(f.kind == kind)
-        if subject is not None:
-            conditions.append(f.subject == subject)
-        if since is not None:
-            conditions.append(f.closed_at > since)
-        if until is not None:
-            conditions.append(f.opened_at < until)
+        overlapping = (lambda moment: f.closed_at > moment, lambda moment: f.opened_at < moment)
+        conditions = _matching(f, kind, subject, since, until, overlapping)
         query = select(*_FALSE_ALARM_COLUMNS).where(*conditions).order_by(f.opened_at, f.id)
         async with self._engine.connect() as connection:
             return [FalseAlarmRow(**row._asdict()) for row in await connection.execute(query)]
@@ -571,19 +594,10 @@ class Store:
         until: datetime | None = None,
     ) -> list[DetectionRow]:
         """Outages opened in `[since, until)` as decided (by the transition's time), oldest first."""
-        _require_aware("since", since)
-        _require_aware("until", until)
         d, t = DetectionModel, TransitionModel
-        conditions: list[ColumnElement[bool]] = [t.id == d.transition_id]
-        if kind is not None:
-            conditions.append(d.kind == kind)
-        if subject is not None:
-            conditions.append(d.subject == subject)
-        if since is not None:
-            conditions.append(t.at >= since)
-        if until is not None:
-            conditions.append(t.at < until)
-        query = select(*_DETECTION_COLUMNS, t.key, t.at).where(*conditions).order_by(t.at, t.id)
+        conditions = _matching(d, kind, subject, since, until, _at(t.at))
+        query = select(*_DETECTION_COLUMNS, t.key, t.at).where(t.id == d.transition_id, *conditions)
+        query = query.order_by(t.at, t.id)
         async with self._engine.connect() as connection:
             return [DetectionRow(**row._asdict()) for row in await connection.execute(query)]
 
@@ -653,17 +667,8 @@ class Store:
         if limit < 1:
             msg = f"limit must be at least 1, got {limit}"
             raise ValueError(msg)
-        _require_aware("since", since)
-        _require_aware("until", until)
-        conditions: list[ColumnElement[bool]] = []
-        if kind is not None:
-            conditions.append(TransitionModel.kind == kind)
-        if subject is not None:
-            conditions.append(TransitionModel.subject == subject)
-        if since is not None:
-            conditions.append(TransitionModel.at >= since)
-        if until is not None:
-            conditions.append(TransitionModel.at < until)
+        t = TransitionModel
+        conditions = _matching(t, kind, subject, since, until, _at(t.at))
         if after_id is not None:
             conditions.append(TransitionModel.id > after_id)
         order = TransitionModel.id.desc() if newest_first else TransitionModel.id.asc()

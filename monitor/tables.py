@@ -130,40 +130,38 @@ class TransitionModel(Base):
     key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-class HostModel(Base):
+class _CurrentState:
+    """The columns of a subject's current state, which hosts and relays alike keep."""
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[State] = mapped_column(EnumText(State))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    flapping: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class HostModel(_CurrentState, Base):
     """Current state of each host (a leaf), upserted after every change."""
 
     __tablename__ = "hosts"
 
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    state: Mapped[State] = mapped_column(EnumText(State))
-    since: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     relay: Mapped[str | None] = mapped_column(Text, nullable=True)
     interval_s: Mapped[float] = mapped_column(Float)
-    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    flapping: Mapped[bool] = mapped_column(Boolean)
     # The watched source its relay vouches for it from (`tasmota`, ...); NULL for a host that beats.
     source: Mapped[str | None] = mapped_column(Text, nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
-class RelayModel(Base):
+class RelayModel(_CurrentState, Base):
     """Current state of each relay, upserted after every change."""
 
     __tablename__ = "relays"
 
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    state: Mapped[State] = mapped_column(EnumText(State))
-    since: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The relay above this one in a tree, if any.
     parent: Mapped[str | None] = mapped_column(Text, nullable=True)
     boot: Mapped[str | None] = mapped_column(Text, nullable=True)
-    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     flush_s: Mapped[float] = mapped_column(Float)
-    flapping: Mapped[bool] = mapped_column(Boolean)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class MaintenanceModel(Base):

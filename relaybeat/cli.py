@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -21,6 +22,9 @@ from relaybeat.errors import RelaybeatError, SettingsError, message
 from relaybeat.monitor.store import downgrade_sync, pending_model_changes, shown_url, upgrade_sync
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import PortInUse, parse_hostport
+
+if TYPE_CHECKING:
+    from relaybeat.settings import Flags
 
 
 class _Commands(TyperGroup):
@@ -76,6 +80,8 @@ Config = Annotated[
     typer.Option(help="Deployment file (TOML), see relaybeat.example.toml.", envvar="RELAYBEAT_CONFIG"),
 ]
 LOG_LEVELS = ("debug", "info", "warning", "error")
+F = TypeVar("F", bound="Flags")  # a command's flags, e.g. relaybeat.settings.MonitorFlags
+S = TypeVar("S")  # what the command starts with, e.g. relaybeat.settings.MonitorStart
 
 
 def _logging(level: str) -> None:
@@ -93,6 +99,18 @@ def _hostport(text: str, option: str) -> tuple[str, int]:
     except SettingsError as exc:
         msg = f"{option}: {exc}"
         raise SettingsError(msg) from None
+
+
+def _start(ctx: typer.Context, kind: type[F], build: Callable[[F, Mapping[str, str], Path | None], S]) -> S:
+    """A service command's start: logging as --log-level says, then what `build` makes of the flags
+    given (the command's parameters, named as `kind`'s fields), the environment and --config."""
+    _logging(ctx.params["log_level"])
+    given: dict[str, Any] = {}
+    for field in dataclasses.fields(kind):
+        value = ctx.params[field.name]
+        if value is not None:  # not given: the field's default
+            given[field.name] = tuple(value) if isinstance(value, list) else value  # --watch: repeatable
+    return build(kind(**given), os.environ, ctx.params["config"])
 
 
 def _run(main: object) -> None:
@@ -130,6 +148,7 @@ def broker(
 
 @app.command()
 def leaf(
+    ctx: typer.Context,
     id: Annotated[
         str | None, typer.Option("--id", help="This host's id ([A-Za-z0-9._-]{1,128}).", envvar="RELAYBEAT_ID")
     ] = None,
@@ -143,8 +162,7 @@ def leaf(
     from relaybeat.relay.leaf import run_leaf
     from relaybeat.settings import LeafFlags, leaf_start
 
-    _logging(log_level)
-    start = leaf_start(LeafFlags(id=id, broker=broker, interval=interval, prefix=prefix), os.environ, config)
+    start = _start(ctx, LeafFlags, leaf_start)
 
     async def main(stop: asyncio.Event) -> None:
         await run_leaf(start.host_id, start.broker, start.interval_s, stop, start.topics)
@@ -154,6 +172,7 @@ def leaf(
 
 @app.command()
 def relay(
+    ctx: typer.Context,
     id: Annotated[str | None, typer.Option("--id", help="This relay's id.", envvar="RELAYBEAT_ID")] = None,
     local: Annotated[
         str | None, typer.Option(help="Broker the leaves beat to (mqtt://...), or 'embedded' to run one here.")
@@ -198,13 +217,7 @@ def relay(
     from relaybeat.serve import serve_relay
     from relaybeat.settings import RelayFlags, relay_start
 
-    _logging(log_level)
-    flags = RelayFlags(
-        id=id, local=local, upstream=upstream, flush=flush, serve=serve, default_interval=default_interval,
-        children=children, max_bundle_bytes=max_bundle_bytes, prefix=prefix, keyframe_s=keyframe_s, format=format,
-        watch=tuple(watch or ()),
-    )  # fmt: skip
-    start = relay_start(flags, os.environ, config)
+    start = _start(ctx, RelayFlags, relay_start)
 
     async def main(stop: asyncio.Event) -> None:
         from contextlib import AsyncExitStack
@@ -226,6 +239,7 @@ def relay(
 
 @app.command()
 def monitor(
+    ctx: typer.Context,
     broker: Annotated[
         str | None,
         typer.Option(
@@ -269,13 +283,7 @@ def monitor(
     from relaybeat.serve import serve_monitor
     from relaybeat.settings import MonitorFlags, monitor_start
 
-    _logging(log_level)
-    flags = MonitorFlags(
-        broker=broker, db=db, listen=listen, misses=misses, default_interval=default_interval, adaptive=adaptive,
-        phi=phi, client_id=client_id, max_bundle_bytes=max_bundle_bytes, max_bundle_entries=max_bundle_entries,
-        journal=journal, prefix=prefix, node_id=node_id, failover=failover,
-    )  # fmt: skip
-    start = monitor_start(flags, os.environ, config)
+    start = _start(ctx, MonitorFlags, monitor_start)
     host, port = start.listen
     _run(lambda stop: serve_monitor(start.settings, start.db, host, port, stop, start.api))
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -99,10 +100,27 @@ def _check_id(value: str | None) -> str | None:
     return value
 
 
-def _check_ids(values: list[str]) -> list[str]:
-    for value in values:
+def _check_ids(values: list[str] | None) -> list[str] | None:
+    for value in values or ():
         _check_id(value)
     return values
+
+
+def _check_unique(what: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        msg = f"{what} names must be unique; repeated: {', '.join(repeated)}"
+        raise ValueError(msg)
+
+
+# The checked kinds of value, one type each, so that every section's field says what it holds.
+Broker = Annotated[str, AfterValidator(_check_broker)]  # one mqtt:// URL, or several comma-separated
+HostPort = Annotated[str, AfterValidator(_check_hostport)]
+Prefix = Annotated[str, AfterValidator(_check_prefix)]
+Name = Annotated[str, AfterValidator(_check_id)]  # an id, a page's or a target's name
+OptionalId = Annotated[str | None, AfterValidator(_check_id)]  # None: unset
+Ids = Annotated[list[str], AfterValidator(_check_ids)]
+OptionalIds = Annotated[list[str] | None, AfterValidator(_check_ids)]
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -171,31 +189,20 @@ class DetectorConfig(_Strict):
 
 
 class MonitorConfig(_Strict):
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: Broker = "mqtt://127.0.0.1:1883"
     db: str = "sqlite:///relaybeat.db"
-    listen: str = "127.0.0.1:8000"
-    prefix: str = DEFAULT_PREFIX
-    client_id: str | None = None  # unset: relaybeat-monitor-<node_id>, unique per node
-    node_id: str | None = None  # unset: <host name>-<listen port>, stable across restarts
+    listen: HostPort = "127.0.0.1:8000"
+    prefix: Prefix = DEFAULT_PREFIX
+    client_id: OptionalId = None  # unset: relaybeat-monitor-<node_id>, unique per node
+    node_id: OptionalId = None  # unset: <host name>-<listen port>, stable across restarts
     failover_s: float = Field(default=DEFAULT_FAILOVER_S, ge=0.2, le=600)  # PostgreSQL hot standby
     accept_direct_beats: bool = True
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     max_bundle_entries: int = Field(default=DEFAULT_MAX_BUNDLE_ENTRIES, ge=1, le=10_000_000)
-    relays: list[str] | None = None  # accept bundles only from these relays (children included); unset: any
+    relays: Annotated[list[str] | None, AfterValidator(_check_ids)] = (
+        None  # accept bundles only from these relays (children included); unset: any
+    )
     journal: str | None = Field(default=None, min_length=1)  # decisions not yet in SQL; unset: see journal_path
-
-    _broker = field_validator("broker")(_check_broker)
-    _listen = field_validator("listen")(_check_hostport)
-    _prefix = field_validator("prefix")(_check_prefix)
-    _client_id = field_validator("client_id")(_check_id)
-    _node_id = field_validator("node_id")(_check_id)
-
-    @field_validator("relays")
-    @classmethod
-    def _relays(cls, value: list[str] | None) -> list[str] | None:
-        for relay_id in value or ():
-            _check_id(relay_id)
-        return value
 
     @field_validator("db")
     @classmethod
@@ -259,12 +266,10 @@ class MonitorConfig(_Strict):
 class StatusPageConfig(_Strict):
     """One `[[api.status_page]]`: a public read-only page at /status/<name>."""
 
-    name: str  # the page's URL: /status/<name>
+    name: Name  # the page's URL: /status/<name>
     title: str = Field(default="", max_length=200)  # default: the name
     hosts: list[str] = Field(default_factory=list)  # host-id globs, e.g. 'web-*'
-    relays: list[str] = Field(default_factory=list)  # each relay, the relays below it and all their hosts
-
-    _name = field_validator("name")(_check_id)
+    relays: Ids = Field(default_factory=list)  # each relay, the relays below it and all their hosts
 
     @field_validator("hosts")
     @classmethod
@@ -274,8 +279,6 @@ class StatusPageConfig(_Strict):
                 msg = "each host glob must be 1 to 128 characters"
                 raise ValueError(msg)
         return globs
-
-    _relays = field_validator("relays")(_check_ids)
 
     @model_validator(mode="after")
     def _shows_something(self) -> StatusPageConfig:
@@ -328,11 +331,7 @@ class ApiConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_status_pages(self) -> ApiConfig:
-        names = [p.name for p in self.status_page]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            msg = f"status page names must be unique; repeated: {', '.join(repeated)}"
-            raise ValueError(msg)
+        _check_unique("status page", [p.name for p in self.status_page])
         return self
 
     def settings(self) -> ApiSettings:
@@ -382,24 +381,19 @@ class WatchConfig(_Strict):
 
 
 class RelayConfig(_Strict):
-    id: str | None = None  # usually per process: --id or RELAYBEAT_ID
+    id: OptionalId = None  # usually per process: --id or RELAYBEAT_ID
     local: str = "embedded"  # the broker leaves beat to, or "embedded" to run one in the relay
-    serve: str = "127.0.0.1:1884"  # with local = "embedded": where that broker listens
-    upstream: str = "mqtt://127.0.0.1:1883"
+    serve: HostPort = "127.0.0.1:1884"  # with local = "embedded": where that broker listens
+    upstream: Broker = "mqtt://127.0.0.1:1883"
     flush_s: float = Field(default=1.0, ge=0.01, le=3600)
     default_interval_s: Seconds = DEFAULT_INTERVAL_S
     children: bool | Literal["auto"] = "auto"
-    prefix: str = DEFAULT_PREFIX
+    prefix: Prefix = DEFAULT_PREFIX
     forget_after_s: Seconds = 86_400.0
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
     format: BundleFormat = "binary"
     watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
-
-    _id = field_validator("id")(_check_id)
-    _upstream = field_validator("upstream")(_check_broker)
-    _serve = field_validator("serve")(_check_hostport)
-    _prefix = field_validator("prefix")(_check_prefix)
 
     @field_validator("local")
     @classmethod
@@ -434,13 +428,10 @@ class RelayConfig(_Strict):
 
 
 class LeafConfig(_Strict):
-    id: str | None = None  # usually per process: --id or RELAYBEAT_ID
+    id: OptionalId = None  # usually per process: --id or RELAYBEAT_ID
     broker: str | None = None  # the site broker (a relay's), e.g. mqtt://relay-a:1884
     interval_s: float = Field(default=DEFAULT_INTERVAL_S, ge=0.05, le=86_400)
-    prefix: str = DEFAULT_PREFIX
-
-    _id = field_validator("id")(_check_id)
-    _prefix = field_validator("prefix")(_check_prefix)
+    prefix: Prefix = DEFAULT_PREFIX
 
     @field_validator("broker")
     @classmethod
@@ -463,23 +454,15 @@ def _both_kinds() -> list[NotifyKind]:
 class WebhookConfig(_Strict):
     """One `[[notify.webhooks]]` target. Errors never repeat its URL or secret (either may hold a token)."""
 
-    name: str  # names the target in the outbox and in logs: keep it stable
+    name: Name  # names the target in the outbox and in logs: keep it stable
     url: str
     secret: SecretStr | None = None  # signs each message: X-Relaybeat-Signature
     states: list[NotifyState] = Field(default_factory=_bad_states, min_length=1)
     hosts: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # host-id globs
-    relays: list[str] = Field(default_factory=list)  # only subjects at or behind these relays; empty: all
+    relays: Ids = Field(default_factory=list)  # only subjects at or behind these relays; empty: all
     kinds: list[NotifyKind] = Field(default_factory=_both_kinds, min_length=1)
     remind_every_s: float | None = Field(default=None, gt=0, le=30 * 86_400)  # unset: no reminders
     timeout_s: float = Field(default=10.0, gt=0, le=300)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        _check_id(value)
-        return value
-
-    _relays = field_validator("relays")(_check_ids)
 
     @field_validator("url")
     @classmethod
@@ -516,11 +499,7 @@ class NotifyConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> NotifyConfig:
-        names = [w.name for w in self.webhooks]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            msg = f"webhook names must be unique; repeated: {', '.join(repeated)}"
-            raise ValueError(msg)
+        _check_unique("webhook", [w.name for w in self.webhooks])
         if self.retry_min_s > self.retry_max_s:
             msg = f"retry_min_s ({self.retry_min_s:g}) must not exceed retry_max_s ({self.retry_max_s:g})"
             raise ValueError(msg)

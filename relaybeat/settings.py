@@ -11,11 +11,12 @@ bad or missing value raises ConfigError naming the flag, variable or key and wha
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from relaybeat.api.auth import ApiSettings
-from relaybeat.config import ConfigError, load_config
+from relaybeat.config import ConfigError, DeploymentConfig, load_config
 from relaybeat.monitor.service import MonitorSettings
 from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.ports import parse_hostport
@@ -24,24 +25,90 @@ from relaybeat.relay.watch import PRESETS
 from relaybeat.relay.wire import Topics
 
 
+def _flag(key: str, variable: str | None = None, spelled: str | None = None) -> Any:
+    """A field of a `*Flags` class: the deployment key it sets ("section.key"), the flag's own variable,
+    and how the flag is spelled when that is not `--` and the field's name with dashes."""
+    return field(default=None, metadata={"key": key, "variable": variable, "spelled": spelled})
+
+
 @dataclass(frozen=True, slots=True)
 class MonitorFlags:
     """`relaybeat monitor`'s flags; None: not given."""
 
-    broker: str | None = None
-    db: str | None = None
-    listen: str | None = None
-    misses: int | None = None
-    default_interval: float | None = None
-    adaptive: bool | None = None
-    phi: float | None = None
-    client_id: str | None = None
-    max_bundle_bytes: int | None = None
-    max_bundle_entries: int | None = None
-    journal: str | None = None
-    prefix: str | None = None
-    node_id: str | None = None
-    failover: float | None = None
+    broker: str | None = _flag("monitor.broker", "RELAYBEAT_BROKER")
+    db: str | None = _flag("monitor.db", "RELAYBEAT_DB")
+    listen: str | None = _flag("monitor.listen", "RELAYBEAT_LISTEN")
+    misses: int | None = _flag("detector.misses", "RELAYBEAT_MISSES")
+    default_interval: float | None = _flag("detector.default_interval_s")
+    adaptive: bool | None = _flag("detector.adaptive", spelled="--adaptive/--fixed")
+    phi: float | None = _flag("detector.phi_threshold")
+    client_id: str | None = _flag("monitor.client_id")
+    max_bundle_bytes: int | None = _flag("monitor.max_bundle_bytes")
+    max_bundle_entries: int | None = _flag("monitor.max_bundle_entries")
+    journal: str | None = _flag("monitor.journal")
+    prefix: str | None = _flag("monitor.prefix", "RELAYBEAT_PREFIX")
+    node_id: str | None = _flag("monitor.node_id", "RELAYBEAT_NODE_ID")
+    failover: float | None = _flag("monitor.failover_s")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayFlags:
+    """`relaybeat relay`'s flags; None: not given."""
+
+    id: str | None = _flag("relay.id", "RELAYBEAT_ID")
+    local: str | None = _flag("relay.local")
+    upstream: str | None = _flag("relay.upstream", "RELAYBEAT_UPSTREAM")
+    flush: float | None = _flag("relay.flush_s")
+    serve: str | None = _flag("relay.serve")
+    default_interval: float | None = _flag("relay.default_interval_s")
+    children: bool | None = _flag("relay.children", spelled="--children/--no-children")
+    max_bundle_bytes: int | None = _flag("relay.max_bundle_bytes")
+    prefix: str | None = _flag("relay.prefix", "RELAYBEAT_PREFIX")
+    keyframe_s: float | None = _flag("relay.keyframe_s")
+    format: str | None = _flag("relay.format")
+    watch: tuple[str, ...] = ()  # --watch PRESET, repeatable: adds to the file's [[relay.watch]]
+
+
+@dataclass(frozen=True, slots=True)
+class LeafFlags:
+    """`relaybeat leaf`'s flags; None: not given."""
+
+    id: str | None = _flag("leaf.id", "RELAYBEAT_ID")
+    broker: str | None = _flag("leaf.broker", "RELAYBEAT_BROKER")
+    interval: float | None = _flag("leaf.interval_s")
+    prefix: str | None = _flag("leaf.prefix", "RELAYBEAT_PREFIX")
+
+
+Flags = MonitorFlags | RelayFlags | LeafFlags
+
+
+def _option(flag: Field[Any]) -> str:
+    return flag.metadata["spelled"] or "--" + flag.name.replace("_", "-")
+
+
+def _spelled(flag: Field[Any]) -> str:
+    """A flag as an error message names it: `--broker (RELAYBEAT_BROKER)`, `--phi`."""
+    variable = flag.metadata["variable"]
+    return _option(flag) if variable is None else f"{_option(flag)} ({variable})"
+
+
+def _deployment(flags: Flags, environ: Mapping[str, str], config: Path | None) -> DeploymentConfig:
+    """The deployment file, overridden by RELAYBEAT_* variables, overridden by the flags given."""
+    given = {f.metadata["key"]: (_spelled(f), getattr(flags, f.name)) for f in fields(flags) if "key" in f.metadata}
+    return load_config(config, environ, given)
+
+
+def _required(flags: Flags, name: str, value: str | None) -> str:
+    """A setting a command cannot start without (its flag has a variable), from either or the file."""
+    if value is None:
+        flag = next(f for f in fields(flags) if f.name == name)
+        section, key = flag.metadata["key"].split(".")
+        msg = (
+            f"{section} {key}: give {_option(flag)}, {flag.metadata['variable']} or `{key}` under [{section}] "
+            "in the deployment file"
+        )
+        raise ConfigError(msg)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,48 +120,11 @@ class MonitorStart:
 
 
 def monitor_start(flags: MonitorFlags, environ: Mapping[str, str], config: Path | None) -> MonitorStart:
-    deployment = load_config(
-        config,
-        environ,
-        {
-            "monitor.broker": ("--broker (RELAYBEAT_BROKER)", flags.broker),
-            "monitor.db": ("--db (RELAYBEAT_DB)", flags.db),
-            "monitor.listen": ("--listen (RELAYBEAT_LISTEN)", flags.listen),
-            "monitor.prefix": ("--prefix (RELAYBEAT_PREFIX)", flags.prefix),
-            "monitor.client_id": ("--client-id", flags.client_id),
-            "monitor.max_bundle_bytes": ("--max-bundle-bytes", flags.max_bundle_bytes),
-            "monitor.max_bundle_entries": ("--max-bundle-entries", flags.max_bundle_entries),
-            "monitor.journal": ("--journal", flags.journal),
-            "monitor.node_id": ("--node-id (RELAYBEAT_NODE_ID)", flags.node_id),
-            "monitor.failover_s": ("--failover", flags.failover),
-            "detector.misses": ("--misses (RELAYBEAT_MISSES)", flags.misses),
-            "detector.default_interval_s": ("--default-interval", flags.default_interval),
-            "detector.adaptive": ("--adaptive/--fixed", flags.adaptive),
-            "detector.phi_threshold": ("--phi", flags.phi),
-        },
-    )
+    deployment = _deployment(flags, environ, config)
     cfg = deployment.monitor
     detector = deployment.detector
     settings = cfg.settings(detector.policy(), deployment.notify.settings(), detector.targets())
     return MonitorStart(settings, cfg.db, parse_hostport(cfg.listen), deployment.api.settings())
-
-
-@dataclass(frozen=True, slots=True)
-class RelayFlags:
-    """`relaybeat relay`'s flags; None: not given."""
-
-    id: str | None = None
-    local: str | None = None
-    upstream: str | None = None
-    flush: float | None = None
-    serve: str | None = None
-    default_interval: float | None = None
-    children: bool | None = None
-    max_bundle_bytes: int | None = None
-    prefix: str | None = None
-    keyframe_s: float | None = None
-    format: str | None = None
-    watch: tuple[str, ...] = ()  # --watch PRESET, repeatable
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,45 +135,16 @@ class RelayStart:
 
 
 def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | None) -> RelayStart:
-    deployment = load_config(
-        config,
-        environ,
-        {
-            "relay.id": ("--id (RELAYBEAT_ID)", flags.id),
-            "relay.local": ("--local", flags.local),
-            "relay.upstream": ("--upstream (RELAYBEAT_UPSTREAM)", flags.upstream),
-            "relay.flush_s": ("--flush", flags.flush),
-            "relay.serve": ("--serve", flags.serve),
-            "relay.default_interval_s": ("--default-interval", flags.default_interval),
-            "relay.children": ("--children/--no-children", flags.children),
-            "relay.max_bundle_bytes": ("--max-bundle-bytes", flags.max_bundle_bytes),
-            "relay.prefix": ("--prefix (RELAYBEAT_PREFIX)", flags.prefix),
-            "relay.keyframe_s": ("--keyframe-s", flags.keyframe_s),
-            "relay.format": ("--format", flags.format),
-        },
-    )
-    cfg = deployment.relay
-    if cfg.id is None:
-        msg = "relay id: give --id, RELAYBEAT_ID or `id` under [relay] in the deployment file"
-        raise ConfigError(msg)
+    cfg = _deployment(flags, environ, config).relay
+    relay_id = _required(flags, "id", cfg.id)
     unknown = [preset for preset in flags.watch if preset not in PRESETS]
     if unknown:
         msg = f"--watch {unknown[0]}: unknown preset; presets are {', '.join(PRESETS)}"
         raise ConfigError(msg)
     if cfg.local == "embedded":
         host, port = parse_hostport(cfg.serve)
-        return RelayStart(cfg.settings(cfg.id, BrokerURL(host, port), flags.watch), (host, port))
-    return RelayStart(cfg.settings(cfg.id, Brokers.parse(cfg.local), flags.watch), None)
-
-
-@dataclass(frozen=True, slots=True)
-class LeafFlags:
-    """`relaybeat leaf`'s flags; None: not given."""
-
-    id: str | None = None
-    broker: str | None = None
-    interval: float | None = None
-    prefix: str | None = None
+        return RelayStart(cfg.settings(relay_id, BrokerURL(host, port), flags.watch), (host, port))
+    return RelayStart(cfg.settings(relay_id, Brokers.parse(cfg.local), flags.watch), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,21 +156,6 @@ class LeafStart:
 
 
 def leaf_start(flags: LeafFlags, environ: Mapping[str, str], config: Path | None) -> LeafStart:
-    deployment = load_config(
-        config,
-        environ,
-        {
-            "leaf.id": ("--id (RELAYBEAT_ID)", flags.id),
-            "leaf.broker": ("--broker (RELAYBEAT_BROKER)", flags.broker),
-            "leaf.interval_s": ("--interval", flags.interval),
-            "leaf.prefix": ("--prefix (RELAYBEAT_PREFIX)", flags.prefix),
-        },
-    )
-    cfg = deployment.leaf
-    if cfg.id is None:
-        msg = "leaf id: give --id, RELAYBEAT_ID or `id` under [leaf] in the deployment file"
-        raise ConfigError(msg)
-    if cfg.broker is None:
-        msg = "leaf broker: give --broker, RELAYBEAT_BROKER or `broker` under [leaf] in the deployment file"
-        raise ConfigError(msg)
-    return LeafStart(cfg.id, Brokers.parse(cfg.broker), cfg.interval_s, Topics(cfg.prefix))
+    cfg = _deployment(flags, environ, config).leaf
+    host_id, broker = _required(flags, "id", cfg.id), _required(flags, "broker", cfg.broker)
+    return LeafStart(host_id, Brokers.parse(broker), cfg.interval_s, Topics(cfg.prefix))
