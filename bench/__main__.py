@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--relays", type=int, help="synthetic relays feeding them")
             p.add_argument("--duration", type=float, help="wrk duration per endpoint, s")
             p.add_argument("--connections", type=int, help="wrk connections")
+            p.add_argument("--request-rate", type=float, default=None,
+                           help="open loop: requests/s per endpoint, latency from when each was due "
+                           "[closed loop with --connections]")  # fmt: skip
             p.add_argument("--ingest-rate", type=float, default=None,
                            help="leaf entries/s of background ingest [half the last ingest ceiling]")  # fmt: skip
         if name == "auth":

@@ -85,6 +85,36 @@ async def python_load(url: str, connections: int, duration: float) -> dict[str, 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(connections)))
         wall = time.monotonic() - started
+    return _latency_figures(latencies, wall, errors)
+
+
+async def paced_load(url: str, per_s: float, duration: float) -> dict[str, float]:
+    """Open loop: one request every 1/`per_s` s, each on its own task, as a dashboard or a script
+    asks; a latency counts from when the request was due (no coordinated omission), so a blocked
+    event loop shows in full."""
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=5) as http:
+
+        async def one(due: float) -> None:
+            nonlocal errors
+            response = await http.get(url)
+            latencies.append((time.perf_counter() - due) * 1000)
+            errors += response.status_code != 200
+
+        await http.get(url)  # the connection is open before the clock starts
+        started = time.perf_counter()
+        tasks = []
+        for n in range(max(1, round(per_s * duration))):
+            due = started + n / per_s
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(due)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - started
+    return _latency_figures(latencies, wall, errors)
+
+
+def _latency_figures(latencies: list[float], wall: float, errors: int) -> dict[str, float]:
     latencies.sort()
 
     def pick(p: float) -> float:
@@ -97,7 +127,14 @@ async def python_load(url: str, connections: int, duration: float) -> dict[str, 
 async def _run(args: Any, rate: float) -> dict[str, Any]:
     prefix = f"bench{secrets.token_hex(3)}/"
     tool = "wrk" if shutil.which("wrk") else "python"
-    load = wrk if tool == "wrk" else python_load
+
+    async def load(url: str, connections: int, duration: float) -> dict[str, float]:
+        if args.request_rate:
+            return await paced_load(url, args.request_rate, duration)
+        return await (wrk if tool == "wrk" else python_load)(url, connections, duration)
+
+    if args.request_rate:
+        tool = f"open loop at {args.request_rate:g} req/s"
     results: dict[str, list[dict[str, float]]] = {"host": [], "page": []}
     with Lab("api") as lab:
         broker = lab.broker(args.broker)
@@ -158,8 +195,9 @@ def run(args: Any, out: Path) -> Report:
     report.data = {**got, "ingest_ceiling_from_results": ceiling, "summary": summary}
     report.say(
         f"\nAPI under ingest: {got['hosts']:,} hosts; background ingest {got['ingest_taken_entries_per_s']:,.0f}"
-        f" entries/s taken (target {got['ingest_rate_target']:,.0f}); {got['tool']} with {args.connections}"
-        f" connections, {args.duration:g} s × {args.reps}; monitor at {got['monitor_cores']:.2f} cores\n"
+        f" entries/s taken (target {got['ingest_rate_target']:,.0f}); {got['tool']}"
+        f"{'' if args.request_rate else f' with {args.connections} connections'}, {args.duration:g} s × {args.reps};"
+        f" monitor at {got['monitor_cores']:.2f} cores\n"
     )
     rows = [
         ("GET /api/v1/hosts/{id}", med(summary["host"]["req_per_s"]), med(summary["host"]["p50_ms"], 2),
