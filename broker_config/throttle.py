@@ -33,7 +33,7 @@ class LoginThrottle:
     """Failed logins per source address, as a token bucket: a source may fail `burst` times, then
     `per_second` times a second. While its bucket is empty, its CONNECTs are refused (CONNACK 3,
     "server unavailable": try later) before any password check, so a storm of bad logins costs no
-    argon2 time. A check takes a token when it starts and gives it back if the login succeeds, so
+    argon2 time. A check takes a token when it starts and gives it back if the password is right, so
     guesses waiting behind a check are refused too. (`PasswordChecks` keeps the checks that do run
     from making other sources wait.)
 
