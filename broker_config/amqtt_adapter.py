@@ -22,7 +22,9 @@ What is fixed, by the numbering of LIBRARIES.md §2.5:
 5. wills bypass the publish ACL       -> a CONNECT whose will the user may not publish is refused.
 6. argon2 blocks the event loop, and  -> `ThreadedFileAuth` verifies in its own small thread pool;
    a storm of bad logins makes every     `LoginThrottle` refuses a source with too many failed logins
-   client queue behind it                before checking; `FairGate` serves sources in turn.
+   client queue behind it                at accept, before amqtt reads anything; `PasswordChecks`
+                                         serves the checks to sources in turn, a failing source one
+                                         at a time; a returning client (`RecentLogins`) never queues.
 Also fixed: anonymous persistent sessions were dropped on disconnect, with nothing queued for them
 (AnonymousAuthPlugin marks sessions `is_anonymous`, which amqtt takes as "keep nothing"); the
 anonymous broker uses `AnyoneAllowed` instead.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib.metadata
 import logging
 import os
@@ -56,7 +59,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from relaybeat.broker_config.passwords import RecentLogins, hash_password, read_password_file, verify_password
 from relaybeat.broker_config.policy import TopicPolicy, client_id_allowed, topic_policy
 from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, host_port
-from relaybeat.broker_config.throttle import FairGate, LoginThrottle
+from relaybeat.broker_config.throttle import LoginThrottle, PasswordChecks
 from relaybeat.errors import Unavailable
 
 AMQTT_VERSION: Final = "0.12.1"
@@ -144,6 +147,8 @@ log = logging.getLogger(__name__)
 _ADMITTED: Final = "relaybeat.admitted"
 _LAST_PACKET: Final = "relaybeat.last_packet_monotonic"
 _CONNECTION_TASK: Final = "relaybeat.connection_task"
+_CHECK_IN_TURN: Final = "relaybeat.check_in_turn"  # runs a slow password check in the source's turn
+_THROTTLED_IN_TURN: Final = "relaybeat.throttled_in_turn"  # the source ran out while this login waited
 
 _THROTTLED: Final = "throttled: too many failed logins from this address"  # LoginThrottle logs these itself
 _MAX_THROTTLED_CONNECT_BYTES: Final = 65_536  # a bigger "CONNECT" from a throttled source is just dropped
@@ -257,8 +262,16 @@ class ThreadedFileAuth(BaseAuthPlugin):  # type: ignore[misc]
         if self._executor is None:
             workers = _auth_threads(self.config.max_threads)
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="relaybeat-auth")
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._executor, verify_password, stored or self._decoy, password)
+        executor, hashed = self._executor, stored or self._decoy
+
+        async def check() -> bool:
+            return await asyncio.get_running_loop().run_in_executor(executor, verify_password, hashed, password)
+
+        in_turn = session.attributes.get(_CHECK_IN_TURN)  # set by RelaybeatBroker when it throttles
+        ok = await check() if in_turn is None else await in_turn(check)
+        if ok is None:
+            session.attributes[_THROTTLED_IN_TURN] = True
+            return False
         if ok and stored is not None:
             self._recent.remember(username, stored, password)
             return True
@@ -334,7 +347,7 @@ class RelaybeatBroker(Broker):  # type: ignore[misc]
         super().__init__(config)
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self.login_throttle = login_throttle
-        self._check_turns = FairGate(_auth_threads())
+        self._password_checks = None if login_throttle is None else PasswordChecks(login_throttle, _auth_threads())
 
     # --- connections: tracked, so that shutdown can end them all
 
@@ -437,19 +450,15 @@ class RelaybeatBroker(Broker):  # type: ignore[misc]
 
     async def _admission_refusal(self, session: Any, source: str) -> tuple[int, str] | None:
         """Why this CONNECT may not proceed (CONNACK return code, reason), or None. A source with too
-        many failed logins is refused before its password is checked (`LoginThrottle`), also when
-        it ran out while this CONNECT waited for its turn."""
-        throttle = self.login_throttle
-        if throttle is None:
-            refusal = await self._credentials_refusal(session)
-        else:  # `stream_connected` checked the source at accept; check again once it is this one's turn
-            async with self._check_turns.turn(source):
-                if not throttle.may_try(source, time.monotonic()):  # it failed again while this one waited
-                    return SERVER_UNAVAILABLE, _THROTTLED
-                throttle.take(source, time.monotonic())
-                refusal = await self._credentials_refusal(session)
-            if refusal is None:
-                throttle.give_back(source, time.monotonic())
+        many failed logins is refused before its password is checked (`LoginThrottle`): at accept
+        (`stream_connected`), and again when it ran out while this CONNECT waited for its turn."""
+        checks = self._password_checks
+        if checks is not None:  # `ThreadedFileAuth` runs its slow check through this, in turn
+            session.attributes[_CHECK_IN_TURN] = functools.partial(checks.run, source)
+        refusal = await self._credentials_refusal(session)
+        session.attributes.pop(_CHECK_IN_TURN, None)
+        if session.attributes.pop(_THROTTLED_IN_TURN, False):
+            return SERVER_UNAVAILABLE, _THROTTLED
         if refusal is None:
             refusal = await self._will_refusal(session)
         return None if refusal is None else (NOT_AUTHORIZED, refusal)

@@ -10,6 +10,7 @@ With one, every user is a leaf unless listed as a relay or monitor (broker_confi
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import ssl
 from types import TracebackType
@@ -109,6 +110,8 @@ class EmbeddedBroker:
 async def serve_broker(settings: BrokerSettings, stop: asyncio.Event) -> None:
     """Run the embedded broker until `stop` is set (`relaybeat broker`)."""
     async with EmbeddedBroker(settings) as broker:
+        gc.collect()
+        gc.freeze()  # what start-up built lives on: a full collection during a login storm need not scan it
         mode = "anonymous" if settings.anonymous else f"password file {settings.password_file}"
         log.info("broker listening on %s (%s, topic prefix %r)", broker.url, mode, settings.prefix)
         await stop.wait()

@@ -1,5 +1,6 @@
-"""Failed-login throttling for the embedded broker: `LoginThrottle` (pure: time comes in as `now`)
-and `FairGate` (asyncio, serves password checks to source addresses in turn). No amqtt, no I/O."""
+"""Failed-login throttling for the embedded broker: `LoginThrottle` (pure: time comes in as `now`),
+`FairGate` (asyncio, serves password checks to source addresses in turn) and `PasswordChecks`
+(the two together, around each slow password check). No amqtt, no I/O."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -31,9 +33,9 @@ class LoginThrottle:
     """Failed logins per source address, as a token bucket: a source may fail `burst` times, then
     `per_second` times a second. While its bucket is empty, its CONNECTs are refused (CONNACK 3,
     "server unavailable": try later) before any password check, so a storm of bad logins costs no
-    argon2 time. A check takes a token when it starts and gives it back if the login succeeds, so
-    guesses waiting behind a check are refused too. (`FairGate` keeps the checks that do run from
-    making other sources wait.)
+    argon2 time. A check takes a token when it starts and gives it back if the password is right, so
+    guesses waiting behind a check are refused too. (`PasswordChecks` keeps the checks that do run
+    from making other sources wait.)
 
     Refusals are counted (`refused`) and logged at most once per source per REFUSAL_LOG_INTERVAL_S.
     Time comes in as `now` (monotonic seconds); nothing here reads a clock.
@@ -76,6 +78,12 @@ class LoginThrottle:
         record.tokens, record.updated = self._tokens(record, now) - 1.0, now
         self._forget_recovered(now)
 
+    def failed_recently(self, source: str, now: float, checking: int = 0) -> bool:
+        """Whether `source` has a failed login not yet earned back, not counting the tokens its
+        `checking` checks still running took (they may yet succeed)."""
+        record = self._records.get(source)
+        return record is not None and self._tokens(record, now) + checking < self.burst
+
     def give_back(self, source: str, now: float) -> None:
         """The login from `source` succeeded: only failures cost."""
         record = self._records.get(source)
@@ -92,45 +100,94 @@ class LoginThrottle:
                 del self._records[source]
 
 
+def _always_shares(source: str, holding: int) -> bool:
+    return True
+
+
 class FairGate:
     """At most `slots` holders at once (one per password-check thread). Waiters are served one source
     at a time, in turn: a source with 500 CONNECTs waiting delays a source with one by at most one
-    turn, and a source alone may use every slot (many leaves behind one NAT address)."""
+    turn, and a source alone may use every slot (many leaves behind one NAT address) unless
+    `may_share(source, holding)` says no: then a source that holds a slot waits for it to end, and
+    the other slots stay free for whoever comes next (`PasswordChecks` says no to failing sources)."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, may_share: Callable[[str, int], bool] = _always_shares) -> None:
         if slots < 1:
             msg = "slots must be >= 1"
             raise ValueError(msg)
         self._free = slots
+        self._may_share = may_share
+        self._holding: collections.Counter[str] = collections.Counter()
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}  # in turn order
+
+    def _may_hold(self, source: str) -> bool:
+        holding = self._holding[source]
+        return holding == 0 or self._may_share(source, holding)
 
     @contextlib.asynccontextmanager
     async def turn(self, source: str) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            granted = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(source, collections.deque()).append(granted)
-            try:
-                await granted
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():  # cancelled just after its turn came
-                    self._pass_on()
-                raise
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(source, collections.deque()).append(granted)
+        self._pass_on()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # cancelled just after its turn came
+                self._release(source)
+            raise
         try:
             yield
         finally:
-            self._pass_on()
+            self._release(source)
+
+    def _release(self, source: str) -> None:
+        self._holding[source] -= 1
+        if not self._holding[source]:
+            del self._holding[source]
+        self._free += 1
+        self._pass_on()
 
     def _pass_on(self) -> None:
-        """A slot came free: to the first waiter of the next source in turn, which then goes last."""
-        while self._waiting:
-            source = next(iter(self._waiting))
+        """Free slots go to the first waiter of the next source in turn that may hold one more (that
+        source then goes last); cancelled waiters are dropped."""
+        while self._free > 0:
+            source = next((source for source in self._waiting if self._may_hold(source)), None)
+            if source is None:
+                return
             queue = self._waiting.pop(source)
             granted = queue.popleft()
             if queue:
                 self._waiting[source] = queue
             if not granted.done():  # a cancelled waiter is skipped
                 granted.set_result(None)
-                return
-        self._free += 1
+                self._free -= 1
+                self._holding[source] += 1
+
+
+class PasswordChecks:
+    """The slow password checks (argon2) of logins, in turn per source (`FairGate`, one slot per
+    check thread) and paid for from the source's failed-login budget (`LoginThrottle`). A login that
+    needs no slow check (a returning client, `RecentLogins`) never queues here.
+
+    A source with a failed login not yet earned back runs one check at a time: a storm of guesses
+    keeps at most one check thread busy, so a client from elsewhere finds another one free."""
+
+    def __init__(self, throttle: LoginThrottle, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.throttle = throttle
+        self._clock = clock
+        self._gate = FairGate(slots, self._may_share)
+
+    def _may_share(self, source: str, holding: int) -> bool:
+        return not self.throttle.failed_recently(source, self._clock(), holding)
+
+    async def run(self, source: str, check: Callable[[], Awaitable[bool]]) -> bool | None:
+        """`await check()` in `source`'s turn and return its result, or None without checking when
+        `source` ran out of failed logins while it waited. A check that fails keeps its token."""
+        async with self._gate.turn(source):
+            if not self.throttle.may_try(source, self._clock()):
+                return None
+            self.throttle.take(source, self._clock())
+            ok = await check()
+        if ok:
+            self.throttle.give_back(source, self._clock())
+        return ok

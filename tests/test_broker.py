@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from relaybeat.broker_config import CONFIG_DIR, amqtt_adapter, passwords
 from relaybeat.broker_config.embedded import EmbeddedBroker
 from relaybeat.broker_config.passwords import RecentLogins, add_user, hash_password, read_password_file
 from relaybeat.broker_config.settings import BrokerConfigError, BrokerPortInUse, BrokerSettings, load_broker_settings
-from relaybeat.broker_config.throttle import FairGate, LoginThrottle
+from relaybeat.broker_config.throttle import FairGate, LoginThrottle, PasswordChecks
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.wire import Topics
 from tests.processes import Topology, shipped_amqtt_config, shipped_mosquitto_config, wait_until
@@ -547,6 +547,42 @@ async def test_password_checks_do_not_stall_the_event_loop(
     assert all(name.startswith("relaybeat-auth") for name in checked_on), set(checked_on)
 
 
+async def test_a_returning_client_is_let_in_while_every_check_thread_is_busy(
+    auth_broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h2 logged in before, so its next login needs no argon2 check (`RecentLogins`) and does not
+    queue behind the slow checks that hold every auth thread (here: wrong passwords whose checks
+    are held until the end)."""
+    async with client(auth_broker, "h2"):
+        pass
+    release, started = threading.Event(), threading.Semaphore(0)
+    real_verify = passwords.verify_password
+
+    def held_verify(hashed: str, password: str) -> bool:
+        if password.startswith("guess"):
+            started.release()
+            release.wait(30)
+        return real_verify(hashed, password)
+
+    monkeypatch.setattr(amqtt_adapter, "verify_password", held_verify)
+    threads = amqtt_adapter._auth_threads()
+
+    async def guess(index: int) -> None:
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with client(auth_broker, "h1", password=f"guess-{index}", identifier=f"h1/{index}"):
+                pass
+
+    guesses = [asyncio.create_task(guess(index)) for index in range(threads)]
+    try:
+        for _ in range(threads):  # every auth thread is held by a guess
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        async with asyncio.timeout(WAIT_S), client(auth_broker, "h2") as again:
+            await again.publish("no/matter", b"")
+    finally:
+        release.set()
+        await asyncio.gather(*guesses)
+
+
 async def _storm(port: int, source: str, attempts: int, concurrency: int, sent: Any, answered: Any, codes: Any) -> None:
     async def attacker() -> None:
         while True:
@@ -622,7 +658,8 @@ def test_a_storm_of_failed_logins_from_one_address_does_not_delay_clients_from_a
     tmp_path: Path, password_file: Path
 ) -> None:
     """500 wrong passwords from 127.0.0.2 against `relaybeat broker` while good clients log in from
-    127.0.0.1: h2 again and again (it logged in before: `RecentLogins` lets it in without argon2) and
+    127.0.0.1: h2 again and again (it logged in before: `RecentLogins` lets it in without argon2 and
+    without queueing for a check thread) and
     h3 once (its first login pays the argon2 check). Before the throttle, every guess cost an argon2
     check in a 2-thread pool and the good client queued behind them for seconds. The bounds (1 s)
     are about queueing, not speed; the figures are printed (the target is 100 ms)."""
@@ -715,6 +752,57 @@ async def test_fair_gate_serves_sources_in_turn_and_lets_a_lone_source_use_every
     assert order == ["a1", "a2", "a3", "b1", "a4"]
     assert gate._waiting == {}
     assert gate._free == 2
+
+
+async def test_password_checks_give_a_failing_source_one_thread_and_keep_the_others_free() -> None:
+    """Source a (failing) runs one check at a time even with a slot free, so b's check starts at
+    once; a source that has not failed may use every slot."""
+    throttle = LoginThrottle(burst=5, per_second=0.001)
+    checks = PasswordChecks(throttle, slots=2)
+    running: list[str] = []
+    loop = asyncio.get_running_loop()
+    names = ("a1", "a2", "a3", "b1", "c1", "c2")
+    results: dict[str, asyncio.Future[bool]] = {name: loop.create_future() for name in names}
+
+    def check(name: str) -> Callable[[], Awaitable[bool]]:
+        async def run() -> bool:
+            running.append(name)
+            return await results[name]
+
+        return run
+
+    async def settle() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    tasks = {name: asyncio.create_task(checks.run(name[0], check(name))) for name in ("a1", "a2")}
+    await settle()
+    assert running == ["a1", "a2"]  # a has not failed yet: both slots
+    results["a1"].set_result(False)  # now it has
+    await settle()
+    tasks["a3"] = asyncio.create_task(checks.run("a", check("a3")))
+    await settle()
+    assert running == ["a1", "a2"]  # a slot is free, but a holds one and has failed: a3 waits
+    tasks["b1"] = asyncio.create_task(checks.run("b", check("b1")))
+    await settle()
+    assert running == ["a1", "a2", "b1"]  # the free slot is b's at once
+    results["a2"].set_result(False)
+    await settle()
+    assert running == ["a1", "a2", "b1", "a3"]
+    results["b1"].set_result(True)
+    results["a3"].set_result(True)
+    assert [await tasks[name] for name in ("a1", "a2", "b1", "a3")] == [False, False, True, True]
+    for name in ("c1", "c2"):  # c never failed: both slots
+        tasks[name] = asyncio.create_task(checks.run("c", check(name)))
+    await settle()
+    assert running[-2:] == ["c1", "c2"]
+    for name in ("c1", "c2"):
+        results[name].set_result(True)
+    assert [await tasks[name] for name in ("c1", "c2")] == [True, True]
+    for _ in range(3):  # a's budget: 5 tokens, 2 failed, 3 left ...
+        assert await checks.run("a", lambda: asyncio.sleep(0, False)) is False
+    assert await checks.run("a", check("never")) is None  # ... then refused without a check
+    assert "never" not in running
 
 
 # ------------------------------------------------------------------------------------------- TLS
