@@ -12,6 +12,12 @@ index, or by id if new to the table. A leaf sent by id joins the table at its en
 `GROWS`, which the encoder always sets): its id crosses once, and its next beats are ordinary.
 Deltas without that bit (relays before it) leave the table as their keyframe made it.
 
+Keyframes carry every id only every `FULL_EVERY`-th time and when `send_ids()` says someone lacks
+the table (a keyframe request, a reconnect) or the stream had a gap; the others go *by table*
+(kind `TABLE_KEYFRAME`): every leaf by index, ordinary ones (same interval and status, seq the same
+or the next) as a step bit and an age code of any size; the rest as in a delta. A receiver without
+the table reads one as `KeyframeMissing`, as it reads a delta it cannot expand.
+
 Rules of this module:
 - Pure and synchronous; no I/O, no clock. `BundleEncoder` (relay side, one per upstream stream) and
   `BundleDecoder` (the receiving side: one per process, one state per sending relay) are stateful
@@ -65,7 +71,7 @@ __all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
 INDEXED = 2  # node kind bit 1: an indexed delta (the node layout below)
 GROWS = 4  # node kind bit 2 (with bit 1): the delta's leaves new to the table join it
 TABLE_KEYFRAME = INDEXED | GROWS | 1  # a keyframe by the table: every leaf by index, no ids (kind 7)
-FULL_EVERY = 10  # at most this many keyframes in a row by table: the tenth carries ids (and phase order) again
+FULL_EVERY = 10  # every tenth keyframe carries its ids (in fresh phase order); the nine between go by table
 BITMAP, INDEX_LIST, RUNS = 0, 1, 2  # how the ordinary leaves heard are listed
 AGE_STEPS = 255  # an ordinary age byte counts flush_ms / 255
 COMPRESS_FROM = 128  # bytes of an indexed node below which compression never pays
