@@ -102,6 +102,18 @@ class _Table:
     statuses: list[int]
     index: dict[str, int] = field(default_factory=dict)  # encoder only: id -> index
 
+    def copy(self) -> _Table:
+        return _Table(
+            self.boot,
+            self.keyframe,
+            self.seq,
+            list(self.ids),
+            list(self.seqs),
+            list(self.intervals),
+            list(self.statuses),
+            dict(self.index),
+        )
+
     @classmethod
     def of(cls, keyframe: Bundle, with_index: bool) -> _Table:
         hosts = keyframe.hosts
@@ -144,13 +156,19 @@ def _put_id(out: bytearray, text: str) -> None:
 
 class BundleEncoder:
     """Encodes one relay's bundle stream: deltas indexed against the last keyframe's id table, and
-    keyframes either as version 2 does (ids and all) or, while the receiver holds the table, by it
-    (`TABLE_KEYFRAME`: every leaf by index, no ids). Bundles of version 1 pass through unchanged."""
+    keyframes either as version 2 does (ids and all, leaves in phase order) or, while the receiver
+    holds the table, by it (`TABLE_KEYFRAME`: every leaf by index, no ids). Leaves drift out of
+    phase order, and deltas grow as they do (their age bytes compress less): a keyframe carries the
+    ids again, in fresh phase order, once the deltas since the last keyframe cost more than those
+    after the last one with ids by more than the ids cost; and every `full_every`-th keyframe, and
+    when asked (`send_ids`). Bundles of version 1 pass through unchanged."""
 
     def __init__(self, full_every: int = FULL_EVERY) -> None:
         self.full_every = full_every
         self._table: _Table | None = None
         self._by_table = 0  # keyframes sent by table since the last one with ids
+        self._spent = [0, 0]  # payload bytes and leaf entries of the deltas since the last keyframe
+        self._fresh: float | None = None  # bytes per entry of the deltas after the last keyframe with ids
 
     def send_ids(self) -> None:
         """Someone lacks our table (they asked for a keyframe, or we reconnected): the next
@@ -162,30 +180,53 @@ class BundleEncoder:
             self._table = None
             return encode_bundle(bundle)
         table = self._table
-        follows = (
-            table is not None
-            and table.boot == bundle.boot
-            and bundle.sent_ms is not None
-            and not bundle.age_ms
-            and bundle.seq == table.seq + 1
-        )
-        if bundle.keyframe and (not follows or self._by_table + 1 >= self.full_every):
-            if bundle.sent_ms is not None:  # in phase order: the leaves heard in one flush are then runs of indices
-                sent = bundle.sent_ms
-                bundle = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
-            self._table = _Table.of(bundle, with_index=True)
-            self._by_table = 0
-            return encode_bundle(bundle)
-        if table is None or not follows or bundle.sent_ms is None:
+        if (
+            table is None
+            or table.boot != bundle.boot
+            or bundle.sent_ms is None
+            or bundle.age_ms
+            or bundle.seq != table.seq + 1
+        ):
+            table = None  # nothing a receiver could hold to refer to
+        if bundle.keyframe:
+            return self._keyframe(bundle, table)
+        if table is None or bundle.sent_ms is None:
             self._table = None  # a delta without a keyframe to refer to: the plain format, and no more mirror
             return encode_bundle(bundle)
         body = bytearray()
         _indexed_node(bundle, bundle.sent_ms, table, body)
         table.seq = bundle.seq
-        if bundle.keyframe:
-            table.keyframe = bundle.seq
-            self._by_table += 1
-        return _message(body)
+        payload = _message(body)
+        self._spent[0] += len(payload)
+        self._spent[1] += len(bundle.hosts)
+        return payload
+
+    def _keyframe(self, bundle: Bundle, table: _Table | None) -> bytes:
+        sent = bundle.sent_ms
+        spent, entries = self._spent
+        self._spent = [0, 0]
+        per_entry = spent / entries if entries else None
+        if self._by_table == 0:  # the deltas after a keyframe with ids: what fresh phase order costs
+            self._fresh = per_entry
+        phased = bundle  # in phase order (when the send time is known): the leaves heard in one flush are runs
+        if sent is not None:
+            phased = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
+        full = encode_bundle(phased)
+        if table is not None and sent is not None and self._by_table + 1 < self.full_every:
+            body = bytearray()
+            trial = table.copy()
+            _indexed_node(bundle, sent, trial, body)
+            by_table = _message(body)
+            fresh = self._fresh
+            drift = 0.0 if per_entry is None or fresh is None else (per_entry - fresh) * entries
+            if drift <= len(full) - len(by_table):
+                trial.seq = trial.keyframe = bundle.seq
+                self._table = trial
+                self._by_table += 1
+                return by_table
+        self._table = _Table.of(phased, with_index=True)
+        self._by_table = 0
+        return full
 
 
 def _message(body: bytearray) -> bytes:

@@ -4,6 +4,7 @@ through arbitrary bundle streams, what a receiver does without the keyframe, lim
 from __future__ import annotations
 
 import contextlib
+import random
 import zlib
 from dataclasses import replace
 
@@ -205,11 +206,37 @@ def test_every_tenth_keyframe_carries_ids_and_a_gap_in_seqs_makes_the_next_one_c
     for seq in range(1, 2 * FULL_EVERY + 2):
         payload = encoder.encode(Bundle("r", "b", seq, 1000, hosts, version=2, sent_ms=1000 * seq))
         _same_news(decoder.decode(payload), Bundle("r", "b", seq, 1000, hosts, version=2, sent_ms=1000 * seq))
-        body = zlib.decompress(payload[2:]) if payload[1] else payload[2:]
-        kinds.append(body[0])
+        kinds.append(_kind(payload))
     assert kinds == ([1] + [7] * (FULL_EVERY - 1)) * 2 + [1]
     gap = encoder.encode(Bundle("r", "b", 30, 1000, hosts, version=2, sent_ms=30_000))  # seq 22 to 29 unsent
     assert decode_bundle(gap).keyframe  # its own ids: nobody could hold the table it would refer to
+
+
+def _kind(payload: bytes) -> int:
+    return (zlib.decompress(payload[2:]) if payload[1] else payload[2:])[0]
+
+
+def test_a_keyframe_carries_ids_again_once_the_deltas_cost_more_than_the_ids_would() -> None:
+    """Leaves that drift out of phase order make the deltas' age bytes noisy: once the deltas since
+    the last keyframe cost more than those after the last keyframe with ids, by more than the ids
+    cost, the next keyframe carries the ids again (in fresh phase order)."""
+    rnd = random.Random(7)
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+
+    def send(seq: int, ages: list[int], keyframe: bool) -> int:
+        hosts = tuple(HostEntry(f"h{i:04d}", seq, age, 1000, OK) for i, age in enumerate(ages))
+        bundle = Bundle("r", "b", seq, 1000, hosts, version=2, keyframe=keyframe, sent_ms=1000 * seq)
+        payload = encoder.encode(bundle)
+        _same_news(decoder.decode(payload), bundle)
+        return _kind(payload)
+
+    in_phase = [999 - i * 2 for i in range(500)]  # leaf i beat 2i ms after leaf 0: ages fall in index order
+    kinds = [send(1, in_phase, keyframe=True)]
+    kinds += [send(seq, in_phase, keyframe=False) for seq in range(2, 11)]
+    kinds.append(send(11, in_phase, keyframe=True))
+    kinds += [send(seq, [rnd.randrange(1000) for _ in range(500)], keyframe=False) for seq in range(12, 21)]
+    kinds.append(send(21, in_phase, keyframe=True))
+    assert kinds[0::10] == [1, 7, 1]  # with ids, by table, with ids again
 
 
 def test_a_keyframe_by_table_costs_a_fraction_of_one_with_ids() -> None:
