@@ -12,8 +12,9 @@ index, or by id if new to the table. A leaf sent by id joins the table at its en
 `GROWS`, which the encoder always sets): its id crosses once, and its next beats are ordinary.
 Deltas without that bit (relays before it) leave the table as their keyframe made it.
 
-Keyframes carry every id only every `FULL_EVERY`-th time and when `send_ids()` says someone lacks
-the table (a keyframe request, a reconnect) or the stream had a gap; the others go *by table*
+Keyframes carry every id at least every `FULL_EVERY`-th time, when the deltas grew with the leaves'
+drift out of phase order by more than the ids cost, when `send_ids()` says someone lacks the table
+(a keyframe request, a reconnect), and after a gap in the stream; the others go *by table*
 (kind `TABLE_KEYFRAME`): every leaf by index, ordinary ones (same interval and status, seq the same
 or the next) as a step bit and an age code of any size; the rest as in a delta. A receiver without
 the table reads one as `KeyframeMissing`, as it reads a delta it cannot expand.
