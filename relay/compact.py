@@ -7,13 +7,23 @@ index gap, or a share of a run of indices: whichever form is smallest for the bu
 leaves in phase order, so those heard in one flush form runs) and one age byte, when its news is
 *ordinary*: seq = the last one + 1 (or none then and now), same interval, same status, age at most
 `flush_ms`. Anything else is an explicit exception: by index (seq jumped, interval or status
-changed, an age above the flush) or by id (a leaf new since the keyframe). Forgotten leaves go by
-index, or by id if new since it.
+changed, an age above the flush) or by id (a leaf new to the table). Forgotten leaves go by
+index, or by id if new to the table. A leaf sent by id joins the table at its end (kind bit
+`GROWS`, which the encoder always sets): its id crosses once, and its next beats are ordinary.
+Deltas without that bit (relays before it) leave the table as their keyframe made it.
+
+Keyframes carry every id at least every `FULL_EVERY`-th time, when the deltas grew with the leaves'
+drift out of phase order by more than the ids cost, when `send_ids()` says someone lacks the table
+(a keyframe request, a reconnect), and after a gap in the stream; the others go *by table*
+(kind `TABLE_KEYFRAME`): every leaf by index, ordinary ones (same interval and status, seq the same
+or the next) as a step bit and an age code of any size; the rest as in a delta. A receiver without
+the table reads one as `KeyframeMissing`, as it reads a delta it cannot expand.
 
 Rules of this module:
 - Pure and synchronous; no I/O, no clock. `BundleEncoder` (relay side, one per upstream stream) and
   `BundleDecoder` (the receiving side: one per process, one state per sending relay) are stateful
-  mirrors of each other. Both forget everything of a stream at its next keyframe.
+  mirrors of each other. Both forget everything of a stream at its next keyframe; in between,
+  each delta moves both tables the same way (the decoder's only once the whole delta is read).
 - An ordinary age is sent as `c = ceil(age_ms × 255 / flush_ms)` and read back as
   `floor(c × flush_ms / 255)`: never younger than it was, at most flush_ms/255 older (4 ms at a 1 s
   flush). A beat read as older than it was moves its deadline earlier, never later: the monitor can
@@ -60,6 +70,9 @@ from relaybeat.relay.wire import (
 __all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
 
 INDEXED = 2  # node kind bit 1: an indexed delta (the node layout below)
+GROWS = 4  # node kind bit 2 (with bit 1): the delta's leaves new to the table join it
+TABLE_KEYFRAME = INDEXED | GROWS | 1  # a keyframe by the table: every leaf by index, no ids (kind 7)
+FULL_EVERY = 10  # every tenth keyframe carries its ids (in fresh phase order); the nine between go by table
 BITMAP, INDEX_LIST, RUNS = 0, 1, 2  # how the ordinary leaves heard are listed
 AGE_STEPS = 255  # an ordinary age byte counts flush_ms / 255
 COMPRESS_FROM = 128  # bytes of an indexed node below which compression never pays
@@ -89,6 +102,18 @@ class _Table:
     intervals: list[int]
     statuses: list[int]
     index: dict[str, int] = field(default_factory=dict)  # encoder only: id -> index
+
+    def copy(self) -> _Table:
+        return _Table(
+            self.boot,
+            self.keyframe,
+            self.seq,
+            list(self.ids),
+            list(self.seqs),
+            list(self.intervals),
+            list(self.statuses),
+            dict(self.index),
+        )
 
     @classmethod
     def of(cls, keyframe: Bundle, with_index: bool) -> _Table:
@@ -131,30 +156,78 @@ def _put_id(out: bytearray, text: str) -> None:
 
 
 class BundleEncoder:
-    """Encodes one relay's bundle stream: keyframes as version 2 does, deltas indexed against the
-    last keyframe. Bundles of version 1 pass through `encode_bundle` unchanged."""
+    """Encodes one relay's bundle stream: deltas indexed against the last keyframe's id table, and
+    keyframes either as version 2 does (ids and all, leaves in phase order) or, while the receiver
+    holds the table, by it (`TABLE_KEYFRAME`: every leaf by index, no ids). Leaves drift out of
+    phase order, and deltas grow as they do (their age bytes compress less): a keyframe carries the
+    ids again, in fresh phase order, once the deltas since the last keyframe cost more than those
+    after the last one with ids by more than the ids cost; and every `full_every`-th keyframe, and
+    when asked (`send_ids`). Bundles of version 1 pass through unchanged."""
 
-    def __init__(self) -> None:
+    def __init__(self, full_every: int = FULL_EVERY) -> None:
+        self.full_every = full_every
         self._table: _Table | None = None
+        self._by_table = 0  # keyframes sent by table since the last one with ids
+        self._spent = [0, 0]  # payload bytes and leaf entries of the deltas since the last keyframe
+        self._fresh: float | None = None  # bytes per entry of the deltas after the last keyframe with ids
+
+    def send_ids(self) -> None:
+        """Someone lacks our table (they asked for a keyframe, or we reconnected): the next
+        keyframe carries every id."""
+        self._by_table = self.full_every
 
     def encode(self, bundle: Bundle) -> bytes:
         if bundle.version != BINARY_VERSION:
             self._table = None
             return encode_bundle(bundle)
         table = self._table
+        if (
+            table is None
+            or table.boot != bundle.boot
+            or bundle.sent_ms is None
+            or bundle.age_ms
+            or bundle.seq != table.seq + 1
+        ):
+            table = None  # nothing a receiver could hold to refer to
         if bundle.keyframe:
-            if bundle.sent_ms is not None:  # in phase order: the leaves heard in one flush are then runs of indices
-                sent = bundle.sent_ms
-                bundle = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
-            self._table = _Table.of(bundle, with_index=True)
-            return encode_bundle(bundle)
-        if table is None or table.boot != bundle.boot or bundle.sent_ms is None or bundle.age_ms:
+            return self._keyframe(bundle, table)
+        if table is None or bundle.sent_ms is None:
             self._table = None  # a delta without a keyframe to refer to: the plain format, and no more mirror
             return encode_bundle(bundle)
         body = bytearray()
         _indexed_node(bundle, bundle.sent_ms, table, body)
         table.seq = bundle.seq
-        return _message(body)
+        payload = _message(body)
+        self._spent[0] += len(payload)
+        self._spent[1] += len(bundle.hosts)
+        return payload
+
+    def _keyframe(self, bundle: Bundle, table: _Table | None) -> bytes:
+        sent = bundle.sent_ms
+        spent, entries = self._spent
+        self._spent = [0, 0]
+        per_entry = spent / entries if entries else None
+        if self._by_table == 0:  # the deltas after a keyframe with ids: what fresh phase order costs
+            self._fresh = per_entry
+        phased = bundle  # in phase order (when the send time is known): the leaves heard in one flush are runs
+        if sent is not None:
+            phased = replace(bundle, hosts=tuple(sorted(bundle.hosts, key=lambda e: (e[3], (sent - e[2]) % e[3]))))
+        full = encode_bundle(phased)
+        if table is not None and sent is not None and self._by_table + 1 < self.full_every:
+            body = bytearray()
+            trial = table.copy()
+            _indexed_node(bundle, sent, trial, body)
+            by_table = _message(body)
+            fresh = self._fresh
+            drift = 0.0 if per_entry is None or fresh is None else (per_entry - fresh) * entries
+            if drift <= len(full) - len(by_table):
+                trial.seq = trial.keyframe = bundle.seq
+                self._table = trial
+                self._by_table += 1
+                return by_table
+        self._table = _Table.of(phased, with_index=True)
+        self._by_table = 0
+        return full
 
 
 def _message(body: bytearray) -> bytes:
@@ -166,13 +239,28 @@ def _message(body: bytearray) -> bytes:
     return _V2 + b"\0" + bytes(body)
 
 
-def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -> None:
-    """Writes the node and moves `table` to what the decoder will know after it."""
-    ordinary: list[tuple[int, int]] = []  # (index, age code)
+def _age_code(age_ms: int, flush_ms: int) -> int:
+    return (age_ms * AGE_STEPS + flush_ms - 1) // flush_ms
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+_News = tuple[list[tuple[int, int, int]], list[tuple[int, HostEntry]], list[HostEntry], list[int], list[str]]
+
+
+def _sorted_news(bundle: Bundle, table: _Table) -> _News:
+    """A bundle's entries as the indexed node lists them: ordinary (index, age code, seq step),
+    changed (by index), new to the table (by id), forgotten by index and by id; `table`'s
+    seqs, intervals and statuses moved to what they say (its growth is left to `_grow`)."""
+    keyframe = bundle.keyframe
+    ordinary: list[tuple[int, int, int]] = []  # (index, age code, seq step 0 or 1)
     changed: list[tuple[int, HostEntry]] = []
     new: list[HostEntry] = []
     index, seqs, intervals, statuses = table.index, table.seqs, table.intervals, table.statuses
     flush = bundle.flush_ms
+    most_ms = MAX_AGE_MS * AGE_STEPS // flush * flush // AGE_STEPS  # a keyframe's largest ordinary age
     seen: set[str] = set()
     for entry in bundle.hosts:
         host, seq, age, interval, status = entry
@@ -188,33 +276,59 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
         sent = _NONE if seq is None else seq
         last = seqs[i]
         if (
-            age <= flush
+            (age <= flush or (keyframe and age <= most_ms))
             and interval == intervals[i]
             and code == statuses[i]
             and last != _GONE
-            and (sent == last == _NONE or (last >= 0 and sent == last + 1))
+            and (
+                sent == last == _NONE
+                or (last >= 0 and sent == last + 1)
+                or (keyframe and last >= 0 and sent == last)  # a keyframe lists leaves not heard since, too
+            )
         ):
-            ordinary.append((i, (age * AGE_STEPS + flush - 1) // flush))
+            ordinary.append((i, _age_code(age, flush), 0 if sent == last else 1))
         else:
             changed.append((i, entry))
         seqs[i], intervals[i], statuses[i] = sent, interval, code
-    forgot_indexed = sorted({index[host] for host in bundle.forgot if host in index})
-    forgot_new = [host for host in bundle.forgot if host not in index]
+    if keyframe:  # what a keyframe does not list, its relay no longer knows
+        listed = {i for i, *_ in ordinary} | {i for i, _ in changed}
+        forgot_indexed = [i for i in range(len(seqs)) if i not in listed and seqs[i] != _GONE]
+        forgot_new: list[str] = []
+    else:
+        forgot_indexed = sorted({index[host] for host in bundle.forgot if host in index})
+        forgot_new = [host for host in bundle.forgot if host not in index]
     for i in forgot_indexed:
         seqs[i] = _GONE
     ordinary.sort()
     changed.sort(key=lambda item: item[0])
+    return ordinary, changed, new, forgot_indexed, forgot_new
 
-    out.append(INDEXED)
+
+def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -> None:
+    """Writes the node (a delta, or a keyframe by table) and moves `table` to what the decoder will
+    know after it."""
+    keyframe, flush = bundle.keyframe, bundle.flush_ms
+    ordinary, changed, new, forgot_indexed, forgot_new = _sorted_news(bundle, table)
+    out.append(TABLE_KEYFRAME if keyframe else INDEXED | GROWS)
     _put_id(out, bundle.relay)
     _put_id(out, bundle.boot)
     for value in (bundle.seq, flush, sent_ms, table.keyframe, len(table.ids)):
         _put(out, value)
-    _heard(out, [i for i, _ in ordinary], len(table.ids))
-    previous = 0
-    for _, code in ordinary:  # each age code as the difference from the one before (mod 256): in phase order
-        out.append((code - previous) & 0xFF)  # those are small, and compress
-        previous = code
+    _heard(out, [i for i, *_ in ordinary], len(table.ids))
+    if keyframe:
+        steps = 0
+        for n, (*_, step) in enumerate(ordinary):
+            steps |= step << n
+        out += steps.to_bytes((len(ordinary) + 7) // 8, "little")
+        previous = 0
+        for _, code, _ in ordinary:  # ages of any size: varint differences (zigzag), small in phase order
+            _put(out, _zigzag(code - previous))
+            previous = code
+    else:
+        previous = 0
+        for _, code, _ in ordinary:  # each age code as the difference from the one before (mod 256): in phase order
+            out.append((code - previous) & 0xFF)  # those are small, and compress
+            previous = code
     _put(out, len(changed))
     previous = -1
     for i, entry in changed:
@@ -225,20 +339,37 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
     for entry in new:
         _put_id(out, entry[0])
         _entry_fields(out, entry)
-    _put(out, len(forgot_indexed))
-    previous = -1
-    for i in forgot_indexed:
-        _put(out, i - previous - 1)
-        previous = i
-    _put(out, len(forgot_new))
-    for host in forgot_new:
-        _put_id(out, host)
+    if not keyframe:
+        _put(out, len(forgot_indexed))
+        previous = -1
+        for i in forgot_indexed:
+            _put(out, i - previous - 1)
+            previous = i
+        _put(out, len(forgot_new))
+        for host in forgot_new:
+            _put_id(out, host)
     watched = watched_json(bundle) if bundle.watched else b""
     _put(out, len(watched))  # the watched devices, as version 2's attribute holds them (0: none)
     out += watched
     _put(out, len(bundle.children))
     for child in bundle.children:
         _node_v2(child, out)
+    _grow(table, new, forgot_new)
+
+
+def _grow(table: _Table, new: list[HostEntry], forgot_new: list[str]) -> None:
+    """The leaves sent by id join the table, in the order sent; those forgotten in the same bundle
+    are gone at once."""
+    for host, seq, _, interval, status in new:
+        table.index[host] = len(table.ids)
+        table.ids.append(host)
+        table.seqs.append(_NONE if seq is None else seq)
+        table.intervals.append(interval)
+        table.statuses.append(_STATUS_CODES[LeafStatus(status)])
+    for host in forgot_new:
+        i = table.index.get(host)
+        if i is not None:
+            table.seqs[i] = _GONE
 
 
 def _heard(out: bytearray, indices: list[int], table_size: int) -> None:
@@ -369,9 +500,9 @@ class _IndexedReader(_Reader):
 
     def top(self, max_entries: int) -> Bundle:
         kind = self.take(1)[0]
-        if kind != INDEXED:
+        if kind not in (INDEXED, INDEXED | GROWS, TABLE_KEYFRAME):
             msg = "bad_bundle"
-            raise WireError(msg, f"indexed node kind {kind}: only 2 (an indexed delta) is defined")
+            raise WireError(msg, f"indexed node kind {kind}: 2, 6 (indexed deltas) or 7 (a keyframe by table)")
         relay = self.short_id("bad_id")
         if self.relay is not None and relay != self.relay:
             msg = "relay_mismatch"
@@ -388,17 +519,21 @@ class _IndexedReader(_Reader):
         header = Bundle(relay, boot, seq, flush_ms, version=BINARY_VERSION, keyframe=False, sent_ms=sent_ms)
         tables = self.decoder._tables
         table = tables.get(relay)
-        if table is not None and table.boot == boot and table.keyframe == keyframe and seq <= table.seq:
+        if table is not None and table.boot == boot and seq <= table.seq:
             msg = "stale_bundle"
             raise WireError(msg, f"seq {seq} is not newer than {table.seq}")
         if table is None or (table.boot, table.keyframe, len(table.ids), table.seq + 1) != (boot, keyframe, size, seq):
             raise KeyframeMissing(header, f"seq {seq} refers to keyframe {keyframe} of boot {boot}")
-        bundle = self.news(header, table, max_entries)
+        if kind == TABLE_KEYFRAME:
+            bundle = self.keyframe_news(header, table, max_entries)
+            table.keyframe = seq
+        else:
+            bundle = self.news(header, table, max_entries, grows=bool(kind & GROWS))
         table.seq = seq
         self.decoder._remember(table, relay)
         return bundle
 
-    def news(self, header: Bundle, table: _Table, max_entries: int) -> Bundle:
+    def news(self, header: Bundle, table: _Table, max_entries: int, grows: bool) -> Bundle:
         """The rest of the node. The table moves only once all of it has been read and checked: a
         bad bundle leaves it as it was (and the next delta is then a seq gap: a keyframe is asked)."""
         seqs, intervals, statuses = list(table.seqs), list(table.intervals), list(table.statuses)
@@ -409,13 +544,61 @@ class _IndexedReader(_Reader):
         append, make, status_of = hosts.append, tuple.__new__, _STATUS_OF
         for i, code in zip(heard, ages, strict=True):
             last = seqs[i]
-            if last == _GONE:
-                msg = "bad_entry"
-                raise WireError(msg, f"index {i} was forgotten")
+            if last == _GONE or last >= MAX_SEQ:
+                _refuse_next(i, last)
             seq = None if last == _NONE else last + 1
             seqs[i] = _NONE if seq is None else seq
             append(make(HostEntry, (ids[i], seq, code * flush // AGE_STEPS, intervals[i], status_of[statuses[i]])))
-        previous = -1
+        self.changes(hosts, ids, seqs, intervals, statuses)
+        fresh = len(hosts)
+        for _ in range(self.count(6)):
+            append(self.entry(self.short_id("bad_id")))
+        forgot = self.forgotten(ids, seqs)
+        return self.rest(header, table, max_entries, hosts, fresh, forgot, (seqs, intervals, statuses), grows)
+
+    def keyframe_news(self, header: Bundle, table: _Table, max_entries: int) -> Bundle:
+        """A keyframe by table: every leaf the relay knows, by index (ordinary: same interval and
+        status, seq the last one or the next; any age) or as a change, then those new to the table."""
+        seqs, intervals, statuses = list(table.seqs), list(table.intervals), list(table.statuses)
+        ids, size, flush = table.ids, len(table.ids), header.flush_ms
+        listed = self.heard(size)
+        raw_steps = self.take((len(listed) + 7) // 8)
+        steps = int.from_bytes(raw_steps, "little")
+        if steps >> len(listed):
+            msg = "bad_bundle"
+            raise WireError(msg, "seq step bits past the leaves listed")
+        most = MAX_AGE_MS * AGE_STEPS // flush  # the largest age code that reads back within MAX_AGE_MS
+        hosts: list[HostEntry] = []
+        append, make, status_of = hosts.append, tuple.__new__, _STATUS_OF
+        code = 0
+        for n, i in enumerate(listed):
+            step = code + _unzigzag(self.varint(2 * most + 1, "bad_age"))
+            if not 0 <= step <= most:
+                msg = "bad_age"
+                raise WireError(msg, f"age code {step} outside [0, {most}]")
+            code = step
+            last, bump = seqs[i], steps >> n & 1
+            if last == _GONE or (bump and (last == _NONE or last >= MAX_SEQ)):
+                _refuse_next(i, last)
+            seq = None if last == _NONE else last + bump
+            seqs[i] = _NONE if seq is None else seq
+            append(make(HostEntry, (ids[i], seq, code * flush // AGE_STEPS, intervals[i], status_of[statuses[i]])))
+        self.changes(hosts, ids, seqs, intervals, statuses)
+        named = {entry[0] for entry in hosts}
+        for i, host in enumerate(ids):  # a leaf the keyframe does not list: its relay no longer knows it
+            if host not in named:
+                seqs[i] = _GONE
+        fresh = len(hosts)
+        for _ in range(self.count(6)):
+            append(self.entry(self.short_id("bad_id")))
+        bundle = self.rest(header, table, max_entries, hosts, fresh, (), (seqs, intervals, statuses), grows=True)
+        return replace(bundle, keyframe=True)
+
+    def changes(
+        self, hosts: list[HostEntry], ids: list[str], seqs: list[int], intervals: list[int], statuses: list[int]
+    ) -> None:
+        """The exceptions by index: each with all its fields."""
+        previous, size = -1, len(ids)
         for _ in range(self.count(5)):
             i = previous + 1 + self.varint(size)
             if i >= size:
@@ -424,10 +607,21 @@ class _IndexedReader(_Reader):
             previous = i
             entry = self.entry(ids[i])
             seqs[i], intervals[i], statuses[i] = _NONE if entry[1] is None else entry[1], entry[3], _code(entry[4])
-            append(entry)
-        for _ in range(self.count(6)):
-            append(self.entry(self.short_id("bad_id")))
-        forgot = self.forgotten(ids, seqs)
+            hosts.append(entry)
+
+    def rest(
+        self,
+        header: Bundle,
+        table: _Table,
+        max_entries: int,
+        hosts: list[HostEntry],
+        fresh: int,
+        forgot: tuple[str, ...],
+        columns: tuple[list[int], list[int], list[int]],
+        grows: bool,
+    ) -> Bundle:
+        """Limits, the watched devices and the child nodes; then the table moves (`columns`: its new
+        seqs, intervals and statuses; `hosts[fresh:]`: the leaves sent by id)."""
         budget = [max_entries - len(hosts) - len(forgot)]
         if budget[0] < 0 or len({entry[0] for entry in hosts}) != len(hosts):
             reason = "too_many_entries" if budget[0] < 0 else "bad_entry"
@@ -438,6 +632,9 @@ class _IndexedReader(_Reader):
         if self.at != len(self.data):
             msg = "bad_bundle"
             raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
+        seqs, intervals, statuses = columns
+        if grows and len(hosts) > fresh:
+            _grow_mirror(table, hosts[fresh:], forgot, seqs, intervals, statuses)
         table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
         return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched)
 
@@ -496,6 +693,49 @@ class _IndexedReader(_Reader):
     def child(self, budget: list[int]) -> Bundle:
         """A child relay's node, in version 2's own format (relay/wire.py reads it; it refuses kind bit 1)."""
         return self.node(1, budget)
+
+
+def _grow_mirror(
+    table: _Table,
+    new: list[HostEntry],
+    forgot: tuple[str, ...],
+    seqs: list[int],
+    intervals: list[int],
+    statuses: list[int],
+) -> None:
+    """`_grow` on the receiving side, into the copies `news` commits. A leaf sent by id that the
+    table holds already is `bad_entry` (its index would be ambiguous), raised before anything moves."""
+    index = table.index
+    if len(index) != len(table.ids):  # built once per table, at its first growth
+        index = table.index = {host: i for i, host in enumerate(table.ids)}
+    if any(entry[0] in index for entry in new):
+        msg = "bad_entry"
+        raise WireError(msg, "a leaf sent by id that the table holds")
+    first = len(table.ids)
+    for entry in new:
+        index[entry[0]] = len(table.ids)
+        table.ids.append(entry[0])
+        seqs.append(_NONE if entry[1] is None else entry[1])
+        intervals.append(entry[3])
+        statuses.append(_code(entry[4]))
+    for host in forgot:
+        i = index.get(host)
+        if i is not None and i >= first:
+            seqs[i] = _GONE
+
+
+def _refuse_next(index: int, last: int) -> None:
+    """An ordinary entry whose seq cannot follow the table's: the index was forgotten, or holds no
+    seq (a step of one from none), or the largest one (one more would be past MAX_SEQ)."""
+    if last == _GONE:
+        msg = "bad_entry"
+        raise WireError(msg, f"index {index} was forgotten")
+    msg = "bad_seq"
+    raise WireError(msg, f"index {index} cannot follow seq {last}")
+
+
+def _unzigzag(value: int) -> int:
+    return value >> 1 if not value & 1 else -(value >> 1) - 1
 
 
 def _code(status: str) -> int:

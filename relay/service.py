@@ -287,6 +287,7 @@ class RelayService:
         await client.publish(status_topic, ONLINE, qos=1, retain=True)
         await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
         self.assembler.request_keyframe()  # whoever listens may have missed what we sent while away
+        self.encoder.send_ids()  # ... and may lack our id table: that keyframe carries it
         listener = asyncio.create_task(self._hear_resyncs(client))
         try:
             await self._flush_forever(client)
@@ -306,6 +307,7 @@ class RelayService:
             if str(message.topic) == topic and not message.retain:
                 self.resyncs += 1
                 self.assembler.request_keyframe()
+                self.encoder.send_ids()  # the asker lacks our id table: a keyframe by table would not do
 
     async def _ask_children_for_keyframes(self) -> None:
         """Children whose deltas we missed: ask them for a keyframe on the local broker."""

@@ -4,6 +4,7 @@ through arbitrary bundle streams, what a receiver does without the keyframe, lim
 from __future__ import annotations
 
 import contextlib
+import random
 import zlib
 from dataclasses import replace
 
@@ -14,14 +15,16 @@ from hypothesis import strategies as st
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.states import State, Transition
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.compact import AGE_STEPS, BundleDecoder, BundleEncoder, KeyframeMissing
+from relaybeat.relay.compact import AGE_STEPS, FULL_EVERY, BundleDecoder, BundleEncoder, KeyframeMissing
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, WireError, decode_bundle, encode_bundle
 from tests.wire_inputs import (
     ID_GRAMMAR,
     INDEXED_KEYFRAME_HOSTS,
     hostile_indexed_deltas,
+    hostile_table_keyframes,
     indexed_fields,
     indexed_keyframe,
+    table_keyframe_fields,
 )
 
 OK, STOPPING = LeafStatus.OK, LeafStatus.STOPPING
@@ -80,6 +83,179 @@ def test_golden_indexed_delta_both_ways() -> None:
     assert encoder.encode(KEYFRAME) == indexed_keyframe() == encode_bundle(KEYFRAME)
     assert encoder.encode(DELTA_SENT) == payload
     assert _primed().decode(payload) == DELTA_READ
+
+
+def test_golden_indexed_delta_of_a_relay_before_growing_tables_reads_the_same_and_leaves_the_table() -> None:
+    """Kind 2 (relays before kind 6): the same delta, but n1 does not join the table, so the next
+    delta refers to a table of ten ids, and one that counts eleven is not ours."""
+    legacy = b"".join(raw for _, raw in indexed_fields(kind=2))
+    decoder = _primed()
+    assert decoder.decode(legacy) == DELTA_READ
+    after = {"seq": b"\x05", "sent_ms": b"\xf0\x3a", "heard": b"\x00\x00", "ages": b"", "changed": b"\x00",
+             "changes": b"", "new": b"\x00", "news": b"", "forgot": b"\x00", "forgotten": b"", "forgot_new": b"\x00",
+             "forgotten_new": b"", "children": b"\x00"}  # fmt: skip
+    fields = [(name, after.get(name, raw)) for name, raw in indexed_fields(kind=2) if not name.startswith("child.")]
+    quiet = b"".join(raw for _, raw in fields)
+    assert decoder.decode(quiet).hosts == ()
+    grown = _primed()
+    grown.decode(b"".join(raw for _, raw in indexed_fields()))
+    with pytest.raises(KeyframeMissing):  # this decoder's table has n1 at index 10: eleven ids
+        grown.decode(quiet)
+
+
+def test_a_leaf_sent_by_id_joins_the_table_and_beats_by_index_after() -> None:
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    decoder.decode(encoder.encode(KEYFRAME))
+    decoder.decode(encoder.encode(DELTA_SENT))
+    beat = Bundle("evil", "b1", 5, 1000, (HostEntry("n1", None, 3, 2000, STOPPING),), version=2, keyframe=False,
+                  sent_ms=7000)  # fmt: skip
+    payload = encoder.encode(beat)
+    assert b"n1" not in payload  # ordinary now: a bit of index 10 and an age byte
+    assert decoder.decode(payload).hosts == (HostEntry("n1", None, 3, 2000, STOPPING),)
+    again = replace(beat, seq=6, hosts=(HostEntry("n1", None, 4, 2000, STOPPING),), forgot=("n1",), sent_ms=8000)
+    _same_news(decoder.decode(encoder.encode(again)), again)
+    back = replace(beat, seq=7, hosts=(HostEntry("n1", 1, 0, 2000, OK),), sent_ms=9000)  # forgotten, then back
+    assert decoder.decode(encoder.encode(back)).hosts == back.hosts
+
+
+def test_a_leaf_sent_by_id_that_the_table_holds_is_refused_before_the_table_moves() -> None:
+    decoder = _primed()
+    with pytest.raises(WireError) as err:
+        decoder.decode(_fields(news=b"\x02h2" + b"\x00\x07\xd0\x0f\x01"))
+    assert err.value.reason == "bad_entry"
+    assert decoder.decode(_fields()) == DELTA_READ
+
+
+def test_leaves_that_appear_after_the_keyframe_cost_their_id_once() -> None:
+    """A relay's keyframe before its leaves connect (it starts first): each leaf's first beat goes
+    by id, its next ones cost a bit and an age byte, as if the keyframe had listed it."""
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    decoder.decode(encoder.encode(Bundle("relay-1", "3f9c2a71b0d4", 1, 1000, (), version=2, sent_ms=0)))
+    sizes = []
+    for seq in range(2, 12):
+        heard = tuple(HostEntry(f"h{i:06d}", seq // 5, (i * 37) % 1000, 5000, OK) for i in range(seq % 5, 1000, 5))
+        delta = Bundle("relay-1", "3f9c2a71b0d4", seq, 1000, heard, version=2, keyframe=False, sent_ms=1000 * seq)
+        payload = encoder.encode(delta)
+        _same_news(decoder.decode(payload), delta)
+        sizes.append(len(payload))
+    assert max(sizes[5:]) < 125 + 200 + 60  # by index: a bitmap of 1,000 (or runs), an age byte each
+    assert min(sizes[:5]) > 2 * max(sizes[5:])  # the first beat of each: its id and fields (compressed)
+
+
+# A keyframe by table after KEYFRAME (tests/wire_inputs.py writes it by the README's layout).
+TABLE_KEYFRAME_SENT = replace(
+    KEYFRAME,
+    seq=4,
+    sent_ms=6000,
+    hosts=(
+        HostEntry("n2", None, 5, 1000, OK),
+        HostEntry("h5", 1, 0, 2000, OK),
+        HostEntry("h2", 1, 3000, 1000, OK),
+        HostEntry("h1", 2, 20, 1000, OK),
+        HostEntry("h0", 1, 1000, 1000, OK),
+    ),
+)
+TABLE_KEYFRAME_READ = replace(
+    TABLE_KEYFRAME_SENT,
+    hosts=(
+        HostEntry("h0", 1, 1000, 1000, OK),
+        HostEntry("h1", 2, 23, 1000, OK),  # 20 ms: code 6, read as 23 ms
+        HostEntry("h2", 1, 3000, 1000, OK),
+        HostEntry("h5", 1, 0, 2000, OK),
+        HostEntry("n2", None, 5, 1000, OK),
+    ),
+)
+
+
+def test_golden_keyframe_by_table_both_ways() -> None:
+    payload = b"".join(raw for _, raw in table_keyframe_fields())
+    encoder = BundleEncoder()
+    encoder.encode(KEYFRAME)
+    assert encoder.encode(TABLE_KEYFRAME_SENT) == payload
+    decoder = _primed()
+    assert decoder.decode(payload) == TABLE_KEYFRAME_READ
+    # After it the table is its picture: h3 is gone (a beat of it is a change), n2 has index 10.
+    delta = Bundle("evil", "b1", 5, 1000, (HostEntry("h3", 2, 0, 1000, OK), HostEntry("n2", None, 4, 1000, OK)),
+                   version=2, keyframe=False, sent_ms=7000)  # fmt: skip
+    sent = encoder.encode(delta)
+    assert b"n2" not in sent
+    assert b"h3" not in sent
+    assert decoder.decode(sent).hosts == (HostEntry("n2", None, 7, 1000, OK), HostEntry("h3", 2, 0, 1000, OK))
+
+
+def test_a_keyframe_by_table_without_the_table_is_keyframe_missing_and_the_answer_carries_ids() -> None:
+    """A receiver that lacks the table (it restarted, or missed a bundle) cannot read a keyframe by
+    table: it keeps the relay alive on the header (a delta's: no picture) and asks; the relay's
+    answer (`send_ids`, on the request) is a keyframe with every id, which it can read."""
+    encoder = BundleEncoder()
+    encoder.encode(KEYFRAME)
+    by_table = encoder.encode(TABLE_KEYFRAME_SENT)
+    with pytest.raises(KeyframeMissing) as lost:
+        BundleDecoder().decode(by_table)
+    assert lost.value.header == Bundle("evil", "b1", 4, 1000, version=2, keyframe=False, sent_ms=6000)
+    encoder.send_ids()
+    full = encoder.encode(replace(TABLE_KEYFRAME_SENT, seq=5, sent_ms=7000))
+    assert decode_bundle(full).keyframe  # version 2's own keyframe node: relay/wire.py refuses indexed ones
+    _same_news(BundleDecoder().decode(full), replace(TABLE_KEYFRAME_SENT, seq=5, sent_ms=7000))
+
+
+def test_every_tenth_keyframe_carries_ids_and_a_gap_in_seqs_makes_the_next_one_carry_them() -> None:
+    hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(50))
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    kinds = []
+    for seq in range(1, 2 * FULL_EVERY + 2):
+        payload = encoder.encode(Bundle("r", "b", seq, 1000, hosts, version=2, sent_ms=1000 * seq))
+        _same_news(decoder.decode(payload), Bundle("r", "b", seq, 1000, hosts, version=2, sent_ms=1000 * seq))
+        kinds.append(_kind(payload))
+    assert kinds == ([1] + [7] * (FULL_EVERY - 1)) * 2 + [1]
+    gap = encoder.encode(Bundle("r", "b", 30, 1000, hosts, version=2, sent_ms=30_000))  # seq 22 to 29 unsent
+    assert decode_bundle(gap).keyframe  # its own ids: nobody could hold the table it would refer to
+
+
+def _kind(payload: bytes) -> int:
+    return (zlib.decompress(payload[2:]) if payload[1] else payload[2:])[0]
+
+
+def test_a_keyframe_carries_ids_again_once_the_deltas_cost_more_than_the_ids_would() -> None:
+    """Leaves that drift out of phase order make the deltas' age bytes noisy: once the deltas since
+    the last keyframe cost more than those after the last keyframe with ids, by more than the ids
+    cost, the next keyframe carries the ids again (in fresh phase order)."""
+    rnd = random.Random(7)
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+
+    def send(seq: int, ages: list[int], keyframe: bool) -> int:
+        hosts = tuple(HostEntry(f"h{i:04d}", seq, age, 1000, OK) for i, age in enumerate(ages))
+        bundle = Bundle("r", "b", seq, 1000, hosts, version=2, keyframe=keyframe, sent_ms=1000 * seq)
+        payload = encoder.encode(bundle)
+        _same_news(decoder.decode(payload), bundle)
+        return _kind(payload)
+
+    in_phase = [999 - i * 2 for i in range(500)]  # leaf i beat 2i ms after leaf 0: ages fall in index order
+    kinds = [send(1, in_phase, keyframe=True)]
+    kinds += [send(seq, in_phase, keyframe=False) for seq in range(2, 11)]
+    kinds.append(send(11, in_phase, keyframe=True))
+    kinds += [send(seq, [rnd.randrange(1000) for _ in range(500)], keyframe=False) for seq in range(12, 21)]
+    kinds.append(send(21, in_phase, keyframe=True))
+    assert kinds[0::10] == [1, 7, 1]  # with ids, by table, with ids again
+
+
+def test_a_keyframe_by_table_costs_a_fraction_of_one_with_ids() -> None:
+    """1,000 leaves, ids as the benchmarks name them, heard in phase order at 5 s: the keyframe by
+    table lists them as one run, a step bit and about a byte of age difference each."""
+    phase = {i: (i * 7919) % 5000 for i in range(1000)}
+
+    def picture(seq: int) -> Bundle:
+        hosts = tuple(
+            HostEntry(f"h{i * 5:06d}", seq // 5, (1000 * seq - phase[i]) % 5000, 5000, OK) for i in range(1000)
+        )
+        return Bundle("r00", "3f9c2a71b0d4", seq, 1000, hosts, version=2, sent_ms=1000 * seq)
+
+    encoder, decoder = BundleEncoder(), BundleDecoder()
+    full = encoder.encode(picture(30))
+    by_table = encoder.encode(picture(31))
+    _same_news(decoder.decode(full), picture(30))
+    _same_news(decoder.decode(by_table), picture(31))
+    assert len(by_table) * 3 < len(full)
 
 
 def test_the_smallest_of_bitmap_index_list_and_runs_is_chosen_per_bundle() -> None:
@@ -186,11 +362,14 @@ news = st.tuples(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(news, max_size=8), st.integers(0, 2**63 - 100))
-def test_any_stream_of_keyframes_and_deltas_reads_back(stream: list[tuple[object, ...]], first_seq: int) -> None:
+@given(st.lists(news, max_size=8), st.integers(0, 2**63 - 100), st.integers(1, 4))
+def test_any_stream_of_keyframes_and_deltas_reads_back(
+    stream: list[tuple[object, ...]], first_seq: int, full_every: int
+) -> None:
     """Beyond what an assembler makes: any entries (huge seqs, ages above the flush, a host both
-    heard and forgotten), flush changes mid-stream, deltas before any keyframe."""
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    heard and forgotten), flush changes mid-stream, deltas before any keyframe, keyframes by table
+    and with ids in any mix."""
+    encoder, decoder = BundleEncoder(full_every), BundleDecoder()
     for n, (keyframe, hosts, forgot, flush_ms) in enumerate(stream):
         bundle = Bundle(
             "r1",
@@ -281,6 +460,7 @@ def test_the_monitor_keeps_an_unreadable_relay_alive_waits_for_its_keyframe_and_
         assert detector.relays["r1"].state == State.UP
     assert detector.take_resync_requests() == ["r1"]
     hosts = (HostEntry("h1", 6, 0, 1000, OK), HostEntry("h2", 1, 5000, 1000, OK))
+    encoder.send_ids()  # the relay's answer to the request: a keyframe with its ids, not one by table
     keyframe = encoder.encode(Bundle("r1", "b", 6, 1000, hosts, version=2, sent_ms=6000))
     out = detector.observe(decoder.decode(keyframe), 6.0)
     assert [(t.subject, t.to_state, t.at) for t in out] == [("h2", State.DOWN, 4.0)]
@@ -314,7 +494,8 @@ def _fields(**replaced: bytes) -> bytes:
     ("field", "raw", "reason"),
     [
         ("kind", b"\x03", "bad_bundle"),  # an indexed keyframe does not exist
-        ("kind", b"\x06", "bad_bundle"),
+        ("kind", b"\x0e", "bad_bundle"),
+        ("kind", b"\x07", "bad_bundle"),
         ("relay", b"\x03e/l", "bad_id"),
         ("boot", b"\x00", "bad_boot"),
         ("seq", b"\xff" * 9 + b"\x7f", "bad_seq"),
@@ -382,9 +563,11 @@ def _assert_sound(bundle: Bundle) -> None:
     assert len({entry.id for entry in bundle.hosts}) == len(bundle.hosts)
 
 
-@settings(max_examples=500, deadline=None)
-@given(hostile_indexed_deltas)
-def test_hostile_indexed_deltas_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
+@settings(max_examples=1000, deadline=None)
+@given(hostile_indexed_deltas | hostile_table_keyframes)
+def test_hostile_indexed_nodes_decode_to_a_sound_bundle_or_raise_wire_error(payload: bytes) -> None:
+    """Deltas and keyframes by table, one to three fields hostile, truncated or (claiming to be)
+    compressed."""
     decoder = _primed()
     try:
         _assert_sound(decoder.decode(payload))
@@ -400,7 +583,12 @@ def test_hostile_indexed_deltas_decode_to_a_sound_bundle_or_raise_wire_error(pay
 @given(st.binary(max_size=300))
 def test_indexed_decoder_returns_or_raises_wire_error_for_any_bytes(tail: bytes) -> None:
     decoder = _primed()
-    for head in (b"\x02\x00\x02", b"\x02\x00\x02\x04evil\x02b1\x04\xe8\x07", b"\x02\x01"):
+    for head in (
+        b"\x02\x00\x02",
+        b"\x02\x00\x06\x04evil\x02b1\x04\xe8\x07",
+        b"\x02\x00\x07\x04evil\x02b1\x04\xe8\x07\xf0\x2e\x03\x0a",
+        b"\x02\x01",
+    ):
         with contextlib.suppress(WireError):
             _assert_sound(decoder.decode(head + tail))
 
@@ -427,7 +615,8 @@ def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_paren
             parent.lose_child(lost.header, now)
             unreadable.append(tick)
         if parent.wanted_keyframes == ["r2"]:
-            child.request_keyframe()  # the parent's request on its local broker
+            child.request_keyframe()  # the parent's request on its local broker, as the child's service answers it
+            to_parent.send_ids()
         out += detector.expire(now) + detector.observe(at_monitor.decode(to_monitor.encode(parent.flush(now))), now)
         for relay in detector.take_resync_requests():
             assert relay == "r1"

@@ -11,7 +11,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +40,7 @@ from relaybeat.relay.wire import (
     encode_beat,
     encode_bundle,
 )
-from tests.wire_inputs import indexed_fields, v2_fields
+from tests.wire_inputs import indexed_fields, table_keyframe_fields, v2_fields
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -311,13 +311,23 @@ async def test_the_readme_cli_examples_work_against_the_demo(demo: Demo) -> None
             assert f"relaybeat at {demo.url}" in out.decode()
 
 
-def test_indexed_delta_table_names_every_field_in_the_order_the_code_writes_them() -> None:
-    """Against tests/wire_inputs.py's writer of an indexed delta, which tests/test_compact.py checks
-    against the code both ways."""
+@pytest.mark.parametrize(
+    ("heading", "writer"),
+    [
+        ("### Indexed deltas, byte by byte", indexed_fields),
+        ("### Keyframes by table, byte by byte", table_keyframe_fields),
+    ],
+)
+def test_indexed_tables_name_every_field_in_the_order_the_code_writes_them(
+    heading: str, writer: Callable[[], list[tuple[str, bytes]]]
+) -> None:
+    """Against tests/wire_inputs.py's writers of an indexed delta and of a keyframe by table, which
+    tests/test_compact.py checks against the code both ways."""
     wire = _section("Wire contract")
-    table = wire[wire.index("### Indexed deltas, byte by byte") :]
+    table = wire[wire.index(heading) :]
+    table = table[: table.index("\n\n", table.index("| bytes |"))]
     rows = re.findall(r"^\| ([^|]+) \| `([a-z_]+)` \|", table, re.M)
-    fields = [(name, raw) for name, raw in indexed_fields() if not name.startswith("child.")]
+    fields = [(name, raw) for name, raw in writer() if not name.startswith("child.")]
     assert [name for _, name in rows] == [name for name, _ in fields]
     for width, name in rows:
         if width.strip() == "1":

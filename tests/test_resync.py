@@ -87,6 +87,9 @@ async def test_a_relay_sends_binary_deltas_and_a_keyframe_when_asked(central_bro
     later_keyframes = [b for b in bundles if b.keyframe and b.seq > with_web[0].seq]
     assert later_keyframes, "the requested keyframe"
     assert [e.id for e in later_keyframes[0].hosts] == ["web-1"]  # a keyframe lists every leaf, news or not
+    payloads = dict(zip([b.seq for b in bundles], list(got), strict=True))
+    answer = BundleDecoder().decode(payloads[later_keyframes[0].seq])  # as the asker, which lacks our table
+    assert answer.keyframe  # it carries the ids: not a keyframe by table
 
 
 async def test_the_monitor_asks_for_a_keyframe_when_it_missed_a_delta(central_broker: CentralBroker) -> None:

@@ -237,14 +237,13 @@ def indexed_keyframe() -> bytes:
                                         *_v2_node_fields("", "evil", INDEXED_KEYFRAME_HOSTS, 0)])  # fmt: skip
 
 
-def indexed_fields() -> list[tuple[str, bytes]]:
-    """The delta: h1 and h3 heard (ordinary, ages 500 and 0 ms), h5 with a seq jump to 7, n1 new
-    since the keyframe, h9 and `old` forgotten, one child node in version 2's format."""
-    child = _v2_node_fields("child.", "c1", [("ch", 1, 5, 1000, 0)], 0)
+def _indexed_head(kind: int) -> list[tuple[str, bytes]]:
+    """An indexed node's envelope and header: seq 4 of relay `evil`, boot b1, referring to the
+    keyframe seq 3 and its table of ten."""
     return [
         ("version", b"\x02"),
         ("flags", b"\x00"),
-        ("kind", b"\x02"),
+        ("kind", bytes([kind])),
         ("relay", b"\x04evil"),
         ("boot", b"\x02b1"),
         ("seq", _varint(4)),
@@ -252,6 +251,16 @@ def indexed_fields() -> list[tuple[str, bytes]]:
         ("sent_ms", _varint(6000)),
         ("keyframe", _varint(3)),
         ("table", _varint(10)),
+    ]
+
+
+def indexed_fields(kind: int = 6) -> list[tuple[str, bytes]]:
+    """The delta: h1 and h3 heard (ordinary, ages 500 and 0 ms), h5 with a seq jump to 7, n1 new
+    to the table, h9 and `old` forgotten, one child node in version 2's format. Kind 6: n1 joins
+    the table (index 10), what relays send; kind 2: relays before that, the table stays."""
+    child = _v2_node_fields("child.", "c1", [("ch", 1, 5, 1000, 0)], 0)
+    return [
+        *_indexed_head(kind),
         ("heard_form", b"\x00"),
         ("heard", bytes([0b1010, 0])),
         ("ages", bytes([128, 128])),  # ceil(500 × 255 / 1000) = 128, then 0 as its difference from 128 (mod 256)
@@ -289,11 +298,15 @@ def _hostile_indexed_field(name: str) -> st.SearchStrategy[bytes]:
 
 
 @st.composite
-def _hostile_indexed(draw: st.DrawFn) -> bytes:
-    fields = indexed_fields()
+def _hostile_indexed(
+    draw: st.DrawFn,
+    sound: Callable[[], list[tuple[str, bytes]]] = indexed_fields,
+    hostile: Callable[[str], st.SearchStrategy[bytes]] = _hostile_indexed_field,
+) -> bytes:
+    fields = sound()
     names = [name for name, _ in fields]
     for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True)):
-        fields[names.index(name)] = (name, draw(_hostile_indexed_field(name)))
+        fields[names.index(name)] = (name, draw(hostile(name)))
     payload = b"".join(raw for _, raw in fields)
     if draw(st.integers(0, 4)) == 0:
         payload = payload[: draw(st.integers(0, len(payload)))]
@@ -303,3 +316,37 @@ def _hostile_indexed(draw: st.DrawFn) -> bytes:
 
 
 hostile_indexed_deltas = _hostile_indexed()
+
+
+def table_keyframe_fields() -> list[tuple[str, bytes]]:
+    """A keyframe by table (kind 7) after `indexed_keyframe()`, seq 4: h0 (seq 1, 1,000 ms old), h1
+    (seq 2: one step, 20 ms) and h2 (seq 1, 3,000 ms) ordinary; h5 changed (interval 2,000 ms); n2
+    new to the table; h3, h4 and h6 to h9 not listed: gone."""
+    return [
+        *_indexed_head(7),
+        ("listed_form", b"\x00"),  # a bitmap (2 bytes; runs would take 3)
+        ("listed", bytes([0b111, 0])),
+        ("steps", b"\x02"),  # h1's seq is the table's + 1
+        ("ages", _varint(510) + _varint(497) + _varint(1518)),  # codes 255, 6, 765 as zigzag differences
+        ("changed", _varint(1)),
+        ("changes", _varint(5) + _varint(2) + _varint(0) + _varint(2000) + b"\x00"),
+        ("new", _varint(1)),
+        ("news", b"\x02n2" + _varint(0) + _varint(5) + _varint(1000) + b"\x00"),
+        ("watched_bytes", _varint(0)),
+        ("watched", b""),
+        ("children", _varint(0)),
+    ]
+
+
+_TABLE_KEYFRAME_VARINTS = {"seq", "flush_ms", "sent_ms", "keyframe", "table", "changed", "new", "watched_bytes",
+                           "children"}  # fmt: skip
+
+
+def _hostile_table_keyframe_field(name: str) -> st.SearchStrategy[bytes]:
+    if name in _TABLE_KEYFRAME_VARINTS or name == "ages":
+        edges = [*_U64_EDGES, 9, 10, 11, 200_000, 200_001, 2 * 366 * 86_400 * 255 + 1]
+        return st.sampled_from(edges).map(_varint) | st.sampled_from(_HUGE_VARINTS) | st.binary(max_size=12)
+    return _hostile_indexed_field(name)
+
+
+hostile_table_keyframes = _hostile_indexed(table_keyframe_fields, _hostile_table_keyframe_field)
