@@ -126,15 +126,15 @@ def _latency_figures(latencies: list[float], wall: float, errors: int) -> dict[s
 
 async def _run(args: Any, rate: float) -> dict[str, Any]:
     prefix = f"bench{secrets.token_hex(3)}/"
-    tool = "wrk" if shutil.which("wrk") else "python"
+    closed_tool = "wrk" if shutil.which("wrk") else "python"
+    closed_loop = wrk if closed_tool == "wrk" else python_load
 
     async def load(url: str, connections: int, duration: float) -> dict[str, float]:
         if args.request_rate:
             return await paced_load(url, args.request_rate, duration)
-        return await (wrk if tool == "wrk" else python_load)(url, connections, duration)
+        return await closed_loop(url, connections, duration)
 
-    if args.request_rate:
-        tool = f"open loop at {args.request_rate:g} req/s"
+    tool = f"open loop at {args.request_rate:g} req/s" if args.request_rate else closed_tool
     results: dict[str, list[dict[str, float]]] = {"host": [], "page": []}
     with Lab("api") as lab:
         broker = lab.broker(args.broker)

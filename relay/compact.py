@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from relaybeat.relay.wire import (
@@ -354,22 +355,7 @@ def _indexed_node(bundle: Bundle, sent_ms: int, table: _Table, out: bytearray) -
     _put(out, len(bundle.children))
     for child in bundle.children:
         _node_v2(child, out)
-    _grow(table, new, forgot_new)
-
-
-def _grow(table: _Table, new: list[HostEntry], forgot_new: list[str]) -> None:
-    """The leaves sent by id join the table, in the order sent; those forgotten in the same bundle
-    are gone at once."""
-    for host, seq, _, interval, status in new:
-        table.index[host] = len(table.ids)
-        table.ids.append(host)
-        table.seqs.append(_NONE if seq is None else seq)
-        table.intervals.append(interval)
-        table.statuses.append(_STATUS_CODES[LeafStatus(status)])
-    for host in forgot_new:
-        i = table.index.get(host)
-        if i is not None:
-            table.seqs[i] = _GONE
+    _grow(table, new, forgot_new, table.seqs, table.intervals, table.statuses)
 
 
 def _heard(out: bytearray, indices: list[int], table_size: int) -> None:
@@ -634,7 +620,7 @@ class _IndexedReader(_Reader):
             raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
         seqs, intervals, statuses = columns
         if grows and len(hosts) > fresh:
-            _grow_mirror(table, hosts[fresh:], forgot, seqs, intervals, statuses)
+            _grow(table, hosts[fresh:], forgot, seqs, intervals, statuses)
         table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
         return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched)
 
@@ -695,16 +681,19 @@ class _IndexedReader(_Reader):
         return self.node(1, budget)
 
 
-def _grow_mirror(
+def _grow(
     table: _Table,
     new: list[HostEntry],
-    forgot: tuple[str, ...],
+    forgot: Sequence[str],
     seqs: list[int],
     intervals: list[int],
     statuses: list[int],
 ) -> None:
-    """`_grow` on the receiving side, into the copies `news` commits. A leaf sent by id that the
-    table holds already is `bad_entry` (its index would be ambiguous), raised before anything moves."""
+    """The leaves sent by id join the table, in the order sent (their seqs, intervals and statuses
+    appended to the given columns: the table's own on the sending side, the copies `news` commits on
+    the receiving side); those forgotten in the same bundle are gone at once. A leaf sent by id that
+    the table holds already is `bad_entry` (its index would be ambiguous), raised before anything
+    moves."""
     index = table.index
     if len(index) != len(table.ids):  # built once per table, at its first growth
         index = table.index = {host: i for i, host in enumerate(table.ids)}
