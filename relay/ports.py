@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import random
 import socket
+from pathlib import Path
 
 from relaybeat.errors import SettingsError, Unavailable
 
@@ -62,8 +64,40 @@ def is_free(host: str, port: int) -> bool:
     return True
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED = 10000
+_picked: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands to outgoing connections (Linux's file; its default elsewhere)."""
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def pick_free(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    """A port free right now, below the ephemeral range, and not picked before by this process.
+
+    Binding port 0 would return an ephemeral port, which any outgoing connection (a client of the
+    broker, of PostgreSQL) may take before the server that was given it listens. Ports below the
+    range are never handed out that way; the random start keeps parallel pickers apart.
+    """
+    low, _ = ephemeral_range()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = random.randrange(LOWEST_PICKED, max(low, LOWEST_PICKED + 1000))  # noqa: S311 (not a secret)
+        if port in _picked:
+            continue
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return port
+    with socket.socket(family) as probe:  # a crowded range: an ephemeral port is still better than none
         probe.bind((host, 0))
         return int(probe.getsockname()[1])

@@ -94,11 +94,6 @@ class Endpoint:
     topics: Topics
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return int(probe.getsockname()[1])
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.2)
@@ -118,7 +113,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Endpoint]:
     for index, (user, password) in enumerate(PASSWORDS.items()):
         create = ["-c"] if index == 0 else []
         subprocess.run([passwd_tool, *create, "-b", str(passwd), user, password], check=True, capture_output=True)
-    port, log_file = _free_port(), tmp_path / "mosquitto.log"
+    port, log_file = pick_free(), tmp_path / "mosquitto.log"
     config = tmp_path / "mosquitto.conf"
     config.write_text(shipped_mosquitto_config(tmp_path, port, passwd, CONFIG_DIR / "acl"))
     process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
