@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
+from typing_extensions import Unpack
 
 from relaybeat import migrations
 from relaybeat.errors import RelaybeatError, SettingsError, Unavailable
@@ -331,17 +332,22 @@ def _at(column: Any) -> tuple[Bound, Bound]:
     return (lambda moment: column >= moment, lambda moment: column < moment)
 
 
-def _matching(
-    subjects: Any,
-    kind: Kind | None,
-    subject: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    window: tuple[Bound, Bound],
-) -> list[ColumnElement[bool]]:
-    """The conditions of a query for the rows of one kind and one subject (`subjects`: the model with
-    those columns) in a time window; `window` says what "after `since`" and "before `until`" mean for
-    these rows. Each only if its filter is given (not None); the moments must be aware."""
+class Matching(TypedDict, total=False):
+    """The filters of the queries for rows of subjects over time: one kind, one subject, a time
+    window from `since` to `until`. A filter not given (or None) does not filter."""
+
+    kind: Kind | None
+    subject: str | None
+    since: datetime | None
+    until: datetime | None
+
+
+def _matching(subjects: Any, matching: Matching, window: tuple[Bound, Bound]) -> list[ColumnElement[bool]]:
+    """The conditions of a query for the rows `matching` asks for (`subjects`: the model with `kind`
+    and `subject` columns); `window` says what "after `since`" and "before `until`" mean for these
+    rows. Each only if its filter is given (not None); the moments must be aware."""
+    kind, subject = matching.get("kind"), matching.get("subject")
+    since, until = matching.get("since"), matching.get("until")
     _require_aware("since", since)
     _require_aware("until", until)
     conditions = []
@@ -386,13 +392,9 @@ _FALSE_ALARM_COLUMNS = [
 ]
 
 
-class HistoryFilters(TypedDict, total=False):
+class HistoryFilters(Matching, total=False):
     """`Store.history`'s filters, for code that passes them on."""
 
-    kind: Kind | None
-    subject: str | None
-    since: datetime | None
-    until: datetime | None
     after_id: int | None
     limit: int
     newest_first: bool
@@ -571,31 +573,19 @@ class Store:
             statement = self._insert(FalseAlarmModel).on_conflict_do_nothing(index_elements=[FalseAlarmModel.opened_id])
             await connection.execute(statement, alarms)
 
-    async def false_alarms(
-        self,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[FalseAlarmRow]:
+    async def false_alarms(self, **matching: Unpack[Matching]) -> list[FalseAlarmRow]:
         """False alarms overlapping `[since, until)` (of one kind, one subject), oldest first."""
         f = FalseAlarmModel
         overlapping = (lambda moment: f.closed_at > moment, lambda moment: f.opened_at < moment)
-        conditions = _matching(f, kind, subject, since, until, overlapping)
+        conditions = _matching(f, matching, overlapping)
         query = select(*_FALSE_ALARM_COLUMNS).where(*conditions).order_by(f.opened_at, f.id)
         async with self._engine.connect() as connection:
             return [FalseAlarmRow(**row._asdict()) for row in await connection.execute(query)]
 
-    async def detections(
-        self,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[DetectionRow]:
+    async def detections(self, **matching: Unpack[Matching]) -> list[DetectionRow]:
         """Outages opened in `[since, until)` as decided (by the transition's time), oldest first."""
         d, t = DetectionModel, TransitionModel
-        conditions = _matching(d, kind, subject, since, until, _at(t.at))
+        conditions = _matching(d, matching, _at(t.at))
         query = select(*_DETECTION_COLUMNS, t.key, t.at).where(t.id == d.transition_id, *conditions)
         query = query.order_by(t.at, t.id)
         async with self._engine.connect() as connection:
@@ -650,13 +640,10 @@ class Store:
     async def history(
         self,
         *,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
         after_id: int | None = None,
         limit: int = 100,
         newest_first: bool = True,
+        **matching: Unpack[Matching],
     ) -> list[TransitionRow]:
         """History rows matching every filter given, at most `limit`, ordered by id.
 
@@ -668,7 +655,7 @@ class Store:
             msg = f"limit must be at least 1, got {limit}"
             raise ValueError(msg)
         t = TransitionModel
-        conditions = _matching(t, kind, subject, since, until, _at(t.at))
+        conditions = _matching(t, matching, _at(t.at))
         if after_id is not None:
             conditions.append(TransitionModel.id > after_id)
         order = TransitionModel.id.desc() if newest_first else TransitionModel.id.asc()
