@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -66,6 +66,7 @@ from relaybeat.monitor.tables import (
 
 __all__ = [
     "Acknowledgement",
+    "Batch",
     "Fence",
     "HostRow",
     "LeaseView",
@@ -131,6 +132,30 @@ class NewMessage:
 
     def __post_init__(self) -> None:
         _require_aware("created_at", self.created_at)
+
+
+_Row = TypeVar("_Row", bound=TransitionRow, covariant=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch(Generic[_Row]):
+    """What one `Store.write` transaction holds: history rows to append and the current-state rows
+    they leave; webhook `messages` to queue with the alerts they open or close; the quality rows
+    (`detections`, `false_alarms`), linked by key to their transitions (written now or before).
+    The monitor's batches carry `Change`s (`Batch[Change]`), whose paths plan the notifications."""
+
+    transitions: Sequence[_Row] = ()
+    hosts: Sequence[HostRow] = ()
+    relays: Sequence[RelayRow] = ()
+    messages: Sequence[NewMessage] = ()
+    opened: Sequence[Alert] = ()
+    closed: Sequence[AlertKey] = ()
+    detections: Sequence[DetectionRow] = ()
+    false_alarms: Sequence[FalseAlarmRow] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,41 +538,30 @@ class Store:
         """Insert history rows; one whose key is already stored is skipped (a replayed decision)."""
         return self._insert(TransitionModel).on_conflict_do_nothing(index_elements=[TransitionModel.key])
 
-    async def write(
-        self,
-        transitions: Sequence[TransitionRow],
-        hosts: Sequence[HostRow],
-        relays: Sequence[RelayRow],
-        *,
-        messages: Sequence[NewMessage] = (),
-        opened: Sequence[Alert] = (),
-        closed: Sequence[AlertKey] = (),
-        detections: Sequence[DetectionRow] = (),
-        false_alarms: Sequence[FalseAlarmRow] = (),
-    ) -> None:
-        """In one transaction: append `transitions` and insert-or-replace the current-state rows;
-        queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts; record
-        `detections` and `false_alarms`, linked by key to their transitions (written now or before).
+    async def write(self, batch: Batch[TransitionRow]) -> None:
+        """In one transaction: append the batch's transitions and insert-or-replace its current-state
+        rows; queue its webhook messages and insert-or-replace (`opened`) or delete (`closed`) alerts;
+        record its detections and false alarms.
 
         A transition whose `key` is already stored is skipped, so writing a batch again is harmless.
         If an id appears more than once in `hosts` or `relays`, the last row wins.
         """
-        if not (transitions or hosts or relays or messages or opened or closed or detections or false_alarms):
+        if batch.empty:
             return
         now = datetime.now(UTC)
         async with self._writing() as connection:
-            if transitions:
-                rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in transitions]
+            if batch.transitions:
+                rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in batch.transitions]
                 await connection.execute(self._append_transitions(), rows)
-            if hosts:
-                rows = [_values(host) | {"updated_at": now} for host in _last_by_id(hosts)]
+            if batch.hosts:
+                rows = [_values(host) | {"updated_at": now} for host in _last_by_id(batch.hosts)]
                 await connection.execute(self._upsert(HostModel), rows)
-            if relays:
-                rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
+            if batch.relays:
+                rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(batch.relays)]
                 await connection.execute(self._upsert(RelayModel), rows)
-            await _write_notifications(connection, messages, opened, closed)
-            if detections or false_alarms:
-                await self._write_quality(connection, detections, false_alarms)
+            await _write_notifications(connection, batch.messages, batch.opened, batch.closed)
+            if batch.detections or batch.false_alarms:
+                await self._write_quality(connection, batch.detections, batch.false_alarms)
 
     async def _write_quality(
         self, connection: AsyncConnection, detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
