@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -39,11 +38,11 @@ from relaybeat.api.bodies import (
     json_response,
     not_found,
 )
+from relaybeat.api.pages import document
 from relaybeat.monitor.service import Monitor
 from relaybeat.monitor.view import FleetView
 from relaybeat.relay.parts import PartState
 
-DASHBOARD = Path(__file__).with_name("dashboard.html")
 DATABASE_WARNING_EVERY_S = 10.0  # the 503s say why; the log says so at most this often
 log = logging.getLogger("relaybeat.api")
 
@@ -133,7 +132,7 @@ def create_app(monitor: Monitor, api_settings: ApiSettings | None = None) -> Fas
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> HTMLResponse:
-        return HTMLResponse(DASHBOARD.read_text())
+        return HTMLResponse(document("dashboard.html"))
 
     return app
 

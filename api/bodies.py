@@ -21,7 +21,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaybeat.monitor.records import TransitionRow
@@ -216,9 +216,23 @@ class Body:
         hints = typing.get_type_hints(record)
         names = [f.name for f in dataclasses.fields(record) if f.name not in unshown]
         self.shown = tuple((renamed or {}).get(name, name) for name in names)
+        self.types = tuple(hints[name] for name in names)
         self.values = operator.attrgetter(*names)
-        shows = (_shown_as(hints[name]) for name in names)
+        shows = (_shown_as(hint) for hint in self.types)
         self.converted = tuple((shown, show) for shown, show in zip(self.shown, shows, strict=True) if show)
+
+    def model(self, name: str, described: Mapping[str, str]) -> type[BaseModel]:
+        """The pydantic model of these bodies for the OpenAPI schema, made from the record's fields
+        (so it cannot miss one): each as shown, of the record's type, with its description if any."""
+        unknown = described.keys() - set(self.shown)
+        if unknown:
+            msg = f"{name}: no field {', '.join(sorted(unknown))} to describe"
+            raise TypeError(msg)
+        fields: dict[str, Any] = {
+            shown: (hint, Field(description=described.get(shown)))
+            for shown, hint in zip(self.shown, self.types, strict=True)
+        }
+        return create_model(name, **fields)
 
     def __call__(self, record: object) -> dict[str, Any]:
         body = dict(zip(self.shown, self.values(record), strict=True))

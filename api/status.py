@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -21,10 +20,10 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from relaybeat.api.bodies import NOT_FOUND, ViewDep, json_response, not_found
+from relaybeat.api.pages import document
 from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.view import StatusEntry, StatusPage, StatusPageView, iso
 
-PAGE = Path(__file__).with_name("status.html")
 STATUS_CACHE_S = 5.0
 
 
@@ -108,6 +107,6 @@ def install(app: FastAPI, pages: tuple[StatusPage, ...], **route: Any) -> None:
 
     @router.get("/status/{name}", response_class=HTMLResponse, include_in_schema=False)
     async def status_html(name: str) -> Response:
-        return HTMLResponse(PAGE.read_text()) if name in by_name else not_found("status page", name)
+        return HTMLResponse(document("status.html")) if name in by_name else not_found("status page", name)
 
     app.include_router(router)

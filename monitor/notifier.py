@@ -13,14 +13,15 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.notify import AlertBook, Notice, Plan, follow_up, plan, remind, render
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
-from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow
+from relaybeat.monitor.records import Change
 from relaybeat.monitor.states import Kind, State
-from relaybeat.monitor.store import NewMessage, Store
+from relaybeat.monitor.store import Batch, NewMessage, Store
 
 __all__ = ["Notifier"]
 
@@ -49,37 +50,23 @@ class Notifier:
     async def load(self) -> None:
         self.alerts.load(await self.store.alerts())
 
-    async def write(
-        self,
-        changes: Sequence[Change],
-        hosts: Sequence[HostRow],
-        relays: Sequence[RelayRow],
-        detections: Sequence[DetectionRow] = (),
-        false_alarms: Sequence[FalseAlarmRow] = (),
-    ) -> float:
-        """One transaction: `changes`, the state rows, the quality rows, and the webhook messages and
-        alert changes they cause (false alarms followed up); how long the transaction took (seconds)."""
+    async def write(self, batch: Batch[Change]) -> float:
+        """One transaction: the batch with the webhook messages and alert changes its changes cause
+        (its false alarms followed up); how long the transaction took (seconds)."""
         async with self._lock:
             targets = self.settings.targets
-            notices = plan(changes, targets, self.alerts) if targets else Plan()
+            notices = plan(batch.transitions, targets, self.alerts) if targets else Plan()
             fresh: dict[str, list[tuple[str, str, datetime]]] = {}
             for key, target, incident, since in notices.recovered:
                 fresh.setdefault(key, []).append((target, incident, since))
             follow = (
-                follow_up(false_alarms, lambda key: fresh.get(key) or self.recovered.get(key, [])) if targets else ()
+                follow_up(batch.false_alarms, lambda key: fresh.get(key) or self.recovered.get(key, []))
+                if targets
+                else ()
             )
             messages = self._messages(notices.notices + follow)
             started = time.perf_counter()
-            await self.store.write(
-                changes,
-                hosts,
-                relays,
-                messages=messages,
-                opened=notices.opened,
-                closed=notices.closed,
-                detections=detections,
-                false_alarms=false_alarms,
-            )
+            await self.store.write(replace(batch, messages=messages, opened=notices.opened, closed=notices.closed))
             elapsed = time.perf_counter() - started
             self.alerts.apply(notices)
             self.recovered.update(fresh)
@@ -128,7 +115,7 @@ class Notifier:
             if not due:
                 return 0
             messages = self._messages(due.notices)
-            await self.store.write((), (), (), messages=messages, opened=due.opened, closed=due.closed)
+            await self.store.write(Batch(messages=messages, opened=due.opened, closed=due.closed))
             self.alerts.apply(due)
         if messages:
             self.outbox.poke()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
+from typing_extensions import Unpack
 
 from relaybeat import migrations
 from relaybeat.errors import RelaybeatError, SettingsError, Unavailable
@@ -65,6 +66,7 @@ from relaybeat.monitor.tables import (
 
 __all__ = [
     "Acknowledgement",
+    "Batch",
     "Fence",
     "HostRow",
     "LeaseView",
@@ -130,6 +132,30 @@ class NewMessage:
 
     def __post_init__(self) -> None:
         _require_aware("created_at", self.created_at)
+
+
+_Row = TypeVar("_Row", bound=TransitionRow, covariant=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch(Generic[_Row]):
+    """What one `Store.write` transaction holds: history rows to append and the current-state rows
+    they leave; webhook `messages` to queue with the alerts they open or close; the quality rows
+    (`detections`, `false_alarms`), linked by key to their transitions (written now or before).
+    The monitor's batches carry `Change`s (`Batch[Change]`), whose paths plan the notifications."""
+
+    transitions: Sequence[_Row] = ()
+    hosts: Sequence[HostRow] = ()
+    relays: Sequence[RelayRow] = ()
+    messages: Sequence[NewMessage] = ()
+    opened: Sequence[Alert] = ()
+    closed: Sequence[AlertKey] = ()
+    detections: Sequence[DetectionRow] = ()
+    false_alarms: Sequence[FalseAlarmRow] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,17 +357,22 @@ def _at(column: Any) -> tuple[Bound, Bound]:
     return (lambda moment: column >= moment, lambda moment: column < moment)
 
 
-def _matching(
-    subjects: Any,
-    kind: Kind | None,
-    subject: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    window: tuple[Bound, Bound],
-) -> list[ColumnElement[bool]]:
-    """The conditions of a query for the rows of one kind and one subject (`subjects`: the model with
-    those columns) in a time window; `window` says what "after `since`" and "before `until`" mean for
-    these rows. Each only if its filter is given (not None); the moments must be aware."""
+class Matching(TypedDict, total=False):
+    """The filters of the queries for rows of subjects over time: one kind, one subject, a time
+    window from `since` to `until`. A filter not given (or None) does not filter."""
+
+    kind: Kind | None
+    subject: str | None
+    since: datetime | None
+    until: datetime | None
+
+
+def _matching(subjects: Any, matching: Matching, window: tuple[Bound, Bound]) -> list[ColumnElement[bool]]:
+    """The conditions of a query for the rows `matching` asks for (`subjects`: the model with `kind`
+    and `subject` columns); `window` says what "after `since`" and "before `until`" mean for these
+    rows. Each only if its filter is given (not None); the moments must be aware."""
+    kind, subject = matching.get("kind"), matching.get("subject")
+    since, until = matching.get("since"), matching.get("until")
     _require_aware("since", since)
     _require_aware("until", until)
     conditions = []
@@ -386,13 +417,9 @@ _FALSE_ALARM_COLUMNS = [
 ]
 
 
-class HistoryFilters(TypedDict, total=False):
+class HistoryFilters(Matching, total=False):
     """`Store.history`'s filters, for code that passes them on."""
 
-    kind: Kind | None
-    subject: str | None
-    since: datetime | None
-    until: datetime | None
     after_id: int | None
     limit: int
     newest_first: bool
@@ -511,41 +538,30 @@ class Store:
         """Insert history rows; one whose key is already stored is skipped (a replayed decision)."""
         return self._insert(TransitionModel).on_conflict_do_nothing(index_elements=[TransitionModel.key])
 
-    async def write(
-        self,
-        transitions: Sequence[TransitionRow],
-        hosts: Sequence[HostRow],
-        relays: Sequence[RelayRow],
-        *,
-        messages: Sequence[NewMessage] = (),
-        opened: Sequence[Alert] = (),
-        closed: Sequence[AlertKey] = (),
-        detections: Sequence[DetectionRow] = (),
-        false_alarms: Sequence[FalseAlarmRow] = (),
-    ) -> None:
-        """In one transaction: append `transitions` and insert-or-replace the current-state rows;
-        queue webhook `messages` and insert-or-replace (`opened`) or delete (`closed`) alerts; record
-        `detections` and `false_alarms`, linked by key to their transitions (written now or before).
+    async def write(self, batch: Batch[TransitionRow]) -> None:
+        """In one transaction: append the batch's transitions and insert-or-replace its current-state
+        rows; queue its webhook messages and insert-or-replace (`opened`) or delete (`closed`) alerts;
+        record its detections and false alarms.
 
         A transition whose `key` is already stored is skipped, so writing a batch again is harmless.
         If an id appears more than once in `hosts` or `relays`, the last row wins.
         """
-        if not (transitions or hosts or relays or messages or opened or closed or detections or false_alarms):
+        if batch.empty:
             return
         now = datetime.now(UTC)
         async with self._writing() as connection:
-            if transitions:
-                rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in transitions]
+            if batch.transitions:
+                rows = [{name: getattr(t, name) for name in _APPENDED_FIELDS} for t in batch.transitions]
                 await connection.execute(self._append_transitions(), rows)
-            if hosts:
-                rows = [_values(host) | {"updated_at": now} for host in _last_by_id(hosts)]
+            if batch.hosts:
+                rows = [_values(host) | {"updated_at": now} for host in _last_by_id(batch.hosts)]
                 await connection.execute(self._upsert(HostModel), rows)
-            if relays:
-                rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(relays)]
+            if batch.relays:
+                rows = [_values(relay) | {"updated_at": now} for relay in _last_by_id(batch.relays)]
                 await connection.execute(self._upsert(RelayModel), rows)
-            await _write_notifications(connection, messages, opened, closed)
-            if detections or false_alarms:
-                await self._write_quality(connection, detections, false_alarms)
+            await _write_notifications(connection, batch.messages, batch.opened, batch.closed)
+            if batch.detections or batch.false_alarms:
+                await self._write_quality(connection, batch.detections, batch.false_alarms)
 
     async def _write_quality(
         self, connection: AsyncConnection, detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
@@ -571,31 +587,19 @@ class Store:
             statement = self._insert(FalseAlarmModel).on_conflict_do_nothing(index_elements=[FalseAlarmModel.opened_id])
             await connection.execute(statement, alarms)
 
-    async def false_alarms(
-        self,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[FalseAlarmRow]:
+    async def false_alarms(self, **matching: Unpack[Matching]) -> list[FalseAlarmRow]:
         """False alarms overlapping `[since, until)` (of one kind, one subject), oldest first."""
         f = FalseAlarmModel
         overlapping = (lambda moment: f.closed_at > moment, lambda moment: f.opened_at < moment)
-        conditions = _matching(f, kind, subject, since, until, overlapping)
+        conditions = _matching(f, matching, overlapping)
         query = select(*_FALSE_ALARM_COLUMNS).where(*conditions).order_by(f.opened_at, f.id)
         async with self._engine.connect() as connection:
             return [FalseAlarmRow(**row._asdict()) for row in await connection.execute(query)]
 
-    async def detections(
-        self,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[DetectionRow]:
+    async def detections(self, **matching: Unpack[Matching]) -> list[DetectionRow]:
         """Outages opened in `[since, until)` as decided (by the transition's time), oldest first."""
         d, t = DetectionModel, TransitionModel
-        conditions = _matching(d, kind, subject, since, until, _at(t.at))
+        conditions = _matching(d, matching, _at(t.at))
         query = select(*_DETECTION_COLUMNS, t.key, t.at).where(t.id == d.transition_id, *conditions)
         query = query.order_by(t.at, t.id)
         async with self._engine.connect() as connection:
@@ -650,13 +654,10 @@ class Store:
     async def history(
         self,
         *,
-        kind: Kind | None = None,
-        subject: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
         after_id: int | None = None,
         limit: int = 100,
         newest_first: bool = True,
+        **matching: Unpack[Matching],
     ) -> list[TransitionRow]:
         """History rows matching every filter given, at most `limit`, ordered by id.
 
@@ -668,7 +669,7 @@ class Store:
             msg = f"limit must be at least 1, got {limit}"
             raise ValueError(msg)
         t = TransitionModel
-        conditions = _matching(t, kind, subject, since, until, _at(t.at))
+        conditions = _matching(t, matching, _at(t.at))
         if after_id is not None:
             conditions.append(TransitionModel.id > after_id)
         order = TransitionModel.id.desc() if newest_first else TransitionModel.id.asc()

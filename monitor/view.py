@@ -39,7 +39,7 @@ from relaybeat.monitor.quality import Figures, Outage, figures
 from relaybeat.monitor.records import FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.service import Monitor, MonitorObserver
 from relaybeat.monitor.states import Event, Kind, State
-from relaybeat.monitor.store import Acknowledgement, HistoryFilters, NodeView
+from relaybeat.monitor.store import Acknowledgement, HistoryFilters, Matching, NodeView
 from relaybeat.relay.parts import PartState
 
 __all__ = [
@@ -532,7 +532,8 @@ class FleetView:
         initial, changes = await self._monitor.store.state_changes(kind, since, until, subject)
         spans = self._monitor.maintenance.intervals(kind, subject, self.relay_path(kind, subject))
         wrong = [
-            (f.opened_at, f.closed_at) for f in await self._monitor.store.false_alarms(kind, subject, since, until)
+            (f.opened_at, f.closed_at)
+            for f in await self._monitor.store.false_alarms(kind=kind, subject=subject, since=since, until=until)
         ]
         return availability(
             initial.get(subject, State.UNKNOWN), [(at, state) for _, at, state in changes], spans, since, until, wrong
@@ -561,7 +562,7 @@ class FleetView:
         tracks = monitor.detector.hosts
         pending = _Pending.of(monitor)
         wrong: dict[str, list[tuple[datetime, datetime]]] = {}
-        for f in await monitor.store.false_alarms(Kind.HOST, None, since, until):
+        for f in await monitor.store.false_alarms(kind=Kind.HOST, since=since, until=until):
             wrong.setdefault(f.subject, []).append((f.opened_at, f.closed_at))
         worst = []
         for host_id in sorted(candidates & tracks.keys()):
@@ -653,8 +654,9 @@ class FleetView:
         Filters: one kind, one subject, or the hosts and relays at or behind one relay (as now)."""
         monitor = self._monitor
         store = monitor.store
-        detections = await store.detections(kind, subject, since, until)
-        alarms = await store.false_alarms(kind, subject, since, until)
+        matching = Matching(kind=kind, subject=subject, since=since, until=until)
+        detections = await store.detections(**matching)
+        alarms = await store.false_alarms(**matching)
         wrong = {f.opened_id: f for f in alarms if f.opened_id is not None}
         base = since
         outages: list[Outage] = []

@@ -28,7 +28,7 @@ from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
 from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.states import Event, Kind, State, Transition
-from relaybeat.monitor.store import NotActive, Store
+from relaybeat.monitor.store import Batch, NotActive, Store
 
 __all__ = ["MonitorObserver", "Writer"]
 
@@ -268,7 +268,7 @@ class Writer:
             ]
             hosts = [d.state for d in missing if isinstance(d.state, HostRow)]
             relays = [d.state for d in missing if isinstance(d.state, RelayRow)]
-            await self.notifier.write(changes, hosts, relays)
+            await self.notifier.write(Batch(transitions=changes, hosts=hosts, relays=relays))
         log.log(
             logging.WARNING if missing else logging.INFO,
             "journal %s: wrote %d decisions the last run had not written (%d it had)",
@@ -475,16 +475,21 @@ class Writer:
                 log.warning("after writing %d transitions: %s", len(batch), exc)
 
     async def _write(
-        self, batch: Sequence[Change], detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
+        self, changes: Sequence[Change], detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
     ) -> float:
-        """One transaction: the batch, its subjects' current-state rows, webhook messages and alerts,
-        and the quality rows (detections, false alarms) decided with it."""
+        """One transaction: the changes, their subjects' current-state rows, webhook messages and
+        alerts, and the quality rows (detections, false alarms) decided with them."""
         hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
-        host_ids = sorted({c.subject for c in batch if c.kind is Kind.HOST})
-        relay_ids = sorted({c.subject for c in batch if c.kind is Kind.RELAY})
-        host_rows = [HostRow.of(hosts[h], wall) for h in host_ids if h in hosts]
-        relay_rows = [RelayRow.of(relays[r], wall) for r in relay_ids if r in relays]
-        return await self.notifier.write(batch, host_rows, relay_rows, detections, false_alarms)
+        host_ids = sorted({c.subject for c in changes if c.kind is Kind.HOST})
+        relay_ids = sorted({c.subject for c in changes if c.kind is Kind.RELAY})
+        batch = Batch(
+            transitions=changes,
+            hosts=[HostRow.of(hosts[h], wall) for h in host_ids if h in hosts],
+            relays=[RelayRow.of(relays[r], wall) for r in relay_ids if r in relays],
+            detections=detections,
+            false_alarms=false_alarms,
+        )
+        return await self.notifier.write(batch)
 
     async def _after_write(self, rows: int, elapsed: float) -> None:
         for observer in self.observers:
@@ -527,4 +532,4 @@ class Writer:
         # either pending (skipped) or already in SQL, and then these rows carry its state.
         pending = {c.subject for c in self.pending()}
         relays = [RelayRow.of(r, wall) for r in self.detector.relays.values() if r.id not in pending]
-        await self.store.write((), (), relays)
+        await self.store.write(Batch(relays=relays))

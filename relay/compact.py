@@ -37,7 +37,6 @@ Rules of this module:
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +58,7 @@ from relaybeat.relay.wire import (
     LeafStatus,
     WatchedEntry,
     WireError,
+    _envelope_v2,
     _inflate,
     _node_v2,
     _Reader,
@@ -198,7 +198,7 @@ class BundleEncoder:
         body = bytearray()
         _indexed_node(bundle, bundle.sent_ms, table, body)
         table.seq = bundle.seq
-        payload = _message(body)
+        payload = _envelope_v2(body, COMPRESS_FROM)
         self._spent[0] += len(payload)
         self._spent[1] += len(bundle.hosts)
         return payload
@@ -218,7 +218,7 @@ class BundleEncoder:
             body = bytearray()
             trial = table.copy()
             _indexed_node(bundle, sent, trial, body)
-            by_table = _message(body)
+            by_table = _envelope_v2(body, COMPRESS_FROM)
             fresh = self._fresh
             drift = 0.0 if per_entry is None or fresh is None else (per_entry - fresh) * entries
             if drift <= len(full) - len(by_table):
@@ -229,15 +229,6 @@ class BundleEncoder:
         self._table = _Table.of(phased, with_index=True)
         self._by_table = 0
         return full
-
-
-def _message(body: bytearray) -> bytes:
-    """Version 2's envelope: compressed where that saves a tenth (from COMPRESS_FROM bytes)."""
-    if len(body) >= COMPRESS_FROM:
-        packed = zlib.compress(body, 1)
-        if len(packed) * 10 < len(body) * 9:
-            return _V2 + bytes([_COMPRESSED]) + packed
-    return _V2 + b"\0" + bytes(body)
 
 
 def _age_code(age_ms: int, flush_ms: int) -> int:

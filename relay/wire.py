@@ -563,7 +563,13 @@ _STATUS_OF = (LeafStatus.OK, LeafStatus.STOPPING)
 def encode_bundle_v2(bundle: Bundle) -> bytes:
     body = bytearray()
     _node_v2(bundle, body)
-    if len(body) >= _COMPRESS_FROM:
+    return _envelope_v2(body, _COMPRESS_FROM)
+
+
+def _envelope_v2(body: bytearray, compress_from: int) -> bytes:
+    """Version 2's envelope around a node: compressed where that saves a tenth (bodies of at least
+    `compress_from` bytes; below, compression never pays)."""
+    if len(body) >= compress_from:
         packed = zlib.compress(body, 1)
         if len(packed) * 10 < len(body) * 9:
             return _V2 + bytes([_COMPRESSED]) + packed

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -113,6 +115,27 @@ def _start(ctx: typer.Context, kind: type[F], build: Callable[[F, Mapping[str, s
     return build(kind(**given), os.environ, ctx.params["config"])
 
 
+_SERVICE_OPTIONS = (  # every service command has these after its own options; `_start` reads them
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Config, default=None),
+    inspect.Parameter("prefix", inspect.Parameter.KEYWORD_ONLY, annotation=Prefix, default=None),
+    inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, annotation=LogLevel, default="info"),
+)
+
+
+def _service(command: Callable[..., None]) -> Callable[..., None]:
+    """A service command (leaf, relay, monitor): its own options, then --config, --prefix and
+    --log-level, declared once here; the command reads them through `_start`."""
+    own = inspect.signature(command, eval_str=True)
+    shared = {option.name for option in _SERVICE_OPTIONS}
+
+    @functools.wraps(command)
+    def run(**params: Any) -> None:
+        command(**{name: value for name, value in params.items() if name not in shared})
+
+    run.__signature__ = own.replace(parameters=[*own.parameters.values(), *_SERVICE_OPTIONS])  # type: ignore[attr-defined]
+    return run
+
+
 def _run(main: object) -> None:
     """Run a service until SIGINT/SIGTERM; a part of it that dies ends the process with status 70."""
     from relaybeat.serve import run_until_signal
@@ -147,6 +170,7 @@ def broker(
 
 
 @app.command()
+@_service
 def leaf(
     ctx: typer.Context,
     id: Annotated[
@@ -154,9 +178,6 @@ def leaf(
     ] = None,
     broker: Annotated[str | None, typer.Option(help="mqtt://[user:pass@]host:port", envvar="RELAYBEAT_BROKER")] = None,
     interval: Annotated[float | None, typer.Option(help="Seconds between beats [5].", min=0.05)] = None,
-    config: Config = None,
-    prefix: Prefix = None,
-    log_level: LogLevel = "info",
 ) -> None:
     """Beat every INTERVAL seconds; on SIGTERM/SIGINT send a final `stopping` beat."""
     from relaybeat.relay.leaf import run_leaf
@@ -171,6 +192,7 @@ def leaf(
 
 
 @app.command()
+@_service
 def relay(
     ctx: typer.Context,
     id: Annotated[str | None, typer.Option("--id", help="This relay's id.", envvar="RELAYBEAT_ID")] = None,
@@ -208,9 +230,6 @@ def relay(
             "sparkplug (repeatable; custom sources: [[relay.watch]] in the deployment file).",
         ),
     ] = None,
-    config: Config = None,
-    prefix: Prefix = None,
-    log_level: LogLevel = "info",
 ) -> None:
     """Subscribe to beats on the local broker and publish one bundle per flush upstream."""
     from relaybeat.relay.service import RelayService
@@ -238,6 +257,7 @@ def relay(
 
 
 @app.command()
+@_service
 def monitor(
     ctx: typer.Context,
     broker: Annotated[
@@ -275,9 +295,6 @@ def monitor(
     failover: Annotated[
         float | None, typer.Option(help="Seconds before a standby takes over from a silent active [5].")
     ] = None,
-    config: Config = None,
-    prefix: Prefix = None,
-    log_level: LogLevel = "info",
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
     from relaybeat.serve import serve_monitor

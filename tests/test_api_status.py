@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from relaybeat.api import pages
 from relaybeat.api.auth import ApiSettings
 from relaybeat.api.status import STATUS_CACHE_S
 from relaybeat.config import ConfigError, load_config
@@ -64,6 +65,18 @@ async def test_a_status_page_needs_no_token_and_shows_only_its_hosts(client: htt
     html = await client.get("/status/web")
     assert html.status_code == 200
     assert "/api/v1/status/" in html.text
+
+
+async def test_the_status_page_and_the_dashboard_are_whole_documents_with_one_head(
+    client: httpx.AsyncClient,
+) -> None:
+    head = pages.HEAD.read_text()
+    for path, title in (("/status/web", "<title>status</title>"), ("/", "<title>relaybeat</title>")):
+        text = (await client.get(path)).text
+        assert text.startswith(head), f"{path} does not start with api/head.html"
+        assert text.lower().count("<!doctype html>") == 1
+        assert text.index(title) < text.index("</head>") < text.index("<body>") < text.rindex("</html>")
+        assert "--down: #cf222e" in text  # the state colours come from head.html
 
 
 async def test_a_relay_status_page_shows_its_subtree_only(client: httpx.AsyncClient) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from relaybeat.monitor.availability import Availability, availability, merge_intervals
 from relaybeat.monitor.states import Event, Kind, State
-from relaybeat.monitor.store import Store, TransitionRow
+from relaybeat.monitor.store import Batch, Store, TransitionRow
 from relaybeat.monitor.view import iso
 from tests.fakes import FakeClock
 from tests.monitors import AUTH, Fleet, api, call, new_monitor
@@ -163,19 +163,19 @@ def row(subject: str, at: int, to: State, event: Event = Event.TRANSITION, kind:
 
 async def test_state_changes_give_the_state_at_since_and_the_changes_after_it(store: Store) -> None:
     await store.write(
-        [
-            row("a", 0, State.UP),
-            row("a", 100, State.DOWN),
-            row("a", 100, State.UNREACHABLE),  # same instant, written later: it wins
-            row("a", 150, State.DOWN, event=Event.RESTART),  # not a state change
-            row("a", 200, State.UP),  # exactly at since: part of the state at since
-            row("a", 300, State.DOWN),
-            row("a", 500, State.UP),  # exactly at until: excluded
-            row("b", 250, State.UP),
-            row("r1", 0, State.DOWN, kind=Kind.RELAY),
-        ],
-        [],
-        [],
+        Batch(
+            transitions=[
+                row("a", 0, State.UP),
+                row("a", 100, State.DOWN),
+                row("a", 100, State.UNREACHABLE),  # same instant, written later: it wins
+                row("a", 150, State.DOWN, event=Event.RESTART),  # not a state change
+                row("a", 200, State.UP),  # exactly at since: part of the state at since
+                row("a", 300, State.DOWN),
+                row("a", 500, State.UP),  # exactly at until: excluded
+                row("b", 250, State.UP),
+                row("r1", 0, State.DOWN, kind=Kind.RELAY),
+            ]
+        )
     )
     initial, changes = await store.state_changes(Kind.HOST, ms(100), ms(500))
     assert initial == {"a": State.UNREACHABLE}

@@ -39,7 +39,7 @@ from relaybeat.monitor.notify import Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.states import State
-from relaybeat.monitor.store import Store
+from relaybeat.monitor.store import Batch, Store, TransitionRow
 from relaybeat.monitor.tables import TransitionModel
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
@@ -338,12 +338,12 @@ async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions
     class BusyStore(Store):
         """The relay's death is decided while the first batch is being written."""
 
-        async def write(self, transitions: Any, *args: Any, **kwargs: Any) -> None:
-            if transitions and not seen:
+        async def write(self, batch: Batch[TransitionRow]) -> None:
+            if batch.transitions and not seen:
                 monitor.take(Topics().relay_status(RELAY), OFFLINE)
-            if transitions:  # what the journal holds as this batch starts
+            if batch.transitions:  # what the journal holds as this batch starts
                 seen.append([(d.change.subject, d.change.to_state) for d in journaled(journal)])
-            await super().write(transitions, *args, **kwargs)
+            await super().write(batch)
 
     store = await BusyStore.open(db_url)
     try:

@@ -32,7 +32,7 @@ from relaybeat.monitor.notify import NoticeType, Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook, backoff_s
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.states import Event, Kind, State
-from relaybeat.monitor.store import NewMessage, OutboxRow, Store, TransitionRow
+from relaybeat.monitor.store import Batch, NewMessage, OutboxRow, Store, TransitionRow
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
@@ -575,10 +575,10 @@ async def test_outbox_rows_are_written_in_the_transaction_of_their_transitions(t
         )
         message = NewMessage("ops", "same-key", NoticeType.OUTAGE, "host:a", "{}", now)
         with pytest.raises(Exception, match=r"(?i)unique"):
-            await store.write([row], [], [], messages=[message, message])  # the second breaks the key
+            await store.write(Batch(transitions=[row], messages=[message, message]))  # the second breaks the key
         assert await store.history() == []
         assert await store.outbox() == []
-        await store.write([row], [], [], messages=[message])
+        await store.write(Batch(transitions=[row], messages=[message]))
         assert len(await store.history()) == 1
         assert [m.key for m in await store.outbox()] == ["same-key"]
         assert await store.outbox_purge(now + timedelta(days=1)) == 0  # pending rows are never purged

@@ -25,7 +25,7 @@ from sqlalchemy import text
 from relaybeat.config import load_config
 from relaybeat.demo import run_demo
 from relaybeat.monitor.states import Event, Kind, State, state_diagram
-from relaybeat.monitor.store import Store, TransitionRow
+from relaybeat.monitor.store import Batch, Store, TransitionRow
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.watch import PRESETS
 from relaybeat.relay.wire import (
@@ -140,7 +140,7 @@ async def test_readme_sql_queries_run_and_answer(db_url: str) -> None:
                 reason="no beat",
             ),
         ]
-        await store.write(rows, (), ())
+        await store.write(Batch(transitions=rows))
         async with store._engine.connect() as connection:
             top = (await connection.execute(text(queries[0]))).all()
             outages = (await connection.execute(text(queries[1]))).all()

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from relaybeat.monitor.states import Event, Kind, State
 from relaybeat.monitor.store import (
+    Batch,
     DatabaseUnavailable,
     HostRow,
     RelayRow,
@@ -154,7 +155,7 @@ async def test_upgrade_downgrade_upgrade(db_url: str) -> None:
         assert not TABLES & await table_names(db_url)
         await asyncio.to_thread(upgrade_sync, db_url)
         assert await table_names(db_url) >= TABLES
-        await store.write([transition("h1", T0)], [host()], [relay()])
+        await store.write(Batch(transitions=[transition("h1", T0)], hosts=[host()], relays=[relay()]))
         assert len(await store.history()) == 1
     finally:
         await store.close()
@@ -198,7 +199,7 @@ async def test_write_and_load_round_trip_returns_aware_utc(store: Store) -> None
         host("h3", since=since, source="tasmota"),  # a watched source's device (issue 13)
     ]
     relays = [relay("r1", since=since), relay("r2", since=since, parent="r1", boot=None, seq=2**40)]
-    await store.write([transition("h1", since)], hosts, relays)
+    await store.write(Batch(transitions=[transition("h1", since)], hosts=hosts, relays=relays))
 
     loaded_hosts, loaded_relays = await store.load()
 
@@ -214,11 +215,11 @@ async def test_write_and_load_round_trip_returns_aware_utc(store: Store) -> None
 
 
 async def test_write_upserts_existing_rows(store: Store) -> None:
-    await store.write([], [host("h1"), host("h2")], [relay("r1")])
+    await store.write(Batch(hosts=[host("h1"), host("h2")], relays=[relay("r1")]))
     later = T0 + timedelta(minutes=5)
     changed_host = host("h1", State.DOWN, later, relay="r2", interval_s=10.0, seq=7, flapping=True)
     changed_relay = relay("r1", State.DOWN, later, parent="r0", boot="boot-2", seq=9, flush_s=2.5)
-    await store.write([], [changed_host], [changed_relay])
+    await store.write(Batch(hosts=[changed_host], relays=[changed_relay]))
 
     hosts, relays = await store.load()
 
@@ -227,7 +228,7 @@ async def test_write_upserts_existing_rows(store: Store) -> None:
 
 
 async def test_write_keeps_the_last_row_when_an_id_repeats(store: Store) -> None:
-    await store.write([], [host("h1", State.UP), host("h1", State.DOWN)], [relay(seq=1), relay(seq=2)])
+    await store.write(Batch(hosts=[host("h1", State.UP), host("h1", State.DOWN)], relays=[relay(seq=1), relay(seq=2)]))
 
     hosts, relays = await store.load()
 
@@ -238,14 +239,14 @@ async def test_write_keeps_the_last_row_when_an_id_repeats(store: Store) -> None
 async def test_write_is_one_transaction(store: Store) -> None:
     broken = host("h2", state=cast(State, None))  # violates NOT NULL after the transition is inserted
     with pytest.raises(IntegrityError):
-        await store.write([transition("h1", T0)], [host("h1"), broken], [])
+        await store.write(Batch(transitions=[transition("h1", T0)], hosts=[host("h1"), broken]))
 
     assert await store.history() == []
     assert await store.load() == ([], [])
 
 
 async def test_forget_host_deletes_its_row_and_keeps_history(store: Store) -> None:
-    await store.write([transition("h1", T0)], [host("h1"), host("h2")], [])
+    await store.write(Batch(transitions=[transition("h1", T0)], hosts=[host("h1"), host("h2")]))
 
     assert await store.forget_host("h1") is True
     assert await store.forget_host("h1") is False
@@ -256,7 +257,7 @@ async def test_forget_host_deletes_its_row_and_keeps_history(store: Store) -> No
 
 async def test_last_transition_id_is_zero_when_empty_then_the_newest_id(store: Store) -> None:
     assert await store.last_transition_id() == 0
-    await store.write([transition("h1", T0), transition("h2", T0)], [], [])
+    await store.write(Batch(transitions=[transition("h1", T0), transition("h2", T0)]))
     newest = await store.history(limit=1)
     assert await store.last_transition_id() == newest[0].id
 
@@ -276,9 +277,11 @@ def test_naive_datetimes_are_refused() -> None:
 
 async def test_a_transition_written_again_with_its_key_is_stored_once(store: Store) -> None:
     keyed = [replace(transition("h1", T0), key="k-1"), replace(transition("h2", T0), key="k-2")]
-    await store.write(keyed, [host("h1")], [])
-    await store.write([keyed[1], replace(transition("h3", T0), key="k-3")], [host("h1", State.DOWN)], [])
-    await store.write([transition("h4", T0), transition("h4", T0)], [], [])  # rows without a key never clash
+    await store.write(Batch(transitions=keyed, hosts=[host("h1")]))
+    await store.write(
+        Batch(transitions=[keyed[1], replace(transition("h3", T0), key="k-3")], hosts=[host("h1", State.DOWN)])
+    )
+    await store.write(Batch(transitions=[transition("h4", T0), transition("h4", T0)]))  # rows without a key never clash
 
     assert sorted(record.subject for record in await store.history()) == ["h1", "h2", "h3", "h4", "h4"]
     assert await store.stored_keys(["k-2", "k-3", "k-9", "k-2"]) == {"k-2", "k-3"}
@@ -287,7 +290,7 @@ async def test_a_transition_written_again_with_its_key_is_stored_once(store: Sto
 
 async def test_stored_keys_answers_for_more_keys_than_one_query_binds(store: Store) -> None:
     rows = [replace(transition(f"h{i}", T0), key=f"k-{i}") for i in range(1200)]
-    await store.write(rows, [], [])
+    await store.write(Batch(transitions=rows))
     assert len(await store.stored_keys([f"k-{i}" for i in range(0, 2400, 2)])) == 600
 
 
@@ -295,7 +298,7 @@ async def test_the_key_migration_goes_down_and_up_on_a_history_with_rows(db_url:
     store = await Store.open(db_url)
     try:
         await store.upgrade()
-        await store.write([replace(transition("h1", T0), key="k-1")], [], [])
+        await store.write(Batch(transitions=[replace(transition("h1", T0), key="k-1")]))
         await store.downgrade("0003")
         assert "key" not in await column_names(db_url, "transitions")
         if store.dialect == "sqlite":  # dropping a column copies the table there: ids stay never reused
@@ -304,7 +307,7 @@ async def test_the_key_migration_goes_down_and_up_on_a_history_with_rows(db_url:
         assert await store.model_changes() == []
         assert [record.subject for record in await store.history()] == ["h1"]
         assert await store.stored_keys(["k-1"]) == set()  # keys went with the column
-        await store.write([replace(transition("h1", T0), key="k-1")] * 2, [], [])
+        await store.write(Batch(transitions=[replace(transition("h1", T0), key="k-1")] * 2))
         assert len(await store.history()) == 2
     finally:
         await store.close()
@@ -337,15 +340,15 @@ async def column_names(url: str, table: str) -> set[str]:
 async def written(store: Store) -> list[int]:
     """Five rows a minute apart; returns their ids in write order."""
     await store.write(
-        [
-            transition("h1", T0),
-            transition("h2", T0 + timedelta(minutes=1)),
-            transition("r1", T0 + timedelta(minutes=2), kind=Kind.RELAY, to_state=State.DOWN),
-            transition("h1", T0 + timedelta(minutes=3), event=Event.RESTART),
-            transition("h1", T0 + timedelta(minutes=4), to_state=State.DOWN),
-        ],
-        [],
-        [],
+        Batch(
+            transitions=[
+                transition("h1", T0),
+                transition("h2", T0 + timedelta(minutes=1)),
+                transition("r1", T0 + timedelta(minutes=2), kind=Kind.RELAY, to_state=State.DOWN),
+                transition("h1", T0 + timedelta(minutes=3), event=Event.RESTART),
+                transition("h1", T0 + timedelta(minutes=4), to_state=State.DOWN),
+            ]
+        )
     )
     return [record.id for record in await store.history(newest_first=False)]
 
@@ -449,7 +452,7 @@ def test_any_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
         @settings(max_examples=25, deadline=None)
         @given(hosts=st.lists(host_rows, max_size=4), relays=st.lists(relay_rows, max_size=4))
         def round_trip(hosts: list[HostRow], relays: list[RelayRow]) -> None:
-            runner.run(store.write([], hosts, relays))
+            runner.run(store.write(Batch(hosts=hosts, relays=relays)))
             loaded_hosts, loaded_relays = runner.run(store.load())
             # Rows from earlier examples stay; each id written now holds its last row.
             assert {row.id: row for row in loaded_hosts if row.id in {h.id for h in hosts}} == {
