@@ -27,8 +27,6 @@ from relaybeat.api.bodies import ErrorOut
 from relaybeat.errors import RelaybeatError, SettingsError
 from relaybeat.monitor.view import StatusPage
 
-TOKEN_MIN_CHARS = 16
-
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:

@@ -31,11 +31,10 @@ from enum import StrEnum
 from relaybeat.errors import Unavailable
 from relaybeat.monitor.store import Fence, LeaseView, Store
 
-__all__ = ["DEFAULT_FAILOVER_S", "Cluster", "ClusterSettings", "DatabaseHeld", "Role", "lock_database"]
+__all__ = ["Cluster", "ClusterSettings", "DatabaseHeld", "Role", "lock_database"]
 
 log = logging.getLogger("relaybeat.monitor")
 
-DEFAULT_FAILOVER_S = 5.0
 TICKS_PER_LEASE = 4  # renewals per failover_s: three may fail before the lease runs out
 
 
@@ -73,7 +72,7 @@ class Role(StrEnum):
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
     node_id: str
-    failover_s: float = DEFAULT_FAILOVER_S
+    failover_s: float  # a standby takes over within this (the config's default: relaybeat.config)
     api: str | None = None  # where this monitor's HTTP API listens (named in a standby's 409s)
 
 

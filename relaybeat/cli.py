@@ -21,7 +21,6 @@ from typer.core import TyperGroup
 
 from relaybeat import people
 from relaybeat.errors import RelaybeatError, SettingsError, message
-from relaybeat.monitor.store import downgrade_sync, pending_model_changes, shown_url, upgrade_sync
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import PortInUse, parse_hostport
 
@@ -297,7 +296,7 @@ def monitor(
     ] = None,
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
-    from relaybeat.serve import serve_monitor
+    from relaybeat.monitor_server import serve_monitor
     from relaybeat.settings import MonitorFlags, monitor_start
 
     start = _start(ctx, MonitorFlags, monitor_start)
@@ -334,6 +333,8 @@ def up(
 @db_app.command("upgrade")
 def db_upgrade(db: Annotated[str, typer.Option(help="SQLAlchemy URL.", envvar="RELAYBEAT_DB")] = DEFAULT_DB) -> None:
     """Apply all migrations."""
+    from relaybeat.monitor.store import shown_url, upgrade_sync
+
     upgrade_sync(db)
     typer.echo(f"{shown_url(db)}: schema up to date")
 
@@ -344,6 +345,8 @@ def db_downgrade(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "base",
 ) -> None:
     """Revert migrations down to REVISION (default: everything)."""
+    from relaybeat.monitor.store import downgrade_sync, shown_url
+
     downgrade_sync(db, revision)
     typer.echo(f"{shown_url(db)}: downgraded to {revision}")
 
@@ -351,6 +354,8 @@ def db_downgrade(
 @db_app.command("check")
 def db_check(db: Annotated[str, typer.Option(help="SQLAlchemy URL.", envvar="RELAYBEAT_DB")] = DEFAULT_DB) -> None:
     """Fail if the models and the migrations disagree (run after `db upgrade`)."""
+    from relaybeat.monitor.store import pending_model_changes
+
     changes = pending_model_changes(db)
     if changes:
         for change in changes:

@@ -19,9 +19,9 @@ import re
 import socket
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -35,19 +35,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy import make_url
-from sqlalchemy.exc import ArgumentError
 
-from relaybeat.api.auth import TOKEN_MIN_CHARS, ApiSettings
 from relaybeat.errors import SettingsError
-from relaybeat.monitor.cluster import DEFAULT_FAILOVER_S, ClusterSettings
-from relaybeat.monitor.detector import Policy
-from relaybeat.monitor.notify import Target
-from relaybeat.monitor.outbox import NotifySettings, Webhook
-from relaybeat.monitor.quality import Targets
-from relaybeat.monitor.service import MonitorSettings
 from relaybeat.monitor.states import Kind, State
-from relaybeat.monitor.view import StatusPage
 from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import DEFAULT_KEYFRAME_S, BundleFormat, RelaySettings
@@ -61,7 +51,17 @@ from relaybeat.relay.wire import (
     is_valid_id,
 )
 
+if TYPE_CHECKING:  # the monitor's parts are imported where they are built, so a leaf or relay starts light
+    from relaybeat.api.auth import ApiSettings
+    from relaybeat.monitor.detector import Policy
+    from relaybeat.monitor.outbox import NotifySettings, Webhook
+    from relaybeat.monitor.quality import Targets
+    from relaybeat.monitor.service import MonitorSettings
+    from relaybeat.monitor.view import StatusPage
+
 ENV_PREFIX = "RELAYBEAT_"
+DEFAULT_FAILOVER_S = 5.0  # PostgreSQL hot standby: a standby takes over within this
+TOKEN_MIN_CHARS = 16
 TOKEN_VARIABLES = {"RELAYBEAT_API_TOKENS": "read_tokens", "RELAYBEAT_API_WRITE_TOKENS": "write_tokens"}
 
 
@@ -160,6 +160,8 @@ class DetectorConfig(_Strict):
 
     def targets(self) -> tuple[Targets, tuple[tuple[str, Targets], ...]]:
         """The timeout targets, and per host-id glob (first match wins; unset keys: the section's)."""
+        from relaybeat.monitor.quality import Targets  # a monitor part: see TYPE_CHECKING above
+
         default = Targets(self.target_detection_s, self.target_false_alarms_per_day)
         by_glob = tuple(
             (
@@ -176,6 +178,8 @@ class DetectorConfig(_Strict):
         return default, by_glob
 
     def policy(self) -> Policy:
+        from relaybeat.monitor.detector import Policy
+
         return Policy(
             misses=self.misses,
             default_interval_s=self.default_interval_s,
@@ -207,6 +211,9 @@ class MonitorConfig(_Strict):
     @field_validator("db")
     @classmethod
     def _db(cls, value: str) -> str:
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
             make_url(value)
         except ArgumentError:
@@ -221,6 +228,8 @@ class MonitorConfig(_Strict):
         and database). None for an in-memory SQLite database, which a restart loses anyway."""
         if self.journal is not None:
             return Path(self.journal)
+        from sqlalchemy import make_url
+
         url = make_url(self.db)
         if url.get_backend_name() == "sqlite":
             database = url.database or ""
@@ -244,8 +253,14 @@ class MonitorConfig(_Strict):
         self,
         policy: Policy,
         notify: NotifySettings | None = None,
-        targets: tuple[Targets, tuple[tuple[str, Targets], ...]] = (Targets(), ()),
+        targets: tuple[Targets, tuple[tuple[str, Targets], ...]] | None = None,
     ) -> MonitorSettings:
+        from relaybeat.monitor.cluster import ClusterSettings
+        from relaybeat.monitor.outbox import NotifySettings
+        from relaybeat.monitor.quality import Targets
+        from relaybeat.monitor.service import MonitorSettings
+
+        targets = targets or (Targets(), ())
         return MonitorSettings(
             Brokers.parse(self.broker),
             policy,
@@ -288,6 +303,8 @@ class StatusPageConfig(_Strict):
         return self
 
     def page(self) -> StatusPage:
+        from relaybeat.monitor.view import StatusPage
+
         return StatusPage(
             name=self.name, title=self.title or self.name, hosts=tuple(self.hosts), relays=tuple(self.relays)
         )
@@ -335,6 +352,8 @@ class ApiConfig(_Strict):
         return self
 
     def settings(self) -> ApiSettings:
+        from relaybeat.api.auth import ApiSettings
+
         mode = self.read or ("token" if self.read_tokens else "open")
         return ApiSettings(
             read_open=mode == "open",
@@ -478,6 +497,9 @@ class WebhookConfig(_Strict):
         return value
 
     def webhook(self) -> Webhook:
+        from relaybeat.monitor.notify import Target
+        from relaybeat.monitor.outbox import Webhook
+
         target = Target(
             self.name,
             frozenset(State(s) for s in self.states),
@@ -506,6 +528,8 @@ class NotifyConfig(_Strict):
         return self
 
     def settings(self) -> NotifySettings:
+        from relaybeat.monitor.outbox import NotifySettings
+
         return NotifySettings(
             tuple(w.webhook() for w in self.webhooks),
             self.retry_min_s,
@@ -533,10 +557,13 @@ def load_config(
     path: Path | None,
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Flag] | None = None,
+    sections: Collection[str] | None = None,
 ) -> DeploymentConfig:
     """Defaults < the file < RELAYBEAT_* variables < flags (keys like "monitor.broker").
 
     ConfigError naming the key, where its value came from and what is allowed, when anything is wrong.
+    With `sections` (a leaf: `("leaf",)`), the other known sections are left at their defaults, unread:
+    a leaf or relay neither checks the monitor's database URL nor loads what checking it needs.
     """
     document: dict[str, Any] = {}
     where: dict[tuple[str, str], str] = {}  # (section, key) -> where its value came from
@@ -554,6 +581,8 @@ def load_config(
             section, key = dotted.split(".", 1)
             _put(document, section, key, value)
             where[section, key] = flag
+    if sections is not None:
+        document = {k: v for k, v in document.items() if k in sections or k not in DeploymentConfig.model_fields}
     try:
         return DeploymentConfig.model_validate(document)
     except ValidationError as exc:

@@ -30,11 +30,11 @@ from relaybeat.monitor.detector import Policy
 from relaybeat.monitor.outbox import NotifySettings
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.states import State
+from relaybeat.monitor_server import monitor_running
 from relaybeat.relay.leaf import run_leaf
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import ensure_free, is_free, pick_free
 from relaybeat.relay.service import RelayService, RelaySettings
-from relaybeat.serve import monitor_running
 
 HOST = "127.0.0.1"
 SITES = {

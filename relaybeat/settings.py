@@ -13,16 +13,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from relaybeat.api.auth import ApiSettings
 from relaybeat.config import ConfigError, DeploymentConfig, load_config
-from relaybeat.monitor.service import MonitorSettings
 from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.ports import parse_hostport
 from relaybeat.relay.service import RelaySettings
 from relaybeat.relay.watch import PRESETS
 from relaybeat.relay.wire import Topics
+
+if TYPE_CHECKING:
+    from relaybeat.api.auth import ApiSettings
+    from relaybeat.monitor.service import MonitorSettings
 
 
 def _flag(key: str, variable: str | None = None, spelled: str | None = None) -> Any:
@@ -92,10 +94,13 @@ def _spelled(flag: Field[Any]) -> str:
     return _option(flag) if variable is None else f"{_option(flag)} ({variable})"
 
 
-def _deployment(flags: Flags, environ: Mapping[str, str], config: Path | None) -> DeploymentConfig:
-    """The deployment file, overridden by RELAYBEAT_* variables, overridden by the flags given."""
+def _deployment(
+    flags: Flags, environ: Mapping[str, str], config: Path | None, section: str | None = None
+) -> DeploymentConfig:
+    """The deployment file, overridden by RELAYBEAT_* variables, overridden by the flags given; only
+    `section` of it when given (a leaf or relay reads its own)."""
     given = {f.metadata["key"]: (_spelled(f), getattr(flags, f.name)) for f in fields(flags) if "key" in f.metadata}
-    return load_config(config, environ, given)
+    return load_config(config, environ, given, None if section is None else (section,))
 
 
 def _required(flags: Flags, name: str, value: str | None) -> str:
@@ -135,7 +140,7 @@ class RelayStart:
 
 
 def relay_start(flags: RelayFlags, environ: Mapping[str, str], config: Path | None) -> RelayStart:
-    cfg = _deployment(flags, environ, config).relay
+    cfg = _deployment(flags, environ, config, "relay").relay
     relay_id = _required(flags, "id", cfg.id)
     unknown = [preset for preset in flags.watch if preset not in PRESETS]
     if unknown:
@@ -156,6 +161,6 @@ class LeafStart:
 
 
 def leaf_start(flags: LeafFlags, environ: Mapping[str, str], config: Path | None) -> LeafStart:
-    cfg = _deployment(flags, environ, config).leaf
+    cfg = _deployment(flags, environ, config, "leaf").leaf
     host_id, broker = _required(flags, "id", cfg.id), _required(flags, "broker", cfg.broker)
     return LeafStart(host_id, Brokers.parse(broker), cfg.interval_s, Topics(cfg.prefix))

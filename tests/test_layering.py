@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +39,14 @@ PURE_CORE = (
 IO_LIBRARIES = ("asyncio", "sqlalchemy", "alembic", "amqtt", "aiomqtt", "paho", "fastapi", "starlette", "httpx",
                 "uvicorn", "socket", "threading", "subprocess")  # fmt: skip
 # The composition root: the CLI and what only it uses. Nothing in relay/, monitor/ or api/ imports these.
-COMPOSITION_ROOT = ("relaybeat.cli", "relaybeat.serve", "relaybeat.demo", "relaybeat.people", "relaybeat.__main__")
+COMPOSITION_ROOT = (
+    "relaybeat.cli",
+    "relaybeat.serve",
+    "relaybeat.monitor_server",
+    "relaybeat.demo",
+    "relaybeat.people",
+    "relaybeat.__main__",
+)
 LAYERS = {"relaybeat.relay": 0, "relaybeat.monitor": 1, "relaybeat.api": 2}
 
 
@@ -191,3 +200,30 @@ def _strongly_connected(edges: dict[str, set[str]]) -> list[set[str]]:
             elif child in on_stack:
                 low[node] = min(low[node], index[child])
     return found
+
+
+# What a leaf or relay host must not load: the monitor's SQL, HTTP server and numerical libraries.
+MONITOR_ONLY_LIBRARIES = ("sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "numpy", "aiosqlite", "psycopg")
+LEAF_AND_RELAY_START = f"""
+import sys
+from pathlib import Path
+from relaybeat import cli
+from relaybeat.relay.leaf import run_leaf
+from relaybeat.relay.service import RelayService
+from relaybeat.serve import serve_relay
+from relaybeat.settings import LeafFlags, RelayFlags, leaf_start, relay_start
+example = Path({str(ROOT / "relaybeat.example.toml")!r})
+leaf_start(LeafFlags(id="web-1", broker="mqtt://127.0.0.1:1"), {{}}, example)
+relay_start(RelayFlags(id="r1", upstream="mqtt://127.0.0.1:1"), {{}}, example)
+print(" ".join(sorted(set({MONITOR_ONLY_LIBRARIES!r}) & set(sys.modules))))
+"""
+
+
+def test_a_leaf_or_relay_starts_without_the_monitors_libraries() -> None:
+    """`relaybeat leaf` used to import SQLAlchemy, Alembic, FastAPI and numpy: 3-5 s and ~110 MB on a host
+    that only beats. The deployment file parsed here has every section (monitor, api, notify, ...)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LEAF_AND_RELAY_START], capture_output=True, text=True, cwd=ROOT, check=False, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []

@@ -24,11 +24,12 @@ import pytest
 from relaybeat.api.app import create_app
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.store import Store
+from relaybeat.monitor_server import serve_monitor
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.parts import PartFailed
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.service import RelayService, RelaySettings
-from relaybeat.serve import EXIT_PART_FAILED, serve_monitor, serve_relay
+from relaybeat.serve import EXIT_PART_FAILED, serve_relay
 from tests.conftest import CentralBroker
 from tests.processes import PrivatePostgres, Topology, api_get, wait_until
 
@@ -94,7 +95,8 @@ def test_a_monitor_process_whose_part_dies_exits_70_with_the_part_named(tmp_path
     script = textwrap.dedent(
         f"""
         import logging, sys
-        from relaybeat.serve import run_until_signal, serve_monitor
+        from relaybeat.monitor_server import serve_monitor
+        from relaybeat.serve import run_until_signal
         from relaybeat.monitor.service import MonitorSettings
         from relaybeat.relay.mqtt import BrokerURL
         from tests.test_supervision import LagProbeBreaks
