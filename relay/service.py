@@ -88,6 +88,9 @@ class RelaySettings:
     keyframe_s: float = DEFAULT_KEYFRAME_S  # a full bundle this often; deltas in between (binary only)
     format: BundleFormat = "binary"
     watch: tuple[Source, ...] = ()  # sources whose devices the relay vouches for (relay/watch.py)
+    # 0: a bundle is superseded by the next flush, and a lost delta is caught by its seq gap (the
+    # monitor asks for a keyframe); 1 makes a cluster (NATS: JetStream) hold bundles back while it fails over.
+    bundle_qos: int = 0
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
@@ -96,6 +99,9 @@ class RelaySettings:
             raise SettingsError(msg)
         if not 0 <= self.keyframe_s <= 86_400:
             msg = f"keyframe_s must be within [0, 86400] s, not {self.keyframe_s}"
+            raise SettingsError(msg)
+        if self.bundle_qos not in (0, 1):
+            msg = f"bundle_qos must be 0 or 1, not {self.bundle_qos}"
             raise SettingsError(msg)
 
     @property
@@ -355,7 +361,7 @@ class RelayService:
         if len(payload) > s.max_bundle_bytes:
             self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
         else:
-            await client.publish(topic, payload, qos=1)
+            await client.publish(topic, payload, qos=s.bundle_qos)
             self.bundles_sent += 1
 
     async def _until_due(self, client: aiomqtt.Client, topic: str) -> None:
