@@ -3,9 +3,9 @@
 The monitor is given the nodes as `n1,n3,n2`, the relay's upstream as `n2,n3,n1`. kill -9 the
 monitor's node (then start it again: JetStream, which keeps MQTT sessions, needs two of three nodes),
 then the relay's node: the monitor moves on to the next node with its session, the relay sends
-through its spare session (already connected to another node) while its main one reconnects, and nothing turns
-`down` or `unreachable` that is not; detection resumes (the monitor hears bundles again) within
-seconds, and a leaf that dies afterwards is still found `down`.
+through its spare session (already connected to another node) while its main one reconnects, and
+nothing turns `down` or `unreachable` that is not; detection resumes (the monitor hears bundles
+again) within seconds, and a leaf that dies afterwards is still found `down`.
 """
 
 from __future__ import annotations
