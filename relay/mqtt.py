@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiomqtt
@@ -168,7 +168,7 @@ class BrokerURL:
         clean_session: bool = True,
         keepalive: int = 10,
     ) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        return Client(
             self.host,
             self.port,
             username=self.username,
@@ -234,6 +234,59 @@ def _redact(url: str) -> str:
 
 C = TypeVar("C")
 T = TypeVar("T")
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client, mended where a session dies under it (a relay paused past its Last Will, then
+    resumed: it came back only 10.2-10.4 s later, EBADF or ENOENT from the event loop in its log):
+
+    - aiomqtt registers paho's socket with the event loop later (`call_soon_threadsafe`), and paho may
+      close it first. The late registration then took a closed fd, or one reused by the next socket
+      opened, whose CONNACK was never read: that connect waited out the 10 s timeout. Here the loop
+      registers only paho's current socket (`_OwnSocketOnly`).
+    - A QoS 1 publish (or a subscribe) in flight when the connection is lost waited its 10 s for an
+      answer that cannot come; here it fails as soon as aiomqtt knows the connection is gone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop = cast(asyncio.AbstractEventLoop, _OwnSocketOnly(self._loop, self._client))
+
+    async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109 - aiomqtt's signature
+        lost = self._disconnected
+        if fut is lost or not self._connected.done() or lost.done():  # connecting, or leaving: as aiomqtt does
+            return await super()._wait_for(fut, timeout)
+        answer = asyncio.ensure_future(super()._wait_for(fut, timeout))
+        try:
+            await asyncio.wait((answer, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answer.cancel()
+        if answer.done() and not answer.cancelled():
+            return answer.result()
+        msg = "the connection was lost while waiting for the broker's answer"
+        raise aiomqtt.MqttError(msg) from lost.exception()
+
+
+class _OwnSocketOnly:
+    """The event loop as a `Client` sees it: `add_reader` and `add_writer` act only on the fd of paho's
+    open socket (they run late; the socket they were meant for may be closed by then)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, paho: Any) -> None:
+        self._real, self._paho = loop, paho
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def _open(self, fd: int) -> bool:
+        sock = self._paho.socket()
+        return sock is not None and sock.fileno() == fd
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        if self._open(fd):
+            self._real.add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        if self._open(fd):
+            self._real.add_writer(fd, callback, *args)
 
 
 async def stay_connected(

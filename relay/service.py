@@ -88,6 +88,9 @@ class RelaySettings:
     keyframe_s: float = DEFAULT_KEYFRAME_S  # a full bundle this often; deltas in between (binary only)
     format: BundleFormat = "binary"
     watch: tuple[Source, ...] = ()  # sources whose devices the relay vouches for (relay/watch.py)
+    # 0: a bundle is superseded by the next flush, and a lost delta is caught by its seq gap (the
+    # monitor asks for a keyframe); 1 makes a cluster (NATS: JetStream) hold bundles back while it fails over.
+    bundle_qos: int = 0
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
@@ -96,6 +99,9 @@ class RelaySettings:
             raise SettingsError(msg)
         if not 0 <= self.keyframe_s <= 86_400:
             msg = f"keyframe_s must be within [0, 86400] s, not {self.keyframe_s}"
+            raise SettingsError(msg)
+        if self.bundle_qos not in (0, 1):
+            msg = f"bundle_qos must be 0 or 1, not {self.bundle_qos}"
             raise SettingsError(msg)
 
     @property
@@ -132,17 +138,24 @@ class RelayService:
         self.beats = 0
         self.bundles_sent = 0
         self.upstream_connected = asyncio.Event()
+        self._upstream_lost = asyncio.Event()  # the main upstream session was lost: the spare sends bundles
+        self._main_sending = asyncio.Event()  # ... until the main one sends them again
+        self.spare_takeovers = 0  # times the spare session sent bundles while the main one was away
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
         self._local_client: LeanClient | None = None  # the local session, while there is one
         self._local_heard = 0  # messages from the local broker so far
         self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
         self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
+        self._sending: aiomqtt.Client | None = None  # the upstream session bundles go through
 
     async def run(self) -> None:
         """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile.
         A part that fails stops the relay with `PartFailed`, naming it."""
-        await Parts(f"relay {self.settings.relay_id}").run({"local": self._local, "upstream": self._upstream})
+        parts = {"local": self._local, "upstream": self._upstream}
+        if self._spared:
+            parts["spare"] = self._spare
+        await Parts(f"relay {self.settings.relay_id}").run(parts)
 
     # -------------------------------------------------------------------------------- local side
 
@@ -273,22 +286,100 @@ class RelayService:
         try:
             await stay_connected(
                 s.upstream,
-                lambda url: url.client(s.relay_id, will=will, keepalive=max(2, round(s.flush_s * 3))),
+                lambda url: url.client(s.relay_id, will=will, keepalive=self._keepalive_s),
                 self._publish_bundles,
                 name=f"relay {s.relay_id} (upstream)",
                 max_delay_s=1.0,  # the monitor's grace after an outage is one relay timeout: be back by then
-                on_state=lambda up: self.upstream_connected.set() if up else self.upstream_connected.clear(),
+                on_state=self._upstream_state,
             )
         finally:
+            self._upstream_state(False)
+
+    def _upstream_state(self, connected: bool) -> None:
+        if connected:
+            self.upstream_connected.set()
+        else:
             self.upstream_connected.clear()
+            self._main_sending.clear()
+            self._upstream_lost.set()
+
+    async def _spare(self) -> None:
+        """With several upstream nodes (one cluster), a second session, kept connected from the list's
+        second node on: when the main session's node dies, bundles go on through this one at once while
+        the main one reconnects (on a NATS cluster that took 3-10 s: the other nodes take a connection
+        but answer only once JetStream has new leaders). No will: its loss says nothing of the relay."""
+        s = self.settings
+        urls = Brokers.of(s.upstream).urls
+        await stay_connected(
+            Brokers(urls[1:] + urls[:1]),
+            lambda url: url.client(f"{url.username or s.relay_id}/spare-{self.boot}", keepalive=self._keepalive_s),
+            self._stand_by,
+            name=f"relay {s.relay_id} (upstream spare)",
+            max_delay_s=1.0,
+        )
+
+    async def _stand_by(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
+        parts = {asyncio.create_task(self._hear_resyncs(client)), asyncio.create_task(self._take_over(client))}
+        try:
+            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+            for part in done:
+                part.result()  # why the session ended (or a bug): neither returns otherwise
+        finally:
+            for part in parts:
+                part.cancel()
+
+    async def _take_over(self, client: aiomqtt.Client) -> None:
+        """Send the bundles through the spare session whenever the main one is away."""
+        online = asyncio.create_task(self._say_online(client))
+        try:
+            while True:
+                await self._upstream_lost.wait()
+                self.spare_takeovers += 1
+                log.warning(
+                    "relay %s: upstream session lost; bundles go through the spare session", self.settings.relay_id
+                )
+                flushing = asyncio.create_task(self._flush_forever(client))
+                back = asyncio.create_task(self._main_sending.wait())
+                try:
+                    await asyncio.wait((flushing, back), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    flushing.cancel()
+                    back.cancel()
+                if flushing.done() and not flushing.cancelled():
+                    flushing.result()  # raises: the spare session ended too
+                online.cancel()
+                online = asyncio.create_task(self._say_online(client))  # the main one is back: say so
+        finally:
+            online.cancel()
+
+    async def _say_online(self, client: aiomqtt.Client) -> None:
+        """With a spare, the spare says the relay is `online` (retained, QoS 1), not the main session: a
+        cluster node failing over may take a connection, time out storing the retained status and drop
+        that client (NATS did, after 4 s); dropped, the main session's will said `offline` of a relay
+        whose bundles never stopped. The spare has no will, so being dropped costs nothing."""
+        with contextlib.suppress(aiomqtt.MqttError):  # the session's loss is noticed by its listener
+            await client.publish(self.topics.relay_status(self.settings.relay_id), ONLINE, qos=1, retain=True)
+
+    @property
+    def _spared(self) -> bool:
+        """The relay keeps a spare upstream session (its upstream is a list of nodes)."""
+        return len(Brokers.of(self.settings.upstream).urls) > 1
+
+    @property
+    def _keepalive_s(self) -> int:
+        return max(2, round(self.settings.flush_s * 3))
 
     async def _publish_bundles(self, client: aiomqtt.Client) -> None:
         status_topic = self.topics.relay_status(self.settings.relay_id)
-        await client.publish(status_topic, ONLINE, qos=1, retain=True)
+        if not self._spared:
+            await client.publish(status_topic, ONLINE, qos=1, retain=True)
         await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
         self.assembler.request_keyframe()  # whoever listens may have missed what we sent while away
         self.encoder.send_ids()  # ... and may lack our id table: that keyframe carries it
         listener = asyncio.create_task(self._hear_resyncs(client))
+        self._upstream_lost.clear()  # sending again: not before (a cluster node may take the connection, then
+        self._main_sending.set()  # hold our status publish while it fails over), so the spare sends meanwhile
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:
@@ -304,7 +395,7 @@ class RelayService:
         """Requests for a keyframe (the monitor, or our parent, missed a delta of ours)."""
         topic = self.topics.relay_resync(self.settings.relay_id)
         async for message in messages(client):
-            if str(message.topic) == topic and not message.retain:
+            if str(message.topic) == topic and not message.retain and self._sending is client:
                 self.resyncs += 1
                 self.assembler.request_keyframe()
                 self.encoder.send_ids()  # the asker lacks our id table: a keyframe by table would not do
@@ -320,6 +411,7 @@ class RelayService:
 
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
         s = self.settings
+        self._sending = client  # whose keyframe requests count: the spare and the main session both hear them
         topic = self.topics.bundle(s.relay_id)
         while True:
             catch_up = catch_up_s(self._flush_due, self.clock(), s.flush_s)
@@ -355,7 +447,7 @@ class RelayService:
         if len(payload) > s.max_bundle_bytes:
             self.rejections.add("bundle_too_large", s.relay_id, f"{len(payload)} bytes; raise --max-bundle-bytes")
         else:
-            await client.publish(topic, payload, qos=1)
+            await client.publish(topic, payload, qos=s.bundle_qos)
             self.bundles_sent += 1
 
     async def _until_due(self, client: aiomqtt.Client, topic: str) -> None:

@@ -221,6 +221,10 @@ def relay(
     format: Annotated[
         str | None, typer.Option("--format", help="binary (wire version 2, deltas) or json (version 1) [binary].")
     ] = None,
+    bundle_qos: Annotated[
+        int | None,
+        typer.Option("--bundle-qos", help="QoS of the bundles sent upstream: 0 (superseded every flush) or 1 [0]."),
+    ] = None,
     watch: Annotated[
         list[str] | None,
         typer.Option(

@@ -412,6 +412,7 @@ class RelayConfig(_Strict):
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
     format: BundleFormat = "binary"
+    bundle_qos: Literal[0, 1] = 0
     watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
 
     @field_validator("local")
@@ -434,8 +435,17 @@ class RelayConfig(_Strict):
             accept_children=None if self.children == "auto" else self.children,
             keyframe_s=self.keyframe_s,
             format=self.format,
+            bundle_qos=self.bundle_qos,
             watch=sources(watch, [w.source() for w in self.watch]),
         )
+
+    @field_validator("bundle_qos", mode="before")
+    @classmethod
+    def _bundle_qos(cls, value: object) -> object:
+        if type(value) is not int or value not in (0, 1):  # not `true`, nor 1.0
+            msg = "must be 0 or 1"
+            raise ValueError(msg)
+        return value
 
     @field_validator("children", mode="before")
     @classmethod

@@ -68,6 +68,7 @@ class RelayFlags:
     prefix: str | None = _flag("relay.prefix", "RELAYBEAT_PREFIX")
     keyframe_s: float | None = _flag("relay.keyframe_s")
     format: str | None = _flag("relay.format")
+    bundle_qos: int | None = _flag("relay.bundle_qos")
     watch: tuple[str, ...] = ()  # --watch PRESET, repeatable: adds to the file's [[relay.watch]]
 
 

@@ -424,9 +424,10 @@ class PrivatePostgres:
 
 
 class NatsCluster:
-    """A private 3-node NATS cluster with JetStream and an MQTT listener on every node, each node with
-    its own free ports and a fresh store_dir under `folder` (../shared/BROKERS.md). Skips the test if
-    `nats-server` is not installed. `kill(i)` is kill -9 of node i; `close()` kills what is left."""
+    """A private NATS cluster (3 nodes unless `nodes` says otherwise; 1: a single server, no cluster
+    routes) with JetStream and an MQTT listener on every node, each node with its own free ports and
+    a fresh store_dir under `folder` (../shared/BROKERS.md). Skips the test if `nats-server` is not
+    installed. `kill(i)` is kill -9 of node i; `close()` kills what is left."""
 
     def __init__(self, folder: Path, nodes: int = 3) -> None:
         binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
@@ -444,7 +445,7 @@ class NatsCluster:
             conf.write_text(
                 f"server_name: c{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n"
                 f"jetstream {{ store_dir: {folder / f'store-{i}'} }}\nmqtt {{ listen: 127.0.0.1:{mqtt} }}\n"
-                f"cluster {{ name: c1\n  listen: 127.0.0.1:{route}\n  routes: [{routes}] }}\n"
+                + (f"cluster {{ name: c1\n  listen: 127.0.0.1:{route}\n  routes: [{routes}] }}\n" if nodes > 1 else "")
             )
             self.services.append(Service(f"nats-{i}", ["-c", str(conf)], folder, command=[binary]))
 

@@ -248,7 +248,7 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     path = tmp_path / "relaybeat.toml"
     path.write_text(
         "[relay]\nlocal = 'mqtt://site:1884'\nupstream = 'mqtt://central:1883'\nflush_s = 2.0\n"
-        "max_bundle_bytes = 100000\nchildren = false\nkeyframe_s = 10.0\nformat = 'json'\n"
+        "max_bundle_bytes = 100000\nchildren = false\nkeyframe_s = 10.0\nformat = 'json'\nbundle_qos = 1\n"
         "[leaf]\nbroker = 'mqtt://site:1884'\ninterval_s = 2.5\nprefix = 'site/'\n"
     )
     start = relay_start(RelayFlags(id="relay-a"), {}, path)
@@ -261,7 +261,7 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     ) == ("relay-a", "site", "central", 2.0)
     assert relay.max_bundle_bytes == 100_000
     assert relay.accept_children is False
-    assert (relay.keyframe_s, relay.format) == (10.0, "json")
+    assert (relay.keyframe_s, relay.format, relay.bundle_qos) == (10.0, "json", 1)
     assert start.embedded is None
     flags = RelayFlags(  # --id and --upstream as RELAYBEAT_ID and RELAYBEAT_UPSTREAM
         id="relay-b", upstream="mqtt://up:1", local="mqtt://other:1", flush=0.5, max_bundle_bytes=4096, children=True
@@ -275,10 +275,10 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     ) == ("relay-b", "other", "up", 0.5)
     assert relay.max_bundle_bytes == 4096
     assert relay.accept_children is True
-    relay = relay_start(RelayFlags(id="relay-d", keyframe_s=5.0, format="binary"), {}, path).settings
-    assert (relay.keyframe_s, relay.format) == (5.0, "binary")
+    relay = relay_start(RelayFlags(id="relay-d", keyframe_s=5.0, format="binary", bundle_qos=0), {}, path).settings
+    assert (relay.keyframe_s, relay.format, relay.bundle_qos) == (5.0, "binary", 0)
     embedded = relay_start(RelayFlags(id="relay-c"), {}, None)
-    assert (embedded.settings.keyframe_s, embedded.settings.format) == (30.0, "binary")
+    assert (embedded.settings.keyframe_s, embedded.settings.format, embedded.settings.bundle_qos) == (30.0, "binary", 0)
     assert embedded.embedded == ("127.0.0.1", 1884)
     assert embedded.settings.local == BrokerURL("127.0.0.1", 1884)
 
@@ -309,6 +309,7 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
         ),
         (lambda: relay_start(RelayFlags(id="r", format="xml"), {}, None), "--format (relay.format)"),
         (lambda: relay_start(RelayFlags(id="r", keyframe_s=-1), {}, None), "--keyframe-s (relay.keyframe_s)"),
+        (lambda: relay_start(RelayFlags(id="r", bundle_qos=2), {}, None), "--bundle-qos (relay.bundle_qos)"),
         (
             lambda: monitor_start(MonitorFlags(max_bundle_bytes=10), {}, None),
             "--max-bundle-bytes (monitor.max_bundle_bytes)",
@@ -335,7 +336,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
         "relay": common | {
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
             "--serve": None, "--default-interval": None, "--children/--no-children": None, "--max-bundle-bytes": None,
-            "--keyframe-s": None, "--format": None,
+            "--keyframe-s": None, "--format": None, "--bundle-qos": None,
             "--watch": None,
         },
         "leaf": common | {"--id": "RELAYBEAT_ID", "--broker": "RELAYBEAT_BROKER", "--interval": None},

@@ -2,9 +2,10 @@
 
 The monitor is given the nodes as `n1,n3,n2`, the relay's upstream as `n2,n3,n1`. kill -9 the
 monitor's node (then start it again: JetStream, which keeps MQTT sessions, needs two of three nodes),
-then the relay's node: each client moves on to the next node with its session, and nothing turns
-`down` or `unreachable` that is not; detection resumes (the monitor hears bundles again) within
-seconds, and a leaf that dies afterwards is still found `down`.
+then the relay's node: the monitor moves on to the next node with its session, the relay sends
+through its spare session (already connected to another node) while its main one reconnects, and
+nothing turns `down` or `unreachable` that is not; detection resumes (the monitor hears bundles
+again) within seconds, and a leaf that dies afterwards is still found `down`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from tests.processes import NatsCluster, Topology, api_get, wait_until
 pytestmark = pytest.mark.e2e
 
 LEAVES = ("web-1", "web-2", "probe")
+# The relay's node killed: bundles heard again within this (its spare session; 10.7 to 18.2 s before it,
+# while its reconnect waited for JetStream). Generous: the issue asks for 5 s.
+RELAY_NODE_BOUND_S = 10.0
 
 
 def bundles(api: str) -> int:
@@ -37,12 +41,6 @@ def resumed_s(topo: Topology, killed: float, seen: int) -> float:
     return time.monotonic() - killed
 
 
-@pytest.mark.xfail(
-    reason="known gap of issue 12 (not resolved): after the relay's NATS node dies, JetStream holds QoS 1 "
-    "bundles back 10-18 s while it elects leaders, longer than the relay's timeout even at --misses 6, so a "
-    "false `unreachable` can follow (seen in CI on 2026-12-02); the 5 s resume target is not met",
-    strict=False,
-)
 def test_killing_the_monitors_node_then_the_relays_node_raises_no_false_alarm(tmp_path: Path) -> None:
     nats = NatsCluster(tmp_path)
     topo = Topology(tmp_path, "relaybeat/")
@@ -50,9 +48,9 @@ def test_killing_the_monitors_node_then_the_relays_node_raises_no_false_alarm(tm
         nats.wait_ready()
         monitor_brokers = ",".join(nats.url(i) for i in (0, 2, 1))
         relay_brokers = ",".join(nats.url(i) for i in (1, 2, 0))
-        # misses 6: while JetStream elects new leaders after a node died, QoS 1 messages stall on every
-        # node (measured 3 to 16 s on the shared 2-core box); a relay whose bundles are stuck that long
-        # would be declared down, though it and its hosts are fine.
+        # misses 6: the monitor's own node dying blinds it until it is back on another node (measured up
+        # to 8 s: JetStream elects new leaders meanwhile); room for a busy box after that. The relay's
+        # bundles (QoS 0) go on through its spare session when its node dies.
         topo.monitor(monitor_brokers, pick_free("127.0.0.1"), misses=6)
         site = pick_free("127.0.0.1")
         topo.relay("r1", relay_brokers, serve=site, flush=1.0)
@@ -77,6 +75,9 @@ def test_killing_the_monitors_node_then_the_relays_node_raises_no_false_alarm(tm
         time.sleep(7.0)
         print(f"\nNATS cluster: bundles heard again {first:.1f} s after the monitor's node died, "
               f"{second:.1f} s after the relay's node died")  # fmt: skip
+
+        assert "bundles go through the spare session" in topo.services["r1"].log()
+        assert second < RELAY_NODE_BOUND_S, second
 
         topo.services["probe"].kill()  # detection still works: a dead leaf is found down
         topo.wait_state("hosts", "probe", "down", timeout=30)
