@@ -280,6 +280,30 @@ class Detector:
             self._relay_down(relay, now, f"relay {relay_id} said offline (status topic / last will)", out)
         return out
 
+    def relay_stopped(self, relay_id: str, now: float) -> list[Transition]:
+        """The relay said it stopped (a clean stop): `stopped`, which pages nobody. Whoever is behind it
+        is not unreachable: each keeps its state until its own timeout passes, then goes `unknown`
+        (no news is no evidence); a host heard recently through another live relay moves there.
+        Evidence, not silence: it counts even while the monitor is blind."""
+        out: list[Transition] = []
+        relay = self.relays.get(relay_id)
+        if relay is None or relay.state == State.STOPPED:
+            return out
+        self._move(relay, Kind.RELAY, State.STOPPED, now, f"relay {relay_id} said it stopped", relay.parent, out)
+        relay.scheduled = None
+        self._confirm_pending(relay, now, out)  # deadlines that passed awaiting its next bundle: judged now
+        for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and track.state == State.UNREACHABLE and self._path_end(track.parent) is relay:
+                self._move(track, Kind.RELAY, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
+                self._recheck(track, now, out)
+            for host_id in sorted(track.hosts):
+                host = self.hosts[host_id]
+                if host.state in _UP_OR_UNKNOWN:
+                    self._fail_over(host, now)
+                elif host.state == State.UNREACHABLE and self._path_end(host.via) is relay:
+                    self._move(host, Kind.HOST, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
+        return out
+
     def set_connected(self, connected: bool, now: float) -> None:
         """The shell reports the monitor's own broker connection. Regaining it starts a grace period."""
         if connected and self.disconnected:
@@ -384,6 +408,19 @@ class Detector:
                 return None
             if relay.state == State.DOWN:
                 return relay_id
+            relay_id = relay.parent
+        return None
+
+    def _path_end(self, relay_id: str | None) -> RelayTrack | None:
+        """Walk up from a relay to the first one that is down or stopped: where news stops."""
+        seen: set[str] = set()
+        while relay_id is not None and relay_id not in seen:
+            seen.add(relay_id)
+            relay = self.relays.get(relay_id)
+            if relay is None:
+                return None
+            if relay.state in (State.DOWN, State.STOPPED):
+                return relay
             relay_id = relay.parent
         return None
 
@@ -551,7 +588,7 @@ class Detector:
             if was != State.UP:
                 self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
             self._schedule(relay, deadline)
-        elif was != State.DOWN:
+        elif was not in (State.DOWN, State.STOPPED):  # old news of a stopped relay: still stopped
             # Heard, but through a parent whose copy is already too old: it died a while ago (or, if
             # it was unreachable, while it was out of sight), before its hosts are judged below.
             self._relay_silent(relay, deadline, out)
@@ -834,7 +871,7 @@ class Detector:
         upstream = track.via if isinstance(track, HostTrack) else _parent(track)
         relay = None if upstream is None else self.relays.get(upstream)
         unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline or relay.desynced)
-        if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
+        if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN and self._path_end(upstream) is None:
             relay.pending.append(track)
             return
         # A top-level relay: its silence is its own only once the monitor heard some other bundle
@@ -864,19 +901,28 @@ class Detector:
             self._silent(track, deadline, out)
 
     def _host_silent(self, host: HostTrack, deadline: float, out: list[Transition]) -> None:
-        """A host's deadline passed: down, or unreachable if every path to it is dead."""
-        dead = self.nearest_dead_relay(host.via)
-        if dead is not None:
-            self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+        """A host's deadline passed: down; unreachable if every path to it is dead; unknown if the
+        relay on its path stopped (no news is no evidence either way)."""
+        end = self._path_end(host.via)
+        if end is not None and end.state == State.STOPPED:
+            reason = f"no beat for {deadline - (host.last_seen or host.since):.1f} s; relay {end.id} stopped"
+            self._move(host, Kind.HOST, State.UNKNOWN, deadline, reason, end.id, out)
+            host.scheduled = None
+        elif end is not None:
+            self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {end.id} down", end.id, out)
         else:
             self._move(host, Kind.HOST, State.DOWN, deadline, self._silence_reason(host, deadline), host.via, out)
 
     def _relay_silent(self, relay: RelayTrack, deadline: float, out: list[Transition]) -> None:
-        """A relay's deadline passed: down, or unreachable if a relay above it is dead."""
-        dead = self.nearest_dead_relay(relay.parent)
-        if dead is not None:
-            self._move(relay, Kind.RELAY, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+        """A relay's deadline passed: down; unreachable if a relay above it is dead; unknown if the
+        one above it stopped."""
+        end = self._path_end(relay.parent)
+        if end is not None:
+            stopped = end.state == State.STOPPED
+            state, blame = (State.UNKNOWN, "stopped") if stopped else (State.UNREACHABLE, "down")
+            self._move(relay, Kind.RELAY, state, deadline, f"relay {end.id} {blame}", end.id, out)
             relay.scheduled = None
+            self._columns_to_heap(relay)  # unknown too sends no bundle that could judge its hosts
         else:
             self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
 
@@ -886,6 +932,8 @@ class Detector:
         relay.pending.clear()
         blame = f"relay {relay.id} down"
         for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and self._path_end(track.id) is not relay:
+                continue  # behind a relay below that stopped: its subjects go unknown at their own timeouts
             if track is not relay and track.state in _UP_OR_UNKNOWN:
                 self._move(track, Kind.RELAY, State.UNREACHABLE, at, blame, relay.id, out)
                 track.scheduled = None
@@ -935,7 +983,8 @@ class Detector:
                 continue
             for host_id in sorted(track.hosts):
                 host = self.hosts[host_id]
-                if host.state == State.UNREACHABLE and (host.said is None or host.said[0] is Vouch.UP):
+                unheard = host.state == State.UNKNOWN and host.scheduled is None  # went unknown while it was stopped
+                if (host.state == State.UNREACHABLE or unheard) and (host.said is None or host.said[0] is Vouch.UP):
                     if self._deadline(host) <= now:
                         host.grace_from = now
                     self._resume_host(host, now, out)

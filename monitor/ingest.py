@@ -30,6 +30,7 @@ from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_ENTRIES,
     INTERNAL_ERROR,
     Bundle,
+    RelayStatus,
     TopicKind,
     Topics,
     WireError,
@@ -185,9 +186,14 @@ class Ingest:
                 if self.accept_direct_beats:
                     self.received["beats"] += 1
                     self.decide(self.detector.observe_beat(subject, decode_beat(payload), now))
-            elif not decode_relay_status(payload):
-                self.received["relay_offline"] += 1
-                self.decide(self.detector.relay_offline(subject, now))
+            else:
+                status = decode_relay_status(payload)
+                if status is RelayStatus.OFFLINE:
+                    self.received["relay_offline"] += 1
+                    self.decide(self.detector.relay_offline(subject, now))
+                elif status is RelayStatus.STOPPED:
+                    self.received["relay_stopped"] += 1
+                    self.decide(self.detector.relay_stopped(subject, now))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read

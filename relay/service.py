@@ -41,6 +41,7 @@ from relaybeat.relay.wire import (
     MAX_TREE_DEPTH,
     OFFLINE,
     ONLINE,
+    STOPPED,
     Bundle,
     TopicKind,
     Topics,
@@ -292,10 +293,11 @@ class RelayService:
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:
-            # A planned stop: say so, instead of leaving the will to a broker timeout; but a broker that
-            # does not answer within a second must never keep the relay from stopping.
+            # A planned stop: say so (`stopped`, retained in place of the will, which a clean disconnect
+            # never fires), so the monitor pages nobody; but a broker that does not answer within a
+            # second must never keep the relay from stopping.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
+                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, STOPPED, qos=1, retain=True)), 1.0)
             raise
         finally:
             listener.cancel()
