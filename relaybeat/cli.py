@@ -200,6 +200,14 @@ def relay(
     format: Annotated[
         str | None, typer.Option("--format", help="binary (wire version 2, deltas) or json (version 1) [binary].")
     ] = None,
+    hold_first_s: Annotated[
+        float | None,
+        typer.Option(
+            "--hold-first-s",
+            help="After a (re)start, seconds before the first bundle, so leaves beat first [--default-interval].",
+            min=0,
+        ),
+    ] = None,
     watch: Annotated[
         list[str] | None,
         typer.Option(

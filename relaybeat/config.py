@@ -393,6 +393,7 @@ class RelayConfig(_Strict):
     max_bundle_bytes: MaxBundleBytes = DEFAULT_MAX_BUNDLE_BYTES
     keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
     format: BundleFormat = "binary"
+    hold_first_s: float | None = Field(default=None, ge=0, le=3600)  # None: default_interval_s
     watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
 
     @field_validator("local")
@@ -415,6 +416,7 @@ class RelayConfig(_Strict):
             accept_children=None if self.children == "auto" else self.children,
             keyframe_s=self.keyframe_s,
             format=self.format,
+            hold_first_s=self.default_interval_s if self.hold_first_s is None else self.hold_first_s,
             watch=sources(watch, [w.source() for w in self.watch]),
         )
 

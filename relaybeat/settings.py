@@ -66,6 +66,7 @@ class RelayFlags:
     prefix: str | None = _flag("relay.prefix", "RELAYBEAT_PREFIX")
     keyframe_s: float | None = _flag("relay.keyframe_s")
     format: str | None = _flag("relay.format")
+    hold_first_s: float | None = _flag("relay.hold_first_s")
     watch: tuple[str, ...] = ()  # --watch PRESET, repeatable: adds to the file's [[relay.watch]]
 
 
