@@ -241,8 +241,10 @@ class Detector:
     def blind(self) -> bool:
         return self.disconnected or self.silent
 
-    def observe(self, bundle: Bundle, now: float) -> list[Transition]:
-        """A bundle arrived from a relay connected to the monitor's broker."""
+    def observe(self, bundle: Bundle, now: float, sent: float | None = None) -> list[Transition]:
+        """A bundle arrived from a relay connected to the monitor's broker, `sent` when by its relay's
+        clock (monitor/dating.py; None: on arrival). Everything in it is dated from `sent`, so news
+        that waited in a queue counts from when it was news, and stale news proves no one alive."""
         out: list[Transition] = []
         news = self._is_news(bundle, now)
         if news:  # a duplicate proves nothing new about anyone, the network included
@@ -250,20 +252,20 @@ class Detector:
             if self.silent:
                 self.silent = False
                 self.grace_from = now
-        self._observe_relay(bundle, None, now, now, out)
+        self._observe_relay(bundle, None, now if sent is None else min(sent, now), now, out)
         if news and self._root_pending:
             pending, self._root_pending = self._root_pending, []
             for relay in pending:
                 self._recheck(relay, now, out)
         return out
 
-    def lost_track(self, header: Bundle, now: float) -> list[Transition]:
+    def lost_track(self, header: Bundle, now: float, sent: float | None = None) -> list[Transition]:
         """A delta bundle the shell could not expand (it lacks the keyframe the delta refers to), as
         its `header` (no news): the relay is alive, but out of sync until its next keyframe."""
         relay = self.relays.get(header.relay)
         if relay is not None and relay.boot == header.boot and header.seq > relay.seq:
             relay.desynced = True  # a new boot, or a new relay, is out of sync at its first delta anyway
-        return self.observe(header, now)
+        return self.observe(header, now, sent)
 
     def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
         """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
@@ -585,7 +587,9 @@ class Detector:
         deadline = self._deadline(relay)
         was = relay.state
         if deadline > now:
-            if was != State.UP:
+            # Within its timeout, or within grace: only news fresher than its timeout makes it `up`
+            # (a stale bundle, e.g. replayed from a queue, leaves it as it was until its deadline).
+            if was != State.UP and relay.last_seen + self.timeout_s(relay) > now:
                 self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
             self._schedule(relay, deadline)
         elif was not in (State.DOWN, State.STOPPED):  # old news of a stopped relay: still stopped
