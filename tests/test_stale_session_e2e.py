@@ -31,7 +31,7 @@ def retained_status(port: int, topic: str) -> str:
     """The relay's retained status on the broker, as a fresh subscriber gets it ("" if none yet)."""
     got: list[bytes] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"peek-{uuid.uuid4().hex[:8]}")
-    client.on_message = lambda _c, _u, message: got.append(message.payload)
+    client.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
     client.connect("127.0.0.1", port)
     client.subscribe(topic, qos=1)
     client.loop_start()
