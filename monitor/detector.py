@@ -402,26 +402,21 @@ class Detector:
 
     def nearest_dead_relay(self, relay_id: str | None) -> str | None:
         """Walk up from a relay to the first one that is down."""
-        seen: set[str] = set()
-        while relay_id is not None and relay_id not in seen:
-            seen.add(relay_id)
-            relay = self.relays.get(relay_id)
-            if relay is None:
-                return None
-            if relay.state == State.DOWN:
-                return relay_id
-            relay_id = relay.parent
-        return None
+        relay = self._walk_up(relay_id, (State.DOWN,))
+        return None if relay is None else relay.id
 
     def _path_end(self, relay_id: str | None) -> RelayTrack | None:
         """Walk up from a relay to the first one that is down or stopped: where news stops."""
+        return self._walk_up(relay_id, (State.DOWN, State.STOPPED))
+
+    def _walk_up(self, relay_id: str | None, states: tuple[State, ...]) -> RelayTrack | None:
         seen: set[str] = set()
         while relay_id is not None and relay_id not in seen:
             seen.add(relay_id)
             relay = self.relays.get(relay_id)
             if relay is None:
                 return None
-            if relay.state in (State.DOWN, State.STOPPED):
+            if relay.state in states:
                 return relay
             relay_id = relay.parent
         return None
