@@ -285,6 +285,16 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def config(self, folder: Path) -> list[str]:
+        """The monitor's flags for a deployment file (written in `folder`) whose one webhook is this
+        receiver, told of `down` and `unreachable`, retrying after 0.2 s."""
+        path = folder / "relaybeat.toml"
+        path.write_text(
+            f'[notify]\nretry_min_s = 0.2\n[[notify.webhooks]]\nname = "ops"\nurl = "{self.url}"\n'
+            'states = ["down", "unreachable"]\n'
+        )
+        return ["--config", str(path)]
+
     def kinds(self) -> Counter[tuple[str, str]]:
         return Counter((body["type"], body["incident"]) for _, body in self.posts)
 

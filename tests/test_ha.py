@@ -281,14 +281,9 @@ def test_two_monitors_send_one_post_per_incident_across_a_takeover(
 ) -> None:
     topo, history = ha
     receiver = Receiver()
-    config = tmp_path / "relaybeat.toml"
-    config.write_text(
-        f'[notify]\nretry_min_s = 0.2\n[[notify.webhooks]]\nname = "ops"\nurl = "{receiver.url}"\n'
-        'states = ["down", "unreachable"]\n'
-    )
     relay = FlippingRelay(central_broker.url, central_broker.prefix)
     try:
-        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url, ["--config", str(config)])
+        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url, receiver.config(tmp_path))
         assert role(b) == "standby"
 
         relay.die()  # one outage: relay r1 down, its hosts unreachable

@@ -26,15 +26,6 @@ def ids(central_broker: CentralBroker) -> tuple[str, str]:
     return f"r1-{tag}", f"r2-{tag}"
 
 
-def webhook_config(tmp_path: Path, receiver: Receiver) -> list[str]:
-    config = tmp_path / "relaybeat.toml"
-    config.write_text(
-        f'[notify]\nretry_min_s = 0.2\n[[notify.webhooks]]\nname = "ops"\nurl = "{receiver.url}"\n'
-        'states = ["down", "unreachable"]\n'
-    )
-    return ["--config", str(config)]
-
-
 def moves(topo: Topology, kind: str, subject: str) -> list[tuple[str, str]]:
     """(from, to) of a subject's state changes, oldest first, read through the API."""
     body: dict[str, Any] = api_get(topo.api, f"/api/v1/{kind}s/{subject}/transitions?limit=1000")
@@ -49,7 +40,7 @@ def test_a_relay_stopped_by_sigterm_is_stopped_pages_nobody_and_its_hosts_go_unk
     topo = Topology(tmp_path, central_broker.prefix)
     r1, r2 = ids(central_broker)
     try:
-        topo.monitor(central_broker.url, pick_free("127.0.0.1"), extra=webhook_config(tmp_path, receiver))
+        topo.monitor(central_broker.url, pick_free("127.0.0.1"), extra=receiver.config(tmp_path))
         stopping, control = pick_free("127.0.0.1"), pick_free("127.0.0.1")
         relay = topo.relay(r1, central_broker.url, serve=stopping)
         topo.relay(r2, central_broker.url, serve=control)

@@ -22,7 +22,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from relaybeat.relay.ports import pick_free
 from tests.processes import Receiver, Topology, api_get, wait_until
-from tests.test_relay_lifecycle_e2e import webhook_config
 
 HOSTS = ("h1", "h2")
 
@@ -69,7 +68,7 @@ def test_a_monitor_inheriting_a_stale_session_never_shows_the_dead_relay_up(tmp_
     try:
         port = pick_free("127.0.0.1")
         broker = first.mosquitto("broker", port)
-        hooks = webhook_config(tmp_path, receiver)
+        hooks = receiver.config(tmp_path)
         first.monitor(broker, pick_free("127.0.0.1"), client_id=client_id, extra=hooks)
         serve = pick_free("127.0.0.1")
         first.relay(relay_id, broker, serve=serve, flush=0.2)
