@@ -24,10 +24,7 @@ from relaybeat.monitor.view import FleetView
 
 router = APIRouter()
 
-STATES: dict[Kind, tuple[State, ...]] = {
-    Kind.HOST: tuple(State),
-    Kind.RELAY: tuple(s for s in State if s is not State.STOPPED),
-}
+STATES: dict[Kind, tuple[State, ...]] = {Kind.HOST: tuple(State), Kind.RELAY: tuple(State)}
 # Decision lag is small when all is well (≤ one relay flush); the tail shows a loaded monitor.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 # Detection time: last evidence of life to decision; about one timeout (seconds to minutes).
@@ -127,6 +124,11 @@ class LiveCollector:
             "relaybeat_relay_wills_received",
             "Relay `offline` statuses (last wills) received.",
             received.get("relay_offline", 0),
+        )
+        yield CounterMetricFamily(
+            "relaybeat_relay_stops_received",
+            "Relay `stopped` statuses (clean stops: no page) received.",
+            received.get("relay_stopped", 0),
         )
         rejected = CounterMetricFamily(
             "relaybeat_rejected_inputs", "Inputs rejected or ignored, by reason.", labels=["reason"]

@@ -241,8 +241,10 @@ class Detector:
     def blind(self) -> bool:
         return self.disconnected or self.silent
 
-    def observe(self, bundle: Bundle, now: float) -> list[Transition]:
-        """A bundle arrived from a relay connected to the monitor's broker."""
+    def observe(self, bundle: Bundle, now: float, sent: float | None = None) -> list[Transition]:
+        """A bundle arrived from a relay connected to the monitor's broker, `sent` when by its relay's
+        clock (monitor/dating.py; None: on arrival). Everything in it is dated from `sent`, so news
+        that waited in a queue counts from when it was news, and stale news proves no one alive."""
         out: list[Transition] = []
         news = self._is_news(bundle, now)
         if news:  # a duplicate proves nothing new about anyone, the network included
@@ -250,20 +252,20 @@ class Detector:
             if self.silent:
                 self.silent = False
                 self.grace_from = now
-        self._observe_relay(bundle, None, now, now, out)
+        self._observe_relay(bundle, None, now if sent is None else min(sent, now), now, out)
         if news and self._root_pending:
             pending, self._root_pending = self._root_pending, []
             for relay in pending:
                 self._recheck(relay, now, out)
         return out
 
-    def lost_track(self, header: Bundle, now: float) -> list[Transition]:
+    def lost_track(self, header: Bundle, now: float, sent: float | None = None) -> list[Transition]:
         """A delta bundle the shell could not expand (it lacks the keyframe the delta refers to), as
         its `header` (no news): the relay is alive, but out of sync until its next keyframe."""
         relay = self.relays.get(header.relay)
         if relay is not None and relay.boot == header.boot and header.seq > relay.seq:
             relay.desynced = True  # a new boot, or a new relay, is out of sync at its first delta anyway
-        return self.observe(header, now)
+        return self.observe(header, now, sent)
 
     def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
         """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
@@ -278,6 +280,30 @@ class Detector:
         relay = self.relays.get(relay_id)
         if relay is not None and relay.state == State.UP and not self.blind:
             self._relay_down(relay, now, f"relay {relay_id} said offline (status topic / last will)", out)
+        return out
+
+    def relay_stopped(self, relay_id: str, now: float) -> list[Transition]:
+        """The relay said it stopped (a clean stop): `stopped`, which pages nobody. Whoever is behind it
+        is not unreachable: each keeps its state until its own timeout passes, then goes `unknown`
+        (no news is no evidence); a host heard recently through another live relay moves there.
+        Evidence, not silence: it counts even while the monitor is blind."""
+        out: list[Transition] = []
+        relay = self.relays.get(relay_id)
+        if relay is None or relay.state == State.STOPPED:
+            return out
+        self._move(relay, Kind.RELAY, State.STOPPED, now, f"relay {relay_id} said it stopped", relay.parent, out)
+        relay.scheduled = None
+        self._confirm_pending(relay, now, out)  # deadlines that passed awaiting its next bundle: judged now
+        for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and track.state == State.UNREACHABLE and self._path_end(track.parent) is relay:
+                self._move(track, Kind.RELAY, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
+                self._recheck(track, now, out)
+            for host_id in sorted(track.hosts):
+                host = self.hosts[host_id]
+                if host.state in _UP_OR_UNKNOWN:
+                    self._fail_over(host, now)
+                elif host.state == State.UNREACHABLE and self._path_end(host.via) is relay:
+                    self._move(host, Kind.HOST, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
         return out
 
     def set_connected(self, connected: bool, now: float) -> None:
@@ -376,14 +402,22 @@ class Detector:
 
     def nearest_dead_relay(self, relay_id: str | None) -> str | None:
         """Walk up from a relay to the first one that is down."""
+        relay = self._walk_up(relay_id, (State.DOWN,))
+        return None if relay is None else relay.id
+
+    def _path_end(self, relay_id: str | None) -> RelayTrack | None:
+        """Walk up from a relay to the first one that is down or stopped: where news stops."""
+        return self._walk_up(relay_id, (State.DOWN, State.STOPPED))
+
+    def _walk_up(self, relay_id: str | None, states: tuple[State, ...]) -> RelayTrack | None:
         seen: set[str] = set()
         while relay_id is not None and relay_id not in seen:
             seen.add(relay_id)
             relay = self.relays.get(relay_id)
             if relay is None:
                 return None
-            if relay.state == State.DOWN:
-                return relay_id
+            if relay.state in states:
+                return relay
             relay_id = relay.parent
         return None
 
@@ -548,10 +582,12 @@ class Detector:
         deadline = self._deadline(relay)
         was = relay.state
         if deadline > now:
-            if was != State.UP:
+            # Within its timeout, or within grace: only news fresher than its timeout makes it `up`
+            # (a stale bundle, e.g. replayed from a queue, leaves it as it was until its deadline).
+            if was != State.UP and relay.last_seen + self.timeout_s(relay) > now:
                 self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
             self._schedule(relay, deadline)
-        elif was != State.DOWN:
+        elif was not in (State.DOWN, State.STOPPED):  # old news of a stopped relay: still stopped
             # Heard, but through a parent whose copy is already too old: it died a while ago (or, if
             # it was unreachable, while it was out of sight), before its hosts are judged below.
             self._relay_silent(relay, deadline, out)
@@ -834,7 +870,7 @@ class Detector:
         upstream = track.via if isinstance(track, HostTrack) else _parent(track)
         relay = None if upstream is None else self.relays.get(upstream)
         unconfirmed = relay is not None and (relay.last_seen is None or relay.last_seen < deadline or relay.desynced)
-        if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN:
+        if unconfirmed and relay is not None and relay.state in _UP_OR_UNKNOWN and self._path_end(upstream) is None:
             relay.pending.append(track)
             return
         # A top-level relay: its silence is its own only once the monitor heard some other bundle
@@ -864,19 +900,28 @@ class Detector:
             self._silent(track, deadline, out)
 
     def _host_silent(self, host: HostTrack, deadline: float, out: list[Transition]) -> None:
-        """A host's deadline passed: down, or unreachable if every path to it is dead."""
-        dead = self.nearest_dead_relay(host.via)
-        if dead is not None:
-            self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+        """A host's deadline passed: down; unreachable if every path to it is dead; unknown if the
+        relay on its path stopped (no news is no evidence either way)."""
+        end = self._path_end(host.via)
+        if end is not None and end.state == State.STOPPED:
+            reason = f"no beat for {deadline - (host.last_seen or host.since):.1f} s; relay {end.id} stopped"
+            self._move(host, Kind.HOST, State.UNKNOWN, deadline, reason, end.id, out)
+            host.scheduled = None
+        elif end is not None:
+            self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {end.id} down", end.id, out)
         else:
             self._move(host, Kind.HOST, State.DOWN, deadline, self._silence_reason(host, deadline), host.via, out)
 
     def _relay_silent(self, relay: RelayTrack, deadline: float, out: list[Transition]) -> None:
-        """A relay's deadline passed: down, or unreachable if a relay above it is dead."""
-        dead = self.nearest_dead_relay(relay.parent)
-        if dead is not None:
-            self._move(relay, Kind.RELAY, State.UNREACHABLE, deadline, f"relay {dead} down", dead, out)
+        """A relay's deadline passed: down; unreachable if a relay above it is dead; unknown if the
+        one above it stopped."""
+        end = self._path_end(relay.parent)
+        if end is not None:
+            stopped = end.state == State.STOPPED
+            state, blame = (State.UNKNOWN, "stopped") if stopped else (State.UNREACHABLE, "down")
+            self._move(relay, Kind.RELAY, state, deadline, f"relay {end.id} {blame}", end.id, out)
             relay.scheduled = None
+            self._columns_to_heap(relay)  # unknown too sends no bundle that could judge its hosts
         else:
             self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
 
@@ -886,6 +931,8 @@ class Detector:
         relay.pending.clear()
         blame = f"relay {relay.id} down"
         for track in [relay, *self.subtree(relay.id)]:
+            if track is not relay and self._path_end(track.id) is not relay:
+                continue  # behind a relay below that stopped: its subjects go unknown at their own timeouts
             if track is not relay and track.state in _UP_OR_UNKNOWN:
                 self._move(track, Kind.RELAY, State.UNREACHABLE, at, blame, relay.id, out)
                 track.scheduled = None
@@ -935,7 +982,8 @@ class Detector:
                 continue
             for host_id in sorted(track.hosts):
                 host = self.hosts[host_id]
-                if host.state == State.UNREACHABLE and (host.said is None or host.said[0] is Vouch.UP):
+                unheard = host.state == State.UNKNOWN and host.scheduled is None  # went unknown while it was stopped
+                if (host.state == State.UNREACHABLE or unheard) and (host.said is None or host.said[0] is Vouch.UP):
                     if self._deadline(host) <= now:
                         host.grace_from = now
                     self._resume_host(host, now, out)

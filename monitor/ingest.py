@@ -4,6 +4,10 @@ the detector out. Bad input is counted and logged (`rejections`), never raised.
 When the detector lost track of a relay's deltas it asks for a keyframe: the request goes out on
 `<prefix>relay/<id>/resync` (QoS 0; asked again while it stays out of sync).
 
+Bundles are dated by their relay's send time (monitor/dating.py): while a relay boot's clock is not
+yet confirmed by two bundles that arrived about as fast as they were sent, its bundles prove nothing
+and go no further; the newest of them is held, and passed on (dated) once the clock is confirmed.
+
 It also reads the backlog before each expiry pass (`catch_up`): input that outlasts BEHIND_S of
 reading starts a timeout of grace, as a stall does.
 """
@@ -19,6 +23,7 @@ import aiomqtt
 
 from relaybeat.errors import RelaybeatError
 from relaybeat.monitor.clock import Clock
+from relaybeat.monitor.dating import Dating
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.expiry import Expiry
 from relaybeat.monitor.states import Transition
@@ -30,6 +35,7 @@ from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_ENTRIES,
     INTERNAL_ERROR,
     Bundle,
+    RelayStatus,
     TopicKind,
     Topics,
     WireError,
@@ -77,6 +83,8 @@ class Ingest:
         self.max_bundle_bytes = max_bundle_bytes
         self.max_bundle_entries = max_bundle_entries
         self.bundles = BundleDecoder()  # per relay, the table of its last keyframe (indexed deltas refer to it)
+        self.dating = Dating()
+        self._held: dict[str, tuple[Bundle, bool]] = {}  # per relay, its newest undated bundle (and unreadable)
         self.rejections = Rejections(log)
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
@@ -177,7 +185,7 @@ class Ingest:
                 self.received["bundle_entries"] += bundle.entry_count()
                 ignored = self.detector.ignored
                 before = dict(ignored)
-                self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now))
+                self._date(bundle, unreadable, now)
                 if ignored != before:  # a duplicate or older bundle (seq, boot): counted by the detector
                     for reason in [r for r, n in ignored.items() if n != before.get(r)]:
                         self.ignored_log.add(f"detector_{reason}", topic, "ignored: not newer than what was seen")
@@ -185,9 +193,14 @@ class Ingest:
                 if self.accept_direct_beats:
                     self.received["beats"] += 1
                     self.decide(self.detector.observe_beat(subject, decode_beat(payload), now))
-            elif not decode_relay_status(payload):
-                self.received["relay_offline"] += 1
-                self.decide(self.detector.relay_offline(subject, now))
+            else:
+                status = decode_relay_status(payload)
+                if status is RelayStatus.OFFLINE:
+                    self.received["relay_offline"] += 1
+                    self.decide(self.detector.relay_offline(subject, now))
+                elif status is RelayStatus.STOPPED:
+                    self.received["relay_stopped"] += 1
+                    self.decide(self.detector.relay_stopped(subject, now))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
@@ -195,6 +208,21 @@ class Ingest:
                 INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
             )
         self.expiry.news()
+
+    def _date(self, bundle: Bundle, unreadable: bool, now: float) -> None:
+        """Date a bundle by its relay's clock and hand it on; hold it while that clock is unconfirmed."""
+        sent = self.dating.date(bundle.relay, bundle.boot, bundle.sent_ms, now)
+        if sent is None:
+            self.received["bundles_undated"] += 1  # no evidence yet: a replayed backlog, or a boot's first
+            self._held[bundle.relay] = (bundle, unreadable)  # an older one held is dropped: a delta lost
+            return
+        held = self._held.pop(bundle.relay, None)
+        if held is not None and held[0].boot == bundle.boot and held[0].seq < bundle.seq:
+            self._observe(*held, self.dating.sent_at(bundle.relay, bundle.boot, held[0].sent_ms or 0), now)
+        self._observe(bundle, unreadable, sent, now)
+
+    def _observe(self, bundle: Bundle, unreadable: bool, sent: float | None, now: float) -> None:
+        self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now, sent))
 
     async def ask_resyncs(self, client: aiomqtt.Client) -> None:
         """Ask the relays the detector lost track of for a keyframe."""

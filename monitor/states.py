@@ -15,7 +15,7 @@ class State(StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
     DOWN = "down"
-    STOPPED = "stopped"  # hosts only: the leaf said it was stopping
+    STOPPED = "stopped"  # the leaf said it was stopping, or the relay said it stopped (a clean stop)
     UNREACHABLE = "unreachable"  # the nearest relay on the path is down
 
 
@@ -52,6 +52,7 @@ HOST_TRANSITIONS: dict[tuple[State, State], str] = {
     (State.UP, State.DOWN): "no beat for its timeout, relay alive; or its watched source said offline",
     (State.UP, State.STOPPED): "stopping beat",
     (State.UP, State.UNREACHABLE): "relay on its path down, or its watched bridge or node",
+    (State.UP, State.UNKNOWN): "no beat for its timeout, a relay on its path stopped: no news is no evidence",
     (State.DOWN, State.UP): "fresh beat",
     (State.DOWN, State.STOPPED): "stopping beat",
     (State.STOPPED, State.UP): "fresh beat",
@@ -66,12 +67,18 @@ RELAY_TRANSITIONS: dict[tuple[State, State], str] = {
     (State.UNKNOWN, State.UP): "fresh bundle",
     (State.UNKNOWN, State.DOWN): "first bundle already older than its timeout",
     (State.UNKNOWN, State.UNREACHABLE): "relay above it down",
+    (State.UNKNOWN, State.STOPPED): "it said it stopped (a clean stop)",
     (State.UP, State.DOWN): "no bundle for flush × misses, or its last will",
     (State.UP, State.UNREACHABLE): "relay above it down",
+    (State.UP, State.STOPPED): "it said it stopped (a clean stop)",
+    (State.UP, State.UNKNOWN): "no bundle for its timeout, a relay above it stopped",
     (State.DOWN, State.UP): "fresh bundle",
+    (State.DOWN, State.STOPPED): "it said it stopped (a clean stop)",
+    (State.STOPPED, State.UP): "fresh bundle",
     (State.UNREACHABLE, State.UP): "relay above it back, its own news fresh",
     (State.UNREACHABLE, State.DOWN): "relay above it back, its own news too old",
     (State.UNREACHABLE, State.UNKNOWN): "relay above it back, no news of it yet",
+    (State.UNREACHABLE, State.STOPPED): "it said it stopped (a clean stop)",
 }
 
 TRANSITIONS: dict[Kind, dict[tuple[State, State], str]] = {Kind.HOST: HOST_TRANSITIONS, Kind.RELAY: RELAY_TRANSITIONS}

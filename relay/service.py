@@ -41,6 +41,7 @@ from relaybeat.relay.wire import (
     MAX_TREE_DEPTH,
     OFFLINE,
     ONLINE,
+    STOPPED,
     Bundle,
     TopicKind,
     Topics,
@@ -91,11 +92,19 @@ class RelaySettings:
     # 0: a bundle is superseded by the next flush, and a lost delta is caught by its seq gap (the
     # monitor asks for a keyframe); 1 makes a cluster (NATS: JetStream) hold bundles back while it fails over.
     bundle_qos: int = 0
+    # After a (re)start, no bundle until the leaves had this long to beat once it hears them: its first
+    # keyframe then carries them, so hosts return straight to `up` (not via `unknown`, as a keyframe of
+    # nobody would make them). Meanwhile its session and retained `online` status are its liveness.
+    # `relaybeat relay` defaults it to default_interval_s (relaybeat/config.py); 0 here: no hold.
+    hold_first_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_id(self.relay_id)
         if not 0.01 <= self.flush_s <= 3600:
             msg = f"flush must be within [0.01, 3600] s, not {self.flush_s}"
+            raise SettingsError(msg)
+        if not 0 <= self.hold_first_s <= 3600:
+            msg = f"hold_first_s must be within [0, 3600] s, not {self.hold_first_s}"
             raise SettingsError(msg)
         if not 0 <= self.keyframe_s <= 86_400:
             msg = f"keyframe_s must be within [0, 86400] s, not {self.keyframe_s}"
@@ -148,6 +157,8 @@ class RelayService:
         self._flush_due = self.clock()  # when the next bundle is planned (kept across upstream sessions)
         self.catch_ups = 0  # flushes that first read a local backlog, after a pause or a stall
         self._sending: aiomqtt.Client | None = None  # the upstream session bundles go through
+        self._held = settings.hold_first_s > 0  # the first bundle is still held (relay start)
+        self._local_first: float | None = None  # when the local broker first let us hear the leaves
 
     async def run(self) -> None:
         """Until cancelled. Either broker may come and go; beats keep being assembled meanwhile.
@@ -177,6 +188,8 @@ class RelayService:
 
     def _local_state(self, connected: bool) -> None:
         if connected:
+            if self._local_first is None:
+                self._local_first = self.clock()
             self.local_connected.set()
         elif self.local_connected.is_set():
             self.local_connected.clear()
@@ -383,10 +396,11 @@ class RelayService:
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:
-            # A planned stop: say so, instead of leaving the will to a broker timeout; but a broker that
-            # does not answer within a second must never keep the relay from stopping.
+            # A planned stop: say so (`stopped`, retained in place of the will, which a clean disconnect
+            # never fires), so the monitor pages nobody; but a broker that does not answer within a
+            # second must never keep the relay from stopping.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, OFFLINE, qos=1, retain=True)), 1.0)
+                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, STOPPED, qos=1, retain=True)), 1.0)
             raise
         finally:
             listener.cancel()
@@ -409,10 +423,22 @@ class RelayService:
             with contextlib.suppress(aiomqtt.MqttError):
                 await local.publish(self.topics.relay_resync(child), b"", qos=0)
 
+    async def _hold_first(self) -> None:
+        """Once per process: wait until the leaves had `hold_first_s` to beat since we first heard the
+        local broker (a leaf beats once per interval: one interval, and the first keyframe has it)."""
+        if not self._held:
+            return
+        await self.local_connected.wait()
+        heard_from = self.clock() if self._local_first is None else self._local_first
+        await asyncio.sleep(max(0.0, heard_from + self.settings.hold_first_s - self.clock()))
+        self._held = False
+        self._flush_due = self.clock()
+
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
         s = self.settings
         self._sending = client  # whose keyframe requests count: the spare and the main session both hear them
         topic = self.topics.bundle(s.relay_id)
+        await self._hold_first()
         while True:
             catch_up = catch_up_s(self._flush_due, self.clock(), s.flush_s)
             local = self._local_client

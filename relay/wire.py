@@ -784,14 +784,20 @@ def _entries_v2(
 # ---------------------------------------------------------------------------------- relay presence
 
 ONLINE = b"online"
-OFFLINE = b"offline"
+OFFLINE = b"offline"  # the relay's Last Will: it went away without saying so
+STOPPED = b"stopped"  # published by the relay itself on a clean stop (SIGTERM), replacing the will
 
 
-def decode_relay_status(payload: bytes) -> bool:
-    """True for `online`, False for `offline` (the relay's Last Will)."""
-    if payload == ONLINE:
-        return True
-    if payload == OFFLINE:
-        return False
-    msg = "bad_status"
-    raise WireError(msg, payload[:40].decode("utf-8", "replace"))
+class RelayStatus(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STOPPED = "stopped"
+
+
+def decode_relay_status(payload: bytes) -> RelayStatus:
+    """`online`, `offline` (the relay's Last Will) or `stopped` (a clean stop)."""
+    try:
+        return RelayStatus(payload.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        msg = "bad_status"
+        raise WireError(msg, payload[:40].decode("utf-8", "replace")) from None

@@ -225,6 +225,14 @@ def relay(
         int | None,
         typer.Option("--bundle-qos", help="QoS of the bundles sent upstream: 0 (superseded every flush) or 1 [0]."),
     ] = None,
+    hold_first_s: Annotated[
+        float | None,
+        typer.Option(
+            "--hold-first-s",
+            help="After a (re)start, seconds before the first bundle, so leaves beat first [--default-interval].",
+            min=0,
+        ),
+    ] = None,
     watch: Annotated[
         list[str] | None,
         typer.Option(

@@ -413,6 +413,7 @@ class RelayConfig(_Strict):
     keyframe_s: float = Field(default=DEFAULT_KEYFRAME_S, ge=0, le=86_400)
     format: BundleFormat = "binary"
     bundle_qos: Literal[0, 1] = 0
+    hold_first_s: float | None = Field(default=None, ge=0, le=3600)  # None: default_interval_s
     watch: list[WatchConfig] = Field(default_factory=list)  # [[relay.watch]]; --watch PRESET adds to them
 
     @field_validator("local")
@@ -436,6 +437,7 @@ class RelayConfig(_Strict):
             keyframe_s=self.keyframe_s,
             format=self.format,
             bundle_qos=self.bundle_qos,
+            hold_first_s=self.default_interval_s if self.hold_first_s is None else self.hold_first_s,
             watch=sources(watch, [w.source() for w in self.watch]),
         )
 

@@ -69,6 +69,7 @@ class RelayFlags:
     keyframe_s: float | None = _flag("relay.keyframe_s")
     format: str | None = _flag("relay.format")
     bundle_qos: int | None = _flag("relay.bundle_qos")
+    hold_first_s: float | None = _flag("relay.hold_first_s")
     watch: tuple[str, ...] = ()  # --watch PRESET, repeatable: adds to the file's [[relay.watch]]
 
 

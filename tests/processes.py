@@ -4,6 +4,7 @@ private PostgreSQL server that a test may stop and start."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,8 +13,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,18 +176,21 @@ class Topology:
         return f"mqtt://127.0.0.1:{port}"
 
     def relay(self, relay_id: str, upstream: str, *, serve: int | None = None, local: str | None = None,
-              flush: float = 0.5) -> Service:  # fmt: skip
+              flush: float = 0.5, extra: Sequence[str] = ("--hold-first-s", "0")) -> Service:  # fmt: skip
+        """`extra`: more flags; by default the first bundle is not held (tests that want it say so)."""
         where = ["--local", "embedded", "--serve", f"127.0.0.1:{serve}"] if serve else ["--local", str(local)]
         service = self.start(
             relay_id,
             ["relay", "--id", relay_id, *where, "--upstream", upstream, "--flush", str(flush),
-             "--prefix", self.prefix, "--log-level", "warning"],
+             "--prefix", self.prefix, "--log-level", "warning", *extra],
         )  # fmt: skip
         if serve:
             wait_until(lambda: port_open(serve), 20, f"{relay_id}'s broker", service=service)
         return service
 
-    def monitor(self, broker: str, port: int, misses: int = 3, client_id: str | None = None) -> Service:
+    def monitor(
+        self, broker: str, port: int, misses: int = 3, client_id: str | None = None, extra: Sequence[str] = ()
+    ) -> Service:
         """The monitor on `broker`, its API on `port`; `client_id` defaults to a unique one (on an
         authenticating broker it must be the monitor's username: broker_config/README.md)."""
         self.api = f"http://127.0.0.1:{port}"
@@ -191,7 +198,7 @@ class Topology:
             "monitor",
             ["monitor", "--broker", broker, "--db", self.db_url, "--listen", f"127.0.0.1:{port}",
              "--misses", str(misses), "--prefix", self.prefix, "--client-id", client_id or self.monitor_id,
-             "--journal", str(self.log_dir / "monitor.journal"), "--log-level", "warning"],
+             "--journal", str(self.log_dir / "monitor.journal"), "--log-level", "warning", *extra],
         )  # fmt: skip
         wait_until(lambda: api_get(self.api, "/healthz"), 30, "the monitor's API", service=service)
         return service
@@ -255,6 +262,45 @@ class History:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class Receiver:
+    """A webhook receiver: every POST's body and Idempotency-Key."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((self.headers["Idempotency-Key"], json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def config(self, folder: Path) -> list[str]:
+        """The monitor's flags for a deployment file (written in `folder`) whose one webhook is this
+        receiver, told of `down` and `unreachable`, retrying after 0.2 s."""
+        path = folder / "relaybeat.toml"
+        path.write_text(
+            f'[notify]\nretry_min_s = 0.2\n[[notify.webhooks]]\nname = "ops"\nurl = "{self.url}"\n'
+            'states = ["down", "unreachable"]\n'
+        )
+        return ["--config", str(path)]
+
+    def kinds(self) -> Counter[tuple[str, str]]:
+        return Counter((body["type"], body["incident"]) for _, body in self.posts)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # ------------------------------------------------------------------------------------- Mosquitto

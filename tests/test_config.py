@@ -281,6 +281,10 @@ def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     assert (embedded.settings.keyframe_s, embedded.settings.format, embedded.settings.bundle_qos) == (30.0, "binary", 0)
     assert embedded.embedded == ("127.0.0.1", 1884)
     assert embedded.settings.local == BrokerURL("127.0.0.1", 1884)
+    assert embedded.settings.hold_first_s == 5.0  # the default leaf interval: leaves beat before the first keyframe
+    held = relay_start(RelayFlags(id="relay-e", default_interval=2.0), {}, None).settings
+    assert held.hold_first_s == 2.0
+    assert relay_start(RelayFlags(id="relay-f", hold_first_s=0.0), {}, None).settings.hold_first_s == 0.0
 
     leaf = leaf_start(LeafFlags(id="web-1"), {}, path)
     assert (leaf.host_id, leaf.broker.first.host, leaf.interval_s, leaf.topics.prefix) == (
@@ -336,7 +340,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
         "relay": common | {
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
             "--serve": None, "--default-interval": None, "--children/--no-children": None, "--max-bundle-bytes": None,
-            "--keyframe-s": None, "--format": None, "--bundle-qos": None,
+            "--keyframe-s": None, "--format": None, "--bundle-qos": None, "--hold-first-s": None,
             "--watch": None,
         },
         "leaf": common | {"--id": "RELAYBEAT_ID", "--broker": "RELAYBEAT_BROKER", "--interval": None},

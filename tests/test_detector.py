@@ -234,6 +234,7 @@ UP, DOWN, UNKNOWN, UNREACHABLE, STOPPED = State.UP, State.DOWN, State.UNKNOWN, S
 SILENT_15 = "no beat for 15.0 s (interval 5 s × 3)"
 RELAY_SILENT_3 = "no bundle for 3.0 s (flush 1 s × 3)"
 LAST_WILL = "relay r1 said offline (status topic / last will)"
+STOPPED_SAID = "relay r1 said it stopped"
 
 
 # --------------------------------------------------------------------- 1. a dead relay is one outage
@@ -278,6 +279,69 @@ def test_relay_last_will_marks_it_down_at_once_with_its_hosts_unreachable() -> N
     before = len(site.log)
     site.run_until(60.0)
     assert site.log[before:] == []  # the deadlines that pass later add nothing
+
+
+def test_a_stopped_relay_pages_nobody_and_its_hosts_go_unknown_at_their_own_timeout() -> None:
+    site = one_relay_site("h1", "h2")
+    site.run_until(20.5)
+    site.relays["r1"].alive = False  # SIGTERM: it says `stopped`, then disconnects cleanly (no will)
+
+    out = site.record(site.detector.relay_stopped("r1", 20.5))
+
+    assert [(t.subject, t.from_state, t.to_state, t.at) for t in out] == [("r1", UP, STOPPED, 20.5)]
+    site.run_until(60.0)
+    assert site.changes("r1") == [(UNKNOWN, UP, 1.0, "bundle received (seq 1)"), (UP, STOPPED, 20.5, STOPPED_SAID)]
+    for host in ("h1", "h2"):  # last beat at t=20, timeout 15 s: no news is no evidence, not down, not unreachable
+        assert site.changes(host)[1:] == [(UP, UNKNOWN, 35.0, "no beat for 15.0 s; relay r1 stopped")]
+    assert not [t for t in site.log if t.to_state in (DOWN, UNREACHABLE)]
+
+
+def test_a_relay_back_from_a_stop_brings_its_hosts_back_up_and_judges_the_unheard_again() -> None:
+    site = one_relay_site("alive", "gone")
+    site.run_until(20.5)
+    site.relays["r1"].alive = False
+    site.record(site.detector.relay_stopped("r1", 20.5))
+    site.leaves["gone"].alive = False  # never beats again
+    site.run_until(40.0)
+    site.restart_relay("r1", "b2")
+    site.run_until(80.0)
+
+    assert site.changes("r1")[-1] == (STOPPED, UP, 41.0, "bundle received (seq 1)")
+    assert site.changes("alive")[1:] == [
+        (UP, UNKNOWN, 35.0, "no beat for 15.0 s; relay r1 stopped"),
+        (UNKNOWN, UP, 45.0, "beat received"),  # its first beat the new boot hears
+    ]
+    # Unheard by the new boot: one timeout of grace from its return, then down.
+    assert site.changes("gone")[1:] == [
+        (UP, UNKNOWN, 35.0, "no beat for 15.0 s; relay r1 stopped"),
+        (UNKNOWN, DOWN, 56.0, "no beat for 36.0 s (interval 5 s × 3)"),
+    ]
+
+
+def test_a_relay_that_says_stopped_while_down_takes_back_the_blame_from_its_hosts() -> None:
+    site = one_relay_site("h1")
+    site.run_until(20.5)
+    site.record(site.detector.relay_offline("r1", 20.5))
+    site.relays["r1"].alive = False
+
+    out = site.record(site.detector.relay_stopped("r1", 21.0))
+
+    assert [(t.subject, t.from_state, t.to_state) for t in out] == [("r1", DOWN, STOPPED), ("h1", UNREACHABLE, UNKNOWN)]
+
+
+def test_a_child_relay_behind_a_stopped_parent_goes_unknown_not_unreachable() -> None:
+    site = Site()
+    site.relay("top", 1.0)
+    site.relay("child", 1.0, parent="top")
+    site.leaf("h1", "child")
+    site.run_until(20.5)
+    site.relays["top"].alive = False
+    site.record(site.detector.relay_stopped("top", 20.5))
+    site.run_until(60.0)
+
+    assert site.changes("child")[-1][:2] == (UP, UNKNOWN)
+    assert site.changes("h1")[-1][:2] == (UP, UNKNOWN)
+    assert not [t for t in site.log if t.to_state in (DOWN, UNREACHABLE)]
 
 
 def test_host_back_through_revived_relay_is_down_if_its_age_says_it_died_with_death_time_from_age() -> None:
@@ -973,9 +1037,9 @@ class DetectorMachine(RuleBasedStateMachine):
             assert t.at >= self.last_at.get(t.subject, -math.inf), (t, self.last_at[t.subject])
             if t.to_state == DOWN:
                 assert self.connected, f"{t} while disconnected"
+                live = (UP, UNKNOWN, STOPPED) if name == "relay_offline" else (UP, UNKNOWN)  # a will is evidence
                 assert any(
-                    all(self.state.get(r, State.UNKNOWN) in (UP, UNKNOWN) for r in route)
-                    for route in sm_routes(t.subject)
+                    all(self.state.get(r, State.UNKNOWN) in live for r in route) for route in sm_routes(t.subject)
                 ), f"{t} while every route to it is cut"
                 if name != "relay_offline":  # a last will is evidence, not silence: grace does not apply
                     assert self.now >= self.grace_from + sm_timeout(t.subject), f"{t} within grace"
@@ -1059,6 +1123,12 @@ class DetectorMachine(RuleBasedStateMachine):
     def relay_last_will(self, relay_id: str) -> None:
         if self.connected and not self.relay_alive[relay_id]:
             self.call("relay_offline", relay_id, self.now)
+
+    @rule(relay_id=st.sampled_from(sorted(SM_RELAYS)))
+    def relay_stops_cleanly(self, relay_id: str) -> None:
+        if self.connected and self.relay_alive[relay_id]:
+            self.relay_alive[relay_id] = False
+            self.call("relay_stopped", relay_id, self.now)
 
     @rule()
     def monitor_disconnects(self) -> None:

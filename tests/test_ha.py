@@ -10,7 +10,6 @@ incident across a takeover. A second monitor on one SQLite file is refused at st
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -20,9 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -35,7 +32,7 @@ from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.ports import pick_free
 from relaybeat.relay.wire import OFFLINE, ONLINE, Bundle, HostEntry, LeafStatus, Topics, encode_bundle
 from tests.conftest import CentralBroker
-from tests.processes import Service, Topology, api_get, wait_until
+from tests.processes import Receiver, Service, Topology, api_get, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -279,48 +276,14 @@ def test_a_paused_active_writes_nothing_after_resuming_and_reports_standby(
         relay.close()
 
 
-class Receiver:
-    """A webhook receiver: every POST's body and Idempotency-Key."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict[str, Any]]] = []
-        received = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append((self.headers["Idempotency-Key"], json.loads(body)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def kinds(self) -> Counter[tuple[str, str]]:
-        return Counter((body["type"], body["incident"]) for _, body in self.posts)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_two_monitors_send_one_post_per_incident_across_a_takeover(
     ha: tuple[Topology, History], central_broker: CentralBroker, postgres_url: str, tmp_path: Path
 ) -> None:
     topo, history = ha
     receiver = Receiver()
-    config = tmp_path / "relaybeat.toml"
-    config.write_text(
-        f'[notify]\nretry_min_s = 0.2\n[[notify.webhooks]]\nname = "ops"\nurl = "{receiver.url}"\n'
-        'states = ["down", "unreachable"]\n'
-    )
     relay = FlippingRelay(central_broker.url, central_broker.prefix)
     try:
-        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url, ["--config", str(config)])
+        _, b = active_then_standby(topo, history, relay, central_broker.url, postgres_url, receiver.config(tmp_path))
         assert role(b) == "standby"
 
         relay.die()  # one outage: relay r1 down, its hosts unreachable

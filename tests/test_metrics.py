@@ -46,7 +46,7 @@ async def test_subjects_per_state_inputs_and_rejections_are_exported(served: Ser
     assert value(samples, "relaybeat_subjects", kind="host", state="down") == 1
     assert value(samples, "relaybeat_subjects", kind="host", state="unreachable") == 0  # every state, even empty
     assert value(samples, "relaybeat_subjects", kind="relay", state="up") == 1
-    assert ("relaybeat_subjects", frozenset({("kind", "relay"), ("state", "stopped")})) not in samples
+    assert value(samples, "relaybeat_subjects", kind="relay", state="stopped") == 0  # relays stop cleanly too
     assert value(samples, "relaybeat_bundles_received_total") == 2
     assert value(samples, "relaybeat_beats_received_total", via="bundle") == 6  # 3 + 3 entries
     assert value(samples, "relaybeat_beats_received_total", via="direct") == 0
@@ -78,6 +78,17 @@ async def test_a_relay_will_gives_unreachable_lag_and_first_sightings_give_none(
     assert value(samples, "relaybeat_detection_lag_seconds_count", kind="relay", to="down") == 1
     assert value(samples, "relaybeat_relay_wills_received_total") == 1
     assert ("relaybeat_detection_lag_seconds_count", frozenset({("kind", "host"), ("to", "up")})) not in samples
+
+
+async def test_a_relay_stop_is_counted_and_makes_nobody_unreachable(served: Served) -> None:
+    await served.feed.up("a", "b")
+    served.monitor.take("relaybeat/relay/r1/status", b"stopped")
+    await served.monitor.flush()
+    samples = await scrape(served.url)
+    assert value(samples, "relaybeat_relay_stops_received_total") == 1
+    assert value(samples, "relaybeat_relay_wills_received_total") == 0
+    assert value(samples, "relaybeat_subjects", kind="relay", state="stopped") == 1
+    assert value(samples, "relaybeat_subjects", kind="host", state="up") == 2
 
 
 async def test_database_write_latency_is_observed_per_batch(served: Served) -> None:

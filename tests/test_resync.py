@@ -105,14 +105,19 @@ async def test_the_monitor_asks_for_a_keyframe_when_it_missed_a_delta(central_br
     ingest = Ingest(topics, detector, clock, decided.extend, expiry)
     asked: list[bytes] = []
     relay_id = f"r-{uuid.uuid4().hex[:6]}"
+    # Two keyframes, sent 0.1 s apart by the relay's clock and published 0.5 s apart: as a live relay's
+    # (the monitor dates bundles by a relay clock that two such confirm: monitor/dating.py).
     first = Bundle(relay_id, "b", 1, 1000, version=2, sent_ms=0)
-    skipped = Bundle(relay_id, "b", 3, 1000, version=2, keyframe=False, sent_ms=2000)  # seq 2 never came
+    second = Bundle(relay_id, "b", 2, 1000, version=2, sent_ms=100)
+    skipped = Bundle(relay_id, "b", 4, 1000, version=2, keyframe=False, sent_ms=200)  # seq 3 never came
     monitor_id = f"monitor-{uuid.uuid4().hex[:8]}"
     async with _running(ingest.run(url, monitor_id), _subscriber(url, topics.relay_resync(relay_id), asked)):
         await _until(lambda: not detector.disconnected and ingest._client is not None, "monitor connected")
         async with url.client(f"relay-{uuid.uuid4().hex[:8]}") as relay:
             await relay.publish(topics.bundle(relay_id), encode_bundle(first), qos=1)
-            await _until(lambda: relay_id in detector.relays, "the keyframe")
+            await asyncio.sleep(0.5)  # pacing, not a wait: arrival gaps of live bundles
+            await relay.publish(topics.bundle(relay_id), encode_bundle(second), qos=1)
+            await _until(lambda: relay_id in detector.relays, "the keyframes")
             assert detector.take_resync_requests() == []
             await relay.publish(topics.bundle(relay_id), encode_bundle(skipped), qos=1)
             await _until(lambda: bool(asked), "a keyframe request")

@@ -19,6 +19,7 @@ from relaybeat.relay.wire import (
     Bundle,
     HostEntry,
     LeafStatus,
+    RelayStatus,
     TopicKind,
     Topics,
     WireError,
@@ -185,8 +186,9 @@ def test_topics_parse_and_build() -> None:
 
 
 def test_relay_status_payloads() -> None:
-    assert decode_relay_status(b"online") is True
-    assert decode_relay_status(b"offline") is False
+    assert decode_relay_status(b"online") is RelayStatus.ONLINE
+    assert decode_relay_status(b"offline") is RelayStatus.OFFLINE
+    assert decode_relay_status(b"stopped") is RelayStatus.STOPPED
     with pytest.raises(WireError):
         decode_relay_status(b"maybe")
 
