@@ -5,7 +5,8 @@ client id and gets the whole replay. The dead relay and its hosts must not turn 
 spurious pages (no recovery, no "leaf restarted").
 
 Shorter than the issue's 20 s: relay flush 0.2 s and leaves every 0.5 s, so the backlog is ~15
-bundles old by several relay timeouts when B reads it.
+bundles old by several relay timeouts when B reads it. The relay sends its bundles at QoS 1
+(`--bundle-qos 1`): at the default 0 a broker queues none for an absent session, so nothing is replayed.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def test_a_monitor_inheriting_a_stale_session_never_shows_the_dead_relay_up(tmp_
         hooks = receiver.config(tmp_path)
         first.monitor(broker, pick_free("127.0.0.1"), client_id=client_id, extra=hooks)
         serve = pick_free("127.0.0.1")
-        first.relay(relay_id, broker, serve=serve, flush=0.2)
+        first.relay(relay_id, broker, serve=serve, flush=0.2, extra=("--hold-first-s", "0", "--bundle-qos", "1"))
         for host in HOSTS:
             first.leaf(host, f"mqtt://127.0.0.1:{serve}")
         for host in HOSTS:
