@@ -225,8 +225,8 @@ class Ingest:
         return [*filters, self.topics.all_beats] if self.accept_direct_beats else filters
 
     async def _subscribe(self, client: aiomqtt.Client, qos: int) -> None:
-        for topic_filter in self._filters:
-            await client.subscribe(topic_filter, qos=qos)
+        """One SUBSCRIBE for every filter: NATS stores the session's record in JetStream per SUBSCRIBE."""
+        await client.subscribe([(topic_filter, qos) for topic_filter in self._filters])
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in messages(client):
