@@ -3,11 +3,11 @@ the detector out. Bad input is counted and logged (`rejections`), never raised.
 
 With several broker nodes (one cluster), a spare session (clean, `<client id>/spare`) is kept
 connected from the list's second node on (`run_spare`, its own part). It subscribes (QoS 0) only
-while the main session is lost after it was hearing, and unsubscribes once the main one hears again,
-so it costs one idle connection in the normal case. What it hears goes through the same `take`;
-bundles heard twice around a hand-over are duplicates to the detector (no news). On NATS a
-reconnecting persistent session waits for JetStream (3-8 s after a node died, while it elects
-leaders); a clean session's QoS 0 subscription needs none of it.
+while the main session is lost after it was hearing, and unsubscribes once the main one hears
+again, so it costs one idle connection in the normal case. What it hears goes through the same
+`take`; what it still hears once the main session hears again is dropped unread (the main one has
+it). On NATS a reconnecting persistent session waits for JetStream while it elects new leaders
+after a node died; the spare is connected already and only subscribes.
 
 When the detector lost track of a relay's deltas it asks for a keyframe: the request goes out on
 `<prefix>relay/<id>/resync` (QoS 0; asked again while it stays out of sync).
@@ -196,12 +196,12 @@ class Ingest:
 
     async def _stand_by(self, client: aiomqtt.Client) -> None:
         """The spare session: idle while the main one hears; subscribed in its place while it is lost."""
-        reader = asyncio.create_task(self._read(client))  # it hears only while subscribed
+        reader = asyncio.create_task(self._read(client))  # it hears only while subscribed, and standing in
         try:
             while True:
                 await self._main_lost.wait()
+                self._stand_in = client  # what it hears counts from now (a broker may deliver before its SUBACK)
                 await self._subscribe(client, qos=0)
-                self._stand_in = client
                 self.spare_takeovers += 1
                 log.warning("monitor lost its broker session; the spare session hears in its place")
                 self._see(quiet=True)
@@ -212,7 +212,7 @@ class Ingest:
                     back.cancel()
                 if reader.done():
                     reader.result()  # raises: the spare session ended too
-                self._stand_in = None  # the main one hears again (what both heard meanwhile: duplicates)
+                self._stand_in = None  # the main one hears again: what the spare still hears is dropped unread
                 await client.unsubscribe(self._filters)
                 log.info("monitor's main broker session hears again; the spare stands by")
         finally:
@@ -230,6 +230,8 @@ class Ingest:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in messages(client):
+            if client is not self._main and client is not self._stand_in:
+                continue  # the spare, the main session back: the main one hears this too
             self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
             if self.detector.resync_wanted and client is self._client:
                 await self.ask_resyncs(client)
