@@ -201,9 +201,13 @@ class Ingest:
             while True:
                 await self._main_lost.wait()
                 self._stand_in = client  # what it hears counts from now (a broker may deliver before its SUBACK)
+                asked = time.monotonic()
                 await self._subscribe(client, qos=0)
                 self.spare_takeovers += 1
-                log.warning("monitor lost its broker session; the spare session hears in its place")
+                log.warning(
+                    "monitor lost its broker session; the spare session hears in its place (subscribed in %.2f s)",
+                    time.monotonic() - asked,
+                )
                 self._see(quiet=True)
                 back = asyncio.create_task(self._main_hearing.wait())
                 try:
