@@ -233,7 +233,7 @@ class Ingest:
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in messages(client):
             if client is not self._main and client is not self._stand_in:
-                continue  # the spare, the main session back: the main one hears this too
+                continue  # the spare while the main session hears: a duplicate, dropped unread
             self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
             if self.detector.resync_wanted and client is self._client:
                 await self.ask_resyncs(client)
