@@ -4,7 +4,7 @@ It only moves bytes, time and rows. `Monitor` composes parts with one job each, 
 task (`relay.parts.Parts`, shown in /healthz):
 - `consume` (monitor/ingest.py): one MQTT session (persistent, QoS 1) feeds `take()`, which decodes,
   validates and hands news to the detector; `spare` (with a list of broker nodes): a second session
-  on another node, subscribed only while the main one is lost;
+  on another node, heard only while the main one is lost;
 - `expire` (monitor/expiry.py): sleeps until the detector's next deadline and calls `expire()`;
   `loop_lag` probes the event loop for stalls;
 - `write` and `checkpoint` (monitor/writer.py): every decision is stamped into wall time once,
