@@ -52,8 +52,11 @@ class Health(BaseModel):
         description="ok, or degraded while the monitor cannot see (then nothing turns down), the database "
         "is away or a part is not running"
     )
-    broker_connected: bool
+    broker_connected: bool = Field(description="the main broker session is up, or the spare session hears in its place")
     blind: bool
+    spare_takeovers: int = Field(
+        description="times the spare broker session (with a list of broker nodes) heard in place of the lost main one"
+    )
     in_grace: bool
     database_ok: bool = Field(description="the database answers the monitor's probe and took the last write")
     hosts: int
@@ -62,7 +65,8 @@ class Health(BaseModel):
     rejected: dict[str, int]
     parts: dict[str, PartState] = Field(
         description="the monitor's tasks: consume, expire, write, checkpoint, loop_lag, db_probe (and notify "
-        "with webhooks; lease and follow with hot standby); anything but running makes the status degraded"
+        "with webhooks; lease and follow with hot standby; spare with a list of broker nodes); anything but running "
+        "makes the status degraded"
     )
     role: str = Field(description="active, or standby (a hot standby on PostgreSQL: serves reads, writes nothing)")
     node: str | None = Field(description="this monitor's node id (null without a cluster)")

@@ -137,6 +137,11 @@ class LiveCollector:
             rejected.add_metric([reason], count)
         yield rejected
         yield CounterMetricFamily(
+            "relaybeat_monitor_spare_takeovers",
+            "Times the spare broker session heard in place of the lost main one.",
+            health.spare_takeovers,
+        )
+        yield CounterMetricFamily(
             "relaybeat_database_write_failures", "Failed SQL writes (each retried).", view.write_failures
         )
 
@@ -149,7 +154,10 @@ class LiveCollector:
                 "1 while /healthz says degraded (blind, database away or a part not running).",
                 health.status != "ok",
             ),
-            "relaybeat_broker_connected": ("1 while the monitor's broker session is up.", health.broker_connected),
+            "relaybeat_broker_connected": (
+                "1 while the monitor's broker session (or its spare) is up.",
+                health.broker_connected,
+            ),
             "relaybeat_database_ok": ("1 while the database answers and took the last write.", health.database_ok),
             "relaybeat_monitor_in_grace": ("1 during the grace after start or regaining sight.", health.in_grace),
         }

@@ -1,6 +1,13 @@
 """The monitor's ingest part: one MQTT session (persistent, QoS 1) in, decoded and validated news to
 the detector out. Bad input is counted and logged (`rejections`), never raised.
 
+With several broker nodes (one cluster), a spare session (clean, `<client id>/spare`, QoS 0) is
+kept connected and subscribed from the list's second node on (`run_spare`, its own part). While the
+main session hears, what the spare hears is dropped unread (a duplicate: its cost is the bytes and
+MQTT parsing of every message a second time, no decoding); while the main session is lost after it
+was hearing, it goes through the same `take`. On NATS a reconnecting persistent session waits for
+JetStream while it elects new leaders after a node died; the spare needs nothing of JetStream then.
+
 When the detector lost track of a relay's deltas it asks for a keyframe: the request goes out on
 `<prefix>relay/<id>/resync` (QoS 0; asked again while it stays out of sync).
 
@@ -14,6 +21,7 @@ reading starts a timeout of grace, as a stall does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, deque
@@ -90,7 +98,13 @@ class Ingest:
         self.received: Counter[str] = Counter()
         self.behind = 0  # expiry passes that found input waiting and could not read it all first
         self._behind_since: float | None = None  # since when we have been behind (None: caught up)
-        self._client: aiomqtt.Client | None = None  # the broker session's client, while there is one
+        self._main: aiomqtt.Client | None = None  # the main session's client, while it is hearing
+        self._stand_in: aiomqtt.Client | None = None  # the spare session's client, while it hears instead
+        self._main_up = False  # the main session is connected
+        self._spare_up = False  # the spare session is connected (subscribed or not)
+        self._main_lost = asyncio.Event()  # the main session was hearing and was lost: the spare stands in
+        self._main_hearing = asyncio.Event()  # ... until the main one hears again
+        self.spare_takeovers = 0  # times the spare session heard in the main one's place
         self.client_id = ""
         self._connected_at: float | None = None  # monotonic, while connected
         self._ever_connected = False
@@ -107,14 +121,42 @@ class Ingest:
             on_state=self._connection_changed,
         )
 
+    async def run_spare(self, broker: Brokers, client_id: str) -> None:
+        """The spare session, from the list's second node on (see the module's doc)."""
+        await stay_connected(
+            broker.rotated(),
+            lambda url: url.client(f"{client_id}/spare", keepalive=5),
+            self._stand_by,
+            name="monitor (spare)",
+            max_delay_s=1.0,
+            on_state=self._spare_changed,
+        )
+
+    @property
+    def _client(self) -> aiomqtt.Client | None:
+        """The session we hear through: the main one, or the spare while it stands in."""
+        return self._main or self._stand_in
+
     def _connection_changed(self, connected: bool) -> None:
         self._count_short_sessions(connected)
+        self._main_up = connected
         if connected and not self._ever_connected:
             # Blind until the first session: the start-up grace counts from it, not from the start of a
             # process that took a while to connect (a standby deciding on nothing would write it later).
             self._ever_connected = True
             self.detector.regain_sight(self.clock.now())
-        if connected != (not self.detector.disconnected):
+        self._see(quiet=not connected and self._spare_up)  # the spare says so when it stands in, at once
+
+    def _spare_changed(self, connected: bool) -> None:
+        self._spare_up = connected
+        if not connected:
+            self._stand_in = None
+            self._see()
+
+    def _see(self, quiet: bool = False) -> None:
+        """Tell the detector whether we hear the broker: through the main session, or the spare standing in."""
+        connected = self._main_up or self._stand_in is not None
+        if connected != (not self.detector.disconnected) and not quiet:
             log.warning("monitor %s its broker", "regained" if connected else "lost")
         self.detector.set_connected(connected, self.clock.now())
         self.expiry.wake()
@@ -140,18 +182,61 @@ class Ingest:
             raise SessionStolen(msg)
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self.topics.all_bundles, qos=1)
-        await client.subscribe(self.topics.all_relay_statuses, qos=1)
-        if self.accept_direct_beats:
-            await client.subscribe(self.topics.all_beats, qos=1)
-        self._client = client
+        await self._subscribe(client, qos=1)
+        self._main = client
+        self._main_lost.clear()
+        self._main_hearing.set()
         try:
-            async for message in messages(client):
-                self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
-                if self.detector.resync_wanted:
-                    await self.ask_resyncs(client)
+            await self._read(client)
         finally:
-            self._client = None
+            self._main = None
+            self._main_hearing.clear()
+            self._main_lost.set()
+
+    async def _stand_by(self, client: aiomqtt.Client) -> None:
+        """The spare session: subscribed from its start, its input dropped unread while the main one
+        hears; heard in its place while the main one is lost. (Subscribing only once the main session
+        is lost fails on NATS when it is needed most: a SUBSCRIBE, clean session and QoS 0 included,
+        stores the session's record in JetStream, which times out while it elects new leaders, and the
+        node then drops the client: seen in 2 of 3 runs of tests/test_nats_cluster.py.)"""
+        await self._subscribe(client, qos=0)
+        reader = asyncio.create_task(self._read(client))
+        try:
+            while True:
+                await self._main_lost.wait()
+                self._stand_in = client
+                self.spare_takeovers += 1
+                log.warning("monitor lost its broker session; the spare session hears in its place")
+                self._see(quiet=True)
+                back = asyncio.create_task(self._main_hearing.wait())
+                try:
+                    await asyncio.wait((reader, back), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    back.cancel()
+                if reader.done():
+                    reader.result()  # raises: the spare session ended too
+                self._stand_in = None  # the main one hears again: what the spare hears is dropped unread
+                log.info("monitor's main broker session hears again; the spare stands by")
+        finally:
+            reader.cancel()
+            self._stand_in = None
+
+    @property
+    def _filters(self) -> list[str]:
+        filters = [self.topics.all_bundles, self.topics.all_relay_statuses]
+        return [*filters, self.topics.all_beats] if self.accept_direct_beats else filters
+
+    async def _subscribe(self, client: aiomqtt.Client, qos: int) -> None:
+        """One SUBSCRIBE for every filter: NATS stores the session's record in JetStream per SUBSCRIBE."""
+        await client.subscribe([(topic_filter, qos) for topic_filter in self._filters])
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in messages(client):
+            if client is not self._main and client is not self._stand_in:
+                continue  # the spare while the main session hears: a duplicate, dropped unread
+            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
+            if self.detector.resync_wanted and client is self._client:
+                await self.ask_resyncs(client)
         msg = "broker closed the message stream"
         raise aiomqtt.MqttError(msg)
 

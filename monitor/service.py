@@ -3,7 +3,8 @@
 It only moves bytes, time and rows. `Monitor` composes parts with one job each, every one a named
 task (`relay.parts.Parts`, shown in /healthz):
 - `consume` (monitor/ingest.py): one MQTT session (persistent, QoS 1) feeds `take()`, which decodes,
-  validates and hands news to the detector;
+  validates and hands news to the detector; `spare` (with a list of broker nodes): a second session
+  on another node, heard only while the main one is lost;
 - `expire` (monitor/expiry.py): sleeps until the detector's next deadline and calls `expire()`;
   `loop_lag` probes the event loop for stalls;
 - `write` and `checkpoint` (monitor/writer.py): every decision is stamped into wall time once,
@@ -270,6 +271,9 @@ class Monitor:
             "loop_lag": self.watch_loop_lag,
             "db_probe": self.probe_database,
         }
+        brokers = Brokers.of(s.broker)
+        if len(brokers.urls) > 1:  # the nodes of one cluster: a spare session stands by on another node
+            parts["spare"] = lambda: self.ingest.run_spare(brokers, s.client_id)
         if s.notify.webhooks:
             parts["notify"] = self.notify
         if self.cluster is not None:
@@ -343,6 +347,7 @@ class Monitor:
     received = _Shown[Counter[str]]("ingest")
     rejections = _Shown[Rejections]("ingest")
     behind = _Shown[int]("ingest")
+    spare_takeovers = _Shown[int]("ingest")
     recent = _Shown[deque[Transition]]("writer")  # the latest decisions, for live views
     observers = _Shown[list[MonitorObserver]]("writer")
     written = _Shown[asyncio.Condition]("writer")  # notified after each batch reaches SQL

@@ -119,8 +119,9 @@ class FleetHealth:
     """What /healthz says (and /metrics repeats as gauges)."""
 
     status: str  # ok, or degraded while blind, while the database is away, or while a part is not running
-    broker_connected: bool
+    broker_connected: bool  # the main broker session, or the spare hearing in its place
     blind: bool
+    spare_takeovers: int  # times the spare session heard in place of the lost main one
     in_grace: bool
     database_ok: bool
     hosts: int
@@ -475,6 +476,7 @@ class FleetView:
             status="ok" if running and not blind and database_ok else "degraded",
             broker_connected=not detector.disconnected,
             blind=blind,
+            spare_takeovers=monitor.spare_takeovers,
             in_grace=monitor.in_grace,
             database_ok=database_ok,
             hosts=len(detector.hosts),

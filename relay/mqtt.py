@@ -217,6 +217,10 @@ class Brokers:
     def first(self) -> BrokerURL:
         return self.urls[0]
 
+    def rotated(self) -> Brokers:
+        """The same nodes from the second on (then the first): where a spare session starts."""
+        return Brokers(self.urls[1:] + self.urls[:1])
+
     def __str__(self) -> str:
         return ",".join(str(url) for url in self.urls)
 

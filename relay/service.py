@@ -322,9 +322,8 @@ class RelayService:
         the main one reconnects (on a NATS cluster that took 3-10 s: the other nodes take a connection
         but answer only once JetStream has new leaders). No will: its loss says nothing of the relay."""
         s = self.settings
-        urls = Brokers.of(s.upstream).urls
         await stay_connected(
-            Brokers(urls[1:] + urls[:1]),
+            Brokers.of(s.upstream).rotated(),
             lambda url: url.client(f"{url.username or s.relay_id}/spare-{self.boot}", keepalive=self._keepalive_s),
             self._stand_by,
             name=f"relay {s.relay_id} (upstream spare)",
