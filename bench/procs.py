@@ -234,6 +234,7 @@ class Lab:
         db_url = db_url or f"sqlite:///{self.dir / (name + '.db')}"
         args = ["monitor", "--broker", broker.url, "--db", db_url, "--listen", f"127.0.0.1:{port}",
                 "--misses", str(misses), "--prefix", prefix, "--client-id", f"{name}-{os.getpid()}-{port}",
+                "--journal", str(self.dir / f"{name}-{port}.journal"),  # not in the current directory
                 "--log-level", "warning", *(extra or [])]  # fmt: skip
         if wrap:
             proc = self.start(name, [sys.executable, *wrap, "-m", "relaybeat", *args])
