@@ -18,11 +18,13 @@ from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.states import Transition
 
-__all__ = ["EXPIRE_STEP", "EXPIRY_QUANTUM_S", "STALL_S", "Expiry"]
+__all__ = ["EXPIRE_STEP", "EXPIRY_QUANTUM_S", "LOOP_PROBE_S", "STALL_S", "Expiry"]
 
 log = logging.getLogger("relaybeat.monitor")
 
 STALL_S = 1.0  # the event loop blocked this long means unread input may be waiting: grace, not judgement
+LOOP_PROBE_S = 0.5  # how often the loop probe sleeps and measures how late it woke (under STALL_S)
+LAG_WINDOW_S = 5.0  # the loop lag reported is the worst of this long
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
 # Transitions decided per step of a pass: 100,000 hosts going silent at once are decided in steps of
 # a few milliseconds each, with the event loop free in between (the API answers, input is read).
@@ -42,7 +44,7 @@ class Expiry:
         self.decide = decide  # where decisions go (the writer)
         self.catch_up = catch_up  # reads what already waits before each pass (the ingest)
         self.stalls = 0
-        self.loop_lags_s: deque[float] = deque(maxlen=20)  # the last 5 s of event-loop lag probes
+        self.loop_lags_s: deque[float] = deque(maxlen=round(LAG_WINDOW_S / LOOP_PROBE_S))  # event-loop lag probes
         self.armed: float | None = None  # the deadline the loop sleeps until (None: no deadline)
         self._last_tick: float | None = None  # when the loop probe last ran (None: no probe running)
         self._wake = asyncio.Event()
@@ -105,7 +107,7 @@ class Expiry:
             self.detector.regain_sight(now)
         self._last_tick = now
 
-    async def watch_loop_lag(self, every_s: float = 0.25) -> None:
+    async def watch_loop_lag(self, every_s: float = LOOP_PROBE_S) -> None:
         """Probe how late the event loop wakes a sleeper: a blocked loop delays every decision."""
         while True:
             started = time.monotonic()

@@ -29,7 +29,34 @@ log = logging.getLogger("relaybeat")
 
 
 class _OwnSignalsServer(uvicorn.Server):
-    """uvicorn would install its own handlers and re-raise the signal after shutdown; we own signals."""
+    """uvicorn would install its own handlers and re-raise the signal after shutdown; we own signals.
+
+    uvicorn's own loop wakes ten times a second to see whether it should exit: the idle monitor's
+    most frequent timer. This one wakes once a second (the date header's resolution) and at once
+    when told to exit."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._exit = asyncio.Event()
+        super().__init__(config)
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+        else:
+            self._exit.clear()
+
+    async def main_loop(self) -> None:
+        ticks = 0  # uvicorn's tick counter: it refreshes the date header when ticks % 10 == 0
+        while not await self.on_tick(ticks):
+            ticks = (ticks + 10) % 864000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._exit.wait()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
