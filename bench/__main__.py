@@ -100,6 +100,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--relays", type=int, help="synthetic relays (bundle topics)")
             p.add_argument("--window", type=float, help="measuring window per size, s")
             p.add_argument("--profile-s", type=float, help="seconds of pyinstrument profile (0: none)")
+        if name in ("ingest", "api"):
+            p.add_argument("--wire", type=int, choices=[1, 2], default=2,
+                           help="the synthetic relays' wire version: 2 (indexed deltas, every leaf beating"
+                           " once a flush, as relays send by default) or 1 (full JSON bundles) [2]")  # fmt: skip
         if name == "detector":
             p.add_argument("--hosts", type=int, nargs="+", help="tracked hosts for the memory figure")
             p.add_argument("--bundle", type=int, help="entries per bundle")

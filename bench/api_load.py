@@ -140,7 +140,7 @@ async def _run(args: Any, rate: float) -> dict[str, Any]:
         broker = lab.broker(args.broker)
         monitor = lab.monitor(broker, prefix)
         size = max(1, args.hosts // args.relays)
-        relays = synth.Relays(broker.port, prefix, args.relays, size, interval_ms=2000)
+        relays = synth.Relays(broker.port, prefix, args.relays, size, interval_ms=2000, wire=args.wire)
         await relays.connect()
         try:
             async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
@@ -194,7 +194,8 @@ def run(args: Any, out: Path) -> Report:
     }
     report.data = {**got, "ingest_ceiling_from_results": ceiling, "summary": summary}
     report.say(
-        f"\nAPI under ingest: {got['hosts']:,} hosts; background ingest {got['ingest_taken_entries_per_s']:,.0f}"
+        f"\nAPI under ingest: {got['hosts']:,} hosts; background ingest (wire version {args.wire})"
+        f" {got['ingest_taken_entries_per_s']:,.0f}"
         f" entries/s taken (target {got['ingest_rate_target']:,.0f}); {got['tool']}"
         f"{'' if args.request_rate else f' with {args.connections} connections'}, {args.duration:g} s × {args.reps};"
         f" monitor at {got['monitor_cores']:.2f} cores\n"

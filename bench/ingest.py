@@ -33,21 +33,25 @@ from bench.report import Report, figure, med, num, render_profile, spread, table
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.store import Store
+from relaybeat.relay.compact import BundleDecoder
 from relaybeat.relay.mqtt import BrokerURL
 from relaybeat.relay.wire import decode_bundle
 
 
-def _payloads(relays: int, size: int, count: int) -> tuple[list[bytes], list[str]]:
-    """`count` distinct bundles (seq rising), round-robin over `relays` relays of `size` hosts each."""
-    ids = [f"m{i:03d}" for i in range(relays)]
-    blobs = {r: synth.hosts_blob(synth.host_ids(r, size)) for r in ids}
+def _payloads(relays: int, size: int, count: int, wire: int = 1) -> tuple[list[bytes], list[str]]:
+    """`count` distinct bundles (seq rising), round-robin over `relays` relays of `size` hosts each,
+    and the relay of each."""
+    synthetic = synth.Relays(0, "", relays, size, tag="m", wire=wire)
+    ids = synthetic.ids
+    blobs = {r: synth.hosts_blob(synth.host_ids(r, size)) for r in ids} if wire == 1 else {}
     seqs = dict.fromkeys(ids, 0)
-    out = []
+    out, senders = [], []
     for k in range(count):
         r = ids[k % relays]
         seqs[r] += 1
-        out.append(synth.bundle_bytes(r, "b00t", seqs[r], blobs[r]))
-    return out, ids
+        out.append(synth.bundle_bytes(r, "b00t", seqs[r], blobs[r]) if wire == 1 else synthetic._v2(r, seqs[r]))
+        senders.append(r)
+    return out, senders
 
 
 class _Host:
@@ -95,23 +99,29 @@ def _timed(work: Callable[[], int], reps: int) -> list[float]:
     return rates
 
 
-def micro(size: int, reps: int, entries: int = 1_000_000) -> dict[str, dict[str, float]]:
-    """Entries/s on one core (process CPU time) of the raw ceiling and of the project's pieces."""
+def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict[str, dict[str, float]]:
+    """Entries/s on one core (process CPU time) of the raw ceiling (on version 1 JSON, always) and of
+    the project's pieces on bundles of `wire`."""
     relays = 10
     count = max(relays, entries // size)
-    payloads, _ = _payloads(relays, size, count)
     results: dict[str, dict[str, float]] = {}
 
-    raw = _raw_ceiling(payloads)
+    raw = _raw_ceiling(_payloads(relays, size, count)[0])
     raw()  # warm: the table holds every host, as the monitor's does after the first round
     results["raw: orjson + dict update"] = spread(_timed(raw, reps))
 
+    payloads, senders = _payloads(relays, size, count, wire)
+
     def decode() -> int:
-        return sum(len(decode_bundle(p).hosts) for p in payloads)
+        if wire == 1:
+            return sum(len(decode_bundle(p).hosts) for p in payloads)
+        decoder = BundleDecoder()  # a fresh one per rep: the stream starts at its keyframes
+        return sum(len(decoder.decode(p, relay=relay).hosts) for p, relay in zip(payloads, senders, strict=True))
 
-    results["decode_bundle"] = spread(_timed(decode, reps))
+    results["decode (decode_bundle; BundleDecoder for version 2)"] = spread(_timed(decode, reps))
 
-    decoded = [decode_bundle(p) for p in payloads]
+    decoder = BundleDecoder()
+    decoded = [decoder.decode(p, relay=relay) for p, relay in zip(payloads, senders, strict=True)]
 
     def observe_rate() -> float:
         # A fresh detector per rep (bundle seqs must rise), warmed by one round so all hosts are known.
@@ -133,9 +143,9 @@ def micro(size: int, reps: int, entries: int = 1_000_000) -> dict[str, dict[str,
     def take_rates() -> float:
         monitor = Monitor(settings, cast(Store, None))
         topic = settings.prefix + "bundle/"
-        for p in payloads[:relays]:
-            monitor.take(topic + orjson.loads(p)["relay"], p)
-        topics = [topic + f"m{(k % relays):03d}" for k in range(len(payloads))]
+        topics = [topic + relay for relay in senders]
+        for t, p in zip(topics[:relays], payloads[:relays], strict=True):
+            monitor.take(t, p)
         gc.collect()
         started = time.process_time()
         n = 0
@@ -152,11 +162,11 @@ def micro(size: int, reps: int, entries: int = 1_000_000) -> dict[str, dict[str,
 
 
 async def _end_to_end(lab: Lab, broker_kind: str, size: int, relays_n: int, seconds: float,
-                      wrap: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+                      wrap: list[str] | None = None, wire: int = 1) -> dict[str, Any]:  # fmt: skip
     prefix = f"bench{secrets.token_hex(3)}/"
     broker = lab.broker(broker_kind, f"broker-{size}")
     monitor = lab.monitor(broker, prefix, wrap=wrap, name=f"monitor-{size}" + ("-prof" if wrap else ""))
-    relays = synth.Relays(broker.port, prefix, relays_n, size)
+    relays = synth.Relays(broker.port, prefix, relays_n, size, wire=wire)
     await relays.connect()
     try:
         async with httpx.AsyncClient(base_url=monitor.api, timeout=30) as http:
@@ -209,7 +219,7 @@ def profile(args: Any, out: Path, size: int) -> dict[str, str]:
     session = out / f"ingest_profile_{size}.pyisession"
     with Lab("ingest-profile") as lab:
         wrap = ["-m", "pyinstrument", "-r", "pyisession", "-o", str(session), "-i", "0.0005"]
-        asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.profile_s, wrap))
+        asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.profile_s, wrap, args.wire))
     files = render_profile(session)
     session.unlink(missing_ok=True)
     return files
@@ -223,14 +233,14 @@ def run(args: Any, out: Path) -> Report:
         e2e[size] = []
         for rep in range(args.reps):
             with Lab("ingest") as lab:
-                result = asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.window))
+                result = asyncio.run(_end_to_end(lab, args.broker, size, args.relays, args.window, wire=args.wire))
             e2e[size].append(result)
             print(
                 f"  {size} entries/bundle rep {rep + 1}: {result['entries_per_cpu_s']:,.0f} entries/CPU-s,"
                 f" {result['entries_per_s_wall']:,.0f} entries/s wall, monitor {result['monitor_cores']:.2f} cores",
                 flush=True,
             )
-        micros[size] = micro(size, max(3, args.reps), 50_000 if args.smoke else 1_000_000)
+        micros[size] = micro(size, max(3, args.reps), 50_000 if args.smoke else 1_000_000, args.wire)
     summary = {
         size: {
             k: spread(r[k] for r in runs)
@@ -244,7 +254,8 @@ def run(args: Any, out: Path) -> Report:
     }
     report.data = {"end_to_end": e2e, "summary": summary, "micro": micros, "ratio_to_raw": ratios}
     report.say(
-        f"\ningest: {args.relays} synthetic relays through {args.broker}, QoS 1, into `relaybeat monitor` (SQLite);"
+        f"\ningest: {args.relays} synthetic relays (wire version {args.wire}) through {args.broker}, QoS 1,"
+        " into `relaybeat monitor` (SQLite);"
         f" {args.window:g} s per run, {args.reps} rep(s): median [min–max]\n"
     )
     rows = []

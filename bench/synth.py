@@ -1,9 +1,17 @@
 """Synthetic relays: bundles in the wire format, published through a real broker as relays do.
 
-Each synthetic relay holds its own MQTT connection (QoS 1 publishes, like `relaybeat relay`) and a
-pre-encoded host list; only the bundle's `seq` changes between its bundles, so building one costs a
-copy, not an encode. Entries are `[id, seq, age_ms, interval_ms, "ok"]` with small ages, so every
-host stays fresh whenever its relay's bundles keep coming.
+Each synthetic relay holds its own MQTT connection (QoS 1 publishes, like `relaybeat relay`).
+
+- `wire=1` (JSON version 1): a pre-encoded host list; only the bundle's `seq` changes between its
+  bundles, so building one costs a copy, not an encode. Entries are `[id, seq, age_ms, interval_ms,
+  "ok"]` with small ages and a constant leaf seq, so every host stays fresh whenever its relay's
+  bundles keep coming.
+- `wire=2` (what `relaybeat relay` sends by default): version 2 through the relay's own
+  `BundleEncoder`, a keyframe first and every `keyframe_every`-th bundle, indexed deltas between.
+  Every leaf beats once per bundle (interval = flush), each beat a new leaf seq: every entry of every
+  delta is a real leaf beat, as at the issue's interval = flush = 1 s. Those deltas differ only in
+  their header (seq, send time), so after the encoder made the first one, the others reuse its
+  body (the encoder costs ~2 µs per entry: a publisher encoding each would be slower than the monitor).
 """
 
 from __future__ import annotations
@@ -12,12 +20,15 @@ import asyncio
 import contextlib
 import secrets
 import time
+import zlib
 from collections.abc import Sequence
 
 import httpx
 import orjson
 
 from bench import mqtt
+from relaybeat.relay.compact import COMPRESS_FROM, GROWS, INDEXED, BundleEncoder, _put, _put_id
+from relaybeat.relay.wire import _COMPRESSED, BINARY_VERSION, Bundle, HostEntry, LeafStatus, _envelope_v2
 
 
 def host_ids(relay: str, count: int) -> list[str]:
@@ -41,8 +52,20 @@ def bundle_bytes(relay: str, boot: str, seq: int, blob: bytes, flush_ms: int = 1
 class Relays:
     """R synthetic relays, `size` hosts each, one MQTT connection each."""
 
-    def __init__(self, port: int, prefix: str, count: int, size: int, interval_ms: int = 1000, tag: str = "r") -> None:
+    def __init__(
+        self,
+        port: int,
+        prefix: str,
+        count: int,
+        size: int,
+        interval_ms: int = 1000,
+        tag: str = "r",
+        wire: int = 1,
+        keyframe_every: int = 30,
+    ) -> None:
         self.port = port
+        self.wire = wire
+        self.keyframe_every = keyframe_every
         self.prefix = prefix
         self.size = size
         self.ids = [f"{tag}{i:03d}" for i in range(count)]
@@ -52,6 +75,12 @@ class Relays:
         self.seq = dict.fromkeys(self.ids, 0)
         self.clients: dict[str, mqtt.Client] = {}
         self.published = 0
+        self.interval_ms = interval_ms
+        self.hosts = {r: host_ids(r, size) for r in self.ids} if wire == 2 else {}
+        self.encoders = {r: BundleEncoder() for r in self.hosts}
+        # relay -> keyframe seq, table size, the delta's body after its header
+        self.templates: dict[str, tuple[int, int, bytes]] = {}
+        self.started = time.monotonic()
 
     async def connect(self) -> None:
         for r in self.ids:
@@ -61,9 +90,52 @@ class Relays:
     def publish(self, relay: str) -> int:
         self.seq[relay] += 1
         seq = self.seq[relay]
-        self.clients[relay].publish(self.topics[relay], bundle_bytes(relay, self.boot, seq, self.blobs[relay]), qos=1)
+        payload = self._v2(relay, seq) if self.wire == 2 else bundle_bytes(relay, self.boot, seq, self.blobs[relay])
+        self.clients[relay].publish(self.topics[relay], payload, qos=1)
         self.published += 1
         return seq
+
+    def _v2(self, relay: str, seq: int) -> bytes:
+        """Bundle `seq` of `relay` in version 2: each leaf's `seq`-th beat, heard 100-500 ms ago."""
+        sent_ms = int((time.monotonic() - self.started) * 1000)
+        keyframe = seq % self.keyframe_every == 1
+        template = self.templates.get(relay)
+        if template is not None and not keyframe:
+            keyframe_seq, table_size, tail = template
+            body = self._header(relay, seq, sent_ms, keyframe_seq, table_size) + tail
+            return _envelope_v2(body, COMPRESS_FROM)
+        interval = self.interval_ms
+        ids = self.hosts[relay]
+        hosts = tuple(HostEntry(host, seq, 100 + (i * 37) % 400, interval, LeafStatus.OK) for i, host in enumerate(ids))
+        bundle = Bundle(
+            relay=relay,
+            boot=self.boot,
+            seq=seq,
+            flush_ms=interval,
+            hosts=hosts,
+            version=BINARY_VERSION,
+            keyframe=keyframe,
+            sent_ms=sent_ms,
+        )
+        encoder = self.encoders[relay]
+        payload = encoder.encode(bundle)
+        self.templates.pop(relay, None)
+        table = encoder._table
+        if not keyframe and table is not None:
+            body = zlib.decompress(payload[2:]) if payload[1] & _COMPRESSED else payload[2:]
+            header = self._header(relay, seq, sent_ms, table.keyframe, len(table.ids))
+            assert body.startswith(header), "the delta's header is not where the template expects it"
+            self.templates[relay] = (table.keyframe, len(table.ids), bytes(body[len(header) :]))
+        return payload
+
+    def _header(self, relay: str, seq: int, sent_ms: int, keyframe_seq: int, table_size: int) -> bytearray:
+        """An indexed delta's header, as `relay.compact` writes it."""
+        out = bytearray([INDEXED | GROWS])
+        _put_id(out, relay)
+        _put_id(out, self.boot)
+        for value in (seq, self.interval_ms, sent_ms, keyframe_seq, table_size):
+            _put(out, value)
+        return out
 
     def say_offline(self, relay: str) -> None:
         """What a relay's Last Will says; the monitor takes it as the relay's death."""
@@ -96,8 +168,12 @@ async def wait_processed(http: httpx.AsyncClient, relay: str, seq: int, timeout_
 
 
 async def round_all(relays: Relays, http: httpx.AsyncClient, timeout_s: float = 120.0) -> None:
-    """One bundle from every relay, and wait until the monitor took them all."""
+    """One bundle from every relay, and wait until the monitor took them all. (A relay's first bundle
+    in version 2 is no evidence yet: its send-time clock is confirmed by the second.)"""
     last = {r: relays.publish(r) for r in relays.ids}
+    if relays.wire == 2 and 1 in last.values():
+        await asyncio.sleep(0.05)  # a later send time, arriving about as much later
+        last = {r: relays.publish(r) if seq == 1 else seq for r, seq in last.items()}
     for r, seq in last.items():
         await wait_processed(http, r, seq, timeout_s)
 
