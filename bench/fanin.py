@@ -32,6 +32,8 @@ from bench.procs import Broker, Lab, bytes_between
 from bench.report import Report, figure, med, num, render_profile, spread, table
 from tests.processes import wait_until
 
+DIRECT_PER_BROKER = 18_000  # leaf connections one broker takes in the direct mode (under the fd cap)
+
 MODES = ("direct", "relayed")
 
 
@@ -61,6 +63,22 @@ def sys_connected(broker: Broker) -> int | None:
     return None if value is None else int(value)
 
 
+def direct_edges(lab: Lab, central: Broker, prefix: str, leaves: int) -> list[Broker]:
+    """Direct, beyond what one broker can hold here (each connection an fd; the hard RLIMIT_NOFILE
+    is 20,000): the leaves connect to edge mosquittos that bridge every beat, one PUBLISH each, into
+    the central broker. The monitor still gets one message per leaf beat, as if each leaf were
+    connected to its broker; only the central broker's connection count differs. None when one
+    broker holds them all."""
+    if leaves <= DIRECT_PER_BROKER:
+        return []
+    bridge = (
+        "connection {name}\nremote_clientid {name}\naddress 127.0.0.1:{port}\ntopic {prefix}beat/# out 0\n"
+        "cleansession true\nbridge_protocol_version mqttv311\nstart_type automatic\n"
+    )
+    names = [f"edge{i:02d}" for i in range(-(-leaves // DIRECT_PER_BROKER))]
+    return [lab.broker("mosquitto", name, bridge.format(name=name, port=central.port, prefix=prefix)) for name in names]
+
+
 def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, Any]:
     n, r = args.leaves, args.relays
     prefix = f"bench{secrets.token_hex(3)}/"
@@ -68,6 +86,7 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         central = lab.broker(args.broker, "central")
         monitor = lab.monitor(central, prefix, wrap=wrap)
         relays = []
+        edges: list[Broker] = []
         if mode == "relayed":
             sites = [lab.broker("mosquitto", f"site{i:02d}") for i in range(r)]
             relays = [lab.relay(f"r{i:02d}", sites[i], central, prefix, args.flush) for i in range(r)]
@@ -80,7 +99,9 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
 
             wait_until(relays_up, 60 + 3 * r, f"{r} relays up", 0.5)
         else:
-            leaves = [Leaf(f"h{j:06d}", central.port) for j in range(n)]
+            edges = direct_edges(lab, central, prefix, n)
+            ports = [b.port for b in edges] or [central.port]
+            leaves = [Leaf(f"h{j:06d}", ports[j % len(ports)]) for j in range(n)]
         idle_t, idle_cpu = time.monotonic(), monitor.proc.cpu_s()
         idle_relay_cpu = sum(p.cpu_s() for p in relays)
         fleet = Fleet(leaves, prefix, args.interval)
@@ -133,6 +154,7 @@ def one_run(mode: str, args: Any, wrap: list[str] | None = None) -> dict[str, An
         "connect_s": connect["connect_s"],
         "connections": conns,
         "connections_excluding_monitor": conns - 1,
+        "edge_brokers": len(edges),  # direct beyond one broker's fd cap: leaves behind bridging edges
         "sys_connected": sys_conns,
         "window_s": wall,
         "leaf_beats_sent": beats,
@@ -239,6 +261,13 @@ def run(args: Any, out: Any) -> Report:
         ("hosts not up at the end", med(d["not_up_at_end"]), med(rl["not_up_at_end"]), ""),
     ]  # fmt: skip
     report.say(table(["", "direct", f"relayed ({args.relays} relays)", "direct ÷ relayed"], rows))
+    edges = max((run.get("edge_brokers", 0) for run in report.data.get("runs", {}).get("direct", [])), default=0)
+    if edges:
+        report.say(
+            f"\ndirect: {args.leaves:,} leaf connections are more than one broker holds here (fd cap), so the"
+            f" leaves connected to {edges} edge mosquittos bridging every beat into the monitor's broker:"
+            " the monitor still got one message per leaf beat; its broker's connections are the bridges"
+        )
     upstream = report.data["relayed_upstream_connections"]
     report.say(
         f"\nrelayed: upstream connections on the monitor's broker (kernel count minus the monitor): {upstream}"

@@ -203,13 +203,15 @@ class Lab:
     def relaybeat(self, name: str, args: list[str]) -> Proc:
         return self.start(name, [sys.executable, "-m", "relaybeat", *args, "--log-level", "warning"])
 
-    def broker(self, kind: str, name: str = "broker") -> Broker:
+    def broker(self, kind: str, name: str = "broker", extra_conf: str = "") -> Broker:
+        """`extra_conf`: more mosquitto configuration (e.g. a bridge)."""
         port = pick_free()
         if kind == "mosquitto":
             conf = self.dir / f"{name}.conf"
             conf.write_text(
                 f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
                 "max_queued_messages 0\nmax_inflight_messages 100\nmax_connections -1\nsys_interval 1\n"
+                + extra_conf
             )
             proc = self.start(name, [MOSQUITTO, "-c", str(conf)])
         elif kind == "embedded":
