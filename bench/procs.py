@@ -210,8 +210,7 @@ class Lab:
             conf = self.dir / f"{name}.conf"
             conf.write_text(
                 f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
-                "max_queued_messages 0\nmax_inflight_messages 100\nmax_connections -1\nsys_interval 1\n"
-                + extra_conf
+                "max_queued_messages 0\nmax_inflight_messages 100\nmax_connections -1\nsys_interval 1\n" + extra_conf
             )
             proc = self.start(name, [MOSQUITTO, "-c", str(conf)])
         elif kind == "embedded":
