@@ -311,11 +311,12 @@ class Detector:
             relay.desynced = True  # a new boot, or a new relay, is out of sync at its first delta anyway
         return self.observe(header, now, sent, limit)
 
-    def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
+    def observe_beat(self, host: str, beat: Beat, now: float, limit: int | None = None) -> list[Transition]:
         """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
         out: list[Transition] = []
         interval_ms = round((beat.interval_s or self.policy.default_interval_s) * 1000)
         self._observe_host(HostEntry(host, beat.seq, 0, interval_ms, beat.status), None, now, now, out)
+        self._work(out, limit)
         return out
 
     def relay_offline(self, relay_id: str, now: float, limit: int | None = None) -> list[Transition]:
