@@ -1098,7 +1098,6 @@ class Detector:
                     host.grace_from = job.at
                 self._resume_host(host, job.at, out)
 
-
     def _fail_over(self, host: HostTrack, now: float) -> bool:
         """The host's relay died: move it to another live path that heard it recently, if any."""
         if not host.others:

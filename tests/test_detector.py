@@ -7,8 +7,9 @@ and woken at every deadline, all on one fake clock. Times are chosen to be exact
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,7 +21,7 @@ from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
 from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.wire import Beat, Bundle, LeafStatus, decode_bundle, encode_bundle
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 # ------------------------------------------------------------------------------------- the site
 
@@ -1243,9 +1244,11 @@ class DetectorMachine(RuleBasedStateMachine):
         for name, args, out in self.calls:
             limit = {} if self.limit is None or name == "set_connected" else {"limit": self.limit}
             assert getattr(replay, name)(*args, **limit) == (out if name != "set_connected" else None), name
-        if self.limit is not None:  # what is still owed, then every subject as if done at once
+        if self.limit is not None:  # what is still owed (and what is due, for both), then all as if done at once
             for t in self.detector.expire(self.now):
                 self.history.setdefault(t.subject, []).append(t)
+            for t in self.twin.expire(self.now):
+                self.twin_history.setdefault(t.subject, []).append(t)
             assert self.history == self.twin_history
 
 
@@ -1401,3 +1404,67 @@ def test_expire_with_a_limit_decides_a_mass_event_in_steps_with_the_same_outcome
     assert [len(step) for step in steps] == [300, 300, 300, 100]
     assert [t for step in steps for t in step] == whole
     assert len(whole) == 1000
+
+
+def relay_tree(hosts: int) -> tuple[Detector, Bundle]:
+    """`hosts` hosts behind a relay `top` (interval 1 s), as many behind its child `mid`, all up."""
+
+    def entries(prefix: str) -> tuple[HostEntry, ...]:
+        return tuple(HostEntry(f"{prefix}{i:05d}", 1, i % 300, 1000, LeafStatus.OK) for i in range(hosts))
+
+    child = Bundle("mid", "m", 1, 1000, entries("m"))
+    top = Bundle("top", "t", 1, 1000, entries("t"), children=(child,))
+    detector = Detector(Policy(misses=3), 0.0)
+    detector.observe(top, 1.0)
+    return detector, top
+
+
+MASS_EVENTS: dict[str, Callable[[Detector, int | None], list[Transition]]] = {
+    "last will": lambda d, limit: d.relay_offline("top", 2.0, limit=limit),
+    "silence": lambda d, limit: d.expire(10.0, limit),
+    "clean stop": lambda d, limit: d.relay_stopped("top", 2.0, limit=limit),
+    "back after a death": lambda d, limit: (
+        d.relay_offline("top", 2.0) and d.observe(Bundle("top", "t2", 1, 1000, ()), 20.0, limit=limit)
+    ),
+}
+
+
+@pytest.mark.parametrize("event", sorted(MASS_EVENTS))
+def test_a_mass_event_done_in_steps_decides_what_it_decides_at_once_and_no_step_does_more(event: str) -> None:
+    whole, _ = relay_tree(1000)
+    at_once = MASS_EVENTS[event](whole, None)
+    assert whole.owed == 0
+    assert not whole.due(10.0 if event == "silence" else 2.0)
+    stepped, _ = relay_tree(1000)
+    steps = [MASS_EVENTS[event](stepped, 50)]
+    owed = [stepped.owed]
+    now = 10.0 if event == "silence" else 20.0 if event.startswith("back") else 2.0
+    while stepped.due(now):
+        steps.append(stepped.expire(now, 50))
+        owed.append(stepped.owed)
+    assert [t for step in steps for t in step] == at_once
+    hosts_per_step = [sum(t.kind is Kind.HOST for t in step) for step in steps]
+    assert max(hosts_per_step) <= 50
+    assert all(a - b <= 50 for a, b in itertools.pairwise(owed))  # no step did more than its limit of slots
+    assert len(steps) > 2000 * 2 // 50 // 2  # it was done in steps, not at once
+    if event != "clean stop":
+        assert sum(hosts_per_step) == 2000
+    assert {s: t.state for s, t in stepped.hosts.items()} == {s: t.state for s, t in whole.hosts.items()}
+
+
+def test_news_of_hosts_a_mass_event_still_owes_comes_after_their_owed_decision() -> None:
+    """A relay died; before its hosts' part is done, a direct beat of one of them and a bundle of
+    its child arrive: the owed decisions are made first, so each host's history is as if at once."""
+    whole, _ = relay_tree(200)
+    stepped, _ = relay_tree(200)
+    direct = ("t00150", Beat(2, 1.0), 2.5)
+    child = Bundle("mid", "m", 2, 1000, (HostEntry("m00199", 2, 0, 1000, LeafStatus.OK),))
+    at_once = whole.relay_offline("top", 2.0) + whole.observe_beat(*direct) + whole.observe(child, 2.6)
+    first = stepped.relay_offline("top", 2.0, limit=10)
+    assert stepped.owed > 0
+    later = stepped.observe_beat(*direct, limit=10) + stepped.observe(child, 2.6, limit=10)
+    while stepped.due(2.6):
+        later += stepped.expire(2.6, 10)
+    assert first + later == at_once  # the beat and the bundle each found the work owed and did it first
+    assert stepped.hosts["t00150"].state == UP
+    assert stepped.hosts["t00150"].via is None
