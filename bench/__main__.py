@@ -26,9 +26,21 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {"sizes": [100], "relays": 2, "reps": 1, "window": 1.0, "profile_s": 1.0},
     },
     "detector": {
-        "default": {"hosts": [10_000, 100_000, 1_000_000], "bundle": 5000, "reps": 3},
-        "large": {"hosts": [10_000, 100_000, 1_000_000], "bundle": 5000, "reps": 5},
-        "smoke": {"hosts": [2000], "bundle": 500, "reps": 1},
+        "default": {
+            "hosts": [10_000, 100_000, 1_000_000],
+            "bundle": 5000,
+            "reps": 3,
+            "holds_hosts": [5000, 100_000],
+            "holds_bundle": 200_000,
+        },
+        "large": {
+            "hosts": [10_000, 100_000, 1_000_000],
+            "bundle": 5000,
+            "reps": 5,
+            "holds_hosts": [5000, 100_000],
+            "holds_bundle": 200_000,
+        },
+        "smoke": {"hosts": [2000], "bundle": 500, "reps": 1, "holds_hosts": [500], "holds_bundle": 2000},
     },
     "lag": {
         "default": {"leaves": 2000, "relays": 4, "kills": 100, "window": 20.0, "interval": 1.0, "reps": 3},
@@ -107,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "detector":
             p.add_argument("--hosts", type=int, nargs="+", help="tracked hosts for the memory figure")
             p.add_argument("--bundle", type=int, help="entries per bundle")
+            p.add_argument("--holds-hosts", type=int, nargs="+", help="hosts behind the relay of each mass event")
+            p.add_argument("--holds-bundle", type=int, help="entries of the large keyframe [200,000: the limit]")
+            p.add_argument("--holds-only", action="store_true", help="only the loop holds")
         if name == "wire":
             p.add_argument("--leaves", type=int, help="leaves behind the one relay")
             p.add_argument("--intervals", type=float, nargs="+", help="seconds between a leaf's beats [5 1]")

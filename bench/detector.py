@@ -8,24 +8,32 @@
 - pipeline: decode + observe + expire per leaf beat of one relay's realistic bundles (2,500 leaves
   beating every 5 s, a flush a second, moving ages, a new seq each beat) in steady state: wire
   version 1 (every bundle full) against version 2 (deltas, a keyframe every 30 s); bytes per beat.
+- holds: how long each mass event holds the event loop, call by call as the shell makes them
+  (`--holds-hosts` behind one relay or direct; a keyframe of `--holds-bundle` entries);
+  `--holds-only` runs only this part.
 - memory: bytes per tracked host at each `--hosts`, as the RSS growth of a fresh process that
   builds the detector through `observe` (what the monitor holds), and tracemalloc up to 100k.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import multiprocessing
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 
 from bench.report import Report, figure, med, num, spread, table
 from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.expiry import EXPIRE_STEP
+from relaybeat.monitor.states import Transition
 from relaybeat.relay.assembler import Assembler
+from relaybeat.relay.compact import BundleDecoder
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 
@@ -155,6 +163,13 @@ def traced_per_host(hosts: int, size: int) -> float:
 
 def run(args: Any, out: Any) -> Report:
     report = Report("detector", vars(args))
+    holds = run_holds(args.holds_hosts, args.holds_bundle, args.reps)
+    if args.holds_only:
+        report.data = {"holds": holds}
+        report.say(f"\nloop holds: each mass event's calls as the shell makes them; median of {args.reps} rep(s)\n")
+        report.say(holds_table(holds))
+        report.save(out, {})
+        return report
     size = args.bundle
     observe_hosts = min(max(args.hosts), 100_000)
     rounds = max(2, 1_000_000 // observe_hosts) if not args.smoke else 2
@@ -175,6 +190,7 @@ def run(args: Any, out: Any) -> Report:
         "expire": expire,
         "memory": memory,
         "pipeline": pipeline,
+        "holds": holds,
     }
     report.say(f"\ndetector, in-process, one core: median [min–max] of {args.reps} rep(s)\n")
     report.say(
@@ -208,6 +224,8 @@ def run(args: Any, out: Any) -> Report:
             ],
         )
     )  # fmt: skip
+    report.say(f"\nloop holds: each mass event's calls as the shell makes them; median of {args.reps} rep(s)\n")
+    report.say(holds_table(holds))
     report.say("\nmemory per tracked host (bytes): RSS growth of a fresh process; tracemalloc where run\n")
     report.say(
         table(
@@ -286,3 +304,134 @@ def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 70, warm_up:
     out["entries_per_beat"] = entries / beats
     out["bytes_per_beat"] = sum(len(p) for p in payloads) / beats
     return out
+
+
+# ------------------------------------------------------------------------------------ loop holds
+# Each mass event as the monitor's shell drives it: the one call that brings the news (with the
+# shell's step limit where that call takes one), then `expire(now, EXPIRE_STEP)` steps while the
+# detector says work is left. Every call is one uninterrupted hold of the event loop: the longest
+# is what the API and the input wait behind; the sum is the event's whole cost.
+
+
+def _as_shell_calls(fn: Callable[..., list[Transition]]) -> Callable[..., list[Transition]]:
+    """`fn` with the shell's step limit, if it takes one (the code on main does not)."""
+    return functools.partial(fn, limit=EXPIRE_STEP) if "limit" in inspect.signature(fn).parameters else fn
+
+
+def _more(detector: Detector, now: float, out: list[Transition]) -> bool:
+    due = getattr(detector, "due", None)
+    return bool(due(now)) if due is not None else len(out) >= EXPIRE_STEP  # main's rule (monitor/expiry.py)
+
+
+def hold_steps(detector: Detector, now: float, first: Callable[[], list[Transition]]) -> dict[str, float]:
+    """The event's calls, timed one by one. What the detector held before it is frozen out of the
+    garbage collector's view, as the monitor's restored state is (`gc.freeze` after `restore`): a
+    full collection over 100,000 hosts alone takes ~100 ms, whatever the detector does."""
+    gc.collect()
+    gc.freeze()
+    try:
+        started = time.perf_counter()
+        out = first()
+        holds, transitions = [time.perf_counter() - started], len(out)
+        while _more(detector, now, out):
+            started = time.perf_counter()
+            out = detector.expire(now, EXPIRE_STEP)
+            holds.append(time.perf_counter() - started)
+            transitions += len(out)
+    finally:
+        gc.unfreeze()
+    return {"max_ms": max(holds) * 1e3, "total_ms": sum(holds) * 1e3, "calls": len(holds), "transitions": transitions}
+
+
+def _relay_with(hosts: int, relay: str = "r0", boot: str = "boot", now: float = 1.0) -> Detector:
+    """A detector hearing `hosts` hosts (interval 1 s, timeout 3 s) through one relay, all up."""
+    detector = Detector(Policy(), 0.0)
+    entries = tuple(HostEntry(f"{relay}-h{i:06d}", 7, 100 + (i * 37) % 400, 1000, LeafStatus.OK) for i in range(hosts))
+    detector.observe(Bundle(relay, boot, 1, 1000, entries), now)
+    return detector
+
+
+def _direct(hosts: int) -> Detector:
+    detector = Detector(Policy(), 0.0)
+    for i in range(hosts):
+        detector.observe_beat(f"d{i:07d}", Beat(1, 1.0), 1.0 + i / hosts)
+    return detector
+
+
+def _keyframe(leaves: int, relay: str = "big") -> bytes:
+    asm = Assembler(relay, "boot", 1.0, 5.0, keyframe_s=30.0, version=2)
+    for i in range(leaves):
+        asm.add_beat(f"{relay}-h{i:06d}", Beat(1, 5.0), 0.5 + i / leaves / 2)
+    return encode_bundle(asm.flush(1.0))
+
+
+def holds_for(hosts: int) -> dict[str, dict[str, float]]:
+    """The mass events of `hosts` hosts behind one relay (or direct): each hold, as the shell drives it."""
+    out: dict[str, dict[str, float]] = {}
+    d = _relay_with(hosts)
+    out["relay last will: relay down, hosts unreachable"] = hold_steps(
+        d, 2.0, lambda: _as_shell_calls(d.relay_offline)("r0", 2.0)
+    )
+    back = Bundle("r0", "boot2", 1, 1000, ())
+    out["relay back (new boot, no entries): hosts resume"] = hold_steps(
+        d, 10.0, lambda: _as_shell_calls(d.observe)(back, 10.0)
+    )
+    d = _relay_with(hosts)
+    d.relay_offline("r0", 2.0)
+    entries = tuple(HostEntry(f"r0-h{i:06d}", 8, 100, 1000, LeafStatus.OK) for i in range(hosts))
+    full = Bundle("r0", "boot2", 1, 1000, entries)
+    out["relay back (keyframe of all): hosts up"] = hold_steps(d, 10.0, lambda: _as_shell_calls(d.observe)(full, 10.0))
+    d = _relay_with(hosts)
+    silent = "relay silent (deadline): relay down, hosts unreachable"
+    out[silent] = hold_steps(d, 5.0, lambda: d.expire(5.0, EXPIRE_STEP))
+    d = _relay_with(hosts)
+    out["relay stopped: hosts wait for their own timeouts"] = hold_steps(
+        d, 2.0, lambda: _as_shell_calls(d.relay_stopped)("r0", 2.0)
+    )
+    d = _direct(hosts)
+    d.regain_sight(3.0)  # a stall: everyone's deadline moves 2 s later, every heap entry is early
+    out["after regain_sight: every heap entry pushed back"] = hold_steps(d, 4.5, lambda: d.expire(4.5, EXPIRE_STEP))
+    d = _direct(hosts)
+    out["direct hosts all silent: down"] = hold_steps(d, 10.0, lambda: d.expire(10.0, EXPIRE_STEP))
+    return out
+
+
+def bundle_holds(leaves: int) -> dict[str, dict[str, float]]:
+    """A relay's keyframe of `leaves` leaves (the limit is DEFAULT_MAX_BUNDLE_ENTRIES): decode, then
+    observe while every leaf is new, then a second one when all are known."""
+    payload = _keyframe(leaves)
+    out: dict[str, dict[str, float]] = {}
+    gc.collect()
+    gc.freeze()
+    started = time.perf_counter()
+    first = BundleDecoder().decode(payload)
+    gc.unfreeze()
+    spent = time.perf_counter() - started
+    out["decode (version 2 keyframe)"] = {"max_ms": spent * 1e3, "total_ms": spent * 1e3, "calls": 1, "transitions": 0}
+    d = Detector(Policy(), 0.0)
+    out["observe, every entry new"] = hold_steps(d, 1.0, lambda: _as_shell_calls(d.observe)(first, 1.0))
+    known = tuple(e._replace(seq=2) for e in first.hosts)
+    again = Bundle(first.relay, first.boot, 2, first.flush_ms, known, keyframe=True)
+    out["observe, every entry known (new seq)"] = hold_steps(d, 2.0, lambda: _as_shell_calls(d.observe)(again, 2.0))
+    return out
+
+
+def run_holds(hosts: list[int], bundle: int, reps: int) -> dict[str, Any]:
+    per: dict[str, dict[str, dict[str, Any]]] = {}
+    for n in hosts:
+        runs = [holds_for(n) for _ in range(reps)]
+        per[f"{n:,} hosts"] = {k: {m: spread(r[k][m] for r in runs) for m in runs[0][k]} for k in runs[0]}
+    runs = [bundle_holds(bundle) for _ in range(reps)]
+    per[f"{bundle:,}-entry bundle"] = {k: {m: spread(r[k][m] for r in runs) for m in runs[0][k]} for k in runs[0]}
+    return per
+
+
+def holds_table(holds: dict[str, Any]) -> str:
+    rows = []
+    for size, events in holds.items():
+        for event, m in events.items():
+            rows.append(
+                (size, event, med(m["max_ms"], 2), med(m["total_ms"], 1), num(m["calls"]["median"]),
+                 num(m["transitions"]["median"]))
+            )  # fmt: skip
+    return table(["size", "event", "longest hold (ms)", "all calls (ms)", "calls", "transitions"], rows)

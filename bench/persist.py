@@ -8,6 +8,11 @@ Then the relay stops and its Last Will (`offline` on its status topic) is publis
 turns the relay `down` and every host `unreachable` in one batch. The benchmark polls the
 database itself every 5 ms for rows newer than before the event and reports the time until the
 first and until all of them are queryable, and transitions/s.
+
+Meanwhile a thread asks the monitor's `GET /healthz` again and again (one request at a time): the
+API is served on the monitor's event loop, so the slowest answer from the event until every row is
+queryable is an end-to-end bound on the longest hold of that loop (a request's own cost included;
+its median, taken before the event, is reported beside it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
+import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -95,7 +102,8 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                             msg = f"initial transitions not written: {count(0)} of {wanted}"
                             raise TimeoutError(msg)
                         await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.5)
+                    probe = HealthProbe(monitor.api).__enter__()
+                    await asyncio.sleep(1.0)
                     _, baseline = count(0)
                     stop_dying.set()
                     await dying
@@ -114,6 +122,7 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                         if got < expected:
                             await asyncio.sleep(0.005)
                     done = time.time()
+                    probe.__exit__()
                     cpu = monitor.proc.cpu_s() - cpu0
                     state = monitor.count(state="unreachable")
                     stop_others.set()
@@ -141,7 +150,43 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
         "all_queryable_s": all_s,
         "transitions_per_s_from_event": got / all_s,
         "monitor_cpu_s": cpu,
+        "healthz_worst_ms": probe.worst_s(event, done) * 1e3,
+        "healthz_median_before_ms": probe.median_s(event) * 1e3,
     }
+
+
+class HealthProbe:
+    """A thread asking `GET /healthz` one request at a time: each answer's latency, by when it was sent."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.samples: list[tuple[float, float]] = []  # (sent, seconds to answer)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="healthz-probe", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=30) as http:
+            while not self._stop.is_set():
+                sent = time.time()
+                started = time.perf_counter()
+                http.get("/healthz")
+                self.samples.append((sent, time.perf_counter() - started))
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(35)
+
+    def worst_s(self, since: float, until: float) -> float:
+        """The slowest answer to a request sent within [since, until] (or answered after `since`)."""
+        return max((s for sent, s in self.samples if sent + s >= since and sent <= until), default=float("nan"))
+
+    def median_s(self, until: float) -> float:
+        got = [s for sent, s in self.samples if sent + s < until]
+        return statistics.median(got) if got else float("nan")
 
 
 def run(args: Any, out: Any) -> Report:
@@ -158,6 +203,8 @@ def run(args: Any, out: Any) -> Report:
         "transitions_per_s_from_event",
         "monitor_cpu_s",
         "transitions_written",
+        "healthz_worst_ms",
+        "healthz_median_before_ms",
     )
     summary = {db: {k: spread(r[k] for r in rs) for k in keys} for db, rs in runs.items()}
     report.data = {"runs": runs, "summary": summary}
@@ -168,11 +215,13 @@ def run(args: Any, out: Any) -> Report:
         (db, med(s["transitions_written"]), med({k: v * 1000 for k, v in s["first_queryable_s"].items() if k != "n"}
                                                 | {"n": s["first_queryable_s"]["n"]}),
          med({k: v * 1000 for k, v in s["all_queryable_s"].items() if k != "n"} | {"n": s["all_queryable_s"]["n"]}),
-         med(s["transitions_per_s_from_event"]), med(s["monitor_cpu_s"], 2))
+         med(s["transitions_per_s_from_event"]), med(s["monitor_cpu_s"], 2), med(s["healthz_worst_ms"], 1),
+         med(s["healthz_median_before_ms"], 1))
         for db, s in summary.items()
     ]  # fmt: skip
     report.say(table(["database", "transitions", "first queryable (ms)", "all queryable (ms)",
-                      "transitions/s (event → all queryable)", "monitor CPU s"],
+                      "transitions/s (event → all queryable)", "monitor CPU s",
+                      "slowest /healthz, event → all queryable (ms)", "/healthz median before (ms)"],
                       rows))  # fmt: skip
     fig, axes = figure(1, 1, width=6, height=3.6)
     ax = axes[0][0]

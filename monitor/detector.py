@@ -12,6 +12,12 @@ Rules of this module:
   `down`; deadlines simply wait.
 - A dead relay makes its whole subtree `unreachable` in one batch, blaming the nearest dead relay.
   Hosts come back from fresh evidence only; the time of a death is taken from the evidence.
+- A mass event decides its relays at once and owes the per-host part (a dead, stopped or recovered
+  relay's hosts; a dead relay's deadline columns moving to the heap) as jobs, worked off in order by
+  `expire(now, limit)` in steps of at most `limit` hosts (with no limit, before the call returns).
+  Owed work is done first, in full, whenever anything could see the difference: a relay changes
+  state, news of an owed host or relay arrives, a host is forgotten, state is restored. So the
+  decisions, their times and their order are those of doing it all at once.
 - Deadlines of relays and of direct hosts live in a heap with at most one live entry per subject;
   an entry may be early (the subject was heard since) and is then pushed back. A host behind a relay
   has no heap entry: the relay's bundles are its clock. Its deadline sits in a column of its relay
@@ -28,6 +34,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import heapq
 import itertools
@@ -135,8 +142,8 @@ class HostTrack(_Track):
 
 class RelayTrack(_Track):
     __slots__ = (
-        "boot", "children", "deadlines", "desynced", "flush_s", "free", "hosts", "members", "parent", "pending",
-        "resync_asked", "retired", "seq",
+        "boot", "children", "deadlines", "desynced", "flush_s", "free", "hosts", "members", "owed", "parent",
+        "pending", "resync_asked", "retired", "seq",
     )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
@@ -156,9 +163,34 @@ class RelayTrack(_Track):
         self.deadlines = array("d")
         self.free: list[int] = []  # slots left by hosts that moved or were forgotten
         self.resync_asked = _NEVER  # when a keyframe was last asked for
+        self.owed = 0  # jobs owed for the hosts in its columns (`Detector._jobs`)
 
 
 AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
+
+
+class _Job(enum.Enum):
+    TO_HEAP = "to_heap"  # a relay no longer live: its hosts' deadlines move from its columns to the heap
+    UNREACHABLE = "unreachable"  # a relay died: its live hosts fail over or become unreachable
+    STOPPED = "stopped"  # a relay stopped: its live hosts fail over; those it made unreachable go unknown
+    RESUME = "resume"  # a relay is back: its unreachable (or unheard) hosts resume from their evidence
+
+
+class _Owed:
+    """Per-host work a mass event owes: one job over the slots of one relay's columns, in slot order,
+    with what the event decided it from (`at`, the relay to blame, the grace of that moment)."""
+
+    __slots__ = ("at", "blame", "end", "grace", "job", "next", "reason", "track")
+
+    def __init__(self, job: _Job, track: RelayTrack, at: float, blame: RelayTrack, reason: str, grace: float) -> None:
+        self.job = job
+        self.track = track
+        self.at = at
+        self.blame = blame
+        self.reason = reason
+        self.grace = grace
+        self.next = 0  # the next slot to do
+        self.end = len(track.members)  # no host joins a relay's columns while it has owed jobs
 
 
 class _Arrivals:
@@ -234,6 +266,10 @@ class Detector:
         self._z = policy.phi_z
         # Top-level relays to ask for a keyframe (`<prefix>relay/<id>/resync`); the shell drains it.
         self.resync_wanted: dict[str, None] = {}
+        self._jobs: deque[_Owed] = deque()  # owed per-host work of mass events, in order
+        self._deciding = 0  # jobs in `_jobs` that decide (all but TO_HEAP): a relay's change waits for them
+        self._working = False  # inside `_work`: owed work is being done
+        self._unsaid: list[Transition] = []  # owed work done by a call that returns no transitions
 
     # ------------------------------------------------------------------------------ public inputs
 
@@ -241,10 +277,15 @@ class Detector:
     def blind(self) -> bool:
         return self.disconnected or self.silent
 
-    def observe(self, bundle: Bundle, now: float, sent: float | None = None) -> list[Transition]:
+    def observe(
+        self, bundle: Bundle, now: float, sent: float | None = None, limit: int | None = None
+    ) -> list[Transition]:
         """A bundle arrived from a relay connected to the monitor's broker, `sent` when by its relay's
         clock (monitor/dating.py; None: on arrival). Everything in it is dated from `sent`, so news
-        that waited in a queue counts from when it was news, and stale news proves no one alive."""
+        that waited in a queue counts from when it was news, and stale news proves no one alive.
+
+        `limit` (here and in the other inputs): do at most that many hosts of the per-host work a
+        mass event owes, leaving the rest to `expire` (`due` says so); None: all of it."""
         out: list[Transition] = []
         news = self._is_news(bundle, now)
         if news:  # a duplicate proves nothing new about anyone, the network included
@@ -257,32 +298,37 @@ class Detector:
             pending, self._root_pending = self._root_pending, []
             for relay in pending:
                 self._recheck(relay, now, out)
+        self._work(out, limit)
         return out
 
-    def lost_track(self, header: Bundle, now: float, sent: float | None = None) -> list[Transition]:
+    def lost_track(
+        self, header: Bundle, now: float, sent: float | None = None, limit: int | None = None
+    ) -> list[Transition]:
         """A delta bundle the shell could not expand (it lacks the keyframe the delta refers to), as
         its `header` (no news): the relay is alive, but out of sync until its next keyframe."""
         relay = self.relays.get(header.relay)
         if relay is not None and relay.boot == header.boot and header.seq > relay.seq:
             relay.desynced = True  # a new boot, or a new relay, is out of sync at its first delta anyway
-        return self.observe(header, now, sent)
+        return self.observe(header, now, sent, limit)
 
-    def observe_beat(self, host: str, beat: Beat, now: float) -> list[Transition]:
+    def observe_beat(self, host: str, beat: Beat, now: float, limit: int | None = None) -> list[Transition]:
         """A leaf beat published straight to the monitor's broker (a small site with no relay)."""
         out: list[Transition] = []
         interval_ms = round((beat.interval_s or self.policy.default_interval_s) * 1000)
         self._observe_host(HostEntry(host, beat.seq, 0, interval_ms, beat.status), None, now, now, out)
+        self._work(out, limit)
         return out
 
-    def relay_offline(self, relay_id: str, now: float) -> list[Transition]:
+    def relay_offline(self, relay_id: str, now: float, limit: int | None = None) -> list[Transition]:
         """The relay's Last Will arrived: a fast hint that it is gone."""
         out: list[Transition] = []
         relay = self.relays.get(relay_id)
         if relay is not None and relay.state == State.UP and not self.blind:
             self._relay_down(relay, now, f"relay {relay_id} said offline (status topic / last will)", out)
+        self._work(out, limit)
         return out
 
-    def relay_stopped(self, relay_id: str, now: float) -> list[Transition]:
+    def relay_stopped(self, relay_id: str, now: float, limit: int | None = None) -> list[Transition]:
         """The relay said it stopped (a clean stop): `stopped`, which pages nobody. Whoever is behind it
         is not unreachable: each keeps its state until its own timeout passes, then goes `unknown`
         (no news is no evidence); a host heard recently through another live relay moves there.
@@ -294,16 +340,14 @@ class Detector:
         self._move(relay, Kind.RELAY, State.STOPPED, now, f"relay {relay_id} said it stopped", relay.parent, out)
         relay.scheduled = None
         self._confirm_pending(relay, now, out)  # deadlines that passed awaiting its next bundle: judged now
-        for track in [relay, *self.subtree(relay.id)]:
-            if track is not relay and track.state == State.UNREACHABLE and self._path_end(track.parent) is relay:
+        behind = [relay, *self.subtree(relay.id)]
+        for track in behind[1:]:  # the relays first, then their hosts (owed: `_stopped_host`)
+            if track.state == State.UNREACHABLE and self._path_end(track.parent) is relay:
                 self._move(track, Kind.RELAY, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
                 self._recheck(track, now, out)
-            for host_id in sorted(track.hosts):
-                host = self.hosts[host_id]
-                if host.state in _UP_OR_UNKNOWN:
-                    self._fail_over(host, now)
-                elif host.state == State.UNREACHABLE and self._path_end(host.via) is relay:
-                    self._move(host, Kind.HOST, State.UNKNOWN, now, f"relay {relay_id} stopped", relay_id, out)
+        for track in behind:
+            self._owe(_Job.STOPPED, track, now, relay, f"relay {relay_id} stopped")
+        self._work(out, limit)
         return out
 
     def set_connected(self, connected: bool, now: float) -> None:
@@ -314,11 +358,22 @@ class Detector:
                 self.last_bundle_at = now  # total silence counts from when we could hear again
         self.disconnected = not connected
 
+    def due(self, now: float) -> bool:
+        """Whether `expire(now)` has something to do now: owed work, or a deadline passed."""
+        return bool(self._jobs or self._unsaid) or (not self.blind and bool(self._heap) and self._heap[0][0] <= now)
+
+    @property
+    def owed(self) -> int:
+        """Hosts' slots the owed jobs have still to do (0: nothing owed)."""
+        return sum(job.end - job.next for job in self._jobs)
+
     def regain_sight(self, now: float) -> None:
         """The shell could not look for a while (its event loop was blocked): start a grace period."""
         self.grace_from = max(self.grace_from, now)
 
     def forget_host(self, host_id: str) -> bool:
+        if self._jobs:
+            self._touch(self.hosts.get(host_id), self._unsaid)  # what it decides, the next `expire` returns
         host = self.hosts.pop(host_id, None)
         if host is None:
             return False
@@ -338,23 +393,33 @@ class Detector:
         return min(candidates) if candidates else None
 
     def expire(self, now: float, limit: int | None = None) -> list[Transition]:
-        """Everything whose deadline has passed by `now`, in deadline order; with `limit`, stop once
-        that many transitions are decided (the rest stay due: call again), so that a mass event is
-        decided in steps between which the shell may read its input."""
-        out: list[Transition] = []
+        """Owed work first, then everything whose deadline has passed by `now`, in deadline order.
+        With `limit`, stop once that many subjects (heap entries or owed hosts' slots) are done, or
+        when a deadline made a mass event owe work: the rest stays due (`due`), so that a mass event
+        is decided in steps between which the shell may read its input. The same decisions, in the
+        same order, as one call without a limit."""
+        out, self._unsaid = self._unsaid, []
+        budget = math.inf if limit is None else limit
+        budget -= self._work(out, limit)
+        if self._jobs:
+            return out
         silence = self._silence_deadline()
         if silence is not None and silence <= now:
             self.silent = True
         if self.blind:
             return out
         heap = self._heap
-        bound = math.inf if limit is None else limit
-        while heap and heap[0][0] <= now and len(out) < bound:
+        while heap and heap[0][0] <= now and budget > 0:
+            budget -= 1
             scheduled, _, track = heapq.heappop(heap)
             if track.scheduled != scheduled:
                 continue  # superseded entry
             track.scheduled = None
             self._recheck(track, now, out)
+            if self._jobs:
+                if limit is not None:
+                    break  # a mass event: its hosts in the next steps, before any later deadline
+                self._work(out, None)
         return out
 
     def restore(self, hosts: Iterable[HostSnapshot], relays: Iterable[RelaySnapshot]) -> None:
@@ -495,6 +560,8 @@ class Detector:
     ) -> None:
         if track.state == state:
             return
+        if type(track) is RelayTrack:
+            self._settle(out)  # owed decisions saw the relays as they were
         if (track.state, state) not in TRANSITIONS[kind]:
             self._ignore(f"unlisted_transition_{track.state}_{state}")  # a bug; the property tests want none
         at = max(at, track.since)  # history never goes back in time
@@ -511,12 +578,8 @@ class Detector:
 
     def _columns_to_heap(self, relay: RelayTrack) -> None:
         """A relay that is down or unreachable sends no bundle that could judge its hosts: the
-        deadlines in its columns move to the heap."""
-        deadlines = relay.deadlines
-        for slot, host in enumerate(relay.members):
-            if host is not None and host.scheduled is not None and deadlines[slot] != math.inf:
-                heapq.heappush(self._heap, (host.scheduled, next(self._tie), host))
-                deadlines[slot] = math.inf
+        deadlines in its columns move to the heap (owed: a job, done before any heap entry)."""
+        self._owe(_Job.TO_HEAP, relay, 0.0, relay, "")
 
     def _count_flap(self, track: AnyTrack, kind: Kind, at: float, relay: str | None, out: list[Transition]) -> None:
         policy = self.policy
@@ -562,6 +625,7 @@ class Detector:
     ) -> None:
         sent = above_sent - bundle.age_ms / 1000
         relay = self._relay(bundle.relay, now)
+        self._pay(relay, out)  # news of a relay whose hosts are owed work: that work first
         if not self._admit(relay, bundle, parent, now, out):
             return
         relay.seq = bundle.seq
@@ -708,7 +772,7 @@ class Detector:
         """Devices the relay vouches for: `up` as if beating once per flush; `down` or `unreachable` at
         once (from `up` or `unknown`, as a dead relay's hosts), at the time their source said so."""
         for w in bundle.watched:
-            host = self._host(w.id, bundle.flush_ms, now)
+            host = self._host(w.id, bundle.flush_ms, now, out)
             host.source, host.said = w.source, (w.state, f"{w.source}: {w.reason}")
             if w.state is Vouch.UP:
                 self._observe_host(HostEntry(w.id, None, w.age_ms, bundle.flush_ms, LeafStatus.OK), rid, sent, now, out)
@@ -717,8 +781,10 @@ class Detector:
                     self._set_via(host, rid)
                 self._move(host, Kind.HOST, State(w.state.value), sent - w.age_ms / 1000, host.said[1], rid, out)
 
-    def _host(self, host_id: str, interval_ms: int, now: float) -> HostTrack:
+    def _host(self, host_id: str, interval_ms: int, now: float, out: list[Transition]) -> HostTrack:
         host = self.hosts.get(host_id)
+        if self._jobs:
+            self._touch(host, out)
         if host is None:
             host = self.hosts[host_id] = HostTrack(host_id, State.UNKNOWN, now, None)
             host.misses = self.policy.misses_for(host_id)
@@ -729,7 +795,7 @@ class Detector:
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
         seen = sent - entry.age_ms / 1000
-        host = self._host(entry.id, entry.interval_ms, now)
+        host = self._host(entry.id, entry.interval_ms, now, out)
         previous = host.last_seen
         fresher = previous is None or seen > previous
         if relay_id != host.via:
@@ -826,6 +892,7 @@ class Detector:
         sent = relay.last_seen
         if sent is None or not relay.members:
             return
+        self._pay(relay, out)  # it went down in this very bundle: its columns move to the heap first
         due = np.flatnonzero(np.frombuffer(relay.deadlines, dtype=np.float64) <= sent).tolist()
         for slot in due:
             host = relay.members[slot]
@@ -891,6 +958,8 @@ class Detector:
 
     def _recheck(self, track: AnyTrack, now: float, out: list[Transition]) -> None:
         """An unscheduled live subject: schedule its deadline, or handle its silence if it passed."""
+        if self._jobs and type(track) is HostTrack:
+            self._touch(track, out)
         if track.state not in _UP_OR_UNKNOWN or track.scheduled is not None:
             return
         deadline = self._deadline(track)
@@ -921,28 +990,113 @@ class Detector:
             state, blame = (State.UNKNOWN, "stopped") if stopped else (State.UNREACHABLE, "down")
             self._move(relay, Kind.RELAY, state, deadline, f"relay {end.id} {blame}", end.id, out)
             relay.scheduled = None
-            self._columns_to_heap(relay)  # unknown too sends no bundle that could judge its hosts
+            if stopped:  # unknown too sends no bundle that could judge its hosts (_move did it for unreachable)
+                self._columns_to_heap(relay)
         else:
             self._relay_down(relay, deadline, self._silence_reason(relay, deadline), out)
 
     def _relay_down(self, relay: RelayTrack, at: float, reason: str, out: list[Transition]) -> None:
+        """A relay is down: its subtree's relays unreachable now, then their hosts (owed:
+        `_unreachable_host`), so no host fails over to a relay of the subtree that is dying."""
         self._move(relay, Kind.RELAY, State.DOWN, at, reason, relay.parent, out)
         relay.scheduled = None
         relay.pending.clear()
         blame = f"relay {relay.id} down"
-        for track in [relay, *self.subtree(relay.id)]:
-            if track is not relay and self._path_end(track.id) is not relay:
+        behind = [relay]
+        for track in self.subtree(relay.id):
+            if self._path_end(track.id) is not relay:
                 continue  # behind a relay below that stopped: its subjects go unknown at their own timeouts
-            if track is not relay and track.state in _UP_OR_UNKNOWN:
+            if track.state in _UP_OR_UNKNOWN:
                 self._move(track, Kind.RELAY, State.UNREACHABLE, at, blame, relay.id, out)
                 track.scheduled = None
                 track.pending.clear()
-            for host_id in sorted(track.hosts):
-                host = self.hosts[host_id]
-                if host.state not in _UP_OR_UNKNOWN or self._fail_over(host, at):
-                    continue
-                self._move(host, Kind.HOST, State.UNREACHABLE, at, blame, relay.id, out)
+            behind.append(track)
+        for track in behind:
+            self._owe(_Job.UNREACHABLE, track, at, relay, blame)
+
+    # ------------------------------------------------------------------------- owed work
+
+    def _owe(self, job: _Job, track: RelayTrack, at: float, blame: RelayTrack, reason: str) -> None:
+        if not track.members:
+            return
+        self._jobs.append(_Owed(job, track, at, blame, reason, self.grace_from))
+        track.owed += 1
+        if job is not _Job.TO_HEAP:
+            self._deciding += 1
+
+    def _touch(self, host: HostTrack | None, out: list[Transition]) -> None:
+        """Input about a host: whatever is owed, done first if any of it may be this host's."""
+        if host is not None and host.via is not None:
+            relay = self.relays.get(host.via)
+            if relay is not None and relay.owed:
+                self._work(out, None)
+
+    def _pay(self, relay: RelayTrack, out: list[Transition]) -> None:
+        """Input about a relay: whatever is owed, done first if any of it is for its hosts."""
+        if relay.owed:
+            self._work(out, None)
+
+    def _settle(self, out: list[Transition]) -> None:
+        """Before a change that owed decisions may depend on (a relay's state): do them all."""
+        if self._deciding and not self._working:
+            self._work(out, None)
+
+    def _work(self, out: list[Transition], limit: int | None) -> int:
+        """Do owed work, in order, at most `limit` slots (None: all). Returns the slots done."""
+        if not self._jobs or self._working:
+            return 0
+        self._working = True
+        done = 0
+        try:
+            budget = math.inf if limit is None else limit
+            jobs = self._jobs
+            while jobs and done < budget:
+                job = jobs[0]
+                start = job.next
+                stop = job.end if limit is None else min(job.end, start + int(budget - done))
+                members = job.track.members
+                grace, self.grace_from = self.grace_from, job.grace  # as the event saw it
+                try:
+                    for slot in range(start, stop):
+                        job.next = slot + 1
+                        host = members[slot]
+                        if host is not None:
+                            self._do(job, slot, host, out)
+                finally:
+                    self.grace_from = grace
+                done += stop - start
+                if job.next >= job.end:
+                    jobs.popleft()
+                    job.track.owed -= 1
+                    if job.job is not _Job.TO_HEAP:
+                        self._deciding -= 1
+        finally:
+            self._working = False
+        return done
+
+    def _do(self, job: _Owed, slot: int, host: HostTrack, out: list[Transition]) -> None:
+        """One owed host: what the mass event would have done to it at once."""
+        kind = job.job
+        if kind is _Job.TO_HEAP:
+            deadlines = job.track.deadlines
+            if host.scheduled is not None and deadlines[slot] != math.inf:
+                heapq.heappush(self._heap, (host.scheduled, next(self._tie), host))
+                deadlines[slot] = math.inf
+        elif kind is _Job.UNREACHABLE:
+            if host.state in _UP_OR_UNKNOWN and not self._fail_over(host, job.at):
+                self._move(host, Kind.HOST, State.UNREACHABLE, job.at, job.reason, job.blame.id, out)
                 host.scheduled = None
+        elif kind is _Job.STOPPED:
+            if host.state in _UP_OR_UNKNOWN:
+                self._fail_over(host, job.at)
+            elif host.state == State.UNREACHABLE and self._path_end(host.via) is job.blame:
+                self._move(host, Kind.HOST, State.UNKNOWN, job.at, job.reason, job.blame.id, out)
+        else:
+            unheard = host.state == State.UNKNOWN and host.scheduled is None  # went unknown while it was stopped
+            if (host.state == State.UNREACHABLE or unheard) and (host.said is None or host.said[0] is Vouch.UP):
+                if self._deadline(host) <= job.at:
+                    host.grace_from = job.at
+                self._resume_host(host, job.at, out)
 
     def _fail_over(self, host: HostTrack, now: float) -> bool:
         """The host's relay died: move it to another live path that heard it recently, if any."""
@@ -967,7 +1121,8 @@ class Detector:
         """A relay is up again: whoever behind it is still unreachable resumes from their own evidence.
         Whoever this bundle said nothing of, and whose evidence is too old to vouch for them, is not
         silent but unheard (a relay's new boot knows no one yet): one timeout of grace from now."""
-        for track in [relay, *self.subtree(relay.id)]:
+        back = []
+        for track in [relay, *self.subtree(relay.id)]:  # the relays first, then their hosts (owed)
             parent = None if track is relay or track.parent is None else self.relays.get(track.parent)
             if parent is not None and parent.state not in _UP_OR_UNKNOWN:
                 continue  # still behind a dead relay (parents come before their children here)
@@ -978,15 +1133,10 @@ class Detector:
                 else:
                     self._move(track, Kind.RELAY, State.UP, now, f"relay {relay.id} up again", track.parent, out)
                 self._schedule(track, self._deadline(track))
-            if track.state not in _UP_OR_UNKNOWN:
-                continue
-            for host_id in sorted(track.hosts):
-                host = self.hosts[host_id]
-                unheard = host.state == State.UNKNOWN and host.scheduled is None  # went unknown while it was stopped
-                if (host.state == State.UNREACHABLE or unheard) and (host.said is None or host.said[0] is Vouch.UP):
-                    if self._deadline(host) <= now:
-                        host.grace_from = now
-                    self._resume_host(host, now, out)
+            if track.state in _UP_OR_UNKNOWN:
+                back.append(track)
+        for track in back:
+            self._owe(_Job.RESUME, track, now, relay, "")
 
     def _ignore(self, reason: str) -> None:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1

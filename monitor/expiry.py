@@ -26,8 +26,9 @@ STALL_S = 1.0  # the event loop blocked this long means unread input may be wait
 LOOP_PROBE_S = 0.5  # how often the loop probe sleeps and measures how late it woke (under STALL_S)
 LAG_WINDOW_S = 5.0  # the loop lag reported is the worst of this long
 EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loop's own latency)
-# Transitions decided per step of a pass: 100,000 hosts going silent at once are decided in steps of
-# a few milliseconds each, with the event loop free in between (the API answers, input is read).
+# Subjects decided per step of a pass (heap entries, or hosts a mass event owes: a dead relay's):
+# 100,000 hosts going silent at once, or behind a relay that dies, are decided in steps of a
+# millisecond or two each, with the event loop free in between (the API answers, input is read).
 EXPIRE_STEP = 200
 
 
@@ -54,9 +55,10 @@ class Expiry:
         self._wake.set()
 
     def news(self) -> None:
-        """Input changed deadlines: wake only if the loop must pass earlier than it planned."""
+        """Input changed deadlines: wake only if the loop must pass earlier than it planned, or at
+        once when a mass event left its hosts' part owed."""
         deadline = self.detector.next_deadline()
-        if deadline is not None and (self.armed is None or deadline < self.armed):
+        if self.detector.owed or (deadline is not None and (self.armed is None or deadline < self.armed)):
             self._wake.set()
 
     async def run(self) -> None:
@@ -65,6 +67,8 @@ class Expiry:
             # At most one pass per EXPIRY_QUANTUM_S: thousands of hosts' deadlines (most of them merely
             # pushed back) are handled in a few passes a second, not one wake-up each.
             timeout = None if deadline is None else max(EXPIRY_QUANTUM_S, deadline - self.clock.now())
+            if self.detector.owed:
+                timeout = 0.0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -80,18 +84,22 @@ class Expiry:
         gets a timeout of grace instead of being judged on news we have not read yet."""
         if self._last_tick is not None:
             self._check_stall()
-        while len(out := self.detector.expire(self.clock.now(), EXPIRE_STEP)) >= EXPIRE_STEP:
-            self.decide(out)
-        self.decide(out)
+        while True:
+            now = self.clock.now()
+            self.decide(self.detector.expire(now, EXPIRE_STEP))
+            if not self.detector.due(now):
+                return
 
     async def _expire_in_steps(self) -> None:
-        """`expire`, yielding to the event loop between steps of EXPIRE_STEP transitions."""
+        """`expire`, yielding to the event loop between steps of EXPIRE_STEP subjects."""
         if self._last_tick is not None:
             self._check_stall()
-        while len(out := self.detector.expire(self.clock.now(), EXPIRE_STEP)) >= EXPIRE_STEP:
-            self.decide(out)
+        while True:
+            now = self.clock.now()
+            self.decide(self.detector.expire(now, EXPIRE_STEP))
+            if not self.detector.due(now):
+                return
             await asyncio.sleep(0)
-        self.decide(out)
 
     def late_s(self) -> float:
         """How far past its deadline the loop is (0 when it has none, or is not late)."""

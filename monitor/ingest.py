@@ -33,7 +33,7 @@ from relaybeat.errors import RelaybeatError
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.dating import Dating
 from relaybeat.monitor.detector import Detector
-from relaybeat.monitor.expiry import Expiry
+from relaybeat.monitor.expiry import EXPIRE_STEP, Expiry
 from relaybeat.monitor.states import Transition
 from relaybeat.relay.compact import BundleDecoder, KeyframeMissing
 from relaybeat.relay.mqtt import Brokers, BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
@@ -277,15 +277,15 @@ class Ingest:
             elif kind is TopicKind.BEAT:
                 if self.accept_direct_beats:
                     self.received["beats"] += 1
-                    self.decide(self.detector.observe_beat(subject, decode_beat(payload), now))
+                    self.decide(self.detector.observe_beat(subject, decode_beat(payload), now, EXPIRE_STEP))
             else:
                 status = decode_relay_status(payload)
                 if status is RelayStatus.OFFLINE:
                     self.received["relay_offline"] += 1
-                    self.decide(self.detector.relay_offline(subject, now))
+                    self.decide(self.detector.relay_offline(subject, now, EXPIRE_STEP))
                 elif status is RelayStatus.STOPPED:
                     self.received["relay_stopped"] += 1
-                    self.decide(self.detector.relay_stopped(subject, now))
+                    self.decide(self.detector.relay_stopped(subject, now, EXPIRE_STEP))
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
@@ -307,7 +307,9 @@ class Ingest:
         self._observe(bundle, unreadable, sent, now)
 
     def _observe(self, bundle: Bundle, unreadable: bool, sent: float | None, now: float) -> None:
-        self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now, sent))
+        # A mass event's hosts (a relay back, or found dead) beyond EXPIRE_STEP: owed, decided by the
+        # expiry in steps (`expiry.news` wakes it at once).
+        self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now, sent, EXPIRE_STEP))
 
     async def ask_resyncs(self, client: aiomqtt.Client) -> None:
         """Ask the relays the detector lost track of for a keyframe."""

@@ -80,6 +80,10 @@ def test_detector_reports_throughput_expiry_and_memory(tmp_path: Path) -> None:
     assert positive(r["observe_entries_per_s"]["median"])
     assert r["expire"]["mass_down_transitions"]["median"] == 2000
     assert r["expire"]["relay_death_transitions"]["median"] == 500 + 1
+    will = r["holds"]["500 hosts"]["relay last will: relay down, hosts unreachable"]
+    assert will["transitions"]["median"] == 500 + 1
+    assert will["calls"]["median"] > 1  # its hosts were decided in steps
+    assert positive(r["holds"]["2,000-entry bundle"]["decode (version 2 keyframe)"]["max_ms"]["median"])
     for figures in r["memory"].values():
         # RSS at smoke size depends on what the allocator already holds (2 B/host was seen after other
         # tests): only bounded above; the traced figure is the one that must be real.

@@ -7,8 +7,9 @@ and woken at every deadline, all on one fake clock. Times are chosen to be exact
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,7 +21,7 @@ from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
 from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.relay.assembler import Assembler
-from relaybeat.relay.wire import Beat, Bundle, LeafStatus, decode_bundle, encode_bundle
+from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
 
 # ------------------------------------------------------------------------------------- the site
 
@@ -995,9 +996,19 @@ class DetectorMachine(RuleBasedStateMachine):
     """Arbitrary interleavings of beats, flushes (late, duplicated, reordered), relay deaths and
     new boots, last wills, monitor disconnects and time steps, checked against a small model."""
 
+    # Per-host work a mass event owes (a relay's hosts): None, done within the call; a number, at
+    # most that many hosts per call, the rest left owed across later inputs (`expire` calls are
+    # repeated until nothing is due, as the monitor's expiry does), and checked against a twin that
+    # gets the same inputs with no limit.
+    limit: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.detector = Detector(SM_POLICY, 0.0)
+        self.twin = Detector(SM_POLICY, 0.0)  # the same inputs, every mass event done at once
+        self.history: dict[str, list[Transition]] = {}
+        self.twin_history: dict[str, list[Transition]] = {}
+        self.twin_out: list[Transition] = []  # the twin's answer to the last input
         self.now = 0.0
         self.calls: list[tuple[str, tuple[object, ...], list[Transition]]] = []
         # The site.
@@ -1022,8 +1033,22 @@ class DetectorMachine(RuleBasedStateMachine):
     # --------------------------------------------------------------------------- the one door
 
     def call(self, name: str, *args: object) -> None:
-        out: list[Transition] = getattr(self.detector, name)(*args)
-        self.calls.append((name, args, out))
+        if self.limit is None:
+            out: list[Transition] = getattr(self.detector, name)(*args)
+            self.calls.append((name, args, out))
+        else:
+            out = []
+            while True:
+                step = getattr(self.detector, name)(*args, limit=self.limit)
+                self.calls.append((name, args, step))
+                out += step
+                if name != "expire" or not self.detector.due(self.now):
+                    break
+            self.twin_out = getattr(self.twin, name)(*args)
+            for t in self.twin_out:
+                self.twin_history.setdefault(t.subject, []).append(t)
+        for t in out:
+            self.history.setdefault(t.subject, []).append(t)
         for relay_id in self.detector.take_resync_requests():  # the relay hears the request (or not: it is dead)
             if self.relay_alive[relay_id]:
                 self.asm[relay_id].request_keyframe()
@@ -1048,6 +1073,7 @@ class DetectorMachine(RuleBasedStateMachine):
         if name == "expire":
             deadline = self.detector.next_deadline()
             assert deadline is None or deadline > self.now
+            assert self.detector.owed == 0
 
     def deliver(self, bundle: Bundle) -> None:
         self.sent.append(encode_bundle(bundle))
@@ -1103,7 +1129,8 @@ class DetectorMachine(RuleBasedStateMachine):
             again = decode_bundle(self.sent[pick % len(self.sent)])
             self.deliver(again)
             if self.boots[again.relay] <= SM_POLICY.relay_memory:  # its boot is still remembered
-                assert self.calls[-1][2] == [], "a bundle delivered twice must be no news the second time"
+                news = self.calls[-1][2] if self.limit is None else self.twin_out  # (owed work may be done first)
+                assert news == [], "a bundle delivered twice must be no news the second time"
 
     @rule(relay_id=st.sampled_from(sorted(SM_RELAYS)))
     def relay_dies(self, relay_id: str) -> None:
@@ -1135,6 +1162,7 @@ class DetectorMachine(RuleBasedStateMachine):
         if self.connected:
             self.connected = False
             self.detector.set_connected(False, self.now)
+            self.twin.set_connected(False, self.now)
             self.calls.append(("set_connected", (False, self.now), []))
 
     @rule()
@@ -1143,6 +1171,7 @@ class DetectorMachine(RuleBasedStateMachine):
             self.connected = True
             self.grace_from = self.now
             self.detector.set_connected(True, self.now)
+            self.twin.set_connected(True, self.now)
             self.calls.append(("set_connected", (True, self.now), []))
 
     @rule(dt=st.integers(1, 120))
@@ -1180,6 +1209,8 @@ class DetectorMachine(RuleBasedStateMachine):
 
     @invariant()
     def unreachable_only_behind_a_dead_relay(self) -> None:
+        if self.detector.owed:
+            return  # a mass event half done: its hosts are the next steps' work
         for subject, state in self.state.items():
             if state == UNREACHABLE:
                 path = sm_path(subject)
@@ -1195,10 +1226,30 @@ class DetectorMachine(RuleBasedStateMachine):
         if not self.connected:
             assert self.detector.next_deadline() is None
 
+    @invariant()
+    def work_done_in_steps_is_the_work_done_at_once(self) -> None:
+        """Each subject's decisions so far are the first of the twin's, all of them once nothing is owed."""
+        if self.limit is None:
+            return
+        for subject, theirs in self.twin_history.items():
+            mine = self.history.get(subject, [])
+            assert mine == theirs[: len(mine)], subject
+        if self.detector.owed == 0:
+            assert self.history == self.twin_history
+            tracks, twins = {**self.detector.hosts, **self.detector.relays}, {**self.twin.hosts, **self.twin.relays}
+            assert {s: t.state for s, t in tracks.items()} == {s: t.state for s, t in twins.items()}
+
     def teardown(self) -> None:
         replay = Detector(SM_POLICY, 0.0)
         for name, args, out in self.calls:
-            assert getattr(replay, name)(*args) == (out if name != "set_connected" else None), name
+            limit = {} if self.limit is None or name == "set_connected" else {"limit": self.limit}
+            assert getattr(replay, name)(*args, **limit) == (out if name != "set_connected" else None), name
+        if self.limit is not None:  # what is still owed (and what is due, for both), then all as if done at once
+            for t in self.detector.expire(self.now):
+                self.history.setdefault(t.subject, []).append(t)
+            for t in self.twin.expire(self.now):
+                self.twin_history.setdefault(t.subject, []).append(t)
+            assert self.history == self.twin_history
 
 
 class DeltaDetectorMachine(DetectorMachine):
@@ -1212,10 +1263,25 @@ class DeltaDetectorMachine(DetectorMachine):
         )
 
 
+class SteppedDetectorMachine(DetectorMachine):
+    limit = 1
+
+
+class SteppedDeltaDetectorMachine(DeltaDetectorMachine):
+    limit = 1
+
+
 def test_detector_machine(site_wire: int) -> None:
     """The state machine, with relays speaking version 1 (keyframes) or version 2 (deltas)."""
     machine = DetectorMachine if site_wire == 1 else DeltaDetectorMachine
     run_state_machine_as_test(machine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
+
+
+def test_detector_machine_with_mass_events_in_steps(site_wire: int) -> None:
+    """The same, with the per-host work of mass events done one host per call and left owed across
+    other inputs: every decision, its time and its order per subject are those of doing it at once."""
+    machine = SteppedDetectorMachine if site_wire == 1 else SteppedDeltaDetectorMachine
+    run_state_machine_as_test(machine, settings=settings(max_examples=150, stateful_step_count=40, deadline=None))
 
 
 def test_leaf_with_a_constant_seq_stays_up_through_a_relay() -> None:
@@ -1338,3 +1404,67 @@ def test_expire_with_a_limit_decides_a_mass_event_in_steps_with_the_same_outcome
     assert [len(step) for step in steps] == [300, 300, 300, 100]
     assert [t for step in steps for t in step] == whole
     assert len(whole) == 1000
+
+
+def relay_tree(hosts: int) -> tuple[Detector, Bundle]:
+    """`hosts` hosts behind a relay `top` (interval 1 s), as many behind its child `mid`, all up."""
+
+    def entries(prefix: str) -> tuple[HostEntry, ...]:
+        return tuple(HostEntry(f"{prefix}{i:05d}", 1, i % 300, 1000, LeafStatus.OK) for i in range(hosts))
+
+    child = Bundle("mid", "m", 1, 1000, entries("m"))
+    top = Bundle("top", "t", 1, 1000, entries("t"), children=(child,))
+    detector = Detector(Policy(misses=3), 0.0)
+    detector.observe(top, 1.0)
+    return detector, top
+
+
+MASS_EVENTS: dict[str, Callable[[Detector, int | None], list[Transition]]] = {
+    "last will": lambda d, limit: d.relay_offline("top", 2.0, limit=limit),
+    "silence": lambda d, limit: d.expire(10.0, limit),
+    "clean stop": lambda d, limit: d.relay_stopped("top", 2.0, limit=limit),
+    "back after a death": lambda d, limit: (
+        d.relay_offline("top", 2.0) and d.observe(Bundle("top", "t2", 1, 1000, ()), 20.0, limit=limit)
+    ),
+}
+
+
+@pytest.mark.parametrize("event", sorted(MASS_EVENTS))
+def test_a_mass_event_done_in_steps_decides_what_it_decides_at_once_and_no_step_does_more(event: str) -> None:
+    whole, _ = relay_tree(1000)
+    at_once = MASS_EVENTS[event](whole, None)
+    assert whole.owed == 0
+    assert not whole.due(10.0 if event == "silence" else 2.0)
+    stepped, _ = relay_tree(1000)
+    steps = [MASS_EVENTS[event](stepped, 50)]
+    owed = [stepped.owed]
+    now = 10.0 if event == "silence" else 20.0 if event.startswith("back") else 2.0
+    while stepped.due(now):
+        steps.append(stepped.expire(now, 50))
+        owed.append(stepped.owed)
+    assert [t for step in steps for t in step] == at_once
+    hosts_per_step = [sum(t.kind is Kind.HOST for t in step) for step in steps]
+    assert max(hosts_per_step) <= 50
+    assert all(a - b <= 50 for a, b in itertools.pairwise(owed))  # no step did more than its limit of slots
+    assert len(steps) > 2000 * 2 // 50 // 2  # it was done in steps, not at once
+    if event != "clean stop":
+        assert sum(hosts_per_step) == 2000
+    assert {s: t.state for s, t in stepped.hosts.items()} == {s: t.state for s, t in whole.hosts.items()}
+
+
+def test_news_of_hosts_a_mass_event_still_owes_comes_after_their_owed_decision() -> None:
+    """A relay died; before its hosts' part is done, a direct beat of one of them and a bundle of
+    its child arrive: the owed decisions are made first, so each host's history is as if at once."""
+    whole, _ = relay_tree(200)
+    stepped, _ = relay_tree(200)
+    direct = ("t00150", Beat(2, 1.0), 2.5)
+    child = Bundle("mid", "m", 2, 1000, (HostEntry("m00199", 2, 0, 1000, LeafStatus.OK),))
+    at_once = whole.relay_offline("top", 2.0) + whole.observe_beat(*direct) + whole.observe(child, 2.6)
+    first = stepped.relay_offline("top", 2.0, limit=10)
+    assert stepped.owed > 0
+    later = stepped.observe_beat(*direct, limit=10) + stepped.observe(child, 2.6, limit=10)
+    while stepped.due(2.6):
+        later += stepped.expire(2.6, 10)
+    assert first + later == at_once  # the beat and the bundle each found the work owed and did it first
+    assert stepped.hosts["t00150"].state == UP
+    assert stepped.hosts["t00150"].via is None
