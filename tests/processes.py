@@ -4,6 +4,7 @@ private PostgreSQL server that a test may stop and start."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -522,3 +523,71 @@ class NatsCluster:
                 service.process.kill()
                 service.process.wait(10)
             service.close_log()
+
+
+# ------------------------------------------------------------------------------------ RabbitMQ
+
+RABBITMQ_SBIN = Path("/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/sbin")
+
+
+class PrivateRabbitMQ:
+    """A private RabbitMQ node (3.10, `rabbitmq_mqtt` plugin) on free loopback ports, every file under
+    `folder` (../shared/BROKERS.md); never the system node on 5672. Fails (not skips) if RabbitMQ is
+    missing: CI has it. Its own process group, so `close()` (rabbitmqctl stop under the same HOME, then
+    kill -9 of the group) leaves no Erlang process behind."""
+
+    def __init__(self, folder: Path, sbin: Path = RABBITMQ_SBIN) -> None:
+        self.server, self.ctl = sbin / "rabbitmq-server", sbin / "rabbitmqctl"
+        if not self.server.exists():
+            msg = f"RabbitMQ is not installed: {self.server} is missing (apt install rabbitmq-server)"
+            raise AssertionError(msg)
+        self.folder = folder
+        amqp, dist, self.mqtt_port = (pick_free("127.0.0.1") for _ in range(3))
+        self.node = f"rbt{os.getpid()}x{time.monotonic_ns() % 10**6}@localhost"
+        (folder / "home").mkdir(parents=True, exist_ok=True)
+        (folder / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (folder / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp}\nmqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
+            "mqtt.allow_anonymous = true\nloopback_users = none\n"
+        )
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(amqp), "RABBITMQ_DIST_PORT": str(dist),
+            "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"), "RABBITMQ_LOG_BASE": str(folder / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"), "RABBITMQ_CONF_ENV_FILE": "/dev/null",
+            "HOME": str(folder / "home"),
+        }  # fmt: skip
+        self.log_path = folder / "rabbitmq.log"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(self.server)], stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=folder,
+            start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                msg = f"RabbitMQ exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                raise AssertionError(msg)
+            return port_open(self.mqtt_port)
+
+        wait_until(ready, timeout, "the private RabbitMQ's MQTT listener", every=0.5)
+
+    def close(self) -> None:
+        try:
+            if self.process.poll() is None:
+                subprocess.run(
+                    [str(self.ctl), "-n", self.node, "stop"], env=self.env, capture_output=True, timeout=60, check=False
+                )
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(20)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # any Erlang child left behind
+            self.process.wait(10)
+            self._log.close()
