@@ -476,6 +476,7 @@ class _Stream(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.heard_at = 0.0
         self.resuming: asyncio.TimerHandle | None = None  # set while reading pauses to gather input
+        self.paused_at: float | None = None  # when reading last paused to gather (the socket was drained then)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream connection's is one
@@ -487,7 +488,11 @@ class _Stream(asyncio.Protocol):
         except PacketError as exc:
             self.close(f"the broker broke the protocol ({exc})")
             return
-        self.heard_at = owner.loop.time()
+        self.heard_at = now = owner.loop.time()
+        paused_at, self.paused_at = self.paused_at, None
+        # What this read hands on arrived after reading paused (the read before drained the socket):
+        # at most `gather_s` ago, unless the loop itself was late to read it.
+        owner.waited_s = 0.0 if paused_at is None else min(owner.gather_s, now - paused_at)
         acks = []
         on_message = owner.on_message
         for packet in packets:
@@ -504,6 +509,7 @@ class _Stream(asyncio.Protocol):
             transport.write(b"".join(acks))
         if owner.gather_s and len(data) < GATHER_BELOW_BYTES and not transport.is_closing():
             transport.pause_reading()  # let more arrive: one wakeup for many messages
+            self.paused_at = owner.loop.time()
             self.resuming = owner.loop.call_later(owner.gather_s, self.resume)
 
     def resume(self) -> None:
@@ -539,7 +545,10 @@ class LeanClient:
     `gather_s`: after a small read, wait this long before reading again, so that input arriving a
     message at a time is read many messages per wakeup (the wakeup, not the message, was the cost).
     A message is then handed on up to `gather_s` after it arrived; asking for `unread()` reads at
-    once, so whoever checks for a backlog (the relay before it flushes) never waits for it."""
+    once, so whoever checks for a backlog (the relay before it flushes) never waits for it. While
+    `on_message` runs, `waited_s` says how long ago the messages of this read may have arrived at the
+    earliest (0 when it did not follow a pause to gather): dated that much earlier, none of them
+    looks younger than it is."""
 
     def __init__(
         self,
@@ -555,6 +564,7 @@ class LeanClient:
         self.on_message = on_message
         self.keepalive = keepalive
         self.gather_s = gather_s
+        self.waited_s = 0.0
         self.loop = asyncio.get_running_loop()
         self._stream: _Stream | None = None
         self._next_id = 0

@@ -215,6 +215,47 @@ async def test_the_lean_client_receives_qos_0_and_1_in_order_and_acknowledges_qo
     assert inbox.got[-1] == (f"{prefix}beat/self", b"from lean", False)
 
 
+async def test_a_message_read_after_a_pause_to_gather_is_dated_no_later_than_it_was_published(
+    broker: EmbeddedBroker,
+) -> None:
+    """Reading pauses after each small read for `gather_s`; what the next read hands on arrived after
+    the pause began, and `waited_s` dates it back to then at most, never to when it was read."""
+    url = BrokerURL.parse(broker.url)
+    prefix = f"t{uuid.uuid4().hex[:6]}/"
+    loop = asyncio.get_running_loop()
+    heard: list[tuple[str, float, float]] = []  # topic, read at, dated at
+    arrived = asyncio.Event()
+    clients: list[LeanClient] = []
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        now = loop.time()
+        heard.append((topic, now, now - clients[0].waited_s))
+        arrived.set()
+
+    gather_s = 2.0
+    async with url.lean_client("lean-gather", on_message, gather_s=gather_s) as lean:
+        clients.append(lean)
+        await lean.subscribe(f"{prefix}beat/+", qos=0)
+        runner = asyncio.create_task(lean.run())
+        async with aiomqtt.Client(url.host, url.port, identifier="pub-gather") as pub:
+            await pub.publish(f"{prefix}beat/a", b"", qos=0)
+            async with asyncio.timeout(WAIT_S):
+                await arrived.wait()
+            await asyncio.sleep(1.0)  # reading is paused now (it pauses after every small read), for 2 s
+            published_at = loop.time()
+            await pub.publish(f"{prefix}beat/b", b"", qos=0)
+            async with asyncio.timeout(WAIT_S):
+                while len(heard) < 2:
+                    arrived.clear()
+                    await arrived.wait()
+        runner.cancel()
+    (_, a_read, _), (topic, b_read, b_dated) = heard
+    assert topic == f"{prefix}beat/b"
+    assert b_read > published_at  # it waited in the socket for the pause to end (about 1 s)
+    assert a_read <= b_dated <= published_at  # dated within the pause, not when it was read
+    assert b_read - b_dated <= gather_s
+
+
 async def test_the_lean_client_says_why_a_session_ends(broker: EmbeddedBroker, tmp_path: Path) -> None:
     url = BrokerURL.parse(broker.url)
     async with url.lean_client("lean-2", Inbox()) as lean:
