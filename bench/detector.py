@@ -17,9 +17,7 @@
 
 from __future__ import annotations
 
-import functools
 import gc
-import inspect
 import multiprocessing
 import time
 import tracemalloc
@@ -313,16 +311,6 @@ def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 70, warm_up:
 # is what the API and the input wait behind; the sum is the event's whole cost.
 
 
-def _as_shell_calls(fn: Callable[..., list[Transition]]) -> Callable[..., list[Transition]]:
-    """`fn` with the shell's step limit, if it takes one (the code on main does not)."""
-    return functools.partial(fn, limit=EXPIRE_STEP) if "limit" in inspect.signature(fn).parameters else fn
-
-
-def _more(detector: Detector, now: float, out: list[Transition]) -> bool:
-    due = getattr(detector, "due", None)
-    return bool(due(now)) if due is not None else len(out) >= EXPIRE_STEP  # main's rule (monitor/expiry.py)
-
-
 def hold_steps(detector: Detector, now: float, first: Callable[[], list[Transition]]) -> dict[str, float]:
     """The event's calls, timed one by one. What the detector held before it is frozen out of the
     garbage collector's view, as the monitor's restored state is (`gc.freeze` after `restore`): a
@@ -333,7 +321,7 @@ def hold_steps(detector: Detector, now: float, first: Callable[[], list[Transiti
         started = time.perf_counter()
         out = first()
         holds, transitions = [time.perf_counter() - started], len(out)
-        while _more(detector, now, out):
+        while detector.due(now):
             started = time.perf_counter()
             out = detector.expire(now, EXPIRE_STEP)
             holds.append(time.perf_counter() - started)
@@ -370,23 +358,25 @@ def holds_for(hosts: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     d = _relay_with(hosts)
     out["relay last will: relay down, hosts unreachable"] = hold_steps(
-        d, 2.0, lambda: _as_shell_calls(d.relay_offline)("r0", 2.0)
+        d, 2.0, lambda: d.relay_offline("r0", 2.0, limit=EXPIRE_STEP)
     )
     back = Bundle("r0", "boot2", 1, 1000, ())
     out["relay back (new boot, no entries): hosts resume"] = hold_steps(
-        d, 10.0, lambda: _as_shell_calls(d.observe)(back, 10.0)
+        d, 10.0, lambda: d.observe(back, 10.0, limit=EXPIRE_STEP)
     )
     d = _relay_with(hosts)
     d.relay_offline("r0", 2.0)
     entries = tuple(HostEntry(f"r0-h{i:06d}", 8, 100, 1000, LeafStatus.OK) for i in range(hosts))
     full = Bundle("r0", "boot2", 1, 1000, entries)
-    out["relay back (keyframe of all): hosts up"] = hold_steps(d, 10.0, lambda: _as_shell_calls(d.observe)(full, 10.0))
+    out["relay back (keyframe of all): hosts up"] = hold_steps(
+        d, 10.0, lambda: d.observe(full, 10.0, limit=EXPIRE_STEP)
+    )
     d = _relay_with(hosts)
     silent = "relay silent (deadline): relay down, hosts unreachable"
     out[silent] = hold_steps(d, 5.0, lambda: d.expire(5.0, EXPIRE_STEP))
     d = _relay_with(hosts)
     out["relay stopped: hosts wait for their own timeouts"] = hold_steps(
-        d, 2.0, lambda: _as_shell_calls(d.relay_stopped)("r0", 2.0)
+        d, 2.0, lambda: d.relay_stopped("r0", 2.0, limit=EXPIRE_STEP)
     )
     d = _direct(hosts)
     d.regain_sight(3.0)  # a stall: everyone's deadline moves 2 s later, every heap entry is early
@@ -409,10 +399,10 @@ def bundle_holds(leaves: int) -> dict[str, dict[str, float]]:
     spent = time.perf_counter() - started
     out["decode (version 2 keyframe)"] = {"max_ms": spent * 1e3, "total_ms": spent * 1e3, "calls": 1, "transitions": 0}
     d = Detector(Policy(), 0.0)
-    out["observe, every entry new"] = hold_steps(d, 1.0, lambda: _as_shell_calls(d.observe)(first, 1.0))
+    out["observe, every entry new"] = hold_steps(d, 1.0, lambda: d.observe(first, 1.0, limit=EXPIRE_STEP))
     known = tuple(e._replace(seq=2) for e in first.hosts)
     again = Bundle(first.relay, first.boot, 2, first.flush_ms, known, keyframe=True)
-    out["observe, every entry known (new seq)"] = hold_steps(d, 2.0, lambda: _as_shell_calls(d.observe)(again, 2.0))
+    out["observe, every entry known (new seq)"] = hold_steps(d, 2.0, lambda: d.observe(again, 2.0, limit=EXPIRE_STEP))
     return out
 
 

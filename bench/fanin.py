@@ -261,7 +261,7 @@ def run(args: Any, out: Any) -> Report:
         ("hosts not up at the end", med(d["not_up_at_end"]), med(rl["not_up_at_end"]), ""),
     ]  # fmt: skip
     report.say(table(["", "direct", f"relayed ({args.relays} relays)", "direct ÷ relayed"], rows))
-    edges = max((run.get("edge_brokers", 0) for run in report.data.get("runs", {}).get("direct", [])), default=0)
+    edges = max((run["edge_brokers"] for run in runs["direct"]), default=0)
     if edges:
         report.say(
             f"\ndirect: {args.leaves:,} leaf connections are more than one broker holds here (fd cap), so the"

@@ -102,27 +102,26 @@ async def _one(args: Any, db: str) -> dict[str, Any]:
                             msg = f"initial transitions not written: {count(0)} of {wanted}"
                             raise TimeoutError(msg)
                         await asyncio.sleep(0.05)
-                    probe = HealthProbe(monitor.api).__enter__()
-                    await asyncio.sleep(1.0)
-                    _, baseline = count(0)
-                    stop_dying.set()
-                    await dying
-                    cpu0 = monitor.proc.cpu_s()
-                    event = time.time()
-                    relays.say_offline(relays.ids[0])
-                    first = None
-                    expected = args.hosts + 1
-                    got = 0
-                    deadline = time.monotonic() + 60
-                    while got < expected and time.monotonic() < deadline:
-                        got, _ = count(baseline)
-                        now = time.time()
-                        if got and first is None:
-                            first = now
-                        if got < expected:
-                            await asyncio.sleep(0.005)
-                    done = time.time()
-                    probe.__exit__()
+                    with HealthProbe(monitor.api) as probe:
+                        await asyncio.sleep(1.0)
+                        _, baseline = count(0)
+                        stop_dying.set()
+                        await dying
+                        cpu0 = monitor.proc.cpu_s()
+                        event = time.time()
+                        relays.say_offline(relays.ids[0])
+                        first = None
+                        expected = args.hosts + 1
+                        got = 0
+                        deadline = time.monotonic() + 60
+                        while got < expected and time.monotonic() < deadline:
+                            got, _ = count(baseline)
+                            now = time.time()
+                            if got and first is None:
+                                first = now
+                            if got < expected:
+                                await asyncio.sleep(0.005)
+                        done = time.time()
                     cpu = monitor.proc.cpu_s() - cpu0
                     state = monitor.count(state="unreachable")
                     stop_others.set()
