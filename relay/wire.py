@@ -20,14 +20,19 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from typing_extensions import TypeIs
 
 from relaybeat.errors import RelaybeatError, SettingsError
+
+if TYPE_CHECKING:  # numpy is the monitor's: a leaf or relay never loads it
+    import numpy as np
+    import numpy.typing as npt
 
 FORMAT_VERSION = 1  # JSON: every bundle a keyframe (older relays; `relaybeat relay --format json`)
 BINARY_VERSION = 2  # the compact binary encoding, with delta bundles (see "version 2" below)
@@ -332,6 +337,33 @@ class HostEntry(NamedTuple):
     status: LeafStatus
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Beats:
+    """The ordinary news of an indexed delta, by column (`BundleDecoder(columnar=True)`, the monitor's).
+
+    Row k is the leaf `ids[index[k]]`: its new `seq` (-1: none), `age_ms`, `interval_ms` and status
+    code (`status`, 0 ok, 1 stopping). `ids` is the sending relay's id table: the decoder hands out
+    the same tuple object until that table changes, so a receiver may key a cache on its identity.
+    `index` ascends and names no leaf twice; no leaf here is also in the bundle's `hosts`."""
+
+    ids: tuple[str, ...]
+    index: npt.NDArray[np.int64]
+    seq: npt.NDArray[np.int64]
+    age_ms: npt.NDArray[np.int64]
+    interval_ms: npt.NDArray[np.int64]
+    status: npt.NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def entries(self) -> Iterator[HostEntry]:
+        """The same news as HostEntry records (for code that reads bundles one entry at a time)."""
+        ids, status_of = self.ids, _STATUS_OF
+        columns = (self.index.tolist(), self.seq.tolist(), self.age_ms.tolist(), self.interval_ms.tolist())
+        for i, seq, age, interval, status in zip(*columns, self.status.tolist(), strict=True):
+            yield HostEntry(ids[i], None if seq < 0 else seq, age, interval, status_of[status])
+
+
 @dataclass(frozen=True, slots=True)
 class Bundle:
     """Everything one relay heard, assembled into one message.
@@ -358,9 +390,10 @@ class Bundle:
     keyframe: bool = True
     forgot: tuple[str, ...] = ()
     sent_ms: int | None = None
+    beats: Beats | None = None  # ordinary news by column (the monitor's decoder); `hosts` holds the rest
 
     def entry_count(self) -> int:
-        own = len(self.hosts) + len(self.forgot) + len(self.watched)
+        own = len(self.hosts) + len(self.forgot) + len(self.watched) + (len(self.beats) if self.beats else 0)
         return own + sum(child.entry_count() for child in self.children)
 
 
