@@ -39,18 +39,16 @@ import fnmatch
 import heapq
 import itertools
 import math
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Protocol
 
-import numpy as np
-
 from relaybeat.errors import SettingsError
+from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, Columns
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, Vouch
+from relaybeat.relay.wire import _STATUS_OF, Beat, Beats, Bundle, HostEntry, LeafStatus, Vouch
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
@@ -142,8 +140,8 @@ class HostTrack(_Track):
 
 class RelayTrack(_Track):
     __slots__ = (
-        "boot", "children", "deadlines", "desynced", "flush_s", "free", "hosts", "members", "owed", "parent",
-        "pending", "resync_asked", "retired", "seq",
+        "boot", "children", "cols", "desynced", "flush_s", "hosts", "owed", "parent", "pending", "resync_asked",
+        "retired", "seq",
     )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
@@ -158,10 +156,7 @@ class RelayTrack(_Track):
         # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
         self.pending: list[AnyTrack] = []
         self.desynced = False  # a delta of it was missed: judge nothing behind it until a keyframe
-        # Columns of the hosts behind it (`hosts`), by slot: the host and its deadline (inf: none).
-        self.members: list[HostTrack | None] = []
-        self.deadlines = array("d")
-        self.free: list[int] = []  # slots left by hosts that moved or were forgotten
+        self.cols: Columns[HostTrack] = Columns()  # the hosts behind it (`hosts`), by slot: their deadlines and mirrors
         self.resync_asked = _NEVER  # when a keyframe was last asked for
         self.owed = 0  # jobs owed for the hosts in its columns (`Detector._jobs`)
 
@@ -190,7 +185,7 @@ class _Owed:
         self.reason = reason
         self.grace = grace
         self.next = 0  # the next slot to do
-        self.end = len(track.members)  # no host joins a relay's columns while it has owed jobs
+        self.end = len(track.cols)  # no host joins a relay's columns while it has owed jobs
 
 
 class _Arrivals:
@@ -241,6 +236,14 @@ class RelaySnapshot:
     flapping: bool = False
 
 
+def _ready(host: HostTrack) -> int:
+    """Its `Columns.ready` bits: what the vectorised pass may assume of it."""
+    fresh = host.state is State.UP and host.last_seen is not None and host.via_seen >= host.last_seen
+    if not fresh:
+        return 0
+    return READY_UP | (0 if host.flapping else READY_STEADY) | (0 if host.scheduled is None else READY_SCHEDULED)
+
+
 def _parent(track: AnyTrack) -> str | None:
     return track.parent if isinstance(track, RelayTrack) else None
 
@@ -260,6 +263,7 @@ class Detector:
         self.silent = False  # decided here: every relay went quiet at once
         self.last_bundle_at: float | None = None
         self.ignored: dict[str, int] = {}  # evidence dropped on purpose, by reason (counters)
+        self.plain_rows = 0  # rows of `Bundle.beats` the vectorised pass took (a counter)
         self._heap: list[tuple[float, int, AnyTrack]] = []
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
@@ -414,7 +418,7 @@ class Detector:
             scheduled, _, track = heapq.heappop(heap)
             if track.scheduled != scheduled:
                 continue  # superseded entry
-            track.scheduled = None
+            self._unschedule(track)
             self._recheck(track, now, out)
             if self._jobs:
                 if limit is not None:
@@ -509,12 +513,14 @@ class Detector:
         if type(track) is HostTrack and track.slot >= 0:
             relay = self.relays[track.via]  # type: ignore[index]
             if relay.state in _UP_OR_UNKNOWN:  # a live relay's bundles are its clock: its column, exactly
-                track.scheduled = relay.deadlines[track.slot] = deadline
+                track.scheduled = relay.cols.deadlines[track.slot] = deadline
+                self._sync(track)
                 return
             # Behind a relay that is down or unreachable: no bundle of it will come, the heap decides
             # (always pushed: its `scheduled` may have been a column's, with no heap entry behind it).
             track.scheduled = deadline
             heapq.heappush(self._heap, (deadline, next(self._tie), track))
+            self._sync(track)
             return
         if track.scheduled is not None and track.scheduled <= deadline:
             return  # an earlier entry is already in the heap; it will be pushed back when popped
@@ -575,6 +581,8 @@ class Detector:
         if type(track) is RelayTrack and state not in _UP_OR_UNKNOWN:
             self._columns_to_heap(track)
         self._count_flap(track, kind, at, relay, out)
+        if type(track) is HostTrack:
+            self._sync(track)
 
     def _columns_to_heap(self, relay: RelayTrack) -> None:
         """A relay that is down or unreachable sends no bundle that could judge its hosts: the
@@ -599,6 +607,8 @@ class Detector:
             track.flapping = False
             reason = f"{len(track.flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
             out.append(self._event(kind, track, now, reason, relay, Event.FLAPPING_END))
+            if type(track) is HostTrack:
+                self._sync(track)
 
     def _relay(self, relay_id: str, now: float) -> RelayTrack:
         relay = self.relays.get(relay_id)
@@ -736,12 +746,55 @@ class Detector:
         return wanted
 
     def _observe_entries(self, rid: str, bundle: Bundle, sent: float, now: float, out: list[Transition]) -> None:
-        """The host entries of one relay's bundle, sent at `sent` (the monitor's clock)."""
+        """The host entries of one relay's bundle, sent at `sent` (the monitor's clock): its ordinary
+        news by column first (`Bundle.beats`, in index order), then the entries it lists."""
+        if bundle.beats is not None and len(bundle.beats):
+            self._observe_beats(self.relays[rid], bundle.beats, sent, now, out)
+        self._observe_listed(rid, bundle.hosts, sent, now, out)
+
+    def _observe_beats(self, relay: RelayTrack, beats: Beats, sent: float, now: float, out: list[Transition]) -> None:
+        """Ordinary news by column: one vectorised pass (`Columns.plain_news`) takes the rows the
+        per-entry fast path below would take, moving evidence and deadlines in place; the other rows
+        take the full path, in order. The same decisions as listing every row as an entry."""
+        cols = relay.cols
+        if self.policy.adaptive or self.timeouts is not None or relay.owed or not cols:
+            self._observe_listed(relay.id, beats.entries(), sent, now, out)
+            return
+        hosts, rid = self.hosts, relay.id
+
+        def slot_of(host_id: str) -> int:
+            host = hosts.get(host_id)
+            return -1 if host is None or host.via != rid else host.slot
+
+        table = cols.slots_of(beats.ids, slot_of)
+        news = cols.plain_news(beats, table[beats.index], sent, self.grace_from)
+        self.plain_rows += len(news.slots)
+        members = cols.members
+        for slot, seen, seq, deadline in zip(news.slots, news.seen, news.seqs, news.deadlines, strict=True):
+            host = members[slot]
+            host.last_seen = host.via_seen = seen  # type: ignore[union-attr]
+            host.seq = None if seq < 0 else seq  # type: ignore[union-attr]
+            host.scheduled = deadline  # type: ignore[union-attr]
+        if not news.rest:
+            return
+        ids, status_of = beats.ids, _STATUS_OF
+        index, seqs, ages = beats.index.tolist(), beats.seq.tolist(), beats.age_ms.tolist()
+        intervals, statuses = beats.interval_ms.tolist(), beats.status.tolist()
+        for row in news.rest:
+            i, seq = index[row], seqs[row]
+            entry = HostEntry(ids[i], None if seq < 0 else seq, ages[row], intervals[row], status_of[statuses[row]])
+            self._observe_host(entry, rid, sent, now, out)
+            if relay.cols.map is table and cols.map_layout == cols.layout:  # the cache still holds: keep it true
+                table[i] = slot_of(entry.id)
+
+    def _observe_listed(
+        self, rid: str, entries: Iterable[HostEntry], sent: float, now: float, out: list[Transition]
+    ) -> None:
         hosts, up = self.hosts, State.UP
         plain = not self.policy.adaptive and self.timeouts is None
-        deadlines = self.relays[rid].deadlines
+        cols = self.relays[rid].cols
         grace = self.grace_from
-        for entry in bundle.hosts:
+        for entry in entries:
             host = hosts.get(entry[0])
             # Fast paths for the common case: an up host, heard through the relay that brought its
             # freshest news so far. Anything unusual takes the full path in _observe_host.
@@ -759,12 +812,13 @@ class Detector:
                     and host.scheduled is not None
                     and not host.flapping
                 ):
-                    # A new beat: the news and its deadline move, in place.
-                    host.last_seen = host.via_seen = seen
+                    # A new beat: the news and its deadline move, in place (and their mirrors).
+                    host.last_seen = host.via_seen = cols.seen[host.slot] = seen
                     host.seq = seq
+                    cols.seqs[host.slot] = -1 if seq is None else seq
                     floor = grace if grace > host.grace_from else host.grace_from
                     deadline = (seen if seen > floor else floor) + host.interval_s * host.misses
-                    host.scheduled = deadlines[host.slot] = deadline
+                    host.scheduled = cols.deadlines[host.slot] = deadline
                     continue
             self._observe_host(entry, rid, sent, now, out)
 
@@ -794,6 +848,11 @@ class Detector:
     def _observe_host(
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
+        self._sync(self._take_entry(entry, relay_id, sent, now, out))
+
+    def _take_entry(
+        self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
+    ) -> HostTrack:
         seen = sent - entry.age_ms / 1000
         host = self._host(entry.id, entry.interval_ms, now, out)
         previous = host.last_seen
@@ -805,7 +864,7 @@ class Detector:
         if not fresher:
             if host.state == State.UNREACHABLE and host.via == relay_id:
                 self._resume_host(host, now, out)
-            return
+            return host
 
         host.last_seen = seen
         if self.timeouts is not None and previous is not None:
@@ -826,8 +885,9 @@ class Detector:
 
         if entry.status == LeafStatus.STOPPING:
             self._move(host, Kind.HOST, State.STOPPED, seen, "leaf said it is stopping", host.via, out)
-            return
+            return host
         self._resume_host(host, now, out)
+        return host
 
     def _add_arrival(self, host: HostTrack, gap: float) -> None:
         if host.stats is None:
@@ -864,42 +924,46 @@ class Detector:
     @staticmethod
     def _join(host: HostTrack, relay: RelayTrack) -> None:
         """Give a host a slot in the columns of the relay it is now heard through."""
-        deadline = math.inf if host.scheduled is None else host.scheduled
-        if relay.free:
-            slot = relay.free.pop()
-            relay.members[slot] = host
-            relay.deadlines[slot] = deadline
-        else:
-            slot = len(relay.members)
-            relay.members.append(host)
-            relay.deadlines.append(deadline)
-        host.slot = slot
+        host.slot = relay.cols.join(host, math.inf if host.scheduled is None else host.scheduled)
+        relay.cols.mirror(host.slot, host, _ready(host))
         relay.hosts.add(host.id)
 
     @staticmethod
     def _leave(host: HostTrack, relay: RelayTrack) -> None:
         if host.slot >= 0:
-            relay.members[host.slot] = None
-            relay.deadlines[host.slot] = math.inf
-            relay.free.append(host.slot)
+            relay.cols.leave(host.slot)
             host.slot = -1
         relay.hosts.discard(host.id)
+
+    def _sync(self, host: HostTrack) -> None:
+        """After any change to a host: its mirror in its relay's columns follows."""
+        if host.slot >= 0:
+            self.relays[host.via].cols.mirror(host.slot, host, _ready(host))  # type: ignore[index]
+
+    def _unschedule(self, track: AnyTrack) -> None:
+        track.scheduled = None
+        if type(track) is HostTrack:
+            self._sync(track)
+
+    def column_faults(self) -> list[str]:
+        """Where a relay's columns disagree with its hosts: the property tests' self-check ([] when sound)."""
+        return [fault for relay in self.relays.values() for fault in relay.cols.faults(relay.id, _ready)]
 
     def _expire_behind(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
         """The hosts behind `relay` whose deadline its latest bundle (sent at `relay.last_seen`)
         passed: the relay is alive and said nothing newer of them. One vectorised comparison finds
         them; each is then decided as a heap entry would be."""
         sent = relay.last_seen
-        if sent is None or not relay.members:
+        if sent is None or not relay.cols:
             return
         self._pay(relay, out)  # it went down in this very bundle: its columns move to the heap first
-        due = np.flatnonzero(np.frombuffer(relay.deadlines, dtype=np.float64) <= sent).tolist()
-        for slot in due:
-            host = relay.members[slot]
-            relay.deadlines[slot] = math.inf
+        cols = relay.cols
+        for slot in cols.due(sent):
+            host = cols.members[slot]
+            cols.deadlines[slot] = math.inf
             if host is None or host.scheduled is None:
                 continue
-            host.scheduled = None
+            self._unschedule(host)
             self._recheck(host, now, out)
 
     def _resume_host(self, host: HostTrack, now: float, out: list[Transition]) -> None:
@@ -975,7 +1039,7 @@ class Detector:
         if end is not None and end.state == State.STOPPED:
             reason = f"no beat for {deadline - (host.last_seen or host.since):.1f} s; relay {end.id} stopped"
             self._move(host, Kind.HOST, State.UNKNOWN, deadline, reason, end.id, out)
-            host.scheduled = None
+            self._unschedule(host)
         elif end is not None:
             self._move(host, Kind.HOST, State.UNREACHABLE, deadline, f"relay {end.id} down", end.id, out)
         else:
@@ -1017,7 +1081,7 @@ class Detector:
     # ------------------------------------------------------------------------- owed work
 
     def _owe(self, job: _Job, track: RelayTrack, at: float, blame: RelayTrack, reason: str) -> None:
-        if not track.members:
+        if not track.cols:
             return
         self._jobs.append(_Owed(job, track, at, blame, reason, self.grace_from))
         track.owed += 1
@@ -1054,7 +1118,7 @@ class Detector:
                 job = jobs[0]
                 start = job.next
                 stop = job.end if limit is None else min(job.end, start + int(budget - done))
-                members = job.track.members
+                members = job.track.cols.members
                 grace, self.grace_from = self.grace_from, job.grace  # as the event saw it
                 try:
                     for slot in range(start, stop):
@@ -1078,14 +1142,14 @@ class Detector:
         """One owed host: what the mass event would have done to it at once."""
         kind = job.job
         if kind is _Job.TO_HEAP:
-            deadlines = job.track.deadlines
+            deadlines = job.track.cols.deadlines
             if host.scheduled is not None and deadlines[slot] != math.inf:
                 heapq.heappush(self._heap, (host.scheduled, next(self._tie), host))
                 deadlines[slot] = math.inf
         elif kind is _Job.UNREACHABLE:
             if host.state in _UP_OR_UNKNOWN and not self._fail_over(host, job.at):
                 self._move(host, Kind.HOST, State.UNREACHABLE, job.at, job.reason, job.blame.id, out)
-                host.scheduled = None
+                self._unschedule(host)
         elif kind is _Job.STOPPED:
             if host.state in _UP_OR_UNKNOWN:
                 self._fail_over(host, job.at)
@@ -1097,6 +1161,7 @@ class Detector:
                 if self._deadline(host) <= job.at:
                     host.grace_from = job.at
                 self._resume_host(host, job.at, out)
+                self._sync(host)
 
     def _fail_over(self, host: HostTrack, now: float) -> bool:
         """The host's relay died: move it to another live path that heard it recently, if any."""
@@ -1115,6 +1180,7 @@ class Detector:
         del host.others[relay_id]
         self._set_via(host, relay_id)
         host.via_seen = seen
+        self._sync(host)
         return True
 
     def _resume_subtree(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:

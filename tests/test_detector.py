@@ -22,6 +22,7 @@ from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnap
 from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
+from tests.columnar import Tables
 
 # ------------------------------------------------------------------------------------- the site
 
@@ -72,6 +73,7 @@ class Site:
 
     def __post_init__(self) -> None:
         self.detector = Detector(self.policy, self.start)
+        self.tables = Tables()
         self.now = self.start
         self.relays: dict[str, Relay] = {}
         self.leaves: dict[str, Leaf] = {}
@@ -133,7 +135,10 @@ class Site:
 
     def deliver(self, bundle: Bundle) -> list[Transition]:
         self.delivered.append(bundle)
+        if self.wire == 2:  # deltas arrive as the monitor's decoder hands them over: most news by column
+            bundle = self.tables.split(bundle)[1]
         out = self.record(self.detector.observe(bundle, self.now))
+        assert self.detector.column_faults() == []
         for relay_id in self.detector.take_resync_requests():
             if self.relays[relay_id].alive:
                 self.relays[relay_id].asm.request_keyframe()
@@ -1075,6 +1080,11 @@ class DetectorMachine(RuleBasedStateMachine):
             assert deadline is None or deadline > self.now
             assert self.detector.owed == 0
 
+    def set_connected(self, connected: bool) -> None:
+        self.detector.set_connected(connected, self.now)
+        self.twin.set_connected(connected, self.now)
+        self.calls.append(("set_connected", (connected, self.now), []))
+
     def deliver(self, bundle: Bundle) -> None:
         self.sent.append(encode_bundle(bundle))
         self.call("observe", bundle, self.now)
@@ -1161,18 +1171,14 @@ class DetectorMachine(RuleBasedStateMachine):
     def monitor_disconnects(self) -> None:
         if self.connected:
             self.connected = False
-            self.detector.set_connected(False, self.now)
-            self.twin.set_connected(False, self.now)
-            self.calls.append(("set_connected", (False, self.now), []))
+            self.set_connected(False)
 
     @rule()
     def monitor_reconnects(self) -> None:
         if not self.connected:
             self.connected = True
             self.grace_from = self.now
-            self.detector.set_connected(True, self.now)
-            self.twin.set_connected(True, self.now)
-            self.calls.append(("set_connected", (True, self.now), []))
+            self.set_connected(True)
 
     @rule(dt=st.integers(1, 120))
     def time_passes(self, dt: int) -> None:
@@ -1222,6 +1228,10 @@ class DetectorMachine(RuleBasedStateMachine):
         assert unlisted == {}, "add the transition to monitor/states.py (and the README diagram) or fix it"
 
     @invariant()
+    def columns_mirror_their_hosts(self) -> None:
+        assert self.detector.column_faults() == []
+
+    @invariant()
     def blind_while_disconnected(self) -> None:
         if not self.connected:
             assert self.detector.next_deadline() is None
@@ -1263,6 +1273,31 @@ class DeltaDetectorMachine(DetectorMachine):
         )
 
 
+class ColumnarDetectorMachine(DeltaDetectorMachine):
+    """The same, with bundles as the monitor's columnar decoder hands them over (most news in
+    `Bundle.beats`), beside a twin that gets every entry listed in the same order: the same
+    decisions, in the same order, from every input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = Tables()
+        self.listed = Detector(SM_POLICY, 0.0)
+
+    def call(self, name: str, *args: object) -> None:
+        if name in ("observe", "lost_track"):
+            listed, columnar = self.tables.split(args[0])  # type: ignore[arg-type]
+            theirs = getattr(self.listed, name)(listed, *args[1:])
+            args = (columnar, *args[1:])
+        else:
+            theirs = getattr(self.listed, name)(*args)
+        super().call(name, *args)
+        assert self.calls[-1][2] == theirs, name
+
+    def set_connected(self, connected: bool) -> None:
+        super().set_connected(connected)
+        self.listed.set_connected(connected, self.now)
+
+
 class SteppedDetectorMachine(DetectorMachine):
     limit = 1
 
@@ -1275,6 +1310,15 @@ def test_detector_machine(site_wire: int) -> None:
     """The state machine, with relays speaking version 1 (keyframes) or version 2 (deltas)."""
     machine = DetectorMachine if site_wire == 1 else DeltaDetectorMachine
     run_state_machine_as_test(machine, settings=settings(max_examples=100, stateful_step_count=40, deadline=None))
+
+
+@pytest.mark.parametrize("site_wire", [2], indirect=True)
+def test_detector_machine_reading_news_by_column_decides_as_reading_it_listed(site_wire: int) -> None:
+    """Deltas as the monitor's decoder hands them over: the vectorised path decides exactly as the
+    per-entry one, and the relays' columns always mirror their hosts."""
+    run_state_machine_as_test(
+        ColumnarDetectorMachine, settings=settings(max_examples=150, stateful_step_count=40, deadline=None)
+    )
 
 
 def test_detector_machine_with_mass_events_in_steps(site_wire: int) -> None:

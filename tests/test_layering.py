@@ -27,6 +27,7 @@ PURE_CORE = (
     "relaybeat.relay.sparkplug",
     "relaybeat.relay.packets",
     "relaybeat.monitor.detector",
+    "relaybeat.monitor.columns",
     "relaybeat.monitor.dating",
     "relaybeat.monitor.states",
     "relaybeat.monitor.notify",
