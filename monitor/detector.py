@@ -20,10 +20,15 @@ Rules of this module:
   decisions, their times and their order are those of doing it all at once.
 - Deadlines of relays and of direct hosts live in a heap with at most one live entry per subject;
   an entry may be early (the subject was heard since) and is then pushed back. A host behind a relay
-  has no heap entry: the relay's bundles are its clock. Its deadline sits in a column of its relay
-  (`RelayTrack.deadlines`), updated in place by its news, and each bundle of that relay finds the
-  hosts whose deadline it passed in one vectorised comparison, so the Python work per bundle is
-  proportional to its news and its hosts' deadlines, not to the relay's hosts.
+  has no heap entry: the relay's bundles are its clock. Its deadline sits in its relay's columns
+  (`RelayTrack.cols`, monitor/columns.py), updated in place by its news, and each bundle of that
+  relay finds the hosts whose deadline it passed in one vectorised comparison, so the Python work
+  per bundle is proportional to its news and its hosts' deadlines, not to the relay's hosts.
+- Ordinary news by column (`Bundle.beats`, from the monitor's decoder of indexed deltas) is read in
+  one vectorised pass: the rows that are a plain new beat of a host that is up, steady and heard
+  through this relay move its evidence and deadline in place; every other row takes the full path,
+  in order. The columns mirror what that pass reads of each host (`_sync` after every change;
+  `column_faults` checks it), so the decisions are those of reading every row as a listed entry.
 - A delta bundle says only what changed; a host it does not mention keeps its evidence. A relay
   whose bundles skip a seq (or whose first bundle of a boot is a delta, or that was restored from
   SQL) is out of sync: none of its hosts or child relays is declared silent until its next keyframe,
