@@ -92,6 +92,11 @@ class Columns(Generic[M]):
     def __len__(self) -> int:
         return len(self.members)
 
+    @property
+    def held(self) -> int:
+        """How many hosts hold a slot."""
+        return len(self.members) - len(self.free)
+
     def join(self, host: M, deadline: float) -> int:
         if self.free:
             slot = self.free.pop()

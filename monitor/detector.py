@@ -145,8 +145,8 @@ class HostTrack(_Track):
 
 class RelayTrack(_Track):
     __slots__ = (
-        "boot", "children", "cols", "desynced", "flush_s", "hosts", "owed", "parent", "pending", "resync_asked",
-        "retired", "seq",
+        "boot", "children", "cols", "desynced", "flush_s", "owed", "parent", "pending", "resync_asked", "retired",
+        "seq",
     )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
@@ -156,14 +156,18 @@ class RelayTrack(_Track):
         self.seq = -1
         self.flush_s = 1.0
         self.retired: deque[str] = deque()
-        self.hosts: set[str] = set()  # hosts whose freshest evidence came through this relay
         self.children: set[str] = set()
         # Subjects below whose deadline passed before this relay confirmed it by a later bundle.
         self.pending: list[AnyTrack] = []
         self.desynced = False  # a delta of it was missed: judge nothing behind it until a keyframe
-        self.cols: Columns[HostTrack] = Columns()  # the hosts behind it (`hosts`), by slot: their deadlines and mirrors
+        self.cols: Columns[HostTrack] = Columns()  # the hosts behind it, by slot: their deadlines and mirrors
         self.resync_asked = _NEVER  # when a keyframe was last asked for
         self.owed = 0  # jobs owed for the hosts in its columns (`Detector._jobs`)
+
+    @property
+    def hosts(self) -> set[str]:
+        """The hosts whose freshest evidence came through this relay (`cols.held` counts them)."""
+        return {host.id for host in self.cols.members if host is not None}
 
 
 AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
@@ -931,14 +935,12 @@ class Detector:
         """Give a host a slot in the columns of the relay it is now heard through."""
         host.slot = relay.cols.join(host, math.inf if host.scheduled is None else host.scheduled)
         relay.cols.mirror(host.slot, host, _ready(host))
-        relay.hosts.add(host.id)
 
     @staticmethod
     def _leave(host: HostTrack, relay: RelayTrack) -> None:
         if host.slot >= 0:
             relay.cols.leave(host.slot)
             host.slot = -1
-        relay.hosts.discard(host.id)
 
     def _sync(self, host: HostTrack) -> None:
         """After any change to a host: its mirror in its relay's columns follows."""

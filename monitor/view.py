@@ -402,7 +402,7 @@ class FleetView:
                 timeout_s=detector.timeout_s(r),
                 boot=r.boot,
                 seq=None if r.seq < 0 else r.seq,
-                hosts=len(r.hosts),
+                hosts=r.cols.held,
                 children=tuple(sorted(r.children)),
                 flapping=pending.flapping(Kind.RELAY, r.id, r.flapping),
             )
