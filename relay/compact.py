@@ -759,11 +759,10 @@ class _ColumnarReader(_IndexedReader):
         heard = self.heard_array(len(table.ids))
         codes = np.cumsum(np.frombuffer(self.take(len(heard)), np.uint8), dtype=np.int64) & 0xFF
         last = columns.seqs[heard]
-        refused = (last == _GONE) | (last >= MAX_SEQ)
-        if refused.any():
-            k = int(refused.argmax())  # the first, as the list reader meets it
+        if len(last) and (last.min() < _NONE or last.max() >= MAX_SEQ):  # _GONE, or no next seq
+            k = int(((last == _GONE) | (last >= MAX_SEQ)).argmax())  # the first, as the list reader meets it
             _refuse_next(int(heard[k]), int(last[k]))
-        seqs = np.where(last == _NONE, _NONE, last + 1)
+        seqs = last + (last != _NONE)  # the next seq, or none then and now
         beats = _beats(columns, heard, seqs, codes, header.flush_ms)
         moves = _Moves()
         hosts: list[HostEntry] = []
@@ -950,12 +949,32 @@ def _twice(table: _Table, heard: npt.NDArray[np.int64], hosts: list[HostEntry], 
     return bool((heard[np.minimum(found, len(heard) - 1)] == at).any())
 
 
+_FEW_VARINTS = 32
+
+
 def _varints(data: memoryview, at: int, count: int, limit: int) -> tuple[npt.NDArray[np.int64], int] | None:
     """`count` varints from `at`, each at most `limit`, and where they end; None if any is longer
     than 8 bytes, above `limit`, or cut off (the list reader's loop then reads them). The callers'
     limits keep the sums of what they read far from int64's end."""
     import numpy as np
 
+    if count <= _FEW_VARINTS:  # one by one: numpy's fixed cost is more than theirs
+        few, end = [], at
+        for _ in range(count):
+            value = shift = 0
+            while True:
+                if end >= len(data) or shift > 7 * 7:
+                    return None
+                byte = data[end]
+                end += 1
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            if value > limit:
+                return None
+            few.append(value)
+        return np.array(few, np.int64), end
     raw = np.frombuffer(data[at : at + 8 * count], np.uint8)
     ends = np.flatnonzero(raw < 0x80)[:count]
     if len(ends) < count:
@@ -994,6 +1013,15 @@ def _run_indices(pairs: npt.NDArray[np.int64], size: int) -> npt.NDArray[np.int6
     gaps, more = pairs[0::2], pairs[1::2]
     if not len(gaps):
         return gaps
+    if len(gaps) <= _FEW_VARINTS:  # one by one: numpy's fixed cost is more than theirs
+        spans, end = [], -1
+        for gap, extra in zip(gaps.tolist(), more.tolist(), strict=True):
+            spans.append((end + 1 + gap, end + 2 + gap + extra))
+            end += 1 + gap + extra
+        if end >= size:
+            return None
+        runs = [np.arange(start, stop, dtype=np.int64) for start, stop in spans]
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
     lengths = more + 1
     ends = np.cumsum(gaps + lengths) - 1  # each run's last index
     if int(ends[-1]) >= size:

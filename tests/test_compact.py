@@ -605,6 +605,29 @@ def test_of_two_beats_that_cannot_follow_their_table_the_first_is_named() -> Non
     assert (err.value.reason, str(err.value)) == ("bad_seq", f"bad_seq: index 3 cannot follow seq {top}")
 
 
+@pytest.mark.parametrize(
+    ("form", "heard", "reason"),
+    [
+        (b"\x01", b"\x02\x01\x01", None),  # an index list: h1, h3
+        (b"\x01", b"\x02\x81\x80\x80\x80\x80\x80\x80\x80\x00\x01", None),  # the same, h1's gap in 9 bytes
+        (b"\x02", b"\x02\x01\x00\x01\x00", None),  # runs: h1, h3
+        (b"\x01", b"\x02\x01\x08", "bad_entry"),  # index 11 of ten
+        (b"\x01", b"\x02\x01\x0b", "bad_bundle"),  # a gap above the table's size
+        (b"\x02", b"\x01\x08\x03", "bad_entry"),  # a run of 8 to 11
+        (b"\x02", b"\x01\x01\x0a", "bad_bundle"),  # a run longer than the table
+        (b"\x02", b"\x02\x01\x00\x01", "bad_bundle"),  # cut off
+    ],
+)
+def test_the_heard_forms_read_the_same_in_both_modes(form: bytes, heard: bytes, reason: str | None) -> None:
+    decoder = _primed()
+    if reason is None:
+        assert decoder.decode(_fields(heard_form=form, heard=heard)) == DELTA_READ
+        return
+    with pytest.raises(WireError) as err:
+        decoder.decode(_fields(heard_form=form, heard=heard))
+    assert err.value.reason == reason
+
+
 def test_indexed_limits_on_size_and_entries() -> None:
     decoder = _primed()
     payload = _fields()
@@ -756,25 +779,29 @@ def test_a_columnar_decoder_reads_version_1_and_plain_version_2_as_entries() -> 
     assert decoder.decode(BundleEncoder().encode(plain)) == plain
 
 
-LEAVES = [f"leaf-{i:03d}" for i in range(300)]
+LEAVES = [f"leaf-{i:03d}" for i in range(1000)]
 
 
 @st.composite
 def _mutated_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
-    """A relay of 300 leaves (a keyframe with ids, sometimes one id twice), one to three deltas or
-    keyframes by table with runs, scattered beats, changes, new and forgotten leaves, and the last of
-    them with a few bytes set, inserted or cut out of its node."""
+    """A relay of 1,000 leaves (a keyframe with ids, sometimes one id twice), one to three deltas or
+    keyframes by table with a run, stripes (many runs), scattered beats, changes, new and forgotten
+    leaves, and the last of them with a few bytes set, inserted or cut out of its node."""
     rnd = random.Random(draw(st.integers(0, 2**32)))  # the many small choices (Hypothesis draws the shape)
     ids = list(LEAVES)
     if draw(st.booleans()):
-        ids[draw(st.integers(0, 299))] = ids[draw(st.integers(0, 299))]
+        ids[draw(st.integers(0, 999))] = ids[draw(st.integers(0, 999))]
     seqs: dict[str, int | None] = {host: rnd.choice([None, 1, 1, 2**63 - 2]) for host in ids}
     encoder = BundleEncoder()
     keyframe = tuple(HostEntry(host, seqs[host], 0, 1000, OK) for host in ids)
     payloads = [encoder.encode(Bundle("r", "b", 1, 1000, keyframe, version=2, sent_ms=0))]
     for seq in range(2, 2 + draw(st.integers(1, 3))):
-        start, length = draw(st.integers(0, 299)), draw(st.integers(0, 300))
-        picked = set(draw(st.sets(st.integers(0, 299), max_size=40))) | set(range(start, min(300, start + length)))
+        start, length = draw(st.integers(0, 999)), draw(st.integers(0, 1000))
+        picked = set(draw(st.sets(st.integers(0, 999), max_size=40))) | set(range(start, min(1000, start + length)))
+        period, width = draw(st.integers(0, 40)), draw(st.integers(1, 4))
+        picked |= (
+            {i for i in range(0, 1000, period) for i in range(i, min(1000, i + width))} if period > width else set()
+        )
         heard: dict[str, HostEntry] = {}
         for i in sorted(picked):
             host, last = ids[i], seqs[ids[i]]
