@@ -68,9 +68,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {"hosts": 300, "reps": 1},
     },
     "wire": {
-        "default": {"leaves": 1000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3},
-        "large": {"leaves": 10000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3},
-        "smoke": {"leaves": 100, "intervals": [5.0], "window": 5.0, "reps": 1},
+        "default": {"leaves": 1000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3, "decode_leaves": [1000, 5000]},
+        "large": {"leaves": 10000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3, "decode_leaves": [1000, 5000]},
+        "smoke": {"leaves": 100, "intervals": [5.0], "window": 5.0, "reps": 1, "decode_leaves": [100]},
     },
 }
 MODULES = {"fanin": "fanin", "ingest": "ingest", "detector": "detector", "lag": "lag", "api": "api_load",
@@ -127,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--intervals", type=float, nargs="+", help="seconds between a leaf's beats [5 1]")
             p.add_argument("--flush", type=float, default=1.0, help="relay flush interval, s [1]")
             p.add_argument("--window", type=float, help="measuring window, s (simulated time)")
+            p.add_argument("--decode-leaves", type=int, nargs="+", help="leaves per delta, list vs columnar decode")
         if name == "api":
             p.add_argument("--hosts", type=int, help="hosts tracked by the monitor")
             p.add_argument("--relays", type=int, help="synthetic relays feeding them")

@@ -9,6 +9,11 @@ payload bytes plus the MQTT PUBLISH around it (fixed header, topic, packet id: Q
 the relay heard in that window. A direct beat is counted the same way for the ratio (topic
 `relaybeat/beat/<host>`, a leaf's usual `{"seq":…,"interval":…}`); TCP/IP headers are left out on
 both sides. Encode and decode times are per host entry, process CPU time, median of `--reps`.
+
+Decode by mode: a relay of `--decode-leaves` leaves, every one heard in each delta (all ordinary:
+a bitmap bit and an age byte each), read by the list decoder (a `HostEntry` per leaf) and by the
+monitor's columnar one (`BundleDecoder(columnar=True)`: numpy columns); µs of CPU per entry over
+20 deltas, and over 5 keyframes by table of the same leaves.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from relaybeat.relay.wire import (
     FORMAT_VERSION,
     Beat,
     Bundle,
+    HostEntry,
+    LeafStatus,
     Topics,
     decode_bundle,
     encode_beat,
@@ -35,6 +42,9 @@ from relaybeat.relay.wire import (
 WARM_UP_S = 30.0
 KEYFRAME_S = 30.0
 FORMATS = ("v1 json", "v2", "v2 indexed")
+MODES = ("list", "columnar")
+DECODE_DELTAS = 20
+DECODE_KEYFRAMES = 5  # by table, after the deltas (fewer than FULL_EVERY: none carries ids)
 
 
 def mqtt_publish_bytes(topic: str, payload: int) -> int:
@@ -145,7 +155,41 @@ def timings(leaves: int, interval_s: float, flush_s: float, window_s: float, see
     encoder, decoder = BundleEncoder(), BundleDecoder()
     out["v2 indexed encode"] = _cpu(lambda: p3.extend(encoder.encode(b) for b in v2)) / n2 * 1e6
     out["v2 indexed decode"] = _cpu(lambda: [decoder.decode(p) for p in p3]) / n2 * 1e6
+    columnar = BundleDecoder(columnar=True)
+    out["v2 indexed decode, columnar"] = _cpu(lambda: [columnar.decode(p) for p in p3]) / n2 * 1e6
     return out
+
+
+def decode_modes(leaves: int, seed: int) -> dict[str, dict[str, float]]:
+    """µs of CPU per entry to read deltas in which each of `leaves` leaves beats once (ordinary
+    news), and keyframes by table of them, by the list decoder and by the columnar one."""
+    rnd = random.Random(seed)
+    phase_ms = [rnd.uniform(0, 1000) for _ in range(leaves)]
+    hosts = [f"host-{i:05d}" for i in range(leaves)]
+
+    def bundle(seq: int, keyframe: bool) -> Bundle:
+        heard = tuple(
+            HostEntry(host, seq, min(999, int(phase_ms[i] + rnd.uniform(0, 20))), 1000, LeafStatus.OK)
+            for i, host in enumerate(hosts)
+        )
+        return Bundle("relay-1", "3f9c2a71b0d4", seq, 1000, heard, version=2, keyframe=keyframe, sent_ms=1000 * seq)
+
+    encoder = BundleEncoder()
+    first = encoder.encode(bundle(1, keyframe=True))
+    deltas = [encoder.encode(bundle(seq, keyframe=False)) for seq in range(2, 2 + DECODE_DELTAS)]
+    after = 2 + DECODE_DELTAS
+    keyframes = [encoder.encode(bundle(seq, keyframe=True)) for seq in range(after, after + DECODE_KEYFRAMES)]
+    out: dict[str, dict[str, float]] = {"delta": {}, "keyframe by table": {}}
+    for mode in MODES:
+        decoder = BundleDecoder(columnar=mode == "columnar")
+        decoder.decode(first)
+        out["delta"][mode] = _decoding(decoder, deltas) / (leaves * len(deltas)) * 1e6
+        out["keyframe by table"][mode] = _decoding(decoder, keyframes) / (leaves * len(keyframes)) * 1e6
+    return out
+
+
+def _decoding(decoder: BundleDecoder, payloads: list[bytes]) -> float:
+    return _cpu(lambda: [decoder.decode(p) for p in payloads])
 
 
 def run(args: Any, out_dir: Any) -> None:
@@ -164,7 +208,13 @@ def run(args: Any, out_dir: Any) -> None:
             }
         row["us_per_entry"] = {key: spread(t[key] for t in times) for key in times[0]}
         results.append(row)
-    report.data = {"cases": results}
+    decoding: list[dict[str, Any]] = []
+    for leaves in args.decode_leaves:
+        runs = [decode_modes(leaves, seed) for seed in range(args.reps)]
+        for node in runs[0]:
+            us = {mode: spread(r[node][mode] for r in runs) for mode in MODES}
+            decoding.append({"leaves": leaves, "node": node, "us_per_entry": us})
+    report.data = {"cases": results, "decode_modes": decoding}
     report.say(
         f"\nbytes into the monitor per leaf beat, one relay with {args.leaves} leaves, in-process (payload + MQTT"
         f" PUBLISH at QoS 1; keyframes every {KEYFRAME_S:.0f} s amortised; {args.window:.0f} s window after a"
@@ -192,6 +242,25 @@ def run(args: Any, out_dir: Any) -> None:
             [
                 (f"{r['interval_s']:g} s / {r['flush_s']:g} s", *(med(r["us_per_entry"][k], 2) for k in keys))
                 for r in results
+            ],
+        )
+    )
+    report.say(
+        f"\nµs of CPU per entry to decode an indexed node in which every leaf is ordinary news: list decoder"
+        f" (a HostEntry each) vs columnar (the monitor's, numpy columns); {DECODE_DELTAS} deltas,"
+        f" {DECODE_KEYFRAMES} keyframes by table; median [min–max] of {args.reps} rep(s)\n"
+    )
+    report.say(
+        table(
+            ["leaves", "node", *MODES, "list ÷ columnar"],
+            [
+                (
+                    d["leaves"],
+                    d["node"],
+                    *(med(d["us_per_entry"][mode], 3) for mode in MODES),
+                    f"{d['us_per_entry']['list']['median'] / d['us_per_entry']['columnar']['median']:.1f}×",
+                )
+                for d in decoding
             ],
         )
     )

@@ -32,6 +32,10 @@ Rules of this module:
   delta refers to: a new boot, a missed bundle, a restarted receiver) raises `KeyframeMissing`, whose
   `header` (the bundle without its news) lets the receiver keep the relay alive and ask for a keyframe.
 - Only the top node is indexed; child relays' nodes inside it keep version 2's node format.
+- `BundleDecoder(columnar=True)` (the monitor's) reads the same bytes with the same checks and the
+  same errors, but returns a delta's ordinary news as columns (`Bundle.beats`, numpy arrays) and only
+  the exceptions as `HostEntry` records; its tables keep their columns as numpy arrays. numpy is
+  imported only there: a relay, which decodes its children's bundles entry by entry, never loads it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
 from relaybeat.relay.wire import (
     _COMPRESSED,
@@ -53,6 +58,7 @@ from relaybeat.relay.wire import (
     MAX_INTERVAL_MS,
     MAX_SEQ,
     MIN_INTERVAL_MS,
+    Beats,
     Bundle,
     HostEntry,
     LeafStatus,
@@ -67,6 +73,10 @@ from relaybeat.relay.wire import (
     encode_bundle,
     watched_json,
 )
+
+if TYPE_CHECKING:  # numpy is the monitor's (the columnar decoder imports it when made): a relay never loads it
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["INDEXED", "BundleDecoder", "BundleEncoder", "KeyframeMissing"]
 
@@ -102,7 +112,8 @@ class _Table:
     seqs: list[int]
     intervals: list[int]
     statuses: list[int]
-    index: dict[str, int] = field(default_factory=dict)  # encoder only: id -> index
+    index: dict[str, int] = field(default_factory=dict)  # id -> index (the decoder's: built at its first need)
+    columns: _Columns | None = None  # a columnar decoder's: the columns as numpy arrays (then the lists are empty)
 
     def copy(self) -> _Table:
         return _Table(
@@ -131,6 +142,43 @@ class _Table:
         if with_index:
             table.index = {host: i for i, host in enumerate(table.ids)}
         return table
+
+
+@dataclass(slots=True)
+class _Columns:
+    """A columnar decoder's table columns: `ids` as one tuple (a new one only when the table grows:
+    `Beats.ids` is it, and receivers key caches on its identity), per index the last seq, interval
+    and status code as numpy arrays, and whether no id is in the table twice (a keyframe may list
+    one twice; the checks by name then take the slow way)."""
+
+    ids: tuple[str, ...]
+    seqs: npt.NDArray[np.int64]
+    intervals: npt.NDArray[np.int64]
+    statuses: npt.NDArray[np.uint8]
+    unique: bool
+
+    @classmethod
+    def of(cls, table: _Table) -> _Columns:
+        """Moves a fresh table's list columns into numpy arrays (the lists are left empty)."""
+        import numpy as np
+
+        ids = tuple(table.ids)
+        columns = cls(
+            ids,
+            np.array(table.seqs, np.int64),
+            np.array(table.intervals, np.int64),
+            np.array(table.statuses, np.uint8),
+            len(set(ids)) == len(ids),
+        )
+        table.seqs, table.intervals, table.statuses = [], [], []
+        return columns
+
+
+class _Cells(Protocol):
+    """Where `changes` and `forgotten` write a table's new values by index: a copy of a list column
+    (list mode), or a dict of what moves (columnar mode: applied to the arrays once all is checked)."""
+
+    def __setitem__(self, index: int, value: int, /) -> None: ...
 
 
 # -------------------------------------------------------------------------------------------- varints
@@ -394,11 +442,18 @@ _BITS = tuple(tuple(bit for bit in range(8) if byte >> bit & 1) for byte in rang
 
 class BundleDecoder:
     """Decodes bundles of any version from many relays, keeping per relay the table of its last
-    version 2 keyframe, so that its indexed deltas expand into the `Bundle` the relay assembled."""
+    version 2 keyframe, so that its indexed deltas expand into the `Bundle` the relay assembled.
 
-    def __init__(self, max_relays: int = MAX_RELAYS) -> None:
+    `columnar=True` (the monitor's): an indexed delta or keyframe by table returns its ordinary news
+    as columns in `Bundle.beats` and only the rest (changes, leaves by id) in `hosts`; same checks,
+    same errors, same tables. Everything else (keyframes with ids, version 1) reads as without it."""
+
+    def __init__(self, max_relays: int = MAX_RELAYS, columnar: bool = False) -> None:
         self.max_relays = max_relays
+        self.columnar = columnar
         self._tables: OrderedDict[str, _Table] = OrderedDict()
+        if columnar:
+            import numpy  # noqa: F401  # once, at start-up: not in the first bundle's time
 
     def decode(
         self,
@@ -420,9 +475,13 @@ class BundleDecoder:
                 return bundle  # a repeat or an older one: the table stays (the detector ignores it)
             self._tables.pop(bundle.relay, None)
             if bundle.version == BINARY_VERSION and bundle.keyframe:
-                self._remember(_Table.of(bundle, with_index=False), bundle.relay)
+                table = _Table.of(bundle, with_index=False)
+                if self.columnar:
+                    table.columns = _Columns.of(table)
+                self._remember(table, bundle.relay)
             return bundle
-        return _IndexedReader(body, self, relay).top(max_entries)
+        reader = _ColumnarReader if self.columnar else _IndexedReader
+        return reader(body, self, relay).top(max_entries)
 
     def _remember(self, table: _Table, relay: str) -> None:
         self._tables[relay] = table
@@ -545,19 +604,12 @@ class _IndexedReader(_Reader):
             msg = "bad_bundle"
             raise WireError(msg, "seq step bits past the leaves listed")
         most = MAX_AGE_MS * AGE_STEPS // flush  # the largest age code that reads back within MAX_AGE_MS
+        codes = self.keyframe_ages(listed, steps, seqs, most)
         hosts: list[HostEntry] = []
         append, make, status_of = hosts.append, tuple.__new__, _STATUS_OF
-        code = 0
-        for n, i in enumerate(listed):
-            step = code + _unzigzag(self.varint(2 * most + 1, "bad_age"))
-            if not 0 <= step <= most:
-                msg = "bad_age"
-                raise WireError(msg, f"age code {step} outside [0, {most}]")
-            code = step
-            last, bump = seqs[i], steps >> n & 1
-            if last == _GONE or (bump and (last == _NONE or last >= MAX_SEQ)):
-                _refuse_next(i, last)
-            seq = None if last == _NONE else last + bump
+        for n, (i, code) in enumerate(zip(listed, codes, strict=True)):
+            last = seqs[i]
+            seq = None if last == _NONE else last + (steps >> n & 1)
             seqs[i] = _NONE if seq is None else seq
             append(make(HostEntry, (ids[i], seq, code * flush // AGE_STEPS, intervals[i], status_of[statuses[i]])))
         self.changes(hosts, ids, seqs, intervals, statuses)
@@ -571,8 +623,25 @@ class _IndexedReader(_Reader):
         bundle = self.rest(header, table, max_entries, hosts, fresh, (), (seqs, intervals, statuses), grows=True)
         return replace(bundle, keyframe=True)
 
+    def keyframe_ages(self, listed: Sequence[int], steps: int, seqs: Sequence[int], most: int) -> list[int]:
+        """A keyframe by table's age codes (zigzag varint differences), each leaf's checked with its
+        seq step (bit n of `steps`) against the table's `seqs`."""
+        codes: list[int] = []
+        code = 0
+        for n, i in enumerate(listed):
+            step = code + _unzigzag(self.varint(2 * most + 1, "bad_age"))
+            if not 0 <= step <= most:
+                msg = "bad_age"
+                raise WireError(msg, f"age code {step} outside [0, {most}]")
+            code = step
+            last = seqs[i]
+            if last == _GONE or (steps >> n & 1 and (last == _NONE or last >= MAX_SEQ)):
+                _refuse_next(i, last)
+            codes.append(code)
+        return codes
+
     def changes(
-        self, hosts: list[HostEntry], ids: list[str], seqs: list[int], intervals: list[int], statuses: list[int]
+        self, hosts: list[HostEntry], ids: Sequence[str], seqs: _Cells, intervals: _Cells, statuses: _Cells
     ) -> None:
         """The exceptions by index: each with all its fields."""
         previous, size = -1, len(ids)
@@ -600,20 +669,23 @@ class _IndexedReader(_Reader):
         """Limits, the watched devices and the child nodes; then the table moves (`columns`: its new
         seqs, intervals and statuses; `hosts[fresh:]`: the leaves sent by id)."""
         budget = [max_entries - len(hosts) - len(forgot)]
-        if budget[0] < 0 or len({entry[0] for entry in hosts}) != len(hosts):
-            reason = "too_many_entries" if budget[0] < 0 else "bad_entry"
-            raise WireError(reason, "more entries than the limit, or one host twice")
+        _limit(budget[0], len({entry[0] for entry in hosts}) != len(hosts))
+        watched, children = self.tail(budget)
+        seqs, intervals, statuses = columns
+        if grows and len(hosts) > fresh:
+            _grow(table, hosts[fresh:], forgot, seqs, intervals, statuses)
+        table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
+        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched)
+
+    def tail(self, budget: list[int]) -> tuple[tuple[WatchedEntry, ...], tuple[Bundle, ...]]:
+        """The watched devices and the child nodes, which end the node."""
         size_watched = self.count(1)
         watched: tuple[WatchedEntry, ...] = _watched_v2(self.take(size_watched), budget) if size_watched else ()
         children = tuple(self.child(budget) for _ in range(self.count(40)))
         if self.at != len(self.data):
             msg = "bad_bundle"
             raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
-        seqs, intervals, statuses = columns
-        if grows and len(hosts) > fresh:
-            _grow(table, hosts[fresh:], forgot, seqs, intervals, statuses)
-        table.seqs, table.intervals, table.statuses = seqs, intervals, statuses
-        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched)
+        return watched, children
 
     def heard(self, size: int) -> list[int]:
         form = self.take(1)[0]
@@ -655,7 +727,7 @@ class _IndexedReader(_Reader):
             raise WireError(msg, f"status byte {status} is reserved")
         return HostEntry(host, None if seq == 0 else seq - 1, age, interval, _STATUS_OF[status])
 
-    def forgotten(self, ids: list[str], seqs: list[int]) -> tuple[str, ...]:
+    def forgotten(self, ids: Sequence[str], seqs: _Cells) -> tuple[str, ...]:
         forgot, previous, size = [], -1, len(ids)
         for _ in range(self.count(1)):
             previous += 1 + self.varint(size)
@@ -672,6 +744,293 @@ class _IndexedReader(_Reader):
         return self.node(1, budget)
 
 
+class _ColumnarReader(_IndexedReader):
+    """A columnar decoder's reader: the ordinary news as numpy columns (`Beats`), the rest as
+    `_IndexedReader` reads it. Every check is the list reader's, in its order, with its errors: the
+    vectorised reads fall back to the list reader's own loops for any input they do not take in one
+    go (a long or truncated varint, a value past a limit), so those say what is wrong."""
+
+    __slots__ = ()
+
+    def news(self, header: Bundle, table: _Table, max_entries: int, grows: bool) -> Bundle:
+        import numpy as np
+
+        columns = _columns(table)
+        heard = self.heard_array(len(table.ids))
+        codes = np.cumsum(np.frombuffer(self.take(len(heard)), np.uint8), dtype=np.int64) & 0xFF
+        last = columns.seqs[heard]
+        if len(last) and (last.min() < _NONE or last.max() >= MAX_SEQ):  # _GONE, or no next seq
+            k = int(((last == _GONE) | (last >= MAX_SEQ)).argmax())  # the first, as the list reader meets it
+            _refuse_next(int(heard[k]), int(last[k]))
+        seqs = last + (last != _NONE)  # the next seq, or none then and now
+        beats = _beats(columns, heard, seqs, codes, header.flush_ms)
+        moves = _Moves()
+        hosts: list[HostEntry] = []
+        self.changes(hosts, table.ids, moves.seqs, moves.intervals, moves.statuses)
+        changed = list(moves.seqs)
+        fresh = len(hosts)
+        for _ in range(self.count(6)):
+            hosts.append(self.entry(self.short_id("bad_id")))
+        forgot = self.forgotten(table.ids, moves.seqs)
+        return self.rest_columns(header, table, max_entries, beats, hosts, changed, fresh, forgot, moves, grows)
+
+    def keyframe_news(self, header: Bundle, table: _Table, max_entries: int) -> Bundle:
+        import numpy as np
+
+        columns = _columns(table)
+        flush = header.flush_ms
+        listed = self.heard_array(len(table.ids))
+        raw_steps = self.take((len(listed) + 7) // 8)
+        bits = np.unpackbits(np.frombuffer(raw_steps, np.uint8), bitorder="little")
+        if bits[len(listed) :].any():
+            msg = "bad_bundle"
+            raise WireError(msg, "seq step bits past the leaves listed")
+        bumps = bits[: len(listed)].astype(np.int64)
+        most = MAX_AGE_MS * AGE_STEPS // flush
+        last = columns.seqs[listed]
+        codes = self.quick_keyframe_ages(last, bumps, most)
+        if codes is None:  # the list reader's loop says what is wrong (or reads what the quick way does not)
+            steps = int.from_bytes(raw_steps, "little")
+            ages = self.keyframe_ages(listed.tolist(), steps, columns.seqs.tolist(), most)
+            codes = np.array(ages, np.int64)
+        seqs = np.where(last == _NONE, _NONE, last + bumps)
+        beats = _beats(columns, listed, seqs, codes, flush)
+        moves = _Moves()
+        hosts: list[HostEntry] = []
+        self.changes(hosts, table.ids, moves.seqs, moves.intervals, moves.statuses)
+        changed = list(moves.seqs)
+        if columns.unique:  # a leaf the keyframe does not list: its relay no longer knows it
+            gone = np.ones(len(table.ids), np.bool_)
+            gone[listed] = False
+            gone[changed] = False
+        else:  # by name, as the list reader decides it
+            named = {table.ids[i] for i in listed.tolist()} | {entry[0] for entry in hosts}
+            gone = np.array([host not in named for host in table.ids], np.bool_)
+        fresh = len(hosts)
+        for _ in range(self.count(6)):
+            hosts.append(self.entry(self.short_id("bad_id")))
+        bundle = self.rest_columns(header, table, max_entries, beats, hosts, changed, fresh, (), moves, True, gone)
+        return replace(bundle, keyframe=True)
+
+    def quick_keyframe_ages(
+        self, last: npt.NDArray[np.int64], bumps: npt.NDArray[np.int64], most: int
+    ) -> npt.NDArray[np.int64] | None:
+        """`keyframe_ages` at once, for input it takes in one go and finds sound; None otherwise."""
+        import numpy as np
+
+        read = _varints(self.data, self.at, len(last), 2 * most + 1)
+        if read is None:
+            return None
+        values, end = read
+        codes = np.cumsum((values >> 1) ^ -(values & 1))  # the zigzag differences, undone and summed
+        if len(codes) and (codes.min() < 0 or codes.max() > most):
+            return None
+        if ((last == _GONE) | ((bumps == 1) & ((last == _NONE) | (last >= MAX_SEQ)))).any():
+            return None
+        self.at = end
+        return codes
+
+    def heard_array(self, size: int) -> npt.NDArray[np.int64]:
+        """`heard` as an array."""
+        import numpy as np
+
+        start = self.at
+        form = self.take(1)[0]
+        if form == BITMAP:
+            raw = self.take((size + 7) // 8)
+            if size % 8 and raw[-1] >> (size % 8):
+                msg = "bad_bundle"
+                raise WireError(msg, "bitmap bits past the table")
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+            return np.flatnonzero(bits).astype(np.int64, copy=False)
+        if form in (INDEX_LIST, RUNS):
+            pairs = self.varint(size)
+            read = _varints(self.data, self.at, pairs * 2 if form == RUNS else pairs, size)
+            if read is not None:
+                values, end = read
+                indices = _run_indices(values, size) if form == RUNS else _list_indices(values, size)
+                if indices is not None:
+                    self.at = end
+                    return indices
+        self.at = start  # the list reader's loop: what is wrong, or what the quick way does not take
+        return np.array(self.heard(size), np.int64)
+
+    def rest_columns(
+        self,
+        header: Bundle,
+        table: _Table,
+        max_entries: int,
+        beats: Beats,
+        hosts: list[HostEntry],
+        changed: list[int],
+        fresh: int,
+        forgot: tuple[str, ...],
+        moves: _Moves,
+        grows: bool,
+        gone: npt.NDArray[np.bool_] | None = None,
+    ) -> Bundle:
+        """`rest` for columns: the same limits (beats count), then the table moves: the beats' seqs,
+        then `moves`, then what `gone` marks; the leaves sent by id join it (`hosts[fresh:]`)."""
+        import numpy as np
+
+        budget = [max_entries - len(beats) - len(hosts) - len(forgot)]
+        _limit(budget[0], budget[0] >= 0 and _twice(table, beats.index, hosts, changed, fresh))
+        watched, children = self.tail(budget)
+        columns = _columns(table)
+        seqs, intervals, statuses = columns.seqs, columns.intervals, columns.statuses
+        new = hosts[fresh:] if grows else []
+        if new:
+            first = _join(table, new)  # the last check: nothing has moved yet
+            seqs = np.concatenate([seqs, np.array([_NONE if e[1] is None else e[1] for e in new], np.int64)])
+            intervals = np.concatenate([intervals, np.array([e[3] for e in new], np.int64)])
+            statuses = np.concatenate([statuses, np.array([_code(e[4]) for e in new], np.uint8)])
+            columns.ids = tuple(table.ids)
+            for i in _forgotten_new(table, forgot, first):
+                moves.seqs[i] = _GONE
+        seqs[beats.index] = beats.seq
+        for cells, column in ((moves.seqs, seqs), (moves.intervals, intervals), (moves.statuses, statuses)):
+            if cells:
+                column[list(cells)] = list(cells.values())
+        if gone is not None:
+            seqs[: len(gone)][gone] = _GONE
+        columns.seqs, columns.intervals, columns.statuses = seqs, intervals, statuses
+        return replace(header, hosts=tuple(hosts), forgot=forgot, children=children, watched=watched, beats=beats)
+
+
+@dataclass(slots=True)
+class _Moves:
+    """What a columnar read moves in the table besides the beats' seqs, by index (applied in
+    `rest_columns` once all is checked): the changes, then the leaves forgotten."""
+
+    seqs: dict[int, int] = field(default_factory=dict)
+    intervals: dict[int, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+def _columns(table: _Table) -> _Columns:
+    columns = table.columns
+    if columns is None:  # a columnar decoder makes every table with its columns
+        msg = "a table without columns in a columnar decoder"
+        raise AssertionError(msg)
+    return columns
+
+
+def _beats(
+    columns: _Columns,
+    index: npt.NDArray[np.int64],
+    seqs: npt.NDArray[np.int64],
+    codes: npt.NDArray[np.int64],
+    flush: int,
+) -> Beats:
+    return Beats(
+        columns.ids, index, seqs, codes * flush // AGE_STEPS, columns.intervals[index], columns.statuses[index]
+    )
+
+
+def _twice(table: _Table, heard: npt.NDArray[np.int64], hosts: list[HostEntry], changed: list[int], fresh: int) -> bool:
+    """A host twice among the beats (`heard`, indices) and the exceptions (`hosts`: `changed`
+    indices, then by id from `fresh`), by name as the list reader checks it."""
+    import numpy as np
+
+    columns = _columns(table)
+    names = {entry[0] for entry in hosts}
+    if len(names) != len(hosts):
+        return True
+    if not columns.unique:  # the slow way: names of the beats too
+        beaten = [table.ids[i] for i in heard.tolist()]
+        return len(set(beaten)) != len(beaten) or not names.isdisjoint(beaten)
+    if not len(heard) or not hosts:
+        return False
+    index = _index(table)
+    at = changed + [i for entry in hosts[fresh:] if (i := index.get(entry[0])) is not None]
+    if not at:
+        return False
+    found = np.searchsorted(heard, at)
+    return bool((heard[np.minimum(found, len(heard) - 1)] == at).any())
+
+
+_FEW_VARINTS = 32
+
+
+def _varints(data: memoryview, at: int, count: int, limit: int) -> tuple[npt.NDArray[np.int64], int] | None:
+    """`count` varints from `at`, each at most `limit`, and where they end; None if any is longer
+    than 8 bytes, above `limit`, or cut off (the list reader's loop then reads them). The callers'
+    limits keep the sums of what they read far from int64's end."""
+    import numpy as np
+
+    if count <= _FEW_VARINTS:  # one by one: numpy's fixed cost is more than theirs
+        few, end = [], at
+        for _ in range(count):
+            value = shift = 0
+            while True:
+                if end >= len(data) or shift > 7 * 7:
+                    return None
+                byte = data[end]
+                end += 1
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            if value > limit:
+                return None
+            few.append(value)
+        return np.array(few, np.int64), end
+    raw = np.frombuffer(data[at : at + 8 * count], np.uint8)
+    ends = np.flatnonzero(raw < 0x80)[:count]
+    if len(ends) < count:
+        return None
+    if not count:
+        return np.zeros(0, np.int64), at
+    end = int(ends[-1]) + 1
+    if end == count:  # one byte each (the usual)
+        values = raw[:count].astype(np.int64)
+    else:
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        if int((ends - starts).max()) >= 8:
+            return None
+        lengths = ends - starts + 1
+        shifts = (np.arange(end) - np.repeat(starts, lengths)) * 7
+        parts = (raw[:end] & 0x7F).astype(np.uint64) << shifts.astype(np.uint64)
+        values = np.add.reduceat(parts, starts).astype(np.int64)
+    if int(values.max()) > limit:
+        return None
+    return values, at + end
+
+
+def _list_indices(gaps: npt.NDArray[np.int64], size: int) -> npt.NDArray[np.int64] | None:
+    """The index list form's indices (each gap after the one before), if all fall in the table."""
+    import numpy as np
+
+    indices = np.cumsum(gaps + 1) - 1 if len(gaps) else gaps
+    return None if len(indices) and int(indices[-1]) >= size else indices
+
+
+def _run_indices(pairs: npt.NDArray[np.int64], size: int) -> npt.NDArray[np.int64] | None:
+    """The runs form's indices ((gap before, length - 1) per run), if all fall in the table (a run
+    longer than the list reader's limit for it ends past the table too)."""
+    import numpy as np
+
+    gaps, more = pairs[0::2], pairs[1::2]
+    if not len(gaps):
+        return gaps
+    if len(gaps) <= _FEW_VARINTS:  # one by one: numpy's fixed cost is more than theirs
+        spans, end = [], -1
+        for gap, extra in zip(gaps.tolist(), more.tolist(), strict=True):
+            spans.append((end + 1 + gap, end + 2 + gap + extra))
+            end += 1 + gap + extra
+        if end >= size:
+            return None
+        runs = [np.arange(start, stop, dtype=np.int64) for start, stop in spans]
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
+    lengths = more + 1
+    ends = np.cumsum(gaps + lengths) - 1  # each run's last index
+    if int(ends[-1]) >= size:
+        return None
+    before = np.cumsum(lengths) - lengths  # indices listed before each run
+    starts = ends - more
+    return np.repeat(starts - before, lengths) + np.arange(int(before[-1] + lengths[-1]))
+
+
 def _grow(
     table: _Table,
     new: list[HostEntry],
@@ -685,9 +1044,19 @@ def _grow(
     the receiving side); those forgotten in the same bundle are gone at once. A leaf sent by id that
     the table holds already is `bad_entry` (its index would be ambiguous), raised before anything
     moves."""
-    index = table.index
-    if len(index) != len(table.ids):  # built once per table, at its first growth
-        index = table.index = {host: i for i, host in enumerate(table.ids)}
+    first = _join(table, new)
+    for entry in new:
+        seqs.append(_NONE if entry[1] is None else entry[1])
+        intervals.append(entry[3])
+        statuses.append(_code(entry[4]))
+    for i in _forgotten_new(table, forgot, first):
+        seqs[i] = _GONE
+
+
+def _join(table: _Table, new: list[HostEntry]) -> int:
+    """`new`'s ids join the table's (and its index); returns the first new index. Refuses (as
+    `_grow` says) before anything moves."""
+    index = _index(table)
     if any(entry[0] in index for entry in new):
         msg = "bad_entry"
         raise WireError(msg, "a leaf sent by id that the table holds")
@@ -695,13 +1064,27 @@ def _grow(
     for entry in new:
         index[entry[0]] = len(table.ids)
         table.ids.append(entry[0])
-        seqs.append(_NONE if entry[1] is None else entry[1])
-        intervals.append(entry[3])
-        statuses.append(_code(entry[4]))
-    for host in forgot:
-        i = index.get(host)
-        if i is not None and i >= first:
-            seqs[i] = _GONE
+    return first
+
+
+def _index(table: _Table) -> dict[str, int]:
+    """The table's id -> index (built once per table, at its first need)."""
+    if len(table.index) != len(table.ids):
+        table.index = {host: i for i, host in enumerate(table.ids)}
+    return table.index
+
+
+def _forgotten_new(table: _Table, forgot: Sequence[str], first: int) -> list[int]:
+    """The indices of the leaves that joined the table at `first` or after and are in `forgot`."""
+    index = table.index
+    return [i for host in forgot if (i := index.get(host)) is not None and i >= first]
+
+
+def _limit(budget: int, twice: bool) -> None:
+    """The entry limit (`budget` left after the node's own entries), then no host twice."""
+    if budget < 0 or twice:
+        reason = "too_many_entries" if budget < 0 else "bad_entry"
+        raise WireError(reason, "more entries than the limit, or one host twice")
 
 
 def _refuse_next(index: int, last: int) -> None:

@@ -149,3 +149,6 @@ def test_wire_compares_bytes_per_beat_of_each_format(tmp_path: Path) -> None:
     assert all(positive(size) for size in sizes.values())
     assert sizes["v2 indexed"] < sizes["v2"] < sizes["v1 json"]
     assert all(positive(value["median"]) for value in case["us_per_entry"].values())
+    modes = {(d["node"], mode): us["median"] for d in r["decode_modes"] for mode, us in d["us_per_entry"].items()}
+    assert sorted(modes) == [(node, mode) for node in ("delta", "keyframe by table") for mode in ("columnar", "list")]
+    assert all(positive(us) for us in modes.values())

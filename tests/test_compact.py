@@ -1,5 +1,8 @@
 """Indexed deltas (relay/compact.py): golden cases both ways, round trips through the assembler and
-through arbitrary bundle streams, what a receiver does without the keyframe, limits, and a fuzz."""
+through arbitrary bundle streams, what a receiver does without the keyframe, limits, and a fuzz.
+
+Every decoder here is `_Both`: the list decoder and the columnar one (the monitor's) fed the same
+bytes, which must read the same news or refuse with the same error."""
 
 from __future__ import annotations
 
@@ -16,7 +19,17 @@ from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.states import State, Transition
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import AGE_STEPS, FULL_EVERY, BundleDecoder, BundleEncoder, KeyframeMissing
-from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, WireError, decode_bundle, encode_bundle
+from relaybeat.relay.wire import (
+    DEFAULT_MAX_BUNDLE_BYTES,
+    DEFAULT_MAX_BUNDLE_ENTRIES,
+    Beat,
+    Bundle,
+    HostEntry,
+    LeafStatus,
+    WireError,
+    decode_bundle,
+    encode_bundle,
+)
 from tests.wire_inputs import (
     ID_GRAMMAR,
     INDEXED_KEYFRAME_HOSTS,
@@ -28,6 +41,60 @@ from tests.wire_inputs import (
 )
 
 OK, STOPPING = LeafStatus.OK, LeafStatus.STOPPING
+
+
+def as_entries(bundle: Bundle) -> Bundle:
+    """A columnar decoder's bundle as the list decoder reads it: the beats' entries, then the rest."""
+    if bundle.beats is None:
+        return bundle
+    return replace(bundle, hosts=(*bundle.beats.entries(), *bundle.hosts), beats=None)
+
+
+class _Both:
+    """A list decoder and a columnar one fed the same bytes. `decode` returns (or raises) what the
+    list one does, once it has checked that the columnar one read the same news (its beats' entries
+    then its hosts are the list one's hosts, in order; all else equal), or raised the same error."""
+
+    def __init__(self) -> None:
+        self.list, self.columnar = BundleDecoder(), BundleDecoder(columnar=True)
+
+    def decode(
+        self,
+        payload: bytes,
+        max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+        max_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+        relay: str | None = None,
+    ) -> Bundle:
+        expected, read = (_outcome(d, payload, max_bytes, max_entries, relay) for d in (self.list, self.columnar))
+        if isinstance(expected, WireError):
+            assert isinstance(read, WireError)
+            assert (type(read), read.reason, str(read)) == (type(expected), expected.reason, str(expected))
+            if isinstance(expected, KeyframeMissing):
+                assert isinstance(read, KeyframeMissing)
+                assert read.header == expected.header
+            raise expected
+        assert isinstance(read, Bundle)
+        assert expected.beats is None
+        assert as_entries(read) == expected
+        if read.beats is not None:
+            assert read.entry_count() == expected.entry_count()
+            beats = read.beats
+            assert [column.dtype.name for column in (beats.index, beats.seq, beats.age_ms, beats.interval_ms)] == [
+                "int64"
+            ] * 4
+            assert beats.status.dtype.name == "uint8"
+            assert all(len(column) == len(beats) for column in (beats.seq, beats.age_ms, beats.interval_ms))
+        return expected
+
+
+def _outcome(
+    decoder: BundleDecoder, payload: bytes, max_bytes: int, max_entries: int, relay: str | None
+) -> Bundle | WireError:
+    try:
+        return decoder.decode(payload, max_bytes, max_entries, relay)
+    except WireError as err:
+        return err
+
 
 KEYFRAME = Bundle(
     "evil",
@@ -70,8 +137,8 @@ DELTA_READ = replace(
 )
 
 
-def _primed() -> BundleDecoder:
-    decoder = BundleDecoder()
+def _primed() -> _Both:
+    decoder = _Both()
     assert decoder.decode(indexed_keyframe()) == KEYFRAME
     return decoder
 
@@ -104,7 +171,7 @@ def test_golden_indexed_delta_of_a_relay_before_growing_tables_reads_the_same_an
 
 
 def test_a_leaf_sent_by_id_joins_the_table_and_beats_by_index_after() -> None:
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     decoder.decode(encoder.encode(KEYFRAME))
     decoder.decode(encoder.encode(DELTA_SENT))
     beat = Bundle("evil", "b1", 5, 1000, (HostEntry("n1", None, 3, 2000, STOPPING),), version=2, keyframe=False,
@@ -129,7 +196,7 @@ def test_a_leaf_sent_by_id_that_the_table_holds_is_refused_before_the_table_move
 def test_leaves_that_appear_after_the_keyframe_cost_their_id_once() -> None:
     """A relay's keyframe before its leaves connect (it starts first): each leaf's first beat goes
     by id, its next ones cost a bit and an age byte, as if the keyframe had listed it."""
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     decoder.decode(encoder.encode(Bundle("relay-1", "3f9c2a71b0d4", 1, 1000, (), version=2, sent_ms=0)))
     sizes = []
     for seq in range(2, 12):
@@ -191,17 +258,17 @@ def test_a_keyframe_by_table_without_the_table_is_keyframe_missing_and_the_answe
     encoder.encode(KEYFRAME)
     by_table = encoder.encode(TABLE_KEYFRAME_SENT)
     with pytest.raises(KeyframeMissing) as lost:
-        BundleDecoder().decode(by_table)
+        _Both().decode(by_table)
     assert lost.value.header == Bundle("evil", "b1", 4, 1000, version=2, keyframe=False, sent_ms=6000)
     encoder.send_ids()
     full = encoder.encode(replace(TABLE_KEYFRAME_SENT, seq=5, sent_ms=7000))
     assert decode_bundle(full).keyframe  # version 2's own keyframe node: relay/wire.py refuses indexed ones
-    _same_news(BundleDecoder().decode(full), replace(TABLE_KEYFRAME_SENT, seq=5, sent_ms=7000))
+    _same_news(_Both().decode(full), replace(TABLE_KEYFRAME_SENT, seq=5, sent_ms=7000))
 
 
 def test_every_tenth_keyframe_carries_ids_and_a_gap_in_seqs_makes_the_next_one_carry_them() -> None:
     hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(50))
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     kinds = []
     for seq in range(1, 2 * FULL_EVERY + 2):
         payload = encoder.encode(Bundle("r", "b", seq, 1000, hosts, version=2, sent_ms=1000 * seq))
@@ -221,7 +288,7 @@ def test_a_keyframe_carries_ids_again_once_the_deltas_cost_more_than_the_ids_wou
     the last keyframe cost more than those after the last keyframe with ids, by more than the ids
     cost, the next keyframe carries the ids again (in fresh phase order)."""
     rnd = random.Random(7)
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
 
     def send(seq: int, ages: list[int], keyframe: bool) -> int:
         hosts = tuple(HostEntry(f"h{i:04d}", seq, age, 1000, OK) for i, age in enumerate(ages))
@@ -250,7 +317,7 @@ def test_a_keyframe_by_table_costs_a_fraction_of_one_with_ids() -> None:
         )
         return Bundle("r00", "3f9c2a71b0d4", seq, 1000, hosts, version=2, sent_ms=1000 * seq)
 
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     full = encoder.encode(picture(30))
     by_table = encoder.encode(picture(31))
     _same_news(decoder.decode(full), picture(30))
@@ -263,7 +330,7 @@ def test_the_smallest_of_bitmap_index_list_and_runs_is_chosen_per_bundle() -> No
     keyframe = Bundle("r", "b", 1, 1000, hosts, version=2, sent_ms=0)
     one = Bundle("r", "b", 2, 1000, (HostEntry("h700", 2, 3, 1000, OK),), version=2, keyframe=False, sent_ms=1000)
     many = replace(one, seq=3, hosts=tuple(HostEntry(f"h{i}", 2, 3, 1000, OK) for i in range(0, 800, 2)))
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     decoder.decode(encoder.encode(keyframe))
     sparse, dense = encoder.encode(one), encoder.encode(many)
     assert len(sparse) < 40  # a list of one index
@@ -325,7 +392,7 @@ def test_what_the_assembler_makes_is_what_the_monitor_reads(script: list[tuple[o
     """Random beats (seq + 1, jumps, none, new intervals, stopping), silences long enough to be
     forgotten, flushes and keyframes on request: every bundle reads back as assembled."""
     asm = Assembler("r1", "b", 0.5, 1.0, forget_after_s=2.0, keyframe_s=5.0, version=2)
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     now, seqs = 0.0, dict.fromkeys([f"h{i}" for i in range(12)], 0)
     for step in script:
         if step[0] == "beat":
@@ -369,7 +436,7 @@ def test_any_stream_of_keyframes_and_deltas_reads_back(
     """Beyond what an assembler makes: any entries (huge seqs, ages above the flush, a host both
     heard and forgotten), flush changes mid-stream, deltas before any keyframe, keyframes by table
     and with ids in any mix."""
-    encoder, decoder = BundleEncoder(full_every), BundleDecoder()
+    encoder, decoder = BundleEncoder(full_every), _Both()
     for n, (keyframe, hosts, forgot, flush_ms) in enumerate(stream):
         bundle = Bundle(
             "r1",
@@ -404,10 +471,10 @@ def _stream() -> tuple[BundleEncoder, list[bytes]]:
 def test_a_delta_without_its_keyframe_raises_keyframe_missing_with_the_bundle_header() -> None:
     _, payloads = _stream()
     with pytest.raises(KeyframeMissing) as lost:  # a restarted receiver: no table at all
-        BundleDecoder().decode(payloads[2])
+        _Both().decode(payloads[2])
     assert lost.value.reason == "need_keyframe"
     assert lost.value.header == Bundle("r1", "b", 3, 1000, version=2, keyframe=False, sent_ms=3000)
-    decoder = BundleDecoder()
+    decoder = _Both()
     decoder.decode(payloads[0])
     decoder.decode(payloads[1])
     with pytest.raises(KeyframeMissing):  # a missed delta: a seq gap
@@ -424,7 +491,7 @@ def test_a_delta_without_its_keyframe_raises_keyframe_missing_with_the_bundle_he
 
 def test_a_new_boot_needs_its_own_keyframe() -> None:
     _, payloads = _stream()
-    decoder = BundleDecoder()
+    decoder = _Both()
     decoder.decode(payloads[0])
     other = BundleEncoder()
     other.encode(Bundle("r1", "b2", 1, 1000, (HostEntry("h1", 1, 0, 1000, OK),), version=2, sent_ms=0))
@@ -435,7 +502,7 @@ def test_a_new_boot_needs_its_own_keyframe() -> None:
 
 def test_a_bundle_of_another_relay_than_its_topic_moves_no_state() -> None:
     _, payloads = _stream()
-    decoder = BundleDecoder()
+    decoder = _Both()
     for payload in payloads[:2]:
         with pytest.raises(WireError) as err:
             decoder.decode(payload, relay="r2")
@@ -449,7 +516,7 @@ def test_the_monitor_keeps_an_unreadable_relay_alive_waits_for_its_keyframe_and_
     the relay stays up, h2 (silent since the keyframe, timeout 3 s) is not judged while we cannot
     know, a keyframe is asked for; the keyframe resyncs, and h2 is down from its own evidence."""
     encoder, payloads = _stream()
-    detector, decoder = Detector(Policy(misses=3), 0.0), BundleDecoder()
+    detector, decoder = Detector(Policy(misses=3), 0.0), _Both()
     detector.observe(decoder.decode(payloads[0]), 1.0)
     detector.observe(decoder.decode(payloads[1]), 2.0)
     for n, payload in enumerate(payloads[3:], start=4):  # payloads[2] was lost
@@ -471,13 +538,13 @@ def test_a_parent_that_cannot_read_its_childs_delta_asks_it_for_a_keyframe() -> 
     _, payloads = _stream()
     parent = Assembler("p", "pb", 1.0, 5.0, keyframe_s=30.0, version=2)
     with pytest.raises(KeyframeMissing) as lost:
-        BundleDecoder().decode(payloads[1])
+        _Both().decode(payloads[1])
     parent.lose_child(lost.value.header, 1.0)
     assert parent.wanted_keyframes == ["r1"]
     assert parent.flush(1.0).children == ()  # nothing of it in our keyframe until its own arrives
     assert parent.add_child(decode_bundle(payloads[0]), 1.5) is False  # older than what it said
     keyframe = BundleEncoder().encode(Bundle("r1", "b", 9, 1000, (), version=2, sent_ms=9000))
-    assert parent.add_child(BundleDecoder().decode(keyframe), 2.0)
+    assert parent.add_child(_Both().decode(keyframe), 2.0)
     assert parent.wanted_keyframes == []
 
 
@@ -527,6 +594,40 @@ def test_bad_indexed_deltas_are_rejected_with_a_reason_and_leave_the_table_as_it
     assert decoder.decode(_fields()) == DELTA_READ
 
 
+def test_of_two_beats_that_cannot_follow_their_table_the_first_is_named() -> None:
+    """h3 and h7 hold the largest seq: a delta hearing both is refused for h3, in either mode."""
+    top = 2**63 - 1
+    hosts = tuple(entry._replace(seq=top) if entry.id in ("h3", "h7") else entry for entry in KEYFRAME.hosts)
+    decoder = _Both()
+    decoder.decode(encode_bundle(replace(KEYFRAME, hosts=hosts)))
+    with pytest.raises(WireError) as err:
+        decoder.decode(_fields(heard=bytes([0b10001010, 0]), ages=b"\x01\x01\x01"))
+    assert (err.value.reason, str(err.value)) == ("bad_seq", f"bad_seq: index 3 cannot follow seq {top}")
+
+
+@pytest.mark.parametrize(
+    ("form", "heard", "reason"),
+    [
+        (b"\x01", b"\x02\x01\x01", None),  # an index list: h1, h3
+        (b"\x01", b"\x02\x81\x80\x80\x80\x80\x80\x80\x80\x00\x01", None),  # the same, h1's gap in 9 bytes
+        (b"\x02", b"\x02\x01\x00\x01\x00", None),  # runs: h1, h3
+        (b"\x01", b"\x02\x01\x08", "bad_entry"),  # index 11 of ten
+        (b"\x01", b"\x02\x01\x0b", "bad_bundle"),  # a gap above the table's size
+        (b"\x02", b"\x01\x08\x03", "bad_entry"),  # a run of 8 to 11
+        (b"\x02", b"\x01\x01\x0a", "bad_bundle"),  # a run longer than the table
+        (b"\x02", b"\x02\x01\x00\x01", "bad_bundle"),  # cut off
+    ],
+)
+def test_the_heard_forms_read_the_same_in_both_modes(form: bytes, heard: bytes, reason: str | None) -> None:
+    decoder = _primed()
+    if reason is None:
+        assert decoder.decode(_fields(heard_form=form, heard=heard)) == DELTA_READ
+        return
+    with pytest.raises(WireError) as err:
+        decoder.decode(_fields(heard_form=form, heard=heard))
+    assert err.value.reason == reason
+
+
 def test_indexed_limits_on_size_and_entries() -> None:
     decoder = _primed()
     payload = _fields()
@@ -539,7 +640,7 @@ def test_indexed_limits_on_size_and_entries() -> None:
 
 def test_a_compressed_indexed_delta_reads_back() -> None:
     hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(4000))
-    encoder, decoder = BundleEncoder(), BundleDecoder()
+    encoder, decoder = BundleEncoder(), _Both()
     decoder.decode(encoder.encode(Bundle("r", "b", 1, 1000, hosts, version=2, sent_ms=0)))
     heard = tuple(HostEntry(f"h{i}", 2, 0, 1000, OK) for i in range(4000))  # ages all 0: compresses
     delta = Bundle("r", "b", 2, 1000, heard, version=2, keyframe=False, sent_ms=1000)
@@ -600,7 +701,7 @@ def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_paren
     child = Assembler("r2", "c", 1.0, 1.0, keyframe_s=30.0, version=2)
     parent = Assembler("r1", "p", 1.0, 1.0, keyframe_s=30.0, version=2)
     to_parent, to_monitor = BundleEncoder(), BundleEncoder()
-    at_parent, at_monitor = BundleDecoder(), BundleDecoder()
+    at_parent, at_monitor = _Both(), _Both()
     detector = Detector(Policy(misses=3), 0.0)
     out: list[Transition] = []
     unreadable: list[int] = []
@@ -608,7 +709,7 @@ def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_paren
         now = float(tick)
         child.add_beat("h1", Beat(seq=tick, interval_s=1.0), now - 0.5)
         if tick == 10:
-            at_parent = BundleDecoder()
+            at_parent = _Both()
         try:
             parent.add_child(at_parent.decode(to_parent.encode(child.flush(now)), relay="r2"), now)
         except KeyframeMissing as lost:
@@ -624,3 +725,122 @@ def test_a_relay_tree_on_indexed_deltas_keeps_the_childs_hosts_up_across_a_paren
     assert [(t.subject, t.to_state) for t in out] == [("r1", State.UP), ("r2", State.UP), ("h1", State.UP)]
     assert detector.hosts["h1"].seq == 39
     assert unreadable == [10]  # and the child's keyframe at 11 resynced the parent
+
+
+# ----------------------------------------------------------------------------- columnar mode
+
+
+def test_a_columnar_decoder_hands_out_one_ids_tuple_per_table_until_it_changes() -> None:
+    """`Beats.ids` is the table: the same tuple object across the deltas of one table (a receiver
+    keys its caches on it), a new one once the table grows or a keyframe with ids replaces it."""
+    hosts = tuple(HostEntry(f"h{i}", 1, 0, 1000, OK) for i in range(10))
+    encoder, decoder = BundleEncoder(), BundleDecoder(columnar=True)
+
+    def send(seq: int, heard: tuple[HostEntry, ...], keyframe: bool = False) -> Bundle:
+        bundle = Bundle("r", "b", seq, 1000, heard, version=2, keyframe=keyframe, sent_ms=1000 * seq)
+        return decoder.decode(encoder.encode(bundle))
+
+    assert send(1, hosts, keyframe=True).beats is None  # a keyframe with ids: entries, as ever
+    first = send(2, tuple(entry._replace(seq=2) for entry in hosts[:5])).beats
+    second = send(3, tuple(entry._replace(seq=2) for entry in hosts[5:])).beats
+    assert first is not None
+    assert second is not None
+    assert first.ids == tuple(f"h{i}" for i in range(10))
+    assert second.ids is first.ids
+    assert first.index.tolist() == [0, 1, 2, 3, 4]
+    assert second.index.tolist() == [5, 6, 7, 8, 9]
+    assert second.seq.tolist() == [2] * 5
+    grows = send(4, (HostEntry("h0", 3, 0, 1000, OK), HostEntry("n1", None, 0, 1000, OK)))
+    assert grows.beats is not None
+    assert grows.beats.ids is first.ids  # the delta that grows the table still refers to the old one
+    assert [entry.id for entry in grows.hosts] == ["n1"]  # by id: an exception
+    grown = send(5, (HostEntry("n1", None, 0, 1000, OK),)).beats
+    assert grown is not None
+    assert grown.ids is not first.ids
+    assert grown.ids == (*first.ids, "n1")
+    assert grown.index.tolist() == [10]
+    assert grown.seq.tolist() == [-1]  # none, then and now
+    by_table = send(6, (*(entry._replace(seq=3) for entry in hosts), HostEntry("n1", None, 0, 1000, OK)), True)
+    assert by_table.keyframe
+    assert by_table.beats is not None
+    assert by_table.beats.ids is grown.ids  # a keyframe by table leaves the ids as they were
+    encoder.send_ids()
+    assert send(7, tuple(entry._replace(seq=4) for entry in hosts), keyframe=True).beats is None
+    fresh = send(8, (HostEntry("h1", 5, 0, 1000, OK),)).beats
+    assert fresh is not None
+    assert fresh.ids is not grown.ids
+
+
+def test_a_columnar_decoder_reads_version_1_and_plain_version_2_as_entries() -> None:
+    decoder = BundleDecoder(columnar=True)
+    v1 = Bundle("r", "b", 1, 1000, (HostEntry("h1", 1, 0, 1000, OK),))
+    assert decoder.decode(encode_bundle(v1)) == v1
+    plain = replace(v1, seq=2, version=2, keyframe=False, sent_ms=None)  # no send time: no indexed delta
+    assert decoder.decode(BundleEncoder().encode(plain)) == plain
+
+
+LEAVES = [f"leaf-{i:03d}" for i in range(1000)]
+
+
+@st.composite
+def _mutated_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
+    """A relay of 1,000 leaves (a keyframe with ids, sometimes one id twice), one to three deltas or
+    keyframes by table with a run, stripes (many runs), scattered beats, changes, new and forgotten
+    leaves, and the last of them with a few bytes set, inserted or cut out of its node."""
+    rnd = random.Random(draw(st.integers(0, 2**32)))  # the many small choices (Hypothesis draws the shape)
+    ids = list(LEAVES)
+    if draw(st.booleans()):
+        ids[draw(st.integers(0, 999))] = ids[draw(st.integers(0, 999))]
+    seqs: dict[str, int | None] = {host: rnd.choice([None, 1, 1, 2**63 - 2]) for host in ids}
+    encoder = BundleEncoder()
+    keyframe = tuple(HostEntry(host, seqs[host], 0, 1000, OK) for host in ids)
+    payloads = [encoder.encode(Bundle("r", "b", 1, 1000, keyframe, version=2, sent_ms=0))]
+    for seq in range(2, 2 + draw(st.integers(1, 3))):
+        start, length = draw(st.integers(0, 999)), draw(st.integers(0, 1000))
+        picked = set(draw(st.sets(st.integers(0, 999), max_size=40))) | set(range(start, min(1000, start + length)))
+        period, width = draw(st.integers(0, 40)), draw(st.integers(1, 4))
+        picked |= (
+            {i for i in range(0, 1000, period) for i in range(i, min(1000, i + width))} if period > width else set()
+        )
+        heard: dict[str, HostEntry] = {}
+        for i in sorted(picked):
+            host, last = ids[i], seqs[ids[i]]
+            step = None if last is None else last + 1 if last < 2**63 - 1 else 3  # the largest seq has no next
+            seqs[host] = nxt = rnd.choice([step] * 8 + [5, None])
+            heard[host] = HostEntry(host, nxt, rnd.choice([rnd.randrange(1001), rnd.randrange(5000)]), 1000, OK)
+        for host in draw(st.lists(st.sampled_from(["n1", "n2", "n3"]), max_size=2, unique=True)):
+            heard[host] = HostEntry(host, None, 5, 2000, STOPPING)
+        forgot = tuple(draw(st.lists(st.sampled_from([*LEAVES[:20], "gone"]), max_size=3, unique=True)))
+        keyframe_now = draw(st.integers(0, 3)) == 0
+        bundle = Bundle("r", "b", seq, 1000, tuple(heard.values()), version=2, keyframe=keyframe_now,
+                        forgot=() if keyframe_now else forgot, sent_ms=1000 * seq)  # fmt: skip
+        payloads.append(encoder.encode(bundle))
+    spoilt = payloads[-1]
+    body = bytearray(zlib.decompress(spoilt[2:]) if spoilt[1] else spoilt[2:])
+    for op, at, raw in draw(st.lists(st.tuples(st.sampled_from(["set", "insert", "cut"]), st.integers(0, 10**6),
+                                               st.binary(min_size=1, max_size=3)), max_size=3)):  # fmt: skip
+        at %= len(body) + 1
+        if op == "set":
+            body[at : at + len(raw)] = raw
+        elif op == "insert":
+            body[at:at] = raw
+        else:
+            del body[at : at + len(raw)]
+    return payloads, b"\x02\x00" + bytes(body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_mutated_streams())
+def test_the_columnar_decoder_reads_or_refuses_any_node_as_the_list_decoder_does(
+    stream: tuple[list[bytes], bytes],
+) -> None:
+    """Deltas and keyframes by table of a larger table (every heard form, multi-byte gaps, seqs at
+    the largest), with hostile bytes: both decoders read the same news or raise the same error, and
+    keep the same table (the unspoilt node reads the same after it)."""
+    payloads, mutated = stream
+    decoder = _Both()
+    for payload in payloads[:-1]:
+        decoder.decode(payload)
+    for payload in (mutated, payloads[-1]):
+        with contextlib.suppress(WireError):
+            decoder.decode(payload)
