@@ -21,6 +21,7 @@ import gc
 import secrets
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,7 +41,8 @@ from relaybeat.relay.wire import decode_bundle
 
 def _payloads(relays: int, size: int, count: int, wire: int = 1) -> tuple[list[bytes], list[str]]:
     """`count` distinct bundles (seq rising), round-robin over `relays` relays of `size` hosts each,
-    and the relay of each."""
+    and the relay of each. Version 2 bundles are sent a flush (1 s) apart by their relays' clocks, as
+    the in-process replay below takes them (one round of relays a second)."""
     synthetic = synth.Relays(0, "", relays, size, tag="m", wire=wire)
     ids = synthetic.ids
     blobs = {r: synth.hosts_blob(synth.host_ids(r, size)) for r in ids} if wire == 1 else {}
@@ -49,9 +51,28 @@ def _payloads(relays: int, size: int, count: int, wire: int = 1) -> tuple[list[b
     for k in range(count):
         r = ids[k % relays]
         seqs[r] += 1
-        out.append(synth.bundle_bytes(r, "b00t", seqs[r], blobs[r]) if wire == 1 else synthetic._v2(r, seqs[r]))
+        out.append(
+            synth.bundle_bytes(r, "b00t", seqs[r], blobs[r]) if wire == 1 else synthetic._v2(r, seqs[r], seqs[r] * 1000)
+        )
         senders.append(r)
     return out, senders
+
+
+class _Replay:
+    """A `monitor.clock.Clock` that the replay moves: bundles taken in-process arrive as they would,
+    one round of relays a second, so each leaf's beats are a second apart on both clocks."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self, t: float) -> datetime:
+        return datetime.fromtimestamp(t, UTC)
+
+    def mono(self, moment: datetime) -> float:
+        return moment.timestamp()
 
 
 class _Host:
@@ -103,7 +124,7 @@ def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict
     """Entries/s on one core (process CPU time) of the raw ceiling (on version 1 JSON, always) and of
     the project's pieces on bundles of `wire`."""
     relays = 10
-    count = max(relays, entries // size)
+    count = max(3 * relays, entries // size)
     results: dict[str, dict[str, float]] = {}
 
     raw = _raw_ceiling(_payloads(relays, size, count)[0])
@@ -115,12 +136,12 @@ def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict
     def decode() -> int:
         if wire == 1:
             return sum(len(decode_bundle(p).hosts) for p in payloads)
-        decoder = BundleDecoder()  # a fresh one per rep: the stream starts at its keyframes
-        return sum(len(decoder.decode(p, relay=relay).hosts) for p, relay in zip(payloads, senders, strict=True))
+        decoder = BundleDecoder(columnar=True)  # as the monitor's, fresh per rep: streams start at keyframes
+        return sum(decoder.decode(p, relay=relay).entry_count() for p, relay in zip(payloads, senders, strict=True))
 
-    results["decode (decode_bundle; BundleDecoder for version 2)"] = spread(_timed(decode, reps))
+    results["decode (decode_bundle; BundleDecoder(columnar=True) for version 2)"] = spread(_timed(decode, reps))
 
-    decoder = BundleDecoder()
+    decoder = BundleDecoder(columnar=True)
     decoded = [decoder.decode(p, relay=relay) for p, relay in zip(payloads, senders, strict=True)]
 
     def observe_rate() -> float:
@@ -132,8 +153,8 @@ def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict
         started = time.process_time()
         n = 0
         for i, b in enumerate(decoded[relays:]):
-            detector.observe(b, 1.0 + i * 1e-4)
-            n += len(b.hosts)
+            detector.observe(b, 2.0 + i / relays)  # a round of relays a second, as they send
+            n += b.entry_count()
         return n / max(1e-9, time.process_time() - started)
 
     results["Detector.observe (decoded)"] = spread(observe_rate() for _ in range(reps))
@@ -141,16 +162,21 @@ def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict
     settings = MonitorSettings(BrokerURL("127.0.0.1", 1883))
 
     def take_rates() -> float:
-        monitor = Monitor(settings, cast(Store, None))
+        clock = _Replay()
+        monitor = Monitor(settings, cast(Store, None), clock)
         topic = settings.prefix + "bundle/"
         topics = [topic + relay for relay in senders]
-        for t, p in zip(topics[:relays], payloads[:relays], strict=True):
+        step = 1.0 / relays
+        warm = 2 * relays  # each relay's first bundle waits for its clock to be confirmed by the second
+        for t, p in zip(topics[:warm], payloads[:warm], strict=True):
+            clock.t += step
             monitor.take(t, p)
         gc.collect()
         started = time.process_time()
         n = 0
         take = monitor.take
-        for t, p in zip(topics[relays:], payloads[relays:], strict=True):
+        for t, p in zip(topics[warm:], payloads[warm:], strict=True):
+            clock.t += step
             take(t, p)
             n += size
         rate = n / max(1e-9, time.process_time() - started)

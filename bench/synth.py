@@ -95,9 +95,11 @@ class Relays:
         self.published += 1
         return seq
 
-    def _v2(self, relay: str, seq: int) -> bytes:
-        """Bundle `seq` of `relay` in version 2: each leaf's `seq`-th beat, heard 100-500 ms ago."""
-        sent_ms = int((time.monotonic() - self.started) * 1000)
+    def _v2(self, relay: str, seq: int, sent_ms: int | None = None) -> bytes:
+        """Bundle `seq` of `relay` in version 2: each leaf's `seq`-th beat, heard 100-500 ms ago, sent
+        `sent_ms` after the relay's boot (None: now)."""
+        if sent_ms is None:
+            sent_ms = int((time.monotonic() - self.started) * 1000)
         keyframe = seq % self.keyframe_every == 1
         template = self.templates.get(relay)
         if template is not None and not keyframe:

@@ -90,7 +90,8 @@ class Ingest:
         self.relays = relays
         self.max_bundle_bytes = max_bundle_bytes
         self.max_bundle_entries = max_bundle_entries
-        self.bundles = BundleDecoder()  # per relay, the table of its last keyframe (indexed deltas refer to it)
+        # Per relay, the table of its last keyframe (indexed deltas refer to it); ordinary news by column.
+        self.bundles = BundleDecoder(columnar=True)
         self.dating = Dating()
         self._held: dict[str, tuple[Bundle, bool]] = {}  # per relay, its newest undated bundle (and unreadable)
         self.rejections = Rejections(log)
