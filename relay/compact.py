@@ -112,7 +112,7 @@ class _Table:
     seqs: list[int]
     intervals: list[int]
     statuses: list[int]
-    index: dict[str, int] = field(default_factory=dict)  # id -> index (the decoder's: built at its first need)
+    index: dict[str, int] = field(default_factory=dict)  # id -> index (the encoder keeps it; decoders build it at need)
     columns: _Columns | None = None  # a columnar decoder's: the columns as numpy arrays (then the lists are empty)
 
     def copy(self) -> _Table:
