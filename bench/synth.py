@@ -81,6 +81,7 @@ class Relays:
         # relay -> keyframe seq, table size, the delta's body after its header
         self.templates: dict[str, tuple[int, int, bytes]] = {}
         self.started = time.monotonic()
+        self.sent_ms: dict[str, int] = {}  # per relay, the send time of its last bundle (version 2)
 
     async def connect(self) -> None:
         for r in self.ids:
@@ -98,8 +99,9 @@ class Relays:
     def _v2(self, relay: str, seq: int, sent_ms: int | None = None) -> bytes:
         """Bundle `seq` of `relay` in version 2: each leaf's `seq`-th beat, heard 100-500 ms ago, sent
         `sent_ms` after the relay's boot (None: now)."""
-        if sent_ms is None:
-            sent_ms = int((time.monotonic() - self.started) * 1000)
+        if sent_ms is None:  # a flood may publish several a millisecond: each bundle later than the last
+            sent_ms = max(int((time.monotonic() - self.started) * 1000), self.sent_ms.get(relay, -1) + 1)
+        self.sent_ms[relay] = sent_ms
         keyframe = seq % self.keyframe_every == 1
         template = self.templates.get(relay)
         if template is not None and not keyframe:

@@ -857,23 +857,21 @@ class Detector:
     def _observe_host(
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
-        self._sync(self._take_entry(entry, relay_id, sent, now, out))
-
-    def _take_entry(
-        self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
-    ) -> HostTrack:
         seen = sent - entry.age_ms / 1000
         host = self._host(entry.id, entry.interval_ms, now, out)
         previous = host.last_seen
         fresher = previous is None or seen > previous
+        path = host.via, host.via_seen
         if relay_id != host.via:
             self._consider_path(host, relay_id, seen)
         elif seen > host.via_seen:
             host.via_seen = seen
-        if not fresher:
+        if not fresher:  # no news (a repeat, or older than what another path brought): the cheap way out
+            if (host.via, host.via_seen) != path:
+                self._sync(host)
             if host.state == State.UNREACHABLE and host.via == relay_id:
                 self._resume_host(host, now, out)
-            return host
+            return
 
         host.last_seen = seen
         if self.timeouts is not None and previous is not None:
@@ -894,9 +892,9 @@ class Detector:
 
         if entry.status == LeafStatus.STOPPING:
             self._move(host, Kind.HOST, State.STOPPED, seen, "leaf said it is stopping", host.via, out)
-            return host
-        self._resume_host(host, now, out)
-        return host
+        else:
+            self._resume_host(host, now, out)
+        self._sync(host)
 
     def _add_arrival(self, host: HostTrack, gap: float) -> None:
         if host.stats is None:
