@@ -155,6 +155,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--hosts", type=int, help="hosts behind the relay that dies")
             p.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
             p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+            p.add_argument("--holds-hosts", type=int, nargs="+", default=[5000, 50_000],
+                           help="hosts of the dying relay in the writer-holds part [5000 50000]")  # fmt: skip
+            p.add_argument("--holds-only", action="store_true",
+                           help="only the writer's loop holds, in-process (no broker, no monitor process)")  # fmt: skip
     return top
 
 

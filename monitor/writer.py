@@ -543,13 +543,23 @@ class Writer:
         """
         if self.standby:
             return
+        decided = self._decided
         pending = {c.subject for c in self.pending()}
         wall = self.clock.wall
-        hosts = [
-            (h.id, wall(h.last_seen), h.seq)
-            for h in self.detector.hosts.values()
-            if h.last_seen is not None and h.last_seen >= since and h.id not in pending
-        ]
+        tracks = list(self.detector.hosts.values())
+        hosts = []
+        for start in range(0, len(tracks), WRITE_STEP):  # 100,000 hosts: 500 short steps
+            if start:
+                await asyncio.sleep(0)
+            hosts += [
+                (h.id, wall(h.last_seen), h.seq)
+                for h in tracks[start : start + WRITE_STEP]
+                if h.last_seen is not None and h.last_seen >= since and h.id not in pending
+            ]
+        del tracks
+        if (late := self._decided - decided) > 0:  # decided meanwhile: the newest pending decisions
+            fresh = {c.subject for c in self.pending()[-late:]}
+            hosts = [h for h in hosts if h[0] not in fresh]
         await self.store.save_last_seen(hosts)
         # Built only now, with no await before the write: a relay transition written meanwhile is
         # either pending (skipped) or already in SQL, and then these rows carry its state.
