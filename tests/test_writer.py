@@ -3,7 +3,9 @@
 A relay with more hosts than WRITE_STEP dies; its batch is written on a real database while a
 probe task counts the event loop's turns. Every statement carries at most WRITE_STEP rows and the
 loop turned between every two of them; the batch is still one transaction, in decision order,
-each decision exactly once. No clocks are read: a busy machine cannot fail these tests.
+each decision exactly once. And the most work done in any one turn (counted in Python calls, with
+a profile hook) is the same for a batch four times larger. No clocks are read: a busy machine
+cannot fail these tests.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,10 +71,10 @@ def statements(store: Store, turns: Turns) -> Iterator[list[tuple[int, int]]]:
         event.remove(engine, "before_execute", before)
 
 
-async def a_relay_with_many_hosts_dies(store: Store) -> tuple[Monitor, list[str]]:
+async def a_relay_with_many_hosts_dies(store: Store, hosts: int = HOSTS) -> tuple[Monitor, list[str]]:
     clock = FakeClock()
     monitor = new_monitor(store, clock)
-    entries = tuple(HostEntry(f"h{i:04d}", 1, 0, 1000, LeafStatus.OK) for i in range(HOSTS))
+    entries = tuple(HostEntry(f"h{i:05d}", 1, 0, 1000, LeafStatus.OK) for i in range(hosts))
     monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "boot-r1", 1, 1000, entries)))
     monitor.expire()
     await monitor.flush()
@@ -78,8 +82,43 @@ async def a_relay_with_many_hosts_dies(store: Store) -> tuple[Monitor, list[str]
     monitor.take("relaybeat/relay/r1/status", OFFLINE)
     monitor.expire()  # what the expiry part does in steps: every host of the dead relay decided
     keys = [c.key or "" for c in monitor.pending()]
-    assert len(keys) == HOSTS + 1
+    assert len(keys) == hosts + 1
     return monitor, keys
+
+
+async def most_calls_in_one_turn(path: Path, hosts: int) -> int:
+    """The most Python calls the event loop made in one turn while a relay death of `hosts` hosts
+    was written (the writer's flush: rows, plan, SQL statements, freeing the batch)."""
+    store = await Store.open(f"sqlite:///{path}")
+    try:
+        await store.upgrade()
+        monitor, _ = await a_relay_with_many_hosts_dies(store, hosts)
+        calls, most, done = 0, 0, False
+
+        def count(frame: object, what: str, arg: object) -> None:
+            nonlocal calls
+            if what in ("call", "c_call"):
+                calls += 1
+
+        async def turns() -> None:
+            nonlocal calls, most
+            while not done:
+                most, calls = max(most, calls), 0
+                await asyncio.sleep(0)
+
+        probe = asyncio.create_task(turns())
+        await asyncio.sleep(0)
+        sys.setprofile(count)  # this thread only: the database's own thread is not counted
+        try:
+            await monitor.flush()
+        finally:
+            sys.setprofile(None)
+            done = True
+            await probe
+        assert not monitor.pending()
+        return most
+    finally:
+        await store.close()
 
 
 async def test_a_relay_death_is_written_a_step_at_a_time_with_the_loop_free_between_steps(
@@ -110,6 +149,13 @@ async def test_a_relay_death_written_again_adds_nothing(store: Store) -> None:
     await store.write(Batch(transitions=batch))  # a replay of the same decisions, in steps too
     assert await store.last_transition_id() == written
     assert await store.stored_keys(keys) == set(keys)
+
+
+async def test_the_most_work_in_one_turn_of_the_loop_does_not_grow_with_the_batch(tmp_path: Path) -> None:
+    small = await most_calls_in_one_turn(tmp_path / "small.db", 2 * WRITE_STEP)
+    large = await most_calls_in_one_turn(tmp_path / "large.db", 8 * WRITE_STEP)
+    # Done in one turn, four times the rows would be about four times the calls.
+    assert large < 1.5 * small, (small, large)
 
 
 def change(subject: str, to: State) -> Change:
