@@ -638,17 +638,18 @@ class Store:
         executemany; states are only ever written with their transitions."""
         if not hosts:
             return
-        for _, last_seen, _ in hosts:
-            _require_aware("last_seen", last_seen)
         statement = (
             update(HostModel)
             .where(HostModel.id == bindparam("host_id"))
             .values(last_seen=bindparam("seen"), seq=bindparam("beat_seq"))
         )
+
+        def values(host: tuple[str, datetime, int | None]) -> dict[str, Any]:
+            _require_aware("last_seen", host[1])  # a naive one fails the transaction: nothing is saved
+            return {"host_id": host[0], "seen": host[1], "beat_seq": host[2]}
+
         async with self._writing() as connection:
-            await _execute_in_steps(
-                connection, statement, hosts, lambda host: {"host_id": host[0], "seen": host[1], "beat_seq": host[2]}
-            )
+            await _execute_in_steps(connection, statement, hosts, values)
 
     async def forget_host(self, host_id: str) -> bool:
         """Delete a host's current-state row (its history stays). False if there was none."""
