@@ -422,9 +422,11 @@ def _compare(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-# Rows per statement of a write (and keys per lookup below): building and binding them takes the
-# event loop about a millisecond, and it runs other work between them (issue: no hold over 5 ms).
-WRITE_STEP = 200
+# Rows per statement of a write, and per step of the writer's other work on a batch: building and
+# binding 100 rows holds the event loop 2-4 ms (SQLite, PostgreSQL: `python -m bench persist
+# --holds-only`), and it runs other work between steps (the issue: no hold over 5 ms). 200 held it
+# 3.6-4.7 ms; each step costs the driver a round trip, so a 50,000-row batch takes longer in all.
+WRITE_STEP = 100
 _KEYS_PER_QUERY = 500  # bound parameters per `stored_keys` query (SQLite allows 32766, older builds 999)
 
 _HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
@@ -1037,7 +1039,7 @@ async def _execute_in_steps(
     connection: AsyncConnection, statement: Executable, items: Iterable[_I], values: Callable[[_I], dict[str, Any]]
 ) -> None:
     """Execute `statement` once per item (its `values`), WRITE_STEP rows per call, with the event loop
-    free between calls: a batch of 50,000 rows is 250 short steps, not one long one. Nothing for no items."""
+    free between calls: a batch of 50,000 rows is 500 short steps, not one long one. Nothing for no items."""
     pending = iter(items)
     while rows := [values(item) for item in itertools.islice(pending, WRITE_STEP)]:
         await connection.execute(statement, rows)

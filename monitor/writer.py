@@ -548,7 +548,7 @@ class Writer:
         wall = self.clock.wall
         tracks = list(self.detector.hosts.values())
         hosts = []
-        for start in range(0, len(tracks), WRITE_STEP):  # 100,000 hosts: 500 short steps
+        for start in range(0, len(tracks), WRITE_STEP):  # 100,000 hosts: 1,000 short steps
             if start:
                 await asyncio.sleep(0)
             hosts += [
