@@ -1,5 +1,6 @@
 """Persistence during a mass event: a relay with `--hosts` hosts dies; how fast do the transitions
-reach SQL, on SQLite and on PostgreSQL?
+reach SQL, on SQLite and on PostgreSQL? (`--holds-only`: only how long the writer holds the event
+loop while it writes such an event, in-process, for each of `--holds-hosts`; see "writer holds".)
 
 Setup per database and run: a fresh broker and `relaybeat monitor` on that database (SQLite in a
 temporary directory; PostgreSQL in a fresh schema, as tests/conftest.py's postgres_url does), one
@@ -196,8 +197,17 @@ class HealthProbe:
 def run(args: Any, out: Any) -> Report:
     report = Report("persist", vars(args))
     if args.holds_only:
-        report.data = {"writer_holds": writer_holds(args, report)}
-        report.save(out, {})
+        holds = writer_holds(args, report)
+        report.data = {"writer_holds": holds}
+        fig, axes = figure(1, 1, width=6, height=3.6)
+        ax = axes[0][0]
+        ax.bar(list(holds), [s["flush_hold_max_ms"]["median"] for s in holds.values()], color="#4f81bd")
+        ax.axhline(5, color="red", linestyle=":", label="5 ms (the issue)")
+        ax.set_ylabel("longest loop turn in the flush (ms)")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7)
+        ax.set_title("writer: a relay's death written, in-process", fontsize=10)
+        report.save(out, {"persist_holds": fig})
         return report
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.reps):
