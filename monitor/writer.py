@@ -4,8 +4,9 @@ Each decision is stamped into wall time once (`Change`: its row, key and relay p
 made; with a journal it is appended there at once, so a monitor killed before its batch commits
 writes it at the next start (`replay`), dated when it was decided. The write loop batches what is
 pending into one transaction with the subjects' state rows and their webhook messages, retrying
-with backoff until the database takes it: nothing accepted is lost. The checkpoint saves last-seen
-times for a restart.
+with backoff until the database takes it: nothing accepted is lost. A batch is built, planned,
+written and freed WRITE_STEP rows at a time, the event loop free between steps (a relay's death of
+50,000 hosts is one transaction, not one hold). The checkpoint saves last-seen times for a restart.
 """
 
 from __future__ import annotations
