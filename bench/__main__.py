@@ -63,9 +63,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {"hosts": 5, "duration": 1800.0, "drops": [0.05], "reps": 1},
     },
     "persist": {
-        "default": {"hosts": 10_000, "reps": 3},
-        "large": {"hosts": 50_000, "reps": 3},
-        "smoke": {"hosts": 300, "reps": 1},
+        "default": {"hosts": 10_000, "reps": 3, "holds_hosts": [5000, 50_000]},
+        "large": {"hosts": 50_000, "reps": 3, "holds_hosts": [5000, 50_000]},
+        "smoke": {"hosts": 300, "reps": 1, "holds_hosts": [300]},
     },
     "wire": {
         "default": {"leaves": 1000, "intervals": [5.0, 1.0], "window": 60.0, "reps": 3, "decode_leaves": [1000, 5000]},
@@ -156,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--hosts", type=int, help="hosts behind the relay that dies")
             p.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
             p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+            p.add_argument("--holds-hosts", type=int, nargs="+",
+                           help="hosts of the dying relay in the writer-holds part [5000 50000]")  # fmt: skip
+            p.add_argument("--holds-only", action="store_true",
+                           help="only the writer's loop holds, in-process (no broker, no monitor process)")  # fmt: skip
     return top
 
 

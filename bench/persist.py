@@ -1,5 +1,6 @@
 """Persistence during a mass event: a relay with `--hosts` hosts dies; how fast do the transitions
-reach SQL, on SQLite and on PostgreSQL?
+reach SQL, on SQLite and on PostgreSQL? (`--holds-only`: only how long the writer holds the event
+loop while it writes such an event, in-process, for each of `--holds-hosts`; see "writer holds".)
 
 Setup per database and run: a fresh broker and `relaybeat monitor` on that database (SQLite in a
 temporary directory; PostgreSQL in a fresh schema, as tests/conftest.py's postgres_url does), one
@@ -19,13 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 import sqlite3
 import statistics
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +41,7 @@ from sqlalchemy import make_url
 from bench import synth
 from bench.procs import Lab
 from bench.report import Report, figure, med, spread, table
+from relaybeat.monitor.states import Transition
 
 
 def plain_url(url: str) -> str:
@@ -190,6 +196,19 @@ class HealthProbe:
 
 def run(args: Any, out: Any) -> Report:
     report = Report("persist", vars(args))
+    if args.holds_only:
+        holds = writer_holds(args, report)
+        report.data = {"writer_holds": holds}
+        fig, axes = figure(1, 1, width=6, height=3.6)
+        ax = axes[0][0]
+        ax.bar(list(holds), [s["flush_hold_max_ms"]["median"] for s in holds.values()], color="#4f81bd")
+        ax.axhline(5, color="red", linestyle=":", label="5 ms (the issue)")
+        ax.set_ylabel("longest loop turn in the flush (ms)")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7)
+        ax.set_title("writer: a relay's death written, in-process", fontsize=10)
+        report.save(out, {"persist_holds": fig})
+        return report
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.reps):
         for db in args.databases:
@@ -235,3 +254,158 @@ def run(args: Any, out: Any) -> Report:
     ax.set_title(f"mass event: relay with {args.hosts:,} hosts dies", fontsize=10)
     report.save(out, {"persist": fig})
     return report
+
+
+# ------------------------------------------------------------------------------------ writer holds
+# The writer's part of a relay's death, in-process on a real database (SQLite in a temporary
+# directory, or a fresh PostgreSQL schema), with the monitor's journal: the decisions as the expiry
+# part hands them over (`emit`, EXPIRE_STEP at a time), then the batch that writes them all
+# (`Writer.flush`) while a probe task counts the event loop's turns. The longest turn is the longest
+# hold of the loop; the loop thread's CPU time per turn is reported beside it (it does not count
+# waiting for the GIL or for a busy machine's CPU). What the monitor held before the event is
+# frozen out of the collector's view, as `Monitor.restore` does (`gc.freeze`).
+
+
+class HandClock:
+    """A clock that moves only when told (the mass event must not race the hosts' own timeouts)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.offset = float(round(time.time() - time.monotonic()))
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self, t: float) -> datetime:
+        return datetime.fromtimestamp(t + self.offset, UTC)
+
+    def mono(self, moment: datetime) -> float:
+        return moment.timestamp() - self.offset
+
+
+class Turns:
+    """A task that only yields: the wall and loop-thread CPU time of every turn of the event loop."""
+
+    def __init__(self) -> None:
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self._stop = False
+
+    async def run(self) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        while not self._stop:
+            await asyncio.sleep(0)
+            now_wall, now_cpu = time.perf_counter(), time.thread_time()
+            self.walls.append(now_wall - wall)
+            self.cpus.append(now_cpu - cpu)
+            wall, cpu = now_wall, now_cpu
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+async def _writer_holds(hosts: int, url: str, journal: Path) -> dict[str, float]:
+    from relaybeat.monitor.detector import Policy
+    from relaybeat.monitor.service import Monitor, MonitorSettings
+    from relaybeat.monitor.store import Store
+    from relaybeat.relay.mqtt import BrokerURL
+    from relaybeat.relay.wire import OFFLINE, Bundle, HostEntry, LeafStatus, encode_bundle
+
+    store = await Store.open(url)
+    try:
+        await store.upgrade()
+        clock = HandClock()
+        settings = MonitorSettings(
+            BrokerURL.parse("mqtt://127.0.0.1:1"),
+            Policy(misses=3),
+            journal=journal,
+            max_bundle_entries=max(hosts, 200_000),
+            max_bundle_bytes=1 << 30,
+        )
+        monitor = Monitor(settings, store, clock)
+        await monitor.writer.replay()  # opens the journal, as `restore` does
+        entries = tuple(HostEntry(f"h{i:06d}", 1, 0, 1000, LeafStatus.OK) for i in range(hosts))
+        monitor.take("relaybeat/bundle/r1", encode_bundle(Bundle("r1", "boot-r1", 1, 1000, entries)))
+        monitor.expire()
+        await monitor.flush()
+        del entries
+        gc.collect()
+        gc.freeze()
+        try:
+            clock.t += 0.5
+            emits: list[float] = []
+            emit = monitor.writer.emit
+
+            def timed(transitions: list[Transition]) -> None:
+                started = time.perf_counter()
+                emit(transitions)
+                emits.append(time.perf_counter() - started)
+
+            monitor.expiry.decide = monitor.ingest.decide = timed
+            monitor.take("relaybeat/relay/r1/status", OFFLINE)
+            monitor.expire()
+            decided = len(monitor.pending())
+            turns = Turns()
+            probe = asyncio.create_task(turns.run())
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            await monitor.flush()
+            flush_s = time.perf_counter() - started
+            turns.stop()
+            await probe
+            saved = Turns()  # the restart checkpoint: every host's last-seen time
+            probe = asyncio.create_task(saved.run())
+            await asyncio.sleep(0)
+            await monitor.checkpoint(since=0.0)
+            saved.stop()
+            await probe
+        finally:
+            gc.unfreeze()
+        monitor.writer.close()
+        return {
+            "transitions": decided,
+            "emit_calls": len(emits),
+            "emit_max_ms": max(emits) * 1e3,
+            "flush_ms": flush_s * 1e3,
+            "flush_turns": len(turns.walls),
+            "flush_hold_max_ms": max(turns.walls) * 1e3,
+            "flush_hold_cpu_max_ms": max(turns.cpus) * 1e3,
+            "checkpoint_hold_max_ms": max(saved.walls) * 1e3,
+        }
+    finally:
+        await store.close()
+
+
+def writer_holds(args: Any, report: Report) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    for db in args.databases:
+        for hosts in args.holds_hosts:
+            runs = []
+            for _ in range(args.reps):
+                with tempfile.TemporaryDirectory(prefix="relaybeat-holds-") as tmp:
+                    schema = None
+                    if db == "postgresql":
+                        schema = f"relaybeat_bench_{uuid.uuid4().hex[:12]}"
+                        with psycopg.connect(plain_url(args.pg_url), autocommit=True) as admin:
+                            admin.execute(f'CREATE SCHEMA "{schema}"')
+                        url = f"{args.pg_url}?options={quote(f'-csearch_path={schema}')}"
+                    else:
+                        url = f"sqlite:///{Path(tmp) / 'holds.db'}"
+                    try:
+                        runs.append(asyncio.run(_writer_holds(hosts, url, Path(tmp) / "monitor.journal")))
+                    finally:
+                        if schema is not None:
+                            with psycopg.connect(plain_url(args.pg_url), autocommit=True) as admin:
+                                admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+                print(f"  writer holds {db} {hosts:,} hosts: {runs[-1]}", flush=True)
+            per[f"{db}, {hosts:,} hosts"] = {k: spread(r[k] for r in runs) for k in runs[0]}
+    rows = [
+        (name, med(s["transitions"]), med(s["emit_max_ms"], 1), med(s["flush_ms"]), med(s["flush_turns"]),
+         med(s["flush_hold_max_ms"], 1), med(s["flush_hold_cpu_max_ms"], 1), med(s["checkpoint_hold_max_ms"], 1))
+        for name, s in per.items()
+    ]  # fmt: skip
+    report.say(f"\nwriter holds: a relay's death written in-process, journaled; median [min–max] of {args.reps}\n")
+    report.say(table(["database, relay's hosts", "transitions", "longest emit (ms, EXPIRE_STEP decisions)",
+                      "flush (ms)", "loop turns in flush", "longest loop turn in flush (ms)",
+                      "its loop-thread CPU (ms)", "longest loop turn in a checkpoint (ms)"], rows))  # fmt: skip
+    return per

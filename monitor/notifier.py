@@ -17,11 +17,11 @@ from dataclasses import replace
 from datetime import datetime
 
 from relaybeat.monitor.clock import Clock
-from relaybeat.monitor.notify import AlertBook, Notice, Plan, follow_up, plan, remind, render
+from relaybeat.monitor.notify import AlertBook, Notice, Plan, follow_up, planning, remind, render
 from relaybeat.monitor.outbox import NotifySettings, OutboxWorker
 from relaybeat.monitor.records import Change
 from relaybeat.monitor.states import Kind, State
-from relaybeat.monitor.store import Batch, NewMessage, Store
+from relaybeat.monitor.store import WRITE_STEP, Batch, NewMessage, Store
 
 __all__ = ["Notifier"]
 
@@ -55,7 +55,7 @@ class Notifier:
         (its false alarms followed up); how long the transaction took (seconds)."""
         async with self._lock:
             targets = self.settings.targets
-            notices = plan(batch.transitions, targets, self.alerts) if targets else Plan()
+            notices = await self._plan(batch.transitions) if targets else Plan()
             fresh: dict[str, list[tuple[str, str, datetime]]] = {}
             for key, target, incident, since in notices.recovered:
                 fresh.setdefault(key, []).append((target, incident, since))
@@ -75,6 +75,18 @@ class Notifier:
         if messages:
             self.outbox.poke()
         return elapsed
+
+    async def _plan(self, changes: Sequence[Change]) -> Plan:
+        """`plan` the changes a step of WRITE_STEP at a time, the event loop free between steps (the
+        caller holds the lock, so the book does not change meanwhile)."""
+        steps = planning(changes, self.settings.targets, self.alerts, WRITE_STEP)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                planned: Plan = done.value
+                return planned
+            await asyncio.sleep(0)
 
     def _messages(self, notices: Sequence[Notice]) -> list[NewMessage]:
         now = self.outbox.wall()

@@ -27,7 +27,7 @@ import fnmatch
 import hashlib
 import hmac
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -51,6 +51,7 @@ __all__ = [
     "follow_up",
     "incident_of",
     "plan",
+    "planning",
     "remind",
     "render",
     "signature",
@@ -298,9 +299,25 @@ def plan(changes: Sequence[Change], targets: Sequence[Target], book: AlertBook) 
 
     The book is not modified: apply the plan once it is written.
     """
+    steps = planning(changes, targets, book, max(1, len(changes)))
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            planned: Plan = done.value
+            return planned
+
+
+def planning(
+    changes: Sequence[Change], targets: Sequence[Target], book: AlertBook, step: int
+) -> Generator[None, None, Plan]:
+    """`plan`, `step` changes at a time: it yields between steps (the caller may let other work run,
+    as long as the book does not change meanwhile) and returns the plan."""
     draft = _Draft(book)
     recovered: list[tuple[str, str, str, datetime]] = []
-    for change in changes:
+    for number, change in enumerate(changes):
+        if number and not number % step:
+            yield
         if change.event is not Event.TRANSITION or change.from_state == change.to_state:
             continue
         for target in targets:

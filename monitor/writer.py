@@ -4,8 +4,9 @@ Each decision is stamped into wall time once (`Change`: its row, key and relay p
 made; with a journal it is appended there at once, so a monitor killed before its batch commits
 writes it at the next start (`replay`), dated when it was decided. The write loop batches what is
 pending into one transaction with the subjects' state rows and their webhook messages, retrying
-with backoff until the database takes it: nothing accepted is lost. The checkpoint saves last-seen
-times for a restart.
+with backoff until the database takes it: nothing accepted is lost. A batch is built, planned,
+written and freed WRITE_STEP rows at a time, the event loop free between steps (a relay's death of
+50,000 hosts is one transaction, not one hold). The checkpoint saves last-seen times for a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector, HostTrack
@@ -28,7 +29,7 @@ from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
 from relaybeat.monitor.records import Change, DetectionRow, FalseAlarmRow, HostRow, RelayRow, TransitionRow
 from relaybeat.monitor.states import Event, Kind, State, Transition
-from relaybeat.monitor.store import Batch, NotActive, Store
+from relaybeat.monitor.store import WRITE_STEP, Batch, NotActive, Store
 
 __all__ = ["MonitorObserver", "Writer"]
 
@@ -45,6 +46,14 @@ Signature = tuple[Kind, str, State, State, Event]  # what two monitors' rows of 
 
 def signature(row: TransitionRow) -> Signature:
     return (row.kind, row.subject, row.from_state, row.to_state, row.event)
+
+
+async def _release(items: list[Any]) -> None:
+    """Empty a list a step at a time, the event loop free between steps: freeing a relay death's
+    50,000 rows at once (when the last reference goes) would hold it for milliseconds."""
+    while items:
+        del items[-WRITE_STEP:]
+        await asyncio.sleep(0)
 
 
 class MonitorObserver(Protocol):
@@ -473,6 +482,7 @@ class Writer:
                 await self._after_write(len(batch), elapsed)
             except Exception as exc:  # the rows are in SQL: only the bookkeeping failed
                 log.warning("after writing %d transitions: %s", len(batch), exc)
+            await _release(batch)
 
     async def _write(
         self, changes: Sequence[Change], detections: Sequence[DetectionRow], false_alarms: Sequence[FalseAlarmRow]
@@ -480,16 +490,30 @@ class Writer:
         """One transaction: the changes, their subjects' current-state rows, webhook messages and
         alerts, and the quality rows (detections, false alarms) decided with them."""
         hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
-        host_ids = sorted({c.subject for c in changes if c.kind is Kind.HOST})
-        relay_ids = sorted({c.subject for c in changes if c.kind is Kind.RELAY})
+        host_rows: dict[str, HostRow] = {}
+        relay_rows: dict[str, RelayRow] = {}
+        for start in range(0, len(changes), WRITE_STEP):  # the rows as they are now, a step at a time
+            if start:
+                await asyncio.sleep(0)
+            for c in changes[start : start + WRITE_STEP]:
+                if c.kind is Kind.HOST:
+                    if c.subject not in host_rows and (host := hosts.get(c.subject)) is not None:
+                        host_rows[c.subject] = HostRow.of(host, wall)
+                elif c.subject not in relay_rows and (relay := relays.get(c.subject)) is not None:
+                    relay_rows[c.subject] = RelayRow.of(relay, wall)
+        rows = list(host_rows.values())
+        host_rows.clear()
         batch = Batch(
             transitions=changes,
-            hosts=[HostRow.of(hosts[h], wall) for h in host_ids if h in hosts],
-            relays=[RelayRow.of(relays[r], wall) for r in relay_ids if r in relays],
+            hosts=rows,
+            relays=list(relay_rows.values()),
             detections=detections,
             false_alarms=false_alarms,
         )
-        return await self.notifier.write(batch)
+        elapsed = await self.notifier.write(batch)
+        del batch
+        await _release(rows)
+        return elapsed
 
     async def _after_write(self, rows: int, elapsed: float) -> None:
         for observer in self.observers:
@@ -520,13 +544,23 @@ class Writer:
         """
         if self.standby:
             return
+        decided = self._decided
         pending = {c.subject for c in self.pending()}
         wall = self.clock.wall
-        hosts = [
-            (h.id, wall(h.last_seen), h.seq)
-            for h in self.detector.hosts.values()
-            if h.last_seen is not None and h.last_seen >= since and h.id not in pending
-        ]
+        tracks = list(self.detector.hosts.values())
+        hosts = []
+        for start in range(0, len(tracks), WRITE_STEP):  # 100,000 hosts: 1,000 short steps
+            if start:
+                await asyncio.sleep(0)
+            hosts += [
+                (h.id, wall(h.last_seen), h.seq)
+                for h in tracks[start : start + WRITE_STEP]
+                if h.last_seen is not None and h.last_seen >= since and h.id not in pending
+            ]
+        del tracks
+        if (late := self._decided - decided) > 0:  # decided meanwhile: the newest pending decisions
+            fresh = {c.subject for c in self.pending()[-late:]}
+            hosts = [h for h in hosts if h[0] not in fresh]
         await self.store.save_last_seen(hosts)
         # Built only now, with no await before the write: a relay transition written meanwhile is
         # either pending (skipped) or already in SQL, and then these rows carry its state.

@@ -125,6 +125,19 @@ def test_persist_writes_the_mass_event_on_sqlite(tmp_path: Path) -> None:
         assert 0 < s["first_queryable_s"]["median"] <= s["all_queryable_s"]["median"] < 60
 
 
+def test_persist_holds_only_measures_how_long_the_writer_holds_the_loop(tmp_path: Path) -> None:
+    pg = os.environ.get("RELAYBEAT_TEST_DB_URL")
+    databases = ["sqlite", "postgresql"] if pg else ["sqlite"]
+    r = bench(tmp_path, "persist", "--holds-only", "--databases", *databases, *(["--pg-url", pg] if pg else []))
+    holds = r["writer_holds"]
+    assert len(holds) == len(databases)
+    for s in holds.values():
+        assert s["transitions"]["median"] == 300 + 1
+        assert s["flush_turns"]["median"] > 1
+        assert positive(s["flush_hold_max_ms"]["median"])
+        assert positive(s["checkpoint_hold_max_ms"]["median"])
+
+
 def test_auth_reports_the_event_loop_stall_during_logins(tmp_path: Path) -> None:
     r = bench(tmp_path, "auth")
     s = r["5"]
