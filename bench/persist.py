@@ -306,7 +306,7 @@ class Turns:
 
 async def _writer_holds(hosts: int, url: str, journal: Path) -> dict[str, float]:
     from relaybeat.monitor.detector import Policy
-    from relaybeat.monitor.service import Monitor, MonitorSettings
+    from relaybeat.monitor.service import Monitor, MonitorSettings, keep_collector_off_the_hot_path
     from relaybeat.monitor.store import Store
     from relaybeat.relay.mqtt import BrokerURL
     from relaybeat.relay.wire import OFFLINE, Bundle, HostEntry, LeafStatus, encode_bundle
@@ -329,8 +329,7 @@ async def _writer_holds(hosts: int, url: str, journal: Path) -> dict[str, float]
         monitor.expire()
         await monitor.flush()
         del entries
-        gc.collect()
-        gc.freeze()
+        keep_collector_off_the_hot_path()  # as after `restore`
         try:
             clock.t += 0.5
             emits: list[float] = []
