@@ -29,6 +29,7 @@ import psutil
 from bench.report import Report, figure, med, num, spread, table
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.expiry import EXPIRE_STEP
+from relaybeat.monitor.service import keep_collector_off_the_hot_path
 from relaybeat.monitor.states import Transition
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import BundleDecoder
@@ -314,9 +315,9 @@ def pipeline_costs(version: int, leaves: int = 2500, seconds: int = 70, warm_up:
 def hold_steps(detector: Detector, now: float, first: Callable[[], list[Transition]]) -> dict[str, float]:
     """The event's calls, timed one by one. What the detector held before it is frozen out of the
     garbage collector's view, as the monitor's restored state is (`gc.freeze` after `restore`): a
-    full collection over 100,000 hosts alone takes ~100 ms, whatever the detector does."""
-    gc.collect()
-    gc.freeze()
+    full collection over 100,000 hosts alone takes ~100 ms, whatever the detector does), with the
+    monitor's collector thresholds (`keep_collector_off_the_hot_path`)."""
+    keep_collector_off_the_hot_path()
     try:
         started = time.perf_counter()
         out = first()

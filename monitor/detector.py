@@ -802,6 +802,7 @@ class Detector:
         hosts, up = self.hosts, State.UP
         plain = not self.policy.adaptive and self.timeouts is None
         cols = self.relays[rid].cols
+        seen_at, seqs, deadlines = cols.seen, cols.seqs, cols.deadlines  # its columns' mirrors
         grace = self.grace_from
         for entry in entries:
             host = hosts.get(entry[0])
@@ -822,12 +823,13 @@ class Detector:
                     and not host.flapping
                 ):
                     # A new beat: the news and its deadline move, in place (and their mirrors).
-                    host.last_seen = host.via_seen = cols.seen[host.slot] = seen
+                    slot = host.slot
+                    host.last_seen = host.via_seen = seen_at[slot] = seen
                     host.seq = seq
-                    cols.seqs[host.slot] = -1 if seq is None else seq
+                    seqs[slot] = -1 if seq is None else seq
                     floor = grace if grace > host.grace_from else host.grace_from
                     deadline = (seen if seen > floor else floor) + host.interval_s * host.misses
-                    host.scheduled = cols.deadlines[host.slot] = deadline
+                    host.scheduled = deadlines[slot] = deadline
                     continue
             self._observe_host(entry, rid, sent, now, out)
 
