@@ -410,8 +410,10 @@ _BROKER_ADVICE = (  # (what the error says, lower case; what to do); the first m
     ("not authorized", "Check the user name and password in the broker URL."),
     ("bad user name or password", "Check the user name and password in the broker URL."),
     ("refused", "Is the broker running on that host and port?"),
+    ("connect call failed", "Is the broker running on that host and port?"),  # asyncio's words (lean client)
     ("certificate", "Check the broker URL's ?ca= file and the broker's certificate."),
     ("timed out", "Is the host reachable and the port open?"),
+    ("cannot connect to", "Is the host reachable and the port open?"),  # the lean client's connect timeout
 )
 
 
