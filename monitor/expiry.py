@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +17,7 @@ from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.states import Transition
 
-__all__ = ["EXPIRE_STEP", "EXPIRY_QUANTUM_S", "LOOP_PROBE_S", "STALL_S", "Expiry"]
+__all__ = ["EXPIRE_STEP", "EXPIRY_QUANTUM_S", "LOOP_PROBE_S", "STALL_S", "Expiry", "sleep_to_tick"]
 
 log = logging.getLogger("relaybeat.monitor")
 
@@ -30,6 +29,19 @@ EXPIRY_QUANTUM_S = 0.02  # a deadline is decided at most this late (plus the loo
 # 100,000 hosts going silent at once, or behind a relay that dies, are decided in steps of a
 # millisecond or two each, with the event loop free in between (the API answers, input is read).
 EXPIRE_STEP = 200
+
+
+async def sleep_to_tick(every_s: float) -> float:
+    """Sleep until the event loop's clock next reaches a multiple of `every_s`; return that time.
+
+    The monitor's periodic probes sleep this way (the loop probe every LOOP_PROBE_S, the database
+    probe every DB_PROBE_S, a multiple of it), so they wake together: an idle monitor's wakeup costs
+    it more CPU than the little each probe does."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    tick = (now // every_s + 1) * every_s
+    await asyncio.sleep(tick - now)
+    return tick
 
 
 class Expiry:
@@ -117,11 +129,11 @@ class Expiry:
 
     async def watch_loop_lag(self, every_s: float = LOOP_PROBE_S) -> None:
         """Probe how late the event loop wakes a sleeper: a blocked loop delays every decision."""
+        loop = asyncio.get_running_loop()
         while True:
-            started = time.monotonic()
             self._check_stall()
-            await asyncio.sleep(every_s)
-            self.loop_lags_s.append(max(0.0, time.monotonic() - started - every_s))
+            tick = await sleep_to_tick(every_s)
+            self.loop_lags_s.append(max(0.0, loop.time() - tick))
 
     @property
     def loop_lag_s(self) -> float:

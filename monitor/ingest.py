@@ -27,8 +27,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-import aiomqtt
-
 from relaybeat.errors import RelaybeatError
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.dating import Dating
@@ -36,7 +34,7 @@ from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.expiry import EXPIRE_STEP, Expiry
 from relaybeat.monitor.states import Transition
 from relaybeat.relay.compact import BundleDecoder, KeyframeMissing
-from relaybeat.relay.mqtt import Brokers, BrokerURL, backlog, messages, payload_bytes, read_backlog, stay_connected
+from relaybeat.relay.mqtt import Brokers, BrokerURL, LeanClient, backlog, read_backlog, stay_connected
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -99,8 +97,12 @@ class Ingest:
         self.received: Counter[str] = Counter()
         self.behind = 0  # expiry passes that found input waiting and could not read it all first
         self._behind_since: float | None = None  # since when we have been behind (None: caught up)
-        self._main: aiomqtt.Client | None = None  # the main session's client, while it is hearing
-        self._stand_in: aiomqtt.Client | None = None  # the spare session's client, while it hears instead
+        self._main: LeanClient | None = None  # the main session's client, while it is hearing
+        self._stand_in: LeanClient | None = None  # the spare session's client, while it hears instead
+        # What the main session hands on before it is hearing (a persistent session's queued messages
+        # come right after CONNACK): taken, in order, once it is.
+        self._early: list[tuple[str, bytes, bool]] = []
+        self._resyncs: asyncio.Task[None] | None = None  # asking relays for keyframes, while it runs
         self._main_up = False  # the main session is connected
         self._spare_up = False  # the spare session is connected (subscribed or not)
         self._main_lost = asyncio.Event()  # the main session was hearing and was lost: the spare stands in
@@ -115,7 +117,7 @@ class Ingest:
         self.client_id = client_id
         await stay_connected(
             broker,
-            lambda url: url.client(client_id, clean_session=False, keepalive=5),
+            lambda url: url.lean_client(client_id, self._heard, keepalive=5, clean_session=False),
             self._session,
             name="monitor",
             max_delay_s=1.0,
@@ -126,7 +128,7 @@ class Ingest:
         """The spare session, from the list's second node on (see the module's doc)."""
         await stay_connected(
             broker.rotated(),
-            lambda url: url.client(f"{client_id}/spare", keepalive=5),
+            lambda url: url.lean_client(f"{client_id}/spare", self._heard_by_spare, keepalive=5),
             self._stand_by,
             name="monitor (spare)",
             max_delay_s=1.0,
@@ -134,7 +136,7 @@ class Ingest:
         )
 
     @property
-    def _client(self) -> aiomqtt.Client | None:
+    def _client(self) -> LeanClient | None:
         """The session we hear through: the main one, or the spare while it stands in."""
         return self._main or self._stand_in
 
@@ -182,26 +184,30 @@ class Ingest:
             )
             raise SessionStolen(msg)
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: LeanClient) -> None:
         await self._subscribe(client, qos=1)
         self._main = client
         self._main_lost.clear()
         self._main_hearing.set()
         try:
-            await self._read(client)
+            early, self._early = self._early, []
+            for message in early:
+                self._heard(*message)
+            await client.run()  # every message goes to `_heard` as it is read; returns only by raising
         finally:
+            self._early = []
             self._main = None
             self._main_hearing.clear()
             self._main_lost.set()
 
-    async def _stand_by(self, client: aiomqtt.Client) -> None:
+    async def _stand_by(self, client: LeanClient) -> None:
         """The spare session: subscribed from its start, its input dropped unread while the main one
         hears; heard in its place while the main one is lost. (Subscribing only once the main session
         is lost fails on NATS when it is needed most: a SUBSCRIBE, clean session and QoS 0 included,
         stores the session's record in JetStream, which times out while it elects new leaders, and the
         node then drops the client: seen in 2 of 3 runs of tests/test_nats_cluster.py.)"""
         await self._subscribe(client, qos=0)
-        reader = asyncio.create_task(self._read(client))
+        reader = asyncio.create_task(client.run())
         try:
             while True:
                 await self._main_lost.wait()
@@ -227,19 +233,30 @@ class Ingest:
         filters = [self.topics.all_bundles, self.topics.all_relay_statuses]
         return [*filters, self.topics.all_beats] if self.accept_direct_beats else filters
 
-    async def _subscribe(self, client: aiomqtt.Client, qos: int) -> None:
+    async def _subscribe(self, client: LeanClient, qos: int) -> None:
         """One SUBSCRIBE for every filter: NATS stores the session's record in JetStream per SUBSCRIBE."""
         await client.subscribe([(topic_filter, qos) for topic_filter in self._filters])
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in messages(client):
-            if client is not self._main and client is not self._stand_in:
-                continue  # the spare while the main session hears: a duplicate, dropped unread
-            self.take(str(message.topic), payload_bytes(message.payload), retained=message.retain)
-            if self.detector.resync_wanted and client is self._client:
-                await self.ask_resyncs(client)
-        msg = "broker closed the message stream"
-        raise aiomqtt.MqttError(msg)
+    def _heard(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A message of the main session, as its client reads it (no task or queue per message)."""
+        if self._main is None:
+            self._early.append((topic, payload, retained))
+            return
+        self.take(topic, payload, retained)
+        if self.detector.resync_wanted:
+            self._ask_resyncs_soon()
+
+    def _heard_by_spare(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._stand_in is None:
+            return  # the spare while the main session hears: a duplicate, dropped unread
+        self.take(topic, payload, retained)
+        if self.detector.resync_wanted:
+            self._ask_resyncs_soon()
+
+    def _ask_resyncs_soon(self) -> None:
+        client = self._client
+        if client is not None and (self._resyncs is None or self._resyncs.done()):
+            self._resyncs = asyncio.get_running_loop().create_task(self.ask_resyncs(client))
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """One message from the broker. Bad input is counted and logged, never raised.
@@ -312,14 +329,14 @@ class Ingest:
         # expiry in steps (`expiry.news` wakes it at once).
         self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now, sent, EXPIRE_STEP))
 
-    async def ask_resyncs(self, client: aiomqtt.Client) -> None:
+    async def ask_resyncs(self, client: LeanClient) -> None:
         """Ask the relays the detector lost track of for a keyframe."""
         for relay in self.detector.take_resync_requests():
             self.received["resync_requests"] += 1
             await client.publish(self.topics.relay_resync(relay), b"", qos=0)
 
     async def catch_up(self) -> None:
-        """Read what already reached us (aiomqtt's queue, our socket) before judging anyone on it: news
+        """Read what already reached us (our socket) before judging anyone on it: news
         that is late because we are behind is no silence. Input that outlasts BEHIND_S of reading (a
         flood) starts one timeout of grace, as a stall does; still behind after that, we decide anyway,
         so a flood that never ends cannot stop every decision."""

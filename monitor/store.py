@@ -342,6 +342,7 @@ def _create_engine(url: str) -> AsyncEngine:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_PING_SQL = f"SELECT max(id) FROM {TransitionModel.__tablename__}"  # noqa: S608 - a constant name
 
 
 def _values(row: Any) -> dict[str, Any]:
@@ -465,6 +466,8 @@ class Store:
         self._writer = engine.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
         # With hot standbys (PostgreSQL): every write checks this in its transaction. None: no lease.
         self.fence: Fence | None = None
+        self._pinger: AsyncConnection | None = None  # the connection `ping` keeps (None: not open, or dropped)
+        self._dropping: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
@@ -522,7 +525,50 @@ class Store:
         return url.database if url.database not in (None, "", ":memory:") else None
 
     async def close(self) -> None:
+        held, self._pinger = self._pinger, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held.invalidate()  # never back into the pool: its driver state is the ping's
+                await held.close()
+        await asyncio.gather(*self._dropping, return_exceptions=True)
         await self._engine.dispose()
+
+    async def ping(self) -> None:
+        """Prove the database answers: the newest history row's id read on a connection kept for this,
+        straight through the driver (one call to aiosqlite's thread, or one round trip to PostgreSQL),
+        without a pool checkout, pre-ping or transaction of SQLAlchemy's: a few hundredths of a
+        millisecond of CPU instead of ~1 ms, for the monitor's probe every few seconds. Raises what
+        the driver raises (or the connect); a connection that failed, or whose call was cancelled,
+        is dropped and the next ping connects anew."""
+        held = self._pinger
+        try:
+            fresh = held is None
+            if held is None:
+                held = self._pinger = await self._engine.connect()
+            driver: Any = (await held.get_raw_connection()).driver_connection
+            if self.dialect == "sqlite":
+                await driver.execute_fetchall(_PING_SQL)  # autocommit (isolation_level None): no transaction
+            else:
+                if fresh:  # one round trip a ping: no transaction to end after it
+                    await driver.set_autocommit(True)
+                await driver.execute(_PING_SQL)
+        except BaseException:
+            self._drop_pinger()
+            raise
+
+    def _drop_pinger(self) -> None:
+        """Forget the ping's connection; close it in the background (a hung server must not hold the probe)."""
+        held, self._pinger = self._pinger, None
+        if held is None:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await held.invalidate()  # never back into the pool: its driver state is the ping's
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
 
     async def _migrate(self, action: Callable[[Config], None]) -> None:
         try:

@@ -33,7 +33,7 @@ import random
 import ssl
 import termios
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -183,10 +183,18 @@ class BrokerURL:
         )
 
     def lean_client(
-        self, identifier: str, on_message: OnMessage, *, keepalive: int = 10, gather_s: float = 0.0
+        self,
+        identifier: str,
+        on_message: OnMessage,
+        *,
+        keepalive: int = 10,
+        gather_s: float = 0.0,
+        clean_session: bool = True,
     ) -> LeanClient:
         """A lean client on this broker, for input that comes fast (see `LeanClient`)."""
-        return LeanClient(self, identifier, on_message, keepalive=keepalive, gather_s=gather_s)
+        return LeanClient(
+            self, identifier, on_message, keepalive=keepalive, gather_s=gather_s, clean_session=clean_session
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,8 +410,10 @@ _BROKER_ADVICE = (  # (what the error says, lower case; what to do); the first m
     ("not authorized", "Check the user name and password in the broker URL."),
     ("bad user name or password", "Check the user name and password in the broker URL."),
     ("refused", "Is the broker running on that host and port?"),
+    ("connect call failed", "Is the broker running on that host and port?"),  # asyncio's words (lean client)
     ("certificate", "Check the broker URL's ?ca= file and the broker's certificate."),
     ("timed out", "Is the host reachable and the port open?"),
+    ("cannot connect to", "Is the host reachable and the port open?"),  # the lean client's connect timeout
 )
 
 
@@ -534,13 +544,14 @@ class _Stream(asyncio.Protocol):
 
 
 class LeanClient:
-    """An MQTT 3.1.1 session (clean session; subscribes at QoS 0 and 1, publishes at QoS 0) for input
-    that comes fast: the relay's local side. Each read of the socket (up to 256 KiB) is parsed in one
-    go and every message in it goes to `on_message(topic, payload, retained)` right away, on the event
-    loop: no task, queue or turn of the loop per message (aiomqtt's paho reads one packet per turn, in
-    three `recv` calls). `async with` connects (TLS as the URL says), `subscribe()` waits for its
-    SUBACK, `run()` returns only by raising `Unavailable` when the session ends: the broker closed
-    it, refused it, went silent past keepalive, or broke the protocol.
+    """An MQTT 3.1.1 session (clean or persistent; subscribes at QoS 0 and 1, publishes at QoS 0) for
+    input that comes fast, or whose every wakeup counts: the relay's local side, the monitor's input.
+    Each read of the socket (up to 256 KiB) is parsed in one go and every message in it goes to
+    `on_message(topic, payload, retained)` right away, on the event loop (a QoS 1 message is
+    acknowledged once it was handed on): no task, queue or turn of the loop per message (aiomqtt's
+    paho reads one packet per turn, in three `recv` calls). `async with` connects (TLS as the URL
+    says), `subscribe()` waits for its SUBACK, `run()` returns only by raising `Unavailable` when the
+    session ends: the broker closed it, refused it, went silent past keepalive, or broke the protocol.
 
     `gather_s`: after a small read, wait this long before reading again, so that input arriving a
     message at a time is read many messages per wakeup (the wakeup, not the message, was the cost).
@@ -558,8 +569,10 @@ class LeanClient:
         *,
         keepalive: int = 10,
         gather_s: float = 0.0,
+        clean_session: bool = True,
     ) -> None:
         self.url = url
+        self.clean_session = clean_session  # False: the broker keeps our subscriptions and QoS 1 messages
         self.identifier = identifier
         self.on_message = on_message
         self.keepalive = keepalive
@@ -584,7 +597,7 @@ class LeanClient:
             msg = f"cannot connect to {url} within {CONNECT_TIMEOUT_S:g} s"
             raise Unavailable(msg) from None
         try:
-            self._send(connect_packet(self.identifier, self.keepalive, url.username, url.password))
+            self._send(connect_packet(self.identifier, self.keepalive, url.username, url.password, self.clean_session))
             code = (await self._answer(self._connack, "CONNACK")).return_code
         except BaseException:
             self._abort()
@@ -635,7 +648,9 @@ class LeanClient:
         elif not isinstance(packet, PingResp) and self._stream is not None:  # an UNSUBACK we never asked for
             self._stream.close(f"the broker sent an unexpected {type(packet).__name__}")
 
-    async def subscribe(self, topic_filter: str, qos: int = 0) -> None:
+    async def subscribe(self, topic_filter: str | Sequence[tuple[str, int]], qos: int = 0) -> None:
+        """One SUBSCRIBE: a filter at `qos`, or several `(filter, qos)`; waits for the SUBACK."""
+        filters = [(topic_filter, qos)] if isinstance(topic_filter, str) else list(topic_filter)
         stream = self._stream
         if stream is None:
             msg = "not connected"
@@ -643,9 +658,10 @@ class LeanClient:
         self._next_id = self._next_id % 0xFFFF + 1
         waiter: asyncio.Future[tuple[int, ...]] = self.loop.create_future()
         self._waiting[self._next_id] = waiter
-        self._send(subscribe_packet(self._next_id, [(topic_filter, qos)]))
-        if SUBACK_FAILURE in await self._answer(waiter, f"SUBACK for {topic_filter!r}"):
-            msg = f"broker refused the subscription to {topic_filter!r}"
+        self._send(subscribe_packet(self._next_id, filters))
+        named = ", ".join(repr(f) for f, _ in filters)
+        if SUBACK_FAILURE in await self._answer(waiter, f"SUBACK for {named}"):
+            msg = f"broker refused the subscription to {named}"
             raise Unavailable(msg)
 
     async def _answer(self, waiter: asyncio.Future[T], what: str) -> T:

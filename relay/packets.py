@@ -7,9 +7,9 @@ Rules of this module:
   returns every packet completed by it, in order; a partial packet waits for the next call.
 - A stream that breaks MQTT 3.1.1 raises `PacketError` (the session must then be dropped: nothing
   after a framing error can be trusted); nothing else is raised.
-- Only what a subscriber at QoS 0 and 1 (that may publish at QoS 0) needs: CONNECT, SUBSCRIBE,
-  PUBLISH (QoS 0), PUBACK, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH (QoS 0/1), PINGRESP
-  and UNSUBACK in.
+- Only what a subscriber at QoS 0 and 1 (that may publish at QoS 0), in a clean or a persistent
+  session, needs: CONNECT, SUBSCRIBE, PUBLISH (QoS 0), PUBACK, PINGREQ and DISCONNECT out; CONNACK,
+  SUBACK, PUBLISH (QoS 0/1), PINGRESP and UNSUBACK in.
 """
 
 from __future__ import annotations
@@ -91,9 +91,17 @@ def _packet(head: int, body: bytes) -> bytes:
     return bytes([head]) + varint(len(body)) + body
 
 
-def connect_packet(client_id: str, keepalive_s: int, username: str | None = None, password: str | None = None) -> bytes:
-    """CONNECT with a clean session (what the relay's local side always asks for); no will."""
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+def connect_packet(
+    client_id: str,
+    keepalive_s: int,
+    username: str | None = None,
+    password: str | None = None,
+    clean_session: bool = True,
+) -> bytes:
+    """CONNECT, with a clean session (the relay's local side) or a persistent one (the monitor's); no will."""
+    flags = (
+        (0x02 if clean_session else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    )
     if password is not None and username is None:
         msg = "MQTT 3.1.1 allows a password only with a user name"
         raise ValueError(msg)

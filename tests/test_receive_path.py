@@ -42,6 +42,7 @@ WAIT_S = 5.0
 GOLDEN_OUT = [
     (connect_packet("r1", 10), b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x0a\x00\x02r1"),
     (connect_packet("r1", 10, "u", "p"), b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x0a\x00\x02r1\x00\x01u\x00\x01p"),
+    (connect_packet("m", 5, clean_session=False), b"\x10\x0d\x00\x04MQTT\x04\x00\x00\x05\x00\x01m"),  # persistent
     (subscribe_packet(7, [("a/+", 1)]), b"\x82\x08\x00\x07\x00\x03a/+\x01"),
     (puback_packet(258), b"\x40\x02\x01\x02"),
     (publish_packet("a/b", b"hi"), b"\x30\x07\x00\x03a/bhi"),
@@ -213,6 +214,32 @@ async def test_the_lean_client_receives_qos_0_and_1_in_order_and_acknowledges_qo
     assert beats == [f"{i}".encode() for i in range(200)]
     assert (f"{prefix}bundle/r1", b"bundle", False) in inbox.got
     assert inbox.got[-1] == (f"{prefix}beat/self", b"from lean", False)
+
+
+async def test_a_persistent_lean_session_gets_what_was_published_while_it_was_away(broker: EmbeddedBroker) -> None:
+    """What the monitor's session relies on: its subscriptions (made in one SUBSCRIBE) and the QoS 1
+    messages published while it was away are kept by the broker and handed on when it is back."""
+    url = BrokerURL.parse(broker.url)
+    prefix = f"t{uuid.uuid4().hex[:6]}/"
+    client_id = f"lean-persistent-{uuid.uuid4().hex[:6]}"
+    inbox = Inbox()
+    async with url.lean_client(client_id, inbox, clean_session=False) as lean:
+        await lean.subscribe([(f"{prefix}bundle/+", 1), (f"{prefix}relay/+/status", 1)])
+    async with aiomqtt.Client(url.host, url.port, identifier=f"pub-{client_id}") as pub:
+        await pub.publish(f"{prefix}bundle/r1", b"while away", qos=1)
+        await pub.publish(f"{prefix}relay/r1/status", b"offline", qos=1)
+    try:
+        async with url.lean_client(client_id, inbox, clean_session=False) as lean:
+            runner = asyncio.create_task(lean.run())
+            await inbox.wait_for(2)
+            runner.cancel()
+    finally:
+        async with url.lean_client(client_id, inbox):
+            pass  # a clean session ends the persistent one on the broker
+    assert [(topic, payload) for topic, payload, _ in inbox.got] == [
+        (f"{prefix}bundle/r1", b"while away"),
+        (f"{prefix}relay/r1/status", b"offline"),
+    ]
 
 
 async def test_a_message_read_after_a_pause_to_gather_is_dated_no_later_than_it_was_published(

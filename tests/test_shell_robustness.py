@@ -13,6 +13,7 @@ import pytest
 from relaybeat.broker_config.embedded import EmbeddedBroker
 from relaybeat.broker_config.settings import BrokerSettings
 from relaybeat.monitor.detector import Detector, Policy
+from relaybeat.monitor.expiry import sleep_to_tick
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.states import State
 from relaybeat.monitor.store import Store
@@ -183,3 +184,21 @@ async def test_a_stalled_event_loop_is_blindness_not_a_reason_to_page(store: Slo
         for task in (probe, expiry):
             task.cancel()
         await asyncio.gather(probe, expiry, return_exceptions=True)
+
+
+async def test_the_periodic_probes_wake_together_on_ticks_of_the_loop_clock() -> None:
+    """The loop probe and the database probe (every 4th of its ticks) cost an idle monitor one wakeup."""
+    loop = asyncio.get_running_loop()
+    woke: dict[float, list[tuple[float, float]]] = {0.05: [], 0.2: []}  # by period: (tick, woken at)
+
+    async def probe(every_s: float, times: int) -> None:
+        for _ in range(times):
+            tick = await sleep_to_tick(every_s)
+            woke[every_s].append((tick, loop.time()))
+
+    await asyncio.gather(probe(0.05, 9), probe(0.2, 2))
+    for every_s, ticks in woke.items():
+        assert all(at >= tick for tick, at in ticks), ticks  # never early
+        assert all(abs(tick / every_s - round(tick / every_s)) < 1e-6 for tick, _ in ticks), ticks  # on the grid
+    lag_ticks = [tick for tick, _ in woke[0.05]]
+    assert all(any(abs(tick - other) < 1e-9 for other in lag_ticks) for tick, _ in woke[0.2]), woke

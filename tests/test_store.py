@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import cast
 
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -260,6 +262,19 @@ async def test_last_transition_id_is_zero_when_empty_then_the_newest_id(store: S
     await store.write(Batch(transitions=[transition("h1", T0), transition("h2", T0)]))
     newest = await store.history(limit=1)
     assert await store.last_transition_id() == newest[0].id
+
+
+async def test_ping_reads_the_history_and_holds_no_transaction_between_pings(store: Store) -> None:
+    await store.ping()
+    await store.write(Batch(transitions=[transition("h1", T0)]))  # beside the connection the ping keeps
+    await store.ping()
+    assert [record.subject for record in await store.history()] == ["h1"]
+    async with asyncio.timeout(10):  # PostgreSQL: DROP TABLE would wait for a transaction the ping held open
+        await store.downgrade()
+    with pytest.raises((sqlite3.OperationalError, psycopg.Error)):  # it reads the table: not there now
+        await store.ping()
+    await store.upgrade()
+    await store.ping()  # the failed connection was dropped: a fresh one
 
 
 def test_naive_datetimes_are_refused() -> None:

@@ -16,6 +16,8 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,30 @@ class LagProbeBreaks(Monitor):
         await asyncio.sleep(0.3)
         msg = "the lag probe broke"
         raise RuntimeError(msg)
+
+
+async def test_responses_are_dated_as_they_are_made_though_no_timer_refreshes_the_date(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    port = pick_free("127.0.0.1")
+    db = f"sqlite:///{tmp_path / 'relaybeat.db'}"
+    run = asyncio.create_task(serve_monitor(MonitorSettings(NOWHERE), db, "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http, asyncio.timeout(20):
+            while True:
+                try:
+                    first = await http.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    assert not run.done(), run
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(2.2)
+            second = await http.get("/healthz")
+        dated = [parsedate_to_datetime(r.headers["date"]) for r in (first, second)]
+        assert 2 <= (dated[1] - dated[0]).total_seconds() <= 3, dated
+        assert abs((datetime.now(UTC) - dated[1]).total_seconds()) < 1.5, dated
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 10)
 
 
 async def test_a_monitor_part_that_raises_stops_serve_monitor_with_one_error_naming_it(
