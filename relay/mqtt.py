@@ -33,6 +33,7 @@ import random
 import ssl
 import termios
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from relaybeat.relay.packets import (
     PINGREQ_PACKET,
     SUBACK_FAILURE,
     ConnAck,
+    Packet,
     PacketError,
     PacketReader,
     PingResp,
@@ -362,9 +364,10 @@ def _unread_bytes(fileno: int) -> int:
 def backlog(client: aiomqtt.Client | LeanClient) -> tuple[int, int]:
     """What has reached a connected client but not its reader yet: (messages in aiomqtt's queue,
     bytes waiting unread in its socket: paho reads about one packet per event-loop turn). A
-    `LeanClient` hands every message on as it reads it: only its socket can hold a backlog."""
+    `LeanClient` hands a read's messages on at once, unless that takes too long: what it read and
+    did not hand on yet, and its socket."""
     if isinstance(client, LeanClient):
-        return 0, client.unread()
+        return client.queued(), client.unread()
     queued = len(client.messages)
     sock = client._client.socket()  # aiomqtt hands out no other way to its socket
     if sock is None:
@@ -474,6 +477,10 @@ class ReconnectLog:
 OnMessage = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
 CONNECT_TIMEOUT_S = 10.0
 GATHER_BELOW_BYTES = 65_536  # a read this large means a backlog: read on at once, without gathering
+# Handing on one read's messages stops after this long; the rest follow on later turns of the event
+# loop, reading paused meanwhile: a read of a replayed backlog (up to 256 KiB of small messages) must
+# not hold the loop (issue: nothing holds it over 5 ms).
+HAND_ON_BUDGET_S = 0.002
 
 
 class _Stream(asyncio.Protocol):
@@ -487,6 +494,9 @@ class _Stream(asyncio.Protocol):
         self.heard_at = 0.0
         self.resuming: asyncio.TimerHandle | None = None  # set while reading pauses to gather input
         self.paused_at: float | None = None  # when reading last paused to gather (the socket was drained then)
+        self.left: deque[Packet] = deque()  # a read's packets not handed on yet (over HAND_ON_BUDGET_S)
+        self.read_at = 0.0  # when they were read
+        self.read_waited = 0.0  # how long they may have waited before that read (`waited_s`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream connection's is one
@@ -502,25 +512,49 @@ class _Stream(asyncio.Protocol):
         paused_at, self.paused_at = self.paused_at, None
         # What this read hands on arrived after reading paused (the read before drained the socket):
         # at most `gather_s` ago, unless the loop itself was late to read it.
-        owner.waited_s = 0.0 if paused_at is None else min(owner.gather_s, now - paused_at)
+        self.read_at, self.read_waited = now, 0.0 if paused_at is None else min(owner.gather_s, now - paused_at)
+        self.left.extend(packets)
+        if self.hand_on(deferred=False) and owner.gather_s and len(data) < GATHER_BELOW_BYTES:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()  # let more arrive: one wakeup for many messages
+                self.paused_at = owner.loop.time()
+                self.resuming = owner.loop.call_later(owner.gather_s, self.resume)
+
+    def hand_on(self, deferred: bool) -> bool:
+        """Hand on what was read, for at most HAND_ON_BUDGET_S; True once all of it was. What is left
+        follows on the next turn of the loop, reading paused until then (it arrived when it was read:
+        `waited_s` counts the time since, so no beat is dated younger than it is)."""
+        owner, left = self.owner, self.left
+        loop, on_message = owner.loop, owner.on_message
+        started = loop.time()
+        owner.waited_s = self.read_waited + (started - self.read_at if deferred else 0.0)
         acks = []
-        on_message = owner.on_message
-        for packet in packets:
+        while left:
+            packet = left.popleft()
             if type(packet) is Publish:
                 if packet.qos:
                     acks.append(puback_packet(packet.packet_id))
                 on_message(packet.topic, packet.payload, packet.retain)  # never raises: it counts bad input
             else:
                 owner.control(packet)
+            if left and loop.time() - started > HAND_ON_BUDGET_S:
+                break
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            left.clear()  # unacknowledged: a persistent session gets them again
+            return False
         if acks:
             transport.write(b"".join(acks))
-        if owner.gather_s and len(data) < GATHER_BELOW_BYTES and not transport.is_closing():
-            transport.pause_reading()  # let more arrive: one wakeup for many messages
-            self.paused_at = owner.loop.time()
-            self.resuming = owner.loop.call_later(owner.gather_s, self.resume)
+        if left:
+            transport.pause_reading()
+            loop.call_soon(self.hand_on_more)
+            return False
+        return True
+
+    def hand_on_more(self) -> None:
+        if self.hand_on(deferred=True) and self.transport is not None and self.resuming is None:
+            self.transport.resume_reading()
 
     def resume(self) -> None:
         """Read again now, if reading paused to gather input."""
@@ -706,6 +740,10 @@ class LeanClient:
                     stream.close(f"the broker was silent for more than {2 * self.keepalive} s")
                 else:
                     self._send(PINGREQ_PACKET)
+
+    def queued(self) -> int:
+        """Messages read but not handed on yet (a read that took more than HAND_ON_BUDGET_S)."""
+        return 0 if self._stream is None else len(self._stream.left)
 
     def unread(self) -> int:
         """Bytes waiting in the socket, not read yet; if reading paused to gather input, it resumes:

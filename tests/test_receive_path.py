@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from relaybeat.relay.packets import (
     subscribe_packet,
 )
 from relaybeat.relay.wire import Beat, WireError, decode_beat, encode_beat
+from tests.conftest import CentralBroker
 
 WAIT_S = 5.0
 
@@ -240,6 +242,51 @@ async def test_a_persistent_lean_session_gets_what_was_published_while_it_was_aw
         (f"{prefix}bundle/r1", b"while away"),
         (f"{prefix}relay/r1/status", b"offline"),
     ]
+
+
+async def test_a_backlog_is_handed_on_over_many_turns_of_the_loop_in_order(central_broker: CentralBroker) -> None:
+    """A persistent session's backlog comes in big reads; handing one on stops after HAND_ON_BUDGET_S
+    and goes on at the next turn of the event loop, so a replayed backlog never holds the loop (here
+    each message costs 1 ms; without the budget the loop turns only between reads: Mosquitto has at
+    most 20 QoS 1 messages in flight, so about 20 times for 400 messages)."""
+    url = BrokerURL.parse(central_broker.url)
+    prefix = central_broker.prefix
+    client_id = f"lean-backlog-{uuid.uuid4().hex[:6]}"
+    got: list[bytes] = []
+    turns, at_turn = [0], []
+    all_in = asyncio.Event()
+
+    def slow(topic: str, payload: bytes, retained: bool) -> None:
+        time.sleep(0.001)  # a millisecond of the loop per message
+        got.append(payload)
+        at_turn.append(turns[0])
+        if len(got) == 400:
+            all_in.set()
+
+    async def count_turns() -> None:
+        while True:
+            await asyncio.sleep(0)
+            turns[0] += 1
+
+    async with url.lean_client(client_id, slow, clean_session=False) as lean:
+        await lean.subscribe([(f"{prefix}bundle/+", 1)])
+    async with aiomqtt.Client(url.host, url.port, identifier=f"pub-{client_id}") as pub:
+        for i in range(400):
+            await pub.publish(f"{prefix}bundle/r1", f"{i}".encode(), qos=1)
+    counter = asyncio.create_task(count_turns())
+    try:
+        async with url.lean_client(client_id, slow, clean_session=False) as lean:
+            runner = asyncio.create_task(lean.run())
+            async with asyncio.timeout(60):
+                await all_in.wait()
+            assert lean.queued() == 0
+            runner.cancel()
+    finally:
+        counter.cancel()
+        async with url.lean_client(client_id, slow):
+            pass  # a clean session ends the persistent one on the broker
+    assert got == [f"{i}".encode() for i in range(400)]
+    assert len(set(at_turn)) >= 60, f"the loop turned {len(set(at_turn))} times while 400 messages were handed on"
 
 
 async def test_a_message_read_after_a_pause_to_gather_is_dated_no_later_than_it_was_published(
