@@ -21,7 +21,6 @@ import gc
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +30,7 @@ import orjson
 from bench import synth
 from bench.procs import Lab, Proc
 from bench.report import Report, figure, med, num, render_profile, spread, table
+from relaybeat.monitor.clock import HandClock
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.store import Store
@@ -56,23 +56,6 @@ def _payloads(relays: int, size: int, count: int, wire: int = 1) -> tuple[list[b
         )
         senders.append(r)
     return out, senders
-
-
-class _Replay:
-    """A `monitor.clock.Clock` that the replay moves: bundles taken in-process arrive as they would,
-    one round of relays a second, so each leaf's beats are a second apart on both clocks."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    def wall(self, t: float) -> datetime:
-        return datetime.fromtimestamp(t, UTC)
-
-    def mono(self, moment: datetime) -> float:
-        return moment.timestamp()
 
 
 class _Host:
@@ -162,7 +145,7 @@ def micro(size: int, reps: int, entries: int = 1_000_000, wire: int = 1) -> dict
     settings = MonitorSettings(BrokerURL("127.0.0.1", 1883))
 
     def take_rates() -> float:
-        clock = _Replay()
+        clock = HandClock()  # the replay moves it: one round of relays a second, as they send
         monitor = Monitor(settings, cast(Store, None), clock)
         topic = settings.prefix + "bundle/"
         topics = [topic + relay for relay in senders]

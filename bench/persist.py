@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +40,7 @@ from sqlalchemy import make_url
 from bench import synth
 from bench.procs import Lab
 from bench.report import Report, figure, med, spread, table
+from relaybeat.monitor.clock import HandClock
 from relaybeat.monitor.states import Transition
 
 
@@ -264,23 +264,6 @@ def run(args: Any, out: Any) -> Report:
 # hold of the loop; the loop thread's CPU time per turn is reported beside it (it does not count
 # waiting for the GIL or for a busy machine's CPU). What the monitor held before the event is
 # frozen out of the collector's view, as `Monitor.restore` does (`gc.freeze`).
-
-
-class HandClock:
-    """A clock that moves only when told (the mass event must not race the hosts' own timeouts)."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.offset = float(round(time.time() - time.monotonic()))
-
-    def now(self) -> float:
-        return self.t
-
-    def wall(self, t: float) -> datetime:
-        return datetime.fromtimestamp(t + self.offset, UTC)
-
-    def mono(self, moment: datetime) -> float:
-        return moment.timestamp() - self.offset
 
 
 class Turns:

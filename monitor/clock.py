@@ -1,7 +1,7 @@
 """The monitor's clock: monotonic seconds for decisions, wall-clock UTC only for what is stored and shown.
 
-Everything that reads time takes a `Clock`; tests pass a hand-driven one (any class with these
-three methods will do)."""
+Everything that reads time takes a `Clock`; tests, benches and replays pass a `HandClock` (any class
+with these three methods will do)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "HandClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -34,6 +34,28 @@ class SystemClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self, t: float) -> datetime:
+        return datetime.fromtimestamp(t + self.offset, UTC)
+
+    def mono(self, moment: datetime) -> float:
+        return moment.timestamp() - self.offset
+
+
+class HandClock:
+    """A clock moved only by its user: `clock.t += 10.0` is ten seconds later.
+
+    Monotonic time starts at `start`. Wall time is monotonic time plus a fixed whole-second offset
+    taken from the real clocks at creation, so stored times are near today's and both they and the
+    differences between them are exact.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self.offset = float(round(time.time() - time.monotonic()))
+
+    def now(self) -> float:
+        return self.t
 
     def wall(self, t: float) -> datetime:
         return datetime.fromtimestamp(t + self.offset, UTC)
