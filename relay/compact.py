@@ -687,13 +687,18 @@ class _IndexedReader(_Reader):
             raise WireError(msg, f"{len(self.data) - self.at} bytes after the bundle")
         return watched, children
 
+    def bitmap(self, size: int) -> memoryview:
+        """The bitmap form's bytes: one bit per table index, none set past the table."""
+        raw = self.take((size + 7) // 8)
+        if size % 8 and raw[-1] >> (size % 8):
+            msg = "bad_bundle"
+            raise WireError(msg, "bitmap bits past the table")
+        return raw
+
     def heard(self, size: int) -> list[int]:
         form = self.take(1)[0]
         if form == BITMAP:
-            raw = self.take((size + 7) // 8)
-            if size % 8 and raw[-1] >> (size % 8):
-                msg = "bad_bundle"
-                raise WireError(msg, "bitmap bits past the table")
+            raw = self.bitmap(size)
             bits = _BITS
             return [8 * at + bit for at, byte in enumerate(raw) if byte for bit in bits[byte]]
         if form not in (INDEX_LIST, RUNS):
@@ -837,10 +842,7 @@ class _ColumnarReader(_IndexedReader):
         start = self.at
         form = self.take(1)[0]
         if form == BITMAP:
-            raw = self.take((size + 7) // 8)
-            if size % 8 and raw[-1] >> (size % 8):
-                msg = "bad_bundle"
-                raise WireError(msg, "bitmap bits past the table")
+            raw = self.bitmap(size)
             bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
             return np.flatnonzero(bits).astype(np.int64, copy=False)
         if form in (INDEX_LIST, RUNS):
