@@ -28,13 +28,15 @@ import numpy.typing as npt
 
 from relaybeat.relay.wire import Beats
 
-__all__ = ["READY", "READY_SCHEDULED", "READY_STEADY", "READY_UP", "Columns", "PlainNews"]
+__all__ = ["READY", "READY_SCHEDULED", "READY_STEADY", "READY_UP", "SAME_BEAT_S", "Columns", "PlainNews"]
 
 READY_UP = 1  # up, and its freshest news came through this relay
 READY_STEADY = 2  # not flapping
 READY_SCHEDULED = 4  # it has a deadline
 READY = READY_UP | READY_STEADY | READY_SCHEDULED
-SAME_BEAT_S = 0.05  # as monitor/detector.py: the same seq within this much is the beat already heard
+# Two reports of a leaf through one relay within this much of each other, with the same seq, are
+# the same beat (bundle transit jitter); anything else is news, even with a constant seq.
+SAME_BEAT_S = 0.05
 _NO_SEQ = -1
 
 
@@ -120,12 +122,9 @@ class Columns(Generic[M]):
         self.layout += 1
 
     def mirror(self, slot: int, host: M, ready: int) -> None:
-        self.seen[slot] = host.via_seen
-        self.seqs[slot] = _NO_SEQ if host.seq is None else host.seq
-        self.intervals[slot] = round(host.interval_s * 1000)
-        self.timeouts[slot] = host.interval_s * host.misses
-        self.floors[slot] = host.grace_from
-        self.ready[slot] = ready
+        seen, seq, interval, timeout, floor = _mirrored(host)
+        self.seen[slot], self.seqs[slot], self.intervals[slot] = seen, seq, interval
+        self.timeouts[slot], self.floors[slot], self.ready[slot] = timeout, floor, ready
 
     def due(self, at: float) -> list[int]:
         """The slots whose deadline is at or before `at`."""
@@ -178,10 +177,7 @@ class Columns(Generic[M]):
                 if self.ready[slot]:
                     out.append(f"{relay_id}[{slot}]: empty slot marked ready")
                 continue
-            want = (
-                host.slot, host.via, host.via_seen, _NO_SEQ if host.seq is None else host.seq,
-                round(host.interval_s * 1000), host.interval_s * host.misses, host.grace_from, ready_of(host),
-            )  # fmt: skip
+            want = (host.slot, host.via, *_mirrored(host), ready_of(host))
             have = (
                 slot, relay_id, self.seen[slot], self.seqs[slot], self.intervals[slot], self.timeouts[slot],
                 self.floors[slot], self.ready[slot],
@@ -189,3 +185,10 @@ class Columns(Generic[M]):
             if want != have:
                 out.append(f"{relay_id}[{slot}] {host.id}: host {want} != columns {have}")
         return out
+
+
+def _mirrored(host: Member) -> tuple[float, int, int, float, float]:
+    """What the columns hold of a host: its evidence time through the relay, seq (-1: none),
+    interval (ms), timeout (s) and own grace."""
+    seq = _NO_SEQ if host.seq is None else host.seq
+    return host.via_seen, seq, round(host.interval_s * 1000), host.interval_s * host.misses, host.grace_from

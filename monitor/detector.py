@@ -51,14 +51,11 @@ from statistics import NormalDist
 from typing import Protocol
 
 from relaybeat.errors import SettingsError
-from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, Columns
+from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, SAME_BEAT_S, Columns
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
 from relaybeat.relay.wire import _STATUS_OF, Beat, Beats, Bundle, HostEntry, LeafStatus, Vouch
 
 _UP_OR_UNKNOWN = (State.UP, State.UNKNOWN)
-# Two reports of a leaf through one relay within this much of each other, with the same seq, are
-# the same beat (bundle transit jitter); anything else is news, even with a constant seq.
-SAME_BEAT_S = 0.05
 _NEVER = -math.inf  # one shared float: a host costs no extra object for "never"
 
 
@@ -793,7 +790,7 @@ class Detector:
             i, seq = index[row], seqs[row]
             entry = HostEntry(ids[i], None if seq < 0 else seq, ages[row], intervals[row], status_of[statuses[row]])
             self._observe_host(entry, rid, sent, now, out)
-            if relay.cols.map is table and cols.map_layout == cols.layout:  # the cache still holds: keep it true
+            if cols.map is table and cols.map_layout == cols.layout:  # the cache still holds: keep it true
                 table[i] = slot_of(entry.id)
 
     def _observe_listed(
