@@ -1026,6 +1026,9 @@ class DetectorMachine(RuleBasedStateMachine):
         self.next_beat = dict.fromkeys(SM_LEAVES, 0.0)
         self.in_flight: list[Bundle] = []  # published, not yet delivered (late, reordered)
         self.sent: list[bytes] = []  # every bundle ever delivered, encoded, for redelivery
+        # Those of `sent` the detector refused as `future_seq` (a seq further ahead than its relay
+        # could have sent since it was last heard): a later delivery of one may be its first news.
+        self.refused: set[int] = set()
         # The model.
         self.connected = True
         self.grace_from = 0.0
@@ -1087,7 +1090,10 @@ class DetectorMachine(RuleBasedStateMachine):
 
     def deliver(self, bundle: Bundle) -> None:
         self.sent.append(encode_bundle(bundle))
+        refused = self.detector.ignored.get("future_seq", 0)
         self.call("observe", bundle, self.now)
+        if self.detector.ignored.get("future_seq", 0) != refused:
+            self.refused.add(len(self.sent) - 1)
 
     def flush(self, relay_id: str, late: bool) -> None:
         bundle = self.asm[relay_id].flush(self.now)
@@ -1136,9 +1142,10 @@ class DetectorMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 1000))
     def old_bundle_arrives_again(self, pick: int) -> None:
         if self.connected and self.sent:
-            again = decode_bundle(self.sent[pick % len(self.sent)])
+            first = pick % len(self.sent)
+            again = decode_bundle(self.sent[first])
             self.deliver(again)
-            if self.boots[again.relay] <= SM_POLICY.relay_memory:  # its boot is still remembered
+            if self.boots[again.relay] <= SM_POLICY.relay_memory and first not in self.refused:  # news then, not now
                 news = self.calls[-1][2] if self.limit is None else self.twin_out  # (owed work may be done first)
                 assert news == [], "a bundle delivered twice must be no news the second time"
 
