@@ -57,6 +57,12 @@ class Health(BaseModel):
     spare_takeovers: int = Field(
         description="times the spare broker session (with a list of broker nodes) heard in place of the lost main one"
     )
+    broker: str | None = Field(
+        description="the broker node the main session hears through, password redacted (null while it does not)"
+    )
+    spare_broker: str | None = Field(
+        description="the broker node the spare session is subscribed on (null without a node list, or while it is not)"
+    )
     in_grace: bool
     database_ok: bool = Field(description="the database answers the monitor's probe and took the last write")
     hosts: int

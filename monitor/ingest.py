@@ -108,6 +108,8 @@ class Ingest:
         self._main_lost = asyncio.Event()  # the main session was hearing and was lost: the spare stands in
         self._main_hearing = asyncio.Event()  # ... until the main one hears again
         self.spare_takeovers = 0  # times the spare session heard in the main one's place
+        self.broker: str | None = None  # the node the main session hears through (password redacted)
+        self.spare_broker: str | None = None  # ... and the spare session, subscribed
         self.client_id = ""
         self._connected_at: float | None = None  # monotonic, while connected
         self._ever_connected = False
@@ -186,7 +188,7 @@ class Ingest:
 
     async def _session(self, client: LeanClient) -> None:
         await self._subscribe(client, qos=1)
-        self._main = client
+        self._main, self.broker = client, str(client.url)
         self._main_lost.clear()
         self._main_hearing.set()
         try:
@@ -196,7 +198,7 @@ class Ingest:
             await client.run()  # every message goes to `_heard` as it is read; returns only by raising
         finally:
             self._early = []
-            self._main = None
+            self._main = self.broker = None
             self._main_hearing.clear()
             self._main_lost.set()
 
@@ -207,6 +209,7 @@ class Ingest:
         stores the session's record in JetStream, which times out while it elects new leaders, and the
         node then drops the client: seen in 2 of 3 runs of tests/test_nats_cluster.py.)"""
         await self._subscribe(client, qos=0)
+        self.spare_broker = str(client.url)
         reader = asyncio.create_task(client.run())
         try:
             while True:
@@ -226,7 +229,7 @@ class Ingest:
                 log.info("monitor's main broker session hears again; the spare stands by")
         finally:
             reader.cancel()
-            self._stand_in = None
+            self._stand_in = self.spare_broker = None
 
     @property
     def _filters(self) -> list[str]:

@@ -360,6 +360,8 @@ class Monitor:
     rejections = _Shown[Rejections]("ingest")
     behind = _Shown[int]("ingest")
     spare_takeovers = _Shown[int]("ingest")
+    broker = _Shown[str | None]("ingest")
+    spare_broker = _Shown[str | None]("ingest")
     recent = _Shown[deque[Transition]]("writer")  # the latest decisions, for live views
     observers = _Shown[list[MonitorObserver]]("writer")
     written = _Shown[asyncio.Condition]("writer")  # notified after each batch reaches SQL

@@ -122,6 +122,8 @@ class FleetHealth:
     broker_connected: bool  # the main broker session, or the spare hearing in its place
     blind: bool
     spare_takeovers: int  # times the spare session heard in place of the lost main one
+    broker: str | None  # the node the main session hears through (None while it does not)
+    spare_broker: str | None  # the node the spare session is subscribed on (with a list of nodes)
     in_grace: bool
     database_ok: bool
     hosts: int
@@ -477,6 +479,8 @@ class FleetView:
             broker_connected=not detector.disconnected,
             blind=blind,
             spare_takeovers=monitor.spare_takeovers,
+            broker=monitor.broker,
+            spare_broker=monitor.spare_broker,
             in_grace=monitor.in_grace,
             database_ok=database_ok,
             hosts=len(detector.hosts),

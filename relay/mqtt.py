@@ -343,7 +343,7 @@ async def stay_connected(
             failed_in_row += 1
             index = (index + 1) % len(urls)
             if len(urls) > 1 and failed_in_row < len(urls):
-                log.warning("%s: broker %s unavailable (%s); trying %s", name, url, exc, urls[index])
+                log.warning("%s: broker %s unavailable (%s); trying %s", name, url, failure_reason(exc), urls[index])
                 continue
             failed_in_row = 0
             delay = random.uniform(0.05, min(max_delay_s, 0.1 * 1.5**attempt))  # noqa: S311 - jitter, not a secret
@@ -353,6 +353,8 @@ async def stay_connected(
 
 
 def _unread_bytes(fileno: int) -> int:
+    if fileno < 0:  # the socket was closed (the connection lost): nothing more will be read from it
+        return 0
     unread = array.array("i", [0])
     try:
         fcntl.ioctl(fileno, termios.FIONREAD, unread)
@@ -420,6 +422,11 @@ _BROKER_ADVICE = (  # (what the error says, lower case; what to do); the first m
 )
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why a connection failed, on one line: its message, or its type when it has none (a timeout)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class ReconnectLog:
     """What a reconnecting client says about its broker, so an outage costs a few lines, not one per
     attempt: the first failure at once (WARNING, with what to do), then one summary per `every_s`
@@ -444,7 +451,7 @@ class ReconnectLog:
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self.attempts += 1
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = failure_reason(exc)
         if self.down_since is None or reason != self._reason:
             self.down_since = now if self.down_since is None else self.down_since
             self._said_at, self._said_attempts, self._reason = now, self.attempts, reason

@@ -172,6 +172,7 @@ async def test_the_spare_session_is_heard_only_while_the_main_one_is_lost(
         await until(lambda: ingest._main and ingest._spare_up, 20, "both sessions to connect")
         await beat_heard()  # the spare's copy dropped: taken once
         assert health().spare_takeovers == 0
+        assert (health().broker, health().spare_broker) == (str(brokers.urls[0]), str(brokers.urls[1]))
         assert monitor.part_states()["spare"] is PartState.RUNNING
 
         gates[1].hold()  # the spare's node: new connections stall, the spare's own goes on
@@ -180,6 +181,7 @@ async def test_the_spare_session_is_heard_only_while_the_main_one_is_lost(
         await beat_heard()
         assert ingest._main is None  # heard through the spare alone
         assert health().spare_takeovers == 1
+        assert (health().broker, health().spare_broker) == (None, str(brokers.urls[1]))
         assert health().broker_connected
         assert not health().blind
 

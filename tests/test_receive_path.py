@@ -218,6 +218,21 @@ async def test_the_lean_client_receives_qos_0_and_1_in_order_and_acknowledges_qo
     assert inbox.got[-1] == (f"{prefix}beat/self", b"from lean", False)
 
 
+async def test_a_lost_session_has_no_backlog_and_asking_raises_nothing(broker: EmbeddedBroker) -> None:
+    """The expiry part asks for the backlog of whichever session hears; asked right after that
+    session's connection was lost (its socket closed), it was a ValueError that stopped the monitor."""
+    url = BrokerURL.parse(broker.url)
+    async with url.lean_client(f"lean-lost-{uuid.uuid4().hex[:6]}", Inbox()) as lean:
+        runner = asyncio.create_task(lean.run())
+        stream = lean._stream
+        assert stream is not None
+        assert stream.transport is not None
+        stream.transport.abort()
+        with pytest.raises(Unavailable):
+            await runner
+        assert backlog(lean) == (0, 0)
+
+
 async def test_a_persistent_lean_session_gets_what_was_published_while_it_was_away(broker: EmbeddedBroker) -> None:
     """What the monitor's session relies on: its subscriptions (made in one SUBSCRIBE) and the QoS 1
     messages published while it was away are kept by the broker and handed on when it is back."""

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from relaybeat.relay.mqtt import BrokerURL, ReconnectLog
+from relaybeat.relay.mqtt import BrokerURL, ReconnectLog, failure_reason
 from tests.fakes import FakeClock
 
 URL = BrokerURL.parse("mqtt://broker.example:1883")
@@ -80,3 +80,9 @@ def test_the_first_line_says_what_to_do(error: OSError, advice: str, caplog: pyt
     ReconnectLog("leaf h1", URL, clock=FakeClock().now).failed(error)
     ((_, line),) = said(caplog)
     assert advice in line
+
+
+def test_a_failure_without_a_message_is_named_by_its_type() -> None:
+    """asyncio.timeout raises a bare TimeoutError: the log says so, not "unavailable ()"."""
+    assert failure_reason(TimeoutError()) == "TimeoutError"
+    assert failure_reason(OSError("broker\n closed  it")) == "broker closed it"
