@@ -142,8 +142,8 @@ class HostTrack(_Track):
 
 class RelayTrack(_Track):
     __slots__ = (
-        "boot", "children", "cols", "desynced", "flush_s", "owed", "parent", "pending", "resync_asked", "retired",
-        "seq",
+        "boot", "children", "cols", "desynced", "flush_s", "online", "owed", "parent", "pending", "resync_asked",
+        "retired", "seq",
     )  # fmt: skip
 
     def __init__(self, subject: str, state: State, since: float, last_seen: float | None) -> None:
@@ -160,6 +160,7 @@ class RelayTrack(_Track):
         self.cols: Columns[HostTrack] = Columns()  # the hosts behind it, by slot: their deadlines and mirrors
         self.resync_asked = _NEVER  # when a keyframe was last asked for
         self.owed = 0  # jobs owed for the hosts in its columns (`Detector._jobs`)
+        self.online: tuple[str, int] | None = None  # (boot, session) of its newest `online` that named one
 
     @property
     def hosts(self) -> set[str]:
@@ -329,11 +330,24 @@ class Detector:
         self._work(out, limit)
         return out
 
-    def relay_offline(self, relay_id: str, now: float, limit: int | None = None) -> list[Transition]:
-        """The relay's Last Will arrived: a fast hint that it is gone."""
+    def relay_online(self, relay_id: str, boot: str, session: int) -> None:
+        """The relay said `online` for upstream session `session` of boot `boot`: no decision (its
+        bundles are the evidence), but its wills of older sessions of that boot are stale from now."""
+        relay = self.relays.get(relay_id)
+        if relay is not None and (relay.online is None or relay.online[0] != boot or session > relay.online[1]):
+            relay.online = (boot, session)
+
+    def relay_offline(
+        self, relay_id: str, now: float, limit: int | None = None, *, boot: str | None = None, session: int = 0
+    ) -> list[Transition]:
+        """The relay's Last Will arrived: a fast hint that it is gone; unless it names an upstream
+        session older than one the same boot said `online` for since (`stale_will`, ignored): a
+        connection the relay gave up on, let go by its broker only later."""
         out: list[Transition] = []
         relay = self.relays.get(relay_id)
-        if relay is not None and relay.state == State.UP and not self.blind:
+        if relay is not None and relay.online is not None and relay.online[0] == boot and session < relay.online[1]:
+            self._ignore("stale_will")
+        elif relay is not None and relay.state == State.UP and not self.blind:
             self._relay_down(relay, now, f"relay {relay_id} said offline (status topic / last will)", out)
         self._work(out, limit)
         return out

@@ -27,7 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
-from relaybeat.errors import RelaybeatError
+from relaybeat.errors import RelaybeatError, Unavailable
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.dating import Dating
 from relaybeat.monitor.detector import Detector
@@ -106,7 +106,7 @@ class Ingest:
         self._main_up = False  # the main session is connected
         self._spare_up = False  # the spare session is connected (subscribed or not)
         self._main_lost = asyncio.Event()  # the main session was hearing and was lost: the spare stands in
-        self._main_hearing = asyncio.Event()  # ... until the main one hears again
+        self._main_changed = asyncio.Event()  # the main session began or stopped hearing (for the spare)
         self.spare_takeovers = 0  # times the spare session heard in the main one's place
         self.broker: str | None = None  # the node the main session hears through (password redacted)
         self.spare_broker: str | None = None  # ... and the spare session, subscribed
@@ -135,6 +135,7 @@ class Ingest:
             name="monitor (spare)",
             max_delay_s=1.0,
             on_state=self._spare_changed,
+            avoid=lambda url: str(url) == self.broker,  # a spare on the main session's node dies with it
         )
 
     @property
@@ -190,7 +191,7 @@ class Ingest:
         await self._subscribe(client, qos=1)
         self._main, self.broker = client, str(client.url)
         self._main_lost.clear()
-        self._main_hearing.set()
+        self._main_changed.set()
         try:
             early, self._early = self._early, []
             for message in early:
@@ -199,34 +200,42 @@ class Ingest:
         finally:
             self._early = []
             self._main = self.broker = None
-            self._main_hearing.clear()
             self._main_lost.set()
+            self._main_changed.set()
 
     async def _stand_by(self, client: LeanClient) -> None:
         """The spare session: subscribed from its start, its input dropped unread while the main one
         hears; heard in its place while the main one is lost. (Subscribing only once the main session
         is lost fails on NATS when it is needed most: a SUBSCRIBE, clean session and QoS 0 included,
         stores the session's record in JetStream, which times out while it elects new leaders, and the
-        node then drops the client: seen in 2 of 3 runs of tests/test_nats_cluster.py.)"""
+        node then drops the client: seen in 2 of 3 runs of tests/test_nats_cluster.py.)
+
+        It keeps off the main session's node, where it would die with it: it connects elsewhere, and
+        leaves when the main session comes to hear through its node."""
         await self._subscribe(client, qos=0)
         self.spare_broker = str(client.url)
         reader = asyncio.create_task(client.run())
         try:
             while True:
-                await self._main_lost.wait()
-                self._stand_in = client
-                self.spare_takeovers += 1
-                log.warning("monitor lost its broker session; the spare session hears in its place")
-                self._see(quiet=True)
-                back = asyncio.create_task(self._main_hearing.wait())
+                if self.broker == self.spare_broker:
+                    msg = "the main session now hears through this node; the spare moves to another"
+                    raise Unavailable(msg)
+                if self._main_lost.is_set() and self._stand_in is None:
+                    self._stand_in = client
+                    self.spare_takeovers += 1
+                    log.warning("monitor lost its broker session; the spare session hears in its place")
+                    self._see(quiet=True)
+                elif not self._main_lost.is_set() and self._stand_in is not None:
+                    self._stand_in = None  # the main one hears again: what the spare hears is dropped unread
+                    log.info("monitor's main broker session hears again; the spare stands by")
+                self._main_changed.clear()
+                changed = asyncio.create_task(self._main_changed.wait())
                 try:
-                    await asyncio.wait((reader, back), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait((reader, changed), return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    back.cancel()
+                    changed.cancel()
                 if reader.done():
-                    reader.result()  # raises: the spare session ended too
-                self._stand_in = None  # the main one hears again: what the spare hears is dropped unread
-                log.info("monitor's main broker session hears again; the spare stands by")
+                    reader.result()  # raises: the spare session ended (noticed now, not at the next takeover)
         finally:
             reader.cancel()
             self._stand_in = self.spare_broker = None
@@ -300,13 +309,7 @@ class Ingest:
                     self.received["beats"] += 1
                     self.decide(self.detector.observe_beat(subject, decode_beat(payload), now, EXPIRE_STEP))
             else:
-                status = decode_relay_status(payload)
-                if status is RelayStatus.OFFLINE:
-                    self.received["relay_offline"] += 1
-                    self.decide(self.detector.relay_offline(subject, now, EXPIRE_STEP))
-                elif status is RelayStatus.STOPPED:
-                    self.received["relay_stopped"] += 1
-                    self.decide(self.detector.relay_stopped(subject, now, EXPIRE_STEP))
+                self._take_presence(subject, payload, now)
         except WireError as err:
             self.rejections.add(err.reason, topic, err.detail)
         except Exception as exc:  # a bug, not bad input: counted and logged, and the next message is read
@@ -314,6 +317,21 @@ class Ingest:
                 INTERNAL_ERROR, topic, f"{type(exc).__name__} (a bug: please report)", with_traceback=True
             )
         self.expiry.news()
+
+    def _take_presence(self, relay_id: str, payload: bytes, now: float) -> None:
+        presence = decode_relay_status(payload)
+        status = presence.status
+        if status is RelayStatus.OFFLINE:
+            self.received["relay_offline"] += 1
+            will = self.detector.relay_offline(
+                relay_id, now, EXPIRE_STEP, boot=presence.boot, session=presence.session or 0
+            )
+            self.decide(will)
+        elif status is RelayStatus.ONLINE and presence.boot is not None and presence.session is not None:
+            self.detector.relay_online(relay_id, presence.boot, presence.session)
+        elif status is RelayStatus.STOPPED:
+            self.received["relay_stopped"] += 1
+            self.decide(self.detector.relay_stopped(relay_id, now, EXPIRE_STEP))
 
     def _date(self, bundle: Bundle, unreadable: bool, now: float) -> None:
         """Date a bundle by its relay's clock and hand it on; hold it while that clock is unconfirmed."""

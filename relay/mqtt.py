@@ -311,16 +311,25 @@ async def stay_connected(
     name: str,
     on_state: Callable[[bool], None] | None = None,
     max_delay_s: float = 10.0,
+    avoid: Callable[[BrokerURL], bool] | None = None,
 ) -> None:
     """Run `session(client)` on a client connected to one of `brokers`, until cancelled. A lost
     broker is followed at once by the next in the list; once every one failed in a row, with jittered
-    exponential backoff (0.1 s growing by 1.5 up to `max_delay_s`); `ReconnectLog` says what happens."""
+    exponential backoff (0.1 s growing by 1.5 up to `max_delay_s`); `ReconnectLog` says what happens.
+    Brokers that `avoid` names when their turn comes are passed over, unless it names them all."""
     urls = Brokers.of(brokers).urls
     index = 0
     failed_in_row = 0  # brokers tried without a connection since the last one that answered
     attempt = 0
     said = ReconnectLog(name, urls[0])
+
+    def candidates() -> int:
+        return sum(not avoid(url) for url in urls) if avoid is not None else len(urls)
+
     while True:
+        if avoid is not None and avoid(urls[index]) and candidates():
+            index = (index + 1) % len(urls)
+            continue
         url = said.url = urls[index]
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -342,7 +351,9 @@ async def stay_connected(
                 raise asyncio.CancelledError from exc  # asked to stop: never reconnect instead
             failed_in_row += 1
             index = (index + 1) % len(urls)
-            if len(urls) > 1 and failed_in_row < len(urls):
+            if failed_in_row < candidates():
+                while avoid is not None and avoid(urls[index]):
+                    index = (index + 1) % len(urls)
                 log.warning("%s: broker %s unavailable (%s); trying %s", name, url, failure_reason(exc), urls[index])
                 continue
             failed_in_row = 0

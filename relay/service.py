@@ -39,10 +39,9 @@ from relaybeat.relay.wire import (
     FORMAT_VERSION,
     INTERNAL_ERROR,
     MAX_TREE_DEPTH,
-    OFFLINE,
-    ONLINE,
-    STOPPED,
     Bundle,
+    Presence,
+    RelayStatus,
     TopicKind,
     Topics,
     WireError,
@@ -129,6 +128,8 @@ class RelayService:
         self.topics = Topics(settings.prefix)
         self.clock = clock
         self.boot = secrets.token_hex(6)
+        self._sessions = 0  # upstream main sessions tried in this boot: each one's will names its number
+        self._session_up = 0  # ... the number of the last one that connected (0: none yet)
         json = settings.format == "json"
         self.assembler = Assembler(
             settings.relay_id,
@@ -299,11 +300,10 @@ class RelayService:
 
     async def _upstream(self) -> None:
         s = self.settings
-        will = aiomqtt.Will(self.topics.relay_status(s.relay_id), OFFLINE, qos=1, retain=True)
         try:
             await stay_connected(
                 s.upstream,
-                lambda url: url.client(s.relay_id, will=will, keepalive=self._keepalive_s),
+                lambda url: url.client(s.relay_id, will=self._will(), keepalive=self._keepalive_s),
                 self._publish_bundles,
                 name=f"relay {s.relay_id} (upstream)",
                 max_delay_s=1.0,  # the monitor's grace after an outage is one relay timeout: be back by then
@@ -312,8 +312,22 @@ class RelayService:
         finally:
             self._upstream_state(False)
 
+    def _will(self) -> aiomqtt.Will:
+        """The Last Will of the next upstream session: `offline`, naming it (a will of a connection the
+        relay gave up on, let go by a broker only later, is then known stale by the monitor)."""
+        self._sessions += 1
+        will = Presence(RelayStatus.OFFLINE, self.boot, self._sessions).encode()
+        return aiomqtt.Will(self.topics.relay_status(self.settings.relay_id), will, qos=1, retain=True)
+
+    def _presence(self, status: RelayStatus) -> bytes:
+        """`online` or `stopped`, naming the upstream session that connected last (plain before one did)."""
+        if not self._session_up:
+            return Presence(status).encode()
+        return Presence(status, self.boot, self._session_up).encode()
+
     def _upstream_state(self, connected: bool) -> None:
         if connected:
+            self._session_up = self._sessions
             self.upstream_connected.set()
         else:
             self.upstream_connected.clear()
@@ -375,7 +389,8 @@ class RelayService:
         that client (NATS did, after 4 s); dropped, the main session's will said `offline` of a relay
         whose bundles never stopped. The spare has no will, so being dropped costs nothing."""
         with contextlib.suppress(aiomqtt.MqttError):  # the session's loss is noticed by its listener
-            await client.publish(self.topics.relay_status(self.settings.relay_id), ONLINE, qos=1, retain=True)
+            online = self._presence(RelayStatus.ONLINE)
+            await client.publish(self.topics.relay_status(self.settings.relay_id), online, qos=1, retain=True)
 
     @property
     def _spared(self) -> bool:
@@ -389,7 +404,7 @@ class RelayService:
     async def _publish_bundles(self, client: aiomqtt.Client) -> None:
         status_topic = self.topics.relay_status(self.settings.relay_id)
         if not self._spared:
-            await client.publish(status_topic, ONLINE, qos=1, retain=True)
+            await client.publish(status_topic, self._presence(RelayStatus.ONLINE), qos=1, retain=True)
         await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
         self.assembler.request_keyframe()  # whoever listens may have missed what we sent while away
         self.encoder.send_ids()  # ... and may lack our id table: that keyframe carries it
@@ -403,7 +418,8 @@ class RelayService:
             # never fires), so the monitor pages nobody; but a broker that does not answer within a
             # second must never keep the relay from stopping.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, STOPPED, qos=1, retain=True)), 1.0)
+                stopped = self._presence(RelayStatus.STOPPED)
+                await asyncio.wait_for(asyncio.shield(client.publish(status_topic, stopped, qos=1, retain=True)), 1.0)
             raise
         finally:
             listener.cancel()

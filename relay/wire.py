@@ -819,6 +819,7 @@ def _entries_v2(
 ONLINE = b"online"
 OFFLINE = b"offline"  # the relay's Last Will: it went away without saying so
 STOPPED = b"stopped"  # published by the relay itself on a clean stop (SIGTERM), replacing the will
+MAX_SESSION = 2**53  # a presence's session number: an integer below this
 
 
 class RelayStatus(StrEnum):
@@ -827,10 +828,37 @@ class RelayStatus(StrEnum):
     STOPPED = "stopped"
 
 
-def decode_relay_status(payload: bytes) -> RelayStatus:
-    """`online`, `offline` (the relay's Last Will) or `stopped` (a clean stop)."""
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A relay presence message: `online`, `offline` (its Last Will) or `stopped` (a clean stop), and,
+    from relays that say so, which of their upstream sessions it is about: `<status> <boot> <session>`,
+    the session numbered from 1 at each boot (as Sparkplug B's bdSeq). A will whose session is older
+    than one the same boot already said `online` for is stale: a connection the relay gave up on that
+    a broker let go only later (a NATS node, once its JetStream answered)."""
+
+    status: RelayStatus
+    boot: str | None = None
+    session: int | None = None
+
+    def encode(self) -> bytes:
+        if self.boot is None or self.session is None:
+            return self.status.value.encode()
+        return f"{self.status.value} {self.boot} {self.session}".encode()
+
+
+def decode_relay_status(payload: bytes) -> Presence:
+    """A presence: a status alone, or a status, a boot (an id: 1-128 of A-Z a-z 0-9 . _ -) and a session
+    (an integer from 1 to 2**53 - 1), space-separated; anything else is `bad_status`."""
     try:
-        return RelayStatus(payload.decode("ascii"))
+        fields = payload.decode("ascii").split(" ")
+        status = RelayStatus(fields[0])
+        if len(fields) == 1:
+            return Presence(status)
+        boot, session = fields[1:]
+        number = int(session)
+        if not (_ID.fullmatch(boot) and session.isdigit() and 0 < number < MAX_SESSION):
+            raise ValueError(session)
     except (UnicodeDecodeError, ValueError):
         msg = "bad_status"
         raise WireError(msg, payload[:40].decode("utf-8", "replace")) from None
+    return Presence(status, boot, number)

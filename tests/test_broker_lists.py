@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
@@ -138,57 +139,44 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def test_the_spare_session_is_heard_only_while_the_main_one_is_lost(
-    central_broker: CentralBroker, tmp_path: Path
-) -> None:
-    """Two nodes (gates to the test broker): the main session's node dies and the other stalls new
-    connections; the spare, already connected and subscribed, is heard in its place (not blind). While
-    the main session hears, a beat is taken once, not twice (the spare's copy is dropped unread)."""
+class SpareRig:
+    """A monitor in process on a list of gates to the test broker, with what its tests look at."""
+
+    def __init__(self, monitor: Monitor, target: BrokerURL, topics: Topics, client_id: str) -> None:
+        self.monitor, self.target, self.topics, self.client_id = monitor, target, topics, client_id
+        self.ingest = monitor.ingest
+        self.health = FleetView(monitor).health
+        self.seq = 0
+
+    async def beat_heard(self, times: int = 1) -> None:
+        """Publish one beat; wait until it was taken `times` times (no more, in a while after)."""
+        self.seq += 1
+        received = self.monitor.received
+        before = received["beats"]
+        async with aiomqtt.Client(self.target.host, self.target.port, identifier=f"{self.client_id}-leaf") as leaf:
+            await leaf.publish(self.topics.beat("web-1"), encode_beat(Beat(self.seq, 1.0)), qos=1)
+        await until(lambda: received["beats"] >= before + times, 20, "the beat to be taken")
+        await asyncio.sleep(0.5)
+        assert received["beats"] == before + times
+
+    def nodes(self) -> tuple[str | None, str | None]:
+        """The nodes the main and the spare session are on, as /healthz names them."""
+        health = self.health()
+        return health.broker, health.spare_broker
+
+
+@contextlib.asynccontextmanager
+async def spare_rig(central_broker: CentralBroker, gates: list[Gate], tmp_path: Path) -> AsyncIterator[SpareRig]:
     target = BrokerURL.parse(central_broker.url)
-    gates = Gate(target), Gate(target)
-    brokers = Brokers((await gates[0].start(), await gates[1].start()))
+    brokers = Brokers(tuple([await gate.start() for gate in gates]))
     store = await Store.open(f"sqlite:///{tmp_path / 'relaybeat.db'}")
     await store.upgrade()
     client_id = f"h12-spare-{uuid.uuid4().hex[:8]}"
     settings = MonitorSettings(brokers, Policy(misses=3), prefix=central_broker.prefix, client_id=client_id)
     monitor = Monitor(settings, store, SystemClock())
-    health = FleetView(monitor).health
-    ingest, topics = monitor.ingest, Topics(central_broker.prefix)
     running = asyncio.create_task(monitor.run())
-    seq = 0
-
-    async def beat_heard(times: int = 1) -> None:
-        """Publish one beat; wait until it was taken `times` times (no more, in a while after)."""
-        nonlocal seq
-        seq += 1
-        before = monitor.received["beats"]
-        async with aiomqtt.Client(target.host, target.port, identifier=f"{client_id}-leaf") as leaf:
-            await leaf.publish(topics.beat("web-1"), encode_beat(Beat(seq, 1.0)), qos=1)
-        await until(lambda: monitor.received["beats"] >= before + times, 20, "the beat to be taken")
-        await asyncio.sleep(0.5)
-        assert monitor.received["beats"] == before + times
-
     try:
-        await until(lambda: ingest._main and ingest._spare_up, 20, "both sessions to connect")
-        await beat_heard()  # the spare's copy dropped: taken once
-        assert health().spare_takeovers == 0
-        assert (health().broker, health().spare_broker) == (str(brokers.urls[0]), str(brokers.urls[1]))
-        assert monitor.part_states()["spare"] is PartState.RUNNING
-
-        gates[1].hold()  # the spare's node: new connections stall, the spare's own goes on
-        gates[0].cut()  # the main session's node dies
-        await until(lambda: ingest._stand_in is not None, 20, "the spare to stand in")
-        await beat_heard()
-        assert ingest._main is None  # heard through the spare alone
-        assert health().spare_takeovers == 1
-        assert (health().broker, health().spare_broker) == (None, str(brokers.urls[1]))
-        assert health().broker_connected
-        assert not health().blind
-
-        gates[0].open()
-        await until(lambda: ingest._stand_in is None and ingest._main, 30, "the main session to hear again")
-        await beat_heard()  # the main session alone again
-        assert health().spare_takeovers == 1
+        yield SpareRig(monitor, target, Topics(central_broker.prefix), client_id)
     finally:
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -198,3 +186,59 @@ async def test_the_spare_session_is_heard_only_while_the_main_one_is_lost(
         await store.close()
         async with aiomqtt.Client(target.host, target.port, identifier=client_id, clean_session=True):
             pass  # the persistent session left on the test broker
+
+
+async def test_the_spare_session_is_heard_only_while_the_main_one_is_lost(
+    central_broker: CentralBroker, tmp_path: Path
+) -> None:
+    """Two nodes (gates to the test broker): the main session's node dies and the other stalls new
+    connections; the spare, already connected and subscribed, is heard in its place (not blind). While
+    the main session hears, a beat is taken once, not twice (the spare's copy is dropped unread)."""
+    target = BrokerURL.parse(central_broker.url)
+    gates = [Gate(target), Gate(target)]
+    async with spare_rig(central_broker, gates, tmp_path) as rig:
+        ingest, health = rig.ingest, rig.health
+        await until(lambda: ingest._main and ingest._spare_up, 20, "both sessions to connect")
+        await rig.beat_heard()  # the spare's copy dropped: taken once
+        assert health().spare_takeovers == 0
+        first, second = (str(gate_url) for gate_url in Brokers.of(rig.monitor.settings.broker).urls)
+        assert rig.nodes() == (first, second)
+        assert rig.monitor.part_states()["spare"] is PartState.RUNNING
+
+        gates[1].hold()  # the spare's node: new connections stall, the spare's own goes on
+        gates[0].cut()  # the main session's node dies
+        await until(lambda: ingest._stand_in is not None, 20, "the spare to stand in")
+        await rig.beat_heard()
+        assert ingest._main is None  # heard through the spare alone
+        assert health().spare_takeovers == 1
+        assert rig.nodes() == (None, second)
+        assert health().broker_connected
+        assert not health().blind
+
+        gates[0].open()
+        await until(lambda: ingest._stand_in is None and ingest._main, 30, "the main session to hear again")
+        await rig.beat_heard()  # the main session alone again
+        assert health().spare_takeovers == 1
+
+
+async def test_the_spare_session_keeps_off_the_main_sessions_node(
+    central_broker: CentralBroker, tmp_path: Path
+) -> None:
+    """Three nodes. The first does not answer at start-up, so the main session goes on to the second,
+    where the spare (from the list's second node on) would die with it: the spare is on the third.
+    Then the second dies: the spare hears meanwhile, the main session comes to the third, and the
+    spare leaves it for the first, which answers again. A beat is taken once throughout."""
+    target = BrokerURL.parse(central_broker.url)
+    gates = [Gate(target), Gate(target), Gate(target)]
+    gates[0].hold()
+    async with spare_rig(central_broker, gates, tmp_path) as rig:
+        nodes = [str(url) for url in Brokers.of(rig.monitor.settings.broker).urls]
+        await until(lambda: rig.nodes() == (nodes[1], nodes[2]), 30, "the sessions on different nodes")
+        await rig.beat_heard()
+
+        gates[0].open()
+        gates[1].cut()  # the main session's node dies
+        await until(lambda: rig.nodes() == (nodes[2], nodes[0]), 30, "the main on the third, the spare on the first")
+        assert rig.health().spare_takeovers == 1
+        await rig.beat_heard()
+        assert not rig.health().blind

@@ -287,6 +287,32 @@ def test_relay_last_will_marks_it_down_at_once_with_its_hosts_unreachable() -> N
     assert site.log[before:] == []  # the deadlines that pass later add nothing
 
 
+def test_a_will_of_a_session_older_than_the_one_said_online_is_stale() -> None:
+    """Sparkplug B's bdSeq rule: the relay gave up on upstream session 3 while its broker node hung;
+    the node let it go (and sent its will) only after session 4 had said `online`."""
+    site = one_relay_site("h1", "h2")
+    site.run_until(20.5)
+    detector = site.detector
+    detector.relay_online("r1", "b1", 4)
+    detector.relay_online("r1", "b1", 2)  # older news of the same boot: the newest session stays
+
+    assert site.record(detector.relay_offline("r1", 20.5, boot="b1", session=3)) == []
+    assert detector.ignored["stale_will"] == 1
+    assert site.changes("r1")[-1][:2] != (UP, DOWN)
+    out = site.record(detector.relay_offline("r1", 20.5, boot="b0", session=1))  # another boot's: not known stale
+    assert [(t.subject, t.to_state) for t in out] == [("r1", DOWN), ("h1", UNREACHABLE), ("h2", UNREACHABLE)]
+    assert detector.ignored["stale_will"] == 1
+
+
+def test_the_will_of_the_session_said_online_still_marks_the_relay_down() -> None:
+    site = one_relay_site("h1")
+    site.run_until(20.5)
+    site.detector.relay_online("r1", "b1", 4)
+    out = site.record(site.detector.relay_offline("r1", 20.5, boot="b1", session=4))
+    assert [(t.subject, t.to_state) for t in out] == [("r1", DOWN), ("h1", UNREACHABLE)]
+    assert "stale_will" not in site.detector.ignored
+
+
 def test_a_stopped_relay_pages_nobody_and_its_hosts_go_unknown_at_their_own_timeout() -> None:
     site = one_relay_site("h1", "h2")
     site.run_until(20.5)

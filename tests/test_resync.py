@@ -17,7 +17,16 @@ from relaybeat.monitor.states import State, Transition
 from relaybeat.relay.compact import BundleDecoder
 from relaybeat.relay.mqtt import BrokerURL, payload_bytes
 from relaybeat.relay.service import RelayService, RelaySettings
-from relaybeat.relay.wire import Beat, Bundle, Topics, encode_beat, encode_bundle
+from relaybeat.relay.wire import (
+    Beat,
+    Bundle,
+    Presence,
+    RelayStatus,
+    Topics,
+    decode_relay_status,
+    encode_beat,
+    encode_bundle,
+)
 from tests.conftest import CentralBroker
 
 WAIT_S = 20.0  # generous: a busy machine must not fail these
@@ -124,3 +133,22 @@ async def test_the_monitor_asks_for_a_keyframe_when_it_missed_a_delta(central_br
     assert detector.relays[relay_id].state == State.UP
     assert detector.relays[relay_id].desynced
     assert ingest.received["resync_requests"] == 1
+
+
+async def test_a_relay_names_its_upstream_session_in_its_presence(central_broker: CentralBroker) -> None:
+    """`online <boot> <session>` on connect, `stopped <boot> <session>` on a clean stop, and the will
+    it left with the broker names the same session (a will of an older one is known stale)."""
+    url, topics = BrokerURL.parse(central_broker.url), Topics(central_broker.prefix)
+    relay_id = f"r-{uuid.uuid4().hex[:6]}"
+    relay = RelayService(RelaySettings(relay_id, url, url, flush_s=0.2, prefix=topics.prefix, accept_children=False))
+    got: list[bytes] = []
+    async with _running(_subscriber(url, topics.relay_status(relay_id), got)):
+        async with _running(relay.run()):
+            await _until(lambda: bool(got), "the relay's online status")
+        await _until(lambda: len(got) >= 2, "the relay's stopped status")
+    assert [decode_relay_status(payload) for payload in got] == [
+        Presence(RelayStatus.ONLINE, relay.boot, 1),
+        Presence(RelayStatus.STOPPED, relay.boot, 1),
+    ]
+    next_will = payload_bytes(relay._will().payload)
+    assert decode_relay_status(next_will) == Presence(RelayStatus.OFFLINE, relay.boot, 2)

@@ -19,6 +19,7 @@ from relaybeat.relay.wire import (
     Bundle,
     HostEntry,
     LeafStatus,
+    Presence,
     RelayStatus,
     TopicKind,
     Topics,
@@ -186,11 +187,23 @@ def test_topics_parse_and_build() -> None:
 
 
 def test_relay_status_payloads() -> None:
-    assert decode_relay_status(b"online") is RelayStatus.ONLINE
-    assert decode_relay_status(b"offline") is RelayStatus.OFFLINE
-    assert decode_relay_status(b"stopped") is RelayStatus.STOPPED
-    with pytest.raises(WireError):
-        decode_relay_status(b"maybe")
+    assert decode_relay_status(b"online") == Presence(RelayStatus.ONLINE)
+    assert decode_relay_status(b"offline") == Presence(RelayStatus.OFFLINE)
+    assert decode_relay_status(b"stopped") == Presence(RelayStatus.STOPPED)
+    assert decode_relay_status(b"offline 3f2a9c01d4e5 7") == Presence(RelayStatus.OFFLINE, "3f2a9c01d4e5", 7)
+    for bad in (b"maybe", b"offline b", b"offline b 0", b"offline b -1", b"offline b +1", b"online b 1 x",
+                b"offline  1", b"offline b/c 1", b"offline b 9007199254740992", b"Offline"):  # fmt: skip
+        with pytest.raises(WireError) as refused:
+            decode_relay_status(bad)
+        assert refused.value.reason == "bad_status", bad
+
+
+@given(st.sampled_from(list(RelayStatus)), st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
+       st.integers(1, 2**53 - 1))  # fmt: skip
+def test_a_presence_naming_its_session_reads_back_as_written(status: RelayStatus, boot: str, session: int) -> None:
+    presence = Presence(status, boot, session)
+    assert decode_relay_status(presence.encode()) == presence
+    assert decode_relay_status(Presence(status).encode()) == Presence(status)
 
 
 ids = st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True)
