@@ -16,7 +16,7 @@ from typing import Literal
 
 import aiomqtt
 
-from relaybeat.errors import SettingsError
+from relaybeat.errors import SettingsError, Unavailable
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.compact import BundleDecoder, BundleEncoder, KeyframeMissing
 from relaybeat.relay.mqtt import (
@@ -152,6 +152,10 @@ class RelayService:
         self.upstream_connected = asyncio.Event()
         self._upstream_lost = asyncio.Event()  # the main upstream session was lost: the spare sends bundles
         self._main_sending = asyncio.Event()  # ... until the main one sends them again
+        self._main_moved = asyncio.Event()  # the main session began sending (through `upstream_at`)
+        self._trying: BrokerURL | None = None  # the node the main session connects to, or last did
+        self.upstream_at: BrokerURL | None = None  # the node the main session is connected to
+        self.spare_at: BrokerURL | None = None  # ... and the spare session (with a list of nodes)
         self.spare_takeovers = 0  # times the spare session sent bundles while the main one was away
         self.local_connected = asyncio.Event()
         self._local_lost_at = self.clock()  # before the first connection: counts as lost since start
@@ -303,7 +307,7 @@ class RelayService:
         try:
             await stay_connected(
                 s.upstream,
-                lambda url: url.client(s.relay_id, will=self._will(), keepalive=self._keepalive_s),
+                self._upstream_client,
                 self._publish_bundles,
                 name=f"relay {s.relay_id} (upstream)",
                 max_delay_s=1.0,  # the monitor's grace after an outage is one relay timeout: be back by then
@@ -311,6 +315,10 @@ class RelayService:
             )
         finally:
             self._upstream_state(False)
+
+    def _upstream_client(self, url: BrokerURL) -> aiomqtt.Client:
+        self._trying = url
+        return url.client(self.settings.relay_id, will=self._will(), keepalive=self._keepalive_s)
 
     def _will(self) -> aiomqtt.Will:
         """The Last Will of the next upstream session: `offline`, naming it (a will of a connection the
@@ -327,9 +335,10 @@ class RelayService:
 
     def _upstream_state(self, connected: bool) -> None:
         if connected:
-            self._session_up = self._sessions
+            self._session_up, self.upstream_at = self._sessions, self._trying
             self.upstream_connected.set()
         else:
+            self.upstream_at = None
             self.upstream_connected.clear()
             self._main_sending.clear()
             self._upstream_lost.set()
@@ -338,19 +347,42 @@ class RelayService:
         """With several upstream nodes (one cluster), a second session, kept connected from the list's
         second node on: when the main session's node dies, bundles go on through this one at once while
         the main one reconnects (on a NATS cluster that took 3-10 s: the other nodes take a connection
-        but answer only once JetStream has new leaders). No will: its loss says nothing of the relay."""
+        but answer only once JetStream has new leaders). No will: its loss says nothing of the relay.
+        It keeps off the main session's node, where it would die with it."""
         s = self.settings
         await stay_connected(
             Brokers.of(s.upstream).rotated(),
-            lambda url: url.client(f"{url.username or s.relay_id}/spare-{self.boot}", keepalive=self._keepalive_s),
+            self._spare_client,
             self._stand_by,
             name=f"relay {s.relay_id} (upstream spare)",
             max_delay_s=1.0,
+            on_state=self._spare_state,
+            avoid=lambda url: url == self.upstream_at,
         )
+
+    def _spare_state(self, connected: bool) -> None:
+        if not connected:
+            self.spare_at = None
+
+    def _spare_client(self, url: BrokerURL) -> aiomqtt.Client:
+        self.spare_at = url
+        return url.client(f"{url.username or self.settings.relay_id}/spare-{self.boot}", keepalive=self._keepalive_s)
+
+    async def _keep_apart(self) -> None:
+        """Ends the spare session once the main one sends through the spare's node: both would die with it."""
+        while True:
+            self._main_moved.clear()
+            if self._main_sending.is_set() and self.upstream_at == self.spare_at:
+                msg = "the main session now sends through this node; the spare moves to another"
+                raise Unavailable(msg)
+            await self._main_moved.wait()
 
     async def _stand_by(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topics.relay_resync(self.settings.relay_id), qos=0)
-        parts = {asyncio.create_task(self._hear_resyncs(client)), asyncio.create_task(self._take_over(client))}
+        parts = {
+            asyncio.create_task(part)
+            for part in (self._hear_resyncs(client), self._take_over(client), self._keep_apart())
+        }
         try:
             done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
             for part in done:
@@ -411,6 +443,7 @@ class RelayService:
         listener = asyncio.create_task(self._hear_resyncs(client))
         self._upstream_lost.clear()  # sending again: not before (a cluster node may take the connection, then
         self._main_sending.set()  # hold our status publish while it fails over), so the spare sends meanwhile
+        self._main_moved.set()
         try:
             await self._flush_forever(client)
         except asyncio.CancelledError:

@@ -19,8 +19,9 @@ from relaybeat.monitor.ingest import SessionStolen
 from relaybeat.monitor.service import Monitor, MonitorSettings
 from relaybeat.monitor.store import Store
 from relaybeat.monitor.view import FleetView
-from relaybeat.relay.mqtt import Brokers, BrokerURL, BrokerURLError, stay_connected
+from relaybeat.relay.mqtt import Brokers, BrokerURL, BrokerURLError, payload_bytes, stay_connected
 from relaybeat.relay.parts import PartState
+from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.wire import Beat, Topics, encode_beat
 from relaybeat.settings import MonitorFlags, RelayFlags, monitor_start, relay_start
 from tests.conftest import CentralBroker
@@ -242,3 +243,47 @@ async def test_the_spare_session_keeps_off_the_main_sessions_node(
         assert rig.health().spare_takeovers == 1
         await rig.beat_heard()
         assert not rig.health().blind
+
+
+async def test_the_relays_spare_keeps_off_the_main_sessions_node(central_broker: CentralBroker) -> None:
+    """As the monitor's spare: the relay's first upstream node does not answer at start-up, so its main
+    session goes on to the second; the spare is on the third. The second dies: the spare sends the
+    bundles meanwhile, the main session comes to the third, and the spare leaves it for the first."""
+    target = BrokerURL.parse(central_broker.url)
+    gates = [Gate(target), Gate(target), Gate(target)]
+    nodes = Brokers(tuple([await gate.start() for gate in gates]))
+    gates[0].hold()
+    topics = Topics(central_broker.prefix)
+    relay_id = f"r-{uuid.uuid4().hex[:6]}"
+    relay = RelayService(
+        RelaySettings(relay_id, target, nodes, flush_s=0.2, prefix=topics.prefix, accept_children=False)
+    )
+    running = asyncio.create_task(relay.run())
+    bundles: list[bytes] = []
+
+    async def count_bundles() -> None:
+        async with aiomqtt.Client(target.host, target.port, identifier=f"{relay_id}-monitor") as client:
+            await client.subscribe(topics.bundle(relay_id))
+            async for message in client.messages:
+                bundles.append(payload_bytes(message.payload))
+
+    counting = asyncio.create_task(count_bundles())
+    try:
+        first, second, third = nodes.urls
+        await until(lambda: (relay.upstream_at, relay.spare_at) == (second, third), 30, "the sessions apart")
+        takeovers = relay.spare_takeovers  # 1 if the spare sent before the main session first did
+        gates[0].open()
+        gates[1].cut()  # the main session's node dies
+        await until(
+            lambda: (relay.upstream_at, relay.spare_at) == (third, first), 30, "main on the third, spare on the first"
+        )
+        assert relay.spare_takeovers == takeovers + 1
+        sent = len(bundles)
+        await until(lambda: len(bundles) >= sent + 3, 20, "bundles through the main session")
+    finally:
+        for task in (running, counting):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for gate in gates:
+            gate.close()
