@@ -130,6 +130,7 @@ class RelayService:
         self.boot = secrets.token_hex(6)
         self._sessions = 0  # upstream main sessions tried in this boot: each one's will names its number
         self._session_up = 0  # ... the number of the last one that connected (0: none yet)
+        self._said_online = -1  # ... the one the spare last said `online` for (with a spare)
         json = settings.format == "json"
         self.assembler = Assembler(
             settings.relay_id,
@@ -369,10 +370,12 @@ class RelayService:
         return url.client(f"{url.username or self.settings.relay_id}/spare-{self.boot}", keepalive=self._keepalive_s)
 
     async def _keep_apart(self) -> None:
-        """Ends the spare session once the main one sends through the spare's node: both would die with it."""
+        """Ends the spare session once the main one sends through the spare's node (both would die with
+        it), and the spare said `online` for it: the wills of the sessions before are then stale."""
         while True:
             self._main_moved.clear()
-            if self._main_sending.is_set() and self.upstream_at == self.spare_at:
+            said = self._said_online == self._session_up
+            if self._main_sending.is_set() and self.upstream_at == self.spare_at and said:
                 msg = "the main session now sends through this node; the spare moves to another"
                 raise Unavailable(msg)
             await self._main_moved.wait()
@@ -421,8 +424,11 @@ class RelayService:
         that client (NATS did, after 4 s); dropped, the main session's will said `offline` of a relay
         whose bundles never stopped. The spare has no will, so being dropped costs nothing."""
         with contextlib.suppress(aiomqtt.MqttError):  # the session's loss is noticed by its listener
+            session = self._session_up
             online = self._presence(RelayStatus.ONLINE)
             await client.publish(self.topics.relay_status(self.settings.relay_id), online, qos=1, retain=True)
+            self._said_online = session
+            self._main_moved.set()
 
     @property
     def _spared(self) -> bool:
