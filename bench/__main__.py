@@ -107,6 +107,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--long-hosts", type=int, default=100_000)
             p.add_argument("--long-relays", type=int, default=None, help="synthetic relays in --long [hosts / 1,000]")
             p.add_argument("--long-duration", type=float, default=600.0)
+            p.add_argument(
+                "--long-wire", type=int, choices=(1, 2), default=2,
+                help="--long: version 2 (every host beats each 1 s flush) or 1 (JSON, ±20%% jitter)",
+            )  # fmt: skip
         if name == "ingest":
             p.add_argument("--sizes", type=int, nargs="+", help="leaf entries per bundle")
             p.add_argument("--relays", type=int, help="synthetic relays (bundle topics)")

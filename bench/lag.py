@@ -26,6 +26,7 @@ import contextlib
 import random
 import secrets
 import signal
+import sqlite3
 import time
 from datetime import datetime
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench import mqtt
+from bench import mqtt, synth
 from bench.leaves import Fleet, Leaf
 from bench.procs import Lab, Proc
 from bench.report import Report, figure, num, percentiles, table
@@ -163,6 +164,60 @@ async def _one(args: Any, rng: random.Random) -> dict[str, Any]:
     return {"kills": kills, "relays": relay_results, "poll_requests": poller.requests}
 
 
+async def _long_v2(args: Any) -> dict[str, Any]:
+    """Synthetic relays sending version 2 (a keyframe, then indexed deltas) as `relaybeat relay` does,
+    every host beating once per 1 s flush with a new seq, each relay's bundle at its own moment of the
+    second, for a long window: count false `down`/`unreachable`, hosts not `up`, memory per host."""
+    prefix = f"bench{secrets.token_hex(3)}/"
+    relays_n = args.long_relays or max(2, args.long_hosts // 1000)
+    size = args.long_hosts // relays_n
+    with Lab("long") as lab:
+        central = lab.broker(args.broker, "central")
+        monitor = lab.monitor(central, prefix, misses=3)
+        base_rss = monitor.proc.rss()
+        relays = synth.Relays(central.port, prefix, relays_n, size, interval_ms=1000, tag="j", wire=2)
+        await relays.connect()
+        started = time.monotonic()
+        rss: list[int] = []
+        not_up: list[int] = []  # hosts not `up`, sampled every 10 s once everyone was
+        tick = 0
+        all_up_s: float | None = None
+        while time.monotonic() - started < args.long_duration:
+            for k, r in enumerate(relays.ids):
+                await asyncio.sleep(max(0.0, started + tick + k / relays_n - time.monotonic()))
+                relays.publish(r)
+            tick += 1
+            if tick % 10 == 0:
+                monitor.proc.check()
+                rss.append(monitor.proc.rss())
+                up = monitor.count(state="up")
+                if all_up_s is None and up == relays_n * size:
+                    all_up_s = time.monotonic() - started
+                elif all_up_s is not None:
+                    not_up.append(relays_n * size - up)
+        await asyncio.sleep(2.0)
+        health = monitor.health()
+        relays.close()
+        with contextlib.closing(sqlite3.connect(monitor.db_url.removeprefix("sqlite:///"))) as db:
+            query = "select count(*) from transitions where to_state in ('down', 'unreachable')"
+            false_down = int(db.execute(query).fetchone()[0])  # every one is false: nobody stopped
+    hosts = relays_n * size
+    return {
+        "wire": 2,
+        "hosts": hosts,
+        "relays": relays_n,
+        "duration_s": args.long_duration,
+        "all_up_after_s": all_up_s,
+        "most_not_up_after": max(not_up, default=None),
+        "false_down": false_down,
+        "bundles_published": relays.published,
+        "received": health["received"],
+        "rejected": health["rejected"],
+        "rss_mb_base_first_last": [base_rss / 2**20, *(x / 2**20 for x in rss[:1] + rss[-1:])],
+        "rss_bytes_per_host_last": (rss[-1] - base_rss) / hosts if rss else None,
+    }
+
+
 async def _long(args: Any) -> dict[str, Any]:
     """Synthetic relays, jittered beats, a long window: count false `down`."""
     prefix = f"bench{secrets.token_hex(3)}/"
@@ -220,6 +275,18 @@ def _lags(kills: list[dict[str, Any]], group: str, key: str) -> dict[str, float]
 
 def run(args: Any, out: Any) -> Report:
     report = Report("lag_long" if args.long else "lag", vars(args))  # the long run keeps its own file
+    if args.long and args.long_wire == 2:
+        result = asyncio.run(_long_v2(args))
+        report.data = {"long": result}
+        report.say(
+            f"\nfalse alarms: {result['hosts']:,} hosts behind {result['relays']} relays (version 2, beats every"
+            f" 1 s flush), {result['duration_s']:g} s: all up after {result['all_up_after_s']} s, then at most"
+            f" {result['most_not_up_after']} not up; {result['false_down']} down/unreachable at the end;"
+            f" monitor RSS MB base/first/last {[round(x) for x in result['rss_mb_base_first_last']]},"
+            f" {result['rss_bytes_per_host_last']} B per host"
+        )
+        report.save(out)
+        return report
     if args.long:
         result = asyncio.run(_long(args))
         report.data = {"long": result}
