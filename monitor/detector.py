@@ -871,6 +871,8 @@ class Detector:
         self, entry: HostEntry, relay_id: str | None, sent: float, now: float, out: list[Transition]
     ) -> None:
         seen = sent - entry.age_ms / 1000
+        if relay_id is not None and entry.id not in self.hosts and self._onboard(entry, relay_id, seen, now, out):
+            return
         host = self._host(entry.id, entry.interval_ms, now, out)
         previous = host.last_seen
         fresher = previous is None or seen > previous
@@ -908,6 +910,34 @@ class Detector:
         else:
             self._resume_host(host, now, out)
         self._sync(host)
+
+    def _onboard(self, entry: HostEntry, relay_id: str, seen: float, now: float, out: list[Transition]) -> bool:
+        """A host first heard through a live relay, with a fresh plain beat: `unknown` -> `up`, as the
+        full path below would decide it, in one step (a 1M-host fleet's first keyframes are a million
+        of these). False, having changed nothing, when anything is unusual: the full path decides."""
+        policy, relay = self.policy, self.relays[relay_id]
+        if (
+            self._jobs
+            or policy.adaptive
+            or self.timeouts is not None
+            or entry.status != LeafStatus.OK
+            or relay.state not in _UP_OR_UNKNOWN
+        ):
+            return False
+        misses, interval_s = policy.misses_for(entry.id), entry.interval_ms / 1000
+        if seen + interval_s * misses <= now:
+            return False  # stale news: no `up` from it (the full path schedules or decides it)
+        host = self.hosts[entry.id] = HostTrack(entry.id, State.UP, now, seen)
+        host.misses, host.interval_s, host.seq = misses, interval_s, entry.seq
+        host.via, host.via_seen = relay_id, seen
+        horizon = now - policy.flap_window_s
+        host.flaps = (now,) if now > horizon else ()
+        host.scheduled = deadline = max(seen, self.grace_from) + interval_s * misses
+        cols = relay.cols
+        host.slot = cols.join(host, deadline)
+        cols.mirror(host.slot, host, _ready(host))
+        out.append(Transition(Kind.HOST, entry.id, State.UNKNOWN, State.UP, now, "beat received", relay_id))
+        return True
 
     def _add_arrival(self, host: HostTrack, gap: float) -> None:
         if host.stats is None:

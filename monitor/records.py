@@ -53,9 +53,15 @@ _R = TypeVar("_R")
 def carried(source: object, target: type[_R], **changed: Any) -> _R:
     """A `target` with every field it shares with `source` carried over by name, some `changed`
     (fields `source` lacks keep their defaults)."""
-    names = (f.name for f in fields(target))  # type: ignore[arg-type]
-    carried = {name: getattr(source, name) for name in names if name not in changed and hasattr(source, name)}
-    return target(**carried | changed)
+    key = (type(source), target)
+    names = _SHARED.get(key)
+    if names is None:  # the names both have, found once per pair of types (it is on the hot path)
+        names = _SHARED[key] = tuple(f.name for f in fields(target) if hasattr(source, f.name))  # type: ignore[arg-type]
+    given = {name: getattr(source, name) for name in names if name not in changed}
+    return target(**given | changed)
+
+
+_SHARED: dict[tuple[type, type], tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,7 +99,20 @@ class Change(TransitionRow):
         cls, transition: Transition, at: datetime, path: tuple[str, ...], maintenance: bool, key: str
     ) -> Change:
         """The detector's `transition`, stamped with its wall-clock moment `at`."""
-        return carried(transition, cls, at=at, path=path, maintenance=maintenance, key=key)
+        t = transition  # spelled out, not `carried`: every decision passes here (a fleet's onboarding, 1M)
+        return cls(
+            kind=t.kind,
+            subject=t.subject,
+            from_state=t.from_state,
+            to_state=t.to_state,
+            at=at,
+            reason=t.reason,
+            relay=t.relay,
+            event=t.event,
+            maintenance=maintenance,
+            key=key,
+            path=path,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
