@@ -16,7 +16,8 @@ yet confirmed by two bundles that arrived about as fast as they were sent, its b
 and go no further; the newest of them is held, and passed on (dated) once the clock is confirmed.
 
 It also reads the backlog before each expiry pass (`catch_up`): input that outlasts BEHIND_S of
-reading starts a timeout of grace, as a stall does.
+reading means the monitor is behind (`Behind`): every pass then renews a timeout of grace, as a
+stall does, for up to BEHIND_GRACE_S; behind longer than that, it decides anyway.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ from relaybeat.relay.wire import (
     decode_relay_status,
 )
 
-__all__ = ["BEHIND_S", "Ingest", "SessionStolen"]
+__all__ = ["BEHIND_GRACE_S", "BEHIND_S", "Behind", "Ingest", "SessionStolen"]
 
 log = logging.getLogger("relaybeat.monitor")
 
 BEHIND_S = 1.0  # input still waiting after reading this long: the monitor is behind, news may be late
+# Behind its input this long (a fleet's first keyframes, 1M new hosts, take tens of seconds), the
+# monitor decides anyway: a flood that never ends must not stop every decision.
+BEHIND_GRACE_S = 60.0
 # A session lost this soon after connecting, this many times within STOLEN_WINDOW_S: someone else
 # uses our client id (each takes the session from the other), so the monitor stops instead.
 SHORT_SESSION_S = 5.0
@@ -95,8 +99,7 @@ class Ingest:
         self.rejections = Rejections(log)
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
-        self.behind = 0  # expiry passes that found input waiting and could not read it all first
-        self._behind_since: float | None = None  # since when we have been behind (None: caught up)
+        self.lag = Behind()
         self._main: LeanClient | None = None  # the main session's client, while it is hearing
         self._stand_in: LeanClient | None = None  # the spare session's client, while it hears instead
         # What the main session hands on before it is hearing (a persistent session's queued messages
@@ -357,27 +360,62 @@ class Ingest:
             await client.publish(self.topics.relay_resync(relay), b"", qos=0)
 
     async def catch_up(self) -> None:
-        """Read what already reached us (our socket) before judging anyone on it: news
-        that is late because we are behind is no silence. Input that outlasts BEHIND_S of reading (a
-        flood) starts one timeout of grace, as a stall does; still behind after that, we decide anyway,
-        so a flood that never ends cannot stop every decision."""
+        """Read what already reached us (our socket) before judging anyone on it: news that is late
+        because we are behind is no silence. Input that outlasts BEHIND_S of reading (the first
+        keyframes of a large fleet, a flood) renews a timeout of grace at every pass, as a stall does,
+        for up to BEHIND_GRACE_S (`Behind`); still behind after that, we decide anyway, so a flood that
+        never ends cannot stop every decision."""
         client = self._client
-        if client is None or not sum(backlog(client)):
-            self._behind_since = None
+        if client is None or not sum(backlog(client)) or await read_backlog(client, BEHIND_S, self.clock.now):
+            self.lag.caught_up()
             return
-        if await read_backlog(client, BEHIND_S, self.clock.now):
-            self._behind_since = None
-            return
-        self.behind += 1
-        if self._behind_since is None:
-            now = self._behind_since = self.clock.now()
+        now = self.clock.now()
+        grace = self.lag.still_behind(now)
+        if self.lag.passes == 1:
             queued, unread = backlog(client)
             log.warning(
-                "monitor is behind its input (%d messages, %d bytes waiting): a timeout of grace before new decisions",
+                "monitor is behind its input (%d messages, %d bytes waiting): no new decisions while it reads"
+                " them, for up to %g s",
                 queued,
                 unread,
+                BEHIND_GRACE_S,
             )
+        elif not grace and self.lag.passes_past_grace == 1:
+            log.warning("monitor still behind its input after %g s: deciding anyway", BEHIND_GRACE_S)
+        if grace:
             self.detector.regain_sight(now)
+
+    @property
+    def behind(self) -> int:
+        """Expiry passes that found input waiting and could not read it all first."""
+        return self.lag.total
+
+
+class Behind:
+    """An episode of the monitor being behind its input, and whether it still earns grace: every
+    pass that finds it behind renews a timeout of grace (news we have not read is no silence),
+    until the episode is BEHIND_GRACE_S old; then it decides anyway. Pure: the caller brings the time."""
+
+    def __init__(self, grace_s: float = BEHIND_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.since: float | None = None  # when this episode began (None: caught up)
+        self.passes = 0  # passes behind in this episode
+        self.passes_past_grace = 0  # of those, past its grace
+        self.total = 0  # passes behind, ever
+
+    def still_behind(self, now: float) -> bool:
+        """A pass found input still waiting: True while it earns grace."""
+        if self.since is None:
+            self.since, self.passes, self.passes_past_grace = now, 0, 0
+        self.passes += 1
+        self.total += 1
+        if now - self.since < self.grace_s:
+            return True
+        self.passes_past_grace += 1
+        return False
+
+    def caught_up(self) -> None:
+        self.since = None
 
 
 def _relay_ids(bundle: Bundle) -> set[str]:

@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.detector import Detector, HostSnapshot, Policy, RelaySnapshot
+from relaybeat.monitor.ingest import Behind
 from relaybeat.monitor.states import Event, Kind, State, Transition
 from relaybeat.relay.assembler import Assembler
 from relaybeat.relay.wire import Beat, Bundle, HostEntry, LeafStatus, decode_bundle, encode_bundle
@@ -469,6 +470,35 @@ def test_no_down_while_disconnected_and_grace_after_reconnect() -> None:
         ("behind-r2", UP, UNREACHABLE, 103.25, "relay r2 down"),
         ("direct", UP, DOWN, 115.25, "no beat for 94.8 s (interval 5 s × 3)"),
         ("died", UP, DOWN, 115.25, "no beat for 95.2 s (interval 5 s × 3)"),  # decided once r1 spoke at 116
+    ]
+
+
+def test_a_monitor_behind_its_input_earns_grace_at_every_pass_until_its_episode_is_too_old() -> None:
+    lag = Behind(grace_s=10.0)
+    assert lag.still_behind(100.0)
+    assert lag.still_behind(109.9)
+    assert not lag.still_behind(110.0)  # behind for 10 s: it decides anyway
+    assert (lag.passes, lag.passes_past_grace, lag.total) == (3, 1, 3)
+    lag.caught_up()
+    assert lag.still_behind(200.0)  # a new episode earns grace again
+    assert (lag.passes, lag.total) == (1, 4)
+
+
+def test_a_relay_whose_bundles_wait_unread_behind_our_backlog_is_not_down_until_the_grace_ends() -> None:
+    site = one_relay_site("h1")
+    site.run_until(20.5)  # r1's bundles reach the monitor at 1, 2, ... 20
+    site.network = False  # from here its bundles wait in our backlog: the monitor is behind, not r1 silent
+    lag = Behind(grace_s=10.0)
+    t = 20.5
+    while t < 40.0:  # what `Ingest.catch_up` does at every expiry pass that finds input still waiting
+        if lag.still_behind(t):
+            site.detector.regain_sight(t)
+        site.run_until(t)
+        t += 0.5
+    # Grace was renewed up to 30.0 (the episode began at 20.5): r1 is judged from its last renewal on.
+    assert [(t.subject, t.from_state, t.to_state, t.at) for t in site.log if t.at > 1.0] == [
+        ("r1", UP, DOWN, 33.0),
+        ("h1", UP, UNREACHABLE, 33.0),
     ]
 
 
