@@ -10,7 +10,9 @@ every change to it (`mirror`); `faults` is the self-check its property tests run
 `plain_news` takes a bundle's ordinary news by column (`Beats`) and finds, in one pass over numpy
 arrays, the rows that are exactly what the detector's per-entry fast path would take: the beat it
 already heard (nothing to do) or a plain new beat of a ready host (its evidence and deadline move,
-in place). It moves the columns and returns those rows; every other row is for the full path.
+in place) or a stale plain beat of a waiting host (`unknown`; too old to make it `up`, but within
+grace: its evidence and deadline move, it stays `unknown`, which is what a monitor behind its input
+reads for every beat). It moves the columns and returns those rows; every other row is for the full path.
 
 Pure and synchronous, like the detector: no clock, no I/O.
 """
@@ -28,12 +30,19 @@ import numpy.typing as npt
 
 from relaybeat.relay.wire import Beats
 
-__all__ = ["READY", "READY_SCHEDULED", "READY_STEADY", "READY_UP", "SAME_BEAT_S", "Columns", "PlainNews"]
+__all__ = [
+    "READY", "READY_SCHEDULED", "READY_STEADY", "READY_UP", "READY_WAITING", "SAME_BEAT_S", "WAITING",
+    "Columns", "PlainNews",
+]  # fmt: skip
 
 READY_UP = 1  # up, and its freshest news came through this relay
 READY_STEADY = 2  # not flapping
 READY_SCHEDULED = 4  # it has a deadline
 READY = READY_UP | READY_STEADY | READY_SCHEDULED
+# `unknown`, its last news came through this relay, waiting (scheduled) for news fresh enough to be
+# `up`: while the monitor is behind its input, every beat it reads is older than its timeout.
+READY_WAITING = 8
+WAITING = READY_WAITING | READY_STEADY | READY_SCHEDULED
 # Two reports of a leaf through one relay within this much of each other, with the same seq, are
 # the same beat (bundle transit jitter); anything else is news, even with a constant seq.
 SAME_BEAT_S = 0.05
@@ -99,6 +108,10 @@ class Columns(Generic[M]):
         """How many hosts hold a slot."""
         return len(self.members) - len(self.free)
 
+    def all_up(self) -> bool:
+        """Whether every host holding a slot is `up` (and heard through this relay)."""
+        return int(np.count_nonzero(np.frombuffer(self.ready, dtype=np.uint8) & READY_UP)) == self.held
+
     def join(self, host: M, deadline: float) -> int:
         if self.free:
             slot = self.free.pop()
@@ -137,8 +150,11 @@ class Columns(Generic[M]):
             self.map_ids, self.map_layout = ids, self.layout
         return self.map
 
-    def plain_news(self, beats: Beats, slots: npt.NDArray[np.int64], sent: float, grace: float) -> PlainNews:
-        """Move the columns for the rows the per-entry fast path would take (see the module doc)."""
+    def plain_news(
+        self, beats: Beats, slots: npt.NDArray[np.int64], sent: float, grace: float, now: float | None = None
+    ) -> PlainNews:
+        """Move the columns for the rows the per-entry fast path would take (see the module doc); a
+        waiting host's stale beat too when `now` is given (the relay is alive)."""
         known = slots >= 0
         at = np.where(known, slots, 0)
         ready = np.frombuffer(self.ready, dtype=np.uint8)[at]
@@ -148,15 +164,19 @@ class Columns(Generic[M]):
         seq = beats.seq
         heard = known & (ready & READY_UP).astype(bool)
         same = heard & (seq == seq_then) & (seen - seen_then < SAME_BEAT_S)
-        plain = (
-            heard
-            & ~same
-            & (ready == READY)
+        news = (
+            known
             & (beats.status == 0)
             & (beats.interval_ms == np.frombuffer(self.intervals, dtype=np.int64)[at])
             & (seen > seen_then)
             & ((seq < 0) | (seq_then < 0) | (seq > seq_then))
         )
+        plain = news & heard & ~same & (ready == READY)
+        if now is not None:
+            timeout = np.frombuffer(self.timeouts, dtype=np.float64)[at]
+            floor_then = np.maximum(np.frombuffer(self.floors, dtype=np.float64)[at], grace)
+            stale = (seen + timeout <= now) & (np.maximum(seen, floor_then) + timeout > now)
+            plain |= news & (ready == WAITING) & stale
         rows = np.flatnonzero(plain)
         moved = at[rows]
         new_seen = seen[rows]

@@ -51,7 +51,7 @@ from statistics import NormalDist
 from typing import Protocol
 
 from relaybeat.errors import SettingsError
-from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, SAME_BEAT_S, Columns
+from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, READY_WAITING, SAME_BEAT_S, Columns
 from relaybeat.monitor.states import TRANSITIONS, Event, Kind, State, Transition
 from relaybeat.relay.wire import _STATUS_OF, Beat, Beats, Bundle, HostEntry, LeafStatus, Vouch
 
@@ -245,10 +245,15 @@ class RelaySnapshot:
 
 def _ready(host: HostTrack) -> int:
     """Its `Columns.ready` bits: what the vectorised pass may assume of it."""
-    fresh = host.state is State.UP and host.last_seen is not None and host.via_seen >= host.last_seen
-    if not fresh:
+    if host.last_seen is None or host.via_seen < host.last_seen:
+        return 0  # its freshest news came another way
+    if host.state is State.UP:
+        heard = READY_UP
+    elif host.state is State.UNKNOWN:
+        heard = READY_WAITING
+    else:
         return 0
-    return READY_UP | (0 if host.flapping else READY_STEADY) | (0 if host.scheduled is None else READY_SCHEDULED)
+    return heard | (0 if host.flapping else READY_STEADY) | (0 if host.scheduled is None else READY_SCHEDULED)
 
 
 def _parent(track: AnyTrack) -> str | None:
@@ -787,7 +792,8 @@ class Detector:
             return -1 if host is None or host.via != rid else host.slot
 
         table = cols.slots_of(beats.ids, slot_of)
-        news = cols.plain_news(beats, table[beats.index], sent, self.grace_from)
+        waiting = now if relay.state in _UP_OR_UNKNOWN else None  # a live relay: its waiting hosts stay in its columns
+        news = cols.plain_news(beats, table[beats.index], sent, self.grace_from, waiting)
         self.plain_rows += len(news.slots)
         members = cols.members
         for slot, seen, seq, deadline in zip(news.slots, news.seen, news.seqs, news.deadlines, strict=True):
@@ -917,8 +923,7 @@ class Detector:
         of these). False, having changed nothing, when anything is unusual: the full path decides."""
         policy, relay = self.policy, self.relays[relay_id]
         if (
-            self._jobs
-            or policy.adaptive
+            policy.adaptive
             or self.timeouts is not None
             or entry.status != LeafStatus.OK
             or relay.state not in _UP_OR_UNKNOWN
@@ -1250,7 +1255,8 @@ class Detector:
             if track.state in _UP_OR_UNKNOWN:
                 back.append(track)
         for track in back:
-            self._owe(_Job.RESUME, track, now, relay, "")
+            if not track.cols.all_up():  # a resume changes nothing for a host that is up (e.g. just onboarded)
+                self._owe(_Job.RESUME, track, now, relay, "")
 
     def _ignore(self, reason: str) -> None:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1

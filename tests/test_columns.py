@@ -174,3 +174,31 @@ def test_a_slot_left_and_taken_by_another_host_of_the_same_table_is_never_read_a
     assert twins.columnar.hosts["q"].slot == 0  # a's old slot
     twins.bundle("r1", 8.5, beat("a", 108, age_ms=0), beat("b", 8), beat("q", 8, age_ms=0))
     assert twins.columnar.hosts["q"].seq == 8
+
+
+def test_stale_beats_of_a_waiting_host_move_in_place_and_a_fresh_one_makes_it_up() -> None:
+    """A monitor behind its input reads every beat older than its timeout: within grace, the host waits
+    (`unknown`, scheduled) and each such beat moves its evidence in place, as the full path would."""
+    twins = Twins()
+    for d in (twins.columnar, twins.listed):
+        d.regain_sight(9.0)  # behind: grace from 9 s
+    twins.bundle("r1", 10.0, beat("a", 1, age_ms=8000))  # heard at 2 s: too old for `up`, within grace
+    assert twins.columnar.hosts["a"].state is State.UNKNOWN
+    taken = twins.columnar.plain_rows
+    twins.bundle("r1", 11.0, beat("a", 2, age_ms=8000))  # heard at 3 s: still stale, still waiting
+    assert twins.columnar.plain_rows == taken + 1
+    assert (twins.columnar.hosts["a"].last_seen, twins.columnar.hosts["a"].scheduled) == (3.0, 12.0)
+    out = twins.bundle("r1", 11.5, beat("a", 3))  # fresh
+    assert [(t.subject, t.from_state, t.to_state) for t in out] == [("a", State.UNKNOWN, State.UP)]
+    assert twins.columnar.plain_rows == taken + 1
+
+
+def test_a_stale_beat_past_the_grace_takes_the_full_path() -> None:
+    twins = Twins()
+    for d in (twins.columnar, twins.listed):
+        d.regain_sight(9.0)
+    twins.bundle("r1", 10.0, beat("a", 1, age_ms=8000))  # waiting until 12 s
+    taken = twins.columnar.plain_rows
+    out = twins.bundle("r1", 13.0, beat("a", 2, age_ms=9000))  # heard at 4 s: past the grace as well
+    assert twins.columnar.plain_rows == taken
+    assert [(t.subject, t.to_state) for t in out] == [("a", State.DOWN)]
