@@ -65,6 +65,9 @@ class Health(BaseModel):
     )
     in_grace: bool
     database_ok: bool = Field(description="the database answers the monitor's probe and took the last write")
+    unwritten: int = Field(
+        description="decisions made (and journaled) but not yet in SQL: a fleet's onboarding, or a database away"
+    )
     hosts: int
     relays: int
     received: dict[str, int]

@@ -166,6 +166,9 @@ class LiveCollector:
         yield GaugeMetricFamily(
             "relaybeat_event_loop_lag_seconds", "Worst event-loop lag of the last 5 s.", value=view.loop_lag_s
         )
+        yield GaugeMetricFamily(
+            "relaybeat_decisions_unwritten", "Decisions made (and journaled), not yet in SQL.", value=health.unwritten
+        )
         hub = getattr(self.app.state, "events", None)
         clients = 0 if hub is None else len(hub.subscribers)
         yield GaugeMetricFamily("relaybeat_event_stream_clients", "Open /api/v1/events streams.", value=clients)

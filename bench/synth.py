@@ -62,10 +62,14 @@ class Relays:
         tag: str = "r",
         wire: int = 1,
         keyframe_every: int = 30,
+        beat_every: int = 1,
     ) -> None:
         self.port = port
         self.wire = wire
         self.keyframe_every = keyframe_every
+        # Version 2: each leaf beats once every `beat_every` flushes (its interval), a `beat_every`-th
+        # of them each flush, in turn; its seq counts its beats.
+        self.beat_every = beat_every
         self.prefix = prefix
         self.size = size
         self.ids = [f"{tag}{i:03d}" for i in range(count)]
@@ -78,8 +82,8 @@ class Relays:
         self.interval_ms = interval_ms
         self.hosts = {r: host_ids(r, size) for r in self.ids} if wire == 2 else {}
         self.encoders = {r: BundleEncoder() for r in self.hosts}
-        # relay -> keyframe seq, table size, the delta's body after its header
-        self.templates: dict[str, tuple[int, int, bytes]] = {}
+        # (relay, phase: seq mod beat_every) -> keyframe seq, table size, the delta's body after its header
+        self.templates: dict[tuple[str, int], tuple[int, int, bytes]] = {}
         self.started = time.monotonic()
         self.sent_ms: dict[str, int] = {}  # per relay, the send time of its last bundle (version 2)
 
@@ -97,25 +101,34 @@ class Relays:
         return seq
 
     def _v2(self, relay: str, seq: int, sent_ms: int | None = None) -> bytes:
-        """Bundle `seq` of `relay` in version 2: each leaf's `seq`-th beat, heard 100-500 ms ago, sent
-        `sent_ms` after the relay's boot (None: now)."""
+        """Bundle `seq` of `relay` in version 2, sent `sent_ms` after the relay's boot (None: now): the
+        leaves whose turn it is beat (heard 100-500 ms ago), each its next seq; a keyframe lists every
+        leaf as last heard."""
         if sent_ms is None:  # a flood may publish several a millisecond: each bundle later than the last
             sent_ms = max(int((time.monotonic() - self.started) * 1000), self.sent_ms.get(relay, -1) + 1)
         self.sent_ms[relay] = sent_ms
         keyframe = seq % self.keyframe_every == 1
-        template = self.templates.get(relay)
+        every = self.beat_every
+        phase = seq % every
+        template = self.templates.get((relay, phase))
         if template is not None and not keyframe:
             keyframe_seq, table_size, tail = template
             body = self._header(relay, seq, sent_ms, keyframe_seq, table_size) + tail
             return _envelope_v2(body, COMPRESS_FROM)
-        interval = self.interval_ms
+        flush = self.interval_ms
+        interval = flush * every
         ids = self.hosts[relay]
-        hosts = tuple(HostEntry(host, seq, 100 + (i * 37) % 400, interval, LeafStatus.OK) for i, host in enumerate(ids))
+        hosts = tuple(
+            HostEntry(host, (seq + i % every) // every, 100 + (i * 37) % 400 + flush * ((seq + i % every) % every),
+                      interval, LeafStatus.OK)
+            for i, host in enumerate(ids)
+            if keyframe or (seq + i % every) % every == 0
+        )  # fmt: skip
         bundle = Bundle(
             relay=relay,
             boot=self.boot,
             seq=seq,
-            flush_ms=interval,
+            flush_ms=flush,
             hosts=hosts,
             version=BINARY_VERSION,
             keyframe=keyframe,
@@ -123,13 +136,15 @@ class Relays:
         )
         encoder = self.encoders[relay]
         payload = encoder.encode(bundle)
-        self.templates.pop(relay, None)
+        if keyframe:  # its table may differ: each phase's delta is encoded once more after it
+            for p in range(every):
+                self.templates.pop((relay, p), None)
         table = encoder._table
         if not keyframe and table is not None:
             body = zlib.decompress(payload[2:]) if payload[1] & _COMPRESSED else payload[2:]
             header = self._header(relay, seq, sent_ms, table.keyframe, len(table.ids))
             assert body.startswith(header), "the delta's header is not where the template expects it"
-            self.templates[relay] = (table.keyframe, len(table.ids), bytes(body[len(header) :]))
+            self.templates[relay, phase] = (table.keyframe, len(table.ids), bytes(body[len(header) :]))
         return payload
 
     def _header(self, relay: str, seq: int, sent_ms: int, keyframe_seq: int, table_size: int) -> bytearray:

@@ -135,7 +135,17 @@ class HostRow:
 
     @classmethod
     def of(cls, host: HostTrack, wall: Wall) -> HostRow:
-        return carried(host, cls, since=wall(host.since), last_seen=_wall_or_none(wall, host.last_seen), relay=host.via)
+        return cls(  # spelled out, not `carried`: every host decision's journal line and SQL row pass here
+            id=host.id,
+            state=host.state,
+            since=wall(host.since),
+            last_seen=_wall_or_none(wall, host.last_seen),
+            relay=host.via,
+            interval_s=host.interval_s,
+            seq=host.seq,
+            flapping=host.flapping,
+            source=host.source,
+        )
 
     def snapshot(self, mono: Mono) -> HostSnapshot:
         """Back on the detector's clock, for `Detector.restore`."""

@@ -370,6 +370,7 @@ class Monitor:
     write_failures = _Shown[int]("writer")
     journal = _Shown[Journal | None]("writer")
     journal_failures = _Shown[int]("writer")
+    unwritten = _Shown[int]("writer")
     alerts = _Shown[AlertBook]("notifier")
     outbox = _Shown[OutboxWorker]("notifier")
     stalls = _Shown[int]("expiry")

@@ -126,6 +126,7 @@ class FleetHealth:
     spare_broker: str | None  # the node the spare session is subscribed on (with a list of nodes)
     in_grace: bool
     database_ok: bool
+    unwritten: int  # decisions made and journaled, not yet in SQL
     hosts: int
     relays: int
     received: dict[str, int]
@@ -483,6 +484,7 @@ class FleetView:
             spare_broker=monitor.spare_broker,
             in_grace=monitor.in_grace,
             database_ok=database_ok,
+            unwritten=monitor.unwritten,
             hosts=len(detector.hosts),
             relays=len(detector.relays),
             received=dict(monitor.received),

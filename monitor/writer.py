@@ -217,6 +217,11 @@ class Writer:
         for observer in self.observers:
             observer.judged(opened, found)
 
+    @property
+    def unwritten(self) -> int:
+        """How many decisions are not yet known to be in SQL (the batch being written, and those waiting)."""
+        return len(self._in_flight) + len(self._unwritten)
+
     def pending(self) -> list[Change]:
         """Decisions not yet known to be in SQL, in the order they were made (the batch being written,
         then those waiting)."""

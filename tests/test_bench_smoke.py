@@ -165,3 +165,19 @@ def test_wire_compares_bytes_per_beat_of_each_format(tmp_path: Path) -> None:
     modes = {(d["node"], mode): us["median"] for d in r["decode_modes"] for mode, us in d["us_per_entry"].items()}
     assert sorted(modes) == [(node, mode) for node in ("delta", "keyframe by table") for mode in ("columnar", "list")]
     assert all(positive(us) for us in modes.values())
+
+
+def test_lag_long_runs_synthetic_relays_at_the_default_interval_and_reports_what_sql_holds(tmp_path: Path) -> None:
+    out = tmp_path / "long"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "lag", "--long", "--long-hosts", "300", "--long-relays", "3",
+         "--long-duration", "25", "--long-interval", "5", "--out", str(out), "--timeout", "150"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, f"bench lag --long failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    r = json.loads((out / "lag_long.json").read_text())["results"]["long"]
+    assert (r["hosts"], r["relays"], r["interval_s"]) == (300, 3, 5)
+    assert r["all_up_after_s"] is not None  # every host `up` in SQL by the 10 or 20 s sample
+    assert r["unwritten"] == 0  # /healthz answered and the writer had caught up
+    assert isinstance(r["false_down"], int)
+    assert r["bundles_published"] >= 3 * 20

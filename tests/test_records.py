@@ -128,3 +128,26 @@ def test_the_journal_keeps_a_hosts_source_and_reads_rows_journaled_before_it_exi
     older = orjson.loads(line)
     older[2][0][-1].pop()  # the state row as journaled before hosts had a source
     assert [d.state for d in decode(orjson.dumps(older))] == [dataclasses.replace(host, source=None)]
+
+
+def test_rows_spelled_out_on_the_hot_path_carry_every_field_of_their_source() -> None:
+    """`Change.decided` and `HostRow.of` name their fields one by one (they are on the hot path): each
+    field either comes from the source by name or is one of the few the stamp supplies."""
+    from relaybeat.monitor.detector import HostTrack
+    from relaybeat.monitor.states import Transition
+
+    t = Transition(Kind.HOST, "h1", State.UNKNOWN, State.UP, 5.0, "beat received", "r1", Event.RESTART)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    change = Change.decided(t, at, ("r1",), True, "k1")
+    for f in fields(Transition):
+        assert getattr(change, f.name) == (at if f.name == "at" else getattr(t, f.name)), f.name
+    assert (change.path, change.maintenance, change.key) == (("r1",), True, "k1")
+
+    host = HostTrack("h1", State.UP, 5.0, 6.0)
+    host.via, host.interval_s, host.seq, host.flapping, host.source = "r1", 2.5, 7, True, "ping"
+    row = HostRow.of(host, lambda t: datetime.fromtimestamp(t, UTC))
+    for f in fields(HostRow):
+        want = {"since": datetime.fromtimestamp(5.0, UTC), "last_seen": datetime.fromtimestamp(6.0, UTC)}.get(
+            f.name, host.via if f.name == "relay" else getattr(host, f.name, None)
+        )
+        assert getattr(row, f.name) == want, f.name

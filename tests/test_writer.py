@@ -126,9 +126,11 @@ async def test_a_relay_death_is_written_a_step_at_a_time_with_the_loop_free_betw
 ) -> None:
     monitor, keys = await a_relay_with_many_hosts_dies(store)
     before = await store.last_transition_id()
+    assert monitor.unwritten == len(monitor.pending()) == len(keys)  # what /healthz says is waiting
     with statements(store, turns) as seen:
         await monitor.flush()
     assert not monitor.pending()
+    assert monitor.unwritten == 0
     assert max(rows for _, rows in seen) <= WRITE_STEP, seen
     at = [turn for turn, _ in seen]
     assert all(b > a for a, b in itertools.pairwise(at)), f"the loop did not run between statements: {seen}"
