@@ -109,11 +109,13 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--long-duration", type=float, default=600.0)
             p.add_argument(
                 "--long-wire", type=int, choices=(1, 2), default=2,
-                help="--long: version 2 (hosts beat every --long-interval s, relays flush every 1 s) or 1 (JSON, ±20%% jitter)",
+                help="--long: version 2 (hosts beat every --long-interval s, relays flush every 1 s)"
+                " or 1 (JSON, ±20%% jitter)",
             )  # fmt: skip
             p.add_argument(
                 "--long-interval", type=int, default=5,
-                help="--long version 2: each host's beat interval, whole seconds [5, the default a leaf gets; 1: every flush]",
+                help="--long version 2: each host's beat interval, whole seconds"
+                " [5, the default a leaf gets; 1: every flush]",
             )  # fmt: skip
         if name == "ingest":
             p.add_argument("--sizes", type=int, nargs="+", help="leaf entries per bundle")
