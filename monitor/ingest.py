@@ -35,7 +35,15 @@ from relaybeat.monitor.detector import Detector
 from relaybeat.monitor.expiry import EXPIRE_STEP, Expiry
 from relaybeat.monitor.states import Transition
 from relaybeat.relay.compact import BundleDecoder, KeyframeMissing
-from relaybeat.relay.mqtt import Brokers, BrokerURL, LeanClient, backlog, read_backlog, stay_connected
+from relaybeat.relay.mqtt import (
+    HAND_ON_BUDGET_S,
+    Brokers,
+    BrokerURL,
+    LeanClient,
+    backlog,
+    read_backlog,
+    stay_connected,
+)
 from relaybeat.relay.rejections import Rejections
 from relaybeat.relay.wire import (
     DEFAULT_MAX_BUNDLE_BYTES,
@@ -104,7 +112,10 @@ class Ingest:
         self._stand_in: LeanClient | None = None  # the spare session's client, while it hears instead
         # What the main session hands on before it is hearing (a persistent session's queued messages
         # come right after CONNACK): taken, in order, once it is.
-        self._early: list[tuple[str, bytes, bool]] = []
+        # What the main session heard before it was ready (a persistent session's backlog comes at once
+        # after CONNACK), and whatever follows while that is taken, in order, a step at a time.
+        self._early: deque[tuple[str, bytes, bool]] = deque()
+        self._draining = False
         self._resyncs: asyncio.Task[None] | None = None  # asking relays for keyframes, while it runs
         self._main_up = False  # the main session is connected
         self._spare_up = False  # the spare session is connected (subscribed or not)
@@ -195,13 +206,14 @@ class Ingest:
         self._main, self.broker = client, str(client.url)
         self._main_lost.clear()
         self._main_changed.set()
+        run = asyncio.ensure_future(client.run())  # returns only by raising: the session ended
         try:
-            early, self._early = self._early, []
-            for message in early:
-                self._heard(*message)
-            await client.run()  # every message goes to `_heard` as it is read; returns only by raising
+            await self._drain_early(run)
+            await run  # every message goes to `_heard` as it is read
         finally:
-            self._early = []
+            run.cancel()
+            self._early.clear()
+            self._draining = False
             self._main = self.broker = None
             self._main_lost.set()
             self._main_changed.set()
@@ -252,11 +264,29 @@ class Ingest:
         """One SUBSCRIBE for every filter: NATS stores the session's record in JetStream per SUBSCRIBE."""
         await client.subscribe([(topic_filter, qos) for topic_filter in self._filters])
 
+    async def _drain_early(self, run: asyncio.Future[None]) -> None:
+        """Take what the session heard before it was ready, in order, the event loop free every
+        HAND_ON_BUDGET_S: a reconnected persistent session's backlog (thousands of bundles) is no hold."""
+        early, loop = self._early, asyncio.get_running_loop()
+        self._draining = True
+        try:
+            started = loop.time()
+            while early and not run.done():
+                self._take_heard(*early.popleft())
+                if loop.time() - started >= HAND_ON_BUDGET_S:
+                    await asyncio.sleep(0)
+                    started = loop.time()
+        finally:
+            self._draining = False
+
     def _heard(self, topic: str, payload: bytes, retained: bool) -> None:
         """A message of the main session, as its client reads it (no task or queue per message)."""
-        if self._main is None:
+        if self._main is None or self._draining:
             self._early.append((topic, payload, retained))
             return
+        self._take_heard(topic, payload, retained)
+
+    def _take_heard(self, topic: str, payload: bytes, retained: bool) -> None:
         self.take(topic, payload, retained)
         if self.detector.resync_wanted:
             self._ask_resyncs_soon()
@@ -366,7 +396,7 @@ class Ingest:
         for up to BEHIND_GRACE_S (`Behind`); still behind after that, we decide anyway, so a flood that
         never ends cannot stop every decision."""
         client = self._client
-        if client is None or not sum(backlog(client)) or await read_backlog(client, BEHIND_S, self.clock.now):
+        if client is None or not (self._early or sum(backlog(client))) or await self._read_backlog(client):
             self.lag.caught_up()
             return
         now = self.clock.now()
@@ -384,6 +414,15 @@ class Ingest:
             log.warning("monitor still behind its input after %g s: deciding anyway", BEHIND_GRACE_S)
         if grace:
             self.detector.regain_sight(now)
+
+    async def _read_backlog(self, client: LeanClient) -> bool:
+        """`read_backlog`, with what the session heard before it was ready counted as waiting too."""
+        started = self.clock.now()
+        while self._early:
+            if self.clock.now() - started >= BEHIND_S:
+                return False
+            await asyncio.sleep(0)
+        return await read_backlog(client, BEHIND_S - (self.clock.now() - started), self.clock.now)
 
     @property
     def behind(self) -> int:

@@ -9,8 +9,9 @@ few seconds' lines (what the kernel had not yet written back), as it would witho
 
 One monitor per journal: the file is locked (flock) while open, and a second opener is refused.
 At start the monitor reads every line back (`open`), writes those SQL lacks, then `clear`s it; it
-clears it again whenever SQL holds everything decided, and `rewrite`s it to the pending lines
-when it grows past `REWRITE_BYTES` under load that never lets it drain.
+clears it again whenever SQL holds everything decided, and cuts it down to the lines still pending
+(`keep_from`: the bytes from that line on, copied by the kernel, not encoded again) when it grows
+past `REWRITE_BYTES` under load that never lets it drain, once most of it is written.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from relaybeat.errors import RelaybeatError, Unavailable
 from relaybeat.monitor.records import Change, HostRow, RelayRow
 from relaybeat.monitor.states import Event, Kind, State
 
-__all__ = ["REWRITE_BYTES", "Decision", "Journal", "JournalError", "JournalUnavailable", "decode", "encode"]
+__all__ = [
+    "REWRITE_BYTES", "REWRITE_SHARE", "Decision", "Journal", "JournalError", "JournalUnavailable", "decode", "encode",
+]  # fmt: skip
 
-REWRITE_BYTES = 64 * 1024 * 1024  # past this with decisions still pending, keep only the pending lines
+REWRITE_BYTES = 64 * 1024 * 1024  # past this with decisions still pending, keep only the pending lines...
+REWRITE_SHARE = 0.5  # ...once this share of it is written: each byte is copied a bounded number of times
 
 
 class JournalError(RelaybeatError, ValueError):
@@ -190,14 +194,17 @@ class Journal:
             os.ftruncate(self._fd, 0)
             self.size = 0
 
-    def rewrite(self, data: bytes) -> None:
-        """Replace the journal's contents with `data` (the pending lines) in one atomic rename, so a
-        crash at any point leaves either the old lines or the new ones, never a mix."""
+    def keep_from(self, offset: int) -> None:
+        """Keep only the journal's bytes from `offset` on (where a line starts), in one atomic rename,
+        so a crash at any point leaves either the old lines or the new ones, never a mix."""
         spare = self.path.with_name(self.path.name + ".new")
-        fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Not O_APPEND while copying: copy_file_range refuses it.
+        fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        kept = self.size - offset
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _write_all(fd, data)
+            _copy(self._fd, offset, kept, fd)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # then appends, as `open`'s
             os.replace(spare, self.path)
         except BaseException:
             os.close(fd)
@@ -205,12 +212,23 @@ class Journal:
                 spare.unlink()
             raise
         os.close(self._fd)
-        self._fd, self.size = fd, len(data)
+        self._fd, self.size = fd, kept
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _copy(source: int, offset: int, count: int, target: int) -> None:
+    """`count` bytes of `source` from `offset` on, appended to `target`, in the kernel."""
+    while count > 0:
+        copied = os.copy_file_range(source, target, count, offset)
+        if copied == 0:
+            msg = "the journal is shorter than it should be"
+            raise OSError(msg)
+        offset += copied
+        count -= copied
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from relaybeat.monitor import journal as journals
 from relaybeat.monitor.clock import Clock
 from relaybeat.monitor.detector import Detector, HostTrack
-from relaybeat.monitor.journal import REWRITE_BYTES, Decision, Journal, encode
+from relaybeat.monitor.journal import Decision, Journal, encode
 from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
 from relaybeat.monitor.quality import FalseAlarm, Judge, Opening, TargetTimeouts, lookup_in
@@ -101,6 +102,7 @@ class Writer:
         self._decided = 0
         self._unwritten_from = 0
         self.journal: Journal | None = None  # opened by `replay` when there is a journal path
+        self._lines: deque[tuple[int, int]] = deque()  # each journal line's first decision number and offset
         self.journal_failures = 0
         self._journal_warned_at = -10.0
         self._wanted = asyncio.Event()
@@ -137,10 +139,7 @@ class Writer:
         if self.standby:
             changes = [c for c in changes if not self._seen_ahead(signature(c))]
         elif self.journal is not None:
-            try:
-                self.journal.append(self._journal_line(changes, first))
-            except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
-                self._journal_failed(exc)
+            self._journal(changes, first)
         self._unwritten.extend(changes)
         self._wanted.set()
         now = self.clock.now()
@@ -229,6 +228,23 @@ class Writer:
 
     # ------------------------------------------------------------------------------- journal
 
+    def _journal(self, changes: Sequence[Change], first: int) -> None:
+        """Append the line of decisions numbered from `first` (and note where it starts)."""
+        if self.journal is None:
+            return
+        offset = self.journal.size
+        try:
+            self.journal.append(self._journal_line(changes, first))
+        except OSError as exc:  # the decisions still go to SQL; only a crash before that loses them
+            self._journal_failed(exc)
+            return
+        self._lines.append((first, offset))
+
+    def _clear_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.clear()
+        self._lines.clear()
+
     def _journal_line(self, changes: Sequence[Change], first: int) -> bytes:
         """The journal line of decisions numbered from `first`, with their subjects' rows as they are now."""
         hosts, relays, wall = self.detector.hosts, self.detector.relays, self.clock.wall
@@ -254,6 +270,7 @@ class Writer:
                 log.warning("journal %s: skipped %d lines that are not decisions (torn?)", journal.path, torn)
             await self._replay(decisions)
             journal.clear()
+            self._lines.clear()
         except BaseException:
             journal.close()
             raise
@@ -298,15 +315,25 @@ class Writer:
             self.journal = None
 
     def _compact_journal(self) -> None:
-        """After a commit: empty the journal if SQL now holds every decision, or keep only the pending
-        ones if it grew large under a load that never let it drain."""
-        if self.journal is None:
+        """After a commit: empty the journal if SQL now holds every decision, or, if it grew large
+        under a load that never let it drain, keep only the lines from the first one still pending
+        once most of it is written (its bytes copied, not encoded again: at a fleet's onboarding it
+        holds a million decisions)."""
+        journal, lines = self.journal, self._lines
+        if journal is None:
             return
         try:
             if not self._unwritten:
-                self.journal.clear()
-            elif self.journal.size > REWRITE_BYTES:
-                self.journal.rewrite(self._journal_line(self._unwritten, self._unwritten_from))
+                self._clear_journal()
+                return
+            if journal.size <= journals.REWRITE_BYTES or not lines:
+                return  # small, or its pending decisions are not in it (journaling them failed)
+            while len(lines) > 1 and lines[1][0] <= self._unwritten_from:
+                lines.popleft()  # every decision of that line is in SQL
+            offset = lines[0][1]
+            if offset and offset >= journal.size * journals.REWRITE_SHARE:
+                journal.keep_from(offset)
+                self._lines = deque((first, at - offset) for first, at in lines)
         except OSError as exc:
             self._journal_failed(exc)
 
@@ -408,8 +435,7 @@ class Writer:
                 self.journal_path,
                 len(held),
             )
-        if self.journal is not None:
-            self.journal.clear()
+        self._clear_journal()
         await self.follow()
         self._ahead.clear()
         self._key_prefix = uuid.uuid4().hex[:16] + "-"
@@ -418,11 +444,8 @@ class Writer:
         ]
         self._decided = len(self._unwritten)
         self._unwritten_from = 0
-        if self.journal is not None and self._unwritten:
-            try:
-                self.journal.append(self._journal_line(self._unwritten, 0))
-            except OSError as exc:
-                self._journal_failed(exc)
+        if self._unwritten:
+            self._journal(self._unwritten, 0)
         log.info(
             "takeover: %d decisions made here were not in SQL; writing them%s",
             len(self._unwritten),

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, func, make_url, select, text
 
 from relaybeat.config import MonitorConfig, load_config
-from relaybeat.monitor.journal import Decision, Journal, JournalUnavailable, decode
+from relaybeat.monitor.journal import Decision, Journal, JournalUnavailable, decode, encode
 from relaybeat.monitor.notify import Target
 from relaybeat.monitor.outbox import NotifySettings, Webhook
+from relaybeat.monitor.records import Change
 from relaybeat.monitor.service import Monitor, MonitorSettings
-from relaybeat.monitor.states import State
+from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.store import Batch, Store, TransitionRow
 from relaybeat.monitor.tables import TransitionModel
 from relaybeat.relay.mqtt import BrokerURL
@@ -331,7 +332,8 @@ async def test_a_journal_is_one_monitors(tmp_path: Path) -> None:
 async def test_a_journal_that_never_drains_is_rewritten_to_its_pending_decisions(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("relaybeat.monitor.writer.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
+    monkeypatch.setattr("relaybeat.monitor.journal.REWRITE_BYTES", 1)  # every commit with decisions pending rewrites
+    monkeypatch.setattr("relaybeat.monitor.journal.REWRITE_SHARE", 0.0)  # ... however little of it is written
     journal = tmp_path / "monitor.journal"
     seen: list[list[tuple[str, State]]] = []
 
@@ -391,3 +393,22 @@ def test_a_monitor_whose_journal_is_held_refuses_to_start_in_one_line(tmp_path: 
     assert result.stderr.strip().splitlines() == [
         f"error: the journal {path} is held by another monitor: give each monitor its own --journal"
     ]
+
+
+def test_a_journal_cut_down_keeps_exactly_the_lines_from_where_it_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / "monitor.journal"
+    journal, _, _ = Journal.open(path)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    lines = [
+        encode("k-", n, [Change(kind=Kind.HOST, subject=f"h{n}", from_state=State.UNKNOWN, to_state=State.UP, at=at,
+                                reason="beat received", key=f"k-{n}")], [None])
+        for n in range(3)
+    ]  # fmt: skip
+    for line in lines:
+        journal.append(line)
+    journal.keep_from(len(lines[0]))
+    journal.append(lines[0])  # appends go on after what was kept
+    assert journal.size == sum(len(line) for line in lines)
+    journal.close()
+    assert path.read_bytes() == lines[1] + lines[2] + lines[0]
+    assert not path.with_name(path.name + ".new").exists()

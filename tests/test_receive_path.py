@@ -369,3 +369,43 @@ async def test_the_lean_client_is_refused_with_a_reason_on_bad_credentials(tmp_p
         right = BrokerURL.parse(f"mqtt://relay-a:right@127.0.0.1:{running.port}")
         async with right.lean_client("relay-a/local-x", Inbox()) as lean:
             assert isinstance(lean, LeanClient)
+
+
+async def test_what_the_session_heard_before_it_was_ready_is_taken_in_order_with_the_loop_free_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnected persistent session's backlog arrives right after CONNACK, before the monitor is
+    ready: thousands of bundles, taken a step at a time (not in one hold), what arrives meanwhile after them."""
+    from typing import cast
+
+    from relaybeat.monitor.store import Store
+    from tests.fakes import FakeClock
+    from tests.monitors import new_monitor
+
+    monkeypatch.setattr("relaybeat.monitor.ingest.HAND_ON_BUDGET_S", 0.0)  # a step per message
+    ingest = new_monitor(cast(Store, None), FakeClock()).ingest
+    taken: list[bytes] = []
+    monkeypatch.setattr(ingest, "take", lambda topic, payload, retained=False: taken.append(payload))
+    topic = "relaybeat/bundle/r1"
+    for n in range(5):
+        ingest._heard(topic, b"early %d" % n, False)  # the session is not ready: kept
+    assert taken == []
+    ingest._main = cast(LeanClient, object())  # now it is
+    turns = 0
+
+    async def probe() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(probe())
+    run: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # the session goes on
+    draining = asyncio.create_task(ingest._drain_early(run))
+    await asyncio.sleep(0)
+    ingest._heard(topic, b"while draining", False)
+    await draining
+    ingest._heard(topic, b"after", False)
+    counting.cancel()
+    assert taken == [*(b"early %d" % n for n in range(5)), b"while draining", b"after"]
+    assert turns >= 5  # the loop ran between the messages
