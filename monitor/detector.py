@@ -671,6 +671,7 @@ class Detector:
             if parent is not None:
                 self.relays[parent].children.add(relay.id)
             relay.parent = parent
+        first = relay.last_seen is None  # its first news ever (not restored, never heard)
         if relay.last_seen is None or sent > relay.last_seen:
             relay.last_seen = sent
         if relay.flapping:
@@ -678,19 +679,8 @@ class Detector:
         if relay.desynced:
             self._ask_resync(relay, now)
 
-        deadline = self._deadline(relay)
         was = relay.state
-        if deadline > now:
-            # Within its timeout, or within grace: only news fresher than its timeout makes it `up`
-            # (a stale bundle, e.g. replayed from a queue, leaves it as it was until its deadline).
-            if was != State.UP and relay.last_seen + self.timeout_s(relay) > now:
-                self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {bundle.seq})", parent, out)
-            self._schedule(relay, deadline)
-        elif was not in (State.DOWN, State.STOPPED):  # old news of a stopped relay: still stopped
-            # Heard, but through a parent whose copy is already too old: it died a while ago (or, if
-            # it was unreachable, while it was out of sight), before its hosts are judged below.
-            self._relay_silent(relay, deadline, out)
-
+        self._judge_relay(relay, bundle.seq, parent, first, now, out)
         self._observe_entries(relay.id, bundle, sent, now, out)
         self._observe_watched(relay.id, bundle, sent, now, out)
         for child in bundle.children:
@@ -701,6 +691,28 @@ class Detector:
             self._expire_behind(relay, now, out)
         if was != State.UP and relay.state == State.UP:
             self._resume_subtree(relay, now, out)
+
+    def _judge_relay(
+        self, relay: RelayTrack, seq: int, parent: str | None, first: bool, now: float, out: list[Transition]
+    ) -> None:
+        """A relay's own state from the bundle just admitted (its hosts are judged after)."""
+        deadline = self._deadline(relay)
+        was = relay.state
+        if deadline > now:
+            # Within its timeout, or within grace: only news fresher than its timeout makes it `up`
+            # (a stale bundle, e.g. replayed from a queue, leaves it as it was until its deadline).
+            if was != State.UP and relay.last_seen is not None and relay.last_seen + self.timeout_s(relay) > now:
+                self._move(relay, Kind.RELAY, State.UP, now, f"bundle received (seq {seq})", parent, out)
+            self._schedule(relay, deadline)
+        elif first and was == State.UNKNOWN and parent is None:
+            # A top-level relay's first news, already too old (its first bundle waits for its second to
+            # confirm its clock; a monitor behind its input reads both late): no judgement in the very
+            # bundle; its deadline decides it at the next expiry pass unless newer news came with it.
+            self._schedule(relay, deadline)
+        elif was not in (State.DOWN, State.STOPPED):  # old news of a stopped relay: still stopped
+            # Heard, but through a parent whose copy is already too old: it died a while ago (or, if
+            # it was unreachable, while it was out of sight), before its hosts are judged below.
+            self._relay_silent(relay, deadline, out)
 
     @staticmethod
     def _event(kind: Kind, track: AnyTrack, at: float, reason: str, relay: str | None, event: Event) -> Transition:

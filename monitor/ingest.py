@@ -16,8 +16,9 @@ yet confirmed by two bundles that arrived about as fast as they were sent, its b
 and go no further; the newest of them is held, and passed on (dated) once the clock is confirmed.
 
 It also reads the backlog before each expiry pass (`catch_up`): input that outlasts BEHIND_S of
-reading means the monitor is behind (`Behind`): every pass then renews a timeout of grace, as a
-stall does, for up to BEHIND_GRACE_S; behind longer than that, it decides anyway.
+reading means the monitor is behind (`Behind`): every pass, and every bundle read meanwhile, then
+renews a timeout of grace, as a stall does, for up to BEHIND_GRACE_S; behind longer than that, it
+decides anyway.
 """
 
 from __future__ import annotations
@@ -379,6 +380,8 @@ class Ingest:
         self._observe(bundle, unreadable, sent, now)
 
     def _observe(self, bundle: Bundle, unreadable: bool, sent: float | None, now: float) -> None:
+        if self.lag.graced(now):  # behind: this bundle is late because we are, not its relay
+            self.detector.regain_sight(now)
         # A mass event's hosts (a relay back, or found dead) beyond EXPIRE_STEP: owed, decided by the
         # expiry in steps (`expiry.news` wakes it at once).
         self.decide((self.detector.lost_track if unreadable else self.detector.observe)(bundle, now, sent, EXPIRE_STEP))
@@ -452,6 +455,10 @@ class Behind:
             return True
         self.passes_past_grace += 1
         return False
+
+    def graced(self, now: float) -> bool:
+        """Whether we are behind, within grace (a bundle read now is late because we are)."""
+        return self.since is not None and now - self.since < self.grace_s
 
     def caught_up(self) -> None:
         self.since = None

@@ -477,9 +477,12 @@ def test_a_monitor_behind_its_input_earns_grace_at_every_pass_until_its_episode_
     lag = Behind(grace_s=10.0)
     assert lag.still_behind(100.0)
     assert lag.still_behind(109.9)
+    assert lag.graced(105.0)
     assert not lag.still_behind(110.0)  # behind for 10 s: it decides anyway
+    assert not lag.graced(110.0)
     assert (lag.passes, lag.passes_past_grace, lag.total) == (3, 1, 3)
     lag.caught_up()
+    assert not lag.graced(150.0)
     assert lag.still_behind(200.0)  # a new episode earns grace again
     assert (lag.passes, lag.total) == (1, 4)
 
@@ -767,6 +770,22 @@ def test_revived_relay_leaves_what_is_behind_a_still_dead_child_unreachable() ->
     assert site.changes("r3")[1:] == [(UP, UNREACHABLE, 23.0, "relay r2 down")]
     assert site.changes("h3")[1:] == [(UP, UNREACHABLE, 23.0, "relay r2 down")]
     assert site.detector.nearest_dead_relay("r3") == "r2"
+
+
+def test_a_new_relays_first_bundle_read_late_is_no_death_when_its_next_one_comes_with_it() -> None:
+    """The monitor holds a new relay's first bundle until the second confirms its clock; behind its
+    input, it reads both after the first is already a relay timeout old."""
+    d = Detector(Policy(misses=3), 0.0)
+    entry = HostEntry("h1", 1, 0, 5000, LeafStatus.OK)
+    out = d.observe(Bundle("r1", "b", 1, 1000, (entry,)), 10.0, sent=5.0)  # 5 s old: past its 3 s timeout
+    out += d.observe(Bundle("r1", "b", 2, 1000, (entry._replace(age_ms=1000),)), 10.0, sent=9.5)
+    out += d.expire(10.0)
+    assert [(t.subject, t.to_state) for t in out if t.kind is Kind.RELAY] == [("r1", UP)]
+    # Alone, the late first bundle is judged at the next expiry pass: no newer news came.
+    d.observe(Bundle("r2", "b", 1, 1000, (HostEntry("h2", 1, 0, 5000, LeafStatus.OK),)), 10.0, sent=5.0)
+    assert [(t.subject, t.to_state, t.reason) for t in d.expire(10.0) if t.kind is Kind.RELAY] == [
+        ("r2", DOWN, RELAY_SILENT_3)
+    ]
 
 
 def test_relay_first_heard_through_a_dead_parent_is_unreachable_not_down() -> None:
