@@ -64,9 +64,11 @@ __all__ = ["BEHIND_GRACE_S", "BEHIND_S", "Behind", "Ingest", "SessionStolen"]
 log = logging.getLogger("relaybeat.monitor")
 
 BEHIND_S = 1.0  # input still waiting after reading this long: the monitor is behind, news may be late
-# Behind its input this long (a fleet's first keyframes, 1M new hosts, take tens of seconds), the
-# monitor decides anyway: a flood that never ends must not stop every decision.
-BEHIND_GRACE_S = 60.0
+# Behind its input this long, the monitor decides anyway: a flood that never ends must not stop every
+# decision. A fleet's first keyframes are a long episode: 1M new hosts behind 200 relays kept one
+# monitor behind for about 3 minutes here (BENCHMARKS.md, row 7); 60 s made that a spiral of false
+# relay deaths.
+BEHIND_GRACE_S = 300.0
 # A session lost this soon after connecting, this many times within STOLEN_WINDOW_S: someone else
 # uses our client id (each takes the session from the other), so the monitor stops instead.
 SHORT_SESSION_S = 5.0
