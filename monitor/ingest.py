@@ -113,8 +113,6 @@ class Ingest:
         self.lag = Behind()
         self._main: LeanClient | None = None  # the main session's client, while it is hearing
         self._stand_in: LeanClient | None = None  # the spare session's client, while it hears instead
-        # What the main session hands on before it is hearing (a persistent session's queued messages
-        # come right after CONNACK): taken, in order, once it is.
         # What the main session heard before it was ready (a persistent session's backlog comes at once
         # after CONNACK), and whatever follows while that is taken, in order, a step at a time.
         self._early: deque[tuple[str, bytes, bool]] = deque()
@@ -211,7 +209,7 @@ class Ingest:
         self._main_changed.set()
         run = asyncio.ensure_future(client.run())  # returns only by raising: the session ended
         try:
-            await self._drain_early(run)
+            await self._drain_early()
             await run  # every message goes to `_heard` as it is read
         finally:
             run.cancel()
@@ -267,14 +265,15 @@ class Ingest:
         """One SUBSCRIBE for every filter: NATS stores the session's record in JetStream per SUBSCRIBE."""
         await client.subscribe([(topic_filter, qos) for topic_filter in self._filters])
 
-    async def _drain_early(self, run: asyncio.Future[None]) -> None:
+    async def _drain_early(self) -> None:
         """Take what the session heard before it was ready, in order, the event loop free every
-        HAND_ON_BUDGET_S: a reconnected persistent session's backlog (thousands of bundles) is no hold."""
+        HAND_ON_BUDGET_S: a reconnected persistent session's backlog (thousands of bundles) is no hold.
+        All of it, even if the session ends meanwhile: each message was acknowledged when heard."""
         early, loop = self._early, asyncio.get_running_loop()
         self._draining = True
         try:
             started = loop.time()
-            while early and not run.done():
+            while early:
                 self._take_heard(*early.popleft())
                 if loop.time() - started >= HAND_ON_BUDGET_S:
                     await asyncio.sleep(0)

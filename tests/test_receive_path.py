@@ -400,8 +400,7 @@ async def test_what_the_session_heard_before_it_was_ready_is_taken_in_order_with
             await asyncio.sleep(0)
 
     counting = asyncio.create_task(probe())
-    run: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # the session goes on
-    draining = asyncio.create_task(ingest._drain_early(run))
+    draining = asyncio.create_task(ingest._drain_early())
     await asyncio.sleep(0)
     ingest._heard(topic, b"while draining", False)
     await draining
