@@ -947,13 +947,12 @@ class Detector:
         host = self.hosts[entry.id] = HostTrack(entry.id, State.UP, now, seen)
         host.misses, host.interval_s, host.seq = misses, interval_s, entry.seq
         host.via, host.via_seen = relay_id, seen
-        horizon = now - policy.flap_window_s
-        host.flaps = (now,) if now > horizon else ()
-        host.scheduled = deadline = max(seen, self.grace_from) + interval_s * misses
+        out.append(Transition(Kind.HOST, entry.id, State.UNKNOWN, State.UP, now, "beat received", relay_id))
+        self._count_flap(host, Kind.HOST, now, relay_id, out)
+        host.scheduled = deadline = self._deadline(host)
         cols = relay.cols
         host.slot = cols.join(host, deadline)
         cols.mirror(host.slot, host, _ready(host))
-        out.append(Transition(Kind.HOST, entry.id, State.UNKNOWN, State.UP, now, "beat received", relay_id))
         return True
 
     def _add_arrival(self, host: HostTrack, gap: float) -> None:

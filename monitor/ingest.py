@@ -452,7 +452,7 @@ class Behind:
             self.since, self.passes, self.passes_past_grace = now, 0, 0
         self.passes += 1
         self.total += 1
-        if now - self.since < self.grace_s:
+        if self.graced(now):
             return True
         self.passes_past_grace += 1
         return False

@@ -138,7 +138,7 @@ class Writer:
         )
         if self.standby:
             changes = [c for c in changes if not self._seen_ahead(signature(c))]
-        elif self.journal is not None:
+        else:
             self._journal(changes, first)
         self._unwritten.extend(changes)
         self._wanted.set()
