@@ -110,7 +110,7 @@ class Cluster:
         return self.settings.failover_s / TICKS_PER_LEASE
 
     def _store_fence(self, epoch: int | None) -> None:
-        self.store.fence = Fence(self.node_id, self.token, epoch)
+        self.store.fence = Fence(self.node_id, self.token, epoch, self.settings.failover_s)
 
     async def run(self) -> None:
         while True:

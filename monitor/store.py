@@ -230,11 +230,13 @@ class NotActive(RelaybeatError):
 @dataclass(frozen=True, slots=True)
 class Fence:
     """What every write checks in its own transaction: that `node` (this process: `token`) still holds
-    the lease under `epoch`. `epoch` None: a standby, which writes nothing."""
+    the lease under `epoch`. `epoch` None: a standby, which writes nothing. `failover_s`: how long
+    such a transaction may sit idle before the database ends it (`_bound_idle_transaction`)."""
 
     node: str
     token: str
     epoch: int | None
+    failover_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +481,7 @@ class Store:
             raise NotActive(msg)
         async with self._writer.begin() as connection:
             if fence is not None:
+                await _bound_idle_transaction(connection, fence.failover_s)
                 lease = LeaseModel
                 held = await connection.scalar(
                     select(lease.epoch)
@@ -963,6 +966,7 @@ class Store:
         mine = (lease.name == LEASE_NAME, lease.holder == node, lease.token == token, lease.epoch == epoch)
         async with self._engine.begin() as connection:
             await connection.execute(text("SET LOCAL lock_timeout = '2s'"))
+            await _bound_idle_transaction(connection, failover_s)
             await connection.execute(postgresql.insert(lease).values(name=LEASE_NAME, epoch=0).on_conflict_do_nothing())
             previous = await connection.scalar(select(lease.holder).where(lease.name == LEASE_NAME).with_for_update())
             acquired = False
@@ -1049,6 +1053,17 @@ class Store:
         ).order_by(n.node)
         async with self._engine.connect() as connection:
             return [NodeView(*row[:6], holds_lease=bool(row[6])) for row in await connection.execute(query)]
+
+
+async def _bound_idle_transaction(connection: AsyncConnection, failover_s: float) -> None:
+    """A monitor stopped inside a transaction that locks the lease row (a SIGSTOP, a frozen VM, a loop
+    stalled between statements) would hold that lock, and so block every takeover, for as long as it
+    is stopped. The database ends such a session once it has sat idle in its transaction for
+    `failover_s`: by then its lease has run out too (it renews only between transactions, and no
+    renewal came), so a standby takes over and the stopped monitor, when it resumes, finds its
+    transaction gone and its lease held by another."""
+    ms = max(1, round(failover_s * 1000))
+    await connection.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
 
 
 async def _ids_of(connection: AsyncConnection, keys: Sequence[str]) -> dict[str, int]:
