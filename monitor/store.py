@@ -430,6 +430,33 @@ def _compare(connection: Connection) -> list[Any]:
 # --holds-only`), and it runs other work between steps (the issue: no hold over 5 ms). 200 held it
 # 3.6-4.7 ms; each step costs the driver a round trip, so a 50,000-row batch takes longer in all.
 WRITE_STEP = 100
+# The checkpoint's rows per statement: plain tuples, built in ~0.5 ms a step (its SQL runs in the
+# driver's thread on SQLite, in the server on PostgreSQL).
+CHECKPOINT_STEP = 1000
+_SQLITE_LAST_SEEN = "UPDATE hosts SET last_seen = ?, seq = ? WHERE id = ?"
+_UNNESTED_LAST_SEEN = text(
+    "UPDATE hosts SET last_seen = v.seen, seq = v.seq "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:seen AS timestamptz[]), CAST(:seqs AS bigint[])) AS v(id, seen, seq) "
+    "WHERE hosts.id = v.id"
+)
+
+
+def _aware_text(moment: datetime) -> str:
+    """An aware moment in ISO 8601, its offset included (PostgreSQL reads it into `timestamptz`)."""
+    if moment.utcoffset() is None:
+        _require_aware("last_seen", moment)
+    return moment.isoformat()
+
+
+def _sqlite_time(moment: datetime) -> str:
+    """What `UTCDateTime` stores on SQLite (naive UTC in SQLAlchemy's fixed-width text,
+    `2026-12-04 18:53:42.000123`), written without its bind processors."""
+    if moment.tzinfo is not UTC:
+        _require_aware("last_seen", moment)
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(" ", "microseconds")[:26]
+
+
 _KEYS_PER_QUERY = 500  # bound parameters per `stored_keys` query (SQLite allows 32766, older builds 999)
 
 _HOST_COLUMNS = [getattr(HostModel, field.name) for field in fields(HostRow)]
@@ -685,22 +712,24 @@ class Store:
             return [DetectionRow(**row._asdict()) for row in await connection.execute(query)]
 
     async def save_last_seen(self, hosts: Sequence[tuple[str, datetime, int | None]]) -> None:
-        """The restart checkpoint: `(id, last_seen, seq)` of hosts that already have a row, in one
-        executemany; states are only ever written with their transitions."""
+        """The restart checkpoint: `(id, last_seen, seq)` of hosts that already have a row; states are
+        only ever written with their transitions. Every host, every `checkpoint_s`: so it skips the
+        ORM's per-row work (about 12-21 us a host, a third of a core at 1M hosts every 60 s), in steps
+        of CHECKPOINT_STEP rows: one executemany of plain tuples on SQLite, one UPDATE over `unnest`ed
+        arrays on PostgreSQL. A naive time fails the transaction: nothing is saved."""
         if not hosts:
             return
-        statement = (
-            update(HostModel)
-            .where(HostModel.id == bindparam("host_id"))
-            .values(last_seen=bindparam("seen"), seq=bindparam("beat_seq"))
-        )
-
-        def values(host: tuple[str, datetime, int | None]) -> dict[str, Any]:
-            _require_aware("last_seen", host[1])  # a naive one fails the transaction: nothing is saved
-            return {"host_id": host[0], "seen": host[1], "beat_seq": host[2]}
-
         async with self._writing() as connection:
-            await _execute_in_steps(connection, statement, hosts, values)
+            for start in range(0, len(hosts), CHECKPOINT_STEP):
+                step = hosts[start : start + CHECKPOINT_STEP]
+                if self.dialect == "sqlite":
+                    rows = [(_sqlite_time(seen), seq, host_id) for host_id, seen, seq in step]
+                    await connection.exec_driver_sql(_SQLITE_LAST_SEEN, rows)
+                else:
+                    seen_at = [_aware_text(seen) for _, seen, _ in step]  # text: psycopg dumps it fastest
+                    columns = {"ids": [h[0] for h in step], "seen": seen_at, "seqs": [h[2] for h in step]}
+                    await connection.execute(_UNNESTED_LAST_SEEN, columns)
+                await asyncio.sleep(0)  # the driver may answer without yielding: let the loop run anyway
 
     async def forget_host(self, host_id: str) -> bool:
         """Delete a host's current-state row (its history stays). False if there was none."""

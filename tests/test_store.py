@@ -485,3 +485,45 @@ def test_any_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
             round_trip()
         finally:
             runner.run(store.close())
+
+
+# --- the restart checkpoint -----------------------------------------------------------------------
+
+
+async def _stored_last_seen(store: Store) -> dict[str, object]:
+    """Each host's `last_seen` as the database holds it (SQLite: the text itself)."""
+    async with store._engine.connect() as connection:
+        return {row[0]: row[1] for row in await connection.execute(text("SELECT id, last_seen FROM hosts"))}
+
+
+async def test_the_checkpoint_stores_last_seen_and_seq_exactly_as_a_host_row_write_does(store: Store) -> None:
+    moments = [
+        datetime(2026, 12, 4, 18, 53, 42, 123, tzinfo=UTC),
+        datetime(2026, 12, 4, 18, 53, 42, tzinfo=UTC),  # no microseconds: still the fixed width
+        datetime(2026, 12, 4, 20, 53, 42, 999999, tzinfo=PLUS_2),  # another zone: stored as UTC
+    ]
+    ids = [f"h{i}" for i in range(len(moments))]
+    await store.write(Batch(hosts=[host(i, seq=1) for i in ids] + [host("written", seq=1)]))
+    # the same moments written by the ORM, through UTCDateTime, for comparison
+    await store.write(Batch(hosts=[host(f"orm{i}", last_seen=m, seq=9) for i, m in enumerate(moments)]))
+
+    await store.save_last_seen([(i, m, 7 + n) for n, (i, m) in enumerate(zip(ids, moments, strict=True))])
+    await store.save_last_seen([("never-written", moments[0], 1)])  # no row: the checkpoint adds none
+
+    hosts, _ = await store.load()
+    by_id = {h.id: h for h in hosts}
+    assert "never-written" not in by_id
+    assert [(by_id[i].last_seen, by_id[i].seq) for i in ids] == [(m, 7 + n) for n, m in enumerate(moments)]
+    assert all(by_id[i].last_seen.tzinfo is UTC for i in ids)  # type: ignore[union-attr]
+    assert (by_id["written"].last_seen, by_id["written"].seq) == (T0, 1)  # not in the checkpoint: untouched
+    stored = await _stored_last_seen(store)
+    assert [stored[i] for i in ids] == [stored[f"orm{n}"] for n in range(len(moments))]
+
+
+async def test_a_checkpoint_with_a_naive_time_saves_nothing(store: Store) -> None:
+    await store.write(Batch(hosts=[host("h1"), host("h2")]))
+    later = T0 + timedelta(minutes=1)
+    with pytest.raises(ValueError, match="naive"):
+        await store.save_last_seen([("h1", later, 2), ("h2", datetime(2024, 1, 1, 0, 1), 2)])
+    hosts, _ = await store.load()
+    assert {(h.id, h.last_seen, h.seq) for h in hosts} == {("h1", T0, 1), ("h2", T0, 1)}
