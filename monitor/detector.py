@@ -44,11 +44,11 @@ import fnmatch
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from relaybeat.errors import SettingsError
 from relaybeat.monitor.columns import READY_SCHEDULED, READY_STEADY, READY_UP, READY_WAITING, SAME_BEAT_S, Columns
@@ -169,6 +169,7 @@ class RelayTrack(_Track):
 
 
 AnyTrack = HostTrack | RelayTrack  # what a track is; code narrows it with isinstance
+_T = TypeVar("_T", HostTrack, RelayTrack)
 
 
 class _Job(enum.Enum):
@@ -276,6 +277,10 @@ class Detector:
         self.last_bundle_at: float | None = None
         self.ignored: dict[str, int] = {}  # evidence dropped on purpose, by reason (counters)
         self.plain_rows = 0  # rows of `Bundle.beats` the vectorised pass took (a counter)
+        # Subjects per kind and state, and flapping per kind, kept as they change: what /metrics and
+        # /healthz report without a walk over a million hosts (`tally_faults` recounts them).
+        self.tally: dict[Kind, Counter[State]] = {Kind.HOST: Counter(), Kind.RELAY: Counter()}
+        self.flapping_tally: Counter[Kind] = Counter()
         self._heap: list[tuple[float, int, AnyTrack]] = []
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
@@ -406,6 +411,8 @@ class Detector:
         host = self.hosts.pop(host_id, None)
         if host is None:
             return False
+        self.tally[Kind.HOST][host.state] -= 1
+        self.flapping_tally[Kind.HOST] -= host.flapping
         host.scheduled = None
         if host.via is not None and host.via in self.relays:
             self._leave(host, self.relays[host.via])
@@ -458,7 +465,7 @@ class Detector:
             relay.parent, relay.boot, relay.flush_s, relay.flapping = r.parent, r.boot, r.flush_s, r.flapping
             relay.seq = -1 if r.seq is None else r.seq
             relay.desynced = True  # what it sent while we were away is not in SQL: wait for a keyframe
-            self.relays[r.id] = relay
+            self._enter(self.relays, relay, Kind.RELAY)
         for relay in self.relays.values():
             if relay.parent in self.relays:
                 self.relays[relay.parent].children.add(relay.id)
@@ -470,7 +477,7 @@ class Detector:
             host.misses = self.policy.misses_for(h.id)
             host.via, host.source = h.relay, h.source
             host.via_seen = _NEVER if h.last_seen is None else h.last_seen
-            self.hosts[h.id] = host
+            self._enter(self.hosts, host, Kind.HOST)
             if h.relay is not None:
                 self._join(host, self._relay(h.relay, h.since))
             if host.state == State.UP:
@@ -601,6 +608,9 @@ class Detector:
                 kind=kind, subject=track.id, from_state=track.state, to_state=state, at=at, reason=reason, relay=relay
             )
         )
+        tally = self.tally[kind]
+        tally[track.state] -= 1
+        tally[state] += 1
         track.state = state
         track.since = at
         if type(track) is RelayTrack and state not in _UP_OR_UNKNOWN:
@@ -620,6 +630,7 @@ class Detector:
         track.flaps = tuple(t for t in (*track.flaps, at) if t > horizon)[-policy.flap_start :]
         if not track.flapping and len(track.flaps) >= policy.flap_start:
             track.flapping = True
+            self.flapping_tally[kind] += 1
             reason = f"{len(track.flaps)} state changes within {_fmt(policy.flap_window_s)} s"
             out.append(self._event(kind, track, at, reason, relay, Event.FLAPPING_START))
 
@@ -630,6 +641,7 @@ class Detector:
         track.flaps = tuple(t for t in track.flaps if t > horizon)
         if len(track.flaps) <= self.policy.flap_stop:
             track.flapping = False
+            self.flapping_tally[kind] -= 1
             reason = f"{len(track.flaps)} state changes within {_fmt(self.policy.flap_window_s)} s"
             out.append(self._event(kind, track, now, reason, relay, Event.FLAPPING_END))
             if type(track) is HostTrack:
@@ -638,8 +650,27 @@ class Detector:
     def _relay(self, relay_id: str, now: float) -> RelayTrack:
         relay = self.relays.get(relay_id)
         if relay is None:
-            relay = self.relays[relay_id] = RelayTrack(relay_id, State.UNKNOWN, now, None)
+            relay = self._enter(self.relays, RelayTrack(relay_id, State.UNKNOWN, now, None), Kind.RELAY)
         return relay
+
+    def _enter(self, tracks: dict[str, _T], track: _T, kind: Kind) -> _T:
+        """A new subject, counted in the tallies."""
+        tracks[track.id] = track
+        self.tally[kind][track.state] += 1
+        self.flapping_tally[kind] += track.flapping
+        return track
+
+    def tally_faults(self) -> list[str]:
+        """Where the tallies disagree with a recount (the property tests' self-check; [] when sound)."""
+        out = []
+        for kind, tracks in ((Kind.HOST, self.hosts), (Kind.RELAY, self.relays)):
+            counted: Counter[State] = Counter(t.state for t in tracks.values())
+            if +self.tally[kind] != counted or -self.tally[kind]:
+                out.append(f"{kind} states: tally {dict(self.tally[kind])} != counted {dict(counted)}")
+            flapping = sum(t.flapping for t in tracks.values())
+            if self.flapping_tally[kind] != flapping:
+                out.append(f"{kind} flapping: tally {self.flapping_tally[kind]} != counted {flapping}")
+        return out
 
     def _seq_allowance(self, last_seen: float, flush_s: float, now: float) -> float:
         """How far a relay's bundle seq may plausibly have moved since we last heard it."""
@@ -880,7 +911,7 @@ class Detector:
         if self._jobs:
             self._touch(host, out)
         if host is None:
-            host = self.hosts[host_id] = HostTrack(host_id, State.UNKNOWN, now, None)
+            host = self._enter(self.hosts, HostTrack(host_id, State.UNKNOWN, now, None), Kind.HOST)
             host.misses = self.policy.misses_for(host_id)
             host.interval_s = interval_ms / 1000
         return host
@@ -944,7 +975,7 @@ class Detector:
         misses, interval_s = policy.misses_for(entry.id), entry.interval_ms / 1000
         if seen + interval_s * misses <= now:
             return False  # stale news: no `up` from it (the full path schedules or decides it)
-        host = self.hosts[entry.id] = HostTrack(entry.id, State.UP, now, seen)
+        host = self._enter(self.hosts, HostTrack(entry.id, State.UP, now, seen), Kind.HOST)
         host.misses, host.interval_s, host.seq = misses, interval_s, entry.seq
         host.via, host.via_seen = relay_id, seen
         out.append(Transition(Kind.HOST, entry.id, State.UNKNOWN, State.UP, now, "beat received", relay_id))

@@ -159,6 +159,7 @@ class Monitor:
         )
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1
+        self._grace_over: tuple[float, int] | None = None  # (grace_from, hosts) when in_grace last found it over
         self.cluster: Cluster | None = None  # set by restore() on PostgreSQL with cluster settings
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -394,10 +395,19 @@ class Monitor:
 
     @property
     def in_grace(self) -> bool:
-        """True during the first timeout after start or after regaining sight."""
-        grace = self.detector.grace_from
-        longest = max((self.detector.timeout_s(h) for h in self.detector.hosts.values()), default=0.0)
-        return self.clock.now() < grace + longest
+        """True during the first timeout after start or after regaining sight: while some host's
+        timeout has not yet run since then. Once it is over it is not looked for again until the
+        grace or the host count changes: /healthz does not walk a million hosts at every call
+        (during the grace the walk stops at the first host still in it)."""
+        detector = self.detector
+        over = (detector.grace_from, len(detector.hosts))
+        if self._grace_over == over:
+            return False
+        since = self.clock.now() - detector.grace_from
+        if any(detector.timeout_s(h) > since for h in detector.hosts.values()):
+            return True
+        self._grace_over = over
+        return False
 
     def sorted_host_ids(self) -> list[str]:
         """Host ids in order, for stable pages; re-sorted only when hosts come or go."""

@@ -352,15 +352,28 @@ class FleetView:
         """Subjects per shown state, flapping and in maintenance right now."""
         monitor = self._monitor
         tracks: dict[str, HostTrack] | dict[str, RelayTrack]
-        tracks = monitor.detector.hosts if kind is Kind.HOST else monitor.detector.relays
-        pending = _Pending.of(monitor)
-        states = Counter(pending.state(kind, s, t.state) for s, t in tracks.items())
+        detector = monitor.detector
+        tracks = detector.hosts if kind is Kind.HOST else detector.relays
+        # The detector's tallies, with each pending decision shown as not yet made: no walk over the fleet
+        states, flapping = Counter(detector.tally[kind]), detector.flapping_tally[kind]
+        for (pending_kind, subject), before in _Pending.of(monitor).by_subject.items():
+            track = tracks.get(subject) if pending_kind is kind else None
+            if track is None:
+                continue
+            if before.state is not None:
+                states[track.state] -= 1
+                states[before.state] += 1
+            if before.flapping is not None:
+                flapping += before.flapping - track.flapping
         now = self.now()
+        covered = 0
+        if monitor.maintenance.active(now):  # only a window open now makes anyone's walk worth it
+            covered = sum(1 for s in tracks if monitor.in_maintenance(kind, s, now))
         return StateCounts(
             total=len(tracks),
             states={state: states[state] for state in State},
-            flapping=sum(1 for s, t in tracks.items() if pending.flapping(kind, s, t.flapping)),
-            in_maintenance=sum(1 for s in tracks if monitor.in_maintenance(kind, s, now)),
+            flapping=flapping,
+            in_maintenance=covered,
         )
 
     async def _host_views(self, tracks: Sequence[HostTrack]) -> list[HostView]:

@@ -38,6 +38,7 @@ class Twins:
 
     def check(self) -> None:
         assert self.columnar.column_faults() == []
+        assert self.columnar.tally_faults() == []
 
         def fields(d: Detector) -> dict[str, tuple[object, ...]]:
             return {

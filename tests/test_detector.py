@@ -848,6 +848,7 @@ def test_flapping_flagged_after_k_changes_and_cleared_with_hysteresis() -> None:
         DOWN,
         "4 state changes within 100 s",
     )
+    assert (d.flapping_tally[Kind.HOST], d.tally[Kind.HOST][DOWN]) == (1, 1)
     for t in range(20, 110):  # change 5 at 20, then steady
         beat(float(t))
     assert not [t for t in out if t.event == Event.FLAPPING_END]  # at 109: changes at 10, 13, 20 in the window
@@ -855,6 +856,8 @@ def test_flapping_flagged_after_k_changes_and_cleared_with_hysteresis() -> None:
 
     (end,) = [t for t in out if t.event == Event.FLAPPING_END]
     assert (end.at, end.from_state, end.to_state, end.reason) == (110.0, UP, UP, "2 state changes within 100 s")
+    assert (d.flapping_tally[Kind.HOST], d.tally[Kind.HOST][UP]) == (0, 1)
+    assert d.tally_faults() == []
     assert [(t.to_state, t.at) for t in out if t.event == Event.TRANSITION] == [
         (UP, 1.0), (DOWN, 4.0), (UP, 10.0), (DOWN, 13.0), (UP, 20.0)
     ]  # fmt: skip
@@ -1312,6 +1315,10 @@ class DetectorMachine(RuleBasedStateMachine):
     @invariant()
     def columns_mirror_their_hosts(self) -> None:
         assert self.detector.column_faults() == []
+
+    @invariant()
+    def tallies_count_every_subject(self) -> None:
+        assert self.detector.tally_faults() == []
 
     @invariant()
     def blind_while_disconnected(self) -> None:
