@@ -281,6 +281,8 @@ class Detector:
         # /healthz report without a walk over a million hosts (`tally_faults` recounts them).
         self.tally: dict[Kind, Counter[State]] = {Kind.HOST: Counter(), Kind.RELAY: Counter()}
         self.flapping_tally: Counter[Kind] = Counter()
+        # The hosts in each state but `up` (few, as a rule): what `GET /hosts?state=down` lists.
+        self.unwell: dict[State, set[str]] = {state: set() for state in State if state is not State.UP}
         self._heap: list[tuple[float, int, AnyTrack]] = []
         self._root_pending: list[RelayTrack] = []  # top-level relays silent, not yet confirmed
         self._tie = itertools.count()
@@ -413,6 +415,8 @@ class Detector:
             return False
         self.tally[Kind.HOST][host.state] -= 1
         self.flapping_tally[Kind.HOST] -= host.flapping
+        if host.state is not State.UP:
+            self.unwell[host.state].discard(host_id)
         host.scheduled = None
         if host.via is not None and host.via in self.relays:
             self._leave(host, self.relays[host.via])
@@ -611,6 +615,11 @@ class Detector:
         tally = self.tally[kind]
         tally[track.state] -= 1
         tally[state] += 1
+        if kind is Kind.HOST:
+            if track.state is not State.UP:
+                self.unwell[track.state].discard(track.id)
+            if state is not State.UP:
+                self.unwell[state].add(track.id)
         track.state = state
         track.since = at
         if type(track) is RelayTrack and state not in _UP_OR_UNKNOWN:
@@ -658,6 +667,8 @@ class Detector:
         tracks[track.id] = track
         self.tally[kind][track.state] += 1
         self.flapping_tally[kind] += track.flapping
+        if kind is Kind.HOST and track.state is not State.UP:
+            self.unwell[track.state].add(track.id)
         return track
 
     def tally_faults(self) -> list[str]:
@@ -670,6 +681,9 @@ class Detector:
             flapping = sum(t.flapping for t in tracks.values())
             if self.flapping_tally[kind] != flapping:
                 out.append(f"{kind} flapping: tally {self.flapping_tally[kind]} != counted {flapping}")
+        for state, ids in self.unwell.items():
+            if ids != {h.id for h in self.hosts.values() if h.state is state}:
+                out.append(f"hosts {state}: listed {sorted(ids)[:5]}... != the hosts in it")
         return out
 
     def _seq_allowance(self, last_seen: float, flush_s: float, now: float) -> float:

@@ -329,6 +329,9 @@ class FleetView:
         ids = monitor.sorted_host_ids()
         if state is not None or relay is not None:
             pending = _Pending.of(monitor)
+            if state is not None and state is not State.UP:  # the few in it, not the whole fleet
+                changing = {s for (k, s), b in pending.by_subject.items() if k is Kind.HOST and b.state is not None}
+                ids = sorted(monitor.detector.unwell[state] | (changing & tracks.keys()))
             ids = [
                 i
                 for i in ids

@@ -109,6 +109,24 @@ async def test_a_host_decided_down_is_shown_down_only_once_its_row_is_in_sql(fle
     assert ("h2", "up", "down") in await event_rows(fleet.app.state.events, 4)
 
 
+async def test_a_host_back_up_is_listed_down_until_its_recovery_is_in_sql(fleet: Fleet) -> None:
+    fleet.clock.t += 10.0
+    fleet.send(h1=0, h2=10_000)  # h2 quiet past its timeout: down
+    await fleet.monitor.flush()
+    fleet.clock.t += 1.0
+    fleet.send(h1=0, h2=0)  # h2 beats again: decided up, not yet written
+    assert fleet.decided(Kind.HOST, "h2") is State.UP
+
+    down = await fleet.get("/api/v1/hosts?state=down")
+    assert ([h["id"] for h in down["items"]], down["total"]) == (["h2"], 1)  # shown as SQL has it
+    assert (await fleet.get("/api/v1/hosts?state=up"))["total"] == 1
+
+    await fleet.monitor.flush()
+
+    assert (await fleet.get("/api/v1/hosts?state=down"))["total"] == 0
+    assert [h["id"] for h in (await fleet.get("/api/v1/hosts?state=up"))["items"]] == ["h1", "h2"]
+
+
 async def test_a_relay_silence_decided_by_expiry_is_shown_once_written(fleet: Fleet) -> None:
     fleet.clock.t += 5.0  # r1 silent past flush × misses (3 s): down, its hosts unreachable
     fleet.monitor.expire()
