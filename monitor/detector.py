@@ -1056,7 +1056,12 @@ class Detector:
 
     def column_faults(self) -> list[str]:
         """Where a relay's columns disagree with its hosts: the property tests' self-check ([] when sound)."""
-        return [fault for relay in self.relays.values() for fault in relay.cols.faults(relay.id, _ready)]
+        out = [fault for relay in self.relays.values() for fault in relay.cols.faults(relay.id, _ready)]
+        for host in self.hosts.values():  # and the other way round: a host heard via a relay is in its columns
+            relay = self.relays.get(host.via) if host.via is not None else None
+            if host.via is not None and (relay is None or host.slot < 0 or relay.cols.members[host.slot] is not host):
+                out.append(f"{host.id}: heard via {host.via}, not in its columns")
+        return out
 
     def _expire_behind(self, relay: RelayTrack, now: float, out: list[Transition]) -> None:
         """The hosts behind `relay` whose deadline its latest bundle (sent at `relay.last_seen`)

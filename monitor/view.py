@@ -332,6 +332,9 @@ class FleetView:
             if state is not None and state is not State.UP:  # the few in it, not the whole fleet
                 changing = {s for (k, s), b in pending.by_subject.items() if k is Kind.HOST and b.state is not None}
                 ids = sorted(monitor.detector.unwell[state] | (changing & tracks.keys()))
+            elif relay is not None:  # the hosts heard via a relay are those in its columns
+                behind = monitor.detector.relays.get(relay)
+                ids = sorted(h.id for h in (behind.cols.members if behind is not None else ()) if h is not None)
             ids = [
                 i
                 for i in ids
