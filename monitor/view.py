@@ -69,10 +69,25 @@ STATUS_CHANGES = 30  # state changes per subject on a status page's strip (newes
 
 
 def iso(moment: datetime | None) -> str | None:
-    """A shown moment as text: ISO 8601, milliseconds, `Z` for UTC."""
+    """A shown moment as text: ISO 8601, milliseconds, `Z` for UTC.
+
+    A page of 1,000 hosts shows 3,000 moments, most of them within a few seconds of each other: a
+    UTC moment's whole second is formatted once (`_SECONDS`), then only its milliseconds."""
     if moment is None:
         return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second = moment.replace(microsecond=0)
+    head = _SECONDS.get(second)
+    if head is None:
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        head = _SECONDS[second] = second.isoformat()[:19]
+    return f"{head}.{moment.microsecond // 1000:03d}Z"
+
+
+_SECONDS: dict[datetime, str] = {}  # a UTC whole second -> its ISO text, up to the seconds
+_SECONDS_KEPT = 4096
 
 
 # ------------------------------------------------------------------------------------ snapshots

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relaybeat.api.app import create_app
 from relaybeat.api.events import EventHub
 from relaybeat.monitor.service import Monitor
 from relaybeat.monitor.states import Kind, State
 from relaybeat.monitor.store import Store
+from relaybeat.monitor.view import iso
 from relaybeat.relay.wire import Bundle, HostEntry, LeafStatus, encode_bundle
 from tests.fakes import FakeClock
 from tests.monitors import new_monitor
@@ -173,3 +177,15 @@ async def test_pending_lists_what_is_decided_and_not_yet_written_in_order(fleet:
     assert {t.subject for t in pending[1:]} == {"h1", "h2"}
     await fleet.monitor.flush()
     assert fleet.monitor.pending() == []
+
+
+@given(
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(minutes=-90))])),
+)
+def test_a_shown_moment_is_iso_8601_in_milliseconds_with_z_for_utc(moment: datetime) -> None:
+    reference = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert iso(moment) == reference
+    assert iso(moment) == reference  # again, from the cache of whole seconds
+    if moment.tzinfo is UTC:
+        assert reference.endswith("Z")
+        assert len(reference) == len("2026-12-04T19:13:54.123Z")
