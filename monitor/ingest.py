@@ -93,6 +93,7 @@ class Ingest:
         relays: frozenset[str] | None = None,
         max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
         max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+        behind_grace_s: float = BEHIND_GRACE_S,
     ) -> None:
         self.topics = topics
         self.detector = detector
@@ -110,7 +111,7 @@ class Ingest:
         self.rejections = Rejections(log)
         self.ignored_log = Rejections(log)  # rate-limited warnings for bundles the detector ignores (it counts)
         self.received: Counter[str] = Counter()
-        self.lag = Behind()
+        self.lag = Behind(behind_grace_s)
         self._main: LeanClient | None = None  # the main session's client, while it is hearing
         self._stand_in: LeanClient | None = None  # the spare session's client, while it hears instead
         # What the main session heard before it was ready (a persistent session's backlog comes at once

@@ -34,7 +34,7 @@ from relaybeat.monitor.clock import Clock, SystemClock
 from relaybeat.monitor.cluster import Cluster, ClusterSettings, Role
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.expiry import LOOP_PROBE_S, STALL_S, Expiry, sleep_to_tick
-from relaybeat.monitor.ingest import Ingest
+from relaybeat.monitor.ingest import BEHIND_GRACE_S, Ingest
 from relaybeat.monitor.journal import Journal
 from relaybeat.monitor.maintenance import MaintenanceBook
 from relaybeat.monitor.notifier import Notifier
@@ -88,6 +88,7 @@ class MonitorSettings:
     # How often last-seen times are saved for a restart. After a restart everyone gets a full timeout
     # of grace anyway, so these only feed reasons and the API until fresh news arrives: rarely is enough.
     checkpoint_s: float = 60.0
+    behind_grace_s: float = BEHIND_GRACE_S  # how long, per episode, being behind its input earns grace
     notify: NotifySettings = field(default_factory=NotifySettings)  # webhooks; none by default
     # Write-ahead journal of decisions (monitor/journal.py): what was decided but not yet in SQL
     # survives kill -9 and is written at the next start. None: no journal (a crash loses that batch).
@@ -156,6 +157,7 @@ class Monitor:
             relays=settings.relays,
             max_bundle_bytes=settings.max_bundle_bytes,
             max_bundle_entries=settings.max_bundle_entries,
+            behind_grace_s=settings.behind_grace_s,
         )
         self._sorted_ids: list[str] = []
         self._sorted_ids_for = -1

@@ -306,6 +306,10 @@ def monitor(
     failover: Annotated[
         float | None, typer.Option(help="Seconds before a standby takes over from a silent active [5].")
     ] = None,
+    behind_grace: Annotated[
+        float | None,
+        typer.Option(help="Seconds per episode the monitor, behind its own input, keeps its grace [300].", min=0),
+    ] = None,
 ) -> None:
     """Decide every host's and relay's state, store transitions, serve the HTTP API (/docs)."""
     from relaybeat.monitor_server import serve_monitor

@@ -207,6 +207,9 @@ class MonitorConfig(_Strict):
         None  # accept bundles only from these relays (children included); unset: any
     )
     journal: str | None = Field(default=None, min_length=1)  # decisions not yet in SQL; unset: see journal_path
+    # Behind its own input (onboarding a huge fleet, a stalled loop), the monitor renews its grace for up
+    # to this long per episode, then decides anyway; unset: the monitor's default (monitor/ingest.py)
+    behind_grace_s: float | None = Field(default=None, ge=0, le=86_400)
 
     @field_validator("db")
     @classmethod
@@ -272,6 +275,7 @@ class MonitorConfig(_Strict):
             relays=None if self.relays is None else frozenset(self.relays),
             notify=notify or NotifySettings(),
             journal=self.journal_path(),
+            **({} if self.behind_grace_s is None else {"behind_grace_s": self.behind_grace_s}),
             targets=targets[0],
             targets_by_glob=targets[1],
             cluster=ClusterSettings(self.node(), self.failover_s, api=f"http://{self.listen}"),

@@ -51,6 +51,7 @@ class MonitorFlags:
     prefix: str | None = _flag("monitor.prefix", "RELAYBEAT_PREFIX")
     node_id: str | None = _flag("monitor.node_id", "RELAYBEAT_NODE_ID")
     failover: float | None = _flag("monitor.failover_s")
+    behind_grace: float | None = _flag("monitor.behind_grace_s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import typer.core
@@ -15,6 +16,10 @@ from typer.testing import CliRunner
 
 from relaybeat import cli
 from relaybeat.config import ConfigError, load_config
+from relaybeat.monitor.clock import HandClock
+from relaybeat.monitor.ingest import BEHIND_GRACE_S
+from relaybeat.monitor.service import Monitor
+from relaybeat.monitor.store import Store
 from relaybeat.relay.mqtt import Brokers, BrokerURL
 from relaybeat.relay.wire import DEFAULT_MAX_BUNDLE_BYTES, DEFAULT_MAX_BUNDLE_ENTRIES
 from relaybeat.settings import LeafFlags, MonitorFlags, RelayFlags, leaf_start, monitor_start, relay_start
@@ -244,6 +249,16 @@ def test_monitor_flags_and_their_variables_still_work_over_the_file(tmp_path: Pa
     assert settings.client_id == "m2"
 
 
+def test_the_grace_for_being_behind_comes_from_the_file_or_the_flag_and_reaches_the_ingest(tmp_path: Path) -> None:
+    path = tmp_path / "relaybeat.toml"
+    assert monitor_start(MonitorFlags(), {}, None).settings.behind_grace_s == BEHIND_GRACE_S
+    path.write_text("[monitor]\nbehind_grace_s = 900\n")
+    assert monitor_start(MonitorFlags(), {}, path).settings.behind_grace_s == 900
+    settings = monitor_start(MonitorFlags(behind_grace=42.5), {}, path).settings
+    assert settings.behind_grace_s == 42.5
+    assert Monitor(settings, cast(Store, None), HandClock()).ingest.lag.grace_s == 42.5
+
+
 def test_relay_and_leaf_read_the_deployment_file(tmp_path: Path) -> None:
     path = tmp_path / "relaybeat.toml"
     path.write_text(
@@ -335,7 +350,7 @@ def test_each_flag_reads_its_own_variable_and_reaches_the_builder() -> None:
             "--broker": "RELAYBEAT_BROKER", "--db": "RELAYBEAT_DB", "--listen": "RELAYBEAT_LISTEN",
             "--misses": "RELAYBEAT_MISSES", "--default-interval": None, "--adaptive/--fixed": None, "--phi": None,
             "--client-id": None, "--max-bundle-bytes": None, "--max-bundle-entries": None, "--journal": None,
-            "--node-id": "RELAYBEAT_NODE_ID", "--failover": None,
+            "--node-id": "RELAYBEAT_NODE_ID", "--failover": None, "--behind-grace": None,
         },
         "relay": common | {
             "--id": "RELAYBEAT_ID", "--local": None, "--upstream": "RELAYBEAT_UPSTREAM", "--flush": None,
