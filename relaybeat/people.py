@@ -12,7 +12,6 @@ import contextlib
 import json
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -407,77 +406,51 @@ def watch(
         signal.signal(signal.SIGTERM, _interrupt)
     client = Api(api, token, timeout_s=10.0)
     client.health()  # says so at once when --api is some other server
-    # The stream is read in a thread of its own, so Ctrl-C (or SIGTERM) lands in this one, waiting, and
-    # never inside httpx: a KeyboardInterrupt raised inside httpcore's connection pool can deadlock it
-    # (encode/httpcore#990, #1108), and `watch` then hung on Ctrl-C instead of stopping.
-    ended: list[BaseException] = []
-    done = threading.Event()
-
-    def follow() -> None:
-        try:
-            _follow(client, out, err, state, search, after_id)
-        except BaseException as exc:  # handed to the main thread: the same error, said there
-            ended.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=follow, name="relaybeat-watch", daemon=True).start()
-    try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        err.print("[dim]stopped[/]")
-        return
-    if ended:
-        raise ended[0]
-
-
-def _follow(
-    client: Api, out: Console, err: Console, state: str | None, search: str | None, after_id: int | None
-) -> None:
-    """Print the event stream's transitions as they come, resuming after a dropped connection."""
     last_id = after_id
     connected_once = False
     delay_s = 1.0
-    while True:
-        try:
-            headers = {"Accept": "text/event-stream"}
-            if last_id is not None:
-                headers["Last-Event-ID"] = str(last_id)
-            with client.http.stream(
-                "GET", "/api/v1/events", headers=headers, timeout=httpx.Timeout(10.0, read=None)
-            ) as response:
-                client.check(response)
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    msg = "GET /api/v1/events is not an event stream"
-                    raise client.not_relaybeat(msg)
-                resumed = "" if last_id is None else f", resuming after #{last_id}"
-                verb = "reconnected to" if connected_once else "watching"
-                err.print(f"[dim]{verb} {escape(client.base)}/api/v1/events{resumed} (Ctrl-C to stop)[/]")
-                connected_once, delay_s = True, 1.0
-                for event in parse_events(response.iter_lines()):
-                    if "id" in event:
-                        last_id = int(event["id"])
-                    if event.get("event") != "transition" or "data" not in event:
-                        continue
-                    item = json.loads(event["data"])
-                    if state and item["to"] != state:
-                        continue
-                    if search and search.lower() not in item["subject"].lower():
-                        continue
-                    via = f"  [dim]via {escape(item['relay'])}[/]" if item["relay"] else ""
-                    out.print(
-                        f"{local_time(item['at'], with_date=False)}  {item['kind']:5} {escape(item['subject'])}  "
-                        f"{change(item)}  {escape(item['reason'])}{via}"
-                    )
-                    sys.stdout.flush()
-            err.print("[yellow]the stream ended (monitor restarting?)[/]")
-        except httpx.TransportError as exc:
-            if not connected_once:
-                raise client.unreachable(exc) from None
-            err.print(f"[yellow]connection lost ({type(exc).__name__}); retrying in {delay_s:.0f} s[/]")
-        time.sleep(delay_s)
-        delay_s = min(30.0, delay_s * 2)
+    try:
+        while True:
+            try:
+                headers = {"Accept": "text/event-stream"}
+                if last_id is not None:
+                    headers["Last-Event-ID"] = str(last_id)
+                with client.http.stream(
+                    "GET", "/api/v1/events", headers=headers, timeout=httpx.Timeout(10.0, read=None)
+                ) as response:
+                    client.check(response)
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        msg = "GET /api/v1/events is not an event stream"
+                        raise client.not_relaybeat(msg)
+                    resumed = "" if last_id is None else f", resuming after #{last_id}"
+                    verb = "reconnected to" if connected_once else "watching"
+                    err.print(f"[dim]{verb} {escape(client.base)}/api/v1/events{resumed} (Ctrl-C to stop)[/]")
+                    connected_once, delay_s = True, 1.0
+                    for event in parse_events(response.iter_lines()):
+                        if "id" in event:
+                            last_id = int(event["id"])
+                        if event.get("event") != "transition" or "data" not in event:
+                            continue
+                        item = json.loads(event["data"])
+                        if state and item["to"] != state:
+                            continue
+                        if search and search.lower() not in item["subject"].lower():
+                            continue
+                        via = f"  [dim]via {escape(item['relay'])}[/]" if item["relay"] else ""
+                        out.print(
+                            f"{local_time(item['at'], with_date=False)}  {item['kind']:5} {escape(item['subject'])}  "
+                            f"{change(item)}  {escape(item['reason'])}{via}"
+                        )
+                        sys.stdout.flush()
+                err.print("[yellow]the stream ended (monitor restarting?)[/]")
+            except httpx.TransportError as exc:
+                if not connected_once:
+                    raise client.unreachable(exc) from None
+                err.print(f"[yellow]connection lost ({type(exc).__name__}); retrying in {delay_s:.0f} s[/]")
+            time.sleep(delay_s)
+            delay_s = min(30.0, delay_s * 2)
+    except KeyboardInterrupt:
+        err.print("[dim]stopped[/]")
 
 
 def register(app: typer.Typer) -> None:
