@@ -404,6 +404,9 @@ def watch(
     check_state(state)
     with contextlib.suppress(ValueError):  # not in the main thread (run embedded, or by a test): Ctrl-C only
         signal.signal(signal.SIGTERM, _interrupt)
+        # Started with SIGINT ignored (a background job of a script: POSIX shells do that), Python
+        # leaves it ignored and `kill -INT` would not stop it: stop on it anyway
+        signal.signal(signal.SIGINT, _interrupt)
     client = Api(api, token, timeout_s=10.0)
     client.health()  # says so at once when --api is some other server
     last_id = after_id

@@ -184,15 +184,25 @@ async def test_watch_prints_live_transitions_and_resumes_after_the_api_restarts(
         await store.close()
 
 
-async def test_watch_filters_by_state_and_replays_from_an_id(served: Served) -> None:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a script's background job
+
+
+@pytest.mark.parametrize(
+    ("stop", "started_ignoring_sigint"), [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "sigint"]
+)
+async def test_watch_filters_by_state_and_replays_from_an_id(
+    served: Served, stop: signal.Signals, started_ignoring_sigint: bool
+) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relaybeat", "watch", "--api", served.url, "--after-id", "0", "--state", "down",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=BASE_ENV,
+        preexec_fn=_ignore_sigint if started_ignoring_sigint else None,
     )  # fmt: skip
     assert process.stdout
     try:
         first = await read_line(process.stdout, "up → down")  # web-1's down: the newest row, so the replay is done
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         out, err = await asyncio.wait_for(process.communicate(), 15)
     finally:
         if process.returncode is None:
