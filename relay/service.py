@@ -74,20 +74,6 @@ def catch_up_s(planned_at: float, woke_at: float, flush_s: float) -> float:
     return min(late_s, CATCH_UP_MAX_S)
 
 
-def on_the_grid(due: float, now: float, wall_now: float, flush_s: float) -> float:
-    """`due` (a monotonic time) moved to the nearest moment that is a whole number of flush intervals
-    since the Unix epoch on the wall clock (at flush 1 s: each whole second), and never before `now`.
-
-    So every relay (with its host's clock in sync) flushes at the same moments: the monitor wakes once
-    per flush for all of them, not once per relay. A bundle read right after the monitor's loop has
-    slept costs it 2-4 times what one read right after another does (its caches gone cold; measured
-    in process: 5 relays of 1,000 leaves at interval 5 s, 4.2 ms of CPU a second spread over the
-    second, 2.1 ms together). Moving `due` changes one interval by at most half a flush."""
-    offset = (wall_now + (due - now)) % flush_s  # how far past a grid point `due` falls
-    snapped = due - offset if offset <= flush_s / 2 else due + (flush_s - offset)
-    return max(snapped, now)
-
-
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     relay_id: str
@@ -137,16 +123,10 @@ class RelaySettings:
 
 
 class RelayService:
-    def __init__(
-        self,
-        settings: RelaySettings,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, settings: RelaySettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.topics = Topics(settings.prefix)
         self.clock = clock
-        self.wall = wall  # the flushes' phase (`on_the_grid`)
         self.boot = secrets.token_hex(6)
         self._sessions = 0  # upstream main sessions tried in this boot: each one's will names its number
         self._session_up = 0  # ... the number of the last one that connected (0: none yet)
@@ -534,13 +514,10 @@ class RelayService:
                 self._flush_due = self.clock()
                 continue
             await self._send(client, topic, bundle)
-            planned, now = self._flush_due + s.flush_s, self.clock()
-            if now <= planned:
-                self._flush_due = on_the_grid(planned, now, self.wall(), s.flush_s)
-            elif not catch_up_s(planned, now, s.flush_s):
+            self._flush_due += s.flush_s
+            now = self.clock()
+            if now > self._flush_due and not catch_up_s(self._flush_due, now, s.flush_s):
                 self._flush_due = now  # a little behind (a slow broker): skip ahead rather than burst
-            else:
-                self._flush_due = planned  # stalled: the next turn reads what waits first
             await self._until_due(client, topic)
 
     def _bundle(self) -> Bundle:

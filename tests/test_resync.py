@@ -9,9 +9,6 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from hypothesis import given
-from hypothesis import strategies as st
-
 from relaybeat.monitor.clock import SystemClock
 from relaybeat.monitor.detector import Detector, Policy
 from relaybeat.monitor.expiry import Expiry
@@ -19,7 +16,7 @@ from relaybeat.monitor.ingest import Ingest
 from relaybeat.monitor.states import State, Transition
 from relaybeat.relay.compact import BundleDecoder
 from relaybeat.relay.mqtt import BrokerURL, payload_bytes
-from relaybeat.relay.service import RelayService, RelaySettings, on_the_grid
+from relaybeat.relay.service import RelayService, RelaySettings
 from relaybeat.relay.wire import (
     Beat,
     Bundle,
@@ -155,53 +152,3 @@ async def test_a_relay_names_its_upstream_session_in_its_presence(central_broker
     ]
     next_will = payload_bytes(relay._will().payload)
     assert decode_relay_status(next_will) == Presence(RelayStatus.OFFLINE, relay.boot, 2)
-
-
-@given(
-    due=st.floats(0, 1e6),
-    ahead=st.floats(0, 100),
-    wall=st.floats(1.6e9, 2.0e9),
-    flush=st.sampled_from([0.01, 0.2, 1.0, 5.0, 3600.0]),
-)
-def test_a_flush_moves_to_the_nearest_whole_multiple_of_its_interval_on_the_wall_clock(
-    due: float, ahead: float, wall: float, flush: float
-) -> None:
-    now, tolerance = due - ahead, 1e-5  # the float error of a wall time near 2e9 s, with margin
-    planned = on_the_grid(due, now, wall, flush)
-    assert planned >= now  # never in the past
-    if planned > now:
-        assert abs(planned - due) <= flush / 2 + tolerance  # one interval moves by half a flush at most
-        phase = (wall + planned - now) % flush
-        assert min(phase, flush - phase) <= tolerance  # on the grid
-    assert abs(on_the_grid(planned, now, wall, flush) - planned) <= tolerance  # on the grid, it stays
-
-
-async def test_relays_flush_on_the_same_wall_clock_grid(central_broker: CentralBroker) -> None:
-    """Two relays started apart plan their flushes on the same moments (each whole 0.2 s of the wall
-    clock): the monitor then wakes once a flush for both, not once for each."""
-    url, topics = BrokerURL.parse(central_broker.url), Topics(central_broker.prefix)
-    flush = 0.2
-    relays = [
-        RelayService(
-            RelaySettings(f"r-{uuid.uuid4().hex[:6]}", url, url, flush_s=flush, prefix=topics.prefix, hold_first_s=0.0)
-        )
-        for _ in range(2)
-    ]
-    got: list[bytes] = []
-    phases: list[list[float]] = [[], []]
-
-    def plan_phase(relay: RelayService) -> float:
-        phase = (relay.wall() + relay._flush_due - relay.clock()) % flush
-        return min(phase, flush - phase)
-
-    async with _running(relays[0].run(), _subscriber(url, topics.bundle("+"), got)):
-        await asyncio.sleep(0.13)  # the second starts out of phase with the first
-        async with _running(relays[1].run()):
-            await _until(lambda: all(r.bundles_sent >= 8 for r in relays), "8 bundles from each")
-            for _ in range(10):
-                for relay, seen in zip(relays, phases, strict=True):
-                    seen.append(plan_phase(relay))
-                await asyncio.sleep(flush / 3)
-    for seen in phases:  # a late turn (a busy box) may plan one flush off the grid: most are on it
-        on_grid = [p for p in seen if p < 1e-3]
-        assert len(on_grid) >= len(seen) // 2, seen
