@@ -413,10 +413,8 @@ class Detector:
         host = self.hosts.pop(host_id, None)
         if host is None:
             return False
-        self.tally[Kind.HOST][host.state] -= 1
+        self._count(Kind.HOST, host_id, host.state, -1)
         self.flapping_tally[Kind.HOST] -= host.flapping
-        if host.state is not State.UP:
-            self.unwell[host.state].discard(host_id)
         host.scheduled = None
         if host.via is not None and host.via in self.relays:
             self._leave(host, self.relays[host.via])
@@ -612,14 +610,8 @@ class Detector:
                 kind=kind, subject=track.id, from_state=track.state, to_state=state, at=at, reason=reason, relay=relay
             )
         )
-        tally = self.tally[kind]
-        tally[track.state] -= 1
-        tally[state] += 1
-        if kind is Kind.HOST:
-            if track.state is not State.UP:
-                self.unwell[track.state].discard(track.id)
-            if state is not State.UP:
-                self.unwell[state].add(track.id)
+        self._count(kind, track.id, track.state, -1)
+        self._count(kind, track.id, state, +1)
         track.state = state
         track.since = at
         if type(track) is RelayTrack and state not in _UP_OR_UNKNOWN:
@@ -665,11 +657,18 @@ class Detector:
     def _enter(self, tracks: dict[str, _T], track: _T, kind: Kind) -> _T:
         """A new subject, counted in the tallies."""
         tracks[track.id] = track
-        self.tally[kind][track.state] += 1
+        self._count(kind, track.id, track.state, +1)
         self.flapping_tally[kind] += track.flapping
-        if kind is Kind.HOST and track.state is not State.UP:
-            self.unwell[track.state].add(track.id)
         return track
+
+    def _count(self, kind: Kind, subject: str, state: State, by: int) -> None:
+        """A subject comes into `state` (`by` +1) or leaves it (-1): the tallies and `unwell` follow."""
+        self.tally[kind][state] += by
+        if kind is Kind.HOST and state is not State.UP:
+            if by > 0:
+                self.unwell[state].add(subject)
+            else:
+                self.unwell[state].discard(subject)
 
     def tally_faults(self) -> list[str]:
         """Where the tallies disagree with a recount (the property tests' self-check; [] when sound)."""

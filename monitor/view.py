@@ -349,7 +349,7 @@ class FleetView:
                 ids = sorted(monitor.detector.unwell[state] | (changing & tracks.keys()))
             elif relay is not None:  # the hosts heard via a relay are those in its columns
                 behind = monitor.detector.relays.get(relay)
-                ids = sorted(h.id for h in (behind.cols.members if behind is not None else ()) if h is not None)
+                ids = sorted(behind.hosts) if behind is not None else []
             ids = [
                 i
                 for i in ids
